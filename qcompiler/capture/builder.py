@@ -1,0 +1,66 @@
+"""What both importers share: emitting IR nodes with a source location, making constants,
+and evaluating ops whose inputs are all constants at import time (shape arithmetic, masks
+built from buffers), so the captured graph carries only computation that depends on inputs."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..ir import Graph, TensorType, Value
+from ..ir.ops import get_op
+
+
+class GraphBuilder:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.source = ""  # the source name stamped on nodes emitted now
+
+    def const(self, array: Any, hint: str = "const", dtype: Any = None) -> Value:
+        return self.graph.add_constant(hint, np.asarray(array, dtype=dtype))
+
+    def is_const(self, v: Value) -> bool:
+        return v.is_constant
+
+    def array(self, v: Value) -> np.ndarray:
+        return self.graph.constant_array(v)
+
+    def emit(self, op: str, inputs: Sequence[Value], attrs: dict[str, Any] | None = None, *,
+             name: str | None = None, fold: bool = True) -> list[Value]:
+        """Add ``op``; when every input is a constant (and ``fold``), evaluate it now and
+        return constants instead of a node."""
+        if fold and inputs and all(v.is_constant for v in inputs):
+            opdef = get_op(op)
+            attrs = opdef.normalize_attrs(dict(attrs or {}), op)
+            types = opdef.infer([v.type for v in inputs], attrs)
+            outs = opdef.run([self.array(v) for v in inputs], attrs)
+            return [self.const(np.asarray(o, dtype=t.np_dtype).reshape(t.shape), name or op)
+                    for o, t in zip(outs, types)]
+        node = self.graph.add_node(op, list(inputs), attrs, name=name, meta={"source": self.source})
+        return node.outputs
+
+    def emit1(self, op: str, inputs: Sequence[Value], attrs: dict[str, Any] | None = None, *,
+              name: str | None = None) -> Value:
+        return self.emit(op, inputs, attrs, name=name)[0]
+
+    def cast(self, v: Value, dtype: str) -> Value:
+        return v if v.dtype == dtype else self.emit1("cast", [v], {"to": dtype})
+
+    def reshape(self, v: Value, shape: Sequence[int]) -> Value:
+        shape = tuple(int(d) for d in shape)
+        return v if v.shape == shape else self.emit1("reshape", [v], {"shape": shape})
+
+    def scalar_like(self, value: float | int | bool, like: TensorType) -> Value:
+        return self.const(np.asarray(value, dtype=like.np_dtype), "scalar")
+
+
+def resolve_shape(shape: Sequence[int], total: int, where: str) -> tuple[int, ...]:
+    """Resolve ONNX/torch reshape targets: one -1 is inferred (0 is handled by the caller)."""
+    shape = [int(d) for d in shape]
+    if shape.count(-1) > 1:
+        raise ValueError(f"{where}: more than one -1 in shape {shape}")
+    if -1 in shape:
+        known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+        shape[shape.index(-1)] = total // known if known else 0
+    return tuple(shape)

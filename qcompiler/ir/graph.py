@@ -1,0 +1,254 @@
+"""The graph IR: an SSA function of typed values, ordered nodes and named constants.
+
+Values are identified by object, named for printing. Constants are values too (printed
+``@name``) whose data lives in ``Graph.constants``; nodes never hold arrays themselves, so a
+pass that rewrites weights replaces a constant, and the printer can elide big ones."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .types import TensorType
+
+if TYPE_CHECKING:
+    import networkx
+
+
+class Value:
+    """One SSA value: a graph input, a constant, or one output of a node."""
+
+    __slots__ = ("name", "type", "producer", "is_constant")
+
+    def __init__(self, name: str, type: TensorType, producer: "Node | None" = None,
+                 is_constant: bool = False):
+        self.name = name
+        self.type = type
+        self.producer = producer
+        self.is_constant = is_constant
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.type.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.type.dtype
+
+    def __repr__(self) -> str:
+        return f"{'@' if self.is_constant else '%'}{self.name}: {self.type}"
+
+
+class Node:
+    """One op application. ``meta`` carries ``source`` (the original torch/ONNX name) and
+    ``handle`` (a debug handle, stable across passes, that ties a rewritten node to its origin)."""
+
+    __slots__ = ("op", "inputs", "outputs", "attrs", "meta")
+
+    def __init__(self, op: str, inputs: list[Value], outputs: list[Value],
+                 attrs: dict[str, Any], meta: dict[str, Any]):
+        self.op = op
+        self.inputs = inputs
+        self.outputs = outputs
+        self.attrs = attrs
+        self.meta = meta
+
+    @property
+    def output(self) -> Value:
+        """The single output; an error for multi-output nodes, where it would be ambiguous."""
+        if len(self.outputs) != 1:
+            raise ValueError(f"node {self.describe()} has {len(self.outputs)} outputs")
+        return self.outputs[0]
+
+    @property
+    def handle(self) -> int:
+        return int(self.meta["handle"])
+
+    @property
+    def source(self) -> str:
+        return str(self.meta.get("source", ""))
+
+    def describe(self) -> str:
+        """``op 'source' (%out)``: how error messages name a node."""
+        src = f" '{self.source}'" if self.source else ""
+        outs = ", ".join("%" + v.name for v in self.outputs)
+        return f"{self.op}{src} ({outs})"
+
+    def __repr__(self) -> str:
+        return f"<Node {self.describe()}>"
+
+
+class Graph:
+    """An SSA function: ``inputs`` -> ``nodes`` (topologically ordered) -> ``outputs``."""
+
+    def __init__(self, name: str = "main"):
+        self.name = name
+        self.inputs: list[Value] = []
+        self.nodes: list[Node] = []
+        self.outputs: list[Value] = []
+        self.constants: dict[str, np.ndarray] = {}
+        self._const_values: dict[str, Value] = {}
+        self._names: set[str] = set()
+        self._counter = itertools.count()
+        self._handles = itertools.count()
+
+    # ---- construction -------------------------------------------------------------------
+    def fresh_name(self, hint: str | None = None) -> str:
+        """A value name unused in this graph: ``hint`` if free, else ``hint_N``, else a number."""
+        if hint and hint not in self._names:
+            return hint
+        while True:
+            name = f"{hint}_{next(self._counter)}" if hint else str(next(self._counter))
+            if name not in self._names:
+                return name
+
+    def _claim(self, name: str) -> str:
+        if name in self._names:
+            raise ValueError(f"value name '%{name}' is already defined")
+        self._names.add(name)
+        return name
+
+    def add_input(self, name: str, type: TensorType) -> Value:
+        value = Value(self._claim(name), type)
+        self.inputs.append(value)
+        return value
+
+    def add_constant(self, name: str, array: np.ndarray, *, unique: bool = True) -> Value:
+        """Register ``array`` under ``name`` (made unique unless ``unique=False``, which
+        replaces an existing constant of that name) and return its value."""
+        array = np.asarray(array)
+        if unique:
+            base, i = name, 0
+            while name in self.constants:
+                i += 1
+                name = f"{base}_{i}"
+        self.constants[name] = array
+        value = Value(name, TensorType.of(array), is_constant=True)
+        self._const_values[name] = value
+        return value
+
+    def constant_value(self, name: str) -> Value:
+        return self._const_values[name]
+
+    def constant_array(self, value: Value) -> np.ndarray:
+        return self.constants[value.name]
+
+    def add_node(self, op: str, inputs: Sequence[Value], attrs: dict[str, Any] | None = None, *,
+                 name: str | None = None, output_names: Sequence[str] | None = None,
+                 num_outputs: int | None = None,
+                 output_types: Sequence[TensorType] | None = None,
+                 meta: dict[str, Any] | None = None, before: Node | None = None) -> Node:
+        """Append (or insert before ``before``) a node; output types are inferred from the op
+        registry unless given. Output values are named ``name``, ``name.1``, ... (made unique),
+        or exactly ``output_names``. Attributes are checked and completed with defaults."""
+        from .ops import get_op  # local: ops imports graph-free helpers only
+
+        opdef = get_op(op)
+        attrs = opdef.normalize_attrs(dict(attrs or {}), where=op)
+        if output_types is None:
+            output_types = opdef.infer([v.type for v in inputs], attrs)
+        if num_outputs is not None and num_outputs != len(output_types):
+            raise ValueError(f"{op}: expected {num_outputs} outputs, inferred {len(output_types)}")
+        meta = dict(meta or {})
+        if "handle" not in meta:
+            meta["handle"] = next(self._handles)
+        else:
+            self.note_handle(int(meta["handle"]))
+        node = Node(op, list(inputs), [], attrs, meta)
+        if output_names is not None and len(output_names) != len(output_types):
+            raise ValueError(f"{op}: {len(output_names)} names for {len(output_types)} outputs")
+        for i, t in enumerate(output_types):
+            if output_names is not None:
+                value_name = output_names[i]
+            else:
+                value_name = self.fresh_name(name if i == 0 else (f"{name}.{i}" if name else None))
+            node.outputs.append(Value(self._claim(value_name), t, node))
+        if before is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(self.nodes.index(before), node)
+        return node
+
+    def note_handle(self, handle: int) -> None:
+        """Make sure handles given later are larger than ``handle`` (parser, copies)."""
+        current = next(self._handles)
+        self._handles = itertools.count(max(current, handle + 1))
+
+    def set_outputs(self, outputs: Iterable[Value]) -> None:
+        self.outputs = list(outputs)
+
+    # ---- queries and edits --------------------------------------------------------------
+    def users(self) -> dict[Value, list[Node]]:
+        """Map from each value to the nodes that read it, in node order."""
+        uses: dict[Value, list[Node]] = {}
+        for node in self.nodes:
+            for v in node.inputs:
+                uses.setdefault(v, []).append(node)
+        return uses
+
+    def replace_all_uses(self, old: Value, new: Value) -> None:
+        for node in self.nodes:
+            node.inputs = [new if v is old else v for v in node.inputs]
+        self.outputs = [new if v is old else v for v in self.outputs]
+
+    def remove_node(self, node: Node) -> None:
+        self.nodes.remove(node)
+        for v in node.outputs:
+            self._names.discard(v.name)
+
+    def remove_unused_constants(self) -> int:
+        used = {v.name for n in self.nodes for v in n.inputs if v.is_constant}
+        used |= {v.name for v in self.outputs if v.is_constant}
+        dead = [k for k in self.constants if k not in used]
+        for k in dead:
+            del self.constants[k]
+            del self._const_values[k]
+        return len(dead)
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            counts[node.op] = counts.get(node.op, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def copy(self) -> "Graph":
+        """A structural copy; constant arrays are shared (the IR treats them as immutable)."""
+        from .text import parse_graph, print_graph
+
+        return parse_graph(print_graph(self, elide_above=0), constants=self.constants)
+
+    def to_networkx(self) -> "networkx.MultiDiGraph":
+        """Nodes are node indices (plus ``in:NAME`` / ``out:i`` terminals); edges carry the value."""
+        import networkx as nx
+
+        g = nx.MultiDiGraph()
+        producer: dict[Value, str] = {}
+        for v in self.inputs:
+            g.add_node(f"in:{v.name}", label=v.name, kind="input")
+            producer[v] = f"in:{v.name}"
+        for i, node in enumerate(self.nodes):
+            g.add_node(i, label=node.op, kind="op", node=node)
+            for v in node.inputs:
+                if v in producer:
+                    g.add_edge(producer[v], i, value=v)
+            for v in node.outputs:
+                producer[v] = i
+        for i, v in enumerate(self.outputs):
+            g.add_node(f"out:{i}", label=v.name, kind="output")
+            if v in producer:
+                g.add_edge(producer[v], f"out:{i}", value=v)
+        return g
+
+    # ---- running --------------------------------------------------------------------------
+    def __call__(self, *inputs: Any) -> list[np.ndarray]:
+        """Run the reference interpreter on numpy arrays (or torch tensors)."""
+        from ..interpreter import run
+
+        return run(self, list(inputs))
+
+    def __str__(self) -> str:
+        from .text import print_graph
+
+        return print_graph(self)

@@ -1,0 +1,129 @@
+"""Elementwise ops: unary activations and math, broadcasting binary ops, where, cast."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..types import DTYPES, TensorType
+from .registry import Attr, broadcast_shapes, declare, same_dtype
+
+
+def _torch_unary(fn):
+    """Run a torch CPU op on a numpy array (for erf/gelu, which numpy lacks)."""
+    return lambda x: fn(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+def _same_type(types, attrs):
+    return [types[0]]
+
+
+def _unary(name: str, fn, doc: str, attrs: dict[str, Attr] | None = None, tags=("elementwise",)) -> None:
+    declare(name, arity=1, attrs=attrs, infer=_same_type,
+            kernel=lambda xs, a: np.asarray(fn(xs[0], a), dtype=xs[0].dtype), doc=doc, tags=tags)
+
+
+_f32 = np.float32
+_unary("relu", lambda x, a: np.maximum(x, 0), "max(x, 0)", tags=("elementwise", "activation"))
+_unary("clip", lambda x, a: np.clip(x, a["min"], a["max"]), "min(max(x, min), max); relu6 is clip{min=0, max=6}",
+       {"min": Attr("float", -np.inf), "max": Attr("float", np.inf)}, tags=("elementwise", "activation"))
+_unary("sigmoid", lambda x, a: 1 / (1 + np.exp(-x)), "1 / (1 + exp(-x))", tags=("elementwise", "activation"))
+_unary("hardsigmoid", lambda x, a: np.clip(a["alpha"] * x + a["beta"], 0, 1), "clip(alpha*x + beta, 0, 1)",
+       {"alpha": Attr("float", 1 / 6), "beta": Attr("float", 0.5)}, tags=("elementwise", "activation"))
+_unary("hardswish", lambda x, a: x * np.clip(x / 6 + 0.5, 0, 1), "x * relu6(x + 3) / 6",
+       tags=("elementwise", "activation"))
+_unary("silu", lambda x, a: x / (1 + np.exp(-x)), "x * sigmoid(x)", tags=("elementwise", "activation"))
+_unary("gelu", lambda x, a: _torch_unary(lambda t: torch.nn.functional.gelu(t, approximate=a["approximate"]))(x),
+       "x * Phi(x); approximate='tanh' uses the tanh formula", {"approximate": Attr("str", "none")},
+       tags=("elementwise", "activation"))
+_unary("leaky_relu", lambda x, a: np.where(x >= 0, x, x * _f32(a["alpha"])), "x if x >= 0 else alpha*x",
+       {"alpha": Attr("float", 0.01)}, tags=("elementwise", "activation"))
+_unary("elu", lambda x, a: np.where(x > 0, x, _f32(a["alpha"]) * np.expm1(x)), "x if x > 0 else alpha*(exp(x)-1)",
+       {"alpha": Attr("float", 1.0)}, tags=("elementwise", "activation"))
+_unary("softplus", lambda x, a: np.logaddexp(x, 0), "log(1 + exp(x))")
+_unary("tanh", lambda x, a: np.tanh(x), "tanh(x)", tags=("elementwise", "activation"))
+_unary("erf", lambda x, a: _torch_unary(torch.special.erf)(x), "the error function")
+_unary("exp", lambda x, a: np.exp(x), "e^x")
+_unary("log", lambda x, a: np.log(x), "natural logarithm")
+_unary("sqrt", lambda x, a: np.sqrt(x), "square root")
+_unary("rsqrt", lambda x, a: 1 / np.sqrt(x), "1 / sqrt(x)")
+_unary("reciprocal", lambda x, a: 1 / x, "1 / x")
+_unary("neg", lambda x, a: -x, "-x")
+_unary("abs", lambda x, a: np.abs(x), "|x|")
+_unary("floor", lambda x, a: np.floor(x), "round toward -inf")
+_unary("ceil", lambda x, a: np.ceil(x), "round toward +inf")
+_unary("sin", lambda x, a: np.sin(x), "sine")
+_unary("cos", lambda x, a: np.cos(x), "cosine")
+_unary("logical_not", lambda x, a: np.logical_not(x), "boolean not")
+_unary("identity", lambda x, a: x, "x (kept from the source model; canonicalization removes it)")
+_unary("dropout", lambda x, a: x, "x at inference (kept from the source model; canonicalization removes it)")
+
+
+def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Integer division truncating toward zero, as ONNX and C do (numpy's // floors)."""
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q).astype(a.dtype)
+
+
+_ARITH = {
+    "add": (np.add, "a + b"),
+    "sub": (np.subtract, "a - b"),
+    "mul": (np.multiply, "a * b"),
+    "div": (lambda a, b: _int_div(a, b) if a.dtype.kind in "iu" else a / b, "a / b (integers truncate toward zero)"),
+    "pow": (np.power, "a ^ b"),
+    "maximum": (np.maximum, "max(a, b)"),
+    "minimum": (np.minimum, "min(a, b)"),
+}
+_COMPARE = {
+    "equal": (np.equal, "a == b"),
+    "less": (np.less, "a < b"),
+    "less_equal": (np.less_equal, "a <= b"),
+    "greater": (np.greater, "a > b"),
+    "greater_equal": (np.greater_equal, "a >= b"),
+    "logical_and": (np.logical_and, "a and b"),
+    "logical_or": (np.logical_or, "a or b"),
+}
+
+
+def _binary_infer(result_dtype: str | None):
+    def infer(types, attrs):
+        dtype = same_dtype(types, "binary op")
+        return [TensorType(broadcast_shapes(types[0].shape, types[1].shape), result_dtype or dtype)]
+    return infer
+
+
+for _name, (_fn, _doc) in _ARITH.items():
+    declare(_name, arity=2, infer=_binary_infer(None), doc=_doc + " (numpy broadcasting)",
+            kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1]), dtype=xs[0].dtype),
+            tags=("elementwise", "binary"))
+for _name, (_fn, _doc) in _COMPARE.items():
+    declare(_name, arity=2, infer=_binary_infer("bool"), doc=_doc + " (numpy broadcasting)",
+            kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1])), tags=("elementwise", "binary"))
+
+
+def _where_infer(types, attrs):
+    cond, a, b = types
+    if cond.dtype != "bool":
+        raise TypeError(f"where: condition must be bool, got {cond.dtype}")
+    dtype = same_dtype([a, b], "where")
+    return [TensorType(broadcast_shapes(cond.shape, a.shape, b.shape, where="where"), dtype)]
+
+
+declare("where", arity=3, infer=_where_infer, doc="cond ? a : b (numpy broadcasting)",
+        kernel=lambda xs, a: np.where(xs[0], xs[1], xs[2]).astype(xs[1].dtype), tags=("elementwise",))
+
+
+def _cast_infer(types, attrs):
+    if attrs["to"] not in DTYPES:
+        raise TypeError(f"cast: unknown dtype '{attrs['to']}'")
+    return [TensorType(types[0].shape, attrs["to"])]
+
+
+def _cast_kernel(xs, attrs):
+    x, to = xs[0], DTYPES[attrs["to"]]
+    if x.dtype.kind == "f" and to.kind in "iu":
+        x = np.trunc(x)  # float -> int truncates toward zero, as ONNX Cast and torch do
+    return x.astype(to)
+
+
+declare("cast", arity=1, attrs={"to": Attr("str")}, infer=_cast_infer, kernel=_cast_kernel,
+        doc="convert to dtype `to`", tags=("elementwise",))

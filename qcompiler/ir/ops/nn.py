@@ -1,0 +1,272 @@
+"""Neural-network ops: convolution, batch norm, pooling, linear/matmul, softmax, layer norm.
+
+Padding is ONNX-style ``[begin_0, begin_1, ..., end_0, end_1, ...]`` so asymmetric padding
+(ONNX ``SAME_UPPER``, TF-exported models) needs no separate pad node."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..types import TensorType
+from .registry import Attr, conv_out_dim, declare, norm_axis, same_dtype
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _window_attrs(rank: int, pool: bool) -> dict[str, Attr]:
+    attrs = {
+        "strides": Attr("ints", (1,) * rank),
+        "pads": Attr("ints", (0,) * (2 * rank)),
+        "dilations": Attr("ints", (1,) * rank),
+    }
+    if pool:
+        attrs = {"kernel": Attr("ints"), **attrs, "ceil_mode": Attr("bool", False)}
+    return attrs
+
+
+def _check_window(attrs, rank: int, where: str) -> None:
+    for key, n in (("strides", rank), ("pads", 2 * rank), ("dilations", rank), ("kernel", rank)):
+        if key in attrs and len(attrs[key]) != n:
+            raise TypeError(f"{where}: '{key}' needs {n} values, got {list(attrs[key])}")
+    if any(s <= 0 for s in attrs["strides"]) or any(d <= 0 for d in attrs["dilations"]):
+        raise TypeError(f"{where}: strides and dilations must be positive")
+
+
+def _spatial_out(in_shape, kernel, attrs, rank: int, ceil_mode: bool = False) -> list[int]:
+    pads = attrs["pads"]
+    return [conv_out_dim(in_shape[i], kernel[i], attrs["strides"][i], pads[i], pads[i + rank],
+                         attrs["dilations"][i], ceil_mode) for i in range(rank)]
+
+
+# ---- convolution --------------------------------------------------------------------------
+def _declare_conv(rank: int) -> None:
+    name = f"conv{rank}d"
+
+    def infer(types, attrs):
+        x, w = types[0], types[1]
+        _check_window(attrs, rank, name)
+        if x.rank != rank + 2 or w.rank != rank + 2:
+            raise TypeError(f"{name}: input and weight must have rank {rank + 2}, got {x} and {w}")
+        groups = attrs["groups"]
+        if x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+            raise TypeError(f"{name}: input {x} does not fit weight {w} with groups={groups}")
+        if len(types) == 3 and types[2].shape != (w.shape[0],):
+            raise TypeError(f"{name}: bias {types[2]} does not match {w.shape[0]} output channels")
+        dtype = same_dtype(types, name)
+        out = _spatial_out(x.shape[2:], w.shape[2:], attrs, rank)
+        return [TensorType((x.shape[0], w.shape[0], *out), dtype)]
+
+    def kernel(xs, attrs):
+        x, w = _t(xs[0]), _t(xs[1])
+        b = _t(xs[2]) if len(xs) == 3 else None
+        pads = attrs["pads"]
+        torch_pad: list[int] = []
+        for i in reversed(range(rank)):  # F.pad wants last dim first
+            torch_pad += [pads[i], pads[i + rank]]
+        if any(torch_pad):
+            x = F.pad(x, torch_pad)
+        conv = F.conv1d if rank == 1 else F.conv2d
+        y = conv(x, w, b, stride=attrs["strides"], dilation=attrs["dilations"], groups=attrs["groups"])
+        return y.numpy()
+
+    declare(name, arity=(2, 3), attrs={**_window_attrs(rank, pool=False), "groups": Attr("int", 1)},
+            infer=infer, kernel=kernel, tags=("conv", "quantizable"),
+            doc=f"{rank}-D convolution of NC{'HW'[:rank] if rank <= 2 else ''} input with OI{'HW'[:rank]} "
+                "weight and optional bias; grouped/depthwise via `groups`")
+
+
+# ---- pooling ------------------------------------------------------------------------------
+def _pool_windows(x: np.ndarray, attrs, rank: int, fill: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sliding windows over ``x`` padded with ``fill``, and a 0/1 mask of which window
+    elements count for averaging (explicit padding counts; ceil-mode overhang never does)."""
+    kernel, strides, dil, pads = attrs["kernel"], attrs["strides"], attrs["dilations"], attrs["pads"]
+    out = _spatial_out(x.shape[2:], kernel, attrs, rank, attrs["ceil_mode"])
+    widths = [(0, 0), (0, 0)]
+    for i in range(rank):
+        need = (out[i] - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1
+        extra = max(0, need - (x.shape[2 + i] + pads[i] + pads[i + rank]))
+        widths.append((pads[i], pads[i + rank] + extra))
+    padded = np.pad(x, widths, constant_values=fill)
+    mask = np.zeros(padded.shape[2:], np.float32)
+    if attrs.get("count_include_pad"):
+        mask[tuple(slice(0, x.shape[2 + i] + pads[i] + pads[i + rank]) for i in range(rank))] = 1
+    else:
+        mask[tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(rank))] = 1
+
+    def windows(a: np.ndarray, lead: int) -> np.ndarray:
+        span = [dil[i] * (kernel[i] - 1) + 1 for i in range(rank)]
+        v = sliding_window_view(a, span, axis=tuple(range(lead, lead + rank)))
+        index = (slice(None),) * lead + tuple(slice(None, out[i] * strides[i], strides[i]) for i in range(rank))
+        index += tuple(slice(None, None, dil[i]) for i in range(rank))
+        return v[index]
+
+    return windows(padded, 2), windows(mask, 0)
+
+
+def _declare_pools(rank: int) -> None:
+    win_axes = tuple(range(-rank, 0))
+
+    def infer_for(name):
+        def infer(types, attrs):
+            x = types[0]
+            _check_window(attrs, rank, name)
+            if x.rank != rank + 2:
+                raise TypeError(f"{name}: input must have rank {rank + 2}, got {x}")
+            out = _spatial_out(x.shape[2:], attrs["kernel"], attrs, rank, attrs["ceil_mode"])
+            return [TensorType((*x.shape[:2], *out), x.dtype)]
+        return infer
+
+    def max_kernel(xs, attrs):
+        win, _ = _pool_windows(xs[0], attrs, rank, -np.inf if xs[0].dtype.kind == "f" else np.iinfo(xs[0].dtype).min)
+        return win.max(axis=win_axes)
+
+    def avg_kernel(xs, attrs):
+        win, mask = _pool_windows(xs[0], attrs, rank, 0)
+        total = win.sum(axis=win_axes, dtype=np.float64)
+        return (total / mask.sum(axis=win_axes)).astype(xs[0].dtype)
+
+    declare(f"max_pool{rank}d", arity=1, attrs=_window_attrs(rank, pool=True), infer=infer_for(f"max_pool{rank}d"),
+            kernel=max_kernel, tags=("pool",), doc=f"{rank}-D max pooling; padding never wins the max")
+    declare(f"avg_pool{rank}d", arity=1,
+            attrs={**_window_attrs(rank, pool=True), "count_include_pad": Attr("bool", False)},
+            infer=infer_for(f"avg_pool{rank}d"), kernel=avg_kernel, tags=("pool",),
+            doc=f"{rank}-D average pooling; `count_include_pad` counts explicit padding in the divisor")
+
+
+for _rank in (1, 2):
+    _declare_conv(_rank)
+    _declare_pools(_rank)
+
+
+def _adaptive_infer(types, attrs):
+    x = types[0]
+    if x.rank != 4 or len(attrs["output_size"]) != 2:
+        raise TypeError(f"adaptive_avg_pool2d: needs a rank-4 input and two output sizes, got {x}")
+    return [TensorType((*x.shape[:2], *attrs["output_size"]), x.dtype)]
+
+
+declare("adaptive_avg_pool2d", arity=1, attrs={"output_size": Attr("ints")}, infer=_adaptive_infer,
+        kernel=lambda xs, a: F.adaptive_avg_pool2d(_t(xs[0]), a["output_size"]).numpy(), tags=("pool",),
+        doc="average pooling into a fixed output grid (PyTorch's bin rule)")
+
+
+# ---- batch norm ---------------------------------------------------------------------------
+def _bn_infer(types, attrs):
+    x = types[0]
+    if x.rank < 2 or any(t.shape != (x.shape[1],) for t in types[1:]):
+        raise TypeError(f"batch_norm: parameters must be [{x.shape[1] if x.rank > 1 else '?'}], "
+                        f"got {', '.join(map(str, types[1:]))}")
+    return [TensorType(x.shape, same_dtype(types, "batch_norm"))]
+
+
+def _bn_kernel(xs, attrs):
+    x, scale, bias, mean, var = xs
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    inv = scale / np.sqrt(var + np.float32(attrs["epsilon"]))
+    return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
+
+
+declare("batch_norm", arity=5, attrs={"epsilon": Attr("float", 1e-5)}, infer=_bn_infer, kernel=_bn_kernel,
+        tags=("norm",), doc="inference batch norm (x - mean) / sqrt(var + eps) * scale + bias, channel axis 1")
+
+
+# ---- linear algebra -----------------------------------------------------------------------
+def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...], where: str) -> tuple[int, ...]:
+    if not a or not b:
+        raise TypeError(f"{where}: operands must have rank >= 1, got {a} and {b}")
+    a2 = a if len(a) > 1 else (1,) + a
+    b2 = b if len(b) > 1 else b + (1,)
+    if a2[-1] != b2[-2]:
+        raise TypeError(f"{where}: inner dimensions differ: {a} @ {b}")
+    try:
+        batch = np.broadcast_shapes(a2[:-2], b2[:-2])
+    except ValueError:
+        raise TypeError(f"{where}: batch dimensions {a2[:-2]} and {b2[:-2]} do not broadcast") from None
+    out = tuple(batch) + (a2[-2], b2[-1])
+    if len(a) == 1:
+        out = out[:-2] + out[-1:]
+    if len(b) == 1:
+        out = out[:-1]
+    return out
+
+
+def _matmul_infer(types, attrs):
+    return [TensorType(_matmul_shape(types[0].shape, types[1].shape, "matmul"), same_dtype(types, "matmul"))]
+
+
+declare("matmul", arity=2, infer=_matmul_infer, kernel=lambda xs, a: np.matmul(xs[0], xs[1]),
+        tags=("matmul", "quantizable"), doc="numpy matmul: batched, broadcasting, 1-D operands promoted")
+
+
+def _linear_infer(types, attrs):
+    x, w = types[0], types[1]
+    if w.rank != 2 or not x.rank or x.shape[-1] != w.shape[1]:
+        raise TypeError(f"linear: input {x} does not fit weight {w} ([out, in])")
+    if len(types) == 3 and types[2].shape != (w.shape[0],):
+        raise TypeError(f"linear: bias {types[2]} does not match {w.shape[0]} outputs")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), same_dtype(types, "linear"))]
+
+
+def _linear_kernel(xs, attrs):
+    y = np.matmul(xs[0], xs[1].T)
+    return y + xs[2] if len(xs) == 3 else y
+
+
+declare("linear", arity=(2, 3), infer=_linear_infer, kernel=_linear_kernel, tags=("matmul", "quantizable"),
+        doc="x @ w.T + b with w as [out_features, in_features] (PyTorch's layout)")
+
+
+# ---- normalization and softmax --------------------------------------------------------------
+def _softmax_kernel(log: bool):
+    def kernel(xs, attrs):
+        x = xs[0]
+        axis = attrs["axis"]
+        shifted = x - x.max(axis=axis, keepdims=True)
+        e = np.exp(shifted)
+        s = e.sum(axis=axis, keepdims=True)
+        return (shifted - np.log(s)) if log else e / s
+    return kernel
+
+
+def _axis_infer(name):
+    def infer(types, attrs):
+        norm_axis(attrs["axis"], types[0].rank, name)
+        return [types[0]]
+    return infer
+
+
+declare("softmax", arity=1, attrs={"axis": Attr("int", -1)}, infer=_axis_infer("softmax"),
+        kernel=_softmax_kernel(False), tags=("softmax",), doc="exp(x) / sum(exp(x)) along `axis`")
+declare("log_softmax", arity=1, attrs={"axis": Attr("int", -1)}, infer=_axis_infer("log_softmax"),
+        kernel=_softmax_kernel(True), tags=("softmax",), doc="log(softmax(x)) along `axis`")
+
+
+def _ln_infer(types, attrs):
+    x = types[0]
+    axis = norm_axis(attrs["axis"], x.rank, "layer_norm")
+    for t in types[1:]:
+        if t.shape != x.shape[axis:]:
+            raise TypeError(f"layer_norm: scale/bias {t} must have the normalized shape {list(x.shape[axis:])}")
+    return [TensorType(x.shape, same_dtype(types, "layer_norm"))]
+
+
+def _ln_kernel(xs, attrs):
+    x = xs[0]
+    axes = tuple(range(attrs["axis"] % x.ndim, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(var + np.float32(attrs["epsilon"]))
+    if len(xs) > 1:
+        y = y * xs[1]
+    if len(xs) > 2:
+        y = y + xs[2]
+    return y
+
+
+declare("layer_norm", arity=(1, 3), attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
+        infer=_ln_infer, kernel=_ln_kernel, tags=("norm",),
+        doc="normalize over dims axis..-1, then * scale + bias (both optional, trailing)")

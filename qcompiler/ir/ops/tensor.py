@@ -1,0 +1,234 @@
+"""Data-movement and reduction ops: reshape, transpose, concat, slice, gather, index, expand,
+pad, split, reductions. Shapes are static, so targets (reshape's shape, slice bounds) are
+attributes resolved at capture, never runtime tensors."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import TensorType
+from .registry import Attr, broadcast_shapes, declare, norm_axis, same_dtype
+
+
+def _reshape_infer(types, attrs):
+    x, shape = types[0], attrs["shape"]
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) != x.size:
+        raise TypeError(f"reshape: cannot reshape {x} to {list(shape)}")
+    return [TensorType(shape, x.dtype)]
+
+
+declare("reshape", arity=1, attrs={"shape": Attr("ints")}, infer=_reshape_infer,
+        kernel=lambda xs, a: xs[0].reshape(a["shape"]), tags=("layout",),
+        doc="same elements, new static shape (flatten/squeeze/unsqueeze/view capture to this)")
+
+
+def _transpose_infer(types, attrs):
+    x, perm = types[0], attrs["perm"]
+    if sorted(perm) != list(range(x.rank)):
+        raise TypeError(f"transpose: perm {list(perm)} is not a permutation of {x.rank} axes")
+    return [TensorType(tuple(x.shape[p] for p in perm), x.dtype)]
+
+
+declare("transpose", arity=1, attrs={"perm": Attr("ints")}, infer=_transpose_infer,
+        kernel=lambda xs, a: np.ascontiguousarray(np.transpose(xs[0], a["perm"])), tags=("layout",),
+        doc="permute axes: out.shape[i] = x.shape[perm[i]]")
+
+
+def _concat_infer(types, attrs):
+    first = types[0]
+    axis = norm_axis(attrs["axis"], first.rank, "concat")
+    for t in types[1:]:
+        if t.rank != first.rank or any(t.shape[i] != first.shape[i] for i in range(first.rank) if i != axis):
+            raise TypeError(f"concat: {t} does not fit {first} along axis {axis}")
+    shape = list(first.shape)
+    shape[axis] = sum(t.shape[axis] for t in types)
+    return [TensorType(tuple(shape), same_dtype(types, "concat"))]
+
+
+declare("concat", arity=(1, 1 << 16), attrs={"axis": Attr("int")}, infer=_concat_infer,
+        kernel=lambda xs, a: np.concatenate(xs, axis=a["axis"]), tags=("layout",),
+        doc="join inputs along `axis`")
+
+
+def _slices(shape, attrs) -> tuple[slice, ...]:
+    index = [slice(None)] * len(shape)
+    for start, end, axis, step in zip(attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"]):
+        index[axis % len(shape)] = slice(start, end, step)
+    return tuple(index)
+
+
+def _slice_infer(types, attrs):
+    x = types[0]
+    n = len(attrs["starts"])
+    if not (len(attrs["ends"]) == len(attrs["axes"]) == len(attrs["steps"]) == n):
+        raise TypeError("slice: starts, ends, axes and steps must have the same length")
+    if any(s == 0 for s in attrs["steps"]):
+        raise TypeError("slice: step 0")
+    for axis in attrs["axes"]:
+        norm_axis(axis, x.rank, "slice")
+    shape = tuple(len(range(*s.indices(d))) for s, d in zip(_slices(x.shape, attrs), x.shape))
+    return [TensorType(shape, x.dtype)]
+
+
+declare("slice", arity=1,
+        attrs={"starts": Attr("ints"), "ends": Attr("ints"), "axes": Attr("ints"), "steps": Attr("ints")},
+        infer=_slice_infer, kernel=lambda xs, a: np.ascontiguousarray(xs[0][_slices(xs[0].shape, a)]),
+        tags=("layout",), doc="python slicing x[start:end:step] on each listed axis (bounds clamp)")
+
+
+def _check_indices(t: TensorType, where: str) -> None:
+    if t.dtype not in ("i64", "i32"):
+        raise TypeError(f"{where}: indices must be i64 or i32, got {t.dtype}")
+
+
+def _gather_infer(types, attrs):
+    data, idx = types
+    _check_indices(idx, "gather")
+    axis = norm_axis(attrs["axis"], data.rank, "gather")
+    return [TensorType(data.shape[:axis] + idx.shape + data.shape[axis + 1:], data.dtype)]
+
+
+def _gather_kernel(xs, attrs):
+    data, idx = xs
+    axis = attrs["axis"] % data.ndim
+    idx = np.where(idx < 0, idx + data.shape[axis], idx)
+    if idx.size and (idx.min() < 0 or idx.max() >= data.shape[axis]):
+        raise IndexError(f"gather: index out of range for axis of size {data.shape[axis]}")
+    return np.take(data, idx, axis=axis)
+
+
+declare("gather", arity=2, attrs={"axis": Attr("int", 0)}, infer=_gather_infer, kernel=_gather_kernel,
+        tags=("layout",), doc="ONNX Gather / embedding lookup: take slices of `data` at `indices` on `axis`")
+
+
+def _gather_elements_infer(types, attrs):
+    data, idx = types
+    _check_indices(idx, "gather_elements")
+    norm_axis(attrs["axis"], data.rank, "gather_elements")
+    if idx.rank != data.rank:
+        raise TypeError(f"gather_elements: indices {idx} must have the rank of data {data}")
+    return [TensorType(idx.shape, data.dtype)]
+
+
+def _gather_elements_kernel(xs, attrs):
+    data, idx = xs
+    axis = attrs["axis"] % data.ndim
+    idx = np.where(idx < 0, idx + data.shape[axis], idx)
+    return np.take_along_axis(data, idx, axis=axis)
+
+
+declare("gather_elements", arity=2, attrs={"axis": Attr("int", 0)}, infer=_gather_elements_infer,
+        kernel=_gather_elements_kernel, tags=("layout",),
+        doc="torch.gather / ONNX GatherElements: out[i][j] = data[i][idx[i][j]] on `axis`")
+
+
+def _index_infer(types, attrs):
+    data, idxs = types[0], types[1:]
+    for t in idxs:
+        _check_indices(t, "index")
+    if len(idxs) > data.rank:
+        raise TypeError(f"index: {len(idxs)} index tensors for rank-{data.rank} data")
+    return [TensorType(broadcast_shapes(*(t.shape for t in idxs), where="index") + data.shape[len(idxs):],
+                       data.dtype)]
+
+
+declare("index", arity=(2, 64), infer=_index_infer, kernel=lambda xs, a: xs[0][tuple(xs[1:])],
+        tags=("layout",), doc="advanced indexing data[i0, i1, ...] on the leading axes (indices broadcast)")
+
+
+def _expand_infer(types, attrs):
+    x = types[0]
+    shape = tuple(attrs["shape"])
+    if broadcast_shapes(x.shape, shape, where="expand") != shape:
+        raise TypeError(f"expand: {x} does not broadcast to {list(shape)}")
+    return [TensorType(shape, x.dtype)]
+
+
+declare("expand", arity=1, attrs={"shape": Attr("ints")}, infer=_expand_infer,
+        kernel=lambda xs, a: np.ascontiguousarray(np.broadcast_to(xs[0], a["shape"])), tags=("layout",),
+        doc="broadcast to a static shape")
+
+
+def _pad_infer(types, attrs):
+    x, pads = types[0], attrs["pads"]
+    if len(pads) != 2 * x.rank:
+        raise TypeError(f"pad: needs {2 * x.rank} pad values for {x}, got {list(pads)}")
+    if attrs["mode"] not in ("constant", "reflect", "edge"):
+        raise TypeError(f"pad: unsupported mode '{attrs['mode']}'")
+    shape = tuple(d + pads[i] + pads[i + x.rank] for i, d in enumerate(x.shape))
+    if any(d < 0 for d in shape):
+        raise TypeError(f"pad: negative result shape {shape}")
+    return [TensorType(shape, x.dtype)]
+
+
+def _pad_kernel(xs, attrs):
+    x, pads, r = xs[0], attrs["pads"], xs[0].ndim
+    crop = tuple(slice(max(0, -pads[i]), x.shape[i] - max(0, -pads[i + r]) or None) for i in range(r))
+    x = x[crop]
+    widths = [(max(0, pads[i]), max(0, pads[i + r])) for i in range(r)]
+    if attrs["mode"] == "constant":
+        return np.pad(x, widths, constant_values=np.asarray(attrs["value"]).astype(x.dtype))
+    return np.pad(x, widths, mode=attrs["mode"])
+
+
+declare("pad", arity=1, attrs={"pads": Attr("ints"), "mode": Attr("str", "constant"), "value": Attr("float", 0.0)},
+        infer=_pad_infer, kernel=_pad_kernel, tags=("layout",),
+        doc="pad (negative pads crop) with ONNX's [begins..., ends...] layout; modes constant/reflect/edge")
+
+
+def _split_infer(types, attrs):
+    x = types[0]
+    axis = norm_axis(attrs["axis"], x.rank, "split")
+    if sum(attrs["sizes"]) != x.shape[axis] or any(s < 0 for s in attrs["sizes"]):
+        raise TypeError(f"split: sizes {list(attrs['sizes'])} do not add up to {x.shape[axis]} on axis {axis}")
+    out = []
+    for s in attrs["sizes"]:
+        shape = list(x.shape)
+        shape[axis] = s
+        out.append(TensorType(tuple(shape), x.dtype))
+    return out
+
+
+def _split_kernel(xs, attrs):
+    bounds = np.cumsum(attrs["sizes"])[:-1]
+    return [np.ascontiguousarray(p) for p in np.split(xs[0], bounds, axis=attrs["axis"])]
+
+
+declare("split", arity=1, attrs={"axis": Attr("int"), "sizes": Attr("ints")}, infer=_split_infer,
+        kernel=_split_kernel, tags=("layout",), doc="cut into consecutive pieces of `sizes` along `axis`")
+
+
+# ---- reductions -----------------------------------------------------------------------------
+def _reduce_infer(name):
+    def infer(types, attrs):
+        x = types[0]
+        axes = {norm_axis(a, x.rank, name) for a in attrs["axes"]} if attrs["axes"] else set(range(x.rank))
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape) if attrs["keepdims"] or i not in axes)
+        return [TensorType(shape, x.dtype)]
+    return infer
+
+
+_REDUCTIONS = {
+    "reduce_mean": (np.mean, "mean"),
+    "reduce_sum": (np.sum, "sum"),
+    "reduce_max": (np.max, "maximum"),
+    "reduce_min": (np.min, "minimum"),
+    "reduce_prod": (np.prod, "product"),
+}
+for _name, (_fn, _what) in _REDUCTIONS.items():
+    declare(_name, arity=1, attrs={"axes": Attr("ints", ()), "keepdims": Attr("bool", False)},
+            infer=_reduce_infer(_name), tags=("reduce",),
+            kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], axis=tuple(a["axes"]) or None,
+                                                       keepdims=a["keepdims"]), dtype=xs[0].dtype),
+            doc=f"{_what} over `axes` (all axes when empty)")
+
+
+def _argmax_infer(types, attrs):
+    x = types[0]
+    axis = norm_axis(attrs["axis"], x.rank, "argmax")
+    shape = tuple(1 if i == axis else d for i, d in enumerate(x.shape) if attrs["keepdims"] or i != axis)
+    return [TensorType(shape, "i64")]
+
+
+declare("argmax", arity=1, attrs={"axis": Attr("int", 0), "keepdims": Attr("bool", False)}, infer=_argmax_infer,
+        kernel=lambda xs, a: np.argmax(xs[0], axis=a["axis"], keepdims=a["keepdims"]).astype(np.int64),
+        tags=("reduce",), doc="index of the first maximum along `axis`")
