@@ -110,6 +110,15 @@ class Graph:
         self._names.add(name)
         return name
 
+    def has_value_name(self, name: str) -> bool:
+        return name in self._names
+
+    def rename_value(self, value: Value, name: str) -> None:
+        if value.is_constant:
+            raise ValueError("constants are renamed through add_constant")
+        self._names.discard(value.name)
+        value.name = self._claim(name)
+
     def add_input(self, name: str, type: TensorType) -> Value:
         value = Value(self._claim(name), type)
         self.inputs.append(value)

@@ -39,6 +39,11 @@ _unary("leaky_relu", lambda x, a: np.where(x >= 0, x, x * _f32(a["alpha"])), "x 
        {"alpha": Attr("float", 0.01)}, tags=("elementwise", "activation"))
 _unary("elu", lambda x, a: np.where(x > 0, x, _f32(a["alpha"]) * np.expm1(x)), "x if x > 0 else alpha*(exp(x)-1)",
        {"alpha": Attr("float", 1.0)}, tags=("elementwise", "activation"))
+_unary("selu", lambda x, a: _f32(a["gamma"]) * np.where(x > 0, x, _f32(a["alpha"]) * np.expm1(x)),
+       "gamma * (x if x > 0 else alpha*(exp(x)-1))",
+       {"alpha": Attr("float", 1.6732632423543772), "gamma": Attr("float", 1.0507009873554805)},
+       tags=("elementwise", "activation"))
+_unary("sign", lambda x, a: np.sign(x), "-1, 0 or 1")
 _unary("softplus", lambda x, a: np.logaddexp(x, 0), "log(1 + exp(x))")
 _unary("tanh", lambda x, a: np.tanh(x), "tanh(x)", tags=("elementwise", "activation"))
 _unary("erf", lambda x, a: _torch_unary(torch.special.erf)(x), "the error function")

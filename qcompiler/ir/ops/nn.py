@@ -69,14 +69,14 @@ def _declare_conv(rank: int) -> None:
             torch_pad += [pads[i], pads[i + rank]]
         if any(torch_pad):
             x = F.pad(x, torch_pad)
-        conv = F.conv1d if rank == 1 else F.conv2d
+        conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
         y = conv(x, w, b, stride=attrs["strides"], dilation=attrs["dilations"], groups=attrs["groups"])
         return y.numpy()
 
     declare(name, arity=(2, 3), attrs={**_window_attrs(rank, pool=False), "groups": Attr("int", 1)},
             infer=infer, kernel=kernel, tags=("conv", "quantizable"),
-            doc=f"{rank}-D convolution of NC{'HW'[:rank] if rank <= 2 else ''} input with OI{'HW'[:rank]} "
-                "weight and optional bias; grouped/depthwise via `groups`")
+            doc=f"{rank}-D convolution, NC{'DHW'[-rank:]} input, OI{'DHW'[-rank:]} weight, optional bias; "
+                "grouped/depthwise via `groups`")
 
 
 # ---- pooling ------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def _declare_pools(rank: int) -> None:
             doc=f"{rank}-D average pooling; `count_include_pad` counts explicit padding in the divisor")
 
 
-for _rank in (1, 2):
+for _rank in (1, 2, 3):
     _declare_conv(_rank)
     _declare_pools(_rank)
 

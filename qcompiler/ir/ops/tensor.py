@@ -148,6 +148,18 @@ declare("expand", arity=1, attrs={"shape": Attr("ints")}, infer=_expand_infer,
         doc="broadcast to a static shape")
 
 
+def _tile_infer(types, attrs):
+    x, reps = types[0], attrs["repeats"]
+    if len(reps) != x.rank or any(r < 0 for r in reps):
+        raise TypeError(f"tile: needs {x.rank} non-negative repeats, got {list(reps)}")
+    return [TensorType(tuple(d * r for d, r in zip(x.shape, reps)), x.dtype)]
+
+
+declare("tile", arity=1, attrs={"repeats": Attr("ints")}, infer=_tile_infer,
+        kernel=lambda xs, a: np.tile(xs[0], a["repeats"]), tags=("layout",),
+        doc="repeat the whole tensor `repeats[i]` times along each axis")
+
+
 def _pad_infer(types, attrs):
     x, pads = types[0], attrs["pads"]
     if len(pads) != 2 * x.rank:

@@ -1,0 +1,632 @@
+"""Capture from ONNX through onnx-graphsurgeon.
+
+Handles opsets 6 to 21: where an operand moved from attribute to input across opsets
+(Clip, Squeeze, Slice, Pad, Split, Reduce*), both forms are read. Nodes that depend on no
+graph input (``Shape`` of a static tensor, ``Range``, ``ConstantOfShape``, weight transposes)
+are evaluated at import and become constants; for those with no converter the ONNX
+reference implementation evaluates them. QuantizeLinear/DequantizeLinear become the IR's
+quantize/dequantize."""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import ModelLoadError, QCompilerError, UnsupportedOpError
+from ..ir import Graph, TensorType, Value, dtype_name
+from ..ir.verify import verify_graph
+from .builder import GraphBuilder, resolve_shape
+
+Converter = Callable[["_Ctx", Any, list["Value | None"]], "list[Value] | Value"]
+_CONVERTERS: dict[str, Converter] = {}
+_SHAPE_ONLY = {"Shape", "Size"}  # depend on the static shape of their input, never its values
+# operands (by position) that must be known at import: shapes, axes, bounds, pads
+_STATIC_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
+                    "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "Clip": (1, 2), "ConstantOfShape": (0,), "ReduceMean": (1,),
+                    "ReduceSum": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
+
+
+def converts(*names: str) -> Callable[[Converter], Converter]:
+    def register(fn: Converter) -> Converter:
+        for n in names:
+            _CONVERTERS[n] = fn
+        return fn
+    return register
+
+
+class _Ctx(GraphBuilder):
+    def __init__(self, graph: Graph, opset: int):
+        super().__init__(graph)
+        self.opset = opset
+
+    def const_input(self, v: Value | None, node: Any, what: str) -> np.ndarray | None:
+        """An operand that must be known at import (shape, axes, pads, slice bounds)."""
+        if v is None:
+            return None
+        if not v.is_constant:
+            raise QCompilerError(f"{node.op} '{node.name}': {what} must be a constant, not computed at run time")
+        return self.array(v)
+
+
+def _load(model: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.ModelProto, str]:
+    if isinstance(model, onnx.ModelProto):
+        return model, model.graph.name or "<ModelProto>"
+    path = Path(model)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph)")
+    return proto, str(path)
+
+
+def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
+              input_shapes: Mapping[str, Sequence[int]] | None = None, *, name: str = "main") -> Graph:
+    """Import an ONNX model. Dynamic input dimensions must be fixed with ``input_shapes``."""
+    import onnx_graphsurgeon as gs
+
+    proto, where = _load(model)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise ModelLoadError(f"{where}: invalid ONNX model: {(str(e).strip().splitlines() or [''])[0]}") from None
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if not 6 <= opset <= 21:
+        raise ModelLoadError(f"{where}: ONNX opset {opset} is not supported (6 to 21)")
+    if proto.functions:
+        proto = onnx.inliner.inline_local_functions(proto)
+    gsg = gs.import_onnx(proto)
+    graph = Graph(name)
+    ctx = _Ctx(graph, opset)
+    env: dict[str, Value] = {}
+    input_shapes = dict(input_shapes or {})
+
+    gsg.toposort()
+    depends = {t.name for t in gsg.inputs}
+    unsupported: dict[str, list[str]] = {}
+    for node in gsg.nodes:
+        if node.op not in _SHAPE_ONLY and any(t.name in depends for t in node.inputs if t.name):
+            depends.update(t.name for t in node.outputs)
+            key = node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}.{node.op}"
+            if key not in _CONVERTERS:
+                unsupported.setdefault(key, []).append(node.name or node.outputs[0].name)
+            elif any(i < len(node.inputs) and node.inputs[i].name in depends for i in _STATIC_OPERANDS.get(key, ())):
+                # static shapes: a shape/axes/bounds operand computed from an input is dynamic
+                unsupported.setdefault(f"{key} (run-time shape operand)", []).append(node.name or node.outputs[0].name)
+    if unsupported:
+        raise UnsupportedOpError(where, unsupported)
+
+    for tensor in gsg.inputs:
+        shape = input_shapes.pop(tensor.name, tensor.shape)
+        if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+            raise ModelLoadError(f"{where}: input '{tensor.name}' has dynamic shape {list(shape or [])}; "
+                                 f"fix it with input_shapes={{'{tensor.name}': [...]}}")
+        try:
+            dtype = dtype_name(tensor.dtype)
+        except ValueError:
+            raise ModelLoadError(f"{where}: input '{tensor.name}' has unsupported dtype {tensor.dtype}") from None
+        env[tensor.name] = graph.add_input(_value_name(tensor.name), TensorType(tuple(shape), dtype))
+    if input_shapes:
+        raise ModelLoadError(f"{where}: input_shapes names unknown input(s) {sorted(input_shapes)}; "
+                             f"the model's inputs are {[t.name for t in gsg.inputs]}")
+
+    def operand(tensor: Any) -> Value | None:
+        if not tensor.name:  # an omitted optional input
+            return None
+        if tensor.name in env:
+            return env[tensor.name]
+        if isinstance(tensor, gs.Constant):
+            env[tensor.name] = ctx.const(np.asarray(tensor.values), _value_name(tensor.name))
+            return env[tensor.name]
+        raise ModelLoadError(f"{where}: tensor '{tensor.name}' is used but never produced")
+
+    for node in gsg.nodes:
+        ctx.source = node.name or node.outputs[0].name
+        inputs = [operand(t) for t in node.inputs]
+        try:
+            if node.op in _CONVERTERS and node.domain in (None, "", "ai.onnx"):
+                result = _CONVERTERS[node.op](ctx, node, inputs)
+            else:
+                result = _reference_eval(ctx, node, inputs)
+        except QCompilerError as e:
+            raise QCompilerError(f"{where}: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise QCompilerError(f"{where}: cannot convert {node.op} node '{ctx.source}': {e}") from e
+        results = [result] if isinstance(result, Value) else list(result)
+        for tensor, value in zip(node.outputs, results):
+            if tensor.name:
+                env[tensor.name] = value
+        for tensor in node.outputs[len(results):]:
+            if tensor.name and any(tensor.name == t.name for n in gsg.nodes for t in n.inputs) | \
+                    any(tensor.name == t.name for t in gsg.outputs):
+                raise QCompilerError(f"{where}: output {tensor.name} of {node.op} '{ctx.source}' is not supported")
+
+    outputs = []
+    for tensor in gsg.outputs:
+        v = operand(tensor)
+        if v is None:
+            raise ModelLoadError(f"{where}: graph output '{tensor.name}' is never produced")
+        if v.is_constant or v in graph.inputs or v in outputs:  # outputs must be node results
+            v = graph.add_node("identity", [v], meta={"source": tensor.name}).output
+        outputs.append(v)
+    graph.set_outputs(outputs)
+    _name_outputs(graph, [t.name for t in gsg.outputs])
+    graph.remove_unused_constants()
+    verify_graph(graph, where=where)
+    return graph
+
+
+def _value_name(name: str) -> str:
+    return name or "unnamed"
+
+
+def _name_outputs(graph: Graph, names: list[str]) -> None:
+    """Give graph outputs their ONNX names, so results can be matched by name."""
+    for v, name in zip(graph.outputs, names):
+        if name and v.name != name and not graph.has_value_name(name):
+            graph.rename_value(v, name)
+
+
+def _reference_eval(ctx: _Ctx, node: Any, inputs: list[Value | None]) -> list[Value]:
+    """Evaluate a constant-only node that has no converter with onnx's reference runtime."""
+    import onnx_graphsurgeon as gs
+    from onnx.reference import ReferenceEvaluator
+
+    names = [t.name for t in node.inputs]
+    feeds = {n: ctx.array(v) for n, v in zip(names, inputs) if v is not None}
+    one = gs.Graph(nodes=[node.copy(inputs=[gs.Variable(n, dtype=feeds[n].dtype, shape=feeds[n].shape) if n else
+                                            gs.Variable.empty() for n in names],
+                                    outputs=[gs.Variable(t.name or f"out{i}") for i, t in enumerate(node.outputs)])],
+                   opset=ctx.opset)
+    one.inputs = [t for t in one.nodes[0].inputs if t.name]
+    one.outputs = one.nodes[0].outputs
+    model = gs.export_onnx(one, do_type_check=False)
+    outs = ReferenceEvaluator(model).run(None, feeds)
+    return [ctx.const(np.asarray(o), node.outputs[0].name or node.op) for o in outs]
+
+
+# ---- converters -----------------------------------------------------------------------------------
+def _attr(node: Any, key: str, default: Any = None) -> Any:
+    value = node.attrs.get(key, default)
+    return value.values if hasattr(value, "values") and not isinstance(value, (list, tuple)) else value
+
+
+_UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Exp": "exp", "Log": "log",
+          "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Neg": "neg", "Abs": "abs", "Floor": "floor", "Ceil": "ceil",
+          "Sin": "sin", "Cos": "cos", "Not": "logical_not", "Identity": "identity", "HardSwish": "hardswish",
+          "Softplus": "softplus", "Sign": "sign"}
+
+
+@converts(*_UNARY)
+def _unary(ctx, node, inputs):
+    return ctx.emit1(_UNARY[node.op], [inputs[0]])
+
+
+@converts("Dropout")
+def _dropout(ctx, node, inputs):
+    return ctx.emit1("dropout", [inputs[0]])
+
+
+@converts("HardSigmoid")
+def _hardsigmoid(ctx, node, inputs):
+    return ctx.emit1("hardsigmoid", [inputs[0]], {"alpha": _attr(node, "alpha", 0.2), "beta": _attr(node, "beta", 0.5)})
+
+
+@converts("LeakyRelu", "Elu")
+def _alpha_unary(ctx, node, inputs):
+    default = 0.01 if node.op == "LeakyRelu" else 1.0
+    return ctx.emit1("leaky_relu" if node.op == "LeakyRelu" else "elu", [inputs[0]],
+                     {"alpha": _attr(node, "alpha", default)})
+
+
+@converts("Selu")
+def _selu(ctx, node, inputs):
+    return ctx.emit1("selu", [inputs[0]], {"alpha": _attr(node, "alpha", 1.67326319217681884765625),
+                                           "gamma": _attr(node, "gamma", 1.05070102214813232421875)})
+
+
+@converts("PRelu")
+def _prelu(ctx, node, inputs):
+    """prelu(x) = where(x >= 0, x, x * slope); before opset 7 a 1-D slope is per channel (axis 1)."""
+    x, slope = inputs
+    if ctx.opset < 7 and slope.type.rank == 1 and slope.shape[0] != 1 and x.type.rank > 2:
+        slope = ctx.reshape(slope, (slope.shape[0],) + (1,) * (x.type.rank - 2))
+    negative = ctx.emit1("mul", [x, slope])
+    positive = ctx.emit1("greater_equal", [x, ctx.scalar_like(0, x.type)])
+    return ctx.emit1("where", [positive, x, negative])
+
+
+@converts("Tile")
+def _tile(ctx, node, inputs):
+    reps = ctx.const_input(inputs[1], node, "repeats")
+    return ctx.emit1("tile", [inputs[0]], {"repeats": [int(r) for r in reps]})
+
+
+@converts("Gelu")
+def _gelu(ctx, node, inputs):
+    return ctx.emit1("gelu", [inputs[0]], {"approximate": _attr(node, "approximate", "none")})
+
+
+@converts("Clip")
+def _clip(ctx, node, inputs):
+    if ctx.opset < 11:
+        lo, hi = _attr(node, "min", -math.inf), _attr(node, "max", math.inf)
+    else:
+        lo_a = ctx.const_input(inputs[1] if len(inputs) > 1 else None, node, "min")
+        hi_a = ctx.const_input(inputs[2] if len(inputs) > 2 else None, node, "max")
+        lo = -math.inf if lo_a is None else lo_a.item()
+        hi = math.inf if hi_a is None else hi_a.item()
+    x = inputs[0]
+    if x.dtype not in ("f32", "f64", "f16"):
+        out = ctx.emit1("maximum", [x, ctx.scalar_like(lo, x.type)]) if math.isfinite(lo) else x
+        return ctx.emit1("minimum", [out, ctx.scalar_like(hi, x.type)]) if math.isfinite(hi) else out
+    return ctx.emit1("clip", [x], {"min": float(lo), "max": float(hi)})
+
+
+_BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "equal", "Less": "less",
+           "LessOrEqual": "less_equal", "Greater": "greater", "GreaterOrEqual": "greater_equal",
+           "And": "logical_and", "Or": "logical_or"}
+
+
+@converts(*_BINARY)
+def _binary(ctx, node, inputs):
+    a, b = inputs
+    if node.op == "Pow" and a.dtype != b.dtype:
+        b = ctx.cast(b, a.dtype)  # ONNX Pow allows a different exponent type
+    if ctx.opset < 7 and _attr(node, "broadcast", 0):
+        # before opset 7, b broadcasts against a starting at `axis` (default: trailing alignment)
+        axis = _attr(node, "axis", a.type.rank - b.type.rank) % max(a.type.rank, 1)
+        b = ctx.reshape(b, (1,) * axis + b.shape + (1,) * (a.type.rank - axis - b.type.rank))
+    return ctx.emit1(_BINARY[node.op], [a, b])
+
+
+@converts("Max", "Min", "Sum", "Mean")
+def _variadic(ctx, node, inputs):
+    op = {"Max": "maximum", "Min": "minimum", "Sum": "add", "Mean": "add"}[node.op]
+    out = inputs[0]
+    for v in inputs[1:]:
+        out = ctx.emit1(op, [out, v])
+    if node.op == "Mean" and len(inputs) > 1:
+        out = ctx.emit1("div", [out, ctx.scalar_like(len(inputs), out.type)])
+    return out if len(inputs) > 1 else ctx.emit1("identity", [out])
+
+
+@converts("Where")
+def _where(ctx, node, inputs):
+    return ctx.emit1("where", inputs)
+
+
+@converts("Cast", "CastLike")
+def _cast(ctx, node, inputs):
+    if node.op == "CastLike":
+        to = inputs[1].dtype
+    else:
+        to_enum = _attr(node, "to")
+        try:
+            to = dtype_name(onnx.helper.tensor_dtype_to_np_dtype(to_enum))
+        except (ValueError, KeyError, TypeError):
+            raise QCompilerError(f"Cast '{node.name}': unsupported target type {to_enum}") from None
+    return ctx.emit1("cast", [inputs[0]], {"to": to}) if to != inputs[0].dtype else ctx.emit1("identity", [inputs[0]])
+
+
+def _auto_pads(node: Any, in_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+               dilations: Sequence[int]) -> list[int]:
+    rank = len(kernel)
+    auto = _attr(node, "auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        return list(_attr(node, "pads", [0] * (2 * rank)))
+    if auto == "VALID":
+        return [0] * (2 * rank)
+    begins, ends = [], []
+    for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + d * (k - 1) + 1 - size)
+        small, big = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else big)
+        ends.append(big if auto == "SAME_UPPER" else small)
+    return begins + ends
+
+
+@converts("Conv")
+def _conv(ctx, node, inputs):
+    x, w = inputs[0], inputs[1]
+    rank = w.type.rank - 2
+    if rank not in (1, 2, 3):
+        raise QCompilerError(f"Conv '{node.name}': {rank}-D convolution is not supported")
+    kernel = list(_attr(node, "kernel_shape", w.shape[2:]))
+    strides = list(_attr(node, "strides", [1] * rank))
+    dilations = list(_attr(node, "dilations", [1] * rank))
+    pads = _auto_pads(node, x.shape[2:], kernel, strides, dilations)
+    operands = [x, w] + ([inputs[2]] if len(inputs) > 2 and inputs[2] is not None else [])
+    return ctx.emit1(f"conv{rank}d", operands, {"strides": strides, "pads": pads, "dilations": dilations,
+                                                "groups": _attr(node, "group", 1)})
+
+
+@converts("BatchNormalization")
+def _batch_norm(ctx, node, inputs):
+    if _attr(node, "training_mode", 0) or (ctx.opset < 7 and not _attr(node, "is_test", 1)):
+        raise QCompilerError(f"BatchNormalization '{node.name}' in training mode")
+    return ctx.emit1("batch_norm", inputs[:5], {"epsilon": _attr(node, "epsilon", 1e-5)})
+
+
+@converts("MaxPool", "AveragePool")
+def _pool(ctx, node, inputs):
+    x = inputs[0]
+    rank = x.type.rank - 2
+    if rank not in (1, 2, 3):
+        raise QCompilerError(f"{node.op} '{node.name}': {rank}-D pooling is not supported")
+    kernel = list(_attr(node, "kernel_shape"))
+    strides = list(_attr(node, "strides", [1] * rank))
+    dilations = list(_attr(node, "dilations", [1] * rank))
+    attrs: dict[str, Any] = {"kernel": kernel, "strides": strides, "dilations": dilations,
+                             "pads": _auto_pads(node, x.shape[2:], kernel, strides, dilations),
+                             "ceil_mode": bool(_attr(node, "ceil_mode", 0))}
+    if node.op == "MaxPool":
+        if _attr(node, "storage_order", 0):
+            raise QCompilerError(f"MaxPool '{node.name}': storage_order=1 is not supported")
+        return ctx.emit1(f"max_pool{rank}d", [x], attrs)
+    if any(d != 1 for d in dilations):
+        raise QCompilerError(f"AveragePool '{node.name}': dilations are not supported")
+    attrs["count_include_pad"] = bool(_attr(node, "count_include_pad", 0))
+    return ctx.emit1(f"avg_pool{rank}d", [x], attrs)
+
+
+@converts("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(ctx, node, inputs):
+    x = inputs[0]
+    op = "reduce_mean" if node.op == "GlobalAveragePool" else "reduce_max"
+    return ctx.emit1(op, [x], {"axes": list(range(2, x.type.rank)), "keepdims": True})
+
+
+@converts("Gemm")
+def _gemm(ctx, node, inputs):
+    a, b = inputs[0], inputs[1]
+    c = inputs[2] if len(inputs) > 2 else None
+    alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
+    trans_a, trans_b = _attr(node, "transA", 0), _attr(node, "transB", 0)
+    if trans_a:
+        a = ctx.emit1("transpose", [a], {"perm": [1, 0]})
+    n = b.shape[0] if trans_b else b.shape[1]
+    if alpha == 1.0 and beta == 1.0 and (c is None or c.shape == (n,)):
+        w = b if trans_b else ctx.emit1("transpose", [b], {"perm": [1, 0]})
+        return ctx.emit1("linear", [a, w] + ([c] if c is not None else []))
+    if trans_b:
+        b = ctx.emit1("transpose", [b], {"perm": [1, 0]})
+    y = ctx.emit1("matmul", [a, b])
+    if alpha != 1.0:
+        y = ctx.emit1("mul", [y, ctx.scalar_like(alpha, y.type)])
+    if c is not None and beta != 0.0:
+        if beta != 1.0:
+            c = ctx.emit1("mul", [c, ctx.scalar_like(beta, c.type)])
+        y = ctx.emit1("add", [y, c])
+    return y
+
+
+@converts("MatMul")
+def _matmul(ctx, node, inputs):
+    return ctx.emit1("matmul", inputs)
+
+
+@converts("Softmax", "LogSoftmax")
+def _softmax(ctx, node, inputs):
+    x = inputs[0]
+    op = "softmax" if node.op == "Softmax" else "log_softmax"
+    axis = _attr(node, "axis", -1 if ctx.opset >= 13 else 1) % max(x.type.rank, 1)
+    if ctx.opset >= 13 or axis == x.type.rank - 1:
+        return ctx.emit1(op, [x], {"axis": axis})
+    # before opset 13: softmax over the flattened dims axis..-1
+    flat = ctx.reshape(x, (int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:]))))
+    return ctx.reshape(ctx.emit1(op, [flat], {"axis": 1}), x.shape)
+
+
+@converts("LayerNormalization")
+def _layer_norm(ctx, node, inputs):
+    return ctx.emit1("layer_norm", [v for v in inputs if v is not None],
+                     {"axis": _attr(node, "axis", -1), "epsilon": _attr(node, "epsilon", 1e-5)})
+
+
+@converts("Flatten")
+def _flatten(ctx, node, inputs):
+    x = inputs[0]
+    axis = _attr(node, "axis", 1) % (x.type.rank + 1) if x.type.rank else 0
+    return ctx.reshape(x, (int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:]))))
+
+
+@converts("Reshape")
+def _reshape(ctx, node, inputs):
+    x = inputs[0]
+    shape = ctx.const_input(inputs[1], node, "shape") if ctx.opset >= 5 else _attr(node, "shape")
+    shape = [int(d) for d in shape]
+    if not _attr(node, "allowzero", 0):
+        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return ctx.reshape(x, resolve_shape(shape, x.type.size, f"Reshape '{node.name}'"))
+
+
+def _axes(ctx, node, inputs, index: int, attr_until: int) -> list[int] | None:
+    """Axes from the attribute (opsets before ``attr_until``) or from input ``index``."""
+    if ctx.opset < attr_until:
+        axes = _attr(node, "axes")
+    else:
+        axes = ctx.const_input(inputs[index] if len(inputs) > index else None, node, "axes")
+    return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+
+
+@converts("Squeeze", "Unsqueeze")
+def _squeeze(ctx, node, inputs):
+    x = inputs[0]
+    axes = _axes(ctx, node, inputs, 1, 13)
+    if node.op == "Squeeze":
+        axes = [a % x.type.rank for a in axes] if axes else [i for i, d in enumerate(x.shape) if d == 1]
+        shape = [d for i, d in enumerate(x.shape) if i not in axes]
+    else:
+        out_rank = x.type.rank + len(axes)
+        axes = sorted(a % out_rank for a in axes)
+        shape = list(x.shape)
+        for a in axes:
+            shape.insert(a, 1)
+    return ctx.emit1("identity", [x]) if tuple(shape) == x.shape else ctx.reshape(x, shape)
+
+
+@converts("Transpose")
+def _transpose(ctx, node, inputs):
+    x = inputs[0]
+    perm = list(_attr(node, "perm", list(range(x.type.rank))[::-1]))
+    return ctx.emit1("transpose", [x], {"perm": perm})
+
+
+@converts("Concat")
+def _concat(ctx, node, inputs):
+    return ctx.emit1("concat", [v for v in inputs if v is not None], {"axis": _attr(node, "axis")})
+
+
+@converts("Slice")
+def _slice(ctx, node, inputs):
+    x = inputs[0]
+    if ctx.opset < 10:
+        starts, ends = _attr(node, "starts"), _attr(node, "ends")
+        axes, steps = _attr(node, "axes"), None
+    else:
+        starts, ends = (ctx.const_input(v, node, "slice bounds") for v in inputs[1:3])
+        axes = ctx.const_input(inputs[3], node, "axes") if len(inputs) > 3 else None
+        steps = ctx.const_input(inputs[4], node, "steps") if len(inputs) > 4 else None
+    starts, ends = [int(s) for s in starts], [int(e) for e in ends]
+    axes = [int(a) % x.type.rank for a in axes] if axes is not None else list(range(len(starts)))
+    steps = [int(s) for s in steps] if steps is not None else [1] * len(starts)
+    norm = {"starts": [], "ends": [], "axes": [], "steps": []}
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        size = x.shape[axis]
+        start, end, step = slice(start, end, step).indices(size)
+        if end < 0:  # a backward slice through index 0: python needs an end before the start
+            end = -(size + 1)
+        for key, val in zip(("starts", "ends", "axes", "steps"), (start, end, axis, step)):
+            norm[key].append(val)
+    return ctx.emit1("slice", [x], norm)
+
+
+@converts("Gather")
+def _gather(ctx, node, inputs):
+    return ctx.emit1("gather", inputs, {"axis": _attr(node, "axis", 0)})
+
+
+@converts("GatherElements")
+def _gather_elements(ctx, node, inputs):
+    return ctx.emit1("gather_elements", inputs, {"axis": _attr(node, "axis", 0)})
+
+
+@converts("Expand")
+def _expand(ctx, node, inputs):
+    x = inputs[0]
+    shape = [int(d) for d in ctx.const_input(inputs[1], node, "shape")]
+    out = tuple(np.broadcast_shapes(x.shape, tuple(shape)))
+    return ctx.emit1("expand", [x], {"shape": out}) if out != x.shape else ctx.emit1("identity", [x])
+
+
+@converts("Shape")
+def _shape(ctx, node, inputs):
+    shape = np.array(inputs[0].shape, dtype=np.int64)
+    start, end = _attr(node, "start", 0), _attr(node, "end", None)
+    return ctx.const(shape[start:end], "shape")
+
+
+@converts("Size")
+def _size(ctx, node, inputs):
+    return ctx.const(np.array(inputs[0].type.size, dtype=np.int64), "size")
+
+
+@converts("Constant")
+def _constant(ctx, node, inputs):
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in node.attrs:
+            value = node.attrs[key]
+            array = np.asarray(value.values if hasattr(value, "values") else value)
+            if key in ("value_float", "value_floats"):
+                array = array.astype(np.float32)
+            elif key in ("value_int", "value_ints"):
+                array = array.astype(np.int64)
+            return ctx.const(array, node.outputs[0].name or "const")
+    raise QCompilerError(f"Constant '{node.name}': unsupported value kind {sorted(node.attrs)}")
+
+
+@converts("ConstantOfShape")
+def _constant_of_shape(ctx, node, inputs):
+    shape = [int(d) for d in ctx.const_input(inputs[0], node, "shape")]
+    value = node.attrs.get("value")
+    fill = np.asarray(value.values if value is not None else np.zeros(1, np.float32)).reshape(-1)
+    return ctx.const(np.full(shape, fill[0], fill.dtype), "filled")
+
+
+_REDUCE = {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max",
+           "ReduceMin": "reduce_min", "ReduceProd": "reduce_prod"}
+
+
+@converts(*_REDUCE)
+def _reduce(ctx, node, inputs):
+    x = inputs[0]
+    axes = _axes(ctx, node, inputs, 1, 13 if node.op == "ReduceSum" else 18)
+    if not axes:
+        if _attr(node, "noop_with_empty_axes", 0):
+            return ctx.emit1("identity", [x])
+        axes = list(range(x.type.rank))
+    return ctx.emit1(_REDUCE[node.op], [x], {"axes": axes, "keepdims": bool(_attr(node, "keepdims", 1))})
+
+
+@converts("ArgMax")
+def _argmax(ctx, node, inputs):
+    if _attr(node, "select_last_index", 0):
+        raise QCompilerError(f"ArgMax '{node.name}': select_last_index=1 is not supported")
+    return ctx.emit1("argmax", [inputs[0]], {"axis": _attr(node, "axis", 0), "keepdims": bool(_attr(node, "keepdims", 1))})
+
+
+@converts("Split")
+def _split(ctx, node, inputs):
+    x = inputs[0]
+    axis = _attr(node, "axis", 0) % x.type.rank
+    if ctx.opset < 13:
+        sizes = _attr(node, "split")
+    else:
+        sizes = ctx.const_input(inputs[1] if len(inputs) > 1 else None, node, "split sizes")
+    count = len(node.outputs)
+    if sizes is None:
+        n = _attr(node, "num_outputs", count)
+        chunk = -(-x.shape[axis] // n)
+        sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(n)]
+    return ctx.emit("split", [x], {"axis": axis, "sizes": [int(s) for s in np.asarray(sizes).reshape(-1)]})
+
+
+@converts("Pad")
+def _pad(ctx, node, inputs):
+    x = inputs[0]
+    mode = _attr(node, "mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if ctx.opset < 11:
+        pads, value = list(_attr(node, "pads", _attr(node, "paddings"))), _attr(node, "value", 0.0)
+    else:
+        pads = [int(p) for p in ctx.const_input(inputs[1], node, "pads")]
+        v = ctx.const_input(inputs[2], node, "pad value") if len(inputs) > 2 else None
+        value = 0.0 if v is None else float(np.asarray(v).reshape(-1)[0])
+        axes = ctx.const_input(inputs[3], node, "axes") if len(inputs) > 3 else None
+        if axes is not None:
+            full = [0] * (2 * x.type.rank)
+            for i, a in enumerate(int(a) % x.type.rank for a in axes):
+                full[a], full[a + x.type.rank] = pads[i], pads[i + len(axes)]
+            pads = full
+    return ctx.emit1("pad", [x], {"pads": [int(p) for p in pads], "mode": mode, "value": float(value)})
+
+
+@converts("QuantizeLinear", "DequantizeLinear")
+def _quant(ctx, node, inputs):
+    if _attr(node, "block_size", 0):
+        raise QCompilerError(f"{node.op} '{node.name}': blocked quantization is not supported")
+    operands = [v for v in inputs if v is not None]
+    op = "quantize" if node.op == "QuantizeLinear" else "dequantize"
+    return ctx.emit1(op, operands, {"axis": _attr(node, "axis", 1)})
