@@ -28,7 +28,7 @@ _SHAPE_ONLY = {"Shape", "Size"}  # depend on the static shape of their input, ne
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
 _STATIC_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "Clip": (1, 2), "ConstantOfShape": (0,), "ReduceMean": (1,),
-                    "ReduceSum": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
+                    "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
 
 
 def converts(*names: str) -> Callable[[Converter], Converter]:
@@ -203,7 +203,7 @@ def _attr(node: Any, key: str, default: Any = None) -> Any:
 _UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Exp": "exp", "Log": "log",
           "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Neg": "neg", "Abs": "abs", "Floor": "floor", "Ceil": "ceil",
           "Sin": "sin", "Cos": "cos", "Not": "logical_not", "Identity": "identity", "HardSwish": "hardswish",
-          "Softplus": "softplus", "Sign": "sign"}
+          "Softplus": "softplus", "Sign": "sign", "IsNaN": "isnan"}
 
 
 @converts(*_UNARY)
@@ -518,6 +518,19 @@ def _gather(ctx, node, inputs):
     return ctx.emit1("gather", inputs, {"axis": _attr(node, "axis", 0)})
 
 
+@converts("GatherND")
+def _gather_nd(ctx, node, inputs):
+    """GatherND(data, idx) with idx [..., k] == data[idx[..., 0], ..., idx[..., k-1]] (advanced indexing)."""
+    data, idx = inputs
+    if _attr(node, "batch_dims", 0):
+        raise QCompilerError(f"GatherND '{node.name}': batch_dims != 0 is not supported")
+    k = idx.shape[-1]
+    last = idx.type.rank - 1
+    columns = [ctx.reshape(ctx.emit1("slice", [idx], {"starts": [i], "ends": [i + 1], "axes": [last], "steps": [1]}),
+                           idx.shape[:-1]) for i in range(k)]
+    return ctx.emit1("index", [data] + columns)
+
+
 @converts("GatherElements")
 def _gather_elements(ctx, node, inputs):
     return ctx.emit1("gather_elements", inputs, {"axis": _attr(node, "axis", 0)})
@@ -578,6 +591,16 @@ def _reduce(ctx, node, inputs):
             return ctx.emit1("identity", [x])
         axes = list(range(x.type.rank))
     return ctx.emit1(_REDUCE[node.op], [x], {"axes": axes, "keepdims": bool(_attr(node, "keepdims", 1))})
+
+
+@converts("ReduceL2", "ReduceSumSquare")
+def _reduce_l2(ctx, node, inputs):
+    """ReduceSumSquare = sum(x * x); ReduceL2 = sqrt of that."""
+    x = inputs[0]
+    axes = _axes(ctx, node, inputs, 1, 18) or list(range(x.type.rank))
+    total = ctx.emit1("reduce_sum", [ctx.emit1("mul", [x, x])],
+                      {"axes": axes, "keepdims": bool(_attr(node, "keepdims", 1))})
+    return ctx.emit1("sqrt", [total]) if node.op == "ReduceL2" else total
 
 
 @converts("ArgMax")

@@ -279,13 +279,30 @@ def _elu(ctx, node, args):
     return ctx.emit1("elu", [ctx.value(args[0])], {"alpha": _arg(node, args, 1, "alpha", 1.0)})
 
 
-@converts("relu6", "hardtanh", "clamp")
+@converts("linalg_vector_norm")
+def _vector_norm(ctx, node, args):
+    """||x||_2 over dims: sqrt(sum(x * x))."""
+    x = ctx.value(args[0])
+    if _arg(node, args, 1, "ord", 2) != 2:
+        raise QCompilerError("only the 2-norm is supported")
+    dims = _arg(node, args, 2, "dim", None) or list(range(x.type.rank))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    squares = ctx.emit1("mul", [x, x])
+    total = ctx.emit1("reduce_sum", [squares], {"axes": dims, "keepdims": bool(_arg(node, args, 3, "keepdim", False))})
+    return ctx.emit1("sqrt", [total])
+
+
+@converts("relu6", "hardtanh", "clamp", "clamp_min", "clamp_max")
 def _clip(ctx, node, args):
     op = _packet(node)
     if op == "relu6":
         lo, hi = 0.0, 6.0
     elif op == "hardtanh":
         lo, hi = _arg(node, args, 1, "min_val", -1.0), _arg(node, args, 2, "max_val", 1.0)
+    elif op == "clamp_min":
+        lo, hi = args[1], None
+    elif op == "clamp_max":
+        lo, hi = None, args[1]
     else:
         lo, hi = _arg(node, args, 1, "min", None), _arg(node, args, 2, "max", None)
     if isinstance(lo, torch.fx.Node) or isinstance(hi, torch.fx.Node):

