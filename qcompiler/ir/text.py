@@ -171,7 +171,7 @@ class _Parser:
     def expect(self, kind: str, text: str | None = None) -> _Tok:
         tok = self.tok
         if tok.kind != kind or (text is not None and tok.text != text):
-            want = repr(text) if text else kind
+            want = repr(text) if text else {"eof": "end of file", "value": "a %value", "const": "an @name"}.get(kind, kind)
             raise self.error(f"expected {want}, found {tok.text!r}" if tok.text else f"expected {want}, found end of file")
         return self.next()
 

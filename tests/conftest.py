@@ -1,0 +1,46 @@
+"""Shared fixtures: models are built once per session; ONNX files are exported into a temp dir."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from qcompiler import zoo
+
+warnings.filterwarnings("ignore", category=UserWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(2)
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| relative to the largest |want|: the issue's 1e-4 criterion."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def export_onnx(model: torch.nn.Module, args: tuple, path, input_names: list[str]) -> str:
+    """Export with torch.onnx.export's default (dynamo) exporter, as a user would."""
+    torch.onnx.export(model, args, str(path), input_names=input_names, verbose=False)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    model, data = zoo.train_digits_cnn()
+    return model, data
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    encoder, tokenizer = zoo.load_minilm()
+    ids, mask = zoo.tokenize(tokenizer, zoo.SENTENCES, 128)
+    return encoder, ids, mask
+
+
+@pytest.fixture(scope="session")
+def image_batch():
+    torch.manual_seed(0)
+    return torch.randn(1, 3, 224, 224)

@@ -1,0 +1,132 @@
+"""Capture from PyTorch and from ONNX (exported from the same module): the interpreter's
+outputs match PyTorch (and ONNX Runtime on the ONNX path) within 1e-4 of the largest output,
+and every captured graph prints and parses back identically."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from qcompiler import from_onnx, from_torch, parse_graph, print_graph, zoo
+from tests.conftest import export_onnx, rel_err
+
+TOL = 1e-4
+
+
+def _round_trips(graph) -> None:
+    text = print_graph(graph, elide_above=16)
+    assert print_graph(parse_graph(text, graph.constants)) == text
+
+
+def _ort(path: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+CNNS = {"resnet18": zoo.resnet18, "mobilenet_v2": zoo.mobilenet_v2}
+
+
+@pytest.mark.parametrize("name", sorted(CNNS))
+def test_cnn_from_torch_matches_pytorch(name, image_batch):
+    model = CNNS[name]()
+    graph = from_torch(model, (image_batch,))
+    with torch.no_grad():
+        want = model(image_batch).numpy()
+    assert rel_err(graph(image_batch.numpy())[0], want) < TOL
+    counts = graph.op_counts()
+    assert counts["conv2d"] == (20 if name == "resnet18" else 52) and counts["batch_norm"] == counts["conv2d"]
+    _round_trips(graph)
+
+
+@pytest.mark.parametrize("name", sorted(CNNS))
+def test_cnn_from_onnx_matches_pytorch_and_onnxruntime(name, image_batch, tmp_path):
+    model = CNNS[name]()
+    path = export_onnx(model, (image_batch,), tmp_path / f"{name}.onnx", ["x"])
+    graph = from_onnx(path)
+    got = graph(image_batch.numpy())[0]
+    with torch.no_grad():
+        assert rel_err(got, model(image_batch).numpy()) < TOL
+    assert rel_err(got, _ort(path, {"x": image_batch.numpy()})[0]) < TOL
+    _round_trips(graph)
+
+
+def test_mobilenet_has_depthwise_relu6_and_residuals(image_batch):
+    graph = from_torch(zoo.mobilenet_v2(), (image_batch,))
+    depthwise = [n for n in graph.nodes if n.op == "conv2d" and n.attrs["groups"] > 1]
+    assert depthwise and all(n.attrs["groups"] == n.inputs[1].shape[0] for n in depthwise)
+    assert all(n.attrs == {"min": 0.0, "max": 6.0} for n in graph.nodes if n.op == "clip")
+    assert graph.op_counts()["add"] == 10  # the residual connections
+
+
+def test_trained_digits_cnn_both_paths_keep_accuracy(digits, tmp_path):
+    model, (_, _, x_test, y_test) = digits
+    with torch.no_grad():
+        want = model(torch.from_numpy(x_test)).numpy()
+    assert zoo.accuracy(want, y_test) > 0.9  # it did learn
+    from_t = from_torch(model, (torch.from_numpy(x_test),))
+    path = export_onnx(model, (torch.from_numpy(x_test),), tmp_path / "digits.onnx", ["image"])
+    from_o = from_onnx(path)
+    for graph in (from_t, from_o):
+        got = graph(x_test)[0]
+        assert rel_err(got, want) < TOL
+        assert zoo.accuracy(got, y_test) == zoo.accuracy(want, y_test)
+        _round_trips(graph)
+    assert rel_err(from_o(x_test)[0], _ort(path, {"image": x_test})[0]) < TOL
+
+
+def test_minilm_from_torch_matches_pytorch(minilm):
+    encoder, ids, mask = minilm
+    graph = from_torch(encoder, (ids, mask))
+    with torch.no_grad():
+        want = encoder(ids, mask).numpy()
+    got = graph(ids.numpy(), mask.numpy())[0]
+    assert rel_err(got, want) < TOL
+    counts = graph.op_counts()
+    assert counts["linear"] == 36 and counts["layer_norm"] == 13 and counts["softmax"] == 6 and counts["gelu"] == 6
+    _round_trips(graph)
+
+
+def test_minilm_from_onnx_matches_pytorch_and_onnxruntime(minilm, tmp_path):
+    encoder, ids, mask = minilm
+    path = export_onnx(encoder, (ids, mask), tmp_path / "minilm.onnx", ["input_ids", "attention_mask"])
+    graph = from_onnx(path)
+    got = graph(ids.numpy(), mask.numpy())[0]
+    with torch.no_grad():
+        assert rel_err(got, encoder(ids, mask).numpy()) < TOL
+    assert rel_err(got, _ort(path, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]) < TOL
+    _round_trips(graph)
+
+
+class _Ops(torch.nn.Module):
+    """The op families of the foundation issue not covered by the models above."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1d = torch.nn.Conv1d(4, 6, 3, padding=2, dilation=2)
+        self.grouped = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2)
+        self.avg = torch.nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x, seq):
+        y = self.grouped(x)
+        y = torch.nn.functional.hardswish(y) + torch.sigmoid(y) * torch.tanh(y) - torch.nn.functional.silu(y)
+        y = self.avg(torch.nn.functional.gelu(y, approximate="tanh"))
+        y = torch.cat([y, torch.nn.functional.max_pool2d(y, 3, 1, 1, dilation=1)], dim=1)
+        y = y.permute(0, 2, 3, 1)[..., ::2]  # strided slice
+        z = self.conv1d(seq).mean(-1)
+        s = torch.softmax(self.fc(y), dim=-1) + torch.nn.functional.layer_norm(self.fc(y), (5,))
+        return s.flatten(1), torch.bmm(z.unsqueeze(1), z.unsqueeze(2)).squeeze(-1), torch.erf(z)
+
+
+def test_op_families_match_pytorch_on_both_paths(tmp_path):
+    torch.manual_seed(0)
+    model = _Ops().eval()
+    x, seq = torch.randn(2, 4, 9, 9), torch.randn(2, 4, 10)
+    with torch.no_grad():
+        want = [t.numpy() for t in model(x, seq)]
+    path = export_onnx(model, (x, seq), tmp_path / "ops.onnx", ["x", "seq"])
+    for graph in (from_torch(model, (x, seq)), from_onnx(path)):
+        got = graph(x.numpy(), seq.numpy())
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < TOL
+        _round_trips(graph)

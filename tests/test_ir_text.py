@@ -1,0 +1,113 @@
+"""The textual IR: exact round trips, readable errors, files with weights beside them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qcompiler import ParseError, VerificationError, load_graph, parse_graph, print_graph, save
+from qcompiler.ir import Graph, TensorType
+
+SMALL = """\
+func @main(%x: f32[1,2,4,4], %"odd/name": f32[1,2,4,4]) -> (f32[1,2,2,2], bool[1,2,4,4]) {
+  const @w : f32[2,2,1,1] = [1.0, -0.5, 0.25, 2.0]
+  const @lo : f32[] = [-inf]
+  %0 = conv2d(%x, @w) : f32[1,2,4,4] loc(#0 "block.conv")
+  %1 = add(%0, %"odd/name") : f32[1,2,4,4] loc(#1)
+  %2 = max_pool2d(%1) {ceil_mode=true, kernel=[3,3], strides=[2,2]} : f32[1,2,2,2] loc(#2 "pool")
+  %3 = greater(%1, @lo) : bool[1,2,4,4] loc(#7)
+  return %2, %3
+}
+"""
+
+
+def test_small_graph_round_trips_exactly():
+    g = parse_graph(SMALL)
+    assert print_graph(g) == SMALL
+    assert g.nodes[0].meta == {"handle": 0, "source": "block.conv"}
+    assert g.nodes[2].attrs["ceil_mode"] is True and g.nodes[2].attrs["pads"] == (0, 0, 0, 0)
+
+
+def test_parsed_graph_computes_what_the_text_says():
+    g = parse_graph(SMALL)
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    y = np.ones_like(x)
+    pooled, flags = g(x, y)
+    w = np.array([[1.0, -0.5], [0.25, 2.0]], np.float32)
+    summed = np.einsum("oc,nchw->nohw", w, x) + y
+    expected = np.stack([summed[..., i:i + 3, j:j + 3].max(axis=(-1, -2)) for i in (0, 2) for j in (0, 2)], -1)
+    np.testing.assert_allclose(pooled, expected.reshape(1, 2, 2, 2), rtol=1e-6)
+    assert flags.all()
+
+
+def test_new_nodes_get_fresh_handles_after_parse():
+    g = parse_graph(SMALL)
+    node = g.add_node("relu", [g.nodes[0].output])
+    assert node.handle == 8
+
+
+def test_big_constants_are_elided_and_saved_beside(tmp_path):
+    g = Graph()
+    x = g.add_input("x", TensorType((2, 64), "f32"))
+    w = g.add_constant("layer/weight", np.arange(64 * 3, dtype=np.float32).reshape(3, 64))
+    g.set_outputs([g.add_node("linear", [x, w]).output])
+    text = print_graph(g)
+    assert 'const @"layer/weight" : f32[3,64]\n' in text
+    path = save(g, tmp_path / "m.qir")
+    assert (tmp_path / "m.npz").exists()
+    back = load_graph(path)
+    assert print_graph(back) == text
+    np.testing.assert_array_equal(back.constants["layer/weight"], g.constants["layer/weight"])
+
+
+def test_copy_is_independent():
+    g = parse_graph(SMALL)
+    c = g.copy()
+    c.remove_node(c.nodes[-1])
+    assert len(g.nodes) == 4 and print_graph(g) == SMALL
+
+
+@pytest.mark.parametrize("text, message", [
+    (SMALL.replace("%0 = conv2d", "%0 = conv9d"), "<string>:4:8: unknown op 'conv9d'"),
+    (SMALL.replace("add(%0,", "add(%9,"), "<string>:5:12: use of undefined value %9"),
+    (SMALL.replace("%\"odd/name\") : f32[1,2,4,4]", "%\"odd/name\") : f32[1,2,4,5]"),
+     "add (%1): recorded result types f32[1,2,4,5] but the op infers f32[1,2,4,4]"),
+    (SMALL.replace("= [1.0, -0.5, 0.25, 2.0]", "= [1.0]"), "constant @w has 1 values for type f32[2,2,1,1]"),
+    (SMALL.replace("kernel=[3,3]", "kernel=[3,3], bogus=1"), "unknown attribute(s) ['bogus']"),
+    (SMALL.replace("return %2, %3", "return %2"), "return types f32[1,2,2,2] differ from the signature"),
+    (SMALL.replace("%1 = add", "%0 = add"), "value %0 is defined twice"),
+    (SMALL + "junk", "expected end of file"),
+    ("func @main(%x: f32[2]) -> f32[2] {\n  const @w : f32[100]\n  return %x\n}\n", "constant @w has no data"),
+])
+def test_parse_errors_point_at_the_problem(text, message):
+    with pytest.raises((ParseError, VerificationError)) as info:
+        parse_graph(text)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_verifier_catches_dangling_use_after_bad_edit():
+    g = parse_graph(SMALL)
+    g.remove_node(g.nodes[0])  # %1 still reads %0
+    with pytest.raises(VerificationError, match=r"uses %0 before \(or without\) its definition"):
+        from qcompiler import verify_graph
+        verify_graph(g)
+
+
+def test_verifier_rejects_bad_quant_scale():
+    text = """\
+func @main(%x: f32[4]) -> u8[4] {
+  const @s : f32[] = [0.0]
+  const @z : u8[] = [128]
+  %0 = quantize(%x, @s, @z) {axis=0} : u8[4] loc(#0)
+  return %0
+}
+"""
+    with pytest.raises(VerificationError, match="scale @s must be finite and positive"):
+        parse_graph(text)
+
+
+def test_load_graph_missing_file_is_one_line(tmp_path):
+    from qcompiler import QCompilerError
+
+    with pytest.raises(QCompilerError, match="cannot read IR file"):
+        load_graph(tmp_path / "nope.qir")
