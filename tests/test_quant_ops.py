@@ -1,0 +1,77 @@
+"""Quantize/dequantize semantics and import of QDQ models as ONNX Runtime writes them."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+from qcompiler import from_onnx, parse_graph, zoo
+from tests.conftest import export_onnx, rel_err
+
+
+def test_quantize_rounds_half_to_even_and_saturates():
+    g = parse_graph("""\
+func @main(%x: f32[8]) -> (u8[8], i8[8], f32[8]) {
+  const @s : f32[] = [0.5]
+  const @zu : u8[] = [10]
+  const @zi : i8[] = [0]
+  %0 = quantize(%x, @s, @zu) {axis=0} : u8[8] loc(#0)
+  %1 = quantize(%x, @s, @zi) {axis=0} : i8[8] loc(#1)
+  %2 = dequantize(%1, @s, @zi) {axis=0} : f32[8] loc(#2)
+  return %0, %1, %2
+}
+""")
+    x = np.array([0.25, 0.75, -0.25, -0.75, 1000.0, -1000.0, 1.25, 2.0], np.float32)
+    qu, qi, dq = g(x)
+    # x / 0.5 = [0.5, 1.5, -0.5, -1.5, 2000, -2000, 2.5, 4]: half to even -> [0, 2, -0, -2, sat, sat, 2, 4]
+    np.testing.assert_array_equal(qu, [10, 12, 10, 8, 255, 0, 12, 14])
+    np.testing.assert_array_equal(qi, [0, 2, 0, -2, 127, -128, 2, 4])
+    np.testing.assert_array_equal(dq, np.array([0, 2, 0, -2, 127, -128, 2, 4], np.float32) * 0.5)
+
+
+def test_per_axis_quantize_matches_onnx_reference():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    scale = np.abs(w).reshape(4, -1).max(1).astype(np.float32) / 127
+    zp = np.zeros(4, np.int8)
+    nodes = [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"], axis=0),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("w", TensorProto.FLOAT, w.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, w.shape)],
+                              initializer=[onnx.numpy_helper.from_array(scale, "s"),
+                                           onnx.numpy_helper.from_array(zp, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    g = from_onnx(model)
+    assert [n.op for n in g.nodes] == ["quantize", "dequantize"]
+    np.testing.assert_array_equal(g(w)[0], ReferenceEvaluator(model).run(None, {"w": w})[0])
+
+
+def test_onnxruntime_qdq_model_imports_with_quant_ops(digits, tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    model, (x_train, _, x_test, y_test) = digits
+    float_path = export_onnx(model, (torch.from_numpy(x_test[:1]),), tmp_path / "f.onnx", ["image"])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": x_train[i:i + 1]} for i in range(0, 64)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    qdq_path = str(tmp_path / "q.onnx")
+    quantize_static(float_path, qdq_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    g = from_onnx(qdq_path)
+    counts = g.op_counts()
+    assert counts["quantize"] >= 3 and counts["dequantize"] >= 5
+    reference = ReferenceEvaluator(qdq_path)
+    correct = 0
+    for i in range(32):
+        got = g(x_test[i:i + 1])[0]
+        want = reference.run(None, {"image": x_test[i:i + 1]})[0]
+        assert rel_err(got, want) < 1e-4
+        correct += int(got.argmax() == y_test[i])
+    assert correct >= 28  # the quantized digits model still classifies
