@@ -1,0 +1,62 @@
+"""The CLI: errors are one line with a non-zero exit; output files never replace the input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from qcompiler import load_graph, zoo
+from tests.conftest import export_onnx
+
+
+def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qcompiler", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_import_onnx_writes_reloadable_ir(tmp_path):
+    model = zoo.DigitsCNN().eval()
+    x = torch.randn(2, 1, 8, 8)
+    path = export_onnx(model, (x,), tmp_path / "d.onnx", ["image"])
+    result = _run("import", path, "-o", str(tmp_path / "d.qir"))
+    assert result.returncode == 0, result.stderr
+    graph = load_graph(tmp_path / "d.qir")
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert abs(graph(x.numpy())[0] - want).max() < 1e-4 * abs(want).max()
+    stats = _run("stats", str(tmp_path / "d.qir"))
+    assert stats.returncode == 0 and "conv2d" in stats.stdout and "linear" in stats.stdout
+
+
+def test_import_from_python_factory(tmp_path):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def tiny():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval(), (torch.randn(2, 4),)\n")
+    result = _run("import", "mymodels:tiny", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "linear(%input, @0.weight, @0.bias)" in result.stdout and "relu(" in result.stdout
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x01garbage" * 20)
+    for args in (["import", str(bad)], ["stats", str(tmp_path / "none.onnx")], ["import", "nosuchmod:fn"],
+                 ["import", str(bad), "--input-shape", "x"]):
+        result = _run(*args)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qcompiler: error: "), result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_output_never_overwrites_input(tmp_path):
+    model = zoo.DigitsCNN().eval()
+    path = tmp_path / "d.qir"
+    from qcompiler import from_torch, save
+
+    save(from_torch(model, (torch.randn(1, 1, 8, 8),)), path)
+    before = path.read_bytes()
+    result = _run("import", str(path), "-o", str(path))
+    assert result.returncode == 2 and "refusing to overwrite the input model" in result.stderr
+    assert path.read_bytes() == before
