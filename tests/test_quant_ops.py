@@ -7,7 +7,7 @@ import torch
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from qcompiler import from_onnx, parse_graph, zoo
+from qcompiler import from_onnx, parse_graph
 from tests.conftest import export_onnx, rel_err
 
 

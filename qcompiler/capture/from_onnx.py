@@ -20,23 +20,16 @@ import onnx
 from ..errors import ModelLoadError, QCompilerError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, dtype_name
 from ..ir.verify import verify_graph
-from .builder import GraphBuilder, resolve_shape
+from .builder import GraphBuilder, converter_registrar, resolve_shape
 
 Converter = Callable[["_Ctx", Any, list["Value | None"]], "list[Value] | Value"]
 _CONVERTERS: dict[str, Converter] = {}
+converts = converter_registrar(_CONVERTERS)
 _SHAPE_ONLY = {"Shape", "Size"}  # depend on the static shape of their input, never its values
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
 _STATIC_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "Clip": (1, 2), "ConstantOfShape": (0,), "ReduceMean": (1,),
                     "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
-
-
-def converts(*names: str) -> Callable[[Converter], Converter]:
-    def register(fn: Converter) -> Converter:
-        for n in names:
-            _CONVERTERS[n] = fn
-        return fn
-    return register
 
 
 class _Ctx(GraphBuilder):

@@ -18,11 +18,12 @@ import torch.fx
 from ..errors import ModelLoadError, QCompilerError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, dtype_name
 from ..ir.verify import verify_graph
-from .builder import GraphBuilder
+from .builder import GraphBuilder, converter_registrar
 
 aten = torch.ops.aten
 Converter = Callable[["_Ctx", torch.fx.Node, list[Any]], Any]
 _CONVERTERS: dict[str, Converter] = {}
+converts = converter_registrar(_CONVERTERS)
 # ops that produce nothing used downstream (runtime asserts); skipped
 _IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "_assert_async"}
 # ops whose result depends only on the (static) shape of their tensor input, never its values
@@ -40,14 +41,6 @@ def _packet(node: torch.fx.Node) -> str:
         return "getitem"
     name = getattr(target, "__name__", str(target))
     return name.split(".")[0]
-
-
-def converts(*names: str) -> Callable[[Converter], Converter]:
-    def register(fn: Converter) -> Converter:
-        for n in names:
-            _CONVERTERS[n] = fn
-        return fn
-    return register
 
 
 def _source(node: torch.fx.Node) -> str:
