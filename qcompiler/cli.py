@@ -45,6 +45,49 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_opt(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .ir import print_graph, save
+    from .loading import load_model, parse_shapes
+    from .pass_manager import Instruments, run_pipeline
+    from .pipeline import parse_pipeline, registered_passes
+
+    if args.list_passes:
+        import dataclasses
+
+        for name, cls in registered_passes().items():
+            opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+            print(f"{name}{'{' + opts + '}' if opts else ''}: {cls.summary}")
+        return 0
+    if not args.model or args.pipeline is None:
+        raise QCompilerError("opt needs a model and -p PIPELINE (or --list-passes)")
+    passes = parse_pipeline(args.pipeline)
+    graph = load_model(args.model, parse_shapes(args.input_shape))
+    out = Path(args.output) if args.output else None
+    if out is not None and out.resolve() == Path(args.model).resolve():
+        raise QCompilerError(f"{out}: refusing to overwrite the input model")
+    inst = Instruments(print_before=frozenset(args.print_ir_before), print_after=frozenset(args.print_ir_after),
+                       print_after_all=args.print_ir_after_all, print_after_change=args.print_ir_after_change,
+                       dump_dir=Path(args.dump_dir) if args.dump_dir else None, verify_each=args.verify_each,
+                       bisect_limit=args.bisect_limit, reproducer_dir=Path(args.reproducer_dir),
+                       emit=lambda text: print(text, file=sys.stderr))
+    run_pipeline(graph, passes, inst)
+    if args.timing:
+        table = Table(title="pass timing")
+        for col in ("#", "pass", "changed", "ms"):
+            table.add_column(col, justify="right" if col in ("#", "ms") else "left")
+        for r in inst.records:
+            table.add_row(str(r.index + 1), r.name, "yes" if r.changed else "no", f"{r.seconds * 1e3:.2f}")
+        Console(stderr=True).print(table)
+    if out is not None:
+        save(graph, out)
+    else:
+        sys.stdout.write(print_graph(graph))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompiler", description="A quantizing model compiler.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("-o", "--output", help="write IR text here (weights to the same name with .npz)")
     p.set_defaults(func=_cmd_import)
+    p = sub.add_parser("opt", help="run a pass pipeline over a model, with IR printing, dumps, timing, bisect")
+    p.add_argument("model", nargs="?", help="model.onnx, model.qir, or package.module:function")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    p.add_argument("-p", "--pipeline", help="e.g. 'fold-constants,fold-batchnorm,eliminate-dead-code'")
+    p.add_argument("-o", "--output", help="write the result here (IR text + .npz); default: print it")
+    p.add_argument("--print-ir-before", action="append", default=[], metavar="PASS")
+    p.add_argument("--print-ir-after", action="append", default=[], metavar="PASS")
+    p.add_argument("--print-ir-after-all", action="store_true")
+    p.add_argument("--print-ir-after-change", action="store_true")
+    p.add_argument("--dump-dir", help="write numbered, re-parseable IR files after every pass")
+    p.add_argument("--timing", action="store_true", help="per-pass wall time")
+    p.add_argument("--verify-each", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N pass applications")
+    p.add_argument("--reproducer-dir", default=".", help="where a failing pass's input IR is written")
+    p.add_argument("--list-passes", action="store_true")
+    p.set_defaults(func=_cmd_opt)
     p = sub.add_parser("stats", help="op counts of a model")
     model_args(p)
     p.set_defaults(func=_cmd_stats)

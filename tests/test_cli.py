@@ -60,3 +60,35 @@ def test_output_never_overwrites_input(tmp_path):
     result = _run("import", str(path), "-o", str(path))
     assert result.returncode == 2 and "refusing to overwrite the input model" in result.stderr
     assert path.read_bytes() == before
+
+
+def test_opt_runs_pipeline_with_instruments(tmp_path):
+    model = zoo.DigitsCNN().eval()
+    x = torch.randn(2, 1, 8, 8)
+    path = export_onnx(model, (x,), tmp_path / "d.onnx", ["image"])
+    from qcompiler import from_torch, save
+
+    save(from_torch(model, (x,)), tmp_path / "d.qir")  # the torch capture keeps its batch norms
+    result = _run("opt", str(tmp_path / "d.qir"), "-p", "fold-constants,fold-batchnorm,eliminate-dead-code",
+                  "--print-ir-after-change", "--timing", "--dump-dir", str(tmp_path / "dumps"),
+                  "-o", str(tmp_path / "out.qir"))
+    assert result.returncode == 0, result.stderr
+    assert "IR after fold-batchnorm" in result.stderr and "pass timing" in result.stderr
+    out = load_graph(tmp_path / "out.qir")
+    assert "batch_norm" not in out.op_counts()
+    dumps = sorted(p.name for p in (tmp_path / "dumps").glob("*.qir"))
+    assert dumps == ["00_input.qir", "01_fold-constants.qir", "02_fold-batchnorm.qir", "03_eliminate-dead-code.qir"]
+    for dump in dumps:
+        load_graph(tmp_path / "dumps" / dump)  # every dump parses back
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert abs(out(x.numpy())[0] - want).max() < 1e-4 * abs(want).max()
+    bisect = _run("opt", path, "-p", "fold-constants,fold-batchnorm,eliminate-dead-code", "--bisect-limit", "2")
+    assert bisect.returncode == 0
+    assert [l for l in bisect.stderr.splitlines() if l.startswith("bisect:")] == [
+        "bisect: running pass #1 (fold-constants)", "bisect: running pass #2 (fold-batchnorm)",
+        "bisect: not running pass #3 (eliminate-dead-code)"]
+    listing = _run("opt", "--list-passes")
+    assert "fold-batchnorm: fold inference batch norm" in listing.stdout
+    bad = _run("opt", path, "-p", "fold-everything")
+    assert bad.returncode == 2 and bad.stderr.startswith("qcompiler: error: unknown pass 'fold-everything'")

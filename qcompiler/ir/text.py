@@ -59,6 +59,15 @@ def _scalar(v: Any) -> str:
     raise TypeError(f"cannot print attribute value {v!r}")
 
 
+def _element(x: np.generic) -> str:
+    """A constant's element in the shortest text that parses back to the same value of its
+    own dtype (numpy prints float32 0.1 as '0.1', not as the float64 0.10000000149...)."""
+    if isinstance(x, np.floating) and np.isfinite(x):
+        text = str(x)
+        return text if any(c in text for c in ".en") else text + ".0"
+    return _scalar(x.item())
+
+
 def _attr_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_scalar(x) for x in v) + "]"
@@ -88,7 +97,7 @@ def print_graph(graph: Graph, elide_above: int | None = INLINE_LIMIT) -> str:
     for name, array in graph.constants.items():
         line = f"  const {_name('@', name)} : {TensorType.of(array)}"
         if elide_above is None or array.size <= elide_above:
-            line += " = [" + ", ".join(_scalar(x) for x in array.reshape(-1).tolist()) + "]"
+            line += " = [" + ", ".join(_element(x) for x in array.reshape(-1)) + "]"
         lines.append(line)
     lines += ["  " + print_node(n) for n in graph.nodes]
     lines.append("  return " + ", ".join(_ref(v) for v in graph.outputs))

@@ -1,0 +1,169 @@
+"""Passes in the IR's own text: input IR, pipeline, expected IR (as LLVM's lit tests), plus a
+numeric check that the interpreter gives the same outputs before and after."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qcompiler import from_torch, parse_graph, print_graph, zoo
+from qcompiler.pass_manager import Instruments, PassFailure, run_pipeline
+from qcompiler.pipeline import PipelineError, parse_pipeline, print_pipeline, register, Pass
+from tests.conftest import rel_err
+
+rng = np.random.default_rng(0)
+
+
+def _random_inputs(graph):
+    return [rng.standard_normal(v.shape).astype(v.type.np_dtype) for v in graph.inputs]
+
+
+def check_pass(text: str, pipeline: str, expected: str, constants=None) -> None:
+    """Run ``pipeline`` on ``text``; the result must print as ``expected`` and compute the same."""
+    graph = parse_graph(text, constants)
+    inputs = _random_inputs(graph)
+    before = graph(*inputs)
+    run_pipeline(graph, pipeline, Instruments(verify_each=True))
+    assert print_graph(graph) == expected
+    for got, want in zip(graph(*inputs), before):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_pipeline_strings_round_trip():
+    text = "fold-constants{max_elements=64},eliminate-dead-code,fold-batchnorm"
+    assert print_pipeline(parse_pipeline(text)) == text
+    assert print_pipeline(parse_pipeline("fold-constants{max_elements=4194304}")) == "fold-constants"
+    with pytest.raises(PipelineError, match="unknown pass 'fold-everything'"):
+        parse_pipeline("fold-everything")
+    with pytest.raises(PipelineError, match="has no option 'size'"):
+        parse_pipeline("fold-constants{size=3}")
+    with pytest.raises(PipelineError, match="bad value 'lots' for option 'max_elements'"):
+        parse_pipeline("fold-constants{max_elements=lots}")
+
+
+DEAD = """\
+func @main(%x: f32[4]) -> f32[4] {
+  const @c : f32[4] = [1.0, 2.0, 3.0, 4.0]
+  const @unused : f32[] = [7.0]
+  %0 = relu(%x) : f32[4] loc(#0)
+  %1 = mul(%x, @c) : f32[4] loc(#1)
+  %2 = neg(%1) : f32[4] loc(#2)
+  return %0
+}
+"""
+
+
+def test_dead_code_removes_unused_chains_and_constants():
+    check_pass(DEAD, "eliminate-dead-code", """\
+func @main(%x: f32[4]) -> f32[4] {
+  %0 = relu(%x) : f32[4] loc(#0)
+  return %0
+}
+""")
+
+
+FOLD = """\
+func @main(%x: f32[2,3]) -> f32[2,2] {
+  const @w : f32[3,2] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+  %0 = transpose(@w) {perm=[1,0]} : f32[2,3] loc(#0 "fc")
+  %1 = linear(%x, %0) : f32[2,2] loc(#1 "fc")
+  return %1
+}
+"""
+
+
+def test_fold_constants_evaluates_weight_transposes():
+    check_pass(FOLD, "fold-constants", """\
+func @main(%x: f32[2,3]) -> f32[2,2] {
+  const @fc.folded : f32[2,3] = [1.0, 3.0, 5.0, 2.0, 4.0, 6.0]
+  %1 = linear(%x, @fc.folded) : f32[2,2] loc(#1 "fc")
+  return %1
+}
+""")
+
+
+def test_fold_constants_respects_the_size_limit():
+    check_pass(FOLD, "fold-constants{max_elements=4}", FOLD)
+
+
+BN = """\
+func @main(%x: f32[1,2,3,3]) -> f32[1,2,3,3] {
+  const @w : f32[2,2,1,1] = [1.0, 2.0, -1.0, 0.5]
+  const @g : f32[2] = [2.0, 0.5]
+  const @b : f32[2] = [0.125, -0.25]
+  const @m : f32[2] = [0.25, -0.5]
+  const @v : f32[2] = [4.0, 0.25]
+  %0 = conv2d(%x, @w) : f32[1,2,3,3] loc(#0 "conv")
+  %1 = batch_norm(%0, @g, @b, @m, @v) {epsilon=0.0} : f32[1,2,3,3] loc(#1 "bn")
+  return %1
+}
+"""
+
+
+def test_fold_batchnorm_into_conv_without_bias():
+    # s = g / sqrt(v) = [1, 1]; w' = w * s; b' = (0 - m) * s + b = [-0.125, 0.25]
+    check_pass(BN, "fold-batchnorm", """\
+func @main(%x: f32[1,2,3,3]) -> f32[1,2,3,3] {
+  const @w.bn_folded : f32[2,2,1,1] = [1.0, 2.0, -1.0, 0.5]
+  const @g.bias_folded : f32[2] = [-0.125, 0.25]
+  %0 = conv2d(%x, @w.bn_folded, @g.bias_folded) : f32[1,2,3,3] loc(#0 "conv")
+  return %0
+}
+""")
+
+
+def test_fold_batchnorm_refuses_when_conv_output_has_another_use():
+    text = BN.replace("-> f32[1,2,3,3] {", "-> (f32[1,2,3,3], f32[1,2,3,3]) {").replace("return %1", "return %1, %0")
+    check_pass(text, "fold-batchnorm", text)
+
+
+@pytest.mark.parametrize("make", [zoo.resnet18, zoo.mobilenet_v2])
+def test_float_pipeline_on_cnns_removes_batchnorm_and_keeps_numerics(make):
+    model = make()
+    x = torch.randn(1, 3, 224, 224)
+    graph = from_torch(model, (x,))
+    want = graph(x.numpy())[0]
+    inst = Instruments()
+    run_pipeline(graph, "fold-constants,fold-batchnorm,eliminate-dead-code", inst)
+    assert "batch_norm" not in graph.op_counts()
+    assert rel_err(graph(x.numpy())[0], want) < 1e-5
+    assert [r.name for r in inst.records] == ["fold-constants", "fold-batchnorm", "eliminate-dead-code"]
+    assert inst.records[1].changed
+
+
+def test_instruments_print_dump_and_bisect(tmp_path):
+    lines: list[str] = []
+    graph = parse_graph(DEAD)
+    inst = Instruments(print_after_change=True, dump_dir=tmp_path / "dumps", bisect_limit=1, emit=lines.append)
+    run_pipeline(graph, "eliminate-dead-code,fold-constants", inst)
+    assert lines[0] == "bisect: running pass #1 (eliminate-dead-code)"
+    assert lines[1].startswith("// ----- IR after eliminate-dead-code -----")
+    assert lines[2] == "bisect: not running pass #2 (fold-constants)"
+    assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == ["00_input.qir", "01_eliminate-dead-code.qir"]
+    from qcompiler import load_graph
+
+    assert print_graph(load_graph(tmp_path / "dumps" / "01_eliminate-dead-code.qir")) == print_graph(graph)
+
+
+@register
+class _BreaksGraph(Pass):
+    name = "test-break-graph"
+    summary = "test only: leaves a dangling use"
+
+    def run(self, graph):
+        graph.remove_node(graph.nodes[1])
+        return True
+
+
+def test_failing_pass_is_reported_with_a_reproducer(tmp_path):
+    graph = parse_graph(DEAD)
+    with pytest.raises(PassFailure) as info:
+        run_pipeline(graph, "fold-constants,test-break-graph,eliminate-dead-code",
+                     Instruments(reproducer_dir=tmp_path, emit=lambda s: None))
+    text = str(info.value)
+    assert text.startswith("pass test-break-graph failed after [fold-constants]: after pass test-break-graph: "
+                           "invalid graph at neg (%2): uses %1 before (or without) its definition")
+    assert "reproduce with: qcompiler opt" in text and "-p 'test-break-graph,eliminate-dead-code'" in text
+    from qcompiler import load_graph
+
+    assert print_graph(load_graph(tmp_path / "reproducer_test-break-graph.qir")) == DEAD  # the IR it received
