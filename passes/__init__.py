@@ -1,2 +1,7 @@
 """The passes, one module each; importing this package registers them all."""
-from . import dead_code, fold_batchnorm, fold_constants  # noqa: F401
+from . import canonicalize, cse, dead_code, fold_batchnorm, fold_constants, fuse_activations  # noqa: F401
+
+# The float pipeline every compile starts with: simplify, fold, then fuse. Each pass is
+# numerically neutral on float graphs.
+DEFAULT_FLOAT_PIPELINE = ("canonicalize,fold-constants,canonicalize,eliminate-common-subexpressions,"
+                          "fold-batchnorm,fuse-activations,eliminate-dead-code")

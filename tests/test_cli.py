@@ -68,21 +68,23 @@ def test_opt_runs_pipeline_with_instruments(tmp_path):
     path = export_onnx(model, (x,), tmp_path / "d.onnx", ["image"])
     from qcompiler import from_torch, save
 
+    from qcompiler.passes import DEFAULT_FLOAT_PIPELINE
+
     save(from_torch(model, (x,)), tmp_path / "d.qir")  # the torch capture keeps its batch norms
-    result = _run("opt", str(tmp_path / "d.qir"), "-p", "fold-constants,fold-batchnorm,eliminate-dead-code",
-                  "--print-ir-after-change", "--timing", "--dump-dir", str(tmp_path / "dumps"),
-                  "-o", str(tmp_path / "out.qir"))
-    assert result.returncode == 0, result.stderr
-    assert "IR after fold-batchnorm" in result.stderr and "pass timing" in result.stderr
-    out = load_graph(tmp_path / "out.qir")
-    assert "batch_norm" not in out.op_counts()
-    dumps = sorted(p.name for p in (tmp_path / "dumps").glob("*.qir"))
-    assert dumps == ["00_input.qir", "01_fold-constants.qir", "02_fold-batchnorm.qir", "03_eliminate-dead-code.qir"]
-    for dump in dumps:
-        load_graph(tmp_path / "dumps" / dump)  # every dump parses back
     with torch.no_grad():
         want = model(x).numpy()
-    assert abs(out(x.numpy())[0] - want).max() < 1e-4 * abs(want).max()
+    for source in (path, str(tmp_path / "d.qir")):
+        dump_dir = tmp_path / f"dumps_{source[-4:]}"
+        result = _run("opt", source, "-p", DEFAULT_FLOAT_PIPELINE, "--print-ir-after-change", "--timing",
+                      "--dump-dir", str(dump_dir), "-o", str(tmp_path / "out.qir"))
+        assert result.returncode == 0, result.stderr
+        assert "// ----- IR after fuse-activations -----" in result.stderr and "pass timing" in result.stderr
+        out = load_graph(tmp_path / "out.qir")
+        assert "batch_norm" not in out.op_counts() and "relu" not in out.op_counts()
+        dumps = sorted(p.name for p in dump_dir.glob("*.qir"))
+        assert len(dumps) == 8 and dumps[0] == "00_input.qir" and dumps[-1] == "07_eliminate-dead-code.qir"
+        for dump in dumps:
+            assert abs(load_graph(dump_dir / dump)(x.numpy())[0] - want).max() < 1e-4 * abs(want).max()
     bisect = _run("opt", path, "-p", "fold-constants,fold-batchnorm,eliminate-dead-code", "--bisect-limit", "2")
     assert bisect.returncode == 0
     assert [l for l in bisect.stderr.splitlines() if l.startswith("bisect:")] == [

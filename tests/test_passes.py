@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from qcompiler import from_torch, parse_graph, print_graph, zoo
 from qcompiler.pass_manager import Instruments, PassFailure, run_pipeline
@@ -117,18 +116,148 @@ def test_fold_batchnorm_refuses_when_conv_output_has_another_use():
     check_pass(text, "fold-batchnorm", text)
 
 
-@pytest.mark.parametrize("make", [zoo.resnet18, zoo.mobilenet_v2])
-def test_float_pipeline_on_cnns_removes_batchnorm_and_keeps_numerics(make):
-    model = make()
-    x = torch.randn(1, 3, 224, 224)
-    graph = from_torch(model, (x,))
-    want = graph(x.numpy())[0]
+FUSE = """\
+func @main(%x: f32[2,3]) -> (f32[2,3], f32[2,3], f32[2,3]) {
+  const @w : f32[3,3] = [1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0, 9.0]
+  %0 = linear(%x, @w) : f32[2,3] loc(#0 "fc1")
+  %1 = clip(%0) {max=6.0, min=0.0} : f32[2,3] loc(#1 "relu6")
+  %2 = matmul(%x, @w) : f32[2,3] loc(#2 "mm")
+  %3 = gelu(%2) {approximate="tanh"} : f32[2,3] loc(#3 "gelu")
+  %4 = linear(%x, @w) : f32[2,3] loc(#4 "fc2")
+  %5 = relu(%4) : f32[2,3] loc(#5)
+  %6 = add(%5, %4) : f32[2,3] loc(#6)
+  return %1, %3, %6
+}
+"""
+
+
+def test_fuse_activations_folds_activation_into_producer():
+    check_pass(FUSE, "fuse-activations", """\
+func @main(%x: f32[2,3]) -> (f32[2,3], f32[2,3], f32[2,3]) {
+  const @w : f32[3,3] = [1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0, 9.0]
+  %0 = linear(%x, @w) {activation="clip", activation_args=[0.0,6.0]} : f32[2,3] loc(#0 "fc1")
+  %2 = matmul(%x, @w) {activation="gelu_tanh"} : f32[2,3] loc(#2 "mm")
+  %4 = linear(%x, @w) : f32[2,3] loc(#4 "fc2")
+  %5 = relu(%4) : f32[2,3] loc(#5)
+  %6 = add(%5, %4) : f32[2,3] loc(#6)
+  return %0, %2, %6
+}
+""")
+
+
+def test_fuse_activations_only_the_ops_asked_for():
+    graph = parse_graph(FUSE)
+    run_pipeline(graph, "fuse-activations{ops=gelu,relu}")
+    assert [n.op for n in graph.nodes].count("clip") == 1
+    assert graph.nodes[2].attrs["activation"] == "gelu_tanh"
+
+
+CSE = """\
+func @main(%x: f32[4]) -> f32[4] {
+  const @a : f32[] = [2.0]
+  const @b : f32[] = [2.0]
+  %0 = mul(%x, @a) : f32[4] loc(#0)
+  %1 = mul(%x, @b) : f32[4] loc(#1)
+  %2 = softmax(%0) : f32[4] loc(#2)
+  %3 = softmax(%1) : f32[4] loc(#3)
+  %4 = softmax(%1) {axis=0} : f32[4] loc(#4)
+  %5 = add(%2, %3) : f32[4] loc(#5)
+  %6 = add(%5, %4) : f32[4] loc(#6)
+  return %6
+}
+"""
+
+
+def test_cse_merges_identical_constants_and_nodes():
+    # softmax{axis=0} on a rank-1 tensor is the same computation but not the same attributes: kept
+    check_pass(CSE, "eliminate-common-subexpressions", """\
+func @main(%x: f32[4]) -> f32[4] {
+  const @a : f32[] = [2.0]
+  %0 = mul(%x, @a) : f32[4] loc(#0)
+  %2 = softmax(%0) : f32[4] loc(#2)
+  %4 = softmax(%0) {axis=0} : f32[4] loc(#4)
+  %5 = add(%2, %2) : f32[4] loc(#5)
+  %6 = add(%5, %4) : f32[4] loc(#6)
+  return %6
+}
+""")
+
+
+CANON = """\
+func @main(%x: f32[2,3]) -> (f32[3,2], f32[2,4]) {
+  const @one : f32[] = [1.0]
+  const @zero : f32[3] = [0.0, 0.0, 0.0]
+  const @w : f32[3,4] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0]
+  const @b : f32[4] = [0.5, -0.5, 1.5, -1.5]
+  %0 = identity(%x) : f32[2,3] loc(#0)
+  %1 = mul(%0, @one) : f32[2,3] loc(#1)
+  %2 = add(@zero, %1) : f32[2,3] loc(#2)
+  %3 = reshape(%2) {shape=[6]} : f32[6] loc(#3)
+  %4 = reshape(%3) {shape=[2,3]} : f32[2,3] loc(#4)
+  %5 = transpose(%4) {perm=[1,0]} : f32[3,2] loc(#5)
+  %6 = transpose(%5) {perm=[1,0]} : f32[2,3] loc(#6)
+  %7 = dropout(%6) : f32[2,3] loc(#7)
+  %8 = matmul(%7, @w) : f32[2,4] loc(#8 "fc")
+  %9 = add(%8, @b) : f32[2,4] loc(#9 "fc")
+  %10 = cast(%5) {to="f32"} : f32[3,2] loc(#10)
+  return %10, %9
+}
+"""
+
+
+def test_canonicalize_rules():
+    check_pass(CANON, "canonicalize", """\
+func @main(%x: f32[2,3]) -> (f32[3,2], f32[2,4]) {
+  const @b : f32[4] = [0.5, -0.5, 1.5, -1.5]
+  const @w.T : f32[4,3] = [1.0, 5.0, 9.0, 2.0, 6.0, 10.0, 3.0, 7.0, 11.0, 4.0, 8.0, 12.0]
+  %5 = transpose(%x) {perm=[1,0]} : f32[3,2] loc(#5)
+  %9 = linear(%x, @w.T, @b) : f32[2,4] loc(#9 "fc")
+  %10 = cast(%5) {to="f32"} : f32[3,2] loc(#10)
+  return %10, %9
+}
+""")
+
+
+def test_canonicalize_keeps_broadcasting_neutral_ops_and_square_transposes():
+    text = """\
+func @main(%x: f32[2], %y: f32[2,2]) -> (f32[3,2], f32[2,2]) {
+  const @ones : f32[3,2] = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+  %0 = mul(%x, @ones) : f32[3,2] loc(#0)
+  %1 = transpose(%y) {perm=[1,0]} : f32[2,2] loc(#1)
+  return %0, %1
+}
+"""
+    check_pass(text, "canonicalize", text)
+
+
+def _foldable(graph) -> list[str]:
+    return [n.describe() for n in graph.nodes if n.inputs and all(v.is_constant for v in n.inputs)]
+
+
+@pytest.mark.parametrize("which", ["resnet18", "mobilenet_v2", "minilm"])
+def test_default_float_pipeline_on_real_models(which, minilm, image_batch):
+    from qcompiler.passes import DEFAULT_FLOAT_PIPELINE
+
+    if which == "minilm":
+        encoder, ids, mask = minilm
+        graph, inputs = from_torch(encoder, (ids, mask)), [ids.numpy(), mask.numpy()]
+    else:
+        graph, inputs = from_torch(getattr(zoo, which)(), (image_batch,)), [image_batch.numpy()]
+    want = graph(*inputs)[0]
     inst = Instruments()
-    run_pipeline(graph, "fold-constants,fold-batchnorm,eliminate-dead-code", inst)
-    assert "batch_norm" not in graph.op_counts()
-    assert rel_err(graph(x.numpy())[0], want) < 1e-5
-    assert [r.name for r in inst.records] == ["fold-constants", "fold-batchnorm", "eliminate-dead-code"]
-    assert inst.records[1].changed
+    run_pipeline(graph, DEFAULT_FLOAT_PIPELINE, inst)
+    assert rel_err(graph(*inputs)[0], want) < 1e-5
+    counts = graph.op_counts()
+    assert "batch_norm" not in counts and not _foldable(graph)
+    assert not parse_pipeline("eliminate-dead-code")[0].run(graph)  # no dead node left
+    fused = [n.attrs["activation"] for n in graph.nodes if n.op == "conv2d"]
+    if which == "resnet18":  # the stem and each block's first conv; the 8 relus after residual adds stay
+        assert fused.count("relu") == 9 and counts["relu"] == 8
+    elif which == "mobilenet_v2":  # every relu6 follows a conv
+        assert fused.count("clip") == 35 and "clip" not in counts
+    else:
+        assert "gelu" not in counts  # fused into the intermediate linear layers
+    assert print_pipeline(parse_pipeline(DEFAULT_FLOAT_PIPELINE)) == DEFAULT_FLOAT_PIPELINE
 
 
 def test_instruments_print_dump_and_bisect(tmp_path):

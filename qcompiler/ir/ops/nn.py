@@ -10,11 +10,41 @@ import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..types import TensorType
-from .registry import Attr, conv_out_dim, declare, norm_axis, same_dtype
+from .registry import Attr, conv_out_dim, declare, get_op, norm_axis, same_dtype
 
 
 def _t(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
+
+
+# ---- fused activations ----------------------------------------------------------------------------
+# conv/linear/matmul may carry the activation that followed them (fuse-activations): the
+# `activation` attribute names it and `activation_args` holds clip's bounds.
+ACTIVATIONS = ("none", "relu", "clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "gelu_tanh", "tanh")
+ACTIVATION_ATTRS = {"activation": Attr("str", "none", "fused activation applied to the result"),
+                    "activation_args": Attr("floats", (), "clip's [min, max] when activation='clip'")}
+
+
+def check_activation(attrs, where: str) -> None:
+    act = attrs["activation"]
+    if act not in ACTIVATIONS:
+        raise TypeError(f"{where}: unknown activation '{act}' (one of {', '.join(ACTIVATIONS)})")
+    if (act == "clip") != bool(attrs["activation_args"]) or (act == "clip" and len(attrs["activation_args"]) != 2):
+        raise TypeError(f"{where}: activation_args must be [min, max] for clip and empty otherwise")
+
+
+def apply_activation(y: np.ndarray, attrs) -> np.ndarray:
+    """Run the fused activation with the standalone op's own kernel, so fusing is exact."""
+    act = attrs["activation"]
+    if act == "none":
+        return y
+    if act == "clip":
+        lo, hi = attrs["activation_args"]
+        return get_op("clip").run([y], {"min": lo, "max": hi})[0]
+    if act.startswith("gelu"):
+        return get_op("gelu").run([y], {"approximate": "tanh" if act == "gelu_tanh" else "none"})[0]
+    op = get_op(act)
+    return op.run([y], op.normalize_attrs({}, act))[0]
 
 
 def _window_attrs(rank: int, pool: bool) -> dict[str, Attr]:
@@ -49,6 +79,7 @@ def _declare_conv(rank: int) -> None:
     def infer(types, attrs):
         x, w = types[0], types[1]
         _check_window(attrs, rank, name)
+        check_activation(attrs, name)
         if x.rank != rank + 2 or w.rank != rank + 2:
             raise TypeError(f"{name}: input and weight must have rank {rank + 2}, got {x} and {w}")
         groups = attrs["groups"]
@@ -71,9 +102,9 @@ def _declare_conv(rank: int) -> None:
             x = F.pad(x, torch_pad)
         conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
         y = conv(x, w, b, stride=attrs["strides"], dilation=attrs["dilations"], groups=attrs["groups"])
-        return y.numpy()
+        return apply_activation(y.numpy(), attrs)
 
-    declare(name, arity=(2, 3), attrs={**_window_attrs(rank, pool=False), "groups": Attr("int", 1)},
+    declare(name, arity=(2, 3), attrs={**_window_attrs(rank, pool=False), "groups": Attr("int", 1), **ACTIVATION_ATTRS},
             infer=infer, kernel=kernel, tags=("conv", "quantizable"),
             doc=f"{rank}-D convolution, NC{'DHW'[-rank:]} input, OI{'DHW'[-rank:]} weight, optional bias; "
                 "grouped/depthwise via `groups`")
@@ -195,14 +226,17 @@ def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...], where: str) -> tuple[i
 
 
 def _matmul_infer(types, attrs):
+    check_activation(attrs, "matmul")
     return [TensorType(_matmul_shape(types[0].shape, types[1].shape, "matmul"), same_dtype(types, "matmul"))]
 
 
-declare("matmul", arity=2, infer=_matmul_infer, kernel=lambda xs, a: np.matmul(xs[0], xs[1]),
+declare("matmul", arity=2, attrs=ACTIVATION_ATTRS, infer=_matmul_infer,
+        kernel=lambda xs, a: apply_activation(np.matmul(xs[0], xs[1]), a),
         tags=("matmul", "quantizable"), doc="numpy matmul: batched, broadcasting, 1-D operands promoted")
 
 
 def _linear_infer(types, attrs):
+    check_activation(attrs, "linear")
     x, w = types[0], types[1]
     if w.rank != 2 or not x.rank or x.shape[-1] != w.shape[1]:
         raise TypeError(f"linear: input {x} does not fit weight {w} ([out, in])")
@@ -213,10 +247,10 @@ def _linear_infer(types, attrs):
 
 def _linear_kernel(xs, attrs):
     y = np.matmul(xs[0], xs[1].T)
-    return y + xs[2] if len(xs) == 3 else y
+    return apply_activation(y + xs[2] if len(xs) == 3 else y, attrs)
 
 
-declare("linear", arity=(2, 3), infer=_linear_infer, kernel=_linear_kernel, tags=("matmul", "quantizable"),
+declare("linear", arity=(2, 3), attrs=ACTIVATION_ATTRS, infer=_linear_infer, kernel=_linear_kernel, tags=("matmul", "quantizable"),
         doc="x @ w.T + b with w as [out_features, in_features] (PyTorch's layout)")
 
 
