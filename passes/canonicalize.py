@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Graph, Node, Value
-from qcompiler.pipeline import Pass, apply_rules, register
+from qcompiler.pipeline import Pass, PassContext, apply_rules, register
 
 from .dead_code import EliminateDeadCode
 
@@ -118,8 +118,8 @@ class Canonicalize(Pass):  # also erases the nodes its rewrites leave dead
     name = "canonicalize"
     summary = "remove identity/dropout and no-op reshapes/transposes/casts, x*1, x+0; matmul by a constant -> linear"
 
-    def run(self, graph: Graph) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
         changed = any(apply_rules(graph, RULES).values())
         if changed:  # rewrites leave the nodes they bypassed unused: erase them, as MLIR does
-            EliminateDeadCode().run(graph)
+            EliminateDeadCode().run(graph, ctx)
         return changed

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qcompiler.ir import Graph, Value
-from qcompiler.pipeline import Pass, register
+from qcompiler.pipeline import Pass, PassContext, register
 
 
 def _merge_duplicate_constants(graph: Graph) -> bool:
@@ -34,7 +34,7 @@ class EliminateCommonSubexpressions(Pass):
     name = "eliminate-common-subexpressions"
     summary = "merge identical constants and nodes computing the same op on the same operands"
 
-    def run(self, graph: Graph) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
         changed = _merge_duplicate_constants(graph)
         seen: dict[tuple[Any, ...], list[Value]] = {}
         for node in list(graph.nodes):

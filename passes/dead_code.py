@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qcompiler.ir import Graph
-from qcompiler.pipeline import Pass, register
+from qcompiler.pipeline import Pass, PassContext, register
 
 
 @register
@@ -14,7 +14,7 @@ class EliminateDeadCode(Pass):
     name = "eliminate-dead-code"
     summary = "remove nodes whose results are never used, and unused constants"
 
-    def run(self, graph: Graph) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
         live = {id(v) for v in graph.outputs}
         dead = []
         for node in reversed(graph.nodes):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Graph, Node
-from qcompiler.pipeline import Pass, apply_rules, register
+from qcompiler.pipeline import Pass, PassContext, apply_rules, register
 
 
 def fold_bn_into_producer(graph: Graph, bn: Node) -> bool:
@@ -47,7 +47,7 @@ class FoldBatchNorm(Pass):
     name = "fold-batchnorm"
     summary = "fold inference batch norm into the preceding conv or linear"
 
-    def run(self, graph: Graph) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
         hits = apply_rules(graph, [fold_bn_into_producer])
         if hits["fold_bn_into_producer"]:
             graph.remove_unused_constants()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from qcompiler.ir import Graph
 from qcompiler.ir.ops import get_op
-from qcompiler.pipeline import Pass, register
+from qcompiler.pipeline import Pass, PassContext, register
 
 
 @register
@@ -17,7 +17,7 @@ class FoldConstants(Pass):
     summary = "evaluate nodes whose inputs are all constants (results up to max_elements)"
     max_elements: int = 1 << 22
 
-    def run(self, graph: Graph) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
         changed = False
         for node in list(graph.nodes):
             if not node.inputs or not all(v.is_constant for v in node.inputs):

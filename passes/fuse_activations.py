@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qcompiler.ir import Graph, Node
-from qcompiler.pipeline import Pass, apply_rules, register
+from qcompiler.pipeline import Pass, PassContext, apply_rules, register
 
 PRODUCERS = ("conv1d", "conv2d", "conv3d", "linear", "matmul")
 FUSIBLE = ("relu", "relu6", "clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "tanh")
@@ -35,7 +35,7 @@ class FuseActivations(Pass):
     summary = "fold relu/relu6/clip/hardswish/gelu/silu/... into the conv, linear or matmul before it"
     ops: tuple[str, ...] = FUSIBLE
 
-    def run(self, graph: Graph) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
         unknown = set(self.ops) - set(FUSIBLE)
         if unknown:
             raise ValueError(f"fuse-activations: unknown ops {sorted(unknown)} (fusible: {', '.join(FUSIBLE)})")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import QCompilerError, VerificationError
 from .ir import Graph, print_graph, save, verify_graph
-from .pipeline import Pass, parse_pipeline, print_pipeline
+from .pipeline import Pass, PassContext, parse_pipeline, print_pipeline
 
 
 class PassFailure(QCompilerError):
@@ -44,10 +44,13 @@ class Instruments:
     records: list[PassRecord] = field(default_factory=list)
 
 
-def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], instruments: Instruments | None = None) -> Graph:
-    """Run ``pipeline`` on ``graph`` in place and return it; ``instruments.records`` gets timings."""
+def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], instruments: Instruments | None = None,
+                 context: PassContext | None = None) -> Graph:
+    """Run ``pipeline`` on ``graph`` in place and return it; ``instruments.records`` gets
+    timings and ``context.report`` what the passes reported."""
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     inst = instruments or Instruments()
+    ctx = context or PassContext()
     if inst.dump_dir is not None:
         inst.dump_dir.mkdir(parents=True, exist_ok=True)
         save(graph, inst.dump_dir / "00_input.qir")
@@ -62,7 +65,7 @@ def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], instruments: Inst
         before = graph.copy() if inst.reproducer_dir is not None else None
         start = time.perf_counter()
         try:
-            changed = bool(p.run(graph))
+            changed = bool(p.run(graph, ctx))
             if inst.verify_each:
                 verify_graph(graph, where=f"after pass {p.name}")
         except Exception as e:

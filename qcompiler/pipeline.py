@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import QCompilerError
@@ -21,12 +21,23 @@ class PipelineError(QCompilerError):
     """A pipeline string names an unknown pass or a bad option."""
 
 
+@dataclass
+class PassContext:
+    """What passes need beyond their options: calibration data for range analysis, the
+    quantization config, and a report that passes append to (ops kept in float, rule hits)."""
+
+    calibration: Any = None  # an iterable of input batches (lists/tuples of arrays, or arrays)
+    config: Any = None  # a qcompiler.quant.QuantConfig; None means the default config
+    progress: bool = False  # show progress bars (CLI) or stay quiet (tests, API default)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Pass:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
-    def run(self, graph: Graph) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
         """Transform ``graph`` in place; return whether anything changed."""
         raise NotImplementedError
 

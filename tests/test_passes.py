@@ -7,7 +7,7 @@ import pytest
 
 from qcompiler import from_torch, parse_graph, print_graph, zoo
 from qcompiler.pass_manager import Instruments, PassFailure, run_pipeline
-from qcompiler.pipeline import PipelineError, parse_pipeline, print_pipeline, register, Pass
+from qcompiler.pipeline import Pass, PassContext, PipelineError, parse_pipeline, print_pipeline, register
 from tests.conftest import rel_err
 
 rng = np.random.default_rng(0)
@@ -249,7 +249,7 @@ def test_default_float_pipeline_on_real_models(which, minilm, image_batch):
     assert rel_err(graph(*inputs)[0], want) < 1e-5
     counts = graph.op_counts()
     assert "batch_norm" not in counts and not _foldable(graph)
-    assert not parse_pipeline("eliminate-dead-code")[0].run(graph)  # no dead node left
+    assert not parse_pipeline("eliminate-dead-code")[0].run(graph, PassContext())  # no dead node left
     fused = [n.attrs["activation"] for n in graph.nodes if n.op == "conv2d"]
     if which == "resnet18":  # the stem and each block's first conv; the 8 relus after residual adds stay
         assert fused.count("relu") == 9 and counts["relu"] == 8
@@ -279,7 +279,7 @@ class _BreaksGraph(Pass):
     name = "test-break-graph"
     summary = "test only: leaves a dangling use"
 
-    def run(self, graph):
+    def run(self, graph, ctx):
         graph.remove_node(graph.nodes[1])
         return True
 

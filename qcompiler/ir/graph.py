@@ -18,9 +18,10 @@ if TYPE_CHECKING:
 
 
 class Value:
-    """One SSA value: a graph input, a constant, or one output of a node."""
+    """One SSA value: a graph input, a constant, or one output of a node. ``range`` is the
+    calibrated [min, max] of a float activation (set by range analysis, printed in the IR)."""
 
-    __slots__ = ("name", "type", "producer", "is_constant")
+    __slots__ = ("name", "type", "producer", "is_constant", "range")
 
     def __init__(self, name: str, type: TensorType, producer: "Node | None" = None,
                  is_constant: bool = False):
@@ -28,6 +29,7 @@ class Value:
         self.type = type
         self.producer = producer
         self.is_constant = is_constant
+        self.range: tuple[float, float] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -74,6 +74,13 @@ def _attr_value(v: Any) -> str:
     return _scalar(v)
 
 
+def _typed(v: Value) -> str:
+    """``f32[1,8]``, with `` range(lo, hi)`` once range analysis has calibrated the value."""
+    if v.range is None:
+        return str(v.type)
+    return f"{v.type} range({_scalar(v.range[0])}, {_scalar(v.range[1])})"
+
+
 def print_node(node: Node) -> str:
     opdef = get_op(node.op)
     shown = {k: v for k, v in node.attrs.items() if not opdef.is_default(k, v)}
@@ -81,7 +88,7 @@ def print_node(node: Node) -> str:
     text += ", ".join(_ref(v) for v in node.inputs) + ")"
     if shown:
         text += " {" + ", ".join(f"{k}={_attr_value(v)}" for k, v in sorted(shown.items())) + "}"
-    text += " : " + ", ".join(str(v.type) for v in node.outputs)
+    text += " : " + ", ".join(_typed(v) for v in node.outputs)
     source = node.meta.get("source")
     text += f" loc(#{node.meta['handle']}" + (f" {json.dumps(source)}" if source else "") + ")"
     return text
@@ -90,7 +97,7 @@ def print_node(node: Node) -> str:
 def print_graph(graph: Graph, elide_above: int | None = INLINE_LIMIT) -> str:
     """The text of ``graph``; constants larger than ``elide_above`` elements print as a
     declaration only (``None`` prints every constant inline)."""
-    params = ", ".join(f"{_ref(v)}: {v.type}" for v in graph.inputs)
+    params = ", ".join(f"{_ref(v)}: {_typed(v)}" for v in graph.inputs)
     results = [str(v.type) for v in graph.outputs]
     result_text = results[0] if len(results) == 1 else "(" + ", ".join(results) + ")"
     lines = [f"func {_name('@', graph.name)}({params}) -> {result_text} {{"]
@@ -206,6 +213,16 @@ class _Parser:
             dims.append(int(d.text))
         return TensorType(tuple(dims), tok.text)
 
+    def parse_range(self) -> tuple[float, float] | None:
+        if not self.accept("ident", "range"):
+            return None
+        self.expect("punct", "(")
+        lo = float(self.parse_scalar())
+        self.expect("punct", ",")
+        hi = float(self.parse_scalar())
+        self.expect("punct", ")")
+        return (lo, hi)
+
     def parse_scalar(self) -> Any:
         tok = self.next()
         if tok.kind == "number":
@@ -257,6 +274,7 @@ class _Parser:
             name = self.define(tok)
             self.expect("punct", ":")
             self.values[name] = graph.add_input(name, self.parse_type())
+            self.values[name].range = self.parse_range()
         self.expect("arrow")
         if self.accept("punct", "("):
             result_types = [self.parse_type()]
@@ -342,8 +360,10 @@ class _Parser:
                 attrs[key.text] = self.parse_list() if self.tok.text == "[" else self.parse_scalar()
         self.expect("punct", ":")
         types = [self.parse_type()]
+        ranges = [self.parse_range()]
         while self.accept("punct", ","):
             types.append(self.parse_type())
+            ranges.append(self.parse_range())
         meta: dict[str, Any] = {}
         if self.accept("ident", "loc"):
             self.expect("punct", "(")
@@ -358,7 +378,8 @@ class _Parser:
                                        meta=meta)
         except (TypeError, ValueError) as e:
             raise ParseError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
-        for v in node.outputs:
+        for v, r in zip(node.outputs, ranges):
+            v.range = r
             self.values[v.name] = v
 
 
