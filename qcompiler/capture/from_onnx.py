@@ -73,8 +73,9 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
     except Exception as e:
         raise ModelLoadError(f"{where}: invalid ONNX model: {(str(e).strip().splitlines() or [''])[0]}") from None
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if not 6 <= opset <= 21:
-        raise ModelLoadError(f"{where}: ONNX opset {opset} is not supported (6 to 21)")
+    newest = onnx.defs.onnx_opset_version()
+    if not 6 <= opset <= newest:
+        raise ModelLoadError(f"{where}: ONNX opset {opset} is not supported (6 to {newest})")
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
     gsg = gs.import_onnx(proto)
@@ -639,10 +640,75 @@ def _pad(ctx, node, inputs):
     return ctx.emit1("pad", [x], {"pads": [int(p) for p in pads], "mode": mode, "value": float(value)})
 
 
+def _zero_point(ctx: _Ctx, zp: Value | None, like: Value, node: Any) -> Value:
+    """An integer op's zero point: the given constant, or 0 of the operand's type."""
+    if zp is None:
+        return ctx.const(np.zeros((), like.type.np_dtype), "zero_point")
+    ctx.const_input(zp, node, "zero point")
+    return zp if zp.type.rank == 0 or zp.type.size > 1 else ctx.reshape(zp, ())
+
+
+def _integer_conv(ctx: _Ctx, node: Any, x: Value, x_zp: Value, w: Value, w_zp: Value, bias: Value | None) -> Value:
+    rank = w.type.rank - 2
+    kernel = list(_attr(node, "kernel_shape", w.shape[2:]))
+    strides = list(_attr(node, "strides", [1] * rank))
+    dilations = list(_attr(node, "dilations", [1] * rank))
+    attrs = {"strides": strides, "dilations": dilations, "groups": _attr(node, "group", 1),
+             "pads": _auto_pads(node, x.shape[2:], kernel, strides, dilations)}
+    return ctx.emit1(f"conv{rank}d_int", [x, x_zp, w, w_zp] + ([bias] if bias is not None else []), attrs)
+
+
+def _output_stage(ctx: _Ctx, node: Any, acc: Value, scales: list[Value | None], y_zp: Value | None,
+                  like: Value, axis: int) -> Value:
+    """QLinear* output: round(acc * (s_a * s_b / s_y)) + zp_y."""
+    s_a, s_b, s_y = (ctx.const_input(s, node, "scale") for s in scales)
+    # computed in the scales' own type (as ONNX's reference does), then held exactly as f32
+    multiplier = ctx.const((s_a * s_b / s_y).astype(np.float32), "multiplier")
+    zp = _zero_point(ctx, y_zp, like, node)
+    return ctx.emit1("rescale", [acc, multiplier, zp], {"axis": axis})
+
+
+@converts("ConvInteger")
+def _conv_integer(ctx, node, inputs):
+    x, w = inputs[0], inputs[1]
+    x_zp = _zero_point(ctx, inputs[2] if len(inputs) > 2 else None, x, node)
+    w_zp = _zero_point(ctx, inputs[3] if len(inputs) > 3 else None, w, node)
+    return _integer_conv(ctx, node, x, x_zp, w, w_zp, None)
+
+
+@converts("QLinearConv")
+def _qlinear_conv(ctx, node, inputs):
+    x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp = (inputs + [None] * 9)[:8]
+    bias = inputs[8] if len(inputs) > 8 else None
+    acc = _integer_conv(ctx, node, x, _zero_point(ctx, x_zp, x, node), w, _zero_point(ctx, w_zp, w, node), bias)
+    return _output_stage(ctx, node, acc, [x_scale, w_scale, y_scale], y_zp, x, axis=1)
+
+
+@converts("MatMulInteger")
+def _matmul_integer(ctx, node, inputs):
+    a, b = inputs[0], inputs[1]
+    a_zp = _zero_point(ctx, inputs[2] if len(inputs) > 2 else None, a, node)
+    b_zp = _zero_point(ctx, inputs[3] if len(inputs) > 3 else None, b, node)
+    if a_zp.type.rank:
+        raise QCompilerError(f"MatMulInteger '{node.name}': per-row a_zero_point is not supported")
+    return ctx.emit1("matmul_int", [a, a_zp, b, b_zp])
+
+
+@converts("QLinearMatMul")
+def _qlinear_matmul(ctx, node, inputs):
+    a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp = inputs
+    acc = ctx.emit1("matmul_int", [a, _zero_point(ctx, a_zp, a, node), b, _zero_point(ctx, b_zp, b, node)])
+    return _output_stage(ctx, node, acc, [a_scale, b_scale, y_scale], y_zp, a, axis=-1)
+
+
 @converts("QuantizeLinear", "DequantizeLinear")
 def _quant(ctx, node, inputs):
     if _attr(node, "block_size", 0):
         raise QCompilerError(f"{node.op} '{node.name}': blocked quantization is not supported")
     operands = [v for v in inputs if v is not None]
     op = "quantize" if node.op == "QuantizeLinear" else "dequantize"
+    out_dtype = _attr(node, "output_dtype", 0)
+    if op == "quantize" and len(operands) == 2 and out_dtype:  # opset 21+: type without a zero point
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(out_dtype)
+        operands.append(ctx.const(np.zeros(operands[1].shape, dtype), "zero_point"))
     return ctx.emit1(op, operands, {"axis": _attr(node, "axis", 1)})

@@ -75,3 +75,220 @@ declare("quantize", arity=(2, 3), attrs={"axis": Attr("int", 1)}, infer=_quantiz
         tags=("quant",), doc="saturate(round_half_even(x / scale) + zero_point); type from zero_point (u8 if absent)")
 declare("dequantize", arity=(2, 3), attrs={"axis": Attr("int", 1)}, infer=_dequantize_infer,
         kernel=_dequantize_kernel, tags=("quant",), doc="(x - zero_point) * scale")
+
+
+# ---- quantization arithmetic shared by passes, importers and kernels ---------------------------------
+def choose_qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, np.integer]:
+    """Scale and zero point covering [lo, hi] (widened to include 0, so zero is exact):
+    u8 asymmetric over 0..255, i8 symmetric over -127..127 with zero point 0."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if dtype == "u8":
+        scale = (hi - lo) / 255.0 or 1.0
+        zp = int(np.clip(np.rint(-lo / scale), 0, 255))
+        return np.float32(scale), np.uint8(zp)
+    if dtype == "i8":
+        scale = max(-lo, hi) / 127.0 or 1.0
+        return np.float32(scale), np.int8(0)
+    raise ValueError(f"no quantization parameters for dtype {dtype}")
+
+
+def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Write each positive real multiplier as m * 2^-s with m an int32 in [2^30, 2^31)
+    (gemmlowp/TFLite's QuantizeMultiplier): requantization then needs only integer ops."""
+    real = np.asarray(real, np.float64)
+    if np.any(real <= 0) or not np.all(np.isfinite(real)):
+        raise ValueError("requantization multipliers must be finite and positive")
+    mantissa, exponent = np.frexp(real)  # real = mantissa * 2^exponent, mantissa in [0.5, 1)
+    m = np.rint(mantissa * (1 << 31)).astype(np.int64)
+    carry = m == (1 << 31)
+    m = np.where(carry, m // 2, m)
+    exponent = exponent + carry
+    shift = 31 - exponent
+    if np.any(shift < 1) or np.any(shift > 62):
+        raise ValueError(f"requantization multiplier out of range: {real}")
+    return m.astype(np.int32), shift.astype(np.int32)
+
+
+def rounding_shift(v: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """round(v / 2^shift), ties to even, exactly in int64."""
+    v = v.astype(np.int64)
+    shift = np.asarray(shift, np.int64)
+    q = v >> shift
+    r = v - (q << shift)
+    half = np.int64(1) << (shift - 1)
+    return q + ((r > half) | ((r == half) & (q & 1 == 1)))
+
+
+def _axis_shape(p: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    if p.ndim == 0:
+        return p
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return p.reshape(shape)
+
+
+# ---- integer ops ----------------------------------------------------------------------------------
+def _int_infer_check(types, where: str) -> None:
+    x, x_zp, w, w_zp = types[:4]
+    if x.dtype not in ("u8", "i8") or w.dtype not in ("u8", "i8"):
+        raise TypeError(f"{where}: operands must be u8/i8, got {x.dtype} and {w.dtype}")
+    if x_zp.dtype != x.dtype or w_zp.dtype != w.dtype or x_zp.rank != 0 or w_zp.rank > 1:
+        raise TypeError(f"{where}: zero points must match their operands' dtypes (x: scalar, w: scalar or per channel)")
+    if len(types) > 4 and types[4].dtype != "i32":
+        raise TypeError(f"{where}: bias must be i32, got {types[4].dtype}")
+
+
+def _centered(a: np.ndarray, zp: np.ndarray, axis: int = 0) -> np.ndarray:
+    return a.astype(np.int64) - _axis_shape(zp.astype(np.int64), a.ndim, axis)
+
+
+def _declare_conv_int(rank: int) -> None:
+    from .nn import _check_window, _spatial_out, _window_attrs
+    from .registry import get_op
+
+    name = f"conv{rank}d_int"
+    float_conv = get_op(f"conv{rank}d")
+
+    def infer(types, attrs):
+        _int_infer_check(types, name)
+        x, w = types[0], types[2]
+        _check_window(attrs, rank, name)
+        if x.rank != rank + 2 or w.rank != rank + 2 or x.shape[1] != w.shape[1] * attrs["groups"]:
+            raise TypeError(f"{name}: input {x} does not fit weight {w} with groups={attrs['groups']}")
+        out = _spatial_out(x.shape[2:], w.shape[2:], attrs, rank)
+        return [TensorType((x.shape[0], w.shape[0], *out), "i32")]
+
+    def kernel(xs, attrs):
+        x, x_zp, w, w_zp = xs[:4]
+        # every product and partial sum is an integer below 2^53: float64 convolution is exact
+        xc = _centered(x, x_zp).astype(np.float64)
+        wc = _centered(w, w_zp, axis=0).astype(np.float64)
+        conv_attrs = {k: v for k, v in attrs.items()}
+        conv_attrs.update(activation="none", activation_args=())
+        acc = float_conv.run([xc, wc], conv_attrs)[0]
+        acc = np.rint(acc).astype(np.int64)
+        if len(xs) > 4:
+            acc = acc + _axis_shape(xs[4].astype(np.int64), acc.ndim, 1)
+        return acc.astype(np.int32)
+
+    declare(name, arity=(4, 5), attrs={**_window_attrs(rank, pool=False), "groups": Attr("int", 1)},
+            infer=infer, kernel=kernel, tags=("integer",),
+            doc=f"{rank}-D integer convolution: sum((x - x_zp) * (w - w_zp)) + bias, accumulated exactly in int32 "
+                "(w_zp per output channel or scalar)")
+
+
+def _linear_int_infer(types, attrs):
+    _int_infer_check(types, "linear_int")
+    x, w = types[0], types[2]
+    if w.rank != 2 or x.shape[-1] != w.shape[1]:
+        raise TypeError(f"linear_int: input {x} does not fit weight {w} ([out, in])")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), "i32")]
+
+
+def _linear_int_kernel(xs, attrs):
+    x, x_zp, w, w_zp = xs[:4]
+    acc = np.matmul(_centered(x, x_zp), _centered(w, w_zp, axis=0).T)
+    if len(xs) > 4:
+        acc = acc + xs[4].astype(np.int64)
+    return acc.astype(np.int32)
+
+
+def _matmul_int_infer(types, attrs):
+    _int_infer_check(types, "matmul_int")
+    from .nn import _matmul_shape
+
+    return [TensorType(_matmul_shape(types[0].shape, types[2].shape, "matmul_int"), "i32")]
+
+
+def _matmul_int_kernel(xs, attrs):
+    a, a_zp, b, b_zp = xs
+    return np.matmul(_centered(a, a_zp), _centered(b, b_zp, axis=-1)).astype(np.int32)
+
+
+def _requantize_infer(types, attrs):
+    x, mult, shift, zp = types
+    if x.dtype not in ("i32", "u8", "i8"):
+        raise TypeError(f"requantize: input must be i32/u8/i8, got {x.dtype}")
+    if mult.dtype != "i32" or shift.dtype != "i32" or mult.shape != shift.shape or mult.rank > 1:
+        raise TypeError("requantize: multiplier and shift must be i32 scalars or per-channel vectors of one shape")
+    if mult.rank == 1 and mult.shape[0] != x.shape[attrs["axis"] % x.rank]:
+        raise TypeError(f"requantize: {mult.shape[0]} multipliers for axis {attrs['axis']} of {x}")
+    if zp.dtype not in ("u8", "i8") or zp.rank != 0:
+        raise TypeError("requantize: output zero point must be a u8/i8 scalar")
+    return [TensorType(x.shape, zp.dtype)]
+
+
+def _requantize_kernel(xs, attrs):
+    x, mult, shift, zp = xs
+    info = np.iinfo(zp.dtype)
+    axis = attrs["axis"]
+    v = x.astype(np.int64) - attrs["input_zero_point"]
+    y = rounding_shift(v * _axis_shape(mult.astype(np.int64), x.ndim, axis), _axis_shape(shift, x.ndim, axis))
+    y = y + int(zp)
+    lo, hi = max(info.min, attrs["min"]), min(info.max, attrs["max"])
+    return np.clip(y, lo, hi).astype(zp.dtype)
+
+
+def _add_int_infer(types, attrs):
+    a, b, zp = types
+    if a.dtype not in ("u8", "i8") or b.dtype not in ("u8", "i8") or zp.dtype not in ("u8", "i8") or zp.rank:
+        raise TypeError("add_int: operands and output zero point must be u8/i8")
+    from .registry import broadcast_shapes
+
+    return [TensorType(broadcast_shapes(a.shape, b.shape, where="add_int"), zp.dtype)]
+
+
+ADD_INT_BITS = 20  # headroom bits: operands are rescaled to units of 2^-20 output steps
+
+
+def _add_int_kernel(xs, attrs):
+    a, b, zp = xs
+    info = np.iinfo(zp.dtype)
+    left = np.int64(1) << ADD_INT_BITS
+    ra = rounding_shift((a.astype(np.int64) - attrs["a_zero_point"]) * left * attrs["a_multiplier"], attrs["a_shift"])
+    rb = rounding_shift((b.astype(np.int64) - attrs["b_zero_point"]) * left * attrs["b_multiplier"], attrs["b_shift"])
+    y = rounding_shift(ra + rb, np.int64(ADD_INT_BITS)) + int(zp)
+    return np.clip(y, max(info.min, attrs["min"]), min(info.max, attrs["max"])).astype(zp.dtype)
+
+
+def _rescale_infer(types, attrs):
+    x, scale, zp = types
+    if x.dtype != "i32" or scale.dtype != "f32" or zp.dtype not in ("u8", "i8") or zp.rank or scale.rank > 1:
+        raise TypeError("rescale: takes an i32 accumulator, an f32 multiplier (scalar or per channel) "
+                        "and a u8/i8 zero point")
+    return [TensorType(x.shape, zp.dtype)]
+
+
+def _rescale_kernel(xs, attrs):
+    x, scale, zp = xs
+    info = np.iinfo(zp.dtype)
+    # as ONNX's reference: the int32 accumulator times the float32 multiplier, in float64
+    y = np.rint(x.astype(np.float64) * _axis_shape(scale.astype(np.float64), x.ndim, attrs["axis"]))
+    y = y.astype(np.int64) + int(zp)
+    return np.clip(y, info.min, info.max).astype(zp.dtype)
+
+
+_INT_BOUNDS = {"min": Attr("int", -(1 << 31), "lower clamp in the output's integer domain (fused relu)"),
+               "max": Attr("int", (1 << 31) - 1, "upper clamp in the output's integer domain (fused relu6)")}
+
+for _rank in (1, 2, 3):
+    _declare_conv_int(_rank)
+declare("linear_int", arity=(4, 5), infer=_linear_int_infer, kernel=_linear_int_kernel, tags=("integer",),
+        doc="integer linear: (x - x_zp) @ (w - w_zp).T + bias, int32 accumulation; w is [out, in]")
+declare("matmul_int", arity=4, infer=_matmul_int_infer, kernel=_matmul_int_kernel, tags=("integer",),
+        doc="integer matmul of two quantized tensors: (a - a_zp) @ (b - b_zp), int32 accumulation")
+declare("requantize", arity=4, attrs={"axis": Attr("int", 1), "input_zero_point": Attr("int", 0),
+                                      "scale": Attr("float", 0.0, "the real scale of the result (informational)"),
+                                      **_INT_BOUNDS},
+        infer=_requantize_infer, kernel=_requantize_kernel, tags=("integer",),
+        doc="saturate(clamp(round_half_even((x - input_zero_point) * multiplier / 2^shift) + zero_point)): "
+            "fixed-point rescaling, per tensor or per channel along `axis`")
+declare("add_int", arity=3, attrs={"a_zero_point": Attr("int"), "a_multiplier": Attr("int"), "a_shift": Attr("int"),
+                                   "b_zero_point": Attr("int"), "b_multiplier": Attr("int"), "b_shift": Attr("int"),
+                                   "scale": Attr("float", 0.0, "the real scale of the result (informational)"),
+                                   **_INT_BOUNDS},
+        infer=_add_int_infer, kernel=_add_int_kernel, tags=("integer",),
+        doc="quantized add: both operands rescaled to the output scale in fixed point (2^-20 headroom), "
+            "summed, rounded half to even, offset by the output zero point, clamped")
+declare("rescale", arity=3, attrs={"axis": Attr("int", 1)}, infer=_rescale_infer, kernel=_rescale_kernel,
+        tags=("integer",), doc="ONNX QLinear* output stage: saturate(round_half_even(x * scale) + zero_point), in float64")

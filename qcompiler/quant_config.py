@@ -1,0 +1,131 @@
+"""QuantConfig: what is quantized and how. Python dataclasses with a JSON form for the CLI.
+
+Defaults follow what x86's VNNI int8 dot product wants: weights int8, symmetric, per output
+channel; activations uint8, asymmetric, per tensor (``activation_dtype="i8"`` gives symmetric
+int8 activations instead)."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import QCompilerError
+
+CALIBRATION_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
+# op-type names used in configs -> IR ops they cover
+OP_TYPES: dict[str, tuple[str, ...]] = {
+    "conv": ("conv1d", "conv2d", "conv3d"),
+    "linear": ("linear",),
+    "matmul": ("matmul",),
+    "add": ("add",),
+    "concat": ("concat",),
+    "pool": ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "reduce_mean"),
+    "relu": ("relu",),
+}
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    method: str = "minmax"
+    percentile: float = 99.99  # for method="percentile"
+    averaging_constant: float = 0.01  # for method="moving_average"
+    bins: int = 2048  # histogram bins for percentile, entropy and mse
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise QCompilerError(f"calibration method '{self.method}' is not one of {', '.join(CALIBRATION_METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise QCompilerError(f"calibration percentile {self.percentile} must be in (50, 100]")
+        if not 0.0 < self.averaging_constant <= 1.0 or self.bins < 128:
+            raise QCompilerError("averaging_constant must be in (0, 1] and bins at least 128")
+
+    def pipeline_options(self) -> str:
+        """The `range-analysis{...}` options that reproduce this calibration."""
+        opts = [f"method={self.method}"]
+        if self.method == "percentile":
+            opts.append(f"percentile={self.percentile}")
+        if self.method == "moving_average":
+            opts.append(f"averaging_constant={self.averaging_constant}")
+        if self.method in ("percentile", "entropy", "mse") and self.bins != 2048:
+            opts.append(f"bins={self.bins}")
+        return ",".join(opts)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    weight_dtype: str = "i8"
+    per_channel: bool = True  # weights per output channel (False: per tensor)
+    activation_dtype: str = "u8"  # "u8": asymmetric uint8; "i8": symmetric int8
+    op_types: tuple[str, ...] = ("conv", "linear", "matmul", "add", "concat", "pool", "relu")
+    exclude: tuple[str, ...] = ()  # node source names, value names or fnmatch patterns kept float
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    max_abs_range: float = 1e4  # activations calibrated beyond this (attention masks) stay float
+
+    def __post_init__(self) -> None:
+        if self.weight_dtype != "i8":
+            raise QCompilerError(f"weight_dtype '{self.weight_dtype}' is not supported (i8)")
+        if self.activation_dtype not in ("u8", "i8"):
+            raise QCompilerError(f"activation_dtype '{self.activation_dtype}' must be 'u8' or 'i8'")
+        unknown = set(self.op_types) - set(OP_TYPES)
+        if unknown:
+            raise QCompilerError(f"unknown op types {sorted(unknown)} in QuantConfig (known: {', '.join(OP_TYPES)})")
+        object.__setattr__(self, "op_types", tuple(self.op_types))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def quantizes(self, op: str) -> bool:
+        return any(op in OP_TYPES[t] for t in self.op_types)
+
+    def excluded(self, *names: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names if n for pattern in self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], where: str = "QuantConfig") -> "QuantConfig":
+        fields = {f.name for f in dataclasses.fields(QuantConfig)}
+        unknown = set(data) - fields
+        if unknown:
+            raise QCompilerError(f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(fields))})")
+        data = dict(data)
+        if "calibration" in data:
+            cal = data["calibration"]
+            cal_fields = {f.name for f in dataclasses.fields(CalibrationConfig)}
+            if not isinstance(cal, dict) or set(cal) - cal_fields:
+                raise QCompilerError(f"{where}: 'calibration' takes keys {', '.join(sorted(cal_fields))}")
+            data["calibration"] = CalibrationConfig(**cal)
+        try:
+            return QuantConfig(**data)
+        except TypeError as e:
+            raise QCompilerError(f"{where}: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "QuantConfig":
+        """Read a JSON (or, with PyYAML installed, YAML) config file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise QCompilerError(f"{path}: cannot read config ({e.strerror})") from None
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except ImportError:
+            raise QCompilerError(f"{path}: YAML configs need PyYAML (pip install pyyaml); or use JSON") from None
+        except Exception as e:
+            raise QCompilerError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: "
+                                 f"{(str(e).splitlines() or [''])[0]}") from None
+        if not isinstance(data, dict):
+            raise QCompilerError(f"{path}: a config is a JSON object")
+        return QuantConfig.from_dict(data, where=str(path))
