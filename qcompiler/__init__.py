@@ -6,13 +6,17 @@
     qcompiler.save(graph, "model.qir")                  # text + model.npz; load_graph() reads it
 """
 from .capture import from_onnx, from_torch
+from .compare import LayerError, compare
 from .errors import (InputError, ModelLoadError, ParseError, QCompilerError, UnsupportedOpError,
                      VerificationError)
 from .interpreter import run
 from .ir import Graph, Node, TensorType, Value, load_graph, parse_graph, print_graph, save, verify_graph
+from .quant_config import CalibrationConfig, QuantConfig
+from .quantize import QuantizeResult, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["Graph", "InputError", "ModelLoadError", "Node", "ParseError", "QCompilerError", "TensorType",
+__all__ = ["CalibrationConfig", "LayerError", "QuantConfig", "QuantizeResult", "compare", "quantize",
+           "Graph", "InputError", "ModelLoadError", "Node", "ParseError", "QCompilerError", "TensorType",
            "UnsupportedOpError", "Value", "VerificationError", "from_onnx", "from_torch", "load_graph",
            "parse_graph", "print_graph", "run", "save", "verify_graph"]

@@ -158,10 +158,12 @@ def _declare_pools(rank: int) -> None:
     def avg_kernel(xs, attrs):
         win, mask = _pool_windows(xs[0], attrs, rank, 0)
         total = win.sum(axis=win_axes, dtype=np.float64)
-        return (total / mask.sum(axis=win_axes)).astype(xs[0].dtype)
+        mean = total / mask.sum(axis=win_axes)
+        return (np.rint(mean) if xs[0].dtype.kind in "iu" else mean).astype(xs[0].dtype)  # ints: half to even
 
     declare(f"max_pool{rank}d", arity=1, attrs=_window_attrs(rank, pool=True), infer=infer_for(f"max_pool{rank}d"),
             kernel=max_kernel, tags=("pool",), doc=f"{rank}-D max pooling; padding never wins the max")
+    # on integers (quantized values) the average is rounded half to even
     declare(f"avg_pool{rank}d", arity=1,
             attrs={**_window_attrs(rank, pool=True), "count_include_pad": Attr("bool", False)},
             infer=infer_for(f"avg_pool{rank}d"), kernel=avg_kernel, tags=("pool",),

@@ -226,11 +226,17 @@ _REDUCTIONS = {
     "reduce_min": (np.min, "minimum"),
     "reduce_prod": (np.prod, "product"),
 }
+def _reduce_kernel(fn, x: np.ndarray, attrs) -> np.ndarray:
+    out = np.asarray(fn(x, axis=tuple(attrs["axes"]) or None, keepdims=attrs["keepdims"]))
+    if fn is np.mean and x.dtype.kind in "iu":  # a quantized mean rounds half to even
+        out = np.rint(out)
+    return out.astype(x.dtype)
+
+
 for _name, (_fn, _what) in _REDUCTIONS.items():
     declare(_name, arity=1, attrs={"axes": Attr("ints", ()), "keepdims": Attr("bool", False)},
             infer=_reduce_infer(_name), tags=("reduce",),
-            kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], axis=tuple(a["axes"]) or None,
-                                                       keepdims=a["keepdims"]), dtype=xs[0].dtype),
+            kernel=lambda xs, a, fn=_fn: _reduce_kernel(fn, xs[0], a),
             doc=f"{_what} over `axes` (all axes when empty)")
 
 

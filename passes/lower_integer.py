@@ -1,0 +1,258 @@
+"""lower-integer: turn QDQ sandwiches into integer ops.
+
+- ``dequantize -> conv/linear/matmul -> quantize`` becomes an integer op (u8/i8 x i8 -> i32
+  accumulation, bias in int32 at scale s_x*s_w) and ``requantize`` with a fixed-point
+  multiplier m*2^-shift = s_x*s_w/s_y, rounding half to even and saturating. A fused relu,
+  relu6 or clip becomes the requantize clamp; other fused activations run in float between
+  a dequantized accumulator and the quantize.
+- ``dequantize -> add -> quantize`` becomes ``add_int`` (operands rescaled in fixed point).
+- relu, pooling, reshape/transpose/slice/concat between pairs with identical parameters run
+  on the integers themselves (relu is max(x, zero_point)).
+- ``quantize(dequantize(x))`` is x for identical parameters, else a ``requantize``.
+What stays float is reported in ``report["kept_float"]`` with the reason."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.ir import Graph, Node, Value, dtype_name
+from qcompiler.ir.ops.quant import ADD_INT_BITS, quantize_multiplier
+from qcompiler.pipeline import Pass, PassContext, apply_rules, register
+
+from .dead_code import EliminateDeadCode
+from .insert_qdq import COMPUTE, qparams_of
+
+INTEGER_CLAMPS = ("none", "relu", "clip")
+SAME_PARAMS = ("relu", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+               "reduce_mean", "reshape", "transpose", "slice", "concat", "expand", "flatten", "squeeze")
+
+
+def _sole_quantize_user(graph: Graph, v: Value) -> Node | None:
+    """The one per-tensor `quantize` reading ``v``, if that is its only use."""
+    users = graph.users().get(v, [])
+    if len(users) != 1 or v in graph.outputs:
+        return None
+    q = users[0]
+    if q.op != "quantize" or len(q.inputs) < 3 or not (q.inputs[1].is_constant and q.inputs[2].is_constant):
+        return None
+    return q if q.inputs[1].type.rank == 0 else None
+
+
+def _q_params(graph: Graph, q: Node) -> tuple[np.float32, np.integer]:
+    return graph.constant_array(q.inputs[1])[()], graph.constant_array(q.inputs[2])[()]
+
+
+def _const(graph: Graph, name: str, value) -> Value:
+    return graph.add_constant(name, np.asarray(value))
+
+
+def _weight(graph: Graph, v: Value) -> tuple[Value, Value, np.ndarray] | None:
+    """(int8 weight, its zero point, per-channel or scalar float scale) behind a dequantize."""
+    dq = v.producer
+    if dq is None or dq.op != "dequantize" or len(dq.inputs) < 3:
+        return None
+    w, s, z = dq.inputs
+    if not (w.is_constant and s.is_constant and z.is_constant) or w.dtype != "i8":
+        return None
+    if s.type.rank == 1 and dq.attrs["axis"] % w.type.rank != 0:
+        return None
+    return w, z, graph.constant_array(s).astype(np.float64)
+
+
+def _int_bias(graph: Graph, node: Node, acc_scale: np.ndarray) -> Value | None | bool:
+    """The bias as int32 at the accumulator's scale; False when it cannot be expressed."""
+    if len(node.inputs) < 3:
+        return None
+    b = node.inputs[2]
+    if b.producer is not None and b.producer.op == "dequantize":  # ONNX QDQ: dq(int32 bias)
+        b_q, b_s, _ = b.producer.inputs
+        if not (b_q.is_constant and b_s.is_constant):
+            return False
+        real = graph.constant_array(b_q).astype(np.float64) * graph.constant_array(b_s).astype(np.float64)
+    elif b.is_constant:
+        real = graph.constant_array(b).astype(np.float64)
+    else:
+        return False
+    q = np.rint(real / acc_scale)
+    if np.any(np.abs(q) >= 2 ** 31):
+        return False
+    return _const(graph, f"{b.name}.int32", q.astype(np.int32))
+
+
+def lower_compute(graph: Graph, node: Node) -> bool:
+    """q(op(dq(x), dq(w)) + b) == requantize(op_int(x, w) + b_int), b_int = round(b / (s_x s_w)),
+    multiplier s_x s_w / s_y; exact up to the final rounding."""
+    if node.op not in COMPUTE:
+        return False
+    q = _sole_quantize_user(graph, node.output)
+    x_params = qparams_of(graph, node.inputs[0])
+    if q is None or x_params is None:
+        return False
+    if node.op == "matmul":
+        b_params = qparams_of(graph, node.inputs[1])
+        if b_params is None:
+            return False
+        w, w_zp, w_scale = node.inputs[1].producer.inputs[0], node.inputs[1].producer.inputs[2], \
+            np.float64(b_params[0])
+        bias = None
+    else:
+        weight = _weight(graph, node.inputs[1])
+        if weight is None:
+            return False
+        w, w_zp, w_scale = weight
+        acc_scale = np.float64(x_params[0]) * w_scale
+        bias = _int_bias(graph, node, acc_scale)
+        if bias is False:
+            return False
+    acc_scale = np.float64(x_params[0]) * w_scale
+    y_scale, y_zp = _q_params(graph, q)
+    x_q, x_zp = node.inputs[0].producer.inputs[0], node.inputs[0].producer.inputs[2]
+    op = {"linear": "linear_int", "matmul": "matmul_int"}.get(node.op, f"{node.op}_int")
+    int_attrs = {k: v for k, v in node.attrs.items() if k not in ("activation", "activation_args")}
+    # the result that stands for the original node's value (requantize, or the quantize fed by
+    # the float activation) carries its debug handle; the accumulator gets a fresh one
+    acc = graph.add_node(op, [x_q, x_zp, w, w_zp] + ([bias] if bias is not None else []), int_attrs,
+                         meta={"source": node.source}, before=node).output
+    axis = 1 if node.op.startswith("conv") else -1
+    act = node.attrs["activation"]
+    if act in INTEGER_CLAMPS:
+        multiplier, shift = quantize_multiplier(acc_scale / np.float64(y_scale))
+        info = np.iinfo(np.asarray(y_zp).dtype)
+        lo, hi = int(info.min), int(info.max)
+        if act == "relu":
+            lo = int(y_zp)
+        elif act == "clip":
+            a, b = node.attrs["activation_args"]
+            lo = max(lo, int(y_zp) + int(np.rint(a / y_scale))) if np.isfinite(a) else lo
+            hi = min(hi, int(y_zp) + int(np.rint(b / y_scale))) if np.isfinite(b) else hi
+        result = graph.add_node("requantize", [acc, _const(graph, f"{q.output.name}.multiplier", multiplier),
+                                               _const(graph, f"{q.output.name}.shift", shift), q.inputs[2]],
+                                {"axis": axis, "min": lo, "max": hi, "scale": float(y_scale)},
+                                meta=dict(node.meta), before=node).output
+        graph.replace_all_uses(q.output, result)
+        graph.remove_node(q)
+    else:  # the activation has no integer form: dequantize the accumulator, activate in float
+        s = _const(graph, f"{acc.name}.scale", np.asarray(acc_scale, np.float32))
+        real = graph.add_node("dequantize", [acc, s, _const(graph, f"{acc.name}.zero_point",
+                                                           np.zeros(s.shape, np.int32))],
+                              {"axis": axis % acc.type.rank}, meta={"source": node.source}, before=node).output
+        fused = {k: v for k, v in node.attrs.items() if k in ("activation", "activation_args")}
+        activated = _apply_activation(graph, real, fused, node)
+        q.inputs[0] = activated
+        q.meta = dict(node.meta)
+    graph.replace_all_uses(node.output, acc)  # nothing else reads it; keeps the graph consistent
+    graph.remove_node(node)
+    return True
+
+
+def _apply_activation(graph: Graph, x: Value, fused: dict, before: Node) -> Value:
+    act = fused["activation"]
+    attrs = {"approximate": "tanh"} if act == "gelu_tanh" else {}
+    op = "gelu" if act.startswith("gelu") else act
+    return graph.add_node(op, [x], attrs, meta={"source": before.source}, before=before).output
+
+
+def lower_add(graph: Graph, node: Node) -> bool:
+    """q(dq(a) + dq(b)) == add_int(a, b): s_a (a - z_a) + s_b (b - z_b) rescaled to s_y in
+    fixed point with 2^-20 headroom, rounded half to even, plus z_y."""
+    if node.op != "add":
+        return False
+    q = _sole_quantize_user(graph, node.output)
+    pa, pb = qparams_of(graph, node.inputs[0]), qparams_of(graph, node.inputs[1])
+    if q is None or pa is None or pb is None:
+        return False
+    y_scale, _ = _q_params(graph, q)
+    (ma, sa), (mb, sb) = (quantize_multiplier(np.float64(p[0]) / np.float64(y_scale)) for p in (pa, pb))
+    if min(int(sa), int(sb)) <= ADD_INT_BITS - 31 + 1:
+        return False  # an operand scale far above the output's would overflow int64 headroom
+    a_q, b_q = node.inputs[0].producer.inputs[0], node.inputs[1].producer.inputs[0]
+    attrs = {"a_zero_point": int(pa[1]), "a_multiplier": int(ma), "a_shift": int(sa), "b_zero_point": int(pb[1]),
+             "b_multiplier": int(mb), "b_shift": int(sb), "scale": float(y_scale)}
+    result = graph.add_node("add_int", [a_q, b_q, q.inputs[2]], attrs, meta=dict(node.meta), before=node).output
+    graph.replace_all_uses(q.output, result)
+    graph.remove_node(q)
+    graph.remove_node(node)
+    return True
+
+
+def lower_same_params(graph: Graph, node: Node) -> bool:
+    """q(f(dq(x))) == f(x) when the input and output parameters are identical and f only
+    moves, selects or averages values on the grid (relu: max(x, z), since dq(z) == 0)."""
+    if node.op not in SAME_PARAMS or not node.inputs:
+        return False
+    q = _sole_quantize_user(graph, node.output)
+    if q is None:
+        return False
+    out = _q_params(graph, q)
+    operands = node.inputs if node.op == "concat" else node.inputs[:1]
+    params = [qparams_of(graph, v) for v in operands]
+    if any(p is None or float(p[0]) != float(out[0]) or int(p[1]) != int(out[1]) for p in params):
+        return False
+    ints = [v.producer.inputs[0] for v in operands]
+    if any(v.dtype != dtype_name(np.asarray(out[1]).dtype) for v in ints):
+        return False
+    if node.op == "relu":
+        result = graph.add_node("maximum", [ints[0], q.inputs[2]], meta=dict(node.meta), before=node).output
+    else:
+        result = graph.add_node(node.op, ints + node.inputs[len(operands):], node.attrs, meta=dict(node.meta),
+                                before=node).output
+    graph.replace_all_uses(q.output, result)
+    graph.remove_node(q)
+    graph.remove_node(node)
+    return True
+
+
+def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
+    """q(dq(x, s1, z1), s2, z2) is x when (s1, z1) == (s2, z2), else requantize(x) with
+    multiplier s1/s2 from input zero point z1."""
+    if node.op != "quantize" or len(node.inputs) < 3 or node.inputs[1].type.rank:
+        return False
+    p_in = qparams_of(graph, node.inputs[0])
+    if p_in is None or not (node.inputs[1].is_constant and node.inputs[2].is_constant):
+        return False
+    p_out = _q_params(graph, node)
+    x = node.inputs[0].producer.inputs[0]
+    if float(p_in[0]) == float(p_out[0]) and int(p_in[1]) == int(p_out[1]) and x.dtype == node.output.dtype:
+        if node.output in graph.outputs:
+            return False
+        graph.replace_all_uses(node.output, x)
+        graph.remove_node(node)
+        return True
+    m, s = quantize_multiplier(np.float64(p_in[0]) / np.float64(p_out[0]))
+    result = graph.add_node("requantize", [x, _const(graph, f"{x.name}.multiplier", m),
+                                           _const(graph, f"{x.name}.shift", s), node.inputs[2]],
+                            {"input_zero_point": int(p_in[1]), "scale": float(p_out[0]), "axis": 0},
+                            meta=dict(node.meta), before=node).output
+    graph.replace_all_uses(node.output, result)
+    graph.remove_node(node)
+    return True
+
+
+RULES = [lower_compute, lower_add, lower_same_params, fold_quantize_dequantize]
+FLOAT_COMPUTE = set(COMPUTE) | {"add", "concat"}
+
+
+@register
+@dataclass(frozen=True)
+class LowerInteger(Pass):
+    name = "lower-integer"
+    summary = "turn dequantize -> op -> quantize sandwiches into integer ops with fixed-point requantize"
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
+        hits = apply_rules(graph, RULES)
+        EliminateDeadCode().run(graph, ctx)
+        ctx.report.setdefault("rule_hits", {}).update({f"lower-integer.{k}": v for k, v in hits.items()})
+        reasons = {r["handle"]: r["reason"] for r in ctx.report.get("not_quantized", [])}
+        kept = []
+        for node in graph.nodes:
+            if node.op in FLOAT_COMPUTE and node.output.dtype in ("f32", "f16", "f64"):
+                kept.append({"node": node.describe(), "handle": str(node.handle),
+                             "reason": reasons.get(str(node.handle), "quantized operands did not form a "
+                                                   "lowerable dequantize -> op -> quantize sandwich")})
+            elif node.op == "dequantize" and node.inputs[0].dtype == "i32":
+                kept.append({"node": node.describe(), "handle": str(node.handle),
+                             "reason": "fused activation has no integer form; applied in float after the "
+                                       "integer accumulation"})
+        ctx.report["kept_float"] = kept
+        return any(hits.values())

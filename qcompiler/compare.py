@@ -1,0 +1,181 @@
+"""Per-layer numerics: float graph vs quantized graph, matched by debug handle.
+
+- cumulative: both graphs run end to end; each layer's quantized result (dequantized when it
+  is integer) against the float result — the error that has built up to that layer;
+- local: the layer quantized alone — its float inputs (from the float run) put through the
+  same quantize/dequantize as in the quantized graph, its quantized weights, its output
+  quantized — against the float layer. Local needs the QDQ form of the graph (after
+  insert-qdq); for a lowered graph only cumulative numbers are given.
+Metrics: SQNR in dB (signal power over error power), cosine similarity, max abs error."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .interpreter import check_inputs, run
+from .ir import Graph, Node, Value
+from .ir.ops import get_op
+
+FLOAT = ("f32", "f16", "f64")
+
+
+@dataclass
+class LayerError:
+    handle: int
+    op: str
+    source: str
+    sqnr_db: float
+    cosine: float
+    max_abs: float
+    local_sqnr_db: float | None = None
+    local_cosine: float | None = None
+
+
+def _metrics(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
+    ref = ref.astype(np.float64).reshape(-1)
+    got = got.astype(np.float64).reshape(-1)
+    noise = float(np.sum((ref - got) ** 2))
+    signal = float(np.sum(ref ** 2))
+    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(got))
+    cosine = float(ref @ got / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
+    return sqnr, cosine, float(np.max(np.abs(ref - got))) if ref.size else 0.0
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    return _metrics(ref, got)[0]
+
+
+def _integer_params(graph: Graph) -> dict[int, tuple[float, int]]:
+    """(scale, zero point) of every per-tensor quantized integer value in ``graph``."""
+    params: dict[int, tuple[float, int]] = {}
+    for node in graph.nodes:
+        out = node.outputs[0] if node.outputs else None
+        if out is None or out.dtype not in ("u8", "i8"):
+            continue
+        if node.op == "quantize" and node.inputs[1].is_constant and node.inputs[1].type.rank == 0:
+            params[id(out)] = (float(graph.constant_array(node.inputs[1])),
+                               int(graph.constant_array(node.inputs[2])) if len(node.inputs) > 2 else 0)
+        elif node.op in ("requantize", "add_int") and node.attrs.get("scale"):
+            zp = node.inputs[-1]
+            params[id(out)] = (node.attrs["scale"], int(graph.constant_array(zp)))
+        elif node.inputs and id(node.inputs[0]) in params:  # layout, pooling, max(x, zp): same grid
+            params[id(out)] = params[id(node.inputs[0])]
+    return params
+
+
+def _record(graph: Graph, inputs: list[np.ndarray], dequantize: bool) -> dict[int, np.ndarray]:
+    params = _integer_params(graph) if dequantize else {}
+    values: dict[int, np.ndarray] = {}
+
+    def observer(node: Node, outs: list[np.ndarray]) -> None:
+        if node.op in ("quantize", "dequantize") or "handle" not in node.meta:
+            return
+        out = node.outputs[0]
+        if out.dtype in FLOAT:
+            values[node.handle] = outs[0]
+        elif id(out) in params:
+            scale, zp = params[id(out)]
+            values[node.handle] = (outs[0].astype(np.float64) - zp) * scale
+
+    run(graph, inputs, observer=observer)
+    return values
+
+
+def _local(float_graph: Graph, quant_graph: Graph, float_values: dict[int, np.ndarray],
+           inputs: list[np.ndarray]) -> dict[int, np.ndarray]:
+    """Each QDQ layer evaluated on fake-quantized float inputs (see the module docstring)."""
+    by_input = {id(q): f for q, f in zip(quant_graph.inputs, inputs)}
+    results: dict[int, np.ndarray] = {}
+
+    def float_of(v: Value) -> np.ndarray | None:
+        if id(v) in by_input:
+            return by_input[id(v)]
+        if v.producer is not None and "handle" in v.producer.meta:
+            return float_values.get(v.producer.handle)
+        return None
+
+    def operand(v: Value) -> np.ndarray | None:
+        if v.is_constant:
+            return quant_graph.constant_array(v)
+        dq = v.producer
+        if dq is not None and dq.op == "dequantize":
+            src = dq.inputs[0]
+            consts = [quant_graph.constant_array(c) for c in dq.inputs[1:] if c.is_constant]
+            if src.is_constant:
+                return get_op("dequantize").run([quant_graph.constant_array(src)] + consts, dq.attrs)[0]
+            q = src.producer
+            if q is None or q.op != "quantize" or len(consts) != len(dq.inputs) - 1:
+                return None
+            x = float_of(q.inputs[0])
+            if x is None:
+                return None
+            qx = get_op("quantize").run([x] + [quant_graph.constant_array(c) for c in q.inputs[1:]], q.attrs)[0]
+            return get_op("dequantize").run([qx] + consts, dq.attrs)[0]
+        return float_of(v)
+
+    users = quant_graph.users()
+    for node in quant_graph.nodes:
+        if node.op in ("quantize", "dequantize") or node.handle not in float_values:
+            continue
+        if not any(v.producer is not None and v.producer.op == "dequantize" for v in node.inputs):
+            continue  # not a quantized layer
+        arrays = [operand(v) for v in node.inputs]
+        if any(a is None for a in arrays):
+            continue
+        y = get_op(node.op).run(arrays, node.attrs)[0]
+        readers = users.get(node.outputs[0], [])
+        q = next((u for u in readers if u.op == "quantize"), None)
+        if q is not None and all(c.is_constant for c in q.inputs[1:]):
+            consts = [quant_graph.constant_array(c) for c in q.inputs[1:]]
+            y = get_op("dequantize").run([get_op("quantize").run([y] + consts, q.attrs)[0]] + consts, q.attrs)[0]
+        results[node.handle] = y
+    return results
+
+
+def compare(float_graph: Graph, quant_graph: Graph, inputs: Sequence[Any]) -> list[LayerError]:
+    """Per-layer errors of ``quant_graph`` against ``float_graph`` on one batch of ``inputs``,
+    in graph order."""
+    arrays = check_inputs(float_graph, list(inputs))
+    float_values = _record(float_graph, arrays, dequantize=False)
+    quant_values = _record(quant_graph, arrays, dequantize=True)
+    local = _local(float_graph, quant_graph, float_values, arrays)
+    sources = {n.handle: n for n in float_graph.nodes}
+    layers = []
+    for handle, ref in float_values.items():
+        if handle not in quant_values or quant_values[handle].shape != ref.shape:
+            continue
+        sqnr, cosine, max_abs = _metrics(ref, quant_values[handle])
+        entry = LayerError(handle, sources[handle].op, sources[handle].source, sqnr, cosine, max_abs)
+        if handle in local:
+            entry.local_sqnr_db, entry.local_cosine, _ = _metrics(ref, local[handle])
+        layers.append(entry)
+    return layers
+
+
+def worst(layers: Sequence[LayerError], top: int = 10) -> list[LayerError]:
+    return sorted(layers, key=lambda e: e.sqnr_db)[:top]
+
+
+def to_json(layers: Sequence[LayerError]) -> str:
+    def clean(d: dict) -> dict:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+    return json.dumps([clean(asdict(e)) for e in layers], indent=2)
+
+
+def render_table(layers: Sequence[LayerError], title: str = "worst layers by cumulative SQNR"):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("#", "op", "source", "SQNR dB", "cosine", "max |err|", "local SQNR dB"):
+        table.add_column(col, justify="right" if col not in ("op", "source") else "left")
+    for e in layers:
+        table.add_row(str(e.handle), e.op, e.source, f"{e.sqnr_db:.1f}", f"{e.cosine:.4f}", f"{e.max_abs:.3g}",
+                      "" if e.local_sqnr_db is None else f"{e.local_sqnr_db:.1f}")
+    return table
