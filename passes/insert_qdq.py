@@ -15,6 +15,7 @@ A value whose calibrated range exceeds ``max_abs_range`` (attention masks filled
 is left in float with the op that reads it; every op left in float is reported."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +122,7 @@ def _same(a: Params, b: Params) -> bool:
 class InsertQDQ(Pass):
     name = "insert-qdq"
     summary = "insert quantize/dequantize pairs from calibrated ranges; quantize weights (needs range-analysis)"
+    exclude: tuple[str, ...] = ()  # more names/patterns kept float, beside QuantConfig.exclude
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         config = ctx.config or QuantConfig()
@@ -136,8 +138,12 @@ class InsertQDQ(Pass):
             if not config.quantizes(node.op):
                 ins.skip(node, f"op type '{node.op}' is not in QuantConfig.op_types")
                 continue
-            if config.excluded(node.source, *(v.name for v in node.outputs)):
+            names = (node.source, *(v.name for v in node.outputs))
+            if config.excluded(*names):
                 ins.skip(node, "excluded by QuantConfig.exclude")
+                continue
+            if any(fnmatch.fnmatchcase(n, p) for n in names if n for p in self.exclude):
+                ins.skip(node, "excluded by insert-qdq{exclude}")
                 continue
             changed |= self._quantize(graph, node, ins, config)
         if changed:

@@ -73,7 +73,15 @@ def _cmd_opt(args: argparse.Namespace) -> int:
                        dump_dir=Path(args.dump_dir) if args.dump_dir else None, verify_each=args.verify_each,
                        bisect_limit=args.bisect_limit, reproducer_dir=Path(args.reproducer_dir),
                        emit=lambda text: print(text, file=sys.stderr))
-    run_pipeline(graph, passes, inst)
+    from .loading import load_batches
+    from .pipeline import PassContext
+    from .quant_config import QuantConfig
+
+    ctx = PassContext(calibration=load_batches(args.calibration, graph) if args.calibration else None,
+                      config=QuantConfig.load(args.config) if args.config else None, progress=True)
+    run_pipeline(graph, passes, inst, ctx)
+    for entry in ctx.report.get("kept_float", []):
+        print(f"kept float: {entry['node']}: {entry['reason']}", file=sys.stderr)
     if args.timing:
         table = Table(title="pass timing")
         for col in ("#", "pass", "changed", "ms"):
@@ -85,6 +93,40 @@ def _cmd_opt(args: argparse.Namespace) -> int:
         save(graph, out)
     else:
         sys.stdout.write(print_graph(graph))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+
+    from rich.console import Console
+
+    from .compare import compare, render_table, to_json, worst
+    from .loading import load_batches, load_model, parse_shapes
+    from .quant_config import QuantConfig
+    from .quantize import quantize
+
+    graph = load_model(args.model, parse_shapes(args.input_shape))
+    config = QuantConfig.load(args.config) if args.config else QuantConfig()
+    if args.quantized:
+        float_graph, quant_graph = graph, load_model(args.quantized, parse_shapes(args.input_shape))
+        if not args.inputs:
+            raise QCompilerError("compare with a quantized model needs --inputs")
+    else:
+        if not args.calibration:
+            raise QCompilerError("compare needs --calibration data.npz to quantize the model (or a second, "
+                                 "quantized model)")
+        result = quantize(graph, load_batches(args.calibration, graph), config, lower=False,
+                          progress=not args.json)
+        float_graph, quant_graph = result.float_graph, result.qdq_graph
+    batch = load_batches(args.inputs or args.calibration, float_graph)[0]
+    layers = compare(float_graph, quant_graph, batch)
+    if args.json:
+        Path(args.json).write_text(to_json(layers)) if args.json != "-" else print(to_json(layers))
+    if args.json != "-":
+        Console().print(render_table(worst(layers, args.top)))
+        outputs = [e for e in layers if e.handle in {v.producer.handle for v in float_graph.outputs if v.producer}]
+        for e in outputs:
+            print(f"output {e.source or e.op}: SQNR {e.sqnr_db:.1f} dB, cosine {e.cosine:.5f}")
     return 0
 
 
@@ -116,7 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N pass applications")
     p.add_argument("--reproducer-dir", default=".", help="where a failing pass's input IR is written")
     p.add_argument("--list-passes", action="store_true")
+    p.add_argument("--calibration", help=".npz of calibration batches, for range-analysis and smooth-quant")
+    p.add_argument("--config", help="QuantConfig as JSON (or YAML), for insert-qdq")
     p.set_defaults(func=_cmd_opt)
+    p = sub.add_parser("compare", help="per-layer error of the quantized model against the float one")
+    model_args(p)
+    p.add_argument("quantized", nargs="?", help="an already quantized model (IR file); default: quantize MODEL")
+    p.add_argument("--calibration", help=".npz of calibration batches (arrays named like the inputs)")
+    p.add_argument("--inputs", help=".npz with the batch to compare on (default: the first calibration batch)")
+    p.add_argument("--config", help="QuantConfig as JSON (or YAML)")
+    p.add_argument("--top", type=int, default=15, help="rows in the table of worst layers")
+    p.add_argument("--json", metavar="FILE", help="write every layer's numbers as JSON ('-' for stdout)")
+    p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("stats", help="op counts of a model")
     model_args(p)
     p.set_defaults(func=_cmd_stats)

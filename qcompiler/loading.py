@@ -60,3 +60,51 @@ def parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
         except ValueError:
             raise ModelLoadError(f"--input-shape {item!r}: expected NAME=D0,D1,...") from None
     return shapes
+
+
+def load_batches(path: str | os.PathLike, graph: Graph) -> list[list]:
+    """Input batches for ``graph`` from an ``.npz`` (one array per input name; a file with one
+    array serves a one-input graph). An array of the input's shape is one batch; one with an
+    extra leading axis, or a leading axis that is a multiple of the batch size, is several."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot read data ({e})") from None
+    with data:
+        files = [f for f in data.files if f != "labels"]
+        if len(graph.inputs) == 1 and len(files) == 1:
+            arrays = {graph.inputs[0].name: data[files[0]]}
+        else:
+            missing = [v.name for v in graph.inputs if v.name not in data.files]
+            if missing:
+                raise ModelLoadError(f"{path}: no array for input(s) {missing} (arrays: {files})")
+            arrays = {v.name: data[v.name] for v in graph.inputs}
+    per_input = []
+    for value in graph.inputs:
+        a, shape = arrays[value.name], value.shape
+        if a.shape == shape:
+            pieces = [a]
+        elif a.shape[1:] == shape:
+            pieces = list(a)
+        elif shape and a.shape[1:] == shape[1:] and shape[0] and a.shape[0] % shape[0] == 0:
+            pieces = [a[i:i + shape[0]] for i in range(0, a.shape[0], shape[0])]
+        else:
+            raise ModelLoadError(f"{path}: array '{value.name}' of shape {list(a.shape)} does not fit input "
+                                 f"%{value.name} of shape {list(shape)} (one batch, or batches stacked on axis 0)")
+        per_input.append(pieces)
+    counts = {len(p) for p in per_input}
+    if len(counts) != 1:
+        raise ModelLoadError(f"{path}: inputs hold different numbers of batches {sorted(counts)}")
+    return [list(batch) for batch in zip(*per_input)]
+
+
+def load_labels(path: str | os.PathLike):
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        if "labels" not in data.files:
+            raise ModelLoadError(f"{path}: no 'labels' array")
+        return data["labels"]

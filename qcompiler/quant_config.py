@@ -64,6 +64,9 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()  # node source names, value names or fnmatch patterns kept float
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     max_abs_range: float = 1e4  # activations calibrated beyond this (attention masks) stay float
+    # sensitivity fallback: a layer whose error when quantized alone (local SQNR on the first
+    # calibration batch) is below this stays float; None turns the fallback off
+    min_layer_sqnr_db: float | None = 20.0
 
     def __post_init__(self) -> None:
         if self.weight_dtype != "i8":

@@ -12,11 +12,13 @@ from .pipeline import PassContext
 from .quant_config import QuantConfig
 
 
-def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True) -> str:
+def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,
+                          exclude: tuple[str, ...] = ()) -> str:
     from .passes import DEFAULT_FLOAT_PIPELINE
 
+    insert = "insert-qdq" + ("{exclude=" + ",".join(exclude) + "}" if exclude else "")
     stages = [float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
-              f"range-analysis{{{config.calibration.pipeline_options()}}}", "insert-qdq"]
+              f"range-analysis{{{config.calibration.pipeline_options()}}}", insert]
     if lower:
         stages.append("lower-integer")
     return ",".join(s for s in stages if s)
@@ -37,13 +39,31 @@ def quantize(graph: Graph, calibration: Any, config: QuantConfig | None = None, 
     """Quantize a copy of ``graph`` (which is left untouched) with ``calibration`` batches."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
+    from .compare import compare
+    from .passes.range_analysis import calibration_batches
+
     config = config or QuantConfig()
-    ctx = PassContext(calibration=calibration, config=config, progress=progress)
+    batches = calibration_batches(graph, calibration)
+    ctx = PassContext(calibration=batches, config=config, progress=progress)
     inst = Instruments(emit=lambda s: None)
     float_graph = run_pipeline(graph.copy(), float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
                                inst, ctx)
-    qdq = run_pipeline(float_graph.copy(),
-                       f"range-analysis{{{config.calibration.pipeline_options()}}},insert-qdq", inst, ctx)
+    calibrate = f"range-analysis{{{config.calibration.pipeline_options()}}}"
+    qdq = run_pipeline(float_graph.copy(), f"{calibrate},insert-qdq", inst, ctx)
+    exclude: tuple[str, ...] = ()
+    if config.min_layer_sqnr_db is not None:
+        # sensitivity fallback: layers that lose too much even when quantized alone stay float
+        names = {n.handle: n.outputs[0].name for n in float_graph.nodes}
+        weak = [e for e in compare(float_graph, qdq, batches[0])
+                if e.local_sqnr_db is not None and e.local_sqnr_db < config.min_layer_sqnr_db]
+        if weak:
+            exclude = tuple(names[e.handle] for e in weak)
+            ctx.report["not_quantized"] = []
+            qdq = run_pipeline(float_graph.copy(), f"{calibrate},insert-qdq{{exclude={','.join(exclude)}}}", inst, ctx)
+            reasons = {str(e.handle): f"local SQNR {e.local_sqnr_db:.1f} dB < min_layer_sqnr_db "
+                                      f"{config.min_layer_sqnr_db:g}" for e in weak}
+            for entry in ctx.report["not_quantized"]:
+                entry["reason"] = reasons.get(entry["handle"], entry["reason"])
     final = run_pipeline(qdq.copy(), "lower-integer", inst, ctx) if lower else qdq
-    return QuantizeResult(final, qdq, float_graph, quantization_pipeline(config, float_pipeline, lower), ctx.report,
-                          inst.records)
+    return QuantizeResult(final, qdq, float_graph, quantization_pipeline(config, float_pipeline, lower, exclude),
+                          ctx.report, inst.records)
