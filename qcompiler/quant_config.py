@@ -127,7 +127,8 @@ class QuantConfig:
         except ImportError:
             raise QCompilerError(f"{path}: YAML configs need PyYAML (pip install pyyaml); or use JSON") from None
         except Exception as e:
-            raise QCompilerError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: "
+            kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+            raise QCompilerError(f"{path}: not valid {kind}: "
                                  f"{(str(e).splitlines() or [''])[0]}") from None
         if not isinstance(data, dict):
             raise QCompilerError(f"{path}: a config is a JSON object")

@@ -236,3 +236,37 @@ def load_minilm() -> tuple[SentenceEncoder, object]:
 def tokenize(tokenizer: object, sentences: Sequence[str], length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     enc = tokenizer(list(sentences), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
+
+
+# ---- real photos -----------------------------------------------------------------------------------
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def photo_crops(count: int, seed: int = 0, size: int = 224) -> list[np.ndarray]:
+    """Random ``size`` x ``size`` crops of the two photos scikit-learn ships (a temple in China,
+    a flower), ImageNet-normalized, each a [1, 3, size, size] float32 batch."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        y = int(rng.integers(0, photo.shape[0] - size))
+        x = int(rng.integers(0, photo.shape[1] - size))
+        crop = photo[y:y + size, x:x + size].astype(np.float32) / 255.0
+        crops.append(((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)[None].copy())
+    return crops
+
+
+CALIBRATION_SENTENCES = [
+    "The weather today is sunny and warm.",
+    "He bought a new laptop for work.",
+    "Neural networks learn representations from data.",
+    "The museum opened a new exhibition on ancient Egypt.",
+    "Please remember to lock the door.",
+    "Our team won the championship last night.",
+    "Fresh vegetables are sold at the market.",
+    "The train to Paris leaves at nine.",
+]

@@ -711,4 +711,5 @@ def _quant(ctx, node, inputs):
     if op == "quantize" and len(operands) == 2 and out_dtype:  # opset 21+: type without a zero point
         dtype = onnx.helper.tensor_dtype_to_np_dtype(out_dtype)
         operands.append(ctx.const(np.zeros(operands[1].shape, dtype), "zero_point"))
-    return ctx.emit1(op, operands, {"axis": _attr(node, "axis", 1)})
+    # kept as nodes even on constants (quantized weights): lowering matches dequantize(int8 weight)
+    return ctx.emit(op, operands, {"axis": _attr(node, "axis", 1)}, fold=False)[0]
