@@ -9,8 +9,10 @@ graph will compute, in float, which is what `compare` measures and `lower-intege
   weights become int8 constants (symmetric, per output channel by default) behind a dequantize.
 - add: each input and the result get their own parameters.
 - concat: inputs and result share one scale (the union of their ranges), so it stays a copy.
-- pooling, relu: the result reuses the input's parameters (exact for max/relu, and the mean of
-  values on one grid stays on it up to rounding).
+- max/avg pooling, relu: the result reuses the input's parameters (exact for max/relu; a local
+  average stays on the input's grid up to rounding).
+- reduce_mean (global average pooling): the mean has a much narrower range than its input, so
+  it gets its own parameters.
 A value whose calibrated range exceeds ``max_abs_range`` (attention masks filled with -1e30)
 is left in float with the op that reads it; every op left in float is reported."""
 from __future__ import annotations
@@ -27,8 +29,7 @@ from qcompiler.quant_config import QuantConfig
 
 FLOAT = ("f32", "f16", "f64")
 COMPUTE = ("conv1d", "conv2d", "conv3d", "linear", "matmul")
-SAME_AS_INPUT = ("relu", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-                 "reduce_mean")
+SAME_AS_INPUT = ("relu", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d")
 Params = tuple[np.float32, np.integer]
 
 
@@ -132,7 +133,7 @@ class InsertQDQ(Pass):
         for node in list(graph.nodes):
             if node.op in ("quantize", "dequantize") or not node.outputs or node.output.dtype not in FLOAT:
                 continue
-            quantizable = node.op in COMPUTE or node.op in SAME_AS_INPUT or node.op in ("add", "concat")
+            quantizable = node.op in COMPUTE or node.op in SAME_AS_INPUT or node.op in ("add", "concat", "reduce_mean")
             if not quantizable:
                 continue
             if not config.quantizes(node.op):
@@ -158,6 +159,8 @@ class InsertQDQ(Pass):
             acts = list(range(len(node.inputs)))
         elif node.op == "add":
             acts = [0, 1]
+        elif node.op == "reduce_mean":  # a global pool: its mean gets its own (finer) scale
+            acts = [0]
         else:
             acts = [0]
         for i in acts:

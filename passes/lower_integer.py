@@ -203,6 +203,34 @@ def lower_same_params(graph: Graph, node: Node) -> bool:
     return True
 
 
+def lower_mean(graph: Graph, node: Node) -> bool:
+    """q(mean(dq(x))) == requantize(sum(x) - n z_x) with multiplier s_x / (n s_y): the sum is
+    exact in int32 and the result is rounded once."""
+    if node.op != "reduce_mean":
+        return False
+    q = _sole_quantize_user(graph, node.output)
+    p_in = qparams_of(graph, node.inputs[0])
+    if q is None or p_in is None:
+        return False
+    x = node.inputs[0].producer.inputs[0]
+    axes = node.attrs["axes"] or tuple(range(x.type.rank))
+    count = int(np.prod([x.shape[a] for a in axes]))
+    if count * 255 >= 2 ** 31:
+        return False
+    y_scale, _ = _q_params(graph, q)
+    m, s = quantize_multiplier(np.float64(p_in[0]) / (count * np.float64(y_scale)))
+    wide = graph.add_node("cast", [x], {"to": "i32"}, meta={"source": node.source}, before=node).output
+    total = graph.add_node("reduce_sum", [wide], node.attrs, meta={"source": node.source}, before=node).output
+    result = graph.add_node("requantize", [total, _const(graph, f"{q.output.name}.multiplier", m),
+                                           _const(graph, f"{q.output.name}.shift", s), q.inputs[2]],
+                            {"input_zero_point": count * int(p_in[1]), "scale": float(y_scale), "axis": 0},
+                            meta=dict(node.meta), before=node).output
+    graph.replace_all_uses(q.output, result)
+    graph.remove_node(q)
+    graph.remove_node(node)
+    return True
+
+
 def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
     """q(dq(x, s1, z1), s2, z2) is x when (s1, z1) == (s2, z2), else requantize(x) with
     multiplier s1/s2 from input zero point z1."""
@@ -229,7 +257,7 @@ def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
     return True
 
 
-RULES = [lower_compute, lower_add, lower_same_params, fold_quantize_dequantize]
+RULES = [lower_compute, lower_add, lower_mean, lower_same_params, fold_quantize_dequantize]
 FLOAT_COMPUTE = set(COMPUTE) | {"add", "concat"}
 
 

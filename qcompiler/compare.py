@@ -39,6 +39,10 @@ class LayerError:
 def _metrics(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
     ref = ref.astype(np.float64).reshape(-1)
     got = got.astype(np.float64).reshape(-1)
+    finite = np.isfinite(ref) & np.isfinite(got)
+    if not np.array_equal(ref[~finite], got[~finite]):  # an inf/nan where the other has a number
+        return -math.inf, 0.0, math.inf
+    ref, got = ref[finite], got[finite]  # equal infinities (masked attention scores) carry no error
     noise = float(np.sum((ref - got) ** 2))
     signal = float(np.sum(ref ** 2))
     sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)

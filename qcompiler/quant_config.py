@@ -67,6 +67,7 @@ class QuantConfig:
     # sensitivity fallback: a layer whose error when quantized alone (local SQNR on the first
     # calibration batch) is below this stays float; None turns the fallback off
     min_layer_sqnr_db: float | None = 20.0
+    bias_correction: bool = True  # shift biases by the mean error quantization adds (bias-correction pass)
 
     def __post_init__(self) -> None:
         if self.weight_dtype != "i8":

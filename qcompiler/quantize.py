@@ -18,7 +18,8 @@ def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None
 
     insert = "insert-qdq" + ("{exclude=" + ",".join(exclude) + "}" if exclude else "")
     stages = [float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
-              f"range-analysis{{{config.calibration.pipeline_options()}}}", insert]
+              f"range-analysis{{{config.calibration.pipeline_options()}}}",
+              "bias-correction" if config.bias_correction else "", insert]
     if lower:
         stages.append("lower-integer")
     return ",".join(s for s in stages if s)
@@ -48,7 +49,8 @@ def quantize(graph: Graph, calibration: Any, config: QuantConfig | None = None, 
     inst = Instruments(emit=lambda s: None)
     float_graph = run_pipeline(graph.copy(), float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
                                inst, ctx)
-    calibrate = f"range-analysis{{{config.calibration.pipeline_options()}}}"
+    calibrate = f"range-analysis{{{config.calibration.pipeline_options()}}}" + \
+        (",bias-correction" if config.bias_correction else "")
     qdq = run_pipeline(float_graph.copy(), f"{calibrate},insert-qdq", inst, ctx)
     exclude: tuple[str, ...] = ()
     if config.min_layer_sqnr_db is not None:

@@ -270,3 +270,58 @@ CALIBRATION_SENTENCES = [
     "Fresh vegetables are sold at the market.",
     "The train to Paris leaves at nine.",
 ]
+
+
+# ---- Fashion-MNIST (Debian's dataset-fashion-mnist) ----------------------------------------------------
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The full Fashion-MNIST as float32 NCHW in [0, 1]: (x_train, y_train, x_test, y_test).
+    Reads the files of Debian's ``dataset-fashion-mnist`` package (apt-get install it)."""
+    import gzip
+    from pathlib import Path
+
+    from .errors import ModelLoadError
+
+    root = Path(FASHION_DIR)
+    if not root.exists():
+        raise ModelLoadError(f"{root}: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+    def read(name: str, offset: int) -> np.ndarray:
+        with gzip.open(root / name, "rb") as f:
+            return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+    x_train = read("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28).astype(np.float32) / 255
+    x_test = read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28).astype(np.float32) / 255
+    return (x_train, read("train-labels-idx1-ubyte.gz", 8).astype(np.int64), x_test,
+            read("t10k-labels-idx1-ubyte.gz", 8).astype(np.int64))
+
+
+class FashionCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def train_fashion_cnn(epochs: int = 2, seed: int = 0) -> tuple[FashionCNN, tuple[np.ndarray, ...]]:
+    torch.manual_seed(seed)
+    data = load_fashion_mnist()
+    x, y = torch.from_numpy(data[0]), torch.from_numpy(data[1])
+    model = FashionCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval(), data

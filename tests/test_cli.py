@@ -94,3 +94,27 @@ def test_opt_runs_pipeline_with_instruments(tmp_path):
     assert "fold-batchnorm: fold inference batch norm" in listing.stdout
     bad = _run("opt", path, "-p", "fold-everything")
     assert bad.returncode == 2 and bad.stderr.startswith("qcompiler: error: unknown pass 'fold-everything'")
+
+
+def test_compare_cli_table_and_json(tmp_path, digits):
+    import json
+
+    import numpy as np
+
+    model, (x_train, _, x_test, _) = digits
+    path = export_onnx(model, (torch.from_numpy(x_test[:16]),), tmp_path / "d.onnx", ["image"])
+    np.savez(tmp_path / "cal.npz", image=x_train[:64])  # 64 = 4 batches of the model's 16
+    np.savez(tmp_path / "eval.npz", image=x_test[:16])
+    result = _run("compare", path, "--calibration", str(tmp_path / "cal.npz"), "--inputs", str(tmp_path / "eval.npz"),
+                  "--json", str(tmp_path / "layers.json"))
+    assert result.returncode == 0, result.stderr
+    assert "worst layers by cumulative SQNR" in result.stdout and "output" in result.stdout
+    layers = json.loads((tmp_path / "layers.json").read_text())
+    assert {entry["op"] for entry in layers} >= {"conv2d", "linear"}
+    assert all(entry["sqnr_db"] > 20 for entry in layers)
+    bad = _run("compare", path, "--calibration", str(tmp_path / "eval.npz"), "--config", str(tmp_path / "none.json"))
+    assert bad.returncode == 2 and "cannot read config" in bad.stderr
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, image=x_train[:5, :, :4])
+    bad = _run("compare", path, "--calibration", str(wrong))
+    assert bad.returncode == 2 and "does not fit input %image" in bad.stderr
