@@ -1,0 +1,116 @@
+"""Building Relax modules for the CPU (LLVM, the host's own CPU) and CUDA, running them, and
+exporting/loading them as shared libraries.
+
+TVM facts this relies on (../shared/DESIGN.md): targets take the JSON-dict form; plain
+"llvm" is generic x86-64, so the host CPU is named explicitly; CUDA modules build without a
+GPU (the module keeps CUDA source until it is loaded on one)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.target import Target
+
+from qcompiler.errors import QCompilerError
+from qcompiler.ir import Graph
+
+from .relax_lower import to_relax
+
+
+def host_cpu() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def make_target(kind: str, arch: str | None = None, num_cores: int | None = None) -> Target:
+    """``llvm`` for this machine's CPU, or ``cuda`` (``arch`` like ``sm_80``; default: the
+    visible GPU's, else sm_80)."""
+    if kind == "llvm":
+        spec: dict[str, Any] = {"kind": "llvm", "mcpu": arch or host_cpu()}
+        spec["num-cores"] = num_cores or os.cpu_count() or 1
+        return Target(spec)
+    if kind == "cuda":
+        if arch is None:
+            dev = tvm.cuda(0)
+            arch = f"sm_{dev.compute_version.replace('.', '')}" if dev.exist else "sm_80"
+        host = {"kind": "llvm", "mcpu": host_cpu()}
+        return Target({"kind": "cuda", "arch": arch}, host=Target(host))
+    raise QCompilerError(f"unknown TVM target '{kind}' (llvm or cuda)")
+
+
+def _pipeline(target: Target) -> tvm.transform.Pass:
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    if target.kind.name == "cuda":
+        from tvm.s_tir import dlight as dl
+
+        passes.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+    return tvm.transform.Sequential(passes)
+
+
+def build(graph: Graph, target: Target) -> "relax.VMExecutable":
+    mod = to_relax(graph)
+    with target:
+        mod = _pipeline(target)(mod)
+    try:
+        return relax.build(mod, target=target)
+    except Exception as e:
+        raise QCompilerError(f"TVM build for {target.kind.name} failed: {type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[-1]}") from e
+
+
+class TVMRunner:
+    """A built module on a device, called like the graph: numpy in, numpy out."""
+
+    def __init__(self, executable: Any, device: Any, num_outputs: int):
+        self.vm = relax.VirtualMachine(executable, device)
+        self.device = device
+        self.num_outputs = num_outputs
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        result = self.vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays])
+        if self.num_outputs == 1:
+            return [result.numpy()]
+        return [result[i].numpy() for i in range(self.num_outputs)]
+
+
+def device_for(kind: str):
+    return tvm.cpu() if kind == "llvm" else tvm.cuda(0)
+
+
+def export(executable: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    executable.export_library(str(path))
+    return path
+
+
+def load(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise QCompilerError(f"{path}: compiled library is missing")
+    try:
+        return tvm.runtime.load_module(str(path))
+    except Exception as e:
+        raise QCompilerError(f"{path}: cannot load compiled library ({(str(e).strip().splitlines() or [''])[-1]})") \
+            from None
+
+
+def cuda_source(executable: Any) -> str:
+    """The generated CUDA C of a CUDA build (kept in the module until it is loaded on a GPU)."""
+    sources: list[str] = []
+
+    def walk(module: Any) -> None:
+        if module.kind == "cuda":
+            sources.append(module.inspect_source())
+        for child in module.imports:
+            walk(child)
+
+    walk(executable.mod if hasattr(executable, "mod") else executable)
+    return "\n".join(sources)

@@ -1,0 +1,548 @@
+"""IR -> Relax through ``relax.BlockBuilder``: one rule per IR op, written with Relax ops only.
+
+Integer ops are expressed in exact integer Relax arithmetic (int32 accumulation, int64
+fixed-point requantization with round-half-to-even done with shifts and masks), so a compiled
+module is bit-exact with the reference interpreter. Float rounding that must be half-to-even
+(ONNX's QLinear* output stage) is built from floor and parity, not from a round intrinsic."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from qcompiler.errors import QCompilerError
+from qcompiler.ir import Graph, Node, Value
+from qcompiler.ir.types import DTYPES
+
+R = relax.op
+TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
+Lowering = Callable[["_Lowerer", Node, list[relax.Expr]], "relax.Expr | list[relax.Expr]"]
+_RULES: dict[str, Lowering] = {}
+
+
+def lowers(*ops: str) -> Callable[[Lowering], Lowering]:
+    def register(fn: Lowering) -> Lowering:
+        for op in ops:
+            _RULES[op] = fn
+        return fn
+    return register
+
+
+def supported_ops() -> set[str]:
+    return set(_RULES)
+
+
+class _Lowerer:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.bb = relax.BlockBuilder()
+
+    def emit(self, expr: relax.Expr) -> relax.Expr:
+        return self.bb.emit(expr)
+
+    def const(self, array: Any, dtype: str | None = None) -> relax.Expr:
+        array = np.asarray(array, dtype=dtype)
+        return relax.const(array, dtype=array.dtype.name)  # 0-d arrays would otherwise become float32
+
+    def scalar(self, value: Any, dtype: str) -> relax.Expr:
+        return self.const(value, dtype)
+
+    def cast(self, x: relax.Expr, dtype: str) -> relax.Expr:
+        return self.emit(R.astype(x, dtype))
+
+    def array(self, v: Value) -> np.ndarray:
+        return self.graph.constant_array(v)
+
+
+def to_relax(graph: Graph) -> tvm.IRModule:
+    """The graph as a Relax module with one function, ``main``, taking the graph's inputs."""
+    missing = sorted({n.op for n in graph.nodes} - set(_RULES))
+    if missing:
+        raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
+    low = _Lowerer(graph)
+    params = [relax.Var(v.name, relax.TensorType(v.shape, TVM_DTYPE[v.dtype])) for v in graph.inputs]
+    env: dict[int, relax.Expr] = {id(v): p for v, p in zip(graph.inputs, params)}
+
+    def read(v: Value) -> relax.Expr:
+        if v.is_constant:
+            return low.const(graph.constant_array(v))
+        return env[id(v)]
+
+    with low.bb.function("main", params):
+        with low.bb.dataflow():
+            for node in graph.nodes:
+                try:
+                    out = _RULES[node.op](low, node, [read(v) for v in node.inputs])
+                except QCompilerError:
+                    raise
+                except Exception as e:
+                    raise QCompilerError(f"lowering {node.describe()} to Relax: {type(e).__name__}: {e}") from e
+                outs = out if isinstance(out, list) else [out]
+                for value, expr in zip(node.outputs, outs):
+                    env[id(value)] = expr
+            results = [read(v) for v in graph.outputs]
+            output = low.bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
+        low.bb.emit_func_output(output)
+    return low.bb.get()
+
+
+# ---- elementwise -----------------------------------------------------------------------------------
+_SIMPLE_UNARY = {"relu": R.nn.relu, "sigmoid": R.sigmoid, "tanh": R.tanh, "erf": R.erf, "exp": R.exp, "log": R.log,
+                 "sqrt": R.sqrt, "rsqrt": R.rsqrt, "neg": R.negative, "abs": R.abs, "floor": R.floor, "ceil": R.ceil,
+                 "sin": R.sin, "cos": R.cos, "logical_not": R.logical_not, "sign": R.sign, "isnan": R.isnan,
+                 "isinf": R.isinf}
+
+
+@lowers(*_SIMPLE_UNARY)
+def _unary(low: _Lowerer, node: Node, xs):
+    return low.emit(_SIMPLE_UNARY[node.op](xs[0]))
+
+
+@lowers("identity", "dropout")
+def _identity(low, node, xs):
+    return xs[0]
+
+
+def activation(low: _Lowerer, x: relax.Expr, act: str, args: tuple, dtype: str) -> relax.Expr:
+    """A fused or standalone activation, by its IR name."""
+    if act == "none":
+        return x
+    if act == "relu":
+        return low.emit(R.nn.relu(x))
+    if act == "clip":
+        return low.emit(R.clip(x, float(args[0]), float(args[1])))
+    if act == "sigmoid":
+        return low.emit(R.sigmoid(x))
+    if act == "tanh":
+        return low.emit(R.tanh(x))
+    if act == "silu":
+        return low.emit(R.multiply(x, low.emit(R.sigmoid(x))))
+    if act in ("gelu", "gelu_tanh"):
+        return low.emit(R.nn.gelu(x) if act == "gelu" else R.nn.gelu_tanh(x))
+    if act in ("hardswish", "hardsigmoid"):
+        alpha, beta = (1 / 6, 0.5) if act == "hardswish" else args
+        hs = low.emit(R.clip(low.emit(R.add(low.emit(R.multiply(x, low.scalar(alpha, dtype))),
+                                            low.scalar(beta, dtype))), 0.0, 1.0))
+        return low.emit(R.multiply(x, hs)) if act == "hardswish" else hs
+    raise QCompilerError(f"activation '{act}' has no Relax lowering")
+
+
+@lowers("clip", "hardswish", "silu", "gelu")
+def _activation_op(low, node, xs):
+    dtype = TVM_DTYPE[node.output.dtype]
+    if node.op == "clip":
+        return activation(low, xs[0], "clip", (node.attrs["min"], node.attrs["max"]), dtype)
+    if node.op == "gelu":
+        return activation(low, xs[0], "gelu_tanh" if node.attrs["approximate"] == "tanh" else "gelu", (), dtype)
+    return activation(low, xs[0], node.op, (), dtype)
+
+
+@lowers("hardsigmoid")
+def _hardsigmoid(low, node, xs):
+    return activation(low, xs[0], "hardsigmoid", (node.attrs["alpha"], node.attrs["beta"]), TVM_DTYPE[node.output.dtype])
+
+
+@lowers("leaky_relu")
+def _leaky_relu(low, node, xs):
+    return low.emit(R.nn.leakyrelu(xs[0], node.attrs["alpha"]))
+
+
+@lowers("elu", "selu")
+def _elu(low, node, xs):
+    x, dtype = xs[0], TVM_DTYPE[node.output.dtype]
+    alpha = node.attrs["alpha"]
+    neg = low.emit(R.multiply(low.scalar(alpha, dtype), low.emit(R.subtract(low.emit(R.exp(x)), low.scalar(1, dtype)))))
+    y = low.emit(R.where(low.emit(R.greater(x, low.scalar(0, dtype))), x, neg))
+    return low.emit(R.multiply(y, low.scalar(node.attrs["gamma"], dtype))) if node.op == "selu" else y
+
+
+@lowers("softplus")
+def _softplus(low, node, xs):
+    x, dtype = xs[0], TVM_DTYPE[node.output.dtype]
+    # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), stable for large |x|
+    return low.emit(R.add(low.emit(R.nn.relu(x)),
+                          low.emit(R.log(low.emit(R.add(low.scalar(1, dtype),
+                                                        low.emit(R.exp(low.emit(R.negative(low.emit(R.abs(x))))))))))))
+
+
+@lowers("reciprocal")
+def _reciprocal(low, node, xs):
+    return low.emit(R.divide(low.scalar(1, TVM_DTYPE[node.output.dtype]), xs[0]))
+
+
+_BINARY = {"add": R.add, "sub": R.subtract, "mul": R.multiply, "pow": R.power, "maximum": R.maximum,
+           "minimum": R.minimum, "equal": R.equal, "less": R.less, "less_equal": R.less_equal, "greater": R.greater,
+           "greater_equal": R.greater_equal, "logical_and": R.logical_and, "logical_or": R.logical_or}
+
+
+@lowers(*_BINARY)
+def _binary(low, node, xs):
+    return low.emit(_BINARY[node.op](xs[0], xs[1]))
+
+
+@lowers("div")
+def _div(low, node, xs):
+    a, b = xs
+    if node.inputs[0].dtype in ("f32", "f64", "f16"):
+        return low.emit(R.divide(a, b))
+    q = low.emit(R.floor_divide(low.emit(R.abs(a)), low.emit(R.abs(b))))  # truncate toward zero
+    negative = low.emit(R.not_equal(low.emit(R.less(a, low.scalar(0, TVM_DTYPE[node.inputs[0].dtype]))),
+                                    low.emit(R.less(b, low.scalar(0, TVM_DTYPE[node.inputs[1].dtype])))))
+    return low.emit(R.where(negative, low.emit(R.negative(q)), q))
+
+
+@lowers("where")
+def _where(low, node, xs):
+    return low.emit(R.where(*xs))
+
+
+@lowers("cast")
+def _cast(low, node, xs):
+    return low.cast(xs[0], TVM_DTYPE[node.attrs["to"]])
+
+
+# ---- nn --------------------------------------------------------------------------------------------
+@lowers("conv1d", "conv2d", "conv3d")
+def _conv(low, node, xs):
+    rank = int(node.op[4])
+    conv = {1: R.nn.conv1d, 2: R.nn.conv2d, 3: R.nn.conv3d}[rank]
+    y = low.emit(conv(xs[0], xs[1], strides=node.attrs["strides"], padding=node.attrs["pads"],
+                      dilation=node.attrs["dilations"], groups=node.attrs["groups"]))
+    if len(xs) > 2:
+        y = low.emit(R.add(y, low.emit(R.reshape(xs[2], (1, -1) + (1,) * rank))))
+    return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], TVM_DTYPE[node.output.dtype])
+
+
+@lowers("batch_norm")
+def _batch_norm(low, node, xs):
+    x, scale, bias, mean, var = node.inputs
+    shape = (-1,) + (1,) * (x.type.rank - 2)
+    if all(v.is_constant for v in (scale, bias, mean, var)):
+        inv = low.array(scale) / np.sqrt(low.array(var) + np.float32(node.attrs["epsilon"]))
+        mul = low.const(inv.reshape(shape).astype(x.type.np_dtype))
+        add = low.const((low.array(bias) - low.array(mean) * inv).reshape(shape).astype(x.type.np_dtype))
+        return low.emit(R.add(low.emit(R.multiply(xs[0], mul)), add))
+    eps = low.scalar(node.attrs["epsilon"], TVM_DTYPE[x.dtype])
+    inv = low.emit(R.divide(xs[1], low.emit(R.sqrt(low.emit(R.add(xs[4], eps))))))
+    centered = low.emit(R.subtract(xs[0], low.emit(R.reshape(xs[3], shape))))
+    return low.emit(R.add(low.emit(R.multiply(centered, low.emit(R.reshape(inv, shape)))),
+                          low.emit(R.reshape(xs[2], shape))))
+
+
+@lowers("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d")
+def _pool(low, node, xs):
+    rank = int(node.op[-2])
+    kind = node.op.split("_")[0]
+    fn = getattr(R.nn, f"{kind}_pool{rank}d")
+    kwargs = dict(pool_size=node.attrs["kernel"], strides=node.attrs["strides"], padding=node.attrs["pads"],
+                  dilation=node.attrs["dilations"], ceil_mode=node.attrs["ceil_mode"])
+    if kind == "avg":
+        kwargs["count_include_pad"] = node.attrs["count_include_pad"]
+        if node.inputs[0].dtype not in ("f32", "f64", "f16"):  # integer mean: round half to even
+            x = low.cast(xs[0], "float64")
+            return low.cast(round_half_even(low, low.emit(fn(x, **kwargs))), TVM_DTYPE[node.output.dtype])
+    return low.emit(fn(xs[0], **kwargs))
+
+
+@lowers("adaptive_avg_pool2d")
+def _adaptive(low, node, xs):
+    return low.emit(R.nn.adaptive_avg_pool2d(xs[0], node.attrs["output_size"]))
+
+
+@lowers("linear")
+def _linear(low, node, xs):
+    y = low.emit(R.matmul(xs[0], low.emit(R.permute_dims(xs[1], [1, 0]))))
+    if len(xs) > 2:
+        y = low.emit(R.add(y, xs[2]))
+    return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], TVM_DTYPE[node.output.dtype])
+
+
+@lowers("matmul")
+def _matmul(low, node, xs):
+    y = low.emit(R.matmul(xs[0], xs[1]))
+    return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], TVM_DTYPE[node.output.dtype])
+
+
+@lowers("softmax", "log_softmax")
+def _softmax(low, node, xs):
+    fn = R.nn.softmax if node.op == "softmax" else R.nn.log_softmax
+    return low.emit(fn(xs[0], axis=node.attrs["axis"]))
+
+
+@lowers("layer_norm")
+def _layer_norm(low, node, xs):
+    x = node.inputs[0]
+    axis = node.attrs["axis"] % x.type.rank
+    axes = list(range(axis, x.type.rank))
+    norm_shape = x.shape[axis:]
+    dtype = x.type.np_dtype
+    gamma = xs[1] if len(xs) > 1 else low.const(np.ones(norm_shape, dtype))
+    beta = xs[2] if len(xs) > 2 else low.const(np.zeros(norm_shape, dtype))
+    return low.emit(R.nn.layer_norm(xs[0], gamma, beta, axes=axes, epsilon=node.attrs["epsilon"]))
+
+
+# ---- data movement -----------------------------------------------------------------------------------
+@lowers("reshape")
+def _reshape(low, node, xs):
+    return low.emit(R.reshape(xs[0], node.attrs["shape"]))
+
+
+@lowers("transpose")
+def _transpose(low, node, xs):
+    return low.emit(R.permute_dims(xs[0], list(node.attrs["perm"])))
+
+
+@lowers("concat")
+def _concat(low, node, xs):
+    return low.emit(R.concat(xs, axis=node.attrs["axis"]))
+
+
+@lowers("slice")
+def _slice(low, node, xs):
+    x = node.inputs[0]
+    y = xs[0]
+    for start, end, axis, step in zip(node.attrs["starts"], node.attrs["ends"], node.attrs["axes"],
+                                      node.attrs["steps"]):
+        axis %= x.type.rank
+        indices = np.arange(x.shape[axis])[slice(start, end, step)]
+        if step == 1 and len(indices):
+            y = low.emit(R.strided_slice(y, [axis], [int(indices[0])], [int(indices[-1]) + 1]))
+        else:  # strided or backward: an explicit gather of the selected positions
+            y = low.emit(R.take(y, low.const(indices.astype(np.int64)), axis=axis))
+    return y
+
+
+@lowers("gather")
+def _gather(low, node, xs):
+    data, idx = node.inputs
+    axis = node.attrs["axis"] % data.type.rank
+    size = data.shape[axis]
+    indices = low.emit(R.where(low.emit(R.less(xs[1], low.scalar(0, TVM_DTYPE[idx.dtype]))),
+                               low.emit(R.add(xs[1], low.scalar(size, TVM_DTYPE[idx.dtype]))), xs[1]))
+    return low.emit(R.take(xs[0], indices, axis=axis))
+
+
+@lowers("gather_elements")
+def _gather_elements(low, node, xs):
+    return low.emit(R.gather_elements(xs[0], xs[1], axis=node.attrs["axis"]))
+
+
+@lowers("index")
+def _index(low, node, xs):
+    return low.emit(R.index_tensor(xs[0], relax.Tuple(xs[1:])))
+
+
+@lowers("expand")
+def _expand(low, node, xs):
+    return low.emit(R.broadcast_to(xs[0], node.attrs["shape"]))
+
+
+@lowers("tile")
+def _tile(low, node, xs):
+    return low.emit(R.tile(xs[0], node.attrs["repeats"]))
+
+
+@lowers("pad")
+def _pad(low, node, xs):
+    x = node.inputs[0]
+    pads, rank = node.attrs["pads"], x.type.rank
+    y = xs[0]
+    for axis in range(rank):  # negative pads crop first
+        begin, end = max(0, -pads[axis]), x.shape[axis] - max(0, -pads[axis + rank])
+        if (begin, end) != (0, x.shape[axis]):
+            y = low.emit(R.strided_slice(y, [axis], [begin], [end]))
+    mode = node.attrs["mode"]
+    if mode != "constant":  # edge/reflect as gathers of computed positions (TVM's pad modes zero-fill)
+        for axis in range(rank):
+            begin, end = max(0, pads[axis]), max(0, pads[axis + rank])
+            size = x.shape[axis] - max(0, -pads[axis]) - max(0, -pads[axis + rank])
+            if begin or end:
+                pos = np.arange(-begin, size + end)
+                if mode == "edge":
+                    pos = np.clip(pos, 0, size - 1)
+                else:  # reflect without repeating the edge, as numpy's and ONNX's "reflect"
+                    period = 2 * (size - 1)
+                    pos = np.abs(pos) % period
+                    pos = np.where(pos >= size, period - pos, pos)
+                y = low.emit(R.take(y, low.const(pos.astype(np.int64)), axis=axis))
+        return y
+    width = [max(0, v) for i in range(rank) for v in (pads[i], pads[i + rank])]
+    return low.emit(R.nn.pad(y, width, pad_value=node.attrs["value"]))
+
+
+@lowers("split")
+def _split(low, node, xs):
+    bounds = np.cumsum(node.attrs["sizes"])[:-1].tolist()
+    parts = low.emit(R.split(xs[0], bounds, axis=node.attrs["axis"]))
+    return [low.emit(relax.TupleGetItem(parts, i)) for i in range(len(node.attrs["sizes"]))]
+
+
+_REDUCE = {"reduce_mean": R.mean, "reduce_sum": R.sum, "reduce_max": R.max, "reduce_min": R.min,
+           "reduce_prod": R.prod}
+
+
+@lowers(*_REDUCE)
+def _reduce(low, node, xs):
+    axes = list(node.attrs["axes"]) or None
+    x = node.inputs[0]
+    if node.op == "reduce_mean" and x.dtype not in ("f32", "f64", "f16"):
+        mean = low.emit(R.mean(low.cast(xs[0], "float64"), axis=axes, keepdims=node.attrs["keepdims"]))
+        return low.cast(round_half_even(low, mean), TVM_DTYPE[x.dtype])
+    return low.emit(_REDUCE[node.op](xs[0], axis=axes, keepdims=node.attrs["keepdims"]))
+
+
+@lowers("argmax")
+def _argmax(low, node, xs):
+    return low.cast(low.emit(R.argmax(xs[0], axis=node.attrs["axis"], keepdims=node.attrs["keepdims"])), "int64")
+
+
+# ---- quantization ------------------------------------------------------------------------------------
+def round_half_even(low: _Lowerer, x: relax.Expr) -> relax.Expr:
+    """round(x), ties to even, from floor and parity (exact for floats)."""
+    dtype = "float64"
+    f = low.emit(R.floor(x))
+    d = low.emit(R.subtract(x, f))
+    half = low.scalar(0.5, dtype)
+    odd = low.emit(R.equal(low.emit(R.floor_mod(f, low.scalar(2, dtype))), low.scalar(1, dtype)))
+    up = low.emit(R.logical_or(low.emit(R.greater(d, half)), low.emit(R.logical_and(low.emit(R.equal(d, half)), odd))))
+    return low.emit(R.where(up, low.emit(R.add(f, low.scalar(1, dtype))), f))
+
+
+def _axis_shaped(low: _Lowerer, v: Value, x_rank: int, axis: int, dtype: str) -> relax.Expr:
+    array = low.array(v).astype(dtype)
+    if array.ndim == 1:
+        shape = [1] * x_rank
+        shape[axis % x_rank] = -1
+        array = array.reshape(shape)
+    return low.const(array)
+
+
+def _rounding_shift(low: _Lowerer, v: relax.Expr, shift: relax.Expr) -> relax.Expr:
+    """round(v / 2^shift) half to even, in int64 (as the interpreter's rounding_shift)."""
+    one = low.scalar(1, "int64")
+    q = low.emit(R.right_shift(v, shift))
+    r = low.emit(R.subtract(v, low.emit(R.left_shift(q, shift))))
+    half = low.emit(R.left_shift(one, low.emit(R.subtract(shift, one))))
+    odd = low.emit(R.equal(low.emit(R.bitwise_and(q, one)), one))
+    up = low.emit(R.logical_or(low.emit(R.greater(r, half)), low.emit(R.logical_and(low.emit(R.equal(r, half)), odd))))
+    return low.emit(R.add(q, low.cast(up, "int64")))
+
+
+def _clip_cast(low: _Lowerer, y: relax.Expr, lo: int, hi: int, dtype: str) -> relax.Expr:
+    y = low.emit(R.maximum(low.emit(R.minimum(y, low.scalar(hi, "int64"))), low.scalar(lo, "int64")))
+    return low.cast(y, dtype)
+
+
+@lowers("quantize")
+def _quantize(low, node, xs):
+    x, scale = node.inputs[0], node.inputs[1]
+    zp_dtype = node.output.dtype
+    info = np.iinfo(DTYPES[zp_dtype])
+    axis = node.attrs["axis"] % max(x.type.rank, 1)
+    shape = None
+    if scale.type.rank == 1:
+        shape = [1] * x.type.rank
+        shape[axis] = -1
+    s = low.cast(xs[1], "float32") if scale.dtype != "f32" else xs[1]
+    s = low.emit(R.reshape(s, shape)) if shape else s
+    scaled = low.emit(R.divide(low.cast(xs[0], "float32"), s))
+    q = low.cast(round_half_even(low, low.cast(scaled, "float64")), "int64")
+    if len(xs) > 2:
+        z = low.emit(R.reshape(xs[2], shape)) if shape else xs[2]
+        q = low.emit(R.add(q, low.cast(z, "int64")))
+    return _clip_cast(low, q, int(info.min), int(info.max), TVM_DTYPE[zp_dtype])
+
+
+@lowers("dequantize")
+def _dequantize(low, node, xs):
+    x, scale = node.inputs[0], node.inputs[1]
+    axis = node.attrs["axis"] % max(x.type.rank, 1)
+    v = low.cast(xs[0], "int64")
+    shape = None
+    if scale.type.rank == 1:
+        shape = [1] * x.type.rank
+        shape[axis] = -1
+    if len(xs) > 2:
+        z = low.cast(xs[2], "int64")
+        v = low.emit(R.subtract(v, low.emit(R.reshape(z, shape)) if shape else z))
+    s = low.emit(R.reshape(xs[1], shape)) if shape else xs[1]
+    out = TVM_DTYPE[node.output.dtype]
+    return low.emit(R.multiply(low.cast(low.cast(v, "float32"), out), s))
+
+
+def _centered(low: _Lowerer, x: relax.Expr, zp: Value, rank: int, axis: int) -> relax.Expr:
+    return low.emit(R.subtract(low.cast(x, "int32"), _axis_shaped(low, zp, rank, axis, "int32")))
+
+
+@lowers("conv1d_int", "conv2d_int", "conv3d_int")
+def _conv_int(low, node, xs):
+    rank = int(node.op[4])
+    conv = {1: R.nn.conv1d, 2: R.nn.conv2d, 3: R.nn.conv3d}[rank]
+    x = _centered(low, xs[0], node.inputs[1], rank + 2, 1)
+    w = _centered(low, xs[2], node.inputs[3], rank + 2, 0)
+    y = low.emit(conv(x, w, strides=node.attrs["strides"], padding=node.attrs["pads"], dilation=node.attrs["dilations"],
+                      groups=node.attrs["groups"], out_dtype="int32"))
+    if len(xs) > 4:
+        y = low.emit(R.add(y, low.emit(R.reshape(xs[4], (1, -1) + (1,) * rank))))
+    return y
+
+
+@lowers("linear_int")
+def _linear_int(low, node, xs):
+    x = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
+    w = _centered(low, xs[2], node.inputs[3], 2, 0)
+    y = low.emit(R.matmul(x, low.emit(R.permute_dims(w, [1, 0])), out_dtype="int32"))
+    return low.emit(R.add(y, xs[4])) if len(xs) > 4 else y
+
+
+@lowers("matmul_int")
+def _matmul_int(low, node, xs):
+    a = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
+    b = _centered(low, xs[2], node.inputs[3], node.inputs[2].type.rank, -1)
+    return low.emit(R.matmul(a, b, out_dtype="int32"))
+
+
+@lowers("requantize")
+def _requantize(low, node, xs):
+    x = node.inputs[0]
+    rank, axis = x.type.rank, node.attrs["axis"]
+    v = low.cast(xs[0], "int64")
+    if node.attrs["input_zero_point"]:
+        v = low.emit(R.subtract(v, low.scalar(node.attrs["input_zero_point"], "int64")))
+    v = low.emit(R.multiply(v, _axis_shaped(low, node.inputs[1], rank, axis, "int64")))
+    y = _rounding_shift(low, v, _axis_shaped(low, node.inputs[2], rank, axis, "int64"))
+    y = low.emit(R.add(y, low.cast(xs[3], "int64")))
+    info = np.iinfo(DTYPES[node.output.dtype])
+    return _clip_cast(low, y, max(int(info.min), node.attrs["min"]), min(int(info.max), node.attrs["max"]),
+                      TVM_DTYPE[node.output.dtype])
+
+
+@lowers("add_int")
+def _add_int(low, node, xs):
+    from qcompiler.ir.ops.quant import ADD_INT_BITS
+
+    a = node.attrs
+
+    def rescaled(x: relax.Expr, zp: int, mult: int, shift: int) -> relax.Expr:
+        v = low.emit(R.subtract(low.cast(x, "int64"), low.scalar(zp, "int64")))
+        v = low.emit(R.multiply(v, low.scalar((1 << ADD_INT_BITS) * mult, "int64")))
+        return _rounding_shift(low, v, low.scalar(shift, "int64"))
+
+    total = low.emit(R.add(rescaled(xs[0], a["a_zero_point"], a["a_multiplier"], a["a_shift"]),
+                           rescaled(xs[1], a["b_zero_point"], a["b_multiplier"], a["b_shift"])))
+    y = low.emit(R.add(_rounding_shift(low, total, low.scalar(ADD_INT_BITS, "int64")), low.cast(xs[2], "int64")))
+    info = np.iinfo(DTYPES[node.output.dtype])
+    return _clip_cast(low, y, max(int(info.min), a["min"]), min(int(info.max), a["max"]), TVM_DTYPE[node.output.dtype])
+
+
+@lowers("rescale")
+def _rescale(low, node, xs):
+    x = node.inputs[0]
+    scale = _axis_shaped(low, node.inputs[1], x.type.rank, node.attrs["axis"], "float64")
+    y = round_half_even(low, low.emit(R.multiply(low.cast(xs[0], "float64"), scale)))
+    y = low.emit(R.add(low.cast(y, "int64"), low.cast(xs[2], "int64")))
+    info = np.iinfo(DTYPES[node.output.dtype])
+    return _clip_cast(low, y, int(info.min), int(info.max), TVM_DTYPE[node.output.dtype])
