@@ -7,6 +7,7 @@
 """
 from .capture import from_onnx, from_torch
 from .compare import LayerError, compare
+from .compiled import CompiledModel, compile, load
 from .errors import (InputError, ModelLoadError, ParseError, QCompilerError, UnsupportedOpError,
                      VerificationError)
 from .interpreter import run
@@ -16,7 +17,7 @@ from .quantize import QuantizeResult, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["CalibrationConfig", "LayerError", "QuantConfig", "QuantizeResult", "compare", "quantize",
+__all__ = ["CompiledModel", "compile", "load", "CalibrationConfig", "LayerError", "QuantConfig", "QuantizeResult", "compare", "quantize",
            "Graph", "InputError", "ModelLoadError", "Node", "ParseError", "QCompilerError", "TensorType",
            "UnsupportedOpError", "Value", "VerificationError", "from_onnx", "from_torch", "load_graph",
            "parse_graph", "print_graph", "run", "save", "verify_graph"]

@@ -6,7 +6,10 @@ TVM facts this relies on (../shared/DESIGN.md): targets take the JSON-dict form;
 GPU (the module keeps CUDA source until it is loaded on one)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,7 +73,8 @@ class TVMRunner:
     """A built module on a device, called like the graph: numpy in, numpy out."""
 
     def __init__(self, executable: Any, device: Any, num_outputs: int):
-        self.vm = relax.VirtualMachine(executable, device)
+        with quiet_native_stderr():
+            self.vm = relax.VirtualMachine(executable, device)
         self.device = device
         self.num_outputs = num_outputs
 
@@ -85,9 +89,30 @@ def device_for(kind: str):
     return tvm.cpu() if kind == "llvm" else tvm.cuda(0)
 
 
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence TVM's C++ log lines (``Warning: Scope Saving: ...``) that go straight to file
+    descriptor 2; what was written is replayed if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def export(executable: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
-    executable.export_library(str(path))
+    with quiet_native_stderr():
+        executable.export_library(str(path))
     return path
 
 
@@ -96,7 +121,8 @@ def load(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise QCompilerError(f"{path}: compiled library is missing")
     try:
-        return tvm.runtime.load_module(str(path))
+        with quiet_native_stderr():
+            return tvm.runtime.load_module(str(path))
     except Exception as e:
         raise QCompilerError(f"{path}: cannot load compiled library ({(str(e).strip().splitlines() or [''])[-1]})") \
             from None

@@ -1,0 +1,293 @@
+"""``qcompiler.compile``: model in, a callable compiled model out, with a report and a
+deployment artifact (``save``/``load``).
+
+The artifact is a folder: the compiled library (TVM ``export_library``), the IR that was
+compiled (``graph.qir`` + ``graph.npz``), ``manifest.json`` (inputs, outputs, target, pipeline,
+QuantConfig, quantization parameters, versions, sha256 of every file) and ``report.json``.
+It is written to a temporary folder beside the destination and renamed into place, so a
+failed or interrupted save never replaces a good artifact."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelLoadError, QCompilerError
+from .interpreter import check_inputs, to_numpy
+from .ir import Graph, load_graph, save as save_graph
+from .quant_config import QuantConfig
+
+TARGETS = ("llvm", "cuda", "reference")
+FORMAT_VERSION = 1
+LIBRARY = "model.so"
+VOLATILE_REPORT_KEYS = ("compile_seconds", "build_seconds", "pass_timings_ms")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import torch
+    import tvm
+
+    from . import __version__
+
+    return {"qcompiler": __version__, "tvm": tvm.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "numpy": np.__version__}
+
+
+def quantization_parameters(graph: Graph) -> dict[str, dict[str, Any]]:
+    """Per-tensor scale and zero point of every quantized value (what requantize/quantize produce)."""
+    from .compare import _integer_params
+
+    by_id = {id(v): v for n in graph.nodes for v in n.outputs}
+    return {by_id[i].name: {"scale": float(s), "zero_point": int(z), "dtype": by_id[i].dtype}
+            for i, (s, z) in _integer_params(graph).items() if i in by_id}
+
+
+def model_size_bytes(graph: Graph) -> int:
+    return int(sum(a.nbytes for a in graph.constants.values()))
+
+
+class CompiledModel:
+    """Callable on numpy arrays or torch tensors; returns one array, or a list for several outputs."""
+
+    def __init__(self, graph: Graph, target: str, pipeline: str, runner: Any, report: dict[str, Any],
+                 config: QuantConfig | None, executable: Any = None):
+        self.graph = graph
+        self.target = target
+        self.pipeline = pipeline
+        self.config = config
+        self._runner = runner
+        self._report = report
+        self._executable = executable
+
+    def __call__(self, *inputs: Any) -> Any:
+        arrays = check_inputs(self.graph, [to_numpy(x) for x in inputs])
+        outputs = self._runner(arrays)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def report(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._report))
+
+    # ---- the artifact -------------------------------------------------------------------------
+    def manifest(self, files: dict[str, str]) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "inputs": [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in self.graph.inputs],
+            "outputs": [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in self.graph.outputs],
+            "target": self.target,
+            "target_spec": self._report.get("target_spec", self.target),
+            "pipeline": self.pipeline,
+            "quant_config": self.config.to_dict() if self.config else None,
+            "quantization_parameters": quantization_parameters(self.graph),
+            "versions": versions(),
+            "files": files,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        parent = directory.resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
+        try:
+            save_graph(self.graph, staging / "graph.qir")
+            if self._executable is not None:
+                from .targets.tvm import export
+
+                export(self._executable, staging / LIBRARY)
+            # timings vary run to run; the artifact keeps only what the same inputs reproduce
+            stable = {k: v for k, v in self._report.items() if k not in VOLATILE_REPORT_KEYS}
+            (staging / "report.json").write_text(json.dumps(stable, indent=2, sort_keys=True))
+            files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+            (staging / "manifest.json").write_text(json.dumps(self.manifest(files), indent=2, sort_keys=True))
+            _replace_dir(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move ``new`` to ``dest``; an existing ``dest`` is swapped out only once ``new`` is complete."""
+    if dest.exists():
+        if not (dest / "manifest.json").exists() and any(dest.iterdir()):
+            raise QCompilerError(f"{dest}: exists and is not a qcompiler artifact; refusing to replace it")
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)
+
+
+def load(directory: str | os.PathLike) -> CompiledModel:
+    """Load an artifact written by ``CompiledModel.save`` (no original model or data needed)."""
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.exists():
+        raise ModelLoadError(f"{directory}: not a qcompiler artifact (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files, target = manifest["files"], manifest["target"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{manifest_path}: corrupt manifest ({type(e).__name__}: {e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{manifest_path}: artifact format {manifest.get('format_version')} is not "
+                             f"{FORMAT_VERSION}")
+    for name, digest in files.items():
+        path = directory / name
+        if not path.exists():
+            raise ModelLoadError(f"{path}: missing from the artifact")
+        if _sha256(path) != digest:
+            raise ModelLoadError(f"{path}: checksum mismatch (the file changed after the artifact was written)")
+    graph = load_graph(directory / "graph.qir")
+    report = json.loads((directory / "report.json").read_text()) if (directory / "report.json").exists() else {}
+    config = QuantConfig.from_dict(manifest["quant_config"]) if manifest.get("quant_config") else None
+    if target == "reference":
+        runner, executable = _reference_runner(graph), None
+    else:
+        from .targets.tvm import TVMRunner, device_for
+        from .targets.tvm import load as load_library
+
+        if LIBRARY not in files:
+            raise ModelLoadError(f"{directory}: the manifest lists no {LIBRARY} for target {target}")
+        executable = load_library(directory / LIBRARY)
+        runner = TVMRunner(executable, device_for(target), len(graph.outputs))
+    return CompiledModel(graph, target, manifest["pipeline"], runner, report, config, executable)
+
+
+def _reference_runner(graph: Graph):
+    from .interpreter import run
+
+    return lambda arrays: run(graph, arrays)
+
+
+# ---- compile -------------------------------------------------------------------------------------
+def _capture(model: Any, example_inputs: Any) -> Graph:
+    from .capture import from_onnx, from_torch
+
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto":
+        if isinstance(model, (str, os.PathLike)) and str(model).endswith((".qir", ".txt", ".mlir")):
+            return load_graph(model)
+        return from_onnx(model)
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise QCompilerError("compiling a torch module needs example_inputs (the shapes it runs at)")
+        return from_torch(model, example_inputs)
+    raise QCompilerError(f"cannot compile a {type(model).__name__}: pass a torch.nn.Module, an ONNX file or "
+                         f"ModelProto, or a qcompiler Graph")
+
+
+def _fidelity(reference: Graph, compiled: CompiledModel, batch: Sequence[np.ndarray]) -> dict[str, float]:
+    from .compare import _metrics
+
+    want = reference(*batch)[0]
+    got = compiled(*batch)
+    got = got[0] if isinstance(got, list) else got
+    sqnr, cosine, max_abs = _metrics(want, got)
+    return {"output_sqnr_db": round(sqnr, 3) if np.isfinite(sqnr) else None, "output_cosine": round(cosine, 6),
+            "output_max_abs_error": float(max_abs)}
+
+
+def compile(model: Any, example_inputs: Any = None, calibration: Any = None, target: str = "llvm",
+            config: QuantConfig | None = None, pipeline: str | None = None, tune: bool = False,
+            tuning_db: str | os.PathLike | None = None, progress: bool = False) -> CompiledModel:
+    """Capture, quantize (when ``calibration`` is given) and build ``model`` for ``target``
+    (``llvm``: this CPU through TVM; ``cuda``; ``reference``: the interpreter)."""
+    from .pass_manager import Instruments, run_pipeline
+    from .passes import DEFAULT_FLOAT_PIPELINE
+    from .pipeline import PassContext
+    from .quantize import quantize
+
+    if target not in TARGETS:
+        raise QCompilerError(f"unknown target '{target}' (one of {', '.join(TARGETS)})")
+    if tune or tuning_db is not None:
+        raise QCompilerError("tuning (tune=True / tuning_db) is not available yet: qcompiler builds with TVM's "
+                             "default lowering only")
+    started = time.perf_counter()
+    graph = _capture(model, example_inputs)
+    report: dict[str, Any] = {"target": target, "size_bytes": {"float": model_size_bytes(graph)}}
+    batches = None
+    if calibration is not None:
+        from .passes.range_analysis import calibration_batches
+
+        batches = calibration_batches(graph, calibration)
+    if pipeline is not None:
+        inst = Instruments(emit=lambda s: None)
+        ctx = PassContext(calibration=batches, config=config, progress=progress)
+        reference = graph.copy()
+        compiled_graph = run_pipeline(graph.copy(), pipeline, inst, ctx)
+        report["passes"] = ctx.report
+        timings = inst.records
+        used = pipeline
+    elif batches is not None:
+        config = config or QuantConfig()
+        result = quantize(graph, batches, config, progress=progress)
+        compiled_graph, reference, used, timings = result.graph, result.float_graph, result.pipeline, result.timings
+        report["passes"] = result.report
+    else:
+        inst = Instruments(emit=lambda s: None)
+        compiled_graph = run_pipeline(graph.copy(), DEFAULT_FLOAT_PIPELINE, inst)
+        reference, used, timings = graph, DEFAULT_FLOAT_PIPELINE, inst.records
+        report["passes"] = {}
+    integer_ops = sum(1 for n in compiled_graph.nodes if n.op.endswith("_int") or n.op in ("requantize", "add_int"))
+    report["quantized"] = integer_ops > 0
+    if not report["quantized"]:
+        report["note"] = ("float model: no calibration data was given" if batches is None else
+                          "nothing was quantized: see passes.kept_float / not_quantized")
+    report["kept_float"] = report["passes"].get("kept_float", [])
+    report["ops"] = {"integer": integer_ops, "total": len(compiled_graph.nodes), "by_op": compiled_graph.op_counts()}
+    report["size_bytes"]["compiled"] = model_size_bytes(compiled_graph)
+    report["pass_timings_ms"] = [{"pass": r.name, "ms": round(r.seconds * 1e3, 2), "changed": r.changed}
+                                 for r in timings]
+    report["pipeline"] = used
+    executable = None
+    if target == "reference":
+        runner = _reference_runner(compiled_graph)
+    else:
+        from .targets.tvm import TVMRunner, build, device_for, make_target
+
+        tvm_target = make_target(target)
+        report["target_spec"] = str(tvm_target)
+        build_started = time.perf_counter()
+        executable = build(compiled_graph, tvm_target)
+        report["build_seconds"] = round(time.perf_counter() - build_started, 2)
+        runner = TVMRunner(executable, device_for(target), len(compiled_graph.outputs)) \
+            if target == "llvm" or device_for(target).exist else _unavailable(target)
+    compiled = CompiledModel(compiled_graph, target, used, runner, report, config, executable)
+    if batches is not None and (target != "cuda" or device_for(target).exist):
+        report["fidelity"] = _fidelity(reference, compiled, batches[0])
+    report["compile_seconds"] = round(time.perf_counter() - started, 2)
+    return compiled
+
+
+def device_for(target: str):
+    from .targets.tvm import device_for as tvm_device
+
+    return tvm_device(target)
+
+
+def _unavailable(target: str):
+    def runner(arrays):
+        raise QCompilerError(f"this machine has no device for target '{target}'; save() the model and load it "
+                             f"where there is one")
+    return runner
