@@ -130,6 +130,140 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+GATE_FAILED = 3  # exit status when the model builds but misses --max-accuracy-drop / --min-sqnr
+
+
+def _accuracy(model, batches, labels) -> float:
+    import numpy as np
+
+    preds = np.concatenate([np.asarray(model(*b)).reshape(len(b[0]), -1).argmax(-1) for b in batches])
+    return float((preds == labels[:len(preds)]).mean())
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from .compiled import compile as compile_model
+    from .compare import _metrics
+    from .loading import load_data, load_labels, load_model, parse_shapes
+    from .quant_config import QuantConfig
+
+    console = Console(stderr=True)
+    out = Path(args.output)
+    if Path(args.model).exists() and out.resolve() == Path(args.model).resolve():
+        raise QCompilerError(f"{out}: refusing to overwrite the input model")
+    with console.status("capturing..."):
+        graph = load_model(args.model, parse_shapes(args.input_shape))
+    config = QuantConfig.load(args.config) if args.config else None
+    calibration = load_data(args.calibration, graph, args.image_mean, args.image_std) if args.calibration else None
+    if calibration is None and (args.max_accuracy_drop is not None or args.min_sqnr is not None) and not args.eval:
+        raise QCompilerError("a gate (--max-accuracy-drop / --min-sqnr) needs --eval or --calibration data")
+    compiled = compile_model(graph, calibration=calibration, target=args.target, config=config,
+                             pipeline=args.pipeline, tune=args.tune, tuning_db=args.tuning_db,
+                             progress=not args.json)
+    report = compiled.report()
+    gate: dict = {}
+    float_run = lambda *xs: graph(*xs)[0]  # noqa: E731  the uncompiled float model is the reference
+    if args.eval:
+        batches = load_data(args.eval, graph, args.image_mean, args.image_std)
+        if args.max_accuracy_drop is not None:
+            labels = load_labels(args.eval)
+            acc_f, acc_q = _accuracy(float_run, batches, labels), _accuracy(compiled, batches, labels)
+            report["accuracy"] = {"float": acc_f, "compiled": acc_q, "drop_points": round(100 * (acc_f - acc_q), 4)}
+        check_batch = batches[0]
+    else:
+        check_batch = calibration[0] if calibration else None
+    if check_batch is not None:
+        want, got = float_run(*check_batch), compiled(*check_batch)
+        got = got[0] if isinstance(got, list) else got
+        sqnr, cosine, _ = _metrics(want, np.asarray(got))
+        report["eval_output_sqnr_db"] = round(sqnr, 3) if np.isfinite(sqnr) else None
+    if args.max_accuracy_drop is not None:
+        drop = report["accuracy"]["drop_points"]
+        gate["accuracy"] = {"limit_points": args.max_accuracy_drop, "drop_points": drop,
+                            "passed": drop <= args.max_accuracy_drop,
+                            "margin_points": round(args.max_accuracy_drop - drop, 4)}
+    if args.min_sqnr is not None:
+        sqnr = report.get("eval_output_sqnr_db")
+        passed = sqnr is None or sqnr >= args.min_sqnr  # None: no error at all
+        gate["sqnr"] = {"min_db": args.min_sqnr, "sqnr_db": sqnr, "passed": passed,
+                        "margin_db": None if sqnr is None else round(sqnr - args.min_sqnr, 3)}
+    if gate:
+        report["gate"] = gate
+    compiled.annotate({k: report[k] for k in ("accuracy", "eval_output_sqnr_db", "gate") if k in report})
+    compiled.save(out)
+    failed = [k for k, g in gate.items() if not g["passed"]]
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        table = Table(title=f"qcompiler compile -> {out}")
+        table.add_column("")
+        table.add_column("")
+        table.add_row("target", report.get("target_spec", report["target"]))
+        table.add_row("quantized", "yes" if report["quantized"] else f"no ({report.get('note', '')})")
+        table.add_row("ops", f"{report['ops']['integer']} integer of {report['ops']['total']}")
+        table.add_row("kept float", str(len(report["kept_float"])))
+        size = report["size_bytes"]
+        table.add_row("weights", f"{size['float'] / 1e6:.2f} MB -> {size['compiled'] / 1e6:.2f} MB")
+        if "accuracy" in report:
+            acc = report["accuracy"]
+            table.add_row("accuracy", f"float {acc['float']:.4f}, compiled {acc['compiled']:.4f} "
+                                      f"(drop {acc['drop_points']:.2f} points)")
+        if report.get("eval_output_sqnr_db") is not None:
+            table.add_row("output SQNR", f"{report['eval_output_sqnr_db']:.1f} dB")
+        for name, g in gate.items():
+            table.add_row(f"gate: {name}", "[green]passed[/]" if g["passed"] else "[red]FAILED[/]")
+        table.add_row("compile time", f"{report['compile_seconds']:.1f} s")
+        console.print(table)
+        for entry in report["kept_float"]:
+            console.print(f"kept float: {entry['node']}: {entry['reason']}", highlight=False)
+    if failed:
+        print(f"qcompiler: gate failed: {', '.join(failed)} (see {out / 'report.json'})", file=sys.stderr)
+        return GATE_FAILED
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .compiled import load
+    from .loading import load_data
+
+    model = load(args.artifact)
+    batches = load_data(args.inputs, model.graph)
+    outputs = [model(*batch) for batch in batches]
+    names = [v.name for v in model.graph.outputs]
+    stacked = {name: np.stack([o if len(names) == 1 else o[i] for o in outputs]) for i, name in enumerate(names)}
+    if args.output:
+        np.savez(args.output, **stacked)
+    for name, array in stacked.items():
+        print(f"{name}: {len(batches)} batch(es) of {list(array.shape[1:])} {array.dtype}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    import json
+
+    from .loading import load_model, parse_shapes
+    from .show import render_html
+
+    graph = load_model(args.model, parse_shapes(args.input_shape))
+    errors = None
+    if args.compare:
+        try:
+            errors = {int(e["handle"]): e for e in json.loads(Path(args.compare).read_text())}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise QCompilerError(f"{args.compare}: not a compare JSON ({e})") from None
+    out = Path(args.output)
+    out.write_text(render_html(graph, errors, title=Path(args.model).name))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompiler", description="A quantizing model compiler.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=15, help="rows in the table of worst layers")
     p.add_argument("--json", metavar="FILE", help="write every layer's numbers as JSON ('-' for stdout)")
     p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser("compile", help="quantize and build a model into a deployment artifact")
+    model_args(p)
+    p.add_argument("-o", "--output", required=True, help="artifact folder (replaced only when complete)")
+    p.add_argument("--calibration", help=".npz, or a folder of .npy arrays or images; without it: a float build")
+    p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "reference"])
+    p.add_argument("--config", help="QuantConfig as JSON (or YAML)")
+    p.add_argument("-p", "--pipeline", help="run this pipeline instead of the default quantization flow")
+    p.add_argument("--tune", action="store_true", help="MetaSchedule tuning (not available yet: refused)")
+    p.add_argument("--tuning-db", help="tuning records to reuse (not available yet: refused)")
+    p.add_argument("--eval", help=".npz with inputs (and 'labels' for --max-accuracy-drop) to check the build on")
+    p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                   help="gate: fail (exit 3) when accuracy drops by more than this many percentage points")
+    p.add_argument("--min-sqnr", type=float, metavar="DB", help="gate: fail (exit 3) when output SQNR is lower")
+    p.add_argument("--image-mean", type=float, nargs=3, metavar="M", help="normalize calibration/eval images")
+    p.add_argument("--image-std", type=float, nargs=3, metavar="S")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.set_defaults(func=_cmd_compile)
+    p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz (or a folder)")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", required=True)
+    p.add_argument("-o", "--output", help="write the outputs to this .npz")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("show", help="the graph as a self-contained HTML picture")
+    model_args(p)
+    p.add_argument("-o", "--output", default="graph.html")
+    p.add_argument("--compare", help="JSON from `qcompiler compare --json`: colour nodes by quantization error")
+    p.set_defaults(func=_cmd_show)
     p = sub.add_parser("stats", help="op counts of a model")
     model_args(p)
     p.set_defaults(func=_cmd_stats)

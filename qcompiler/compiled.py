@@ -84,6 +84,10 @@ class CompiledModel:
     def report(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._report))
 
+    def annotate(self, entries: dict[str, Any]) -> None:
+        """Add results measured after compiling (accuracy on eval data, gate outcome) to the report."""
+        self._report.update(entries)
+
     # ---- the artifact -------------------------------------------------------------------------
     def manifest(self, files: dict[str, str]) -> dict[str, Any]:
         return {

@@ -108,3 +108,62 @@ def load_labels(path: str | os.PathLike):
         if "labels" not in data.files:
             raise ModelLoadError(f"{path}: no 'labels' array")
         return data["labels"]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_data(path: str | os.PathLike, graph: Graph, mean: Sequence[float] | None = None,
+              std: Sequence[float] | None = None) -> list[list]:
+    """Batches from an ``.npz`` (see :func:`load_batches`) or, for a one-input model, a folder
+    of ``.npy`` arrays or images. Images are read as RGB (or grayscale for one channel),
+    resized to the input's H x W, scaled to [0, 1], then normalized by ``mean``/``std``;
+    they are grouped into batches of the input's batch size."""
+    import numpy as np
+
+    path = Path(path)
+    if path.is_file():
+        return load_batches(path, graph)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if len(graph.inputs) != 1:
+        raise ModelLoadError(f"{path}: a folder of arrays or images can feed a one-input model only; use an .npz")
+    value = graph.inputs[0]
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES + (".npy",))
+    if not files:
+        raise ModelLoadError(f"{path}: no .npy or image files")
+    samples = []
+    for f in files:
+        if f.suffix == ".npy":
+            samples.append(np.load(f, allow_pickle=False))
+        else:
+            samples.append(_read_image(f, value.shape, mean, std))
+    arrays = np.concatenate([s if s.shape == value.shape else s[None] for s in samples]).astype(value.type.np_dtype)
+    if arrays.shape[1:] != value.shape[1:]:
+        raise ModelLoadError(f"{path}: samples of shape {list(arrays.shape[1:])} do not fit input %{value.name} "
+                             f"{list(value.shape)}")
+    batch = value.shape[0]
+    usable = len(arrays) - len(arrays) % batch
+    if usable == 0:
+        raise ModelLoadError(f"{path}: {len(arrays)} samples, fewer than one batch of {batch}")
+    return [[arrays[i:i + batch]] for i in range(0, usable, batch)]
+
+
+def _read_image(path: Path, shape: Sequence[int], mean, std):
+    import numpy as np
+    from PIL import Image
+
+    if len(shape) != 4:
+        raise ModelLoadError(f"{path}: images need an NCHW input, the model takes {list(shape)}")
+    channels, height, width = shape[1:]
+    try:
+        image = Image.open(path).convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read image ({e})") from None
+    array = np.asarray(image, np.float32) / 255.0
+    array = array[None] if channels == 1 else array.transpose(2, 0, 1)
+    if mean is not None:
+        array = array - np.asarray(mean, np.float32).reshape(-1, 1, 1)
+    if std is not None:
+        array = array / np.asarray(std, np.float32).reshape(-1, 1, 1)
+    return array
