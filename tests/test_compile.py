@@ -1,0 +1,182 @@
+"""compile -> save -> load in a fresh process -> same outputs; broken artifacts fail clearly;
+the build gate passes and fails on the right side of its threshold; same inputs, same artifact."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qcompiler
+from qcompiler import ModelLoadError, QCompilerError, zoo
+from tests.conftest import export_onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qcompiler", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def digits_files(digits, tmp_path_factory):
+    model, (x_train, _, x_test, y_test) = digits
+    tmp = tmp_path_factory.mktemp("digits")
+    onnx_path = export_onnx(model, (torch.from_numpy(x_test[:40]),), tmp / "digits.onnx", ["image"])
+    np.savez(tmp / "cal.npz", image=x_train[:320])
+    np.savez(tmp / "eval.npz", image=x_test[:360], labels=y_test[:360])
+    return tmp, onnx_path
+
+
+def test_compile_save_load_in_a_fresh_process(digits, tmp_path):
+    model, (x_train, _, x_test, y_test) = digits
+    calibration = [x_train[i:i + 40] for i in range(0, 320, 40)]
+    compiled = qcompiler.compile(model, (torch.from_numpy(x_test[:40]),), calibration=calibration)
+    outputs = compiled(x_test[:40])
+    assert np.array_equal(compiled(torch.from_numpy(x_test[:40])), outputs)  # torch tensors too
+    report = compiled.report()
+    assert report["quantized"] and report["ops"]["integer"] >= 6 and report["kept_float"] == []
+    assert report["size_bytes"]["compiled"] < report["size_bytes"]["float"] / 3
+    assert report["fidelity"]["output_cosine"] > 0.999
+    assert compiled.pipeline.endswith("insert-qdq,lower-integer")
+    compiled.save(tmp_path / "artifact")
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert manifest["inputs"] == [{"name": "x", "shape": [40, 1, 8, 8], "dtype": "f32"}]
+    assert manifest["pipeline"] == compiled.pipeline and manifest["quant_config"]["activation_dtype"] == "u8"
+    assert set(manifest["files"]) == {"graph.qir", "graph.npz", "model.so", "report.json"}
+    assert any(p["dtype"] == "u8" for p in manifest["quantization_parameters"].values())
+    assert set(manifest["versions"]) >= {"qcompiler", "tvm", "torch", "onnx"}
+    np.save(tmp_path / "x.npy", x_test[:40])
+    script = textwrap.dedent(f"""
+        import numpy as np, qcompiler
+        model = qcompiler.load({str(tmp_path / "artifact")!r})
+        np.save({str(tmp_path / "y.npy")!r}, model(np.load({str(tmp_path / "x.npy")!r})))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), outputs)
+
+
+def test_reference_and_float_builds_are_reported(digits):
+    model, (x_train, _, x_test, _) = digits
+    example = (torch.from_numpy(x_test[:8]),)
+    float_build = qcompiler.compile(model, example, target="reference")
+    assert not float_build.report()["quantized"] and "no calibration data" in float_build.report()["note"]
+    with torch.no_grad():
+        assert np.abs(float_build(x_test[:8]) - model(example[0]).numpy()).max() < 1e-4
+    with pytest.raises(QCompilerError, match="tuning .* is not available yet"):
+        qcompiler.compile(model, example, calibration=[x_train[:8]], tune=True)
+    with pytest.raises(QCompilerError, match="needs example_inputs"):
+        qcompiler.compile(model)
+    with pytest.raises(QCompilerError, match="unknown target 'tpu'"):
+        qcompiler.compile(model, example, target="tpu")
+
+
+def test_broken_artifacts_fail_clearly(digits_files, tmp_path):
+    tmp, onnx_path = digits_files
+    art = tmp_path / "art"
+    done = _cli("compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "-o", str(art), "--target", "reference")
+    assert done.returncode == 0, done.stderr
+    ok = _cli("run", str(art), "--inputs", str(tmp / "eval.npz"), "-o", str(tmp_path / "out.npz"))
+    assert ok.returncode == 0, ok.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        assert [a.shape for a in out.values()] == [(9, 40, 10)]  # 360 images in batches of 40
+    (art / "manifest.json").write_text("{ not json")
+    bad = _cli("run", str(art), "--inputs", str(tmp / "eval.npz"))
+    assert bad.returncode == 2 and "corrupt manifest" in bad.stderr and "Traceback" not in bad.stderr
+    llvm_art = tmp_path / "llvm_art"
+    assert _cli("compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "-o", str(llvm_art)).returncode == 0
+    (llvm_art / "model.so").unlink()
+    bad = _cli("run", str(llvm_art), "--inputs", str(tmp / "eval.npz"))
+    assert bad.returncode == 2 and "model.so: missing from the artifact" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    with pytest.raises(ModelLoadError, match="not a qcompiler artifact"):
+        qcompiler.load(tmp_path)
+
+
+def test_gate_passes_and_fails_on_the_right_side(digits_files, tmp_path):
+    tmp, onnx_path = digits_files
+    base = ["compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "--eval", str(tmp / "eval.npz"), "--json"]
+    first = _cli(*base, "-o", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    sqnr = json.loads(first.stdout)["eval_output_sqnr_db"]
+    passing = _cli(*base, "--min-sqnr", str(sqnr - 0.5), "--max-accuracy-drop", "0.5", "-o", str(tmp_path / "b"))
+    assert passing.returncode == 0, passing.stderr
+    report = json.loads(passing.stdout)
+    assert report["gate"]["sqnr"]["passed"] and report["gate"]["accuracy"]["passed"]
+    failing = _cli(*base, "--min-sqnr", str(sqnr + 0.5), "-o", str(tmp_path / "c"))
+    assert failing.returncode == 3 and "gate failed: sqnr" in failing.stderr
+    gate = json.loads(failing.stdout)["gate"]["sqnr"]
+    assert not gate["passed"] and gate["margin_db"] == pytest.approx(-0.5, abs=1e-3)
+    stored = json.loads((tmp_path / "c" / "report.json").read_text())  # the report says by how much
+    assert stored["gate"]["sqnr"]["margin_db"] == gate["margin_db"]
+
+
+def test_same_inputs_give_the_same_artifact(digits_files, tmp_path):
+    tmp, onnx_path = digits_files
+    for name in ("one", "two"):
+        assert _cli("compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "-o", str(tmp_path / name)).returncode == 0
+    one, two = ((tmp_path / n / "manifest.json").read_text() for n in ("one", "two"))
+    assert one == two
+    outs = [_cli("run", str(tmp_path / n), "--inputs", str(tmp / "eval.npz"), "-o", str(tmp_path / f"{n}.npz"))
+            for n in ("one", "two")]
+    assert all(o.returncode == 0 for o in outs)
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_failed_save_keeps_the_good_artifact(digits, tmp_path, monkeypatch):
+    model, (x_train, _, x_test, _) = digits
+    compiled = qcompiler.compile(model, (torch.from_numpy(x_test[:8]),), calibration=[x_train[:8]])
+    compiled.save(tmp_path / "art")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "art").iterdir()}
+
+    def broken_export(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("qcompiler.targets.tvm.export", broken_export)
+    with pytest.raises(OSError, match="disk full"):
+        compiled.save(tmp_path / "art")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "art").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging folder left behind
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    monkeypatch.undo()
+    with pytest.raises(QCompilerError, match="not a qcompiler artifact; refusing to replace it"):
+        compiled.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_show_colours_nodes_by_compare_errors(digits_files, tmp_path):
+    tmp, onnx_path = digits_files
+    assert _cli("compare", onnx_path, "--calibration", str(tmp / "cal.npz"), "--json",
+                str(tmp_path / "layers.json")).returncode == 0
+    done = _cli("show", onnx_path, "--compare", str(tmp_path / "layers.json"), "-o", str(tmp_path / "g.html"))
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "g.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "conv2d" in page
+    assert re.search(r'fill="rgb\(\d+,\d+,90\)"', page) and "SQNR" in page
+
+
+def test_readme_quick_start_runs(tmp_path):
+    """The README's Python quick start, copied as it stands."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start.*?```python\n(.*?)```", text, re.S)
+    assert block, "README has a Quick start python block"
+    done = subprocess.run([sys.executable, "-c", block.group(1)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accuracy" in done.stdout
+
+
+def test_demo_prints_the_comparison_table():
+    done = subprocess.run([sys.executable, "-m", "qcompiler.demo"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for row in ("PyTorch fp32", "qcompiler int8", "ONNX Runtime int8"):
+        assert row in done.stdout
+    assert re.search(r"qcompiler int8.*\d+\.\d+%.*KiB.*ms", done.stdout)
