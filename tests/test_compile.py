@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler import ModelLoadError, QCompilerError, zoo
+from qcompiler import ModelLoadError, QCompilerError
 from tests.conftest import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
