@@ -16,31 +16,19 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qcompiler  # noqa: E402
-from qcompiler import from_torch, zoo  # noqa: E402
+from qcompiler import from_torch, peers, zoo  # noqa: E402
 from qcompiler.compare import sqnr_db  # noqa: E402
 
 
 def ort_int8(model: torch.nn.Module, example: tuple, names: list[str], calibration: list[tuple], tmp: Path):
-    float_path, quant_path = tmp / "float.onnx", tmp / "int8.onnx"
-    torch.onnx.export(model, example, str(float_path), input_names=names, verbose=False)
-    batches = iter([dict(zip(names, b)) for b in calibration])
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            return next(batches, None)
-
-    quantize_static(str(float_path), str(quant_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    session = ort.InferenceSession(str(quant_path), providers=["CPUExecutionProvider"])
-    return lambda *xs: session.run(None, dict(zip(names, xs)))[0]
+    float_path = peers.export_onnx(model, example, names, tmp / "float.onnx")
+    return peers.session(peers.onnxruntime_int8(float_path, names, calibration, tmp / "int8.onnx"), names)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

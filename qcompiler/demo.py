@@ -6,8 +6,6 @@ size and latency of the float model, qcompiler's int8 build, and ONNX Runtime's 
 (quantize_static, same calibration data) as the peer."""
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import statistics
 import tempfile
@@ -21,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import compile as compile_model
-from . import zoo
+from . import peers, zoo
 
 BATCH = 40
 
@@ -34,28 +32,6 @@ def _median_ms(fn, batch, repeats: int = 30) -> float:
         fn(batch)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def _onnxruntime_int8(model, calibration, tmp: Path):
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    float_path, int8_path = tmp / "digits.onnx", tmp / "digits.int8.onnx"
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates its steps
-        torch.onnx.export(model, (torch.from_numpy(calibration[0]),), str(float_path), input_names=["x"],
-                          verbose=False)
-    batches = iter([{"x": b} for b in calibration])
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            return next(batches, None)
-
-    quantize_static(str(float_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
-    return (lambda x: session.run(None, {"x": x})[0]), int8_path.stat().st_size
 
 
 def main() -> None:
@@ -72,7 +48,9 @@ def main() -> None:
     with console.status("quantizing and compiling for this CPU (TVM, llvm)..."):
         compiled = compile_model(model, (torch.from_numpy(calibration[0]),), calibration=calibration, target="llvm")
     with tempfile.TemporaryDirectory() as d, console.status("quantizing with ONNX Runtime (peer)..."):
-        peer, peer_size = _onnxruntime_int8(model, calibration, Path(d))
+        float_path = peers.export_onnx(model, (torch.from_numpy(calibration[0]),), ["x"], Path(d) / "digits.onnx")
+        int8_path = peers.onnxruntime_int8(float_path, ["x"], [[b] for b in calibration], Path(d) / "int8.onnx")
+        peer, peer_size = peers.session(int8_path, ["x"]), int8_path.stat().st_size
         report = compiled.report()
 
         def torch_float(x):

@@ -169,22 +169,26 @@ def load_digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return x[:split], y[:split], x[split:], y[split:]
 
 
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, lr: float) -> nn.Module:
+    """Adam on cross-entropy, shuffled mini-batches; returns the model in eval mode."""
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x_t))
+        for i in range(0, len(x_t), batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad()
+            F.cross_entropy(model(x_t[idx]), y_t[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
 def train_digits_cnn(epochs: int = 12, seed: int = 0) -> tuple[DigitsCNN, tuple[np.ndarray, ...]]:
     """Train ``DigitsCNN`` (a few seconds on two cores); returns the model and the data split."""
     torch.manual_seed(seed)
     data = load_digits_split(seed)
-    x_train, y_train = torch.from_numpy(data[0]), torch.from_numpy(data[1])
-    model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x_train))
-        for i in range(0, len(x_train), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-    return model.eval(), data
+    return _train(DigitsCNN(), data[0], data[1], epochs, 64, 3e-3), data
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -313,15 +317,4 @@ class FashionCNN(nn.Module):
 def train_fashion_cnn(epochs: int = 2, seed: int = 0) -> tuple[FashionCNN, tuple[np.ndarray, ...]]:
     torch.manual_seed(seed)
     data = load_fashion_mnist()
-    x, y = torch.from_numpy(data[0]), torch.from_numpy(data[1])
-    model = FashionCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 128):
-            idx = perm[i:i + 128]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval(), data
+    return _train(FashionCNN(), data[0], data[1], epochs, 128, 2e-3), data

@@ -44,3 +44,14 @@ def minilm():
 def image_batch():
     torch.manual_seed(0)
     return torch.randn(1, 3, 224, 224)
+
+
+@pytest.fixture(scope="session")
+def ort_qdq_digits(digits, tmp_path_factory):
+    """The digits CNN quantized by ONNX Runtime's quantize_static (QDQ), batch 1."""
+    from qcompiler import peers
+
+    model, (x_train, _, x_test, _) = digits
+    tmp = tmp_path_factory.mktemp("ort_qdq")
+    float_path = peers.export_onnx(model, (torch.from_numpy(x_test[:1]),), ["image"], tmp / "f.onnx")
+    return str(peers.onnxruntime_int8(float_path, ["image"], [[x_train[i:i + 1]] for i in range(64)], tmp / "q.onnx"))

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from qcompiler import from_onnx, parse_graph
-from tests.conftest import export_onnx, rel_err
+from tests.conftest import rel_err
 
 
 def test_quantize_rounds_half_to_even_and_saturates():
@@ -48,22 +47,9 @@ def test_per_axis_quantize_matches_onnx_reference():
     np.testing.assert_array_equal(g(w)[0], ReferenceEvaluator(model).run(None, {"w": w})[0])
 
 
-def test_onnxruntime_qdq_model_imports_with_quant_ops(digits, tmp_path):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    model, (x_train, _, x_test, y_test) = digits
-    float_path = export_onnx(model, (torch.from_numpy(x_test[:1]),), tmp_path / "f.onnx", ["image"])
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"image": x_train[i:i + 1]} for i in range(0, 64)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    qdq_path = str(tmp_path / "q.onnx")
-    quantize_static(float_path, qdq_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+def test_onnxruntime_qdq_model_imports_with_quant_ops(digits, ort_qdq_digits):
+    _, (_, _, x_test, y_test) = digits
+    qdq_path = ort_qdq_digits
     g = from_onnx(qdq_path)
     counts = g.op_counts()
     assert counts["quantize"] >= 3 and counts["dequantize"] >= 5

@@ -17,7 +17,6 @@ from qcompiler.ir import Graph, TensorType
 from qcompiler.ir.ops.quant import quantize_multiplier, rounding_shift
 from qcompiler.pass_manager import run_pipeline
 from qcompiler.pipeline import PassContext
-from tests.conftest import export_onnx
 
 rng = np.random.default_rng(0)
 
@@ -239,22 +238,9 @@ def test_compare_reports_local_and_cumulative_errors(digits):
                       .to_json(layers))[0]["handle"] == layers[0].handle
 
 
-def test_onnxruntime_qdq_model_lowers_to_integer_ops(digits, tmp_path):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    model, (x_train, _, x_test, y_test) = digits
-    float_path = export_onnx(model, (torch.from_numpy(x_test[:1]),), tmp_path / "f.onnx", ["image"])
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"image": x_train[i:i + 1]} for i in range(64)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    qdq_path = str(tmp_path / "q.onnx")
-    quantize_static(float_path, qdq_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+def test_onnxruntime_qdq_model_lowers_to_integer_ops(digits, ort_qdq_digits):
+    _, (_, _, x_test, _) = digits
+    qdq_path = ort_qdq_digits
     graph = from_onnx(qdq_path)
     reference = [graph(x_test[i:i + 1])[0] for i in range(40)]
     ctx = PassContext()

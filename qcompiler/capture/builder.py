@@ -3,7 +3,7 @@ and evaluating ops whose inputs are all constants at import time (shape arithmet
 built from buffers), so the captured graph carries only computation that depends on inputs."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -65,13 +65,3 @@ def resolve_shape(shape: Sequence[int], total: int, where: str) -> tuple[int, ..
         shape[shape.index(-1)] = total // known if known else 0
     return tuple(shape)
 
-
-def converter_registrar(table: dict[str, Callable]) -> Callable[..., Callable[[Callable], Callable]]:
-    """A ``@converts("OpA", "OpB")`` decorator that files a converter under each source op name."""
-    def converts(*names: str) -> Callable[[Callable], Callable]:
-        def register(fn: Callable) -> Callable:
-            for name in names:
-                table[name] = fn
-            return fn
-        return register
-    return converts

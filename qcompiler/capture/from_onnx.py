@@ -20,11 +20,12 @@ import onnx
 from ..errors import ModelLoadError, QCompilerError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, dtype_name
 from ..ir.verify import verify_graph
-from .builder import GraphBuilder, converter_registrar, resolve_shape
+from ..registrar import registrar
+from .builder import GraphBuilder, resolve_shape
 
 Converter = Callable[["_Ctx", Any, list["Value | None"]], "list[Value] | Value"]
 _CONVERTERS: dict[str, Converter] = {}
-converts = converter_registrar(_CONVERTERS)
+converts = registrar(_CONVERTERS)
 _SHAPE_ONLY = {"Shape", "Size"}  # depend on the static shape of their input, never its values
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
 _STATIC_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),

@@ -18,12 +18,13 @@ import torch.fx
 from ..errors import ModelLoadError, QCompilerError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, dtype_name
 from ..ir.verify import verify_graph
-from .builder import GraphBuilder, converter_registrar
+from ..registrar import registrar
+from .builder import GraphBuilder
 
 aten = torch.ops.aten
 Converter = Callable[["_Ctx", torch.fx.Node, list[Any]], Any]
 _CONVERTERS: dict[str, Converter] = {}
-converts = converter_registrar(_CONVERTERS)
+converts = registrar(_CONVERTERS)
 # ops that produce nothing used downstream (runtime asserts); skipped
 _IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "_assert_async"}
 # ops whose result depends only on the (static) shape of their tensor input, never its values

@@ -16,6 +16,7 @@ from tvm import relax
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.types import DTYPES
+from qcompiler.registrar import registrar
 
 R = relax.op
 TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
@@ -23,12 +24,7 @@ Lowering = Callable[["_Lowerer", Node, list[relax.Expr]], "relax.Expr | list[rel
 _RULES: dict[str, Lowering] = {}
 
 
-def lowers(*ops: str) -> Callable[[Lowering], Lowering]:
-    def register(fn: Lowering) -> Lowering:
-        for op in ops:
-            _RULES[op] = fn
-        return fn
-    return register
+lowers = registrar(_RULES)
 
 
 def supported_ops() -> set[str]:
