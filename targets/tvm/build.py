@@ -55,6 +55,10 @@ def _pipeline(target: Target) -> tvm.transform.Pass:
 
         passes.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                               dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+    else:
+        from .cpu_schedule import parallelize_cpu
+
+        passes.append(parallelize_cpu)
     return tvm.transform.Sequential(passes)
 
 
