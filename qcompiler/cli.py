@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("-o", "--output", required=True, help="artifact folder (replaced only when complete)")
     p.add_argument("--calibration", help=".npz, or a folder of .npy arrays or images; without it: a float build")
-    p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "reference"])
+    p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "reference", "onnx"],
+                   help="llvm: this CPU via TVM; cuda; reference: the interpreter; onnx: a QDQ ONNX model")
     p.add_argument("--config", help="QuantConfig as JSON (or YAML)")
     p.add_argument("-p", "--pipeline", help="run this pipeline instead of the default quantization flow")
     p.add_argument("--tune", action="store_true", help="MetaSchedule tuning (not available yet: refused)")

@@ -25,9 +25,10 @@ from .interpreter import check_inputs, to_numpy
 from .ir import Graph, load_graph, save as save_graph
 from .quant_config import QuantConfig
 
-TARGETS = ("llvm", "cuda", "reference")
+TARGETS = ("llvm", "cuda", "reference", "onnx")
 FORMAT_VERSION = 1
 LIBRARY = "model.so"
+ONNX_FILE = "model.onnx"
 VOLATILE_REPORT_KEYS = ("compile_seconds", "build_seconds", "pass_timings_ms")
 
 
@@ -110,7 +111,9 @@ class CompiledModel:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
         try:
             save_graph(self.graph, staging / "graph.qir")
-            if self._executable is not None:
+            if self.target == "onnx":
+                (staging / ONNX_FILE).write_bytes(self._executable)
+            elif self._executable is not None:
                 from .targets.tvm import export
 
                 export(self._executable, staging / LIBRARY)
@@ -164,6 +167,11 @@ def load(directory: str | os.PathLike) -> CompiledModel:
     config = QuantConfig.from_dict(manifest["quant_config"]) if manifest.get("quant_config") else None
     if target == "reference":
         runner, executable = _reference_runner(graph), None
+    elif target == "onnx":
+        if ONNX_FILE not in files:
+            raise ModelLoadError(f"{directory}: the manifest lists no {ONNX_FILE} for target onnx")
+        executable = (directory / ONNX_FILE).read_bytes()
+        runner = _onnxruntime_runner(executable, graph)
     else:
         from .targets.tvm import TVMRunner, device_for
         from .targets.tvm import load as load_library
@@ -173,6 +181,14 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         executable = load_library(directory / LIBRARY)
         runner = TVMRunner(executable, device_for(target), len(graph.outputs))
     return CompiledModel(graph, target, manifest["pipeline"], runner, report, config, executable)
+
+
+def _onnxruntime_runner(model_bytes: bytes, graph: Graph):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    names = [v.name for v in graph.inputs]
+    return lambda arrays: session.run(None, dict(zip(names, arrays)))
 
 
 def _reference_runner(graph: Graph):
@@ -245,7 +261,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         used = pipeline
     elif batches is not None:
         config = config or QuantConfig()
-        result = quantize(graph, batches, config, progress=progress)
+        # ONNX has no integer-lowered ops: the ONNX target ships the QDQ graph
+        result = quantize(graph, batches, config, progress=progress, lower=target != "onnx")
         compiled_graph, reference, used, timings = result.graph, result.float_graph, result.pipeline, result.timings
         report["passes"] = result.report
     else:
@@ -254,7 +271,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         reference, used, timings = graph, DEFAULT_FLOAT_PIPELINE, inst.records
         report["passes"] = {}
     integer_ops = sum(1 for n in compiled_graph.nodes if n.op.endswith("_int") or n.op in ("requantize", "add_int"))
-    report["quantized"] = integer_ops > 0
+    report["quantized"] = integer_ops > 0 or any(n.op == "quantize" for n in compiled_graph.nodes)
     if not report["quantized"]:
         report["note"] = ("float model: no calibration data was given" if batches is None else
                           "nothing was quantized: see passes.kept_float / not_quantized")
@@ -267,6 +284,11 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     executable = None
     if target == "reference":
         runner = _reference_runner(compiled_graph)
+    elif target == "onnx":
+        from .targets.onnx import to_onnx
+
+        executable = to_onnx(compiled_graph).SerializeToString()
+        runner = _onnxruntime_runner(executable, compiled_graph)
     else:
         from .targets.tvm import TVMRunner, build, device_for, make_target
 
@@ -278,7 +300,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         runner = TVMRunner(executable, device_for(target), len(compiled_graph.outputs)) \
             if target == "llvm" or device_for(target).exist else _unavailable(target)
     compiled = CompiledModel(compiled_graph, target, used, runner, report, config, executable)
-    if batches is not None and (target != "cuda" or device_for(target).exist):
+    if batches is not None and (target != "cuda" or device_for(target).exist):  # onnx: checked in ONNX Runtime
         report["fidelity"] = _fidelity(reference, compiled, batches[0])
     report["compile_seconds"] = round(time.perf_counter() - started, 2)
     return compiled

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler import ModelLoadError, QCompilerError
+from qcompiler import ModelLoadError, QCompilerError, zoo
 from tests.conftest import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +180,45 @@ def test_demo_prints_the_comparison_table():
     for row in ("PyTorch fp32", "qcompiler int8", "ONNX Runtime int8"):
         assert row in done.stdout
     assert re.search(r"qcompiler int8.*\d+\.\d+%.*KiB.*ms", done.stdout)
+
+
+def test_onnx_target_exports_a_qdq_model_onnxruntime_runs(digits, tmp_path):
+    import onnx
+
+    model, (x_train, _, x_test, y_test) = digits
+    calibration = [x_train[i:i + 40] for i in range(0, 320, 40)]
+    compiled = qcompiler.compile(model, (torch.from_numpy(x_test[:40]),), calibration=calibration, target="onnx")
+    assert compiled.report()["quantized"]
+    compiled.save(tmp_path / "onnx_art")
+    exported = onnx.load(str(tmp_path / "onnx_art" / "model.onnx"))
+    ops = {n.op_type for n in exported.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+    loaded = qcompiler.load(tmp_path / "onnx_art")
+    qdq = compiled.graph(x_test[:40])[0]  # the float simulation of the same decisions
+    got = loaded(x_test[:40])
+    # ONNX Runtime's integer kernels round where the float simulation does not: within a few output steps
+    out = compiled.graph.outputs[0].producer
+    assert out.op == "dequantize"
+    step = float(compiled.graph.constant_array(out.inputs[1]))
+    assert np.abs(got - qdq).max() <= 3 * step
+    assert zoo.accuracy(got, y_test[:40]) >= zoo.accuracy(qdq, y_test[:40]) - 0.05
+
+
+def test_onnx_export_of_float_models_matches_the_interpreter(minilm):
+    import onnxruntime as ort
+
+    from qcompiler.pass_manager import run_pipeline
+    from qcompiler.passes import DEFAULT_FLOAT_PIPELINE
+    from qcompiler.targets.onnx import to_onnx
+    from tests.conftest import rel_err
+
+    encoder, ids, mask = minilm
+    models = [(qcompiler.from_torch(encoder, (ids[:2], mask[:2])), [ids[:2].numpy(), mask[:2].numpy()])]
+    resnet = zoo.resnet18()
+    x = zoo.photo_crops(1, seed=3)[0]
+    models.append((qcompiler.from_torch(resnet, (torch.from_numpy(x),)), [x]))
+    for graph, inputs in models:
+        run_pipeline(graph, DEFAULT_FLOAT_PIPELINE)
+        session = ort.InferenceSession(to_onnx(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {v.name: a for v, a in zip(graph.inputs, inputs)})[0]
+        assert rel_err(got, graph(*inputs)[0]) < 1e-4

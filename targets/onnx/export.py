@@ -1,0 +1,272 @@
+"""IR -> ONNX (opset 20), for deployment where TVM is not used: the QDQ graph exports as
+QuantizeLinear/DequantizeLinear around float ops, which ONNX Runtime and TensorRT turn into
+their own int8 kernels. Fused activations become separate nodes again; integer-only ops
+(``*_int``, requantize) have no ONNX form: export the QDQ graph, not the lowered one."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompiler.errors import QCompilerError
+from qcompiler.ir import Graph, Node, Value
+from qcompiler.registrar import registrar
+
+OPSET = 20
+Emitter = Callable[["_Exporter", Node, list[str]], "str | list[str]"]
+_RULES: dict[str, Emitter] = {}
+exports = registrar(_RULES)
+
+
+def supported_ops() -> set[str]:
+    return set(_RULES)
+
+
+class _Exporter:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def const(self, array: Any, hint: str = "c") -> str:
+        name = self.name(hint)
+        self.initializers[name] = numpy_helper.from_array(np.asarray(array), name)
+        return name
+
+    def add(self, op: str, inputs: list[str], outputs: int = 1, **attrs: Any) -> list[str]:
+        outs = [self.name(op.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op), **attrs))
+        return outs
+
+    def add1(self, op: str, inputs: list[str], **attrs: Any) -> str:
+        return self.add(op, inputs, **attrs)[0]
+
+
+def to_onnx(graph: Graph) -> onnx.ModelProto:
+    missing = sorted({n.op for n in graph.nodes} - set(_RULES))
+    if missing:
+        raise QCompilerError(f"the ONNX target cannot export op(s) {', '.join(missing)} "
+                             f"(export the QDQ graph: integer-lowered ops have no ONNX form)")
+    ex = _Exporter(graph)
+    names: dict[int, str] = {id(v): v.name for v in graph.inputs}
+    for cname, array in graph.constants.items():
+        ex.initializers[cname] = numpy_helper.from_array(array, cname)
+        names[id(graph.constant_value(cname))] = cname
+    for node in graph.nodes:
+        out = _RULES[node.op](ex, node, [names[id(v)] for v in node.inputs])
+        for value, n in zip(node.outputs, out if isinstance(out, list) else [out]):
+            names[id(value)] = n
+    outputs = []
+    taken = set(names.values())
+    for v in graph.outputs:  # graph outputs keep their IR names
+        out_name = v.name if v.name not in taken else f"{v.name}_out"
+        ex.nodes.append(helper.make_node("Identity", [names[id(v)]], [out_name], name=ex.name("output")))
+        outputs.append(helper.make_tensor_value_info(out_name, _elem(v), list(v.shape)))
+    inputs = [helper.make_tensor_value_info(v.name, _elem(v), list(v.shape)) for v in graph.inputs]
+    model = helper.make_model(helper.make_graph(ex.nodes, graph.name, inputs, outputs, list(ex.initializers.values())),
+                              opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qcompiler")
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def _elem(v: Value) -> int:
+    return helper.np_dtype_to_tensor_dtype(v.type.np_dtype)
+
+
+# ---- rules ----------------------------------------------------------------------------------------
+_SIMPLE = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf", "exp": "Exp", "log": "Log",
+           "sqrt": "Sqrt", "neg": "Neg", "abs": "Abs", "floor": "Floor", "ceil": "Ceil", "sin": "Sin", "cos": "Cos",
+           "logical_not": "Not", "sign": "Sign", "isnan": "IsNaN", "isinf": "IsInf", "identity": "Identity",
+           "dropout": "Identity", "hardswish": "HardSwish", "reciprocal": "Reciprocal", "softplus": "Softplus",
+           "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max",
+           "minimum": "Min", "equal": "Equal", "less": "Less", "less_equal": "LessOrEqual", "greater": "Greater",
+           "greater_equal": "GreaterOrEqual", "logical_and": "And", "logical_or": "Or", "where": "Where",
+           "matmul": "MatMul"}
+
+
+def _activation(ex: _Exporter, x: str, act: str, args: tuple, dtype: np.dtype) -> str:
+    if act == "none":
+        return x
+    if act == "clip":
+        return ex.add1("Clip", [x, ex.const(np.asarray(args[0], dtype)), ex.const(np.asarray(args[1], dtype))])
+    if act in ("gelu", "gelu_tanh"):
+        return ex.add1("Gelu", [x], approximate="tanh" if act == "gelu_tanh" else "none")
+    if act == "silu":
+        return ex.add1("Mul", [x, ex.add1("Sigmoid", [x])])
+    if act == "hardsigmoid":
+        return ex.add1("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
+    return ex.add1({"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}[act], [x])
+
+
+@exports(*_SIMPLE)
+def _simple(ex, node, xs):
+    y = ex.add1(_SIMPLE[node.op], xs)
+    if node.op == "matmul":
+        return _activation(ex, y, node.attrs["activation"], node.attrs["activation_args"], node.output.type.np_dtype)
+    return y
+
+
+@exports("rsqrt")
+def _rsqrt(ex, node, xs):
+    return ex.add1("Reciprocal", [ex.add1("Sqrt", xs)])
+
+
+@exports("clip")
+def _clip(ex, node, xs):
+    dtype = node.output.type.np_dtype
+    lo, hi = node.attrs["min"], node.attrs["max"]
+    return ex.add1("Clip", [xs[0], ex.const(np.asarray(lo if math.isfinite(lo) else np.finfo(dtype).min, dtype)),
+                            ex.const(np.asarray(hi if math.isfinite(hi) else np.finfo(dtype).max, dtype))])
+
+
+@exports("gelu", "silu", "hardsigmoid", "leaky_relu", "elu", "selu")
+def _param_activations(ex, node, xs):
+    a = node.attrs
+    if node.op == "gelu":
+        return ex.add1("Gelu", xs, approximate=a["approximate"])
+    if node.op == "silu":
+        return ex.add1("Mul", [xs[0], ex.add1("Sigmoid", xs)])
+    if node.op == "hardsigmoid":
+        return ex.add1("HardSigmoid", xs, alpha=a["alpha"], beta=a["beta"])
+    if node.op == "leaky_relu":
+        return ex.add1("LeakyRelu", xs, alpha=a["alpha"])
+    if node.op == "elu":
+        return ex.add1("Elu", xs, alpha=a["alpha"])
+    return ex.add1("Selu", xs, alpha=a["alpha"], gamma=a["gamma"])
+
+
+@exports("cast")
+def _cast(ex, node, xs):
+    return ex.add1("Cast", xs, to=helper.np_dtype_to_tensor_dtype(node.output.type.np_dtype))
+
+
+@exports("conv1d", "conv2d", "conv3d")
+def _conv(ex, node, xs):
+    a = node.attrs
+    y = ex.add1("Conv", xs, strides=list(a["strides"]), pads=list(a["pads"]), dilations=list(a["dilations"]),
+                group=a["groups"])
+    return _activation(ex, y, a["activation"], a["activation_args"], node.output.type.np_dtype)
+
+
+@exports("linear")
+def _linear(ex, node, xs):
+    x = node.inputs[0]
+    if x.type.rank == 2:
+        y = ex.add1("Gemm", xs, transB=1)
+    else:
+        y = ex.add1("MatMul", [xs[0], ex.add1("Transpose", [xs[1]], perm=[1, 0])])
+        if len(xs) > 2:
+            y = ex.add1("Add", [y, xs[2]])
+    return _activation(ex, y, node.attrs["activation"], node.attrs["activation_args"], node.output.type.np_dtype)
+
+
+@exports("batch_norm")
+def _batch_norm(ex, node, xs):
+    return ex.add1("BatchNormalization", xs, epsilon=node.attrs["epsilon"])
+
+
+@exports("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d")
+def _pool(ex, node, xs):
+    a = node.attrs
+    common = dict(kernel_shape=list(a["kernel"]), strides=list(a["strides"]), pads=list(a["pads"]),
+                  ceil_mode=int(a["ceil_mode"]))
+    if node.op.startswith("max"):
+        return ex.add1("MaxPool", xs, dilations=list(a["dilations"]), **common)
+    return ex.add1("AveragePool", xs, count_include_pad=int(a["count_include_pad"]), **common)
+
+
+@exports("softmax", "log_softmax")
+def _softmax(ex, node, xs):
+    return ex.add1("Softmax" if node.op == "softmax" else "LogSoftmax", xs, axis=node.attrs["axis"])
+
+
+@exports("layer_norm")
+def _layer_norm(ex, node, xs):
+    x = node.inputs[0]
+    axis = node.attrs["axis"] % x.type.rank
+    if len(xs) == 1:
+        xs = xs + [ex.const(np.ones(x.shape[axis:], x.type.np_dtype))]
+    return ex.add1("LayerNormalization", xs, axis=axis, epsilon=node.attrs["epsilon"])
+
+
+@exports("reshape", "expand")
+def _reshape(ex, node, xs):
+    return ex.add1("Reshape" if node.op == "reshape" else "Expand",
+                   [xs[0], ex.const(np.asarray(node.attrs["shape"], np.int64))])
+
+
+@exports("transpose")
+def _transpose(ex, node, xs):
+    return ex.add1("Transpose", xs, perm=list(node.attrs["perm"]))
+
+
+@exports("concat")
+def _concat(ex, node, xs):
+    return ex.add1("Concat", xs, axis=node.attrs["axis"])
+
+
+@exports("slice")
+def _slice(ex, node, xs):
+    a = node.attrs
+    return ex.add1("Slice", [xs[0]] + [ex.const(np.asarray(a[k], np.int64)) for k in ("starts", "ends", "axes", "steps")])
+
+
+@exports("gather", "gather_elements")
+def _gather(ex, node, xs):
+    return ex.add1("Gather" if node.op == "gather" else "GatherElements", xs, axis=node.attrs["axis"])
+
+
+@exports("index")
+def _index(ex, node, xs):
+    shape = tuple(np.broadcast_shapes(*(v.shape for v in node.inputs[1:])))
+    columns = [ex.add1("Unsqueeze", [ex.add1("Expand", [x, ex.const(np.asarray(shape, np.int64))]),
+                                     ex.const(np.asarray([-1], np.int64))]) for x in xs[1:]]
+    return ex.add1("GatherND", [xs[0], ex.add1("Concat", columns, axis=-1)])
+
+
+@exports("tile")
+def _tile(ex, node, xs):
+    return ex.add1("Tile", [xs[0], ex.const(np.asarray(node.attrs["repeats"], np.int64))])
+
+
+@exports("pad")
+def _pad(ex, node, xs):
+    value = ex.const(np.asarray(node.attrs["value"], node.inputs[0].type.np_dtype))
+    return ex.add1("Pad", [xs[0], ex.const(np.asarray(node.attrs["pads"], np.int64)), value], mode=node.attrs["mode"])
+
+
+@exports("split")
+def _split(ex, node, xs):
+    return ex.add("Split", [xs[0], ex.const(np.asarray(node.attrs["sizes"], np.int64))], len(node.outputs),
+                  axis=node.attrs["axis"])
+
+
+_REDUCE = {"reduce_mean": "ReduceMean", "reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin",
+           "reduce_prod": "ReduceProd"}
+
+
+@exports(*_REDUCE)
+def _reduce(ex, node, xs):
+    axes = list(node.attrs["axes"]) or list(range(node.inputs[0].type.rank))
+    return ex.add1(_REDUCE[node.op], [xs[0], ex.const(np.asarray(axes, np.int64))], keepdims=int(node.attrs["keepdims"]))
+
+
+@exports("argmax")
+def _argmax(ex, node, xs):
+    return ex.add1("ArgMax", xs, axis=node.attrs["axis"], keepdims=int(node.attrs["keepdims"]))
+
+
+@exports("quantize", "dequantize")
+def _qdq(ex, node, xs):
+    axis = node.attrs["axis"] % max(node.inputs[0].type.rank, 1)
+    return ex.add1("QuantizeLinear" if node.op == "quantize" else "DequantizeLinear", xs, axis=axis)
