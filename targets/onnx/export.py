@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value
