@@ -4,6 +4,7 @@ unless they name it as the output."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -345,9 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     except QCompilerError as e:
         print(f"qcompiler: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreadable input, unwritable output, full disk
+        print(f"qcompiler: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("qcompiler: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug in qcompiler: still one line, the traceback on request
+        if os.environ.get("QCOMPILER_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"qcompiler: internal error: {type(e).__name__}: {first} (set QCOMPILER_DEBUG=1 for the traceback; "
+              f"please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

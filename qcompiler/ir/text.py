@@ -399,6 +399,8 @@ def parse_graph(text: str, constants: Mapping[str, np.ndarray] | None = None, *,
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves
     a half-written file in place of a good one."""
+    if not path.parent.is_dir():
+        raise QCompilerError(f"{path}: the folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
