@@ -61,6 +61,9 @@ def main() -> None:
             labels = y_test[:len(f)]
             rows.append((name, "top-1 accuracy", f"{zoo.accuracy(f, labels):.4f}", f"{zoo.accuracy(q, labels):.4f}",
                          f"{zoo.accuracy(o, labels):.4f}"))
+            agree = f.argmax(-1)  # fidelity: how often int8 predicts what the float model predicts
+            rows.append((name, "top-1 agreement with float", "1.0000", f"{zoo.accuracy(q, agree):.4f}",
+                         f"{zoo.accuracy(o, agree):.4f}"))
 
         with console.status("digits CNN..."):
             model, data = zoo.train_digits_cnn()
