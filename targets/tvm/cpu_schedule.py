@@ -1,23 +1,24 @@
-"""A default CPU schedule for every TIR function: parallelize each loop nest over its leading
-data-parallel loops (fused into one, so a batch of 1 still spreads over the cores).
+"""A default CPU schedule for every TIR function that TVM's CPU build would otherwise run as
+serial loops:
 
-TVM's CPU build otherwise runs every kernel as serial loops. This is the first, generic rule;
-op-specific schedules (register tiling, vectorized and VNNI inner loops, packed int8 layouts)
-are still to come and will take precedence over it."""
+- every loop nest runs in parallel over its leading data-parallel loops (fused into one, so a
+  batch of 1 still spreads over the cores);
+- a reduction (conv, dense, pooling) reduces around its innermost output axis, which is then
+  vectorized: ``out[..., x:x+v] += a[..., x+r:x+r+v] * w[r]``.
+If the vectorizing form does not apply to a function, it gets the parallel form alone.
+Op-specific schedules (register tiling, packed int8 layouts, VNNI) are still to come."""
 from __future__ import annotations
 
 import tvm
 from tvm.s_tir import Schedule
 
 DATA_PARALLEL = 0  # tirx IterVar.DataPar
+VECTOR_LANES = 16  # AVX-512: 16 x f32/i32; wider vectors only make LLVM slower
 
 
-def _parallelize(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
+def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool) -> "tvm.tirx.PrimFunc":
     sch = Schedule(func)
-    try:
-        root = sch.get_sblock("root")
-    except Exception:  # noqa: BLE001  no root block: nothing to schedule
-        return func
+    root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root):
         loops = sch.get_loops(block)
         iters = sch.get(block).iter_vars
@@ -30,9 +31,31 @@ def _parallelize(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
             spatial += 1
         if spatial == 0:
             continue
-        outer = sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0]
+        reductions = loops[spatial:]
+        inner = loops[spatial - 1]
+        extent = sch.get(inner).extent
+        if vectorize and reductions and spatial >= 2 and isinstance(extent, tvm.tirx.IntImm) and extent.value >= 4:
+            sch.reorder(*reductions, inner)
+            if extent.value > VECTOR_LANES:  # vectors of 16 lanes; the rest of the axis loops around them
+                strip, inner = sch.split(inner, [None, VECTOR_LANES])
+                sch.reorder(strip, *reductions, inner)
+            sch.vectorize(inner)
+            outer = sch.fuse(*loops[:spatial - 1]) if spatial > 2 else loops[0]
+        else:
+            outer = sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0]
         sch.parallel(outer)
     return sch.mod["main"]
+
+
+def _parallelize(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
+    try:
+        Schedule(func).get_sblock("root")
+    except Exception:  # noqa: BLE001  no root block: nothing to schedule
+        return func
+    try:
+        return _schedule(func, vectorize=True)
+    except Exception:  # noqa: BLE001  a block the vectorizing form cannot take: parallel only
+        return _schedule(func, vectorize=False)
 
 
 @tvm.transform.module_pass(opt_level=0, name="qcompiler.ParallelizeCPU")
