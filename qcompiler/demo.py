@@ -60,7 +60,7 @@ def main() -> None:
         rows = []
         float_size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
         for name, fn, size in (("PyTorch fp32 (eager)", torch_float, float_size),
-                               ("qcompiler int8 (TVM llvm, untuned)", compiled, report["size_bytes"]["compiled"]),
+                               ("qcompiler int8 (TVM llvm)", compiled, report["size_bytes"]["compiled"]),
                                ("ONNX Runtime int8 (QDQ, per-channel)", peer, peer_size)):
             preds = np.concatenate([np.asarray(fn(b)).argmax(-1) for b in test])
             rows.append((name, f"{(preds == labels).mean():.2%}", f"{size / 1024:.0f} KiB",
@@ -77,8 +77,8 @@ def main() -> None:
         table.add_row(*row)
     console.print(table)
     console.print("Size: qcompiler counts weights and quantization constants; ONNX Runtime the .onnx file; "
-                  "PyTorch the state dict. Latency: TVM's default lowering without schedules (tuning is future "
-                  "work) on two shared cores; see bench/RESULTS.md.", highlight=False)
+                  "PyTorch the state dict. Latency: TVM with qcompiler's generic CPU schedule, no op-specific "
+                  "schedules or tuning yet, on two shared cores; see bench/RESULTS.md.", highlight=False)
 
 
 if __name__ == "__main__":
