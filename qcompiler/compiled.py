@@ -281,7 +281,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     report["pass_timings_ms"] = [{"pass": r.name, "ms": round(r.seconds * 1e3, 2), "changed": r.changed}
                                  for r in timings]
     report["pipeline"] = used
-    executable = None
+    executable, runnable = None, True
     if target == "reference":
         runner = _reference_runner(compiled_graph)
     elif target == "onnx":
@@ -297,19 +297,14 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         build_started = time.perf_counter()
         executable = build(compiled_graph, tvm_target)
         report["build_seconds"] = round(time.perf_counter() - build_started, 2)
-        runner = TVMRunner(executable, device_for(target), len(compiled_graph.outputs)) \
-            if target == "llvm" or device_for(target).exist else _unavailable(target)
+        runnable = target == "llvm" or device_for(target).exist  # a CUDA build needs a GPU to run
+        runner = TVMRunner(executable, device_for(target), len(compiled_graph.outputs)) if runnable \
+            else _unavailable(target)
     compiled = CompiledModel(compiled_graph, target, used, runner, report, config, executable)
-    if batches is not None and (target != "cuda" or device_for(target).exist):  # onnx: checked in ONNX Runtime
+    if batches is not None and runnable:
         report["fidelity"] = _fidelity(reference, compiled, batches[0])
     report["compile_seconds"] = round(time.perf_counter() - started, 2)
     return compiled
-
-
-def device_for(target: str):
-    from .targets.tvm import device_for as tvm_device
-
-    return tvm_device(target)
 
 
 def _unavailable(target: str):

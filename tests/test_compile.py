@@ -222,3 +222,19 @@ def test_onnx_export_of_float_models_matches_the_interpreter(minilm):
         session = ort.InferenceSession(to_onnx(graph).SerializeToString(), providers=["CPUExecutionProvider"])
         got = session.run(None, {v.name: a for v, a in zip(graph.inputs, inputs)})[0]
         assert rel_err(got, graph(*inputs)[0]) < 1e-4
+
+
+def test_cuda_target_builds_and_saves_without_a_gpu(digits, tmp_path):
+    import tvm
+
+    model, (x_train, _, x_test, _) = digits
+    compiled = qcompiler.compile(model, (torch.from_numpy(x_test[:8]),), calibration=[x_train[:8]], target="cuda")
+    compiled.save(tmp_path / "cuda_art")
+    manifest = json.loads((tmp_path / "cuda_art" / "manifest.json").read_text())
+    assert manifest["target"] == "cuda" and "model.so" in manifest["files"]
+    if tvm.cuda(0).exist:
+        assert compiled(x_test[:8]).shape == (8, 10)
+    else:
+        assert "fidelity" not in compiled.report()  # nothing ran, so nothing is claimed
+        with pytest.raises(QCompilerError, match="no device for target 'cuda'"):
+            compiled(x_test[:8])
