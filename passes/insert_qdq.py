@@ -152,6 +152,7 @@ class InsertQDQ(Pass):
         return changed
 
     def _quantize(self, graph: Graph, node: Node, ins: _Inserter, config: QuantConfig) -> bool:
+        weight_slot = None
         if node.op in COMPUTE:
             weight_slot = 1 if node.op != "matmul" or node.inputs[1].is_constant else None
             acts = [i for i, v in enumerate(node.inputs[:2]) if i != weight_slot]
@@ -190,7 +191,7 @@ class InsertQDQ(Pass):
         for i in acts:
             params = out_params if node.op == "concat" else ins.params(node.inputs[i])
             node.inputs[i] = ins.input(node.inputs[i], params, node)
-        if node.op in COMPUTE and node.op != "matmul" or (node.op == "matmul" and node.inputs[1].is_constant):
+        if weight_slot is not None:
             w = node.inputs[1]
             if not w.is_constant or w.dtype not in FLOAT:
                 ins.skip(node, "weight is not a float constant")

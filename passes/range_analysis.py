@@ -49,7 +49,7 @@ def calibration_batches(graph: Graph, data: Any) -> list[list[np.ndarray]]:
     return batches
 
 
-def _sweep(graph: Graph, batches: Sequence[list[np.ndarray]], values: list[Value], update, progress: bool,
+def sweep(graph: Graph, batches: Sequence[list[np.ndarray]], values: list[Value], update, progress: bool,
            label: str) -> None:
     """Run every batch; call ``update(value, array)`` for each observed value."""
     wanted = {id(v): v for v in values}
@@ -93,11 +93,11 @@ class RangeAnalysis(Pass):
             observers: dict[int, Any] = {id(v): MovingAverageMinMax(self.averaging_constant) for v in values}
         else:
             observers = {id(v): MinMax() for v in values}
-        _sweep(graph, batches, values, lambda v, a: observers[id(v)].update(a), ctx.progress, "calibrating")
+        sweep(graph, batches, values, lambda v, a: observers[id(v)].update(a), ctx.progress, "calibrating")
         ranges = {id(v): observers[id(v)].result() for v in values}
         if self.method in ("percentile", "entropy", "mse"):
             hists = {id(v): Histogram(*ranges[id(v)], self.bins) for v in values}
-            _sweep(graph, batches, values, lambda v, a: hists[id(v)].update(a), ctx.progress,
+            sweep(graph, batches, values, lambda v, a: hists[id(v)].update(a), ctx.progress,
                    f"calibrating ({self.method} histograms)")
             levels = 256
             symmetric = config.activation_dtype == "i8"

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcompiler.interpreter import run
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.pipeline import Pass, PassContext, register
 
-from .range_analysis import calibration_batches
+from .range_analysis import calibration_batches, sweep
 
 FLOAT = ("f32", "f16", "f64")
 
@@ -44,21 +43,12 @@ class SmoothQuant(Pass):
         if not groups:
             return False
         amax = {id(v): np.zeros(v.shape[-1]) for v in groups}
-        by_id = {id(v): v for v in groups}
 
         def observe(v: Value, a: np.ndarray) -> None:
             amax[id(v)] = np.maximum(amax[id(v)], np.abs(a.reshape(-1, a.shape[-1])).max(axis=0))
 
-        def observer(node: Node, outs: list[np.ndarray]) -> None:
-            for v, a in zip(node.outputs, outs):
-                if id(v) in by_id:
-                    observe(v, a)
-
-        for batch in calibration_batches(graph, ctx.calibration):
-            for v, a in zip(graph.inputs, batch):
-                if id(v) in by_id:
-                    observe(v, a)
-            run(graph, batch, observer=observer)
+        sweep(graph, calibration_batches(graph, ctx.calibration), list(groups), observe, ctx.progress,
+              "smoothing (per-channel maxima)")
 
         for x, linears in groups.items():
             a = amax[id(x)]

@@ -144,12 +144,11 @@ def _accuracy(model, batches, labels) -> float:
 def _cmd_compile(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
     from rich.console import Console
     from rich.table import Table
 
+    from .compiled import _fidelity
     from .compiled import compile as compile_model
-    from .compare import _metrics
     from .loading import load_data, load_labels, load_model, parse_shapes
     from .quant_config import QuantConfig
 
@@ -179,10 +178,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     else:
         check_batch = calibration[0] if calibration else None
     if check_batch is not None:
-        want, got = float_run(*check_batch), compiled(*check_batch)
-        got = got[0] if isinstance(got, list) else got
-        sqnr, cosine, _ = _metrics(want, np.asarray(got))
-        report["eval_output_sqnr_db"] = round(sqnr, 3) if np.isfinite(sqnr) else None
+        report["eval_output_sqnr_db"] = _fidelity(graph, compiled, check_batch)["output_sqnr_db"]
     if args.max_accuracy_drop is not None:
         drop = report["accuracy"]["drop_points"]
         gate["accuracy"] = {"limit_points": args.max_accuracy_drop, "drop_points": drop,

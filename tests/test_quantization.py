@@ -254,3 +254,19 @@ def test_onnxruntime_qdq_model_lowers_to_integer_ops(digits, ort_qdq_digits):
         assert np.abs(got - reference[i]).max() < 0.05 * np.abs(reference[i]).max()
         agree += int(got.argmax() == reference[i].argmax())
     assert agree >= 39
+
+
+def test_smooth_quant_is_neutral_and_flattens_outlier_channels():
+    g = Graph()
+    x = g.add_input("x", TensorType((32, 8), "f32"))
+    w = g.add_constant("w", rng.standard_normal((4, 8)).astype(np.float32))
+    g.set_outputs([g.add_node("linear", [x, w]).output])
+    batch = rng.standard_normal((32, 8)).astype(np.float32)
+    batch[:, 0] *= 100.0  # one outlier channel, as in transformer activations
+    want = g(batch)[0]
+    run_pipeline(g, "smooth-quant{alpha=0.5}", context=PassContext(calibration=[batch]))
+    assert [n.op for n in g.nodes] == ["mul", "linear"]
+    assert np.abs(g(batch)[0] - want).max() < 1e-4 * np.abs(want).max()  # linear(x/s, W*s) == linear(x, W)
+    smoothed = batch * g.constant_array(g.nodes[0].inputs[1])
+    spread = lambda a: np.abs(a).max(0).max() / np.abs(a).max(0).min()  # noqa: E731
+    assert spread(smoothed) < spread(batch) / 5

@@ -114,6 +114,8 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         raise ModelLoadError(f"{where}: input_shapes names unknown input(s) {sorted(input_shapes)}; "
                              f"the model's inputs are {[t.name for t in gsg.inputs]}")
 
+    consumed = {t.name for n in gsg.nodes for t in n.inputs if t.name} | {t.name for t in gsg.outputs}
+
     def operand(tensor: Any) -> Value | None:
         if not tensor.name:  # an omitted optional input
             return None
@@ -141,8 +143,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
             if tensor.name:
                 env[tensor.name] = value
         for tensor in node.outputs[len(results):]:
-            if tensor.name and any(tensor.name == t.name for n in gsg.nodes for t in n.inputs) | \
-                    any(tensor.name == t.name for t in gsg.outputs):
+            if tensor.name in consumed:
                 raise QCompilerError(f"{where}: output {tensor.name} of {node.op} '{ctx.source}' is not supported")
 
     outputs = []
