@@ -63,7 +63,9 @@ def _pipeline(target: Target) -> tvm.transform.Pass:
 
 
 def build(graph: Graph, target: Target) -> "relax.VMExecutable":
-    mod = to_relax(graph)
+    from .x86_int8 import supports_vnni
+
+    mod = to_relax(graph, vnni=supports_vnni(target))
     with target:
         mod = _pipeline(target)(mod)
     try:

@@ -18,6 +18,8 @@ from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
+from . import vnni_lower
+
 R = relax.op
 TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
 Lowering = Callable[["_Lowerer", Node, list[relax.Expr]], "relax.Expr | list[relax.Expr]"]
@@ -32,9 +34,13 @@ def supported_ops() -> set[str]:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, vnni: bool = False):
         self.graph = graph
+        self.vnni = vnni
         self.bb = relax.BlockBuilder()
+        self.users = graph.users()
+        # results computed ahead by another node's rule (a requantize done in a kernel's epilogue)
+        self.precomputed: dict[int, relax.Expr] = {}
 
     def emit(self, expr: relax.Expr) -> relax.Expr:
         return self.bb.emit(expr)
@@ -53,12 +59,13 @@ class _Lowerer:
         return self.graph.constant_array(v)
 
 
-def to_relax(graph: Graph) -> tvm.IRModule:
-    """The graph as a Relax module with one function, ``main``, taking the graph's inputs."""
+def to_relax(graph: Graph, vnni: bool = False) -> tvm.IRModule:
+    """The graph as a Relax module with one function, ``main``, taking the graph's inputs.
+    ``vnni``: integer convolutions and linears use the x86 VNNI kernels (``vnni_lower``)."""
     missing = sorted({n.op for n in graph.nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
-    low = _Lowerer(graph)
+    low = _Lowerer(graph, vnni)
     params = [relax.Var(v.name, relax.TensorType(v.shape, TVM_DTYPE[v.dtype])) for v in graph.inputs]
     env: dict[int, relax.Expr] = {id(v): p for v, p in zip(graph.inputs, params)}
 
@@ -70,6 +77,9 @@ def to_relax(graph: Graph) -> tvm.IRModule:
     with low.bb.function("main", params):
         with low.bb.dataflow():
             for node in graph.nodes:
+                if id(node) in low.precomputed:
+                    env[id(node.output)] = low.precomputed[id(node)]
+                    continue
                 try:
                     out = _RULES[node.op](low, node, [read(v) for v in node.inputs])
                 except QCompilerError:
@@ -475,6 +485,10 @@ def _centered(low: _Lowerer, x: relax.Expr, zp: Value, rank: int, axis: int) -> 
 
 @lowers("conv1d_int", "conv2d_int", "conv3d_int")
 def _conv_int(low, node, xs):
+    if low.vnni and node.op == "conv2d_int" and vnni_lower.applies(low, node):
+        fast = vnni_lower.conv2d(low, node, xs)
+        if fast is not None:
+            return fast
     rank = int(node.op[4])
     conv = {1: R.nn.conv1d, 2: R.nn.conv2d, 3: R.nn.conv3d}[rank]
     x = _centered(low, xs[0], node.inputs[1], rank + 2, 1)
@@ -488,6 +502,10 @@ def _conv_int(low, node, xs):
 
 @lowers("linear_int")
 def _linear_int(low, node, xs):
+    if low.vnni and vnni_lower.applies(low, node):
+        fast = vnni_lower.linear(low, node, xs)
+        if fast is not None:
+            return fast
     x = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
     w = _centered(low, xs[2], node.inputs[3], 2, 0)
     y = low.emit(R.matmul(x, low.emit(R.permute_dims(w, [1, 0])), out_dtype="int32"))

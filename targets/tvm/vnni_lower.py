@@ -1,0 +1,172 @@
+"""Integer convolutions and linears lowered onto the VNNI kernels of ``x86_int8``.
+
+The identity used: with activations ``x`` (zero point ``z``) and weights ``w`` (zero point 0),
+``sum_k (x - z) * w = sum_k x * w - z * sum_k w``. The second term is a per-output-channel
+constant folded into the int32 bias at compile time, so the product runs on the raw bytes.
+Signed activations are shifted to unsigned (``x + 128``, ``z + 128``), since VNNI multiplies
+u8 by s8. A convolution is that product over an im2col matrix whose padding holds ``z``
+(contributing ``(z - z) * w = 0``).
+
+When the accumulator's only reader is a ``requantize`` with constant parameters, the kernel
+does it in its epilogue and the ``requantize`` node lowers to that result. Results are
+bit-exact with the interpreter's kernels."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tvm import relax, te, tirx
+
+from qcompiler.ir import Node
+from qcompiler.ir.types import DTYPES
+
+from .x86_int8 import (GROUP, LANES, Requantize, conv_u8s8, dense_u8s8, depthwise_u8s8, im2col_packed,
+                       pack_dense_weight, padded)
+
+if TYPE_CHECKING:
+    from .relax_lower import _Lowerer
+
+R = relax.op
+
+
+def applies(low: "_Lowerer", node: Node) -> bool:
+    """u8/i8 activations with one zero point, constant i8 weights with zero points 0."""
+    x, x_zp, w, w_zp = node.inputs[:4]
+    if node.op == "conv2d_int" and node.attrs["groups"] != 1 and not _is_depthwise(node):
+        return False
+    return (x.dtype in ("u8", "i8") and w.dtype == "i8" and x_zp.is_constant and x_zp.type.rank == 0
+            and w.is_constant and w_zp.is_constant and not low.array(w_zp).any())
+
+
+def _is_depthwise(node: Node) -> bool:
+    channels, groups = node.inputs[0].shape[1], node.attrs["groups"]
+    return groups == channels == node.output.shape[1] and tuple(node.attrs["dilations"]) == (1, 1)
+
+
+def _activation_zero_point(low: "_Lowerer", node: Node) -> tuple[int, bool]:
+    """The zero point in the unsigned domain, and whether activations need the +128 shift."""
+    signed = node.inputs[0].dtype == "i8"
+    return int(low.array(node.inputs[1])) + (128 if signed else 0), signed
+
+
+def _absorbed_requantize(low: "_Lowerer", node: Node, channel_axis: int) -> Node | None:
+    """The ``requantize`` that is the accumulator's only reader, per output channel or per tensor."""
+    users = low.users.get(node.output, [])
+    if len(users) != 1 or users[0].op != "requantize" or node.output in low.graph.outputs:
+        return None
+    req = users[0]
+    mult, shift, zp = req.inputs[1:]
+    if not (mult.is_constant and shift.is_constant and zp.is_constant):
+        return None
+    if mult.type.rank == 1 and req.attrs["axis"] % node.output.type.rank != channel_axis % node.output.type.rank:
+        return None
+    return req
+
+
+def _epilogue_args(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, padded_channels: int,
+                   channel_axis: int) -> tuple[list[relax.Expr], Requantize | None, Node | None]:
+    """Constant kernel arguments (bias, and multiplier and shift when a requantize is absorbed)."""
+    def per_channel(values: np.ndarray) -> relax.Expr:
+        full = np.zeros(padded_channels, np.int32)
+        full[:channels] = np.broadcast_to(values, (channels,))
+        return low.const(full)
+
+    args = [per_channel(bias.astype(np.int32))]
+    req = _absorbed_requantize(low, node, channel_axis)
+    if req is None:
+        return args, None, None
+    zp = req.inputs[3]
+    info = np.iinfo(DTYPES[zp.dtype])
+    requant = Requantize(req.attrs["input_zero_point"], int(low.array(zp)), max(int(info.min), req.attrs["min"]),
+                         min(int(info.max), req.attrs["max"]), np.dtype(DTYPES[zp.dtype]).name)
+    args += [per_channel(low.array(req.inputs[1])), per_channel(low.array(req.inputs[2]))]
+    return args, requant, req
+
+
+def _bias(low: "_Lowerer", node: Node, w2d: np.ndarray, zp: int) -> np.ndarray | None:
+    """``bias - z * sum_k w`` (int64; wraps to int32 as the accumulator does)."""
+    if len(node.inputs) > 4 and not node.inputs[4].is_constant:
+        return None
+    total = -zp * w2d.astype(np.int64).sum(axis=1)
+    if len(node.inputs) > 4:
+        total = total + low.array(node.inputs[4]).astype(np.int64).reshape(-1)
+    return total.astype(np.int32)
+
+
+def _call(low: "_Lowerer", func, name: str, args: list[relax.Expr], shape: tuple[int, ...], dtype: str) -> relax.Expr:
+    return low.emit(relax.call_tir(low.bb.add_func(func, name), args, relax.TensorType(shape, dtype)))
+
+
+def _result(low: "_Lowerer", y: relax.Expr, req: Node | None) -> relax.Expr:
+    """``y`` stands for the node's accumulator, and for the absorbed requantize's result."""
+    if req is not None:
+        low.precomputed[id(req)] = y
+    return y
+
+
+def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
+    x = node.inputs[0]
+    w2d = low.array(node.inputs[2])
+    zp, signed = _activation_zero_point(low, node)
+    bias = _bias(low, node, w2d, zp)
+    if bias is None:
+        return None
+    n, k = w2d.shape
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    n_padded, k_padded = padded(n, 2 * LANES if n > LANES else LANES), padded(k, GROUP)
+    flat = low.emit(R.reshape(xs[0], (rows, k)))
+    if signed or k_padded != k:
+        flat = low.bb.emit_te(lambda t: te.compute(
+            (rows, k_padded), lambda i, j: tirx.if_then_else(
+                j < k, (t[i, tirx.min(j, k - 1)].astype("int32") + (128 if signed else 0)).astype("uint8"),
+                tirx.const(zp, "uint8")), name="to_u8"), flat)
+    args, requant, req = _epilogue_args(low, node, bias, n, n_padded, -1)
+    weight = low.const(pack_dense_weight(w2d, n_padded, k_padded))
+    y = _call(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "dense_u8s8", [flat, weight, *args], (rows, n),
+              requant.dtype if requant else "int32")
+    return _result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
+
+
+def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
+    x, w = node.inputs[0], node.inputs[2]
+    batch, channels, height, width = x.shape
+    out_channels, _, kh, kw = w.shape
+    zp, signed = _activation_zero_point(low, node)
+    w2d = low.array(w).reshape(out_channels, -1)
+    bias = _bias(low, node, w2d, zp)
+    if bias is None:
+        return None
+    _, _, oh, ow = node.output.shape
+    if node.attrs["groups"] != 1:
+        return _depthwise(low, node, xs, zp, signed, w2d, bias)
+    k_padded = padded(w2d.shape[1], GROUP)
+    im2col = im2col_packed(batch, channels, height, width, (kh, kw), tuple(node.attrs["strides"]),
+                           tuple(node.attrs["dilations"]), tuple(node.attrs["pads"]), zp, signed)
+    a = _call(low, im2col, "im2col_u8", [xs[0]],
+              (batch, padded(oh * ow, LANES) // LANES, k_padded // GROUP, LANES, GROUP), "uint8")
+    weight = np.zeros((out_channels, k_padded), np.int8)
+    weight[:, :w2d.shape[1]] = w2d
+    args, requant, req = _epilogue_args(low, node, bias, out_channels, out_channels, 1)
+    y = _call(low, conv_u8s8(batch, out_channels, oh * ow, k_padded, requant), "conv2d_u8s8",
+              [a, low.const(weight), *args], (batch, out_channels, oh * ow), requant.dtype if requant else "int32")
+    return _result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
+
+
+def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signed: bool, w2d: np.ndarray,
+               bias: np.ndarray) -> relax.Expr:
+    batch, channels, height, width = node.inputs[0].shape
+    _, _, oh, ow = node.output.shape
+    kh, kw = node.inputs[2].shape[2:]
+    (sh, sw), (top, left, bottom, right) = node.attrs["strides"], node.attrs["pads"]
+    # pad with the zero point, on the right far enough for the last 16-wide strip of the row
+    extra = max(0, (padded(ow, LANES) - 1) * sw + kw - (width + left + right))
+    x = xs[0]
+    if signed:
+        x = low.cast(low.emit(R.add(low.cast(x, "int16"), low.scalar(128, "int16"))), "uint8")
+    x = low.emit(R.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right + extra], pad_value=float(zp)))
+    args, requant, req = _epilogue_args(low, node, bias, channels, channels, 1)
+    func = depthwise_u8s8(batch, channels, (height + top + bottom, width + left + right + extra), (kh, kw),
+                          (sh, sw), (oh, ow), requant)
+    y = _call(low, func, "depthwise_u8s8", [x, low.const(w2d.astype(np.int32)), *args], (batch, channels, oh, ow),
+              requant.dtype if requant else "int32")
+    return _result(low, y, req)

@@ -1,0 +1,312 @@
+"""Int8 kernels for x86 CPUs with AVX-512 VNNI, scheduled by hand.
+
+One ``vpdpbusd`` adds, into each of 16 int32 lanes, four products of unsigned bytes with signed
+bytes. Two kernels use it, differing in what the 16 lanes hold:
+
+- ``dense_u8s8`` (linears): lanes are 16 output columns. The 4 activation bytes of a row are
+  broadcast; the weights are packed at compile time as ``[N/16, K/4, 16, 4]`` so that each
+  instruction reads one 64-byte block (an unpacked ``[N, K]`` weight is what made MetaSchedule's
+  VNNI kernels silently wrong, DESIGN.md).
+- ``conv_u8s8`` (NCHW convolutions): lanes are 16 output positions of one channel, read from an
+  im2col matrix packed as ``[B, P/16, K/4, 16, 4]``; the 4 weight bytes are broadcast. The result
+  is NCHW already, with 16 consecutive positions per vector store.
+
+Each kernel keeps a register tile of int32 accumulators, reduces over all of K inside it and
+ends with its epilogue on the tile before the single store: bias, then (when the graph
+requantizes the result) the exact fixed-point requantization to 8 bits. Tiles are spread over
+the cores.
+
+TVM 0.27 registers ``dot_16x4_vnni`` with ``<16 x i32>`` operands, which LLVM 22's
+``vpdpbusd.512`` (``<64 x i8>`` operands) rejects, and importing ``tvm.s_tir.tensor_intrin``
+costs ~30 s; so the intrinsics are registered here, with byte-vector operands."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+
+LANES, GROUP = 16, 4  # int32 lanes per vector, bytes summed into each lane
+LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
+LANES_ARE_ROWS = "qcompiler.vnni_16x4.broadcast_s8"  # C[16] += A[16, 4] . B[4] (broadcast)
+
+
+def supports_vnni(target: Target) -> bool:
+    from tvm.target import codegen
+
+    return target.kind.name == "llvm" and bool(codegen.target_has_features("avx512vnni", target))
+
+
+def _vpdpbusd(acc, unsigned_bytes, signed_bytes):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                                   acc, unsigned_bytes, signed_bytes, dtype="int32x16")
+
+
+def _broadcast4(buffer, dtype: str):
+    """The 4 bytes at ``buffer[0:4]`` repeated over 64 bytes."""
+    word = T.reinterpret(buffer.vload([0], f"{dtype}x4"), dtype="int32")
+    return T.reinterpret(T.broadcast(word, 16), dtype=f"{dtype}x64")
+
+
+@functools.cache
+def register_intrinsics() -> None:
+    from tvm.s_tir import TensorIntrin
+
+    @T.prim_func(s_tir=True)
+    def columns_desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
+                     c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def columns_impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
+                     c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], dtype="int32x16"), _broadcast4(a, "uint8"),
+                                                     b.vload([0, 0], dtype="int8x64"))
+
+    @T.prim_func(s_tir=True)
+    def rows_desc(a: T.Buffer((16, 4), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+                  c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:16, 0:4], b[0:4])
+            T.writes(c[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vi, vk], "int32") * T.cast(b[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def rows_impl(a: T.Buffer((16, 4), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+                  c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:16, 0:4], b[0:4])
+            T.writes(c[0:16])
+            c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], dtype="int32x16"), a.vload([0, 0], dtype="uint8x64"),
+                                                     _broadcast4(b, "int8"))
+
+    TensorIntrin.register(LANES_ARE_COLUMNS, columns_desc, columns_impl, override=True)
+    TensorIntrin.register(LANES_ARE_ROWS, rows_desc, rows_impl, override=True)
+
+
+def padded(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def pack_dense_weight(w: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray:
+    """``[N, K]`` int8 -> ``[N'/16, K'/4, 16, 4]``, zero-padded to N' and K' (zero weights add
+    nothing, whatever the activations in the padded columns hold)."""
+    n, k = w.shape
+    full = np.zeros((n_padded, k_padded), np.int8)
+    full[:n, :k] = w
+    return np.ascontiguousarray(full.reshape(n_padded // LANES, LANES, k_padded // GROUP, GROUP).transpose(0, 2, 1, 3))
+
+
+@dataclass(frozen=True)
+class Requantize:
+    """The fixed-point requantization the interpreter's ``requantize`` does, per output channel
+    (multiplier and shift arrive as kernel arguments): ``clip(round_half_even((acc - zp_in) *
+    mult / 2^shift) + zp_out, lo, hi)``, in int64."""
+    input_zero_point: int
+    output_zero_point: int
+    lo: int
+    hi: int
+    dtype: str  # uint8 or int8
+
+
+def _epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, bias: te.Tensor, mult: te.Tensor | None,
+              shift: te.Tensor | None, requant: Requantize | None) -> tirx.PrimExpr:
+    v = acc + bias[channel]
+    if requant is None:
+        return v
+    i64 = functools.partial(tirx.const, dtype="int64")
+    v = (v.astype("int64") - i64(requant.input_zero_point)) * mult[channel].astype("int64")
+    s = shift[channel].astype("int64")
+    q = tirx.shift_right(v, s)
+    r = v - tirx.shift_left(q, s)
+    half = tirx.shift_left(i64(1), s - i64(1))
+    up = tirx.any(r > half, tirx.all(r == half, tirx.bitwise_and(q, i64(1)) == i64(1)))
+    y = q + up.astype("int64") + i64(requant.output_zero_point)
+    return tirx.max(tirx.min(y, i64(requant.hi)), i64(requant.lo)).astype(requant.dtype)
+
+
+def _epilogue_inputs(channels: int, requant: Requantize | None) -> list[te.Tensor]:
+    names = ("bias", "multiplier", "shift") if requant else ("bias",)
+    return [te.placeholder((channels,), "int32", name=n) for n in names]
+
+
+def _accumulate_in_registers(sch, accumulate, tile_loop, unrolled) -> "tvm.s_tir.SBlockRV":
+    """Accumulators in registers for one tile; the epilogue reads them there and stores once."""
+    copy_out = sch.cache_write(accumulate, 0, "local")
+    sch.compute_inline(copy_out)  # the epilogue reads the accumulators directly
+    epilogue = sch.get_sblock("out")
+    sch.reverse_compute_at(epilogue, tile_loop)
+    for loop in unrolled:
+        sch.unroll(loop)
+    return epilogue
+
+
+def _finalize(sch, epilogue) -> tvm.tirx.PrimFunc:
+    try:
+        sch.vectorize(sch.get_loops(epilogue)[-1])
+    except Exception:  # noqa: BLE001  a tail predicate the vectorizer cannot take: scalar stores
+        pass
+    return _opaque(sch)
+
+
+def _opaque(sch) -> tvm.tirx.PrimFunc:
+    """The scheduled function, named by the Relax module, never fused with its neighbours."""
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})  # 8: kOpaque
+
+
+def _pick(extent: int, choices: tuple[int, ...]) -> int:
+    return next(c for c in choices if extent % c == 0)
+
+
+@functools.cache
+def dense_u8s8(m: int, n: int, n_padded: int, k_padded: int, requant: Requantize | None) -> tvm.tirx.PrimFunc:
+    """``out[m, n] = epilogue(A[m, k] (u8) . W[n, k] (s8))``, ``W`` packed by
+    :func:`pack_dense_weight`; arguments ``A, W, bias[, multiplier, shift], out``."""
+    from tvm.s_tir import Schedule
+
+    register_intrinsics()
+    a = te.placeholder((m, k_padded), "uint8", name="A")
+    w = te.placeholder((n_padded // LANES, k_padded // GROUP, LANES, GROUP), "int8", name="W")
+    params = _epilogue_inputs(n_padded, requant)
+    r = te.reduce_axis((0, k_padded), name="k")
+    c = te.compute((m, n_padded), lambda i, j: te.sum(
+        a[i, r].astype("int32") * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("int32"), axis=r), name="C")
+    out = te.compute((m, n), lambda i, j: _epilogue(c[i, j], j, *params, *([None] * (3 - len(params))), requant),
+                     name="out")
+    sch = Schedule(te.create_prim_func([a, w, *params, out]))
+    block = sch.get_sblock("C")
+    i, j, kk = sch.get_loops(block)
+    rows, blocks = _pick(m, (4, 6, 8, 7, 5, 3, 2, 1)), _pick(n_padded // LANES, (2, 1))
+    i_outer, i_inner = sch.split(i, [None, rows])
+    j_outer, j_mid, j_inner = sch.split(j, [None, blocks, LANES])
+    k_outer, k_inner = sch.split(kk, [None, GROUP])
+    sch.reorder(j_outer, i_outer, k_outer, i_inner, j_mid, j_inner, k_inner)
+    tile = sch.fuse(j_outer, i_outer)
+    sch.parallel(tile)
+    epilogue = _accumulate_in_registers(sch, block, tile, (i_inner, j_mid))
+    sch.decompose_reduction(block, k_outer)
+    sch.tensorize(j_inner, LANES_ARE_COLUMNS)
+    return _finalize(sch, epilogue)
+
+
+@functools.cache
+def conv_u8s8(batch: int, channels: int, positions: int, k_padded: int,
+              requant: Requantize | None) -> tvm.tirx.PrimFunc:
+    """``out[b, o, p] = epilogue(sum_k A[b, p, k] (u8) * W[o, k] (s8))`` with ``A`` the im2col
+    matrix packed as ``[B, P'/16, K'/4, 16, 4]`` (:func:`im2col_packed`); arguments
+    ``A, W, bias[, multiplier, shift], out``."""
+    from tvm.s_tir import Schedule
+
+    register_intrinsics()
+    p_padded = padded(positions, LANES)
+    a = te.placeholder((batch, p_padded // LANES, k_padded // GROUP, LANES, GROUP), "uint8", name="A")
+    w = te.placeholder((channels, k_padded), "int8", name="W")
+    params = _epilogue_inputs(channels, requant)
+    r = te.reduce_axis((0, k_padded), name="k")
+    c = te.compute((batch, channels, p_padded), lambda b, o, p: te.sum(
+        a[b, p // LANES, r // GROUP, p % LANES, r % GROUP].astype("int32") * w[o, r].astype("int32"), axis=r),
+        name="C")
+    out = te.compute((batch, channels, positions),
+                     lambda b, o, p: _epilogue(c[b, o, p], o, *params, *([None] * (3 - len(params))), requant),
+                     name="out")
+    sch = Schedule(te.create_prim_func([a, w, *params, out]))
+    block = sch.get_sblock("C")
+    b, o, p, kk = sch.get_loops(block)
+    rows = _pick(channels, (8, 6, 4, 7, 5, 3, 2, 1))
+    blocks = _pick(p_padded // LANES, (2, 4, 3, 1))
+    o_outer, o_inner = sch.split(o, [None, rows])
+    p_outer, p_mid, p_inner = sch.split(p, [None, blocks, LANES])
+    k_outer, k_inner = sch.split(kk, [None, GROUP])
+    sch.reorder(b, o_outer, p_outer, k_outer, o_inner, p_mid, p_inner, k_inner)
+    tile = sch.fuse(b, o_outer, p_outer)
+    sch.parallel(tile)
+    epilogue = _accumulate_in_registers(sch, block, tile, (o_inner, p_mid))
+    sch.decompose_reduction(block, k_outer)
+    sch.tensorize(p_inner, LANES_ARE_ROWS)
+    return _finalize(sch, epilogue)
+
+
+@functools.cache
+def im2col_packed(batch: int, channels: int, height: int, width: int, kernel: tuple[int, int],
+                  strides: tuple[int, int], dilations: tuple[int, int], pads: tuple[int, int, int, int],
+                  fill: int, signed: bool) -> tvm.tirx.PrimFunc:
+    """``x [B, C, H, W]`` (u8, or i8 shifted by +128) -> ``A [B, P'/16, K'/4, 16, 4]`` u8 with
+    ``A[b, p, k] = x[b, c, h, w]`` for output position ``p`` and ``k = (c, kh, kw)``; ``fill``
+    (the activations' zero point) where the window leaves the image and in the padding rows
+    and columns. A kernel of its own, never fused: recomputing a producer nine times over is
+    worse than one pass over bytes."""
+    from tvm.s_tir import Schedule
+
+    (kh, kw), (sh, sw), (dh, dw), (top, left, bottom, right) = kernel, strides, dilations, pads
+    oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    k = channels * kh * kw
+    k_padded, p_padded = padded(k, GROUP), padded(oh * ow, LANES)
+    x = te.placeholder((batch, channels, height, width), "int8" if signed else "uint8", name="x")
+
+    def element(b, pb, kb, pi, ki):
+        p, col = pb * LANES + pi, kb * GROUP + ki
+        c, rest = col // (kh * kw), col % (kh * kw)
+        h, v = p // ow * sh + rest // kw * dh - top, p % ow * sw + rest % kw * dw - left
+        inside = tirx.all(p < oh * ow, col < k, h >= 0, h < height, v >= 0, v < width)
+        value = x[b, c, h, v]
+        value = (value.astype("int32") + 128).astype("uint8") if signed else value
+        return tirx.if_then_else(inside, value, tirx.const(fill, "uint8"))
+
+    a = te.compute((batch, p_padded // LANES, k_padded // GROUP, LANES, GROUP), element, name="A")
+    sch = Schedule(te.create_prim_func([x, a]))
+    block = sch.get_sblock("A")
+    loops = sch.get_loops(block)
+    sch.parallel(sch.fuse(loops[0], loops[1]))
+    return _opaque(sch)
+
+
+@functools.cache
+def depthwise_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel: tuple[int, int],
+                   strides: tuple[int, int], out_hw: tuple[int, int], requant: Requantize | None) -> tvm.tirx.PrimFunc:
+    """Depthwise convolution ``out[b, c, y, x] = epilogue(sum_ij X[b, c, y*sy + i, x*sx + j] * W[c, i*kw + j])``
+    over an input already padded with the activations' zero point (also on the right, so that
+    every 16-wide row strip reads inside it); arguments ``X, W (int32), bias[, multiplier,
+    shift], out``. Vectors run along the output row, a row of accumulators per tile."""
+    from tvm.s_tir import Schedule
+
+    (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out_hw
+    ow_padded = padded(ow, LANES)
+    x = te.placeholder((batch, channels) + padded_hw, "uint8", name="X")
+    w = te.placeholder((channels, kh * kw), "int32", name="W")
+    params = _epilogue_inputs(channels, requant)
+    i = te.reduce_axis((0, kh), name="i")
+    j = te.reduce_axis((0, kw), name="j")
+    c = te.compute((batch, channels, oh, ow_padded), lambda b, ch, y, v: te.sum(
+        x[b, ch, y * sh + i, v * sw + j].astype("int32") * w[ch, i * kw + j], axis=[i, j]), name="C")
+    out = te.compute((batch, channels, oh, ow),
+                     lambda b, ch, y, v: _epilogue(c[b, ch, y, v], ch, *params, *([None] * (3 - len(params))), requant),
+                     name="out")
+    sch = Schedule(te.create_prim_func([x, w, *params, out]))
+    block = sch.get_sblock("C")
+    b, ch, y, v, ri, rj = sch.get_loops(block)
+    v_outer, v_inner = sch.split(v, [None, LANES])
+    sch.reorder(b, ch, y, ri, rj, v_outer, v_inner)
+    tile = sch.fuse(b, ch, y)
+    sch.parallel(tile)
+    epilogue = _accumulate_in_registers(sch, block, tile, (ri, rj))
+    sch.vectorize(v_inner)
+    sch.decompose_reduction(block, ri)
+    return _finalize(sch, epilogue)
