@@ -122,7 +122,7 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
                 tirx.const(zp, "uint8")), name="to_u8"), flat)
     args, requant, req = _epilogue_args(low, node, bias, n, n_padded, -1)
     weight = low.const(pack_dense_weight(w2d, n_padded, k_padded))
-    y = _call(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "dense_u8s8", [flat, weight, *args], (rows, n),
+    y = _call(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [flat, weight, *args], (rows, n),
               requant.dtype if requant else "int32")
     return _result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
 
@@ -142,12 +142,12 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     k_padded = padded(w2d.shape[1], GROUP)
     im2col = im2col_packed(batch, channels, height, width, (kh, kw), tuple(node.attrs["strides"]),
                            tuple(node.attrs["dilations"]), tuple(node.attrs["pads"]), zp, signed)
-    a = _call(low, im2col, "im2col_u8", [xs[0]],
+    a = _call(low, im2col, "vnni_im2col", [xs[0]],
               (batch, padded(oh * ow, LANES) // LANES, k_padded // GROUP, LANES, GROUP), "uint8")
     weight = np.zeros((out_channels, k_padded), np.int8)
     weight[:, :w2d.shape[1]] = w2d
     args, requant, req = _epilogue_args(low, node, bias, out_channels, out_channels, 1)
-    y = _call(low, conv_u8s8(batch, out_channels, oh * ow, k_padded, requant), "conv2d_u8s8",
+    y = _call(low, conv_u8s8(batch, out_channels, oh * ow, k_padded, requant), "vnni_conv2d",
               [a, low.const(weight), *args], (batch, out_channels, oh * ow), requant.dtype if requant else "int32")
     return _result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
 
@@ -167,6 +167,6 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signe
     args, requant, req = _epilogue_args(low, node, bias, channels, channels, 1)
     func = depthwise_u8s8(batch, channels, (height + top + bottom, width + left + right + extra), (kh, kw),
                           (sh, sw), (oh, ow), requant)
-    y = _call(low, func, "depthwise_u8s8", [x, low.const(w2d.astype(np.int32)), *args], (batch, channels, oh, ow),
+    y = _call(low, func, "vnni_depthwise", [x, low.const(w2d.astype(np.int32)), *args], (batch, channels, oh, ow),
               requant.dtype if requant else "int32")
     return _result(low, y, req)
