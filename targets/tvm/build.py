@@ -65,7 +65,7 @@ def _pipeline(target: Target) -> tvm.transform.Pass:
 def build(graph: Graph, target: Target) -> "relax.VMExecutable":
     from .x86_int8 import supports_vnni
 
-    mod = to_relax(graph, vnni=supports_vnni(target))
+    mod = to_relax(graph, vnni=supports_vnni(target), cpu_kernels=target.kind.name == "llvm")
     with target:
         mod = _pipeline(target)(mod)
     try:

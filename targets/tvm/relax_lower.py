@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, topi
 
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value
@@ -34,9 +34,10 @@ def supported_ops() -> set[str]:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, vnni: bool = False):
+    def __init__(self, graph: Graph, vnni: bool = False, cpu_kernels: bool = False):
         self.graph = graph
         self.vnni = vnni
+        self.cpu_kernels = cpu_kernels
         self.bb = relax.BlockBuilder()
         self.users = graph.users()
         # results computed ahead by another node's rule (a requantize done in a kernel's epilogue)
@@ -59,13 +60,14 @@ class _Lowerer:
         return self.graph.constant_array(v)
 
 
-def to_relax(graph: Graph, vnni: bool = False) -> tvm.IRModule:
+def to_relax(graph: Graph, vnni: bool = False, cpu_kernels: bool = False) -> tvm.IRModule:
     """The graph as a Relax module with one function, ``main``, taking the graph's inputs.
-    ``vnni``: integer convolutions and linears use the x86 VNNI kernels (``vnni_lower``)."""
+    ``vnni``: integer convolutions and linears use the x86 VNNI kernels; ``cpu_kernels``: float
+    linears use the register-tiled CPU kernel (both in ``vnni_lower``)."""
     missing = sorted({n.op for n in graph.nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
-    low = _Lowerer(graph, vnni)
+    low = _Lowerer(graph, vnni, cpu_kernels)
     params = [relax.Var(v.name, relax.TensorType(v.shape, TVM_DTYPE[v.dtype])) for v in graph.inputs]
     env: dict[int, relax.Expr] = {id(v): p for v, p in zip(graph.inputs, params)}
 
@@ -126,8 +128,12 @@ def activation(low: _Lowerer, x: relax.Expr, act: str, args: tuple, dtype: str) 
         return low.emit(R.tanh(x))
     if act == "silu":
         return low.emit(R.multiply(x, low.emit(R.sigmoid(x))))
-    if act in ("gelu", "gelu_tanh"):
-        return low.emit(R.nn.gelu(x) if act == "gelu" else R.nn.gelu_tanh(x))
+    if act == "gelu":  # x/2 (1 + erf(x / sqrt 2)), with TVM's vectorizable erf (max error 3e-7)
+        erf = low.bb.emit_te(topi.fast_erf, low.emit(R.multiply(x, low.scalar(0.7071067811865476, dtype))))
+        return low.emit(R.multiply(low.emit(R.multiply(x, low.scalar(0.5, dtype))),
+                                   low.emit(R.add(erf, low.scalar(1.0, dtype)))))
+    if act == "gelu_tanh":
+        return low.emit(R.nn.gelu_tanh(x))
     if act in ("hardswish", "hardsigmoid"):
         alpha, beta = (1 / 6, 0.5) if act == "hardswish" else args
         hs = low.emit(R.clip(low.emit(R.add(low.emit(R.multiply(x, low.scalar(alpha, dtype))),
@@ -260,6 +266,9 @@ def _adaptive(low, node, xs):
 
 @lowers("linear")
 def _linear(low, node, xs):
+    if low.cpu_kernels and vnni_lower.float_linear_applies(low, node):
+        y = vnni_lower.float_linear(low, node, xs)
+        return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], "float32")
     y = low.emit(R.matmul(xs[0], low.emit(R.permute_dims(xs[1], [1, 0]))))
     if len(xs) > 2:
         y = low.emit(R.add(y, xs[2]))
@@ -406,9 +415,8 @@ def _argmax(low, node, xs):
 
 
 # ---- quantization ------------------------------------------------------------------------------------
-def round_half_even(low: _Lowerer, x: relax.Expr) -> relax.Expr:
-    """round(x), ties to even, from floor and parity (exact for floats)."""
-    dtype = "float64"
+def round_half_even(low: _Lowerer, x: relax.Expr, dtype: str = "float64") -> relax.Expr:
+    """round(x), ties to even, from floor and parity (exact for floats of ``dtype``)."""
     f = low.emit(R.floor(x))
     d = low.emit(R.subtract(x, f))
     half = low.scalar(0.5, dtype)
@@ -455,10 +463,15 @@ def _quantize(low, node, xs):
     s = low.cast(xs[1], "float32") if scale.dtype != "f32" else xs[1]
     s = low.emit(R.reshape(s, shape)) if shape else s
     scaled = low.emit(R.divide(low.cast(xs[0], "float32"), s))
+    z = (low.emit(R.reshape(xs[2], shape)) if shape else xs[2]) if len(xs) > 2 else None
+    if info.bits == 8:
+        # in float32 throughout: rounding a float32 is exact in float32, and adding the zero
+        # point and clamping act on integers below 2^24 (larger values saturate either way)
+        q = round_half_even(low, scaled, "float32")
+        q = low.emit(R.add(q, low.cast(z, "float32"))) if z is not None else q
+        return low.cast(low.emit(R.clip(q, float(info.min), float(info.max))), TVM_DTYPE[zp_dtype])
     q = low.cast(round_half_even(low, low.cast(scaled, "float64")), "int64")
-    if len(xs) > 2:
-        z = low.emit(R.reshape(xs[2], shape)) if shape else xs[2]
-        q = low.emit(R.add(q, low.cast(z, "int64")))
+    q = low.emit(R.add(q, low.cast(z, "int64"))) if z is not None else q
     return _clip_cast(low, q, int(info.min), int(info.max), TVM_DTYPE[zp_dtype])
 
 

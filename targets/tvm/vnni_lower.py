@@ -20,8 +20,8 @@ from tvm import relax, te, tirx
 from qcompiler.ir import Node
 from qcompiler.ir.types import DTYPES
 
-from .x86_int8 import (GROUP, LANES, Requantize, conv_u8s8, dense_u8s8, depthwise_u8s8, im2col_packed,
-                       pack_dense_weight, padded)
+from .x86_int8 import (GROUP, LANES, Requantize, conv_u8s8, dense_f32, dense_u8s8, depthwise_u8s8, im2col_packed,
+                       pack_dense_weight, pack_dense_weight_f32, padded)
 
 if TYPE_CHECKING:
     from .relax_lower import _Lowerer
@@ -170,3 +170,25 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signe
     y = _call(low, func, "vnni_depthwise", [x, low.const(w2d.astype(np.int32)), *args], (batch, channels, oh, ow),
               requant.dtype if requant else "int32")
     return _result(low, y, req)
+
+
+def float_linear_applies(low: "_Lowerer", node: Node) -> bool:
+    x, w = node.inputs[:2]
+    return (x.dtype == "f32" and w.is_constant and w.dtype == "f32"
+            and all(v.is_constant for v in node.inputs[2:]))
+
+
+def float_linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
+    """``x . w^T + b`` through the register-tiled float kernel (the activation follows it)."""
+    x = node.inputs[0]
+    w = low.array(node.inputs[1])
+    n, k = w.shape
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    n_padded = padded(n, 2 * LANES if n > LANES else LANES)
+    bias = np.zeros(n_padded, np.float32)
+    if len(node.inputs) > 2:
+        bias[:n] = low.array(node.inputs[2])
+    y = _call(low, dense_f32(rows, n, n_padded, k), "cpu_dense_f32",
+              [low.emit(R.reshape(xs[0], (rows, k))), low.const(pack_dense_weight_f32(w, n_padded)), low.const(bias)],
+              (rows, n), "float32")
+    return low.emit(R.reshape(y, x.shape[:-1] + (n,)))

@@ -310,3 +310,39 @@ def depthwise_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel
     sch.vectorize(v_inner)
     sch.decompose_reduction(block, ri)
     return _finalize(sch, epilogue)
+
+
+def pack_dense_weight_f32(w: np.ndarray, n_padded: int) -> np.ndarray:
+    """``[N, K]`` float32 -> ``[N'/16, K, 16]``: the 16 columns one FMA updates are contiguous."""
+    n, k = w.shape
+    full = np.zeros((n_padded, k), np.float32)
+    full[:n] = w
+    return np.ascontiguousarray(full.reshape(n_padded // LANES, LANES, k).transpose(0, 2, 1))
+
+
+@functools.cache
+def dense_f32(m: int, n: int, n_padded: int, k: int) -> tvm.tirx.PrimFunc:
+    """``out[m, n] = A[m, k] . W[n, k] + bias[n]`` in float32 with ``W`` packed by
+    :func:`pack_dense_weight_f32`: the same register tile as the int8 kernel, one broadcast
+    ``A`` element times 16 weights per FMA (float linears are what int8 models keep float)."""
+    from tvm.s_tir import Schedule
+
+    a = te.placeholder((m, k), "float32", name="A")
+    w = te.placeholder((n_padded // LANES, k, LANES), "float32", name="W")
+    bias = te.placeholder((n_padded,), "float32", name="bias")
+    r = te.reduce_axis((0, k), name="k")
+    c = te.compute((m, n_padded), lambda i, j: te.sum(a[i, r] * w[j // LANES, r, j % LANES], axis=r), name="C")
+    out = te.compute((m, n), lambda i, j: c[i, j] + bias[j], name="out")
+    sch = Schedule(te.create_prim_func([a, w, bias, out]))
+    block = sch.get_sblock("C")
+    i, j, kk = sch.get_loops(block)
+    rows, blocks = _pick(m, (4, 6, 8, 7, 5, 3, 2, 1)), _pick(n_padded // LANES, (2, 1))
+    i_outer, i_inner = sch.split(i, [None, rows])
+    j_outer, j_mid, j_inner = sch.split(j, [None, blocks, LANES])
+    sch.reorder(j_outer, i_outer, kk, i_inner, j_mid, j_inner)
+    tile = sch.fuse(j_outer, i_outer)
+    sch.parallel(tile)
+    epilogue = _accumulate_in_registers(sch, block, tile, (i_inner, j_mid))
+    sch.vectorize(j_inner)
+    sch.decompose_reduction(block, kk)
+    return _finalize(sch, epilogue)
