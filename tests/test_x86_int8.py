@@ -144,3 +144,19 @@ def test_kernels_schedule_for_a_vnni_cpu_anywhere():
     target = make_target("llvm", arch="sapphirerapids")
     assert supports_vnni(target)
     assert build(graph, target) is not None
+
+
+@pytest.mark.parametrize("x_shape,features,act", [((7, 50), 1000, "relu"), ((2, 3, 64), 8, "gelu")])
+def test_float_linear_kernel_matches(x_shape, features, act):
+    """Float linears (what int8 models keep float) use the register-tiled kernel on any CPU."""
+    rng = np.random.default_rng(1)
+    g = Graph("linear")
+    x = g.add_input("x", TensorType(x_shape, "f32"))
+    w = g.add_constant("w", rng.standard_normal((features, x_shape[-1])).astype(np.float32))
+    b = g.add_constant("b", rng.standard_normal(features).astype(np.float32))
+    g.set_outputs([g.add_node("linear", [x, w, b], {"activation": act}).output])
+    assert "cpu_dense_float" in {gv.name_hint.rstrip("0123456789") for gv in to_relax(g, cpu_kernels=True).functions}
+    inputs = [rng.standard_normal(x_shape).astype(np.float32)]
+    got = TVMRunner(build(g, LLVM), device_for("llvm"), 1)(inputs)[0]
+    want = g(*inputs)[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

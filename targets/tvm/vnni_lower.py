@@ -188,7 +188,7 @@ def float_linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Exp
     bias = np.zeros(n_padded, np.float32)
     if len(node.inputs) > 2:
         bias[:n] = low.array(node.inputs[2])
-    y = _call(low, dense_f32(rows, n, n_padded, k), "cpu_dense_f32",
+    y = _call(low, dense_f32(rows, n, n_padded, k), "cpu_dense_float",
               [low.emit(R.reshape(xs[0], (rows, k))), low.const(pack_dense_weight_f32(w, n_padded)), low.const(bias)],
               (rows, n), "float32")
     return low.emit(R.reshape(y, x.shape[:-1] + (n,)))
