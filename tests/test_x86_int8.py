@@ -64,8 +64,10 @@ def _linear_graph(x_shape, out_features, x_dtype, requant, seed=0, weight_range=
     return g, [rng.integers(info.min, int(info.max) + 1, x_shape).astype(info.dtype)]
 
 
-def _kernels(graph: Graph) -> set[str]:
-    return {gv.name_hint.rstrip("0123456789") for gv in to_relax(graph, vnni=True).functions if gv.name_hint != "main"}
+def _kernels(graph: Graph, vnni: bool = True) -> set[str]:
+    """The hand-scheduled kernels the lowering calls."""
+    names = {gv.name_hint.rstrip("0123456789") for gv in to_relax(graph, vnni=vnni, cpu_kernels=True).functions}
+    return {n for n in names if n.startswith(("vnni_", "cpu_"))}
 
 
 def _bit_exact(graph: Graph, inputs) -> None:
@@ -76,19 +78,24 @@ def _bit_exact(graph: Graph, inputs) -> None:
     np.testing.assert_array_equal(got, want)
 
 
-CONVS = [  # x shape, out channels, kernel, strides, pads, x dtype, requantize absorbed
-    ((1, 3, 20, 20), 24, (7, 7), (2, 2), (3, 3, 3, 3), "u8", True),  # K = 147: padded to 148; 100 positions
-    ((2, 16, 9, 9), 40, (3, 3), (1, 1), (1, 1, 1, 1), "i8", True),  # batch 2, 81 positions, signed input
-    ((1, 32, 8, 8), 16, (1, 1), (1, 1), (0, 0, 0, 0), "u8", False),  # int32 result, 64 positions
-    ((1, 8, 7, 7), 12, (3, 3), (2, 2), (0, 1, 1, 0), "u8", True),  # asymmetric padding
+IM2COL, DIRECT = {"vnni_im2col", "vnni_conv2d"}, {"vnni_conv2d_direct"}
+CONVS = [  # x shape, out channels, kernel, strides, pads, x dtype, requantize absorbed, kernels used
+    ((1, 3, 20, 20), 24, (7, 7), (2, 2), (3, 3, 3, 3), "u8", True, IM2COL),  # K = 147: padded to 148; 100 positions
+    ((2, 16, 9, 9), 40, (3, 3), (1, 1), (1, 1, 1, 1), "i8", True, IM2COL),  # batch 2, 81 positions, signed input
+    ((1, 32, 8, 8), 16, (1, 1), (1, 1), (0, 0, 0, 0), "u8", False, IM2COL),  # int32 result, 64 positions
+    ((1, 8, 7, 7), 12, (3, 3), (2, 2), (0, 1, 1, 0), "u8", True, IM2COL),  # asymmetric padding
+    ((1, 3, 30, 30), 16, (7, 7), (2, 2), (3, 3, 3, 3), "u8", True, DIRECT),  # 3 channels in a block of 4, 2 phases
+    ((2, 12, 16, 17), 24, (3, 3), (1, 1), (1, 1, 1, 1), "i8", True, DIRECT),  # rows of 17: two strips, a tail
+    ((1, 16, 14, 14), 8, (1, 1), (1, 1), (0, 0, 0, 0), "u8", False, DIRECT),  # int32 result
+    ((1, 8, 29, 29), 16, (3, 3), (2, 2), (1, 0, 0, 1), "u8", True, DIRECT),  # asymmetric padding, stride 2
 ]
 
 
 @needs_vnni
-@pytest.mark.parametrize("x_shape,channels,kernel,strides,pads,dtype,requant", CONVS)
-def test_conv2d_kernel_is_bit_exact(x_shape, channels, kernel, strides, pads, dtype, requant):
+@pytest.mark.parametrize("x_shape,channels,kernel,strides,pads,dtype,requant,kernels", CONVS)
+def test_conv2d_kernel_is_bit_exact(x_shape, channels, kernel, strides, pads, dtype, requant, kernels):
     graph, inputs = _conv_graph(x_shape, channels, kernel, strides, pads, 1, dtype, requant)
-    assert {"vnni_im2col", "vnni_conv2d"} <= _kernels(graph)
+    assert kernels <= _kernels(graph)
     _bit_exact(graph, inputs)
 
 
@@ -135,7 +142,8 @@ def test_vnni_lowering_only_for_what_it_supports():
     graph, _ = _linear_graph((4, 16), 16, "u8", True)
     graph.constants["wz"] = np.ones(16, np.int8)
     assert not _kernels(graph)
-    assert not {gv.name_hint for gv in to_relax(graph).functions} - {"main"}  # vnni=False: Relax ops only
+    graph.constants["wz"] = np.zeros(16, np.int8)
+    assert _kernels(graph) and not _kernels(graph, vnni=False)  # a CPU without VNNI
 
 
 def test_kernels_schedule_for_a_vnni_cpu_anywhere():
@@ -155,7 +163,7 @@ def test_float_linear_kernel_matches(x_shape, features, act):
     w = g.add_constant("w", rng.standard_normal((features, x_shape[-1])).astype(np.float32))
     b = g.add_constant("b", rng.standard_normal(features).astype(np.float32))
     g.set_outputs([g.add_node("linear", [x, w, b], {"activation": act}).output])
-    assert "cpu_dense_float" in {gv.name_hint.rstrip("0123456789") for gv in to_relax(g, cpu_kernels=True).functions}
+    assert _kernels(g) == {"cpu_dense_float"}
     inputs = [rng.standard_normal(x_shape).astype(np.float32)]
     got = TVMRunner(build(g, LLVM), device_for("llvm"), 1)(inputs)[0]
     want = g(*inputs)[0]

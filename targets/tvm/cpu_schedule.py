@@ -17,13 +17,20 @@ VECTOR_LANES = 16  # AVX-512: 16 x f32/i32; wider vectors only make LLVM slower
 
 
 def _inline_elementwise(sch: Schedule) -> None:
-    """Fold every elementwise block into its readers: a fused chain (a requantization is ~20
-    ops) then makes one pass over memory instead of one per op, and booleans never reach memory."""
+    """Fold every elementwise block into its elementwise readers: a fused chain (a
+    requantization is ~20 ops) then makes one pass over memory instead of one per op, and
+    booleans never reach memory (TVM 0.27's vectorizer mixes i1 and i8 lanes when they do)."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if any(_is_reduction(sch, consumer) for consumer in sch.get_consumers(block)):
+            continue  # a padded input stays materialized: inlined, its bounds checks would stop the vectors
         try:
             sch.compute_inline(block)
         except Exception:  # noqa: BLE001  a reduction, or a block writing the function's output
             pass
+
+
+def _is_reduction(sch: Schedule, block) -> bool:
+    return any(int(it.iter_type) != DATA_PARALLEL for it in sch.get(block).iter_vars)
 
 
 def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool) -> "tvm.tirx.PrimFunc":

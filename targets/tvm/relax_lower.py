@@ -18,7 +18,7 @@ from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
-from . import vnni_lower
+from . import int_arith, kernel_lower
 
 R = relax.op
 TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
@@ -219,6 +219,9 @@ def _cast(low, node, xs):
 # ---- nn --------------------------------------------------------------------------------------------
 @lowers("conv1d", "conv2d", "conv3d")
 def _conv(low, node, xs):
+    if low.cpu_kernels and node.op == "conv2d" and kernel_lower.float_applies(low, node):
+        y, rest = kernel_lower.float_conv2d(low, node, xs)
+        return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], "float32") if rest else y
     rank = int(node.op[4])
     conv = {1: R.nn.conv1d, 2: R.nn.conv2d, 3: R.nn.conv3d}[rank]
     y = low.emit(conv(xs[0], xs[1], strides=node.attrs["strides"], padding=node.attrs["pads"],
@@ -266,9 +269,9 @@ def _adaptive(low, node, xs):
 
 @lowers("linear")
 def _linear(low, node, xs):
-    if low.cpu_kernels and vnni_lower.float_linear_applies(low, node):
-        y = vnni_lower.float_linear(low, node, xs)
-        return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], "float32")
+    if low.cpu_kernels and kernel_lower.float_applies(low, node):
+        y, rest = kernel_lower.float_linear(low, node, xs)
+        return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], "float32") if rest else y
     y = low.emit(R.matmul(xs[0], low.emit(R.permute_dims(xs[1], [1, 0]))))
     if len(xs) > 2:
         y = low.emit(R.add(y, xs[2]))
@@ -498,8 +501,8 @@ def _centered(low: _Lowerer, x: relax.Expr, zp: Value, rank: int, axis: int) -> 
 
 @lowers("conv1d_int", "conv2d_int", "conv3d_int")
 def _conv_int(low, node, xs):
-    if low.vnni and node.op == "conv2d_int" and vnni_lower.applies(low, node):
-        fast = vnni_lower.conv2d(low, node, xs)
+    if low.vnni and node.op == "conv2d_int" and kernel_lower.applies(low, node):
+        fast = kernel_lower.conv2d(low, node, xs)
         if fast is not None:
             return fast
     rank = int(node.op[4])
@@ -515,8 +518,8 @@ def _conv_int(low, node, xs):
 
 @lowers("linear_int")
 def _linear_int(low, node, xs):
-    if low.vnni and vnni_lower.applies(low, node):
-        fast = vnni_lower.linear(low, node, xs)
+    if low.vnni and kernel_lower.applies(low, node):
+        fast = kernel_lower.linear(low, node, xs)
         if fast is not None:
             return fast
     x = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
@@ -534,7 +537,13 @@ def _matmul_int(low, node, xs):
 
 @lowers("requantize")
 def _requantize(low, node, xs):
-    x = node.inputs[0]
+    x, zp = node.inputs[0], node.inputs[3]
+    info = np.iinfo(DTYPES[node.output.dtype])
+    bounds = max(int(info.min), node.attrs["min"]), min(int(info.max), node.attrs["max"])
+    if zp.is_constant:  # one TE computation with every intermediate bound once
+        return low.bb.emit_te(int_arith.requantize_tensor, xs[0], xs[1], xs[2], node.attrs["axis"],
+                              node.attrs["input_zero_point"], int(low.array(zp)), *bounds,
+                              TVM_DTYPE[node.output.dtype])
     rank, axis = x.type.rank, node.attrs["axis"]
     v = low.cast(xs[0], "int64")
     if node.attrs["input_zero_point"]:
@@ -542,27 +551,18 @@ def _requantize(low, node, xs):
     v = low.emit(R.multiply(v, _axis_shaped(low, node.inputs[1], rank, axis, "int64")))
     y = _rounding_shift(low, v, _axis_shaped(low, node.inputs[2], rank, axis, "int64"))
     y = low.emit(R.add(y, low.cast(xs[3], "int64")))
-    info = np.iinfo(DTYPES[node.output.dtype])
-    return _clip_cast(low, y, max(int(info.min), node.attrs["min"]), min(int(info.max), node.attrs["max"]),
-                      TVM_DTYPE[node.output.dtype])
+    return _clip_cast(low, y, *bounds, TVM_DTYPE[node.output.dtype])
 
 
 @lowers("add_int")
 def _add_int(low, node, xs):
-    from qcompiler.ir.ops.quant import ADD_INT_BITS
-
-    a = node.attrs
-
-    def rescaled(x: relax.Expr, zp: int, mult: int, shift: int) -> relax.Expr:
-        v = low.emit(R.subtract(low.cast(x, "int64"), low.scalar(zp, "int64")))
-        v = low.emit(R.multiply(v, low.scalar((1 << ADD_INT_BITS) * mult, "int64")))
-        return _rounding_shift(low, v, low.scalar(shift, "int64"))
-
-    total = low.emit(R.add(rescaled(xs[0], a["a_zero_point"], a["a_multiplier"], a["a_shift"]),
-                           rescaled(xs[1], a["b_zero_point"], a["b_multiplier"], a["b_shift"])))
-    y = low.emit(R.add(_rounding_shift(low, total, low.scalar(ADD_INT_BITS, "int64")), low.cast(xs[2], "int64")))
+    zp = node.inputs[2]
+    if not zp.is_constant:
+        raise QCompilerError(f"{node.describe()}: the output zero point must be a constant to lower to Relax")
     info = np.iinfo(DTYPES[node.output.dtype])
-    return _clip_cast(low, y, max(int(info.min), a["min"]), min(int(info.max), a["max"]), TVM_DTYPE[node.output.dtype])
+    return low.bb.emit_te(int_arith.add_int_tensor, xs[0], xs[1], node.output.shape, dict(node.attrs),
+                          int(low.array(zp)), max(int(info.min), node.attrs["min"]),
+                          min(int(info.max), node.attrs["max"]), TVM_DTYPE[node.output.dtype])
 
 
 @lowers("rescale")

@@ -30,7 +30,10 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-LANES, GROUP = 16, 4  # int32 lanes per vector, bytes summed into each lane
+from . import int_arith
+from .tiling import LANES, accumulate_in_registers, finalize, opaque, padded, pick, row_tile
+
+GROUP = 4  # bytes summed into each int32 lane
 LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
 LANES_ARE_ROWS = "qcompiler.vnni_16x4.broadcast_s8"  # C[16] += A[16, 4] . B[4] (broadcast)
 
@@ -100,10 +103,6 @@ def register_intrinsics() -> None:
     TensorIntrin.register(LANES_ARE_ROWS, rows_desc, rows_impl, override=True)
 
 
-def padded(size: int, multiple: int) -> int:
-    return -(-size // multiple) * multiple
-
-
 def pack_dense_weight(w: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray:
     """``[N, K]`` int8 -> ``[N'/16, K'/4, 16, 4]``, zero-padded to N' and K' (zero weights add
     nothing, whatever the activations in the padded columns hold)."""
@@ -130,49 +129,13 @@ def _epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, bias: te.Tensor, mult:
     v = acc + bias[channel]
     if requant is None:
         return v
-    i64 = functools.partial(tirx.const, dtype="int64")
-    v = (v.astype("int64") - i64(requant.input_zero_point)) * mult[channel].astype("int64")
-    s = shift[channel].astype("int64")
-    q = tirx.shift_right(v, s)
-    r = v - tirx.shift_left(q, s)
-    half = tirx.shift_left(i64(1), s - i64(1))
-    up = tirx.any(r > half, tirx.all(r == half, tirx.bitwise_and(q, i64(1)) == i64(1)))
-    y = q + up.astype("int64") + i64(requant.output_zero_point)
-    return tirx.max(tirx.min(y, i64(requant.hi)), i64(requant.lo)).astype(requant.dtype)
+    return int_arith.requantize(v, requant.input_zero_point, mult[channel], shift[channel],
+                                requant.output_zero_point, requant.lo, requant.hi, requant.dtype)
 
 
 def _epilogue_inputs(channels: int, requant: Requantize | None) -> list[te.Tensor]:
     names = ("bias", "multiplier", "shift") if requant else ("bias",)
     return [te.placeholder((channels,), "int32", name=n) for n in names]
-
-
-def _accumulate_in_registers(sch, accumulate, tile_loop, unrolled) -> "tvm.s_tir.SBlockRV":
-    """Accumulators in registers for one tile; the epilogue reads them there and stores once."""
-    copy_out = sch.cache_write(accumulate, 0, "local")
-    sch.compute_inline(copy_out)  # the epilogue reads the accumulators directly
-    epilogue = sch.get_sblock("out")
-    sch.reverse_compute_at(epilogue, tile_loop)
-    for loop in unrolled:
-        sch.unroll(loop)
-    return epilogue
-
-
-def _finalize(sch, epilogue) -> tvm.tirx.PrimFunc:
-    try:
-        sch.vectorize(sch.get_loops(epilogue)[-1])
-    except Exception:  # noqa: BLE001  a tail predicate the vectorizer cannot take: scalar stores
-        pass
-    return _opaque(sch)
-
-
-def _opaque(sch) -> tvm.tirx.PrimFunc:
-    """The scheduled function, named by the Relax module, never fused with its neighbours."""
-    func = sch.mod["main"].without_attr("global_symbol")
-    return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})  # 8: kOpaque
-
-
-def _pick(extent: int, choices: tuple[int, ...]) -> int:
-    return next(c for c in choices if extent % c == 0)
 
 
 @functools.cache
@@ -193,17 +156,17 @@ def dense_u8s8(m: int, n: int, n_padded: int, k_padded: int, requant: Requantize
     sch = Schedule(te.create_prim_func([a, w, *params, out]))
     block = sch.get_sblock("C")
     i, j, kk = sch.get_loops(block)
-    rows, blocks = _pick(m, (4, 6, 8, 7, 5, 3, 2, 1)), _pick(n_padded // LANES, (2, 1))
+    rows, blocks = pick(m, (4, 6, 8, 7, 5, 3, 2, 1)), pick(n_padded // LANES, (2, 1))
     i_outer, i_inner = sch.split(i, [None, rows])
     j_outer, j_mid, j_inner = sch.split(j, [None, blocks, LANES])
     k_outer, k_inner = sch.split(kk, [None, GROUP])
     sch.reorder(j_outer, i_outer, k_outer, i_inner, j_mid, j_inner, k_inner)
     tile = sch.fuse(j_outer, i_outer)
     sch.parallel(tile)
-    epilogue = _accumulate_in_registers(sch, block, tile, (i_inner, j_mid))
+    epilogue = accumulate_in_registers(sch, block, tile, (i_inner, j_mid))
     sch.decompose_reduction(block, k_outer)
     sch.tensorize(j_inner, LANES_ARE_COLUMNS)
-    return _finalize(sch, epilogue)
+    return finalize(sch, epilogue)
 
 
 @functools.cache
@@ -229,18 +192,18 @@ def conv_u8s8(batch: int, channels: int, positions: int, k_padded: int,
     sch = Schedule(te.create_prim_func([a, w, *params, out]))
     block = sch.get_sblock("C")
     b, o, p, kk = sch.get_loops(block)
-    rows = _pick(channels, (8, 6, 4, 7, 5, 3, 2, 1))
-    blocks = _pick(p_padded // LANES, (2, 4, 3, 1))
+    rows = pick(channels, (8, 6, 4, 7, 5, 3, 2, 1))
+    blocks = pick(p_padded // LANES, (2, 4, 3, 1))
     o_outer, o_inner = sch.split(o, [None, rows])
     p_outer, p_mid, p_inner = sch.split(p, [None, blocks, LANES])
     k_outer, k_inner = sch.split(kk, [None, GROUP])
     sch.reorder(b, o_outer, p_outer, k_outer, o_inner, p_mid, p_inner, k_inner)
     tile = sch.fuse(b, o_outer, p_outer)
     sch.parallel(tile)
-    epilogue = _accumulate_in_registers(sch, block, tile, (o_inner, p_mid))
+    epilogue = accumulate_in_registers(sch, block, tile, (o_inner, p_mid))
     sch.decompose_reduction(block, k_outer)
     sch.tensorize(p_inner, LANES_ARE_ROWS)
-    return _finalize(sch, epilogue)
+    return finalize(sch, epilogue)
 
 
 @functools.cache
@@ -275,7 +238,7 @@ def im2col_packed(batch: int, channels: int, height: int, width: int, kernel: tu
     block = sch.get_sblock("A")
     loops = sch.get_loops(block)
     sch.parallel(sch.fuse(loops[0], loops[1]))
-    return _opaque(sch)
+    return opaque(sch)
 
 
 @functools.cache
@@ -306,43 +269,79 @@ def depthwise_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel
     sch.reorder(b, ch, y, ri, rj, v_outer, v_inner)
     tile = sch.fuse(b, ch, y)
     sch.parallel(tile)
-    epilogue = _accumulate_in_registers(sch, block, tile, (ri, rj))
+    epilogue = accumulate_in_registers(sch, block, tile, (ri, rj))
     sch.vectorize(v_inner)
     sch.decompose_reduction(block, ri)
-    return _finalize(sch, epilogue)
-
-
-def pack_dense_weight_f32(w: np.ndarray, n_padded: int) -> np.ndarray:
-    """``[N, K]`` float32 -> ``[N'/16, K, 16]``: the 16 columns one FMA updates are contiguous."""
-    n, k = w.shape
-    full = np.zeros((n_padded, k), np.float32)
-    full[:n] = w
-    return np.ascontiguousarray(full.reshape(n_padded // LANES, LANES, k).transpose(0, 2, 1))
+    return finalize(sch, epilogue)
 
 
 @functools.cache
-def dense_f32(m: int, n: int, n_padded: int, k: int) -> tvm.tirx.PrimFunc:
-    """``out[m, n] = A[m, k] . W[n, k] + bias[n]`` in float32 with ``W`` packed by
-    :func:`pack_dense_weight_f32`: the same register tile as the int8 kernel, one broadcast
-    ``A`` element times 16 weights per FMA (float linears are what int8 models keep float)."""
+def conv_direct_u8s8(batch: int, channel_blocks: int, padded_hw: tuple[int, int], out_channels: int,
+                     kernel: tuple[int, int], strides: tuple[int, int], out_hw: tuple[int, int],
+                     requant: Requantize | None) -> tvm.tirx.PrimFunc:
+    """Direct convolution without im2col: ``out[b, o, y, x] = epilogue(sum_{g,i,j,c4}
+    X[b, g, y*sy + i, q, x + j // sx, c4] * W[o, g, i, j, c4])`` where ``X`` is the input padded
+    with the zero point, in blocks of 4 channels (NCHW4c) and split into ``sx`` column phases
+    (``q = j % sx``; column ``x*sx + q``) so that 16 neighbouring outputs read 64 contiguous bytes;
+    the 4 weight bytes of a channel block are broadcast. Arguments ``X, W, bias[, multiplier,
+    shift], out``."""
     from tvm.s_tir import Schedule
 
-    a = te.placeholder((m, k), "float32", name="A")
-    w = te.placeholder((n_padded // LANES, k, LANES), "float32", name="W")
-    bias = te.placeholder((n_padded,), "float32", name="bias")
-    r = te.reduce_axis((0, k), name="k")
-    c = te.compute((m, n_padded), lambda i, j: te.sum(a[i, r] * w[j // LANES, r, j % LANES], axis=r), name="C")
-    out = te.compute((m, n), lambda i, j: c[i, j] + bias[j], name="out")
-    sch = Schedule(te.create_prim_func([a, w, bias, out]))
+    register_intrinsics()
+    (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out_hw
+    ow_padded = padded(ow, LANES)
+    x = te.placeholder((batch, channel_blocks, padded_hw[0], sw, padded_hw[1] // sw, GROUP), "uint8", name="X")
+    w = te.placeholder((out_channels, channel_blocks, kh, kw, GROUP), "int8", name="W")
+    params = _epilogue_inputs(out_channels, requant)
+    rg, ri, rj, rc = (te.reduce_axis((0, channel_blocks), name="g"), te.reduce_axis((0, kh), name="i"),
+                      te.reduce_axis((0, kw), name="j"), te.reduce_axis((0, GROUP), name="c4"))
+    c = te.compute((batch, out_channels, oh, ow_padded), lambda b, o, y, v: te.sum(
+        x[b, rg, y * sh + ri, rj % sw, v + rj // sw, rc].astype("int32") * w[o, rg, ri, rj, rc].astype("int32"),
+        axis=[rg, ri, rj, rc]), name="C")
+    out = te.compute((batch, out_channels, oh, ow),
+                     lambda b, o, y, v: _epilogue(c[b, o, y, v], o, *params, *([None] * (3 - len(params))), requant),
+                     name="out")
+    sch = Schedule(te.create_prim_func([x, w, *params, out]))
     block = sch.get_sblock("C")
-    i, j, kk = sch.get_loops(block)
-    rows, blocks = _pick(m, (4, 6, 8, 7, 5, 3, 2, 1)), _pick(n_padded // LANES, (2, 1))
-    i_outer, i_inner = sch.split(i, [None, rows])
-    j_outer, j_mid, j_inner = sch.split(j, [None, blocks, LANES])
-    sch.reorder(j_outer, i_outer, kk, i_inner, j_mid, j_inner)
-    tile = sch.fuse(j_outer, i_outer)
+    b, o, y, v, lg, li, lj, lc = sch.get_loops(block)
+    rows, per_tile = row_tile(out_channels, ow_padded // LANES)
+    o_outer, o_inner = sch.split(o, [None, rows])
+    v_outer, v_mid, v_inner = sch.split(v, [None, per_tile, LANES])
+    sch.reorder(b, o_outer, y, v_outer, lg, li, lj, o_inner, v_mid, v_inner, lc)
+    tile = sch.fuse(b, o_outer, y, v_outer)
     sch.parallel(tile)
-    epilogue = _accumulate_in_registers(sch, block, tile, (i_inner, j_mid))
-    sch.vectorize(j_inner)
-    sch.decompose_reduction(block, kk)
-    return _finalize(sch, epilogue)
+    epilogue = accumulate_in_registers(sch, block, tile, (o_inner, v_mid))
+    sch.decompose_reduction(block, lg)
+    sch.tensorize(v_inner, LANES_ARE_ROWS)
+    return finalize(sch, epilogue)
+
+
+@functools.cache
+def to_blocked_phases(batch: int, channels: int, height: int, width: int, pads: tuple[int, int, int, int],
+                      stride: int, fill: int, signed: bool) -> tvm.tirx.PrimFunc:
+    """``x [B, C, H, W]`` -> the direct kernel's input ``[B, C'/4, H', s, W'/s, 4]`` (u8): padded by
+    ``pads`` with ``fill``, channels in blocks of 4 (the extra ones ``fill`` too: their weights
+    are zero), columns split into ``s`` phases. One pass, 64 bytes per vector store."""
+    from tvm.s_tir import Schedule
+
+    top, left, bottom, right = pads
+    blocks = padded(channels, GROUP) // GROUP
+    out_h, out_w = height + top + bottom, (width + left + right) // stride
+    x = te.placeholder((batch, channels, height, width), "int8" if signed else "uint8", name="x")
+
+    def element(b, g, h, q, v, c4):
+        c, row, col = g * GROUP + c4, h - top, v * stride + q - left
+        inside = tirx.all(c < channels, row >= 0, row < height, col >= 0, col < width)
+        value = x[b, c, row, col]
+        value = (value.astype("int32") + 128).astype("uint8") if signed else value
+        return tirx.if_then_else(inside, value, tirx.const(fill, "uint8"))
+
+    out = te.compute((batch, blocks, out_h, stride, out_w, GROUP), element, name="out")
+    sch = Schedule(te.create_prim_func([x, out]))
+    block = sch.get_sblock("out")
+    b, g, h, q, v, c4 = sch.get_loops(block)
+    sch.parallel(sch.fuse(b, g, h))
+    if out_w >= LANES:
+        v_outer, v_inner = sch.split(v, [None, LANES])
+        sch.vectorize(sch.fuse(v_inner, c4))
+    return opaque(sch)

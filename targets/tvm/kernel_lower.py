@@ -1,4 +1,5 @@
-"""Integer convolutions and linears lowered onto the VNNI kernels of ``x86_int8``.
+"""Convolutions and linears lowered onto the hand-scheduled CPU kernels: integer ones onto the
+VNNI kernels of ``x86_int8``, float ones onto ``cpu_float``.
 
 The identity used: with activations ``x`` (zero point ``z``) and weights ``w`` (zero point 0),
 ``sum_k (x - z) * w = sum_k x * w - z * sum_k w``. The second term is a per-output-channel
@@ -20,8 +21,10 @@ from tvm import relax, te, tirx
 from qcompiler.ir import Node
 from qcompiler.ir.types import DTYPES
 
-from .x86_int8 import (GROUP, LANES, Requantize, conv_u8s8, dense_f32, dense_u8s8, depthwise_u8s8, im2col_packed,
-                       pack_dense_weight, pack_dense_weight_f32, padded)
+from . import cpu_float
+from .tiling import LANES, padded
+from .x86_int8 import (GROUP, Requantize, conv_direct_u8s8, conv_u8s8, dense_u8s8, depthwise_u8s8, im2col_packed,
+                       pack_dense_weight, to_blocked_phases)
 
 if TYPE_CHECKING:
     from .relax_lower import _Lowerer
@@ -139,6 +142,8 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     _, _, oh, ow = node.output.shape
     if node.attrs["groups"] != 1:
         return _depthwise(low, node, xs, zp, signed, w2d, bias)
+    if ow >= DIRECT_MIN_WIDTH and tuple(node.attrs["dilations"]) == (1, 1):
+        return _direct_conv2d(low, node, xs, zp, signed, bias)
     k_padded = padded(w2d.shape[1], GROUP)
     im2col = im2col_packed(batch, channels, height, width, (kh, kw), tuple(node.attrs["strides"]),
                            tuple(node.attrs["dilations"]), tuple(node.attrs["pads"]), zp, signed)
@@ -152,6 +157,41 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     return _result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
 
 
+DIRECT_MIN_WIDTH = 14  # narrower output rows waste most of a 16-lane strip: im2col packs them better
+
+
+def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signed: bool,
+                   bias: np.ndarray) -> relax.Expr:
+    """The input once re-laid out (padded with the zero point, NCHW4c, column phases), then
+    the direct kernel: one pass over the input instead of an im2col copy of kh*kw times it."""
+    batch, channels, height, width = node.inputs[0].shape
+    w = low.array(node.inputs[2])
+    out_channels, _, kh, kw = w.shape
+    _, _, oh, ow = node.output.shape
+    strides = tuple(node.attrs["strides"])
+    top, left, bottom, right = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), ow, kw, strides[1])
+    blocks = padded(channels, GROUP) // GROUP
+    padded_h, padded_w = height + top + bottom, width + left + right
+    layout = to_blocked_phases(batch, channels, height, width, (top, left, bottom, right), strides[1], zp, signed)
+    x = _call(low, layout, "vnni_conv2d_input", [xs[0]],
+              (batch, blocks, padded_h, strides[1], padded_w // strides[1], GROUP), "uint8")
+    packed = np.zeros((out_channels, blocks * GROUP, kh, kw), np.int8)
+    packed[:, :channels] = w
+    packed = np.ascontiguousarray(packed.reshape(out_channels, blocks, GROUP, kh, kw).transpose(0, 1, 3, 4, 2))
+    args, requant, req = _epilogue_args(low, node, bias, out_channels, out_channels, 1)
+    func = conv_direct_u8s8(batch, blocks, (padded_h, padded_w), out_channels, (kh, kw), strides, (oh, ow), requant)
+    y = _call(low, func, "vnni_conv2d_direct", [x, low.const(packed), *args], (batch, out_channels, oh, ow),
+              requant.dtype if requant else "int32")
+    return _result(low, y, req)
+
+
+def _unsigned_expr(low: "_Lowerer", x: relax.Expr, signed: bool) -> relax.Expr:
+    """Signed activations shifted into u8 (x + 128)."""
+    if not signed:
+        return x
+    return low.cast(low.emit(R.add(low.cast(x, "int16"), low.scalar(128, "int16"))), "uint8")
+
+
 def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signed: bool, w2d: np.ndarray,
                bias: np.ndarray) -> relax.Expr:
     batch, channels, height, width = node.inputs[0].shape
@@ -160,10 +200,8 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signe
     (sh, sw), (top, left, bottom, right) = node.attrs["strides"], node.attrs["pads"]
     # pad with the zero point, on the right far enough for the last 16-wide strip of the row
     extra = max(0, (padded(ow, LANES) - 1) * sw + kw - (width + left + right))
-    x = xs[0]
-    if signed:
-        x = low.cast(low.emit(R.add(low.cast(x, "int16"), low.scalar(128, "int16"))), "uint8")
-    x = low.emit(R.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right + extra], pad_value=float(zp)))
+    x = low.emit(R.nn.pad(_unsigned_expr(low, xs[0], signed), [0, 0, 0, 0, top, bottom, left, right + extra],
+                          pad_value=float(zp)))
     args, requant, req = _epilogue_args(low, node, bias, channels, channels, 1)
     func = depthwise_u8s8(batch, channels, (height + top + bottom, width + left + right + extra), (kh, kw),
                           (sh, sw), (oh, ow), requant)
@@ -172,23 +210,61 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signe
     return _result(low, y, req)
 
 
-def float_linear_applies(low: "_Lowerer", node: Node) -> bool:
-    x, w = node.inputs[:2]
-    return (x.dtype == "f32" and w.is_constant and w.dtype == "f32"
-            and all(v.is_constant for v in node.inputs[2:]))
+def _clamp(node: Node) -> tuple[cpu_float.Clamp, bool]:
+    """The fused activation as a clamp the kernel applies, and whether one remains to apply after."""
+    act, args = node.attrs["activation"], node.attrs["activation_args"]
+    if act == "none":
+        return None, False
+    if act == "relu":
+        return (0.0, float("inf")), False
+    if act == "clip":
+        return (float(args[0]), float(args[1])), False
+    return None, True
 
 
-def float_linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
-    """``x . w^T + b`` through the register-tiled float kernel (the activation follows it)."""
+def float_applies(low: "_Lowerer", node: Node) -> bool:
+    """Float32 data, constant weights and bias; convolutions ungrouped 2-D without dilation."""
+    if node.inputs[0].dtype != "f32" or not all(v.is_constant and v.dtype == "f32" for v in node.inputs[1:]):
+        return False
+    return node.op == "linear" or (node.op == "conv2d" and node.attrs["groups"] == 1
+                                   and tuple(node.attrs["dilations"]) == (1, 1))
+
+
+def _float_bias(low: "_Lowerer", node: Node, channels: int, padded_channels: int) -> relax.Expr:
+    bias = np.zeros(padded_channels, np.float32)
+    if len(node.inputs) > 2:
+        bias[:channels] = low.array(node.inputs[2]).reshape(-1)
+    return low.const(bias)
+
+
+def float_linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[relax.Expr, bool]:
+    """``clamp(x . w^T + b)``, and whether the node's activation is still to be applied."""
     x = node.inputs[0]
     w = low.array(node.inputs[1])
     n, k = w.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     n_padded = padded(n, 2 * LANES if n > LANES else LANES)
-    bias = np.zeros(n_padded, np.float32)
-    if len(node.inputs) > 2:
-        bias[:n] = low.array(node.inputs[2])
-    y = _call(low, dense_f32(rows, n, n_padded, k), "cpu_dense_float",
-              [low.emit(R.reshape(xs[0], (rows, k))), low.const(pack_dense_weight_f32(w, n_padded)), low.const(bias)],
-              (rows, n), "float32")
-    return low.emit(R.reshape(y, x.shape[:-1] + (n,)))
+    clamp, rest = _clamp(node)
+    y = _call(low, cpu_float.dense_f32(rows, n, n_padded, k, clamp), "cpu_dense_float",
+              [low.emit(R.reshape(xs[0], (rows, k))), low.const(cpu_float.pack_dense_weight(w, n_padded)),
+               _float_bias(low, node, n, n_padded)], (rows, n), "float32")
+    return low.emit(R.reshape(y, x.shape[:-1] + (n,))), rest
+
+
+def float_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[relax.Expr, bool]:
+    """Direct convolution over an input padded once; returns as :func:`float_linear`."""
+    batch, channels, height, width = node.inputs[0].shape
+    out_channels, _, kh, kw = node.inputs[1].shape
+    _, _, oh, ow = node.output.shape
+    strides = tuple(node.attrs["strides"])
+    top, left, bottom, right = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), ow, kw, strides[1])
+    x = low.emit(R.nn.pad(xs[0], [0, 0, 0, 0, top, bottom, left, right], pad_value=0.0))
+    padded_h, padded_w = height + top + bottom, width + left + right
+    phases = low.emit(R.reshape(x, (batch, channels, padded_h, padded_w // strides[1], strides[1])))
+    x = low.emit(R.permute_dims(phases, [0, 1, 2, 4, 3]))  # [b, c, h, phase, column // stride]
+    clamp, rest = _clamp(node)
+    func = cpu_float.conv2d_f32(batch, channels, (height + top + bottom, width + left + right), out_channels,
+                                (kh, kw), strides, (oh, ow), clamp)
+    y = _call(low, func, "cpu_conv2d_float", [x, xs[1], _float_bias(low, node, out_channels, out_channels)],
+              (batch, out_channels, oh, ow), "float32")
+    return y, rest

@@ -1,0 +1,72 @@
+"""Exact fixed-point arithmetic as TIR expressions: requantize and add_int as one TE
+computation each.
+
+Written with Relax ops, a requantization is ~20 elementwise ops, and the inlined form of the
+floor-and-compare rounding repeats its operand five times per shift (125 times for the nested
+shifts of ``add_int``). The form here reads it twice. Same semantics as
+``quant.rounding_shift`` and the interpreter's ``requantize`` / ``add_int``: round half to
+even, in int64."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tvm import te, tirx
+
+from qcompiler.ir.ops.quant import ADD_INT_BITS
+
+
+def _i64(value: int) -> tirx.PrimExpr:
+    return tirx.const(value, "int64")
+
+
+def rounding_shift(v: tirx.PrimExpr, shift: tirx.PrimExpr) -> tirx.PrimExpr:
+    """round(v / 2^shift), ties to even (int64, 1 <= shift <= 62, |v| < 2^62), as
+    ``(v + 2^(shift-1) - 1 + ((v >> shift) & 1)) >> shift``: with ``v = q 2^shift + r``, the
+    added amount carries into ``q`` exactly when ``r`` is above half, or is half and ``q`` odd.
+    Reads ``v`` twice, so nested shifts stay small when inlined."""
+    half_less_one = tirx.shift_left(_i64(1), shift - _i64(1)) - _i64(1)
+    odd = tirx.bitwise_and(tirx.shift_right(v, shift), _i64(1))
+    return tirx.shift_right(v + half_less_one + odd, shift)
+
+
+def saturate(y: tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
+    return tirx.max(tirx.min(y, _i64(hi)), _i64(lo)).astype(dtype)
+
+
+def requantize(acc: tirx.PrimExpr, input_zero_point: int, multiplier: tirx.PrimExpr, shift: tirx.PrimExpr,
+               output_zero_point: int, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
+    """clip(round_half_even((acc - zp_in) * multiplier / 2^shift) + zp_out, lo, hi)."""
+    v = (acc.astype("int64") - _i64(input_zero_point)) * multiplier.astype("int64")
+    return saturate(rounding_shift(v, shift.astype("int64")) + _i64(output_zero_point), lo, hi, dtype)
+
+
+def _broadcast_index(shape: Sequence[int], out_shape: Sequence[int], index: Sequence[tirx.PrimExpr]) -> list:
+    offset = len(out_shape) - len(shape)
+    return [0 if size == 1 else index[offset + i] for i, size in enumerate(shape)]
+
+
+def requantize_tensor(x: te.Tensor, multiplier: te.Tensor, shift: te.Tensor, axis: int, input_zero_point: int,
+                      output_zero_point: int, lo: int, hi: int, dtype: str) -> te.Tensor:
+    """``requantize`` over a tensor, multiplier and shift per tensor (0-d) or along ``axis``."""
+    axis %= max(len(x.shape), 1)
+
+    def element(*index):
+        at = [] if len(multiplier.shape) == 0 else [index[axis]]
+        return requantize(x[index], input_zero_point, multiplier[tuple(at)], shift[tuple(at)], output_zero_point,
+                          lo, hi, dtype)
+
+    return te.compute(x.shape, element, name="requantize")
+
+
+def add_int_tensor(a: te.Tensor, b: te.Tensor, out_shape: Sequence[int], attrs: dict, output_zero_point: int,
+                   lo: int, hi: int, dtype: str) -> te.Tensor:
+    """``add_int``: each operand rescaled to 2^-20 output steps, summed, rounded once more."""
+    def rescaled(t: te.Tensor, index, prefix: str) -> tirx.PrimExpr:
+        v = (t[tuple(_broadcast_index(t.shape, out_shape, index))].astype("int64") - _i64(attrs[f"{prefix}_zero_point"]))
+        return rounding_shift(v * _i64((1 << ADD_INT_BITS) * attrs[f"{prefix}_multiplier"]), _i64(attrs[f"{prefix}_shift"]))
+
+    def element(*index):
+        total = rescaled(a, index, "a") + rescaled(b, index, "b")
+        return saturate(rounding_shift(total, _i64(ADD_INT_BITS)) + _i64(output_zero_point), lo, hi, dtype)
+
+    return te.compute(tuple(out_shape), element, name="add_int")

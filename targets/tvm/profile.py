@@ -1,0 +1,46 @@
+"""Per-kernel time of a built CPU module: what ``bench/`` reports when it explains where time goes.
+
+The Relax VM calls an instrument around every packed-function call; it records each kernel's
+arguments on one run, and every kernel is then timed alone on them with TVM's time evaluator
+(the fastest of its repeats: on a shared machine the minimum is the stable statistic): a callback around every call would itself add more than the short
+kernels take."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    name: str
+    calls: int  # per run
+    ms: float  # per run, all calls together
+
+
+def kernel_times(executable: Any, inputs: Sequence[np.ndarray], repeat: int = 5) -> list[KernelTime]:
+    """Kernels of ``executable`` (a CPU build) by time per run, longest first."""
+    device = tvm.cpu()
+    vm = relax.VirtualMachine(executable, device)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in inputs]
+    calls: list[tuple[str, list]] = []
+
+    def instrument(func, name: str, before: bool, result, *call_args) -> int:
+        if before and not name.startswith("vm."):
+            calls.append((name, [tvm.runtime.tensor(a.numpy(), device) if isinstance(a, tvm.runtime.Tensor) else a
+                                 for a in call_args]))
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
+    vm["main"](*args)
+    module = executable.mod if hasattr(executable, "mod") else executable
+    module = next((m for m in module.imports if m.kind == "llvm"), module)  # the kernels' library
+    totals: dict[str, list[float]] = {}
+    for name, call_args in calls:
+        timer = module.time_evaluator(name, device, number=3, repeat=repeat)
+        totals.setdefault(name, []).append(float(np.min(timer(*call_args).results)) * 1e3)
+    return sorted((KernelTime(name, len(ms), sum(ms)) for name, ms in totals.items()), key=lambda k: -k.ms)
