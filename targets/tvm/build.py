@@ -69,7 +69,10 @@ def build(graph: Graph, target: Target) -> "relax.VMExecutable":
     with target:
         mod = _pipeline(target)(mod)
     try:
-        return relax.build(mod, target=target)
+        # a loop whose extent is not a multiple of its vector strip gets its tail split off, so the
+        # main part vectorizes without per-lane predicates
+        with tvm.transform.PassContext(opt_level=3, config={"s_tir.LoopPartition": {"partition_const_loop": True}}):
+            return relax.build(mod, target=target)
     except Exception as e:
         raise QCompilerError(f"TVM build for {target.kind.name} failed: {type(e).__name__}: "
                              f"{(str(e).strip().splitlines() or [''])[-1]}") from e

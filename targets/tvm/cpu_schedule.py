@@ -1,12 +1,14 @@
-"""A default CPU schedule for every TIR function that TVM's CPU build would otherwise run as
-serial loops:
+"""The default CPU schedule for every TIR function the hand-written kernels (``x86_int8``,
+``cpu_float``) do not cover: pooling, reductions, float islands, elementwise chains.
 
+- elementwise chains fused by Relax are inlined into one loop nest (one pass over memory);
 - every loop nest runs in parallel over its leading data-parallel loops (fused into one, so a
-  batch of 1 still spreads over the cores);
-- a reduction (conv, dense, pooling) reduces around its innermost output axis, which is then
-  vectorized: ``out[..., x:x+v] += a[..., x+r:x+r+v] * w[r]``.
-If the vectorizing form does not apply to a function, it gets the parallel form alone.
-Op-specific schedules (register tiling, packed int8 layouts, VNNI) are still to come."""
+  batch of 1 still spreads over the cores), its innermost axis vectorized in strips;
+- a reduction (pooling, mean, a conv the kernels do not take) reduces around its innermost
+  output axis: ``out[..., x:x+v] += a[..., x+r:x+r+v] * w[r]``, the strip accumulated in a
+  register, initialized and stored once.
+Each function gets the first of these forms that applies: register accumulation, in-memory
+accumulation, parallel loops alone."""
 from __future__ import annotations
 
 import tvm
@@ -14,6 +16,14 @@ from tvm.s_tir import Schedule
 
 DATA_PARALLEL = 0  # tirx IterVar.DataPar
 VECTOR_LANES = 16  # AVX-512: 16 x f32/i32; wider vectors only make LLVM slower
+
+
+def _strip(extent: int) -> int:
+    """Vector width for an axis: 16, or a divisor of the extent from 8 to 15 so that no strip
+    needs a per-lane predicate (which scalarizes it); 16 with a tail otherwise."""
+    if extent % VECTOR_LANES == 0:
+        return VECTOR_LANES
+    return next((w for w in range(VECTOR_LANES - 1, 7, -1) if extent % w == 0), VECTOR_LANES)
 
 
 def _inline_elementwise(sch: Schedule) -> None:
@@ -33,7 +43,7 @@ def _is_reduction(sch: Schedule, block) -> bool:
     return any(int(it.iter_type) != DATA_PARALLEL for it in sch.get(block).iter_vars)
 
 
-def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool) -> "tvm.tirx.PrimFunc":
+def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool, in_registers: bool = False) -> "tvm.tirx.PrimFunc":
     sch = Schedule(func)
     _inline_elementwise(sch)
     root = sch.get_sblock("root")
@@ -54,15 +64,24 @@ def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool) -> "tvm.tirx.PrimFunc"
         extent = sch.get(inner).extent
         if vectorize and reductions and spatial >= 2 and isinstance(extent, tvm.tirx.IntImm) and extent.value >= 4:
             sch.reorder(*reductions, inner)
-            if extent.value > VECTOR_LANES:  # vectors of 16 lanes; the rest of the axis loops around them
-                strip, inner = sch.split(inner, [None, VECTOR_LANES])
+            strip = None
+            if extent.value > VECTOR_LANES:  # vector strips; the rest of the axis loops around them
+                strip, inner = sch.split(inner, [None, _strip(extent.value)])
                 sch.reorder(strip, *reductions, inner)
-            sch.vectorize(inner)
             outer = sch.fuse(*loops[:spatial - 1]) if spatial > 2 else loops[0]
+            if in_registers:  # accumulate the strip in a register, initialized once, stored once
+                sch.parallel(outer)
+                write_back = sch.cache_write(block, 0, "local")
+                sch.reverse_compute_at(write_back, strip if strip is not None else outer)
+                sch.vectorize(inner)
+                sch.decompose_reduction(block, reductions[0])
+                sch.vectorize(sch.get_loops(write_back)[-1])
+                continue
+            sch.vectorize(inner)
         elif vectorize and not reductions and isinstance(extent, tvm.tirx.IntImm) and extent.value >= 4:
             # elementwise: vectors along the innermost axis, in strips of 16 lanes
             if extent.value > VECTOR_LANES:
-                strip, inner = sch.split(inner, [None, VECTOR_LANES])
+                strip, inner = sch.split(inner, [None, _strip(extent.value)])
             sch.vectorize(inner)
             outer = sch.fuse(*loops[:spatial - 1]) if spatial > 2 else loops[0]
             if spatial == 1:
@@ -79,10 +98,12 @@ def _parallelize(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
         Schedule(func).get_sblock("root")
     except Exception:  # noqa: BLE001  no root block: nothing to schedule
         return func
-    try:
-        return _schedule(func, vectorize=True)
-    except Exception:  # noqa: BLE001  a block the vectorizing form cannot take: parallel only
-        return _schedule(func, vectorize=False)
+    for vectorize, in_registers in ((True, True), (True, False)):
+        try:
+            return _schedule(func, vectorize, in_registers)
+        except Exception:  # noqa: BLE001  a block this form cannot take: try the simpler one
+            pass
+    return _schedule(func, vectorize=False)
 
 
 @tvm.transform.module_pass(opt_level=0, name="qcompiler.ParallelizeCPU")

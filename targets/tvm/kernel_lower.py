@@ -197,17 +197,27 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signe
     batch, channels, height, width = node.inputs[0].shape
     _, _, oh, ow = node.output.shape
     kh, kw = node.inputs[2].shape[2:]
-    (sh, sw), (top, left, bottom, right) = node.attrs["strides"], node.attrs["pads"]
-    # pad with the zero point, on the right far enough for the last 16-wide strip of the row
-    extra = max(0, (padded(ow, LANES) - 1) * sw + kw - (width + left + right))
-    x = low.emit(R.nn.pad(_unsigned_expr(low, xs[0], signed), [0, 0, 0, 0, top, bottom, left, right + extra],
-                          pad_value=float(zp)))
+    strides = tuple(node.attrs["strides"])
+    x, padded_hw = _phase_split(low, _unsigned_expr(low, xs[0], signed), node, ow, kw, float(zp))
     args, requant, req = _epilogue_args(low, node, bias, channels, channels, 1)
-    func = depthwise_u8s8(batch, channels, (height + top + bottom, width + left + right + extra), (kh, kw),
-                          (sh, sw), (oh, ow), requant)
-    y = _call(low, func, "vnni_depthwise", [x, low.const(w2d.astype(np.int32)), *args], (batch, channels, oh, ow),
-              requant.dtype if requant else "int32")
+    func = depthwise_u8s8(batch, channels, padded_hw, (kh, kw), strides, (oh, ow), requant)
+    y = _call(low, func, "vnni_depthwise", [x, low.const(w2d.reshape(channels, kh, kw).astype(np.int16)), *args],
+              (batch, channels, oh, ow), requant.dtype if requant else "int32")
     return _result(low, y, req)
+
+
+def _phase_split(low: "_Lowerer", x: relax.Expr, node: Node, out_width: int, kernel_width: int,
+                 fill: float) -> tuple[relax.Expr, tuple[int, int]]:
+    """``x`` padded with ``fill`` for row-strip kernels (``cpu_float.conv_input_padding``) and
+    split into column phases ``[b, c, h, phase, column // stride]``; and the padded (h, w)."""
+    batch, channels, height, width = node.inputs[0].shape
+    stride = node.attrs["strides"][1]
+    top, left, bottom, right = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), out_width,
+                                                            kernel_width, stride)
+    x = low.emit(R.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=fill))
+    padded_h, padded_w = height + top + bottom, width + left + right
+    phases = low.emit(R.reshape(x, (batch, channels, padded_h, padded_w // stride, stride)))
+    return low.emit(R.permute_dims(phases, [0, 1, 2, 4, 3])), (padded_h, padded_w)
 
 
 def _clamp(node: Node) -> tuple[cpu_float.Clamp, bool]:
@@ -256,15 +266,10 @@ def float_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[rel
     batch, channels, height, width = node.inputs[0].shape
     out_channels, _, kh, kw = node.inputs[1].shape
     _, _, oh, ow = node.output.shape
-    strides = tuple(node.attrs["strides"])
-    top, left, bottom, right = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), ow, kw, strides[1])
-    x = low.emit(R.nn.pad(xs[0], [0, 0, 0, 0, top, bottom, left, right], pad_value=0.0))
-    padded_h, padded_w = height + top + bottom, width + left + right
-    phases = low.emit(R.reshape(x, (batch, channels, padded_h, padded_w // strides[1], strides[1])))
-    x = low.emit(R.permute_dims(phases, [0, 1, 2, 4, 3]))  # [b, c, h, phase, column // stride]
+    x, padded_hw = _phase_split(low, xs[0], node, ow, kw, 0.0)
     clamp, rest = _clamp(node)
-    func = cpu_float.conv2d_f32(batch, channels, (height + top + bottom, width + left + right), out_channels,
-                                (kh, kw), strides, (oh, ow), clamp)
+    func = cpu_float.conv2d_f32(batch, channels, padded_hw, out_channels, (kh, kw), tuple(node.attrs["strides"]),
+                                (oh, ow), clamp)
     y = _call(low, func, "cpu_conv2d_float", [x, xs[1], _float_bias(low, node, out_channels, out_channels)],
               (batch, out_channels, oh, ow), "float32")
     return y, rest

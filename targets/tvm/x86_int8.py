@@ -244,21 +244,23 @@ def im2col_packed(batch: int, channels: int, height: int, width: int, kernel: tu
 @functools.cache
 def depthwise_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel: tuple[int, int],
                    strides: tuple[int, int], out_hw: tuple[int, int], requant: Requantize | None) -> tvm.tirx.PrimFunc:
-    """Depthwise convolution ``out[b, c, y, x] = epilogue(sum_ij X[b, c, y*sy + i, x*sx + j] * W[c, i*kw + j])``
-    over an input already padded with the activations' zero point (also on the right, so that
-    every 16-wide row strip reads inside it); arguments ``X, W (int32), bias[, multiplier,
-    shift], out``. Vectors run along the output row, a row of accumulators per tile."""
+    """Depthwise convolution ``out[b, c, y, x] = epilogue(sum_ij X[b, c, y*sy + i, q, x + j // sx] * W[c, i, j])``
+    (``q = j % sx``) over an input padded with the activations' zero point and split into
+    column phases (``cpu_float.conv_input_padding``); arguments ``X, W (int16), bias[,
+    multiplier, shift], out``. Vectors run along the output row; each u8 x s8 product fits in
+    int16 (|255 * 128| < 2^15), which multiplies twice as fast as int32, before the int32 sum."""
     from tvm.s_tir import Schedule
 
     (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out_hw
     ow_padded = padded(ow, LANES)
-    x = te.placeholder((batch, channels) + padded_hw, "uint8", name="X")
-    w = te.placeholder((channels, kh * kw), "int32", name="W")
+    x = te.placeholder((batch, channels, padded_hw[0], sw, padded_hw[1] // sw), "uint8", name="X")
+    w = te.placeholder((channels, kh, kw), "int16", name="W")
     params = _epilogue_inputs(channels, requant)
     i = te.reduce_axis((0, kh), name="i")
     j = te.reduce_axis((0, kw), name="j")
     c = te.compute((batch, channels, oh, ow_padded), lambda b, ch, y, v: te.sum(
-        x[b, ch, y * sh + i, v * sw + j].astype("int32") * w[ch, i * kw + j], axis=[i, j]), name="C")
+        (x[b, ch, y * sh + i, j % sw, v + j // sw].astype("int16") * w[ch, i, j]).astype("int32"), axis=[i, j]),
+        name="C")
     out = te.compute((batch, channels, oh, ow),
                      lambda b, ch, y, v: _epilogue(c[b, ch, y, v], ch, *params, *([None] * (3 - len(params))), requant),
                      name="out")
