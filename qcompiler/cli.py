@@ -164,7 +164,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise QCompilerError("a gate (--max-accuracy-drop / --min-sqnr) needs --eval or --calibration data")
     compiled = compile_model(graph, calibration=calibration, target=args.target, config=config,
                              pipeline=args.pipeline, tune=args.tune, tuning_db=args.tuning_db,
-                             progress=not args.json)
+                             tuning_trials=args.tuning_trials, progress=not args.json)
     report = compiled.report()
     gate: dict = {}
     float_run = lambda *xs: graph(*xs)[0]  # noqa: E731  the uncompiled float model is the reference
@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=15, help="rows in the table of worst layers")
     p.add_argument("--json", metavar="FILE", help="write every layer's numbers as JSON ('-' for stdout)")
     p.set_defaults(func=_cmd_compare)
+    from .compiled import DEFAULT_TUNING_TRIALS
+
     p = sub.add_parser("compile", help="quantize and build a model into a deployment artifact")
     model_args(p)
     p.add_argument("-o", "--output", required=True, help="artifact folder (replaced only when complete)")
@@ -309,8 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llvm: this CPU via TVM; cuda; reference: the interpreter; onnx: a QDQ ONNX model")
     p.add_argument("--config", help="QuantConfig as JSON (or YAML)")
     p.add_argument("-p", "--pipeline", help="run this pipeline instead of the default quantization flow")
-    p.add_argument("--tune", action="store_true", help="MetaSchedule tuning (not available yet: refused)")
-    p.add_argument("--tuning-db", help="tuning records to reuse (not available yet: refused)")
+    p.add_argument("--tune", action="store_true",
+                   help="tune the kernels without hand-written schedules with MetaSchedule (slow: minutes)")
+    p.add_argument("--tuning-db", metavar="DIR",
+                   help="tuning records: reused when present, added to with --tune (a directory)")
+    p.add_argument("--tuning-trials", type=int, default=DEFAULT_TUNING_TRIALS, metavar="N",
+                   help=f"measured candidates over all tuned kernels (default {DEFAULT_TUNING_TRIALS})")
     p.add_argument("--eval", help=".npz with inputs (and 'labels' for --max-accuracy-drop) to check the build on")
     p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                    help="gate: fail (exit 3) when accuracy drops by more than this many percentage points")

@@ -8,6 +8,7 @@ It is written to a temporary folder beside the destination and renamed into plac
 failed or interrupted save never replaces a good artifact."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from .ir import Graph, load_graph, save as save_graph
 from .quant_config import QuantConfig
 
 TARGETS = ("llvm", "cuda", "reference", "onnx")
+DEFAULT_TUNING_TRIALS = 256  # measured candidates over all of a model's tuned kernels
 FORMAT_VERSION = 1
 LIBRARY = "model.so"
 ONNX_FILE = "model.onnx"
@@ -230,9 +232,14 @@ def _fidelity(reference: Graph, compiled: CompiledModel, batch: Sequence[np.ndar
 
 def compile(model: Any, example_inputs: Any = None, calibration: Any = None, target: str = "llvm",
             config: QuantConfig | None = None, pipeline: str | None = None, tune: bool = False,
-            tuning_db: str | os.PathLike | None = None, progress: bool = False) -> CompiledModel:
+            tuning_db: str | os.PathLike | None = None, tuning_trials: int = DEFAULT_TUNING_TRIALS,
+            progress: bool = False) -> CompiledModel:
     """Capture, quantize (when ``calibration`` is given) and build ``model`` for ``target``
-    (``llvm``: this CPU through TVM; ``cuda``; ``reference``: the interpreter)."""
+    (``llvm``: this CPU through TVM; ``cuda``; ``reference``: the interpreter).
+
+    ``tune=True`` tunes the kernels the hand-written schedules do not cover with MetaSchedule
+    (``tuning_trials`` measured candidates in all) into ``tuning_db`` (a directory; a temporary
+    one when not given); ``tuning_db`` alone applies the records already there."""
     from .pass_manager import Instruments, run_pipeline
     from .passes import DEFAULT_FLOAT_PIPELINE
     from .pipeline import PassContext
@@ -240,9 +247,12 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
 
     if target not in TARGETS:
         raise QCompilerError(f"unknown target '{target}' (one of {', '.join(TARGETS)})")
-    if tune or tuning_db is not None:
-        raise QCompilerError("tuning (tune=True / tuning_db) is not available yet: qcompiler builds with TVM's "
-                             "default lowering only")
+    if (tune or tuning_db is not None) and target not in ("llvm", "cuda"):
+        raise QCompilerError(f"tuning applies to TVM targets (llvm, cuda), not '{target}'")
+    if tune and target == "cuda":
+        raise QCompilerError("tuning for cuda is not supported yet: tune on the CPU target, or build cuda untuned")
+    if tune and tuning_trials < 1:
+        raise QCompilerError(f"tuning_trials must be at least 1, got {tuning_trials}")
     started = time.perf_counter()
     graph = _capture(model, example_inputs)
     report: dict[str, Any] = {"target": target, "size_bytes": {"float": model_size_bytes(graph)}}
@@ -295,7 +305,14 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         tvm_target = make_target(target)
         report["target_spec"] = str(tvm_target)
         build_started = time.perf_counter()
-        executable = build(compiled_graph, tvm_target)
+        with contextlib.ExitStack() as stack:
+            temporary = tune and tuning_db is None
+            if temporary:
+                tuning_db = stack.enter_context(tempfile.TemporaryDirectory(prefix="qcompiler-tuning-"))
+            executable = build(compiled_graph, tvm_target, tuning_db=tuning_db, tune_trials=tuning_trials if tune else 0,
+                               progress=progress, report=report)
+            if temporary:
+                report["tuning"]["database"] = None  # records used for this build only: pass tuning_db to keep them
         report["build_seconds"] = round(time.perf_counter() - build_started, 2)
         runnable = target == "llvm" or device_for(target).exist  # a CUDA build needs a GPU to run
         runner = TVMRunner(executable, device_for(target), len(compiled_graph.outputs)) if runnable \

@@ -64,14 +64,12 @@ def test_compile_save_load_in_a_fresh_process(digits, tmp_path):
 
 
 def test_reference_and_float_builds_are_reported(digits):
-    model, (x_train, _, x_test, _) = digits
+    model, (_, _, x_test, _) = digits
     example = (torch.from_numpy(x_test[:8]),)
     float_build = qcompiler.compile(model, example, target="reference")
     assert not float_build.report()["quantized"] and "no calibration data" in float_build.report()["note"]
     with torch.no_grad():
         assert np.abs(float_build(x_test[:8]) - model(example[0]).numpy()).max() < 1e-4
-    with pytest.raises(QCompilerError, match="tuning .* is not available yet"):
-        qcompiler.compile(model, example, calibration=[x_train[:8]], tune=True)
     with pytest.raises(QCompilerError, match="needs example_inputs"):
         qcompiler.compile(model)
     with pytest.raises(QCompilerError, match="unknown target 'tpu'"):

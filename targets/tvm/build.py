@@ -47,35 +47,82 @@ def make_target(kind: str, arch: str | None = None, num_cores: int | None = None
     raise QCompilerError(f"unknown TVM target '{kind}' (llvm or cuda)")
 
 
-def _pipeline(target: Target) -> tvm.transform.Pass:
-    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR()]
+FUSE = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+        relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def _schedule(target: Target) -> tvm.transform.Pass:
+    """Default schedules for every function not scheduled already (by hand or from a tuning database)."""
     if target.kind.name == "cuda":
         from tvm.s_tir import dlight as dl
 
-        passes.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
-    else:
-        from .cpu_schedule import parallelize_cpu
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                       dl.gpu.Fallback())
+    from .cpu_schedule import parallelize_cpu
 
-        passes.append(parallelize_cpu)
-    return tvm.transform.Sequential(passes)
+    return parallelize_cpu
 
 
-def build(graph: Graph, target: Target) -> "relax.VMExecutable":
+def lower(graph: Graph, target: Target) -> tvm.IRModule:
+    """The graph as a fused Relax module for ``target``, its hand-written kernels scheduled."""
     from .x86_int8 import supports_vnni
 
     mod = to_relax(graph, vnni=supports_vnni(target), cpu_kernels=target.kind.name == "llvm")
     with target:
-        mod = _pipeline(target)(mod)
+        mod = tvm.transform.Sequential(FUSE)(mod)
+    return _without_schedule_rule_hints(mod)
+
+
+def _without_schedule_rule_hints(mod: tvm.IRModule) -> tvm.IRModule:
+    """Drop the ``schedule_rule`` block hints TOPI leaves (``meta_schedule.pool_max``): no rule
+    of that name exists for CPUs, and MetaSchedule warns about each. Done before tuning and
+    before every build alike, so tuning records keep matching."""
+    from tvm.s_tir import Schedule
+
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        try:
+            sch = Schedule(func)
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        except Exception:  # noqa: BLE001  no root block
+            continue
+        hinted = [b for b in blocks if "schedule_rule" in sch.get(b).annotations]
+        for block in hinted:
+            sch.unannotate(block, "schedule_rule")
+        if hinted:
+            mod[gv] = sch.mod["main"]
+    return mod
+
+
+def build(graph: Graph, target: Target, tuning_db: str | os.PathLike | None = None, tune_trials: int = 0,
+          progress: bool = False, report: dict | None = None) -> "relax.VMExecutable":
+    """Build ``graph``; with ``tune_trials`` > 0 first tune its remaining kernels into
+    ``tuning_db`` (MetaSchedule), and with ``tuning_db`` apply the schedules recorded there.
+    ``report`` (when given) receives what tuning did."""
+    mod = lower(graph, target)
+    if tuning_db is not None:
+        from . import tuning
+
+        summary = tuning.tune(mod, target, tuning_db, tune_trials, progress) if tune_trials > 0 else {}
+        scheduled_before = _scheduled(mod)
+        mod = tuning.apply_database(mod, target, tuning_db)
+        if report is not None:
+            report["tuning"] = {"database": str(tuning_db), "tasks_tuned": summary.get("tasks", 0),
+                                "trials": summary.get("trials", 0),
+                                "kernels_from_database": len(_scheduled(mod) - scheduled_before)}
+    with target:
+        mod = _schedule(target)(mod)
     try:
-        # a loop whose extent is not a multiple of its vector strip gets its tail split off, so the
-        # main part vectorizes without per-lane predicates
-        with tvm.transform.PassContext(opt_level=3, config={"s_tir.LoopPartition": {"partition_const_loop": True}}):
-            return relax.build(mod, target=target)
+        return relax.build(mod, target=target)
     except Exception as e:
         raise QCompilerError(f"TVM build for {target.kind.name} failed: {type(e).__name__}: "
                              f"{(str(e).strip().splitlines() or [''])[-1]}") from e
+
+
+def _scheduled(mod: tvm.IRModule) -> set[str]:
+    return {gv.name_hint for gv, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get("tirx.is_scheduled", False)}
 
 
 class TVMRunner:

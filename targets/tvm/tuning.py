@@ -1,0 +1,158 @@
+"""MetaSchedule tuning of the kernels the hand-written schedules do not cover, with a JSON
+database that later builds reuse without tuning.
+
+What is tuned: every fused TIR function of the model that is not one of the hand-scheduled
+kernels (``x86_int8``, ``cpu_float``: those carry ``tirx.is_scheduled``) - pooling, layout
+and elementwise chains, float islands, integer ops the VNNI kernels do not take. The database
+(``tuning_db``, a directory holding MetaSchedule's ``database_workload.json`` and
+``database_tuning_record.json``) is keyed by the structural hash of each fused function, so
+it applies to any later build that fuses the same way; tasks already in it are not tuned again.
+
+TVM facts this relies on (DESIGN.md): MetaSchedule's builder workers import TVM (slow here),
+so the builder gets a generous timeout; without ``xgboost`` the search uses a random cost
+model and samples schedules at random (every candidate is still measured on the machine)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm.target import Target
+
+from qcompiler.errors import QCompilerError
+
+BUILD_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 60
+TRIALS_PER_ITERATION = 8
+
+
+def open_database(path: str | os.PathLike) -> Any:
+    """The JSON database in directory ``path`` (created if missing)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise QCompilerError(f"{path}: a tuning database is a directory (MetaSchedule's JSON files), not a file")
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    except Exception as e:  # noqa: BLE001  a corrupt or foreign file
+        raise QCompilerError(f"{path}: cannot read the tuning database ({(str(e).strip().splitlines() or [''])[-1]})") \
+            from None
+
+
+def _hand_scheduled(task: Any) -> bool:
+    func = next(iter(task.dispatched[0].functions.values()))
+    return bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))
+
+
+def pending_tasks(mod: tvm.IRModule, target: Target, database: Any) -> list[Any]:
+    """Fused TIR functions of ``mod`` that are neither hand-scheduled nor tuned in ``database``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    return [t for t in tasks if not _hand_scheduled(t)
+            and not (database.has_workload(t.dispatched[0])
+                     and database.get_top_k(database.commit_workload(t.dispatched[0]), 1))]
+
+
+@contextlib.contextmanager
+def _without_tensor_intrinsics():
+    """``TuneContext`` imports ``tvm.s_tir.tensor_intrin`` to register every tensor intrinsic:
+    hundreds of TVMScript functions, each parse walking ``sys.modules`` (a minute and more
+    once torch is loaded), for rules the plain LLVM rule set never uses. A placeholder module
+    stands in while the contexts are made; a real import later is unaffected."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _quiet_meta_schedule():
+    """MetaSchedule logs every round's table at INFO; keep its files, not the console noise."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def tune(mod: tvm.IRModule, target: Target, database_path: str | os.PathLike, trials: int,
+         progress: bool = False) -> dict[str, int]:
+    """Tune the pending tasks of ``mod`` (a fused Relax module) with ``trials`` measured
+    candidates in all, recording into the database at ``database_path``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    database = open_database(database_path)
+    tasks = pending_tasks(mod, target, database)
+    summary = {"tasks": len(tasks), "trials": 0}
+    if not tasks or trials <= 0:
+        return summary
+    work_dir = Path(database_path)
+    try:
+        import xgboost  # noqa: F401
+        cost_model, strategy = "xgb", "evolutionary"
+    except ImportError:  # a random cost model would only slow an evolutionary search: sample schedules directly
+        cost_model, strategy = "random", "replay-trace"
+    # the plain LLVM rules: the VNNI rule set would import tvm.s_tir.tensor_intrin (~30 s, and its
+    # broken dot_16x4_vnni); the int8 products are the hand-written kernels' job
+    space = ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+    with _quiet_meta_schedule(), _progress(progress, trials, len(tasks)) as counter:
+        with _without_tensor_intrinsics():
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, str(work_dir / "logs"), space=space, strategy=strategy)
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(work_dir / "logs"), max_trials_global=trials,
+            num_trials_per_iter=TRIALS_PER_ITERATION, database=database, cost_model=cost_model,
+            builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+            runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S),
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter])
+    summary["trials"] = counter.count
+    return summary
+
+
+@contextlib.contextmanager
+def _progress(show: bool, trials: int, tasks: int):
+    """A measure callback counting candidates, driving a progress bar when ``show``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    bar = Progress(TextColumn(f"tuning {tasks} kernels"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   transient=True, disable=not show)
+
+    @derived_object
+    class Counter(ms.measure_callback.PyMeasureCallback):
+        def __init__(self) -> None:
+            self.count = 0
+            self.task = bar.add_task("tune", total=trials)
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            self.count += len(measure_candidates)
+            bar.update(self.task, completed=min(self.count, trials))
+
+    with bar:
+        yield Counter()
+
+
+def apply_database(mod: tvm.IRModule, target: Target, database_path: str | os.PathLike) -> tvm.IRModule:
+    """``mod`` with every function the database holds a record for replaced by its best
+    schedule (marked scheduled, so the default CPU schedule leaves it alone)."""
+    from tvm import relax
+
+    database = open_database(database_path)
+    with target, database:
+        return relax.transform.MetaScheduleApplyDatabase()(mod)
