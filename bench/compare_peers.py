@@ -1,9 +1,9 @@
 """Latency against the peers, in one run: PyTorch fp32 eager, PyTorch int8 (PT2E via torchao,
 when installed), ONNX Runtime fp32 and int8 (static QDQ, U8S8, per-channel: its fastest form
-here), qcompiler fp32 and int8 (TVM, untuned). Medians and minimums of repeated runs, and
+here), qcompiler fp32 and int8 (TVM, untuned; with --tune-trials also tuned). Medians and minimums of repeated runs, and
 ratios to ONNX Runtime int8.
 
-    .venv/bin/python bench/compare_peers.py [--models resnet18 mobilenet_v2 minilm] [--batches 1 8]
+    .venv/bin/python bench/compare_peers.py [--models resnet18 mobilenet_v2 minilm] [--batches 1 8] [--tune-trials N]
 
 Run with nothing else busy on the cores: each measurement checks the load average and is
 repeated once when the machine was busy. Not part of `make test`."""
@@ -86,6 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "minilm"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                        help="also build int8 with tune=True and N MetaSchedule trials (records kept in "
+                             "bench/tuning/<model>); 0: skip the tuned row")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)
@@ -106,9 +109,14 @@ def main() -> None:
             runners["PyTorch int8 (PT2E, torchao)"] = (pt2e, None) if pt2e else (None, "torchao not installed")
             runners.update({k: (fn, size) for k, (fn, size) in onnx_sessions(model, example, names, calibration,
                                                                              Path(d)).items()})
-            for quantize, tag in ((False, "qcompiler fp32 (TVM, untuned)"), (True, "qcompiler int8 (TVM, untuned)")):
+            builds = [(False, "qcompiler fp32 (TVM, untuned)", {}), (True, "qcompiler int8 (TVM, untuned)", {})]
+            if args.tune_trials:
+                database = Path(__file__).parent / "tuning" / label.split(",")[0].replace(" ", "_")
+                builds.append((True, "qcompiler int8 (TVM, tuned)",
+                               {"tune": True, "tuning_db": database, "tuning_trials": args.tune_trials}))
+            for quantize, tag, tuning in builds:
                 start = time.perf_counter()
-                compiled = qcompiler.compile(model, example, calibration=calibration if quantize else None)
+                compiled = qcompiler.compile(model, example, calibration=calibration if quantize else None, **tuning)
                 runners[tag] = (compiled, f"compile {time.perf_counter() - start:.0f} s")
             for tag, (fn, note) in runners.items():
                 if fn is None:
