@@ -77,8 +77,9 @@ def main() -> None:
         table.add_row(*row)
     console.print(table)
     console.print("Size: qcompiler counts weights and quantization constants; ONNX Runtime the .onnx file; "
-                  "PyTorch the state dict. Latency: TVM with qcompiler's generic CPU schedule, no op-specific "
-                  "schedules or tuning yet, on two shared cores; see bench/RESULTS.md.", highlight=False)
+                  "PyTorch the state dict. Latency: TVM with qcompiler's hand-written CPU kernels (VNNI int8 "
+                  "where the CPU has it), untuned, on two shared cores; a model this small is mostly "
+                  "launch overhead. See bench/RESULTS.md.", highlight=False)
 
 
 if __name__ == "__main__":
