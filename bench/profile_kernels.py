@@ -1,5 +1,5 @@
 """Where a compiled model's time goes: each kernel of a qcompiler build timed alone on the
-arguments it gets in a real run (``qcompiler.targets.tvm.profile.kernel_times``), grouped by
+arguments it gets in a real run (``CompiledModel.profile``), grouped by
 kind (numbered copies of one kernel summed).
 
     .venv/bin/python bench/profile_kernels.py [resnet18|mobilenet_v2|minilm] [--float] [--batch N]
@@ -22,7 +22,6 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qcompiler  # noqa: E402
 from qcompiler import zoo  # noqa: E402
-from qcompiler.targets.tvm.profile import kernel_times  # noqa: E402
 
 
 def model_and_data(name: str, batch: int):
@@ -45,12 +44,11 @@ def main() -> None:
     model, calibration = model_and_data(args.model, args.batch)
     example = tuple(torch.from_numpy(a) for a in calibration[0])
     compiled = qcompiler.compile(model, example, calibration=None if args.float else calibration)
-    times = kernel_times(compiled._executable, list(calibration[0]))
     groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for k in times:
-        kind = re.sub(r"\d+$", "", k.name)
-        groups[kind][0] += k.ms
-        groups[kind][1] += k.calls
+    for k in compiled.profile(*calibration[0]):
+        kind = re.sub(r"\d+$", "", k["kernel"])
+        groups[kind][0] += k["ms"]
+        groups[kind][1] += k["calls"]
     total = sum(ms for ms, _ in groups.values())
     table = Table(title=f"{args.model} {'fp32' if args.float else 'int8'} batch {args.batch}: "
                         f"{total:.2f} ms in kernels (each timed alone)")

@@ -87,6 +87,16 @@ class CompiledModel:
     def report(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._report))
 
+    def profile(self, *inputs: Any, repeat: int = 5) -> list[dict[str, Any]]:
+        """Each kernel of a CPU build timed alone on the arguments it gets when run on
+        ``inputs``: ``{"kernel", "calls", "ms"}`` per kernel, longest first."""
+        if self.target != "llvm" or self._executable is None:
+            raise QCompilerError(f"profile() needs a build for the llvm target, this one is '{self.target}'")
+        from .targets.tvm.profile import kernel_times
+
+        arrays = check_inputs(self.graph, [to_numpy(x) for x in inputs])
+        return [{"kernel": k.name, "calls": k.calls, "ms": k.ms} for k in kernel_times(self._executable, arrays, repeat)]
+
     def annotate(self, entries: dict[str, Any]) -> None:
         """Add results measured after compiling (accuracy on eval data, gate outcome) to the report."""
         self._report.update(entries)

@@ -168,3 +168,22 @@ def test_float_linear_kernel_matches(x_shape, features, act):
     got = TVMRunner(build(g, LLVM), device_for("llvm"), 1)(inputs)[0]
     want = g(*inputs)[0]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_profile_times_every_kernel_of_a_build(digits, tmp_path):
+    """``CompiledModel.profile``: the kernels a run calls, each timed, for a build and its reload."""
+    import torch
+
+    import qcompiler
+
+    model, (x_train, _, x_test, _) = digits
+    compiled = qcompiler.compile(model, (torch.from_numpy(x_test[:8]),), calibration=[x_train[:8]])
+    kernels = compiled.profile(x_test[:8])
+    assert kernels and all(k["ms"] > 0 and k["calls"] >= 1 for k in kernels)
+    assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
+    if VNNI:
+        assert any(k["kernel"].startswith("vnni_") for k in kernels)
+    compiled.save(tmp_path / "a")
+    assert {k["kernel"] for k in qcompiler.load(tmp_path / "a").profile(x_test[:8])} == {k["kernel"] for k in kernels}
+    with pytest.raises(qcompiler.QCompilerError, match="profile.. needs a build for the llvm target"):
+        qcompiler.compile(model, (torch.from_numpy(x_test[:8]),), target="reference").profile(x_test[:8])

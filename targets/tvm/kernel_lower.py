@@ -5,8 +5,9 @@ The identity used: with activations ``x`` (zero point ``z``) and weights ``w`` (
 ``sum_k (x - z) * w = sum_k x * w - z * sum_k w``. The second term is a per-output-channel
 constant folded into the int32 bias at compile time, so the product runs on the raw bytes.
 Signed activations are shifted to unsigned (``x + 128``, ``z + 128``), since VNNI multiplies
-u8 by s8. A convolution is that product over an im2col matrix whose padding holds ``z``
-(contributing ``(z - z) * w = 0``).
+u8 by s8. A convolution is that product over its input padded with ``z`` (contributing
+``(z - z) * w = 0``): read directly in 4-channel blocks (``conv_direct_u8s8``), or, for output
+rows narrower than 14, through an im2col matrix; depthwise convolutions along output rows.
 
 When the accumulator's only reader is a ``requantize`` with constant parameters, the kernel
 does it in its epilogue and the ``requantize`` node lowers to that result. Results are
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .relax_lower import _Lowerer
 
 R = relax.op
+DIRECT_MIN_WIDTH = 14  # narrower output rows waste most of a 16-lane strip: im2col packs them better
 
 
 def applies(low: "_Lowerer", node: Node) -> bool:
@@ -155,9 +157,6 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     y = _call(low, conv_u8s8(batch, out_channels, oh * ow, k_padded, requant), "vnni_conv2d",
               [a, low.const(weight), *args], (batch, out_channels, oh * ow), requant.dtype if requant else "int32")
     return _result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
-
-
-DIRECT_MIN_WIDTH = 14  # narrower output rows waste most of a 16-lane strip: im2col packs them better
 
 
 def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signed: bool,

@@ -38,7 +38,7 @@ def kernel_times(executable: Any, inputs: Sequence[np.ndarray], repeat: int = 5)
     vm.set_instrument(instrument)
     vm["main"](*args)
     module = executable.mod if hasattr(executable, "mod") else executable
-    module = next((m for m in module.imports if m.kind == "llvm"), module)  # the kernels' library
+    module = next((m for m in module.imports if m.kind in ("llvm", "library")), module)  # the kernels (built / loaded)
     totals: dict[str, list[float]] = {}
     for name, call_args in calls:
         timer = module.time_evaluator(name, device, number=3, repeat=repeat)
