@@ -124,12 +124,13 @@ class Requantize:
     dtype: str  # uint8 or int8
 
 
-def _epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, bias: te.Tensor, mult: te.Tensor | None,
-              shift: te.Tensor | None, requant: Requantize | None) -> tirx.PrimExpr:
-    v = acc + bias[channel]
+def _epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, params: list[te.Tensor],
+              requant: Requantize | None) -> tirx.PrimExpr:
+    """``acc + bias``, requantized when ``requant``; ``params`` from :func:`_epilogue_inputs`."""
+    v = acc + params[0][channel]
     if requant is None:
         return v
-    return int_arith.requantize(v, requant.input_zero_point, mult[channel], shift[channel],
+    return int_arith.requantize(v, requant.input_zero_point, params[1][channel], params[2][channel],
                                 requant.output_zero_point, requant.lo, requant.hi, requant.dtype)
 
 
@@ -151,7 +152,7 @@ def dense_u8s8(m: int, n: int, n_padded: int, k_padded: int, requant: Requantize
     r = te.reduce_axis((0, k_padded), name="k")
     c = te.compute((m, n_padded), lambda i, j: te.sum(
         a[i, r].astype("int32") * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("int32"), axis=r), name="C")
-    out = te.compute((m, n), lambda i, j: _epilogue(c[i, j], j, *params, *([None] * (3 - len(params))), requant),
+    out = te.compute((m, n), lambda i, j: _epilogue(c[i, j], j, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([a, w, *params, out]))
     block = sch.get_sblock("C")
@@ -187,7 +188,7 @@ def conv_u8s8(batch: int, channels: int, positions: int, k_padded: int,
         a[b, p // LANES, r // GROUP, p % LANES, r % GROUP].astype("int32") * w[o, r].astype("int32"), axis=r),
         name="C")
     out = te.compute((batch, channels, positions),
-                     lambda b, o, p: _epilogue(c[b, o, p], o, *params, *([None] * (3 - len(params))), requant),
+                     lambda b, o, p: _epilogue(c[b, o, p], o, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([a, w, *params, out]))
     block = sch.get_sblock("C")
@@ -262,7 +263,7 @@ def depthwise_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel
         (x[b, ch, y * sh + i, j % sw, v + j // sw].astype("int16") * w[ch, i, j]).astype("int32"), axis=[i, j]),
         name="C")
     out = te.compute((batch, channels, oh, ow),
-                     lambda b, ch, y, v: _epilogue(c[b, ch, y, v], ch, *params, *([None] * (3 - len(params))), requant),
+                     lambda b, ch, y, v: _epilogue(c[b, ch, y, v], ch, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([x, w, *params, out]))
     block = sch.get_sblock("C")
@@ -301,7 +302,7 @@ def conv_direct_u8s8(batch: int, channel_blocks: int, padded_hw: tuple[int, int]
         x[b, rg, y * sh + ri, rj % sw, v + rj // sw, rc].astype("int32") * w[o, rg, ri, rj, rc].astype("int32"),
         axis=[rg, ri, rj, rc]), name="C")
     out = te.compute((batch, out_channels, oh, ow),
-                     lambda b, o, y, v: _epilogue(c[b, o, y, v], o, *params, *([None] * (3 - len(params))), requant),
+                     lambda b, o, y, v: _epilogue(c[b, o, y, v], o, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([x, w, *params, out]))
     block = sch.get_sblock("C")
