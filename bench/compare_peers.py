@@ -57,13 +57,17 @@ def pt2e_int8(model, example):
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (X86InductorQuantizer,
                                                                                 get_default_x86_inductor_quantization_config)
     except ImportError:
-        return None
-    exported = torch.export.export(model, example).module()
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
-    prepared(*example)
-    compiled = torch.compile(convert_pt2e(prepared))
-    return lambda *xs: compiled(*[torch.from_numpy(x) for x in xs])
+        return None, "torchao not installed"
+    try:
+        exported = torch.export.export(model, example).module()
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        prepared(*example)
+        compiled = torch.compile(convert_pt2e(prepared))
+        compiled(*example)
+    except Exception as e:  # noqa: BLE001  the peer's own failure, reported in the table
+        return None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+    return (lambda *xs: compiled(*[torch.from_numpy(x) for x in xs])), None
 
 
 def cases(models, batches):
@@ -105,8 +109,8 @@ def main() -> None:
                     return model(*[torch.from_numpy(x) for x in xs])
 
             runners = {"PyTorch fp32 eager": (torch_fp32, None)}
-            pt2e = pt2e_int8(model, example)
-            runners["PyTorch int8 (PT2E, torchao)"] = (pt2e, None) if pt2e else (None, "torchao not installed")
+            pt2e, why = pt2e_int8(model, example)
+            runners["PyTorch int8 (PT2E, torchao)"] = (pt2e, None) if pt2e else (None, why)
             runners.update({k: (fn, size) for k, (fn, size) in onnx_sessions(model, example, names, calibration,
                                                                              Path(d)).items()})
             builds = [(False, "qcompiler fp32 (TVM, untuned)", {}), (True, "qcompiler int8 (TVM, untuned)", {})]
