@@ -39,7 +39,7 @@ def check_inputs(graph: Graph, inputs: Sequence[Any]) -> list[np.ndarray]:
             if a.dtype.kind != value.type.np_dtype.kind and not (a.dtype.kind in "iu" and value.type.np_dtype.kind in "iu"):
                 raise InputError(f"input %{value.name}: expected {value.type.dtype}, got {a.dtype}")
             a = a.astype(value.type.np_dtype)
-        arrays.append(np.ascontiguousarray(a))
+        arrays.append(np.require(a, requirements="C"))  # C order; unlike ascontiguousarray, keeps 0-d arrays 0-d
     return arrays
 
 

@@ -135,7 +135,7 @@ class TVMRunner:
         self.num_outputs = num_outputs
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        result = self.vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays])
+        result = self.vm["main"](*[tvm.runtime.tensor(np.require(a, requirements="C"), self.device) for a in arrays])
         if self.num_outputs == 1:
             return [result.numpy()]
         return [result[i].numpy() for i in range(self.num_outputs)]

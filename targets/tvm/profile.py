@@ -26,7 +26,7 @@ def kernel_times(executable: Any, inputs: Sequence[np.ndarray], repeat: int = 5)
     """Kernels of ``executable`` (a CPU build) by time per run, longest first."""
     device = tvm.cpu()
     vm = relax.VirtualMachine(executable, device)
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in inputs]
+    args = [tvm.runtime.tensor(np.require(a, requirements="C"), device) for a in inputs]
     calls: list[tuple[str, list]] = []
 
     def instrument(func, name: str, before: bool, result, *call_args) -> int:
