@@ -153,3 +153,20 @@ def test_export_and_load_in_a_fresh_process(quantized_digits, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), result.graph(x)[0])
+
+
+def test_requantize_with_runtime_parameters_is_bit_exact():
+    """Multiplier, shift and zero point as graph inputs rather than constants."""
+    from qcompiler.ir import Graph
+    from qcompiler.ir.types import TensorType
+
+    g = Graph("requantize")
+    x = g.add_input("x", TensorType((2, 3, 50), "i32"))
+    mult, shift = g.add_input("m", TensorType((3,), "i32")), g.add_input("s", TensorType((3,), "i32"))
+    zp = g.add_input("z", TensorType((), "u8"))
+    g.set_outputs([g.add_node("requantize", [x, mult, shift, zp], {"axis": 1, "input_zero_point": 5,
+                                                                     "min": 0, "max": 255}).output])
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(-40000, 40000, (2, 3, 50)).astype(np.int32), np.full(3, 1 << 30, np.int32),
+              np.array([38, 39, 40], np.int32), np.array(100, np.uint8)]
+    check(g, inputs)

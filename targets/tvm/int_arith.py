@@ -34,10 +34,11 @@ def saturate(y: tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
 
 
 def requantize(acc: tirx.PrimExpr, input_zero_point: int, multiplier: tirx.PrimExpr, shift: tirx.PrimExpr,
-               output_zero_point: int, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
+               output_zero_point: int | tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
     """clip(round_half_even((acc - zp_in) * multiplier / 2^shift) + zp_out, lo, hi)."""
     v = (acc.astype("int64") - _i64(input_zero_point)) * multiplier.astype("int64")
-    return saturate(rounding_shift(v, shift.astype("int64")) + _i64(output_zero_point), lo, hi, dtype)
+    zp_out = _i64(output_zero_point) if isinstance(output_zero_point, int) else output_zero_point.astype("int64")
+    return saturate(rounding_shift(v, shift.astype("int64")) + zp_out, lo, hi, dtype)
 
 
 def _broadcast_index(shape: Sequence[int], out_shape: Sequence[int], index: Sequence[tirx.PrimExpr]) -> list:
@@ -46,14 +47,15 @@ def _broadcast_index(shape: Sequence[int], out_shape: Sequence[int], index: Sequ
 
 
 def requantize_tensor(x: te.Tensor, multiplier: te.Tensor, shift: te.Tensor, axis: int, input_zero_point: int,
-                      output_zero_point: int, lo: int, hi: int, dtype: str) -> te.Tensor:
-    """``requantize`` over a tensor, multiplier and shift per tensor (0-d) or along ``axis``."""
+                      output_zero_point: int | te.Tensor, lo: int, hi: int, dtype: str) -> te.Tensor:
+    """``requantize`` over a tensor, multiplier and shift per tensor (0-d) or along ``axis``; the
+    output zero point a constant or a 0-d tensor."""
     axis %= max(len(x.shape), 1)
+    zp = output_zero_point if isinstance(output_zero_point, int) else output_zero_point[()]
 
     def element(*index):
         at = [] if len(multiplier.shape) == 0 else [index[axis]]
-        return requantize(x[index], input_zero_point, multiplier[tuple(at)], shift[tuple(at)], output_zero_point,
-                          lo, hi, dtype)
+        return requantize(x[index], input_zero_point, multiplier[tuple(at)], shift[tuple(at)], zp, lo, hi, dtype)
 
     return te.compute(x.shape, element, name="requantize")
 

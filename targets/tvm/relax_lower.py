@@ -437,17 +437,6 @@ def _axis_shaped(low: _Lowerer, v: Value, x_rank: int, axis: int, dtype: str) ->
     return low.const(array)
 
 
-def _rounding_shift(low: _Lowerer, v: relax.Expr, shift: relax.Expr) -> relax.Expr:
-    """round(v / 2^shift) half to even, in int64 (as the interpreter's rounding_shift)."""
-    one = low.scalar(1, "int64")
-    q = low.emit(R.right_shift(v, shift))
-    r = low.emit(R.subtract(v, low.emit(R.left_shift(q, shift))))
-    half = low.emit(R.left_shift(one, low.emit(R.subtract(shift, one))))
-    odd = low.emit(R.equal(low.emit(R.bitwise_and(q, one)), one))
-    up = low.emit(R.logical_or(low.emit(R.greater(r, half)), low.emit(R.logical_and(low.emit(R.equal(r, half)), odd))))
-    return low.emit(R.add(q, low.cast(up, "int64")))
-
-
 def _clip_cast(low: _Lowerer, y: relax.Expr, lo: int, hi: int, dtype: str) -> relax.Expr:
     y = low.emit(R.maximum(low.emit(R.minimum(y, low.scalar(hi, "int64"))), low.scalar(lo, "int64")))
     return low.cast(y, dtype)
@@ -537,21 +526,12 @@ def _matmul_int(low, node, xs):
 
 @lowers("requantize")
 def _requantize(low, node, xs):
-    x, zp = node.inputs[0], node.inputs[3]
+    zp = node.inputs[3]
     info = np.iinfo(DTYPES[node.output.dtype])
-    bounds = max(int(info.min), node.attrs["min"]), min(int(info.max), node.attrs["max"])
-    if zp.is_constant:  # one TE computation with every intermediate bound once
-        return low.bb.emit_te(int_arith.requantize_tensor, xs[0], xs[1], xs[2], node.attrs["axis"],
-                              node.attrs["input_zero_point"], int(low.array(zp)), *bounds,
-                              TVM_DTYPE[node.output.dtype])
-    rank, axis = x.type.rank, node.attrs["axis"]
-    v = low.cast(xs[0], "int64")
-    if node.attrs["input_zero_point"]:
-        v = low.emit(R.subtract(v, low.scalar(node.attrs["input_zero_point"], "int64")))
-    v = low.emit(R.multiply(v, _axis_shaped(low, node.inputs[1], rank, axis, "int64")))
-    y = _rounding_shift(low, v, _axis_shaped(low, node.inputs[2], rank, axis, "int64"))
-    y = low.emit(R.add(y, low.cast(xs[3], "int64")))
-    return _clip_cast(low, y, *bounds, TVM_DTYPE[node.output.dtype])
+    return low.bb.emit_te(int_arith.requantize_tensor, xs[0], xs[1], xs[2], node.attrs["axis"],
+                          node.attrs["input_zero_point"], int(low.array(zp)) if zp.is_constant else xs[3],
+                          max(int(info.min), node.attrs["min"]), min(int(info.max), node.attrs["max"]),
+                          TVM_DTYPE[node.output.dtype])
 
 
 @lowers("add_int")
