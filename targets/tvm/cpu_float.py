@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from .tiling import LANES, accumulate_in_registers, finalize, padded, pick, row_tile
+from .tiling import LANES, finalize, padded, tile_dense, tile_rows
 
 Clamp = tuple[float, float] | None  # (lo, hi) of a fused ReLU/clip, or none
 
@@ -53,17 +53,9 @@ def dense_f32(m: int, n: int, n_padded: int, k: int, clamp: Clamp = None) -> tvm
     c = te.compute((m, n_padded), lambda i, j: te.sum(a[i, r] * w[j // LANES, r, j % LANES], axis=r), name="C")
     out = te.compute((m, n), lambda i, j: _clamped(c[i, j] + bias[j], clamp), name="out")
     sch = Schedule(te.create_prim_func([a, w, bias, out]))
-    block = sch.get_sblock("C")
-    i, j, kk = sch.get_loops(block)
-    rows, blocks = pick(m, (4, 6, 8, 7, 5, 3, 2, 1)), pick(n_padded // LANES, (2, 1))
-    i_outer, i_inner = sch.split(i, [None, rows])
-    j_outer, j_mid, j_inner = sch.split(j, [None, blocks, LANES])
-    sch.reorder(j_outer, i_outer, kk, i_inner, j_mid, j_inner)
-    tile = sch.fuse(j_outer, i_outer)
-    sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (i_inner, j_mid))
-    sch.vectorize(j_inner)
-    sch.decompose_reduction(block, kk)
+    block, epilogue, reduction, lanes = tile_dense(sch, m, n_padded)
+    sch.vectorize(lanes)
+    sch.decompose_reduction(block, reduction)
     return finalize(sch, epilogue)
 
 
@@ -97,15 +89,7 @@ def conv2d_f32(batch: int, channels: int, padded_hw: tuple[int, int], out_channe
     out = te.compute((batch, out_channels, oh, ow), lambda b, o, y, v: _clamped(c[b, o, y, v] + bias[o], clamp),
                      name="out")
     sch = Schedule(te.create_prim_func([x, w, bias, out]))
-    block = sch.get_sblock("C")
-    b, o, y, v, lc, li, lj = sch.get_loops(block)
-    rows, per_tile = row_tile(out_channels, ow_padded // LANES)
-    o_outer, o_inner = sch.split(o, [None, rows])
-    v_outer, v_mid, v_inner = sch.split(v, [None, per_tile, LANES])
-    sch.reorder(b, o_outer, y, v_outer, lc, li, lj, o_inner, v_mid, v_inner)
-    tile = sch.fuse(b, o_outer, y, v_outer)
-    sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (o_inner, v_mid))
-    sch.vectorize(v_inner)
-    sch.decompose_reduction(block, lc)
+    block, epilogue, first_reduction, lanes = tile_rows(sch, out_channels, ow_padded)
+    sch.vectorize(lanes)
+    sch.decompose_reduction(block, first_reduction)
     return finalize(sch, epilogue)

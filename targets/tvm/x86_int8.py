@@ -31,7 +31,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from . import int_arith
-from .tiling import LANES, accumulate_in_registers, finalize, opaque, padded, pick, row_tile
+from .tiling import LANES, accumulate_in_registers, finalize, opaque, padded, pick, tile_dense, tile_rows
 
 GROUP = 4  # bytes summed into each int32 lane
 LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
@@ -155,18 +155,9 @@ def dense_u8s8(m: int, n: int, n_padded: int, k_padded: int, requant: Requantize
     out = te.compute((m, n), lambda i, j: _epilogue(c[i, j], j, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([a, w, *params, out]))
-    block = sch.get_sblock("C")
-    i, j, kk = sch.get_loops(block)
-    rows, blocks = pick(m, (4, 6, 8, 7, 5, 3, 2, 1)), pick(n_padded // LANES, (2, 1))
-    i_outer, i_inner = sch.split(i, [None, rows])
-    j_outer, j_mid, j_inner = sch.split(j, [None, blocks, LANES])
-    k_outer, k_inner = sch.split(kk, [None, GROUP])
-    sch.reorder(j_outer, i_outer, k_outer, i_inner, j_mid, j_inner, k_inner)
-    tile = sch.fuse(j_outer, i_outer)
-    sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (i_inner, j_mid))
+    block, epilogue, k_outer, lanes = tile_dense(sch, m, n_padded, GROUP)
     sch.decompose_reduction(block, k_outer)
-    sch.tensorize(j_inner, LANES_ARE_COLUMNS)
+    sch.tensorize(lanes, LANES_ARE_COLUMNS)
     return finalize(sch, epilogue)
 
 
@@ -305,17 +296,9 @@ def conv_direct_u8s8(batch: int, channel_blocks: int, padded_hw: tuple[int, int]
                      lambda b, o, y, v: _epilogue(c[b, o, y, v], o, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([x, w, *params, out]))
-    block = sch.get_sblock("C")
-    b, o, y, v, lg, li, lj, lc = sch.get_loops(block)
-    rows, per_tile = row_tile(out_channels, ow_padded // LANES)
-    o_outer, o_inner = sch.split(o, [None, rows])
-    v_outer, v_mid, v_inner = sch.split(v, [None, per_tile, LANES])
-    sch.reorder(b, o_outer, y, v_outer, lg, li, lj, o_inner, v_mid, v_inner, lc)
-    tile = sch.fuse(b, o_outer, y, v_outer)
-    sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (o_inner, v_mid))
-    sch.decompose_reduction(block, lg)
-    sch.tensorize(v_inner, LANES_ARE_ROWS)
+    block, epilogue, first_reduction, lanes = tile_rows(sch, out_channels, ow_padded, inner_reductions=1)
+    sch.decompose_reduction(block, first_reduction)
+    sch.tensorize(lanes, LANES_ARE_ROWS)
     return finalize(sch, epilogue)
 
 
