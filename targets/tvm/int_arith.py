@@ -64,8 +64,9 @@ def add_int_tensor(a: te.Tensor, b: te.Tensor, out_shape: Sequence[int], attrs: 
                    lo: int, hi: int, dtype: str) -> te.Tensor:
     """``add_int``: each operand rescaled to 2^-20 output steps, summed, rounded once more."""
     def rescaled(t: te.Tensor, index, prefix: str) -> tirx.PrimExpr:
-        v = (t[tuple(_broadcast_index(t.shape, out_shape, index))].astype("int64") - _i64(attrs[f"{prefix}_zero_point"]))
-        return rounding_shift(v * _i64((1 << ADD_INT_BITS) * attrs[f"{prefix}_multiplier"]), _i64(attrs[f"{prefix}_shift"]))
+        value = t[tuple(_broadcast_index(t.shape, out_shape, index))].astype("int64")
+        v = (value - _i64(attrs[f"{prefix}_zero_point"])) * _i64((1 << ADD_INT_BITS) * attrs[f"{prefix}_multiplier"])
+        return rounding_shift(v, _i64(attrs[f"{prefix}_shift"]))
 
     def element(*index):
         total = rescaled(a, index, "a") + rescaled(b, index, "b")

@@ -24,8 +24,8 @@ from qcompiler.ir.types import DTYPES
 
 from . import cpu_float
 from .tiling import LANES, padded
-from .x86_int8 import (GROUP, Requantize, conv_direct_u8s8, conv_u8s8, dense_u8s8, depthwise_u8s8, im2col_packed,
-                       pack_dense_weight, to_blocked_phases)
+from .x86_int8 import (GROUP, Requantize, as_unsigned, conv_direct_u8s8, conv_u8s8, dense_u8s8, depthwise_u8s8,
+                       im2col_packed, pack_dense_weight, to_blocked_phases)
 
 if TYPE_CHECKING:
     from .relax_lower import _Lowerer
@@ -123,8 +123,7 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     if signed or k_padded != k:
         flat = low.bb.emit_te(lambda t: te.compute(
             (rows, k_padded), lambda i, j: tirx.if_then_else(
-                j < k, (t[i, tirx.min(j, k - 1)].astype("int32") + (128 if signed else 0)).astype("uint8"),
-                tirx.const(zp, "uint8")), name="to_u8"), flat)
+                j < k, as_unsigned(t[i, tirx.min(j, k - 1)], signed), tirx.const(zp, "uint8")), name="to_u8"), flat)
     args, requant, req = _epilogue_args(low, node, bias, n, n_padded, -1)
     weight = low.const(pack_dense_weight(w2d, n_padded, k_padded))
     y = _call(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [flat, weight, *args], (rows, n),

@@ -2,8 +2,8 @@
 
 The Relax VM calls an instrument around every packed-function call; it records each kernel's
 arguments on one run, and every kernel is then timed alone on them with TVM's time evaluator
-(the fastest of its repeats: on a shared machine the minimum is the stable statistic): a callback around every call would itself add more than the short
-kernels take."""
+(timing inside the callback would add more than the short kernels take). Each kernel's time is
+the fastest of its repeats: on a shared machine the minimum is the stable statistic."""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -103,6 +103,11 @@ def register_intrinsics() -> None:
     TensorIntrin.register(LANES_ARE_ROWS, rows_desc, rows_impl, override=True)
 
 
+def as_unsigned(value: tirx.PrimExpr, signed: bool) -> tirx.PrimExpr:
+    """An activation byte as VNNI's unsigned operand: int8 shifted by +128 (its zero point too)."""
+    return (value.astype("int32") + 128).astype("uint8") if signed else value
+
+
 def pack_dense_weight(w: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray:
     """``[N, K]`` int8 -> ``[N'/16, K'/4, 16, 4]``, zero-padded to N' and K' (zero weights add
     nothing, whatever the activations in the padded columns hold)."""
@@ -221,9 +226,7 @@ def im2col_packed(batch: int, channels: int, height: int, width: int, kernel: tu
         c, rest = col // (kh * kw), col % (kh * kw)
         h, v = p // ow * sh + rest // kw * dh - top, p % ow * sw + rest % kw * dw - left
         inside = tirx.all(p < oh * ow, col < k, h >= 0, h < height, v >= 0, v < width)
-        value = x[b, c, h, v]
-        value = (value.astype("int32") + 128).astype("uint8") if signed else value
-        return tirx.if_then_else(inside, value, tirx.const(fill, "uint8"))
+        return tirx.if_then_else(inside, as_unsigned(x[b, c, h, v], signed), tirx.const(fill, "uint8"))
 
     a = te.compute((batch, p_padded // LANES, k_padded // GROUP, LANES, GROUP), element, name="A")
     sch = Schedule(te.create_prim_func([x, a]))
@@ -318,9 +321,7 @@ def to_blocked_phases(batch: int, channels: int, height: int, width: int, pads: 
     def element(b, g, h, q, v, c4):
         c, row, col = g * GROUP + c4, h - top, v * stride + q - left
         inside = tirx.all(c < channels, row >= 0, row < height, col >= 0, col < width)
-        value = x[b, c, row, col]
-        value = (value.astype("int32") + 128).astype("uint8") if signed else value
-        return tirx.if_then_else(inside, value, tirx.const(fill, "uint8"))
+        return tirx.if_then_else(inside, as_unsigned(x[b, c, row, col], signed), tirx.const(fill, "uint8"))
 
     out = te.compute((batch, blocks, out_h, stride, out_w, GROUP), element, name="out")
     sch = Schedule(te.create_prim_func([x, out]))
