@@ -43,6 +43,13 @@ def _is_reduction(sch: Schedule, block) -> bool:
     return any(int(it.iter_type) != DATA_PARALLEL for it in sch.get(block).iter_vars)
 
 
+def _split_strip(sch: Schedule, loop, extent: int) -> tuple:
+    """(strip loop or None, vector loop): the axis cut into vector strips when longer than one."""
+    if extent <= VECTOR_LANES:
+        return None, loop
+    return tuple(sch.split(loop, [None, _strip(extent)]))
+
+
 def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool, in_registers: bool = False) -> "tvm.tirx.PrimFunc":
     sch = Schedule(func)
     _inline_elementwise(sch)
@@ -52,21 +59,17 @@ def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool, in_registers: bool = F
         iters = sch.get(block).iter_vars
         if not loops or len(loops) != len(iters):
             continue  # loops do not map one-to-one onto the block's iterators
-        spatial = 0
-        for it in iters:
-            if int(it.iter_type) != DATA_PARALLEL:
-                break
-            spatial += 1
+        spatial = next((i for i, it in enumerate(iters) if int(it.iter_type) != DATA_PARALLEL), len(iters))
         if spatial == 0:
             continue
         reductions = loops[spatial:]
         inner = loops[spatial - 1]
         extent = sch.get(inner).extent
-        if vectorize and reductions and spatial >= 2 and isinstance(extent, tvm.tirx.IntImm) and extent.value >= 4:
+        vectorizable = vectorize and isinstance(extent, tvm.tirx.IntImm) and extent.value >= 4
+        if vectorizable and reductions and spatial >= 2:
             sch.reorder(*reductions, inner)
-            strip = None
-            if extent.value > VECTOR_LANES:  # vector strips; the rest of the axis loops around them
-                strip, inner = sch.split(inner, [None, _strip(extent.value)])
+            strip, inner = _split_strip(sch, inner, extent.value)
+            if strip is not None:  # the rest of the axis loops around the reduction
                 sch.reorder(strip, *reductions, inner)
             outer = sch.fuse(*loops[:spatial - 1]) if spatial > 2 else loops[0]
             if in_registers:  # accumulate the strip in a register, initialized once, stored once
@@ -78,14 +81,10 @@ def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool, in_registers: bool = F
                 sch.vectorize(sch.get_loops(write_back)[-1])
                 continue
             sch.vectorize(inner)
-        elif vectorize and not reductions and isinstance(extent, tvm.tirx.IntImm) and extent.value >= 4:
-            # elementwise: vectors along the innermost axis, in strips of 16 lanes
-            if extent.value > VECTOR_LANES:
-                strip, inner = sch.split(inner, [None, _strip(extent.value)])
+        elif vectorizable and not reductions:  # elementwise: vectors along the innermost axis
+            strip, inner = _split_strip(sch, inner, extent.value)
             sch.vectorize(inner)
-            outer = sch.fuse(*loops[:spatial - 1]) if spatial > 2 else loops[0]
-            if spatial == 1:
-                outer = strip if extent.value > VECTOR_LANES else None
+            outer = sch.fuse(*loops[:spatial - 1]) if spatial > 2 else loops[0] if spatial == 2 else strip
         else:
             outer = sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0]
         if outer is not None:
