@@ -104,9 +104,11 @@ def build(graph: Graph, target: Target, tuning_db: str | os.PathLike | None = No
     if tuning_db is not None:
         from . import tuning
 
-        summary = tuning.tune(mod, target, tuning_db, tune_trials, progress) if tune_trials > 0 else {}
+        database = tuning.open_database(tuning_db)
+        summary = tuning.tune(mod, target, database, Path(tuning_db) / "logs", tune_trials, progress) \
+            if tune_trials > 0 else {}
         scheduled_before = _scheduled(mod)
-        mod = tuning.apply_database(mod, target, tuning_db)
+        mod = tuning.apply_database(mod, target, database)
         if report is not None:
             report["tuning"] = {"database": str(tuning_db), "tasks_tuned": summary.get("tasks", 0),
                                 "trials": summary.get("trials", 0),

@@ -14,6 +14,7 @@ model and samples schedules at random (every candidate is still measured on the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import sys
@@ -57,8 +58,7 @@ def pending_tasks(mod: tvm.IRModule, target: Target, database: Any) -> list[Any]
 
     tasks = ms.relax_integration.extract_tasks(mod, target)
     return [t for t in tasks if not _hand_scheduled(t)
-            and not (database.has_workload(t.dispatched[0])
-                     and database.get_top_k(database.commit_workload(t.dispatched[0]), 1))]
+            and database.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
 
 
 @contextlib.contextmanager
@@ -90,22 +90,20 @@ def _quiet_meta_schedule():
         logger.setLevel(level)
 
 
-def tune(mod: tvm.IRModule, target: Target, database_path: str | os.PathLike, trials: int,
+def tune(mod: tvm.IRModule, target: Target, database: Any, log_dir: str | os.PathLike, trials: int,
          progress: bool = False) -> dict[str, int]:
     """Tune the pending tasks of ``mod`` (a fused Relax module) with ``trials`` measured
-    candidates in all, recording into the database at ``database_path``."""
+    candidates in all, recording into ``database`` (from :func:`open_database`); MetaSchedule's
+    logs go to ``log_dir``."""
     from tvm.s_tir import meta_schedule as ms
 
-    database = open_database(database_path)
     tasks = pending_tasks(mod, target, database)
     summary = {"tasks": len(tasks), "trials": 0}
     if not tasks or trials <= 0:
         return summary
-    work_dir = Path(database_path)
-    try:
-        import xgboost  # noqa: F401
+    if importlib.util.find_spec("xgboost") is not None:
         cost_model, strategy = "xgb", "evolutionary"
-    except ImportError:  # a random cost model would only slow an evolutionary search: sample schedules directly
+    else:  # a random cost model would only slow an evolutionary search: sample schedules directly
         cost_model, strategy = "random", "replay-trace"
     # the plain LLVM rules: the VNNI rule set would import tvm.s_tir.tensor_intrin (~30 s, and its
     # broken dot_16x4_vnni); the int8 products are the hand-written kernels' job
@@ -113,9 +111,9 @@ def tune(mod: tvm.IRModule, target: Target, database_path: str | os.PathLike, tr
     with _quiet_meta_schedule(), _progress(progress, trials, len(tasks)) as counter:
         with _without_tensor_intrinsics():
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                tasks, str(work_dir / "logs"), space=space, strategy=strategy)
+                tasks, str(log_dir), space=space, strategy=strategy)
         ms.tune.tune_tasks(
-            tasks=contexts, task_weights=weights, work_dir=str(work_dir / "logs"), max_trials_global=trials,
+            tasks=contexts, task_weights=weights, work_dir=str(log_dir), max_trials_global=trials,
             num_trials_per_iter=TRIALS_PER_ITERATION, database=database, cost_model=cost_model,
             builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
             runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S),
@@ -148,11 +146,10 @@ def _progress(show: bool, trials: int, tasks: int):
         yield Counter()
 
 
-def apply_database(mod: tvm.IRModule, target: Target, database_path: str | os.PathLike) -> tvm.IRModule:
-    """``mod`` with every function the database holds a record for replaced by its best
+def apply_database(mod: tvm.IRModule, target: Target, database: Any) -> tvm.IRModule:
+    """``mod`` with every function ``database`` holds a record for replaced by its best
     schedule (marked scheduled, so the default CPU schedule leaves it alone)."""
     from tvm import relax
 
-    database = open_database(database_path)
     with target, database:
         return relax.transform.MetaScheduleApplyDatabase()(mod)
