@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from int8_cases import conv_graph, linear_graph
 
 from qcompiler.ir import Graph
 from qcompiler.ir.types import TensorType
@@ -17,56 +18,9 @@ VNNI = supports_vnni(LLVM)
 needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the generic integer path is used")
 
 
-def _requantize(g: Graph, acc, channels: int, per_channel: bool, out_dtype: str, rng, k: int, lo=-128, hi=255):
-    """Multipliers that spread random accumulators (std ~ 74 * 74 * sqrt(k)) over ~40 steps,
-    so that the result is not all saturated; even channels multiply by exactly 2^30, which
-    makes rounding ties frequent when the shift is small."""
-    shape = (channels,) if per_channel else ()
-    mult = rng.integers(1 << 30, (1 << 31) - 1, shape)
-    mult = np.where(np.arange(channels if per_channel else 1).reshape(shape) % 2 == 0, 1 << 30, mult)
-    bits = max(1, round(np.log2(74 * 74 * np.sqrt(k) / 40)))
-    mult = g.add_constant("m", mult.astype(np.int32))
-    shift = g.add_constant("s", np.full(shape, 30 + bits, np.int32))
-    zp = g.add_constant("zo", np.array(7 if out_dtype == "u8" else -3, np.uint8 if out_dtype == "u8" else np.int8))
-    return g.add_node("requantize", [acc, mult, shift, zp], {"axis": 1 if acc.type.rank == 4 else -1,
-                                                             "input_zero_point": 3, "min": lo, "max": hi}).output
-
-
-def _conv_graph(x_shape, out_channels, kernel, strides, pads, groups, x_dtype, requant, per_channel=True, seed=0):
-    rng = np.random.default_rng(seed)
-    g = Graph("conv")
-    x = g.add_input("x", TensorType(x_shape, x_dtype))
-    info = np.iinfo(np.uint8 if x_dtype == "u8" else np.int8)
-    x_zp = g.add_constant("xz", np.array(rng.integers(info.min, info.max), info.dtype))
-    w = g.add_constant("w", rng.integers(-128, 128, (out_channels, x_shape[1] // groups) + kernel).astype(np.int8))
-    w_zp = g.add_constant("wz", np.zeros(out_channels, np.int8))
-    bias = g.add_constant("b", rng.integers(-5000, 5000, out_channels).astype(np.int32))
-    acc = g.add_node("conv2d_int", [x, x_zp, w, w_zp, bias], {"strides": strides, "pads": pads, "groups": groups,
-                                                               "dilations": (1, 1)}).output
-    k = int(np.prod(w.shape[1:]))
-    g.set_outputs([_requantize(g, acc, out_channels, per_channel, "u8", rng, k) if requant else acc])
-    inputs = [rng.integers(info.min, int(info.max) + 1, x_shape).astype(info.dtype)]
-    return g, inputs
-
-
-def _linear_graph(x_shape, out_features, x_dtype, requant, seed=0, weight_range=128):
-    rng = np.random.default_rng(seed)
-    g = Graph("linear")
-    x = g.add_input("x", TensorType(x_shape, x_dtype))
-    info = np.iinfo(np.uint8 if x_dtype == "u8" else np.int8)
-    x_zp = g.add_constant("xz", np.array(rng.integers(info.min, info.max), info.dtype))
-    w = g.add_constant("w", rng.integers(-weight_range, weight_range, (out_features, x_shape[-1])).astype(np.int8))
-    w_zp = g.add_constant("wz", np.zeros(out_features, np.int8))
-    bias = g.add_constant("b", rng.integers(-5000, 5000, out_features).astype(np.int32))
-    acc = g.add_node("linear_int", [x, x_zp, w, w_zp, bias]).output
-    k = x_shape[-1] * (weight_range / 74) ** 2  # the accumulators' spread, in the units _requantize expects
-    g.set_outputs([_requantize(g, acc, out_features, True, "i8", rng, k, lo=-100, hi=127) if requant else acc])
-    return g, [rng.integers(info.min, int(info.max) + 1, x_shape).astype(info.dtype)]
-
-
 def _kernels(graph: Graph, vnni: bool = True) -> set[str]:
     """The hand-scheduled kernels the lowering calls."""
-    names = {gv.name_hint.rstrip("0123456789") for gv in to_relax(graph, vnni=vnni, cpu_kernels=True).functions}
+    names = {gv.name_hint.rstrip("0123456789") for gv in to_relax(graph, int8_kernels="vnni" if vnni else None, cpu_kernels=True).functions}
     return {n for n in names if n.startswith(("vnni_", "cpu_"))}
 
 
@@ -94,7 +48,7 @@ CONVS = [  # x shape, out channels, kernel, strides, pads, x dtype, requantize a
 @needs_vnni
 @pytest.mark.parametrize("x_shape,channels,kernel,strides,pads,dtype,requant,kernels", CONVS)
 def test_conv2d_kernel_is_bit_exact(x_shape, channels, kernel, strides, pads, dtype, requant, kernels):
-    graph, inputs = _conv_graph(x_shape, channels, kernel, strides, pads, 1, dtype, requant)
+    graph, inputs = conv_graph(x_shape, channels, kernel, strides, pads, 1, dtype, requant)
     assert kernels <= _kernels(graph)
     _bit_exact(graph, inputs)
 
@@ -102,7 +56,7 @@ def test_conv2d_kernel_is_bit_exact(x_shape, channels, kernel, strides, pads, dt
 @needs_vnni
 @pytest.mark.parametrize("strides,dtype,per_channel", [((1, 1), "u8", True), ((2, 2), "i8", False)])
 def test_depthwise_kernel_is_bit_exact(strides, dtype, per_channel):
-    graph, inputs = _conv_graph((2, 24, 15, 15), 24, (3, 3), strides, (1, 1, 1, 1), 24, dtype, True, per_channel)
+    graph, inputs = conv_graph((2, 24, 15, 15), 24, (3, 3), strides, (1, 1, 1, 1), 24, dtype, True, per_channel)
     assert "vnni_depthwise" in _kernels(graph)
     _bit_exact(graph, inputs)
 
@@ -114,7 +68,7 @@ def test_depthwise_kernel_is_bit_exact(strides, dtype, per_channel):
     ((5, 16), 8, "u8", False),  # N < 16, int32 result
 ])
 def test_dense_kernel_is_bit_exact(x_shape, features, dtype, requant):
-    graph, inputs = _linear_graph(x_shape, features, dtype, requant)
+    graph, inputs = linear_graph(x_shape, features, dtype, requant)
     assert "vnni_dense" in _kernels(graph)
     _bit_exact(graph, inputs)
 
@@ -122,7 +76,7 @@ def test_dense_kernel_is_bit_exact(x_shape, features, dtype, requant):
 @needs_vnni
 def test_epilogue_rounds_ties_to_even():
     """Tiny weights make small accumulators, divided by 2^bits with bits small: ties are common."""
-    graph, inputs = _linear_graph((64, 8), 32, "u8", True, weight_range=2)
+    graph, inputs = linear_graph((64, 8), 32, "u8", True, weight_range=2)
     const = graph.constant_array
     acc = ((inputs[0].astype(np.int64) - const(graph.constant_value("xz"))) @ const(graph.constant_value("w")).T
            + const(graph.constant_value("b")) - 3)  # the requantize's input zero point
@@ -131,15 +85,13 @@ def test_epilogue_rounds_ties_to_even():
     assert ties.sum() > 20
     assert "vnni_dense" in _kernels(graph)
     _bit_exact(graph, inputs)
-    assert "vnni_dense" in _kernels(graph)
-    _bit_exact(graph, inputs)
 
 
 def test_vnni_lowering_only_for_what_it_supports():
     """Nonzero weight zero points and grouped (not depthwise) convolutions keep the generic path."""
-    graph, _ = _conv_graph((1, 8, 6, 6), 8, (3, 3), (1, 1), (1, 1, 1, 1), 2, "u8", True)
+    graph, _ = conv_graph((1, 8, 6, 6), 8, (3, 3), (1, 1), (1, 1, 1, 1), 2, "u8", True)
     assert not _kernels(graph)
-    graph, _ = _linear_graph((4, 16), 16, "u8", True)
+    graph, _ = linear_graph((4, 16), 16, "u8", True)
     graph.constants["wz"] = np.ones(16, np.int8)
     assert not _kernels(graph)
     graph.constants["wz"] = np.zeros(16, np.int8)
@@ -148,7 +100,7 @@ def test_vnni_lowering_only_for_what_it_supports():
 
 def test_kernels_schedule_for_a_vnni_cpu_anywhere():
     """The kernels are built for a named VNNI CPU, so the schedules are checked on any host."""
-    graph, _ = _conv_graph((1, 16, 8, 8), 32, (3, 3), (1, 1), (1, 1, 1, 1), 1, "u8", True)
+    graph, _ = conv_graph((1, 16, 8, 8), 32, (3, 3), (1, 1), (1, 1, 1, 1), 1, "u8", True)
     target = make_target("llvm", arch="sapphirerapids")
     assert supports_vnni(target)
     assert build(graph, target) is not None

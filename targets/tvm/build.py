@@ -63,11 +63,17 @@ def _schedule(target: Target) -> tvm.transform.Pass:
     return parallelize_cpu
 
 
-def lower(graph: Graph, target: Target) -> tvm.IRModule:
-    """The graph as a fused Relax module for ``target``, its hand-written kernels scheduled."""
+def int8_kernels(target: Target) -> str | None:
+    """The hand-scheduled int8 kernels ``target`` can run: x86 VNNI, CUDA dp4a (sm_61+), or none."""
+    from .cuda_int8 import supports_dp4a
     from .x86_int8 import supports_vnni
 
-    mod = to_relax(graph, vnni=supports_vnni(target), cpu_kernels=target.kind.name == "llvm")
+    return "vnni" if supports_vnni(target) else "dp4a" if supports_dp4a(target) else None
+
+
+def lower(graph: Graph, target: Target) -> tvm.IRModule:
+    """The graph as a fused Relax module for ``target``, its hand-written kernels scheduled."""
+    mod = to_relax(graph, int8_kernels=int8_kernels(target), cpu_kernels=target.kind.name == "llvm")
     with target:
         mod = tvm.transform.Sequential(FUSE)(mod)
     return _without_schedule_rule_hints(mod)

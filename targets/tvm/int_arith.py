@@ -9,6 +9,7 @@ even, in int64."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tvm import te, tirx
 
@@ -39,6 +40,34 @@ def requantize(acc: tirx.PrimExpr, input_zero_point: int, multiplier: tirx.PrimE
     v = (acc.astype("int64") - _i64(input_zero_point)) * multiplier.astype("int64")
     zp_out = _i64(output_zero_point) if isinstance(output_zero_point, int) else output_zero_point.astype("int64")
     return saturate(rounding_shift(v, shift.astype("int64")) + zp_out, lo, hi, dtype)
+
+
+@dataclass(frozen=True)
+class Requantize:
+    """A ``requantize`` done in a kernel's epilogue, per output channel (multiplier and shift
+    arrive as kernel arguments): ``clip(round_half_even((acc - zp_in) * mult / 2^shift) +
+    zp_out, lo, hi)``, in int64."""
+    input_zero_point: int
+    output_zero_point: int
+    lo: int
+    hi: int
+    dtype: str  # uint8 or int8
+
+
+def epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, params: list[te.Tensor],
+             requant: Requantize | None) -> tirx.PrimExpr:
+    """``acc + bias``, requantized when ``requant``; ``params`` from :func:`epilogue_inputs`."""
+    v = acc + params[0][channel]
+    if requant is None:
+        return v
+    return requantize(v, requant.input_zero_point, params[1][channel], params[2][channel], requant.output_zero_point,
+                      requant.lo, requant.hi, requant.dtype)
+
+
+def epilogue_inputs(channels: int, requant: Requantize | None) -> list[te.Tensor]:
+    """The kernel arguments :func:`epilogue` reads: bias, and multiplier and shift when requantizing."""
+    names = ("bias", "multiplier", "shift") if requant else ("bias",)
+    return [te.placeholder((channels,), "int32", name=n) for n in names]
 
 
 def _broadcast_index(shape: Sequence[int], out_shape: Sequence[int], index: Sequence[tirx.PrimExpr]) -> list:

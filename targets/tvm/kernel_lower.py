@@ -24,7 +24,8 @@ from qcompiler.ir.types import DTYPES
 
 from . import cpu_float
 from .tiling import LANES, padded
-from .x86_int8 import (GROUP, Requantize, as_unsigned, conv_direct_u8s8, conv_u8s8, dense_u8s8, depthwise_u8s8,
+from .int_arith import Requantize
+from .x86_int8 import (GROUP, as_unsigned, conv_direct_u8s8, conv_u8s8, dense_u8s8, depthwise_u8s8,
                        im2col_packed, pack_dense_weight, to_blocked_phases)
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _absorbed_requantize(low: "_Lowerer", node: Node, channel_axis: int) -> Node
     return req
 
 
-def _epilogue_args(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, padded_channels: int,
+def epilogue_args(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, padded_channels: int,
                    channel_axis: int) -> tuple[list[relax.Expr], Requantize | None, Node | None]:
     """Constant kernel arguments (bias, and multiplier and shift when a requantize is absorbed)."""
     def per_channel(values: np.ndarray) -> relax.Expr:
@@ -88,7 +89,7 @@ def _epilogue_args(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int,
     return args, requant, req
 
 
-def _bias(low: "_Lowerer", node: Node, w2d: np.ndarray, zp: int) -> np.ndarray | None:
+def folded_bias(low: "_Lowerer", node: Node, w2d: np.ndarray, zp: int) -> np.ndarray | None:
     """``bias - z * sum_k w`` (int64; wraps to int32 as the accumulator does)."""
     if len(node.inputs) > 4 and not node.inputs[4].is_constant:
         return None
@@ -98,11 +99,12 @@ def _bias(low: "_Lowerer", node: Node, w2d: np.ndarray, zp: int) -> np.ndarray |
     return total.astype(np.int32)
 
 
-def _call(low: "_Lowerer", func, name: str, args: list[relax.Expr], shape: tuple[int, ...], dtype: str) -> relax.Expr:
+def call_kernel(low: "_Lowerer", func, name: str, args: list[relax.Expr], shape: tuple[int, ...],
+                dtype: str) -> relax.Expr:
     return low.emit(relax.call_tir(low.bb.add_func(func, name), args, relax.TensorType(shape, dtype)))
 
 
-def _result(low: "_Lowerer", y: relax.Expr, req: Node | None) -> relax.Expr:
+def kernel_result(low: "_Lowerer", y: relax.Expr, req: Node | None) -> relax.Expr:
     """``y`` stands for the node's accumulator, and for the absorbed requantize's result."""
     if req is not None:
         low.precomputed[id(req)] = y
@@ -113,7 +115,7 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     x = node.inputs[0]
     w2d = low.array(node.inputs[2])
     zp, signed = _activation_zero_point(low, node)
-    bias = _bias(low, node, w2d, zp)
+    bias = folded_bias(low, node, w2d, zp)
     if bias is None:
         return None
     n, k = w2d.shape
@@ -123,12 +125,13 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     if signed or k_padded != k:
         flat = low.bb.emit_te(lambda t: te.compute(
             (rows, k_padded), lambda i, j: tirx.if_then_else(
-                j < k, as_unsigned(t[i, tirx.min(j, k - 1)], signed), tirx.const(zp, "uint8")), name="to_u8"), flat)
-    args, requant, req = _epilogue_args(low, node, bias, n, n_padded, -1)
+                j < k, as_unsigned(t[i, tirx.min(j, k - 1)], signed), tirx.const(zp, "uint8")), name="to_u8"), flat,
+            primfunc_name_hint="to_u8")
+    args, requant, req = epilogue_args(low, node, bias, n, n_padded, -1)
     weight = low.const(pack_dense_weight(w2d, n_padded, k_padded))
-    y = _call(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [flat, weight, *args], (rows, n),
-              requant.dtype if requant else "int32")
-    return _result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
+    y = call_kernel(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [flat, weight, *args],
+                    (rows, n), requant.dtype if requant else "int32")
+    return kernel_result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
 
 
 def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
@@ -137,7 +140,7 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     out_channels, _, kh, kw = w.shape
     zp, signed = _activation_zero_point(low, node)
     w2d = low.array(w).reshape(out_channels, -1)
-    bias = _bias(low, node, w2d, zp)
+    bias = folded_bias(low, node, w2d, zp)
     if bias is None:
         return None
     _, _, oh, ow = node.output.shape
@@ -148,14 +151,15 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     k_padded = padded(w2d.shape[1], GROUP)
     im2col = im2col_packed(batch, channels, height, width, (kh, kw), tuple(node.attrs["strides"]),
                            tuple(node.attrs["dilations"]), tuple(node.attrs["pads"]), zp, signed)
-    a = _call(low, im2col, "vnni_im2col", [xs[0]],
-              (batch, padded(oh * ow, LANES) // LANES, k_padded // GROUP, LANES, GROUP), "uint8")
+    a = call_kernel(low, im2col, "vnni_im2col", [xs[0]],
+                    (batch, padded(oh * ow, LANES) // LANES, k_padded // GROUP, LANES, GROUP), "uint8")
     weight = np.zeros((out_channels, k_padded), np.int8)
     weight[:, :w2d.shape[1]] = w2d
-    args, requant, req = _epilogue_args(low, node, bias, out_channels, out_channels, 1)
-    y = _call(low, conv_u8s8(batch, out_channels, oh * ow, k_padded, requant), "vnni_conv2d",
-              [a, low.const(weight), *args], (batch, out_channels, oh * ow), requant.dtype if requant else "int32")
-    return _result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
+    args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
+    y = call_kernel(low, conv_u8s8(batch, out_channels, oh * ow, k_padded, requant), "vnni_conv2d",
+                    [a, low.const(weight), *args], (batch, out_channels, oh * ow),
+                    requant.dtype if requant else "int32")
+    return kernel_result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
 
 
 def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signed: bool,
@@ -171,16 +175,16 @@ def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, s
     blocks = padded(channels, GROUP) // GROUP
     padded_h, padded_w = height + top + bottom, width + left + right
     layout = to_blocked_phases(batch, channels, height, width, (top, left, bottom, right), strides[1], zp, signed)
-    x = _call(low, layout, "vnni_conv2d_input", [xs[0]],
-              (batch, blocks, padded_h, strides[1], padded_w // strides[1], GROUP), "uint8")
+    x = call_kernel(low, layout, "vnni_conv2d_input", [xs[0]],
+                    (batch, blocks, padded_h, strides[1], padded_w // strides[1], GROUP), "uint8")
     packed = np.zeros((out_channels, blocks * GROUP, kh, kw), np.int8)
     packed[:, :channels] = w
     packed = np.ascontiguousarray(packed.reshape(out_channels, blocks, GROUP, kh, kw).transpose(0, 1, 3, 4, 2))
-    args, requant, req = _epilogue_args(low, node, bias, out_channels, out_channels, 1)
+    args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     func = conv_direct_u8s8(batch, blocks, (padded_h, padded_w), out_channels, (kh, kw), strides, (oh, ow), requant)
-    y = _call(low, func, "vnni_conv2d_direct", [x, low.const(packed), *args], (batch, out_channels, oh, ow),
-              requant.dtype if requant else "int32")
-    return _result(low, y, req)
+    y = call_kernel(low, func, "vnni_conv2d_direct", [x, low.const(packed), *args], (batch, out_channels, oh, ow),
+                    requant.dtype if requant else "int32")
+    return kernel_result(low, y, req)
 
 
 def _unsigned_expr(low: "_Lowerer", x: relax.Expr, signed: bool) -> relax.Expr:
@@ -197,11 +201,12 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signe
     kh, kw = node.inputs[2].shape[2:]
     strides = tuple(node.attrs["strides"])
     x, padded_hw = _phase_split(low, _unsigned_expr(low, xs[0], signed), node, ow, kw, float(zp))
-    args, requant, req = _epilogue_args(low, node, bias, channels, channels, 1)
+    args, requant, req = epilogue_args(low, node, bias, channels, channels, 1)
     func = depthwise_u8s8(batch, channels, padded_hw, (kh, kw), strides, (oh, ow), requant)
-    y = _call(low, func, "vnni_depthwise", [x, low.const(w2d.reshape(channels, kh, kw).astype(np.int16)), *args],
-              (batch, channels, oh, ow), requant.dtype if requant else "int32")
-    return _result(low, y, req)
+    weight = low.const(w2d.reshape(channels, kh, kw).astype(np.int16))
+    y = call_kernel(low, func, "vnni_depthwise", [x, weight, *args], (batch, channels, oh, ow),
+                    requant.dtype if requant else "int32")
+    return kernel_result(low, y, req)
 
 
 def _phase_split(low: "_Lowerer", x: relax.Expr, node: Node, out_width: int, kernel_width: int,
@@ -253,9 +258,9 @@ def float_linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[rel
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     n_padded = padded(n, 2 * LANES if n > LANES else LANES)
     clamp, rest = _clamp(node)
-    y = _call(low, cpu_float.dense_f32(rows, n, n_padded, k, clamp), "cpu_dense_float",
-              [low.emit(R.reshape(xs[0], (rows, k))), low.const(cpu_float.pack_dense_weight(w, n_padded)),
-               _float_bias(low, node, n, n_padded)], (rows, n), "float32")
+    y = call_kernel(low, cpu_float.dense_f32(rows, n, n_padded, k, clamp), "cpu_dense_float",
+                    [low.emit(R.reshape(xs[0], (rows, k))), low.const(cpu_float.pack_dense_weight(w, n_padded)),
+                     _float_bias(low, node, n, n_padded)], (rows, n), "float32")
     return low.emit(R.reshape(y, x.shape[:-1] + (n,))), rest
 
 
@@ -268,6 +273,6 @@ def float_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[rel
     clamp, rest = _clamp(node)
     func = cpu_float.conv2d_f32(batch, channels, padded_hw, out_channels, (kh, kw), tuple(node.attrs["strides"]),
                                 (oh, ow), clamp)
-    y = _call(low, func, "cpu_conv2d_float", [x, xs[1], _float_bias(low, node, out_channels, out_channels)],
-              (batch, out_channels, oh, ow), "float32")
+    bias = _float_bias(low, node, out_channels, out_channels)
+    y = call_kernel(low, func, "cpu_conv2d_float", [x, xs[1], bias], (batch, out_channels, oh, ow), "float32")
     return y, rest

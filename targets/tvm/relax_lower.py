@@ -18,12 +18,13 @@ from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
-from . import int_arith, kernel_lower
+from . import cuda_lower, int_arith, kernel_lower
 
 R = relax.op
 TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
 Lowering = Callable[["_Lowerer", Node, list[relax.Expr]], "relax.Expr | list[relax.Expr]"]
 _RULES: dict[str, Lowering] = {}
+INT8_KERNELS = {"vnni": kernel_lower, "dp4a": cuda_lower}  # each with applies, conv2d, linear
 
 
 lowers = registrar(_RULES)
@@ -34,9 +35,9 @@ def supported_ops() -> set[str]:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, vnni: bool = False, cpu_kernels: bool = False):
+    def __init__(self, graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False):
         self.graph = graph
-        self.vnni = vnni
+        self.int8_kernels = INT8_KERNELS[int8_kernels] if int8_kernels else None
         self.cpu_kernels = cpu_kernels
         self.bb = relax.BlockBuilder()
         self.users = graph.users()
@@ -60,14 +61,15 @@ class _Lowerer:
         return self.graph.constant_array(v)
 
 
-def to_relax(graph: Graph, vnni: bool = False, cpu_kernels: bool = False) -> tvm.IRModule:
+def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False) -> tvm.IRModule:
     """The graph as a Relax module with one function, ``main``, taking the graph's inputs.
-    ``vnni``: integer convolutions and linears use the x86 VNNI kernels; ``cpu_kernels``: float
-    linears use the register-tiled CPU kernel (both in ``vnni_lower``)."""
+    ``int8_kernels``: integer convolutions and linears use the x86 VNNI kernels (``"vnni"``,
+    ``kernel_lower``) or the CUDA dp4a GEMM (``"dp4a"``, ``cuda_lower``); ``cpu_kernels``: float
+    convolutions and linears use the register-tiled CPU kernels (``kernel_lower``)."""
     missing = sorted({n.op for n in graph.nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
-    low = _Lowerer(graph, vnni, cpu_kernels)
+    low = _Lowerer(graph, int8_kernels, cpu_kernels)
     params = [relax.Var(v.name, relax.TensorType(v.shape, TVM_DTYPE[v.dtype])) for v in graph.inputs]
     env: dict[int, relax.Expr] = {id(v): p for v, p in zip(graph.inputs, params)}
 
@@ -488,12 +490,19 @@ def _centered(low: _Lowerer, x: relax.Expr, zp: Value, rank: int, axis: int) -> 
     return low.emit(R.subtract(low.cast(x, "int32"), _axis_shaped(low, zp, rank, axis, "int32")))
 
 
+def _int8_kernel(low: _Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
+    """The node on the target's hand-scheduled int8 kernels, or None where they do not apply."""
+    kernels = low.int8_kernels
+    if kernels is None or not kernels.applies(low, node):
+        return None
+    return (kernels.conv2d if node.op == "conv2d_int" else kernels.linear)(low, node, xs)
+
+
 @lowers("conv1d_int", "conv2d_int", "conv3d_int")
 def _conv_int(low, node, xs):
-    if low.vnni and node.op == "conv2d_int" and kernel_lower.applies(low, node):
-        fast = kernel_lower.conv2d(low, node, xs)
-        if fast is not None:
-            return fast
+    fast = _int8_kernel(low, node, xs) if node.op == "conv2d_int" else None
+    if fast is not None:
+        return fast
     rank = int(node.op[4])
     conv = {1: R.nn.conv1d, 2: R.nn.conv2d, 3: R.nn.conv3d}[rank]
     x = _centered(low, xs[0], node.inputs[1], rank + 2, 1)
@@ -507,10 +516,9 @@ def _conv_int(low, node, xs):
 
 @lowers("linear_int")
 def _linear_int(low, node, xs):
-    if low.vnni and kernel_lower.applies(low, node):
-        fast = kernel_lower.linear(low, node, xs)
-        if fast is not None:
-            return fast
+    fast = _int8_kernel(low, node, xs)
+    if fast is not None:
+        return fast
     x = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
     w = _centered(low, xs[2], node.inputs[3], 2, 0)
     y = low.emit(R.matmul(x, low.emit(R.permute_dims(w, [1, 0])), out_dtype="int32"))

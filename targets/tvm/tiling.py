@@ -1,8 +1,11 @@
-"""Schedule pieces shared by the hand-written CPU kernels: a register tile of accumulators with
-the epilogue applied on the tile, and the scheduled function marked opaque for Relax."""
+"""Pieces shared by the hand-written kernels: a register tile of accumulators with the epilogue
+applied on the tile, the scheduled function marked opaque for Relax, and im2col indexing."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
+from tvm import te, tirx
 
 LANES = 16  # 32-bit lanes of an AVX-512 vector
 
@@ -88,3 +91,17 @@ def tile_rows(sch, out_channels: int, out_width_padded: int, inner_reductions: i
     tile = sch.fuse(b, o_outer, y, x_outer)
     sch.parallel(tile)
     return block, accumulate_in_registers(sch, block, tile, (o_inner, x_mid)), outer[0], x_inner
+
+
+def im2col_element(x: te.Tensor, b, p, col, kernel: tuple[int, int], strides: tuple[int, int],
+                   dilations: tuple[int, int], pads: tuple[int, int, int, int], out_hw: tuple[int, int],
+                   convert: Callable[[tirx.PrimExpr], tirx.PrimExpr], fill: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The im2col matrix of ``x [B, C, H, W]`` at output position ``p`` and column ``col = (c, i, j)``:
+    ``convert(x[b, c, y*sy + i*dy - top, x*sx + j*dx - left])``, and ``fill`` where the window
+    leaves the image or ``p`` and ``col`` are past the matrix (padding rows and columns)."""
+    (kh, kw), (sh, sw), (dh, dw), (top, left, _, _), (oh, ow) = kernel, strides, dilations, pads, out_hw
+    _, channels, height, width = x.shape
+    c, tap = col // (kh * kw), col % (kh * kw)
+    h, v = p // ow * sh + tap // kw * dh - top, p % ow * sw + tap % kw * dw - left
+    inside = tirx.all(p < oh * ow, col < channels * kh * kw, h >= 0, h < height, v >= 0, v < width)
+    return tirx.if_then_else(inside, convert(x[b, c, h, v]), fill)

@@ -22,8 +22,6 @@ costs ~30 s; so the intrinsics are registered here, with byte-vector operands.""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-
 import numpy as np
 import tvm
 from tvm import te, tirx
@@ -31,7 +29,9 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from . import int_arith
-from .tiling import LANES, accumulate_in_registers, finalize, opaque, padded, pick, tile_dense, tile_rows
+from .int_arith import Requantize
+from .tiling import (LANES, accumulate_in_registers, finalize, im2col_element, opaque, padded, pick, tile_dense,
+                     tile_rows)
 
 GROUP = 4  # bytes summed into each int32 lane
 LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
@@ -117,33 +117,6 @@ def pack_dense_weight(w: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray
     return np.ascontiguousarray(full.reshape(n_padded // LANES, LANES, k_padded // GROUP, GROUP).transpose(0, 2, 1, 3))
 
 
-@dataclass(frozen=True)
-class Requantize:
-    """The fixed-point requantization the interpreter's ``requantize`` does, per output channel
-    (multiplier and shift arrive as kernel arguments): ``clip(round_half_even((acc - zp_in) *
-    mult / 2^shift) + zp_out, lo, hi)``, in int64."""
-    input_zero_point: int
-    output_zero_point: int
-    lo: int
-    hi: int
-    dtype: str  # uint8 or int8
-
-
-def _epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, params: list[te.Tensor],
-              requant: Requantize | None) -> tirx.PrimExpr:
-    """``acc + bias``, requantized when ``requant``; ``params`` from :func:`_epilogue_inputs`."""
-    v = acc + params[0][channel]
-    if requant is None:
-        return v
-    return int_arith.requantize(v, requant.input_zero_point, params[1][channel], params[2][channel],
-                                requant.output_zero_point, requant.lo, requant.hi, requant.dtype)
-
-
-def _epilogue_inputs(channels: int, requant: Requantize | None) -> list[te.Tensor]:
-    names = ("bias", "multiplier", "shift") if requant else ("bias",)
-    return [te.placeholder((channels,), "int32", name=n) for n in names]
-
-
 @functools.cache
 def dense_u8s8(m: int, n: int, n_padded: int, k_padded: int, requant: Requantize | None) -> tvm.tirx.PrimFunc:
     """``out[m, n] = epilogue(A[m, k] (u8) . W[n, k] (s8))``, ``W`` packed by
@@ -153,11 +126,11 @@ def dense_u8s8(m: int, n: int, n_padded: int, k_padded: int, requant: Requantize
     register_intrinsics()
     a = te.placeholder((m, k_padded), "uint8", name="A")
     w = te.placeholder((n_padded // LANES, k_padded // GROUP, LANES, GROUP), "int8", name="W")
-    params = _epilogue_inputs(n_padded, requant)
+    params = int_arith.epilogue_inputs(n_padded, requant)
     r = te.reduce_axis((0, k_padded), name="k")
     c = te.compute((m, n_padded), lambda i, j: te.sum(
         a[i, r].astype("int32") * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("int32"), axis=r), name="C")
-    out = te.compute((m, n), lambda i, j: _epilogue(c[i, j], j, params, requant),
+    out = te.compute((m, n), lambda i, j: int_arith.epilogue(c[i, j], j, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([a, w, *params, out]))
     block, epilogue, k_outer, lanes = tile_dense(sch, m, n_padded, GROUP)
@@ -178,13 +151,13 @@ def conv_u8s8(batch: int, channels: int, positions: int, k_padded: int,
     p_padded = padded(positions, LANES)
     a = te.placeholder((batch, p_padded // LANES, k_padded // GROUP, LANES, GROUP), "uint8", name="A")
     w = te.placeholder((channels, k_padded), "int8", name="W")
-    params = _epilogue_inputs(channels, requant)
+    params = int_arith.epilogue_inputs(channels, requant)
     r = te.reduce_axis((0, k_padded), name="k")
     c = te.compute((batch, channels, p_padded), lambda b, o, p: te.sum(
         a[b, p // LANES, r // GROUP, p % LANES, r % GROUP].astype("int32") * w[o, r].astype("int32"), axis=r),
         name="C")
     out = te.compute((batch, channels, positions),
-                     lambda b, o, p: _epilogue(c[b, o, p], o, params, requant),
+                     lambda b, o, p: int_arith.epilogue(c[b, o, p], o, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([a, w, *params, out]))
     block = sch.get_sblock("C")
@@ -217,16 +190,12 @@ def im2col_packed(batch: int, channels: int, height: int, width: int, kernel: tu
     (kh, kw), (sh, sw), (dh, dw), (top, left, bottom, right) = kernel, strides, dilations, pads
     oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
     ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
-    k = channels * kh * kw
-    k_padded, p_padded = padded(k, GROUP), padded(oh * ow, LANES)
+    k_padded, p_padded = padded(channels * kh * kw, GROUP), padded(oh * ow, LANES)
     x = te.placeholder((batch, channels, height, width), "int8" if signed else "uint8", name="x")
 
     def element(b, pb, kb, pi, ki):
-        p, col = pb * LANES + pi, kb * GROUP + ki
-        c, rest = col // (kh * kw), col % (kh * kw)
-        h, v = p // ow * sh + rest // kw * dh - top, p % ow * sw + rest % kw * dw - left
-        inside = tirx.all(p < oh * ow, col < k, h >= 0, h < height, v >= 0, v < width)
-        return tirx.if_then_else(inside, as_unsigned(x[b, c, h, v], signed), tirx.const(fill, "uint8"))
+        return im2col_element(x, b, pb * LANES + pi, kb * GROUP + ki, kernel, strides, dilations, pads, (oh, ow),
+                              lambda v: as_unsigned(v, signed), tirx.const(fill, "uint8"))
 
     a = te.compute((batch, p_padded // LANES, k_padded // GROUP, LANES, GROUP), element, name="A")
     sch = Schedule(te.create_prim_func([x, a]))
@@ -250,14 +219,14 @@ def depthwise_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel
     ow_padded = padded(ow, LANES)
     x = te.placeholder((batch, channels, padded_hw[0], sw, padded_hw[1] // sw), "uint8", name="X")
     w = te.placeholder((channels, kh, kw), "int16", name="W")
-    params = _epilogue_inputs(channels, requant)
+    params = int_arith.epilogue_inputs(channels, requant)
     i = te.reduce_axis((0, kh), name="i")
     j = te.reduce_axis((0, kw), name="j")
     c = te.compute((batch, channels, oh, ow_padded), lambda b, ch, y, v: te.sum(
         (x[b, ch, y * sh + i, j % sw, v + j // sw].astype("int16") * w[ch, i, j]).astype("int32"), axis=[i, j]),
         name="C")
     out = te.compute((batch, channels, oh, ow),
-                     lambda b, ch, y, v: _epilogue(c[b, ch, y, v], ch, params, requant),
+                     lambda b, ch, y, v: int_arith.epilogue(c[b, ch, y, v], ch, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([x, w, *params, out]))
     block = sch.get_sblock("C")
@@ -289,14 +258,14 @@ def conv_direct_u8s8(batch: int, channel_blocks: int, padded_hw: tuple[int, int]
     ow_padded = padded(ow, LANES)
     x = te.placeholder((batch, channel_blocks, padded_hw[0], sw, padded_hw[1] // sw, GROUP), "uint8", name="X")
     w = te.placeholder((out_channels, channel_blocks, kh, kw, GROUP), "int8", name="W")
-    params = _epilogue_inputs(out_channels, requant)
+    params = int_arith.epilogue_inputs(out_channels, requant)
     rg, ri, rj, rc = (te.reduce_axis((0, channel_blocks), name="g"), te.reduce_axis((0, kh), name="i"),
                       te.reduce_axis((0, kw), name="j"), te.reduce_axis((0, GROUP), name="c4"))
     c = te.compute((batch, out_channels, oh, ow_padded), lambda b, o, y, v: te.sum(
         x[b, rg, y * sh + ri, rj % sw, v + rj // sw, rc].astype("int32") * w[o, rg, ri, rj, rc].astype("int32"),
         axis=[rg, ri, rj, rc]), name="C")
     out = te.compute((batch, out_channels, oh, ow),
-                     lambda b, o, y, v: _epilogue(c[b, o, y, v], o, params, requant),
+                     lambda b, o, y, v: int_arith.epilogue(c[b, o, y, v], o, params, requant),
                      name="out")
     sch = Schedule(te.create_prim_func([x, w, *params, out]))
     block, epilogue, first_reduction, lanes = tile_rows(sch, out_channels, ow_padded, inner_reductions=1)
