@@ -42,6 +42,7 @@ CONVS = [  # x shape, out channels, kernel, strides, pads, x dtype, requantize a
     ((2, 12, 16, 17), 24, (3, 3), (1, 1), (1, 1, 1, 1), "i8", True, DIRECT),  # rows of 17: two strips, a tail
     ((1, 16, 14, 14), 8, (1, 1), (1, 1), (0, 0, 0, 0), "u8", False, DIRECT),  # int32 result
     ((1, 8, 29, 29), 16, (3, 3), (2, 2), (1, 0, 0, 1), "u8", True, DIRECT),  # asymmetric padding, stride 2
+    ((1, 6, 28, 28), 16, (1, 1), (2, 2), (0, 0, 0, 0), "i8", True, DIRECT),  # stride 2 without padding, 6 channels
 ]
 
 
@@ -120,6 +121,18 @@ def test_float_linear_kernel_matches(x_shape, features, act):
     got = TVMRunner(build(g, LLVM), device_for("llvm"), 1)(inputs)[0]
     want = g(*inputs)[0]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@needs_vnni
+def test_profile_times_the_kernels_of_a_direct_convolution():
+    """The direct convolution's input arrives through a view of its layout kernel's words: the
+    view is the VM's own call, not a kernel, and both kernels are timed."""
+    from qcompiler.targets.tvm.profile import kernel_times
+
+    graph, inputs = conv_graph((1, 8, 16, 16), 16, (3, 3), (1, 1), (1, 1, 1, 1), 1, "u8", True)
+    times = {k.name.rstrip("0123456789"): k for k in kernel_times(build(graph, LLVM), inputs)}
+    assert {"vnni_conv2d_input", "vnni_conv2d_direct"} <= set(times)
+    assert all(k.calls == 1 and k.ms > 0 for k in times.values())
 
 
 def test_profile_times_every_kernel_of_a_build(digits, tmp_path):

@@ -175,8 +175,9 @@ def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, s
     blocks = padded(channels, GROUP) // GROUP
     padded_h, padded_w = height + top + bottom, width + left + right
     layout = to_blocked_phases(batch, channels, height, width, (top, left, bottom, right), strides[1], zp, signed)
-    x = call_kernel(low, layout, "vnni_conv2d_input", [xs[0]],
-                    (batch, blocks, padded_h, strides[1], padded_w // strides[1], GROUP), "uint8")
+    phases = (batch, blocks, padded_h, strides[1], padded_w // strides[1])
+    words = call_kernel(low, layout, "vnni_conv2d_input", [xs[0]], phases, "uint32")
+    x = low.emit(R.memory.view(words, shape=phases + (GROUP,), dtype="uint8"))
     packed = np.zeros((out_channels, blocks * GROUP, kh, kw), np.int8)
     packed[:, :channels] = w
     packed = np.ascontiguousarray(packed.reshape(out_channels, blocks, GROUP, kh, kw).transpose(0, 1, 3, 4, 2))

@@ -27,18 +27,19 @@ def kernel_times(executable: Any, inputs: Sequence[np.ndarray], repeat: int = 5)
     device = tvm.cpu()
     vm = relax.VirtualMachine(executable, device)
     args = [tvm.runtime.tensor(np.require(a, requirements="C"), device) for a in inputs]
+    module = executable.mod if hasattr(executable, "mod") else executable
+    module = next((m for m in module.imports if m.kind in ("llvm", "library")), module)  # the kernels (built / loaded)
     calls: list[tuple[str, list]] = []
 
     def instrument(func, name: str, before: bool, result, *call_args) -> int:
-        if before and not name.startswith("vm."):
+        # the VM's own calls (vm.builtin.*, runtime.TVMTensorCreateView for views) are not kernels
+        if before and module.implements_function(name):
             calls.append((name, [tvm.runtime.tensor(a.numpy(), device) if isinstance(a, tvm.runtime.Tensor) else a
                                  for a in call_args]))
         return 0  # VMInstrumentReturnKind.NO_OP
 
     vm.set_instrument(instrument)
     vm["main"](*args)
-    module = executable.mod if hasattr(executable, "mod") else executable
-    module = next((m for m in module.imports if m.kind in ("llvm", "library")), module)  # the kernels (built / loaded)
     totals: dict[str, list[float]] = {}
     for name, call_args in calls:
         timer = module.time_evaluator(name, device, number=3, repeat=repeat)

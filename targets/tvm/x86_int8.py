@@ -277,27 +277,54 @@ def conv_direct_u8s8(batch: int, channel_blocks: int, padded_hw: tuple[int, int]
 @functools.cache
 def to_blocked_phases(batch: int, channels: int, height: int, width: int, pads: tuple[int, int, int, int],
                       stride: int, fill: int, signed: bool) -> tvm.tirx.PrimFunc:
-    """``x [B, C, H, W]`` -> the direct kernel's input ``[B, C'/4, H', s, W'/s, 4]`` (u8): padded by
-    ``pads`` with ``fill``, channels in blocks of 4 (the extra ones ``fill`` too: their weights
-    are zero), columns split into ``s`` phases. One pass, 64 bytes per vector store."""
+    """``x [B, C, H, W]`` -> the direct kernel's input, padded by ``pads`` with ``fill``, channels
+    in blocks of 4 (the extra ones ``fill`` too: their weights are zero), columns split into
+    ``s`` phases: ``[B, C'/4, H', s, W'/s]`` uint32 words, each the 4 channel bytes of one pixel
+    (byte ``c4`` is bits ``8*c4``; on little-endian x86 the words read as ``[..., 4]`` bytes).
+    Building words, a row of 16 pixels is four 16-byte row loads, shifts and ors and one
+    64-byte store, where writing the 4-byte-interleaved layout byte by byte gathers every
+    element. The window's border is a partition of its own, so the interior runs without bounds
+    checks."""
     from tvm.s_tir import Schedule
 
     top, left, bottom, right = pads
     blocks = padded(channels, GROUP) // GROUP
     out_h, out_w = height + top + bottom, (width + left + right) // stride
     x = te.placeholder((batch, channels, height, width), "int8" if signed else "uint8", name="x")
+    fill_word = tirx.const(fill * 0x01010101, "uint32")
 
-    def element(b, g, h, q, v, c4):
-        c, row, col = g * GROUP + c4, h - top, v * stride + q - left
-        inside = tirx.all(c < channels, row >= 0, row < height, col >= 0, col < width)
-        return tirx.if_then_else(inside, as_unsigned(x[b, c, row, col], signed), tirx.const(fill, "uint8"))
+    def element(b, g, h, q, v):
+        row, col = h - top, v * stride + q - left
+        word = tirx.const(0, "uint32")
+        for c4 in range(GROUP):
+            c = g * GROUP + c4
+            byte = as_unsigned(x[b, tirx.min(c, channels - 1), row, col], signed).astype("uint32")
+            if channels % GROUP:
+                byte = tirx.if_then_else(c < channels, byte, tirx.const(fill, "uint32"))
+            word = word | (byte << tirx.const(8 * c4, "uint32"))
+        inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
+        return tirx.if_then_else(inside, word, fill_word)
 
-    out = te.compute((batch, blocks, out_h, stride, out_w, GROUP), element, name="out")
+    out = te.compute((batch, blocks, out_h, stride, out_w), element, name="out")
     sch = Schedule(te.create_prim_func([x, out]))
-    block = sch.get_sblock("out")
-    b, g, h, q, v, c4 = sch.get_loops(block)
-    sch.parallel(sch.fuse(b, g, h))
-    if out_w >= LANES:
-        v_outer, v_inner = sch.split(v, [None, LANES])
-        sch.vectorize(sch.fuse(v_inner, c4))
+    b, g, h, q, v = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(sch.fuse(b, g))
+    rows = _middle(sch, h, top, top + height, out_h)
+    phase_loops = [sch.get_loops(block)[-2] for block in sch.get_child_blocks(rows)]  # [..., q, v]
+    if stride > 1:
+        phase_loops = sch.loop_partition(phase_loops[0], [1] * (stride - 1) + [None])
+    for phase, loop in enumerate(phase_loops):
+        column_loop = sch.get_loops(sch.get_child_blocks(loop)[0])[-1]
+        first = max(0, -(-(left - phase) // stride))
+        end = min(out_w, -(-(width + left - phase) // stride))
+        if end > first:
+            sch.vectorize(_middle(sch, column_loop, first, end, out_w))
     return opaque(sch)
+
+
+def _middle(sch, loop, start: int, end: int, extent: int):
+    """Partition ``loop`` (``0 <= i < extent``) at ``start`` and ``end``; the loop over ``[start, end)``."""
+    factors = ([start] if start else []) + ([end - start] if end < extent else [])
+    if not factors:
+        return loop
+    return sch.loop_partition(loop, factors + [None])[1 if start else 0]
