@@ -11,16 +11,19 @@ from int8_cases import conv_graph, linear_graph
 from qcompiler.ir import Graph
 from qcompiler.ir.types import TensorType
 from qcompiler.targets.tvm import TVMRunner, build, device_for, make_target, to_relax
-from qcompiler.targets.tvm.x86_int8 import supports_vnni
+from qcompiler.targets.tvm.x86_int8 import supports_vbmi, supports_vnni
 
 LLVM = make_target("llvm")
 VNNI = supports_vnni(LLVM)
+VBMI = supports_vbmi(LLVM)
 needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the generic integer path is used")
 
 
 def _kernels(graph: Graph, vnni: bool = True) -> set[str]:
     """The hand-scheduled kernels the lowering calls."""
-    names = {gv.name_hint.rstrip("0123456789") for gv in to_relax(graph, int8_kernels="vnni" if vnni else None, cpu_kernels=True).functions}
+    variant = ("vnni-vbmi" if VBMI else "vnni") if vnni else None
+    module = to_relax(graph, int8_kernels=variant, cpu_kernels=True)
+    names = {gv.name_hint.rstrip("0123456789") for gv in module.functions}
     return {n for n in names if n.startswith(("vnni_", "cpu_"))}
 
 
@@ -55,11 +58,28 @@ def test_conv2d_kernel_is_bit_exact(x_shape, channels, kernel, strides, pads, dt
 
 
 @needs_vnni
-@pytest.mark.parametrize("strides,dtype,per_channel", [((1, 1), "u8", True), ((2, 2), "i8", False)])
-def test_depthwise_kernel_is_bit_exact(strides, dtype, per_channel):
-    graph, inputs = conv_graph((2, 24, 15, 15), 24, (3, 3), strides, (1, 1, 1, 1), 24, dtype, True, per_channel)
-    assert "vnni_depthwise" in _kernels(graph)
-    _bit_exact(graph, inputs)
+@pytest.mark.parametrize("cpu", [None, "cascadelake"], ids=["host", "no-vbmi"])
+@pytest.mark.parametrize("kernel,strides,dtype,per_channel,sliding", [
+    ((3, 3), (1, 1), "u8", True, True),
+    ((3, 3), (2, 2), "i8", False, True),  # two phases: taps 0 and 2, then tap 1
+    ((5, 5), (1, 1), "u8", True, False),  # 5 taps of a row do not fit 4 bytes
+    ((5, 5), (2, 2), "u8", True, True),  # 3 taps per phase do
+])
+def test_depthwise_kernel_is_bit_exact(cpu, kernel, strides, dtype, per_channel, sliding):
+    """The sliding-window kernel (vpermb + vpdpbusd) where the CPU has AVX-512 VBMI and a
+    kernel row's taps per phase fit 4 bytes; the int16 kernel otherwise (Cascade Lake has VNNI
+    without VBMI: built for it, run here)."""
+    pads = tuple(k // 2 for k in kernel) * 2
+    graph, inputs = conv_graph((2, 24, 15, 15), 24, kernel, strides, pads, 24, dtype, True, per_channel)
+    target = make_target("llvm", arch=cpu) if cpu else LLVM
+    variant = "vnni-vbmi" if supports_vbmi(target) else "vnni"
+    names = {gv.name_hint.rstrip("0123456789") for gv in to_relax(graph, int8_kernels=variant).functions}
+    assert ("vnni_depthwise_sliding" in names) == (sliding and cpu is None and VBMI)
+    assert "vnni_depthwise" in names or "vnni_depthwise_sliding" in names
+    got = TVMRunner(build(graph, target), device_for("llvm"), 1)(inputs)[0]
+    want = graph(*inputs)[0]
+    assert len(np.unique(want)) > 20
+    np.testing.assert_array_equal(got, want)
 
 
 @needs_vnni

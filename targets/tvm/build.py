@@ -64,11 +64,14 @@ def _schedule(target: Target) -> tvm.transform.Pass:
 
 
 def int8_kernels(target: Target) -> str | None:
-    """The hand-scheduled int8 kernels ``target`` can run: x86 VNNI, CUDA dp4a (sm_61+), or none."""
+    """The hand-scheduled int8 kernels ``target`` can run: x86 VNNI (with VBMI or not), CUDA dp4a
+    (sm_61+), or none."""
     from .cuda_int8 import supports_dp4a
-    from .x86_int8 import supports_vnni
+    from .x86_int8 import supports_vbmi, supports_vnni
 
-    return "vnni" if supports_vnni(target) else "dp4a" if supports_dp4a(target) else None
+    if supports_vnni(target):
+        return "vnni-vbmi" if supports_vbmi(target) else "vnni"
+    return "dp4a" if supports_dp4a(target) else None
 
 
 def lower(graph: Graph, target: Target) -> tvm.IRModule:

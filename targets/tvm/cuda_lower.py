@@ -102,6 +102,7 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
             return tirx.if_then_else(i < batch * positions, tap, tirx.const(0, "int8"))
         return te.compute((m_padded, k_padded), element, name="im2col_s8")
 
-    y, req = _gemm(low, node, low.bb.emit_te(im2col, xs[0], primfunc_name_hint="im2col_s8"), w2d, bias, batch * positions, 1)
+    a = low.bb.emit_te(im2col, xs[0], primfunc_name_hint="im2col_s8")
+    y, req = _gemm(low, node, a, w2d, bias, batch * positions, 1)
     y = low.emit(R.permute_dims(low.emit(R.reshape(y, (batch, positions, out_channels))), [0, 2, 1]))
     return kernel_result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)

@@ -30,6 +30,11 @@ def rounding_shift(v: tirx.PrimExpr, shift: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.shift_right(v + half_less_one + odd, shift)
 
 
+def as_unsigned(value: tirx.PrimExpr, signed: bool) -> tirx.PrimExpr:
+    """An activation byte as VNNI's unsigned operand: int8 shifted by +128 (its zero point too)."""
+    return (value.astype("int32") + 128).astype("uint8") if signed else value
+
+
 def saturate(y: tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
     return tirx.max(tirx.min(y, _i64(hi)), _i64(lo)).astype(dtype)
 
@@ -54,10 +59,18 @@ class Requantize:
     dtype: str  # uint8 or int8
 
 
+def wrapping_add(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``a + b`` of int32s, wrapping as the accumulator does, added as uint32. The result stays an
+    int32 for the simplifier: a plain sum widened to int64 becomes a sum of int64s, so LLVM
+    cannot multiply it with ``vpmuldq`` (32 x 32 -> 64 bits, 1 uop) and uses ``vpmullq`` (3)."""
+    total = tirx.reinterpret("uint32", a) + tirx.reinterpret("uint32", b)
+    return tirx.reinterpret("int32", total)
+
+
 def epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, params: list[te.Tensor],
              requant: Requantize | None) -> tirx.PrimExpr:
     """``acc + bias``, requantized when ``requant``; ``params`` from :func:`epilogue_inputs`."""
-    v = acc + params[0][channel]
+    v = wrapping_add(acc, params[0][channel])
     if requant is None:
         return v
     return requantize(v, requant.input_zero_point, params[1][channel], params[2][channel], requant.output_zero_point,

@@ -22,11 +22,12 @@ from tvm import relax, te, tirx
 from qcompiler.ir import Node
 from qcompiler.ir.types import DTYPES
 
-from . import cpu_float
-from .tiling import LANES, padded
+from . import cpu_float, layout
 from .int_arith import Requantize
-from .x86_int8 import (GROUP, as_unsigned, conv_direct_u8s8, conv_u8s8, dense_u8s8, depthwise_u8s8,
-                       im2col_packed, pack_dense_weight, to_blocked_phases)
+from .tiling import LANES, padded
+from .x86_int8 import (GROUP, WINDOW_LOAD, as_unsigned, conv_direct_u8s8, conv_u8s8, dense_u8s8,
+                       depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_weight, pack_sliding_weight,
+                       sliding_taps, to_blocked_phases)
 
 if TYPE_CHECKING:
     from .relax_lower import _Lowerer
@@ -145,7 +146,7 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
         return None
     _, _, oh, ow = node.output.shape
     if node.attrs["groups"] != 1:
-        return _depthwise(low, node, xs, zp, signed, w2d, bias)
+        return _depthwise(low, node, xs, zp, w2d, bias)
     if ow >= DIRECT_MIN_WIDTH and tuple(node.attrs["dilations"]) == (1, 1):
         return _direct_conv2d(low, node, xs, zp, signed, bias)
     k_padded = padded(w2d.shape[1], GROUP)
@@ -188,40 +189,42 @@ def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, s
     return kernel_result(low, y, req)
 
 
-def _unsigned_expr(low: "_Lowerer", x: relax.Expr, signed: bool) -> relax.Expr:
-    """Signed activations shifted into u8 (x + 128)."""
-    if not signed:
-        return x
-    return low.cast(low.emit(R.add(low.cast(x, "int16"), low.scalar(128, "int16"))), "uint8")
-
-
-def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signed: bool, w2d: np.ndarray,
+def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: np.ndarray,
                bias: np.ndarray) -> relax.Expr:
     batch, channels, height, width = node.inputs[0].shape
     _, _, oh, ow = node.output.shape
     kh, kw = node.inputs[2].shape[2:]
     strides = tuple(node.attrs["strides"])
-    x, padded_hw = _phase_split(low, _unsigned_expr(low, xs[0], signed), node, ow, kw, float(zp))
+    sliding = low.int8_variant == "vnni-vbmi" and sliding_taps(kw, strides[1]) <= GROUP
+    # the sliding kernel loads WINDOW_LOAD bytes of a phase row from the last strip's start
+    reach = max(kw, (WINDOW_LOAD - LANES + 1) * strides[1]) if sliding else kw
+    x, padded_hw = _phase_split(low, xs[0], node, ow, reach, zp)
     args, requant, req = epilogue_args(low, node, bias, channels, channels, 1)
-    func = depthwise_u8s8(batch, channels, padded_hw, (kh, kw), strides, (oh, ow), requant)
-    weight = low.const(w2d.reshape(channels, kh, kw).astype(np.int16))
-    y = call_kernel(low, func, "vnni_depthwise", [x, weight, *args], (batch, channels, oh, ow),
+    w3d = w2d.reshape(channels, kh, kw)
+    if sliding:
+        func = depthwise_sliding_u8s8(batch, channels, padded_hw, (kh, kw), strides, (oh, ow), requant)
+        name, weight = "vnni_depthwise_sliding", low.const(pack_sliding_weight(w3d, strides[1]))
+    else:
+        func = depthwise_u8s8(batch, channels, padded_hw, (kh, kw), strides, (oh, ow), requant)
+        name, weight = "vnni_depthwise", low.const(w3d.astype(np.int16))
+    y = call_kernel(low, func, name, [x, weight, *args], (batch, channels, oh, ow),
                     requant.dtype if requant else "int32")
     return kernel_result(low, y, req)
 
 
 def _phase_split(low: "_Lowerer", x: relax.Expr, node: Node, out_width: int, kernel_width: int,
-                 fill: float) -> tuple[relax.Expr, tuple[int, int]]:
+                 fill: float | int) -> tuple[relax.Expr, tuple[int, int]]:
     """``x`` padded with ``fill`` for row-strip kernels (``cpu_float.conv_input_padding``) and
-    split into column phases ``[b, c, h, phase, column // stride]``; and the padded (h, w)."""
+    split into column phases ``[b, c, h, phase, column // stride]`` (int8 shifted to uint8, as
+    ``fill`` is already); and the padded (h, w)."""
     batch, channels, height, width = node.inputs[0].shape
     stride = node.attrs["strides"][1]
-    top, left, bottom, right = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), out_width,
-                                                            kernel_width, stride)
-    x = low.emit(R.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=fill))
-    padded_h, padded_w = height + top + bottom, width + left + right
-    phases = low.emit(R.reshape(x, (batch, channels, padded_h, padded_w // stride, stride)))
-    return low.emit(R.permute_dims(phases, [0, 1, 2, 4, 3])), (padded_h, padded_w)
+    pads = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), out_width, kernel_width, stride)
+    padded_h, padded_w = height + pads[0] + pads[2], width + pads[1] + pads[3]
+    dtype = np.dtype(DTYPES[node.inputs[0].dtype]).name
+    func = layout.phase_split(batch, channels, height, width, pads, stride, fill, dtype)
+    shape = (batch, channels, padded_h, stride, padded_w // stride)
+    return call_kernel(low, func, "phase_split", [x], shape, "uint8" if dtype == "int8" else dtype), (padded_h, padded_w)
 
 
 def _clamp(node: Node) -> tuple[cpu_float.Clamp, bool]:

@@ -24,7 +24,8 @@ R = relax.op
 TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
 Lowering = Callable[["_Lowerer", Node, list[relax.Expr]], "relax.Expr | list[relax.Expr]"]
 _RULES: dict[str, Lowering] = {}
-INT8_KERNELS = {"vnni": kernel_lower, "dp4a": cuda_lower}  # each with applies, conv2d, linear
+# each with applies, conv2d, linear; "vnni-vbmi": VNNI with vpermb (the sliding depthwise kernel)
+INT8_KERNELS = {"vnni": kernel_lower, "vnni-vbmi": kernel_lower, "dp4a": cuda_lower}
 
 
 lowers = registrar(_RULES)
@@ -38,6 +39,7 @@ class _Lowerer:
     def __init__(self, graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False):
         self.graph = graph
         self.int8_kernels = INT8_KERNELS[int8_kernels] if int8_kernels else None
+        self.int8_variant = int8_kernels
         self.cpu_kernels = cpu_kernels
         self.bb = relax.BlockBuilder()
         self.users = graph.users()
@@ -63,8 +65,9 @@ class _Lowerer:
 
 def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False) -> tvm.IRModule:
     """The graph as a Relax module with one function, ``main``, taking the graph's inputs.
-    ``int8_kernels``: integer convolutions and linears use the x86 VNNI kernels (``"vnni"``,
-    ``kernel_lower``) or the CUDA dp4a GEMM (``"dp4a"``, ``cuda_lower``); ``cpu_kernels``: float
+    ``int8_kernels``: integer convolutions and linears use the x86 VNNI kernels (``"vnni"``, or
+    ``"vnni-vbmi"`` where ``vpermb`` exists; ``kernel_lower``) or the CUDA dp4a GEMM (``"dp4a"``,
+    ``cuda_lower``); ``cpu_kernels``: float
     convolutions and linears use the register-tiled CPU kernels (``kernel_lower``)."""
     missing = sorted({n.op for n in graph.nodes} - set(_RULES))
     if missing:

@@ -29,19 +29,30 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from . import int_arith
-from .int_arith import Requantize
+from .int_arith import Requantize, as_unsigned
+from .layout import vectorize_interior
 from .tiling import (LANES, accumulate_in_registers, finalize, im2col_element, opaque, padded, pick, tile_dense,
                      tile_rows)
 
 GROUP = 4  # bytes summed into each int32 lane
 LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
 LANES_ARE_ROWS = "qcompiler.vnni_16x4.broadcast_s8"  # C[16] += A[16, 4] . B[4] (broadcast)
+SLIDING = "qcompiler.vnni_16x4.sliding_u8"  # C[16] += A[i : i + 4] . B[4] for i < 16 (AVX-512 VBMI)
+WINDOW_LOAD = 64  # bytes the sliding intrinsic loads from the start of its 19-byte window
+DEPTHWISE_ACCUMULATORS = 8  # 16-lane accumulators per tile of the sliding depthwise kernel
 
 
 def supports_vnni(target: Target) -> bool:
     from tvm.target import codegen
 
     return target.kind.name == "llvm" and bool(codegen.target_has_features("avx512vnni", target))
+
+
+def supports_vbmi(target: Target) -> bool:
+    """``vpermb`` (AVX-512 VBMI), which the depthwise kernel uses to build its sliding windows."""
+    from tvm.target import codegen
+
+    return supports_vnni(target) and bool(codegen.target_has_features("avx512vbmi", target))
 
 
 def _vpdpbusd(acc, unsigned_bytes, signed_bytes):
@@ -99,13 +110,33 @@ def register_intrinsics() -> None:
             c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], dtype="int32x16"), a.vload([0, 0], dtype="uint8x64"),
                                                      _broadcast4(b, "int8"))
 
+    @T.prim_func(s_tir=True)
+    def sliding_desc(a: T.Buffer((19,), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+                     c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:19], b[0:4])
+            T.writes(c[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vi + vk], "int32") * T.cast(b[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def sliding_impl(a: T.Buffer((19,), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+                     c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:19], b[0:4])
+            T.writes(c[0:16])
+            # no let-bound vectors here: each became a heap workspace allocated per call
+            c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], dtype="int32x16"), T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512"), a.vload([0], "uint8x64"),
+                (T.Ramp(T.int8(0), T.int8(1), 64) >> T.Broadcast(T.int8(2), 64))
+                + (T.Ramp(T.int8(0), T.int8(1), 64) & T.Broadcast(T.int8(3), 64)), dtype="uint8x64"),
+                _broadcast4(b, "int8"))
+
+    TensorIntrin.register(SLIDING, sliding_desc, sliding_impl, override=True)
     TensorIntrin.register(LANES_ARE_COLUMNS, columns_desc, columns_impl, override=True)
     TensorIntrin.register(LANES_ARE_ROWS, rows_desc, rows_impl, override=True)
-
-
-def as_unsigned(value: tirx.PrimExpr, signed: bool) -> tirx.PrimExpr:
-    """An activation byte as VNNI's unsigned operand: int8 shifted by +128 (its zero point too)."""
-    return (value.astype("int32") + 128).astype("uint8") if signed else value
 
 
 def pack_dense_weight(w: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray:
@@ -241,6 +272,61 @@ def depthwise_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel
     return finalize(sch, epilogue)
 
 
+def sliding_taps(kernel_width: int, stride: int) -> int:
+    """Taps of one kernel row that fall in one column phase (at most 4 for the sliding kernel)."""
+    return -(-kernel_width // stride)
+
+
+def pack_sliding_weight(w: np.ndarray, stride: int) -> np.ndarray:
+    """``[C, kh, kw]`` -> ``[C, kh, s, 4]``: tap ``j`` of a row at phase ``j % s``, slot ``j // s``;
+    the unused slots zero."""
+    channels, kh, kw = w.shape
+    packed = np.zeros((channels, kh, stride, GROUP), np.int8)
+    for j in range(kw):
+        packed[:, :, j % stride, j // stride] = w[:, :, j]
+    return packed
+
+
+@functools.cache
+def depthwise_sliding_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel: tuple[int, int],
+                           strides: tuple[int, int], out_hw: tuple[int, int],
+                           requant: Requantize | None) -> tvm.tirx.PrimFunc:
+    """Depthwise convolution on VNNI: ``out[b, c, y, x] = epilogue(sum_{i,q,t} X[b, c, y*sy + i, q,
+    x + t] * W[c, i, q, t])`` over the phase-split input of :func:`depthwise_u8s8` and weights
+    from :func:`pack_sliding_weight`. For 16 neighbouring outputs, ``vpermb`` turns one 64-byte
+    load of a row into the 16 windows of 4 bytes ``X[x : x + 4]``, and one ``vpdpbusd`` adds a
+    kernel row's taps of that phase: 2 instructions per row and phase where the int16 kernel
+    takes 5 per tap. Rows must hold :data:`WINDOW_LOAD` bytes from the last strip's start."""
+    from tvm.s_tir import Schedule
+
+    register_intrinsics()
+    (kh, _), (sh, sw), (oh, ow) = kernel, strides, out_hw
+    ow_padded = padded(ow, LANES)
+    x = te.placeholder((batch, channels, padded_hw[0], sw, padded_hw[1] // sw), "uint8", name="X")
+    w = te.placeholder((channels, kh, sw, GROUP), "int8", name="W")
+    params = int_arith.epilogue_inputs(channels, requant)
+    ri, rq, rt = te.reduce_axis((0, kh), name="i"), te.reduce_axis((0, sw), name="q"), te.reduce_axis((0, GROUP), "t")
+    c = te.compute((batch, channels, oh, ow_padded), lambda b, ch, y, v: te.sum(
+        x[b, ch, y * sh + ri, rq, v + rt].astype("int32") * w[ch, ri, rq, rt].astype("int32"), axis=[ri, rq, rt]),
+        name="C")
+    out = te.compute((batch, channels, oh, ow),
+                     lambda b, ch, y, v: int_arith.epilogue(c[b, ch, y, v], ch, params, requant), name="out")
+    sch = Schedule(te.create_prim_func([x, w, *params, out]))
+    block = sch.get_sblock("C")
+    b, ch, y, v, i, q, t = sch.get_loops(block)
+    strips, lanes = sch.split(v, [None, LANES])
+    # narrow rows (7 or 14 outputs) are tiled several at a time: a tile's fixed costs weigh less
+    rows = max(r for r in range(1, oh + 1) if oh % r == 0 and r * (ow_padded // LANES) <= DEPTHWISE_ACCUMULATORS)
+    y_outer, y_inner = sch.split(y, [None, rows])
+    sch.reorder(b, ch, y_outer, i, q, y_inner, strips, lanes, t)
+    tile = sch.fuse(b, ch, y_outer)
+    sch.parallel(tile)
+    epilogue = accumulate_in_registers(sch, block, tile, (i, q, y_inner, strips))
+    sch.decompose_reduction(block, i)
+    sch.tensorize(lanes, SLIDING)
+    return finalize(sch, epilogue)
+
+
 @functools.cache
 def conv_direct_u8s8(batch: int, channel_blocks: int, padded_hw: tuple[int, int], out_channels: int,
                      kernel: tuple[int, int], strides: tuple[int, int], out_hw: tuple[int, int],
@@ -307,24 +393,7 @@ def to_blocked_phases(batch: int, channels: int, height: int, width: int, pads: 
 
     out = te.compute((batch, blocks, out_h, stride, out_w), element, name="out")
     sch = Schedule(te.create_prim_func([x, out]))
-    b, g, h, q, v = sch.get_loops(sch.get_sblock("out"))
+    b, g, h, _, _ = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(sch.fuse(b, g))
-    rows = _middle(sch, h, top, top + height, out_h)
-    phase_loops = [sch.get_loops(block)[-2] for block in sch.get_child_blocks(rows)]  # [..., q, v]
-    if stride > 1:
-        phase_loops = sch.loop_partition(phase_loops[0], [1] * (stride - 1) + [None])
-    for phase, loop in enumerate(phase_loops):
-        column_loop = sch.get_loops(sch.get_child_blocks(loop)[0])[-1]
-        first = max(0, -(-(left - phase) // stride))
-        end = min(out_w, -(-(width + left - phase) // stride))
-        if end > first:
-            sch.vectorize(_middle(sch, column_loop, first, end, out_w))
+    vectorize_interior(sch, h, (top, left), (height, width), stride, out_w)
     return opaque(sch)
-
-
-def _middle(sch, loop, start: int, end: int, extent: int):
-    """Partition ``loop`` (``0 <= i < extent``) at ``start`` and ``end``; the loop over ``[start, end)``."""
-    factors = ([start] if start else []) + ([end - start] if end < extent else [])
-    if not factors:
-        return loop
-    return sch.loop_partition(loop, factors + [None])[1 if start else 0]
