@@ -155,6 +155,32 @@ def test_profile_times_the_kernels_of_a_direct_convolution():
     assert all(k.calls == 1 and k.ms > 0 for k in times.values())
 
 
+@pytest.mark.parametrize("dtype,shape,kernel,stride,pad,ceil", [
+    ("u8", (1, 8, 112, 112), 3, 2, 1, False),  # ResNet's stem pool: 56 outputs, one 64-byte strip
+    ("i8", (2, 3, 17, 70), 3, 1, 1, False),  # 70 outputs: a second strip
+    ("u8", (1, 4, 15, 15), 3, 2, 0, True),  # ceil mode: the last window hangs over the image
+    ("f32", (1, 5, 20, 20), 2, 2, 0, False),
+    ("f32", (1, 2, 9, 11), 3, 2, 1, True),
+])
+def test_max_pool_kernel_matches(dtype, shape, kernel, stride, pad, ceil):
+    """Any CPU: the row-wise max pool, over an input padded with the dtype's lowest value."""
+    rng = np.random.default_rng(3)
+    g = Graph("pool")
+    x = g.add_input("x", TensorType(shape, dtype))
+    g.set_outputs([g.add_node("max_pool2d", [x], {"kernel": [kernel] * 2, "strides": [stride] * 2, "pads": [pad] * 4,
+                                                 "ceil_mode": ceil}).output])
+    assert _kernels(g) == {"cpu_max_pool"}
+    if dtype == "f32":
+        inputs = [rng.standard_normal(shape).astype(np.float32) - 5]  # all negative: zero padding would win
+    else:
+        info = np.iinfo(np.uint8 if dtype == "u8" else np.int8)
+        inputs = [rng.integers(info.min, int(info.max) + 1, shape).astype(info.dtype)]
+    got = TVMRunner(build(g, LLVM), device_for("llvm"), 1)(inputs)[0]
+    want = g(*inputs)[0]
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
 def test_profile_times_every_kernel_of_a_build(digits, tmp_path):
     """``CompiledModel.profile``: the kernels a run calls, each timed, for a build and its reload."""
     import torch

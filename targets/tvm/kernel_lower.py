@@ -22,7 +22,7 @@ from tvm import relax, te, tirx
 from qcompiler.ir import Node
 from qcompiler.ir.types import DTYPES
 
-from . import cpu_float, layout
+from . import cpu_float, cpu_pool, layout
 from .int_arith import Requantize
 from .tiling import LANES, padded
 from .x86_int8 import (GROUP, WINDOW_LOAD, as_unsigned, conv_direct_u8s8, conv_u8s8, dense_u8s8,
@@ -198,7 +198,7 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: 
     sliding = low.int8_variant == "vnni-vbmi" and sliding_taps(kw, strides[1]) <= GROUP
     # the sliding kernel loads WINDOW_LOAD bytes of a phase row from the last strip's start
     reach = max(kw, (WINDOW_LOAD - LANES + 1) * strides[1]) if sliding else kw
-    x, padded_hw = _phase_split(low, xs[0], node, ow, reach, zp)
+    x, padded_hw = _phase_split(low, xs[0], node, (kh, kw), reach, zp, to_unsigned=True)
     args, requant, req = epilogue_args(low, node, bias, channels, channels, 1)
     w3d = w2d.reshape(channels, kh, kw)
     if sliding:
@@ -212,19 +212,43 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: 
     return kernel_result(low, y, req)
 
 
-def _phase_split(low: "_Lowerer", x: relax.Expr, node: Node, out_width: int, kernel_width: int,
-                 fill: float | int) -> tuple[relax.Expr, tuple[int, int]]:
-    """``x`` padded with ``fill`` for row-strip kernels (``cpu_float.conv_input_padding``) and
-    split into column phases ``[b, c, h, phase, column // stride]`` (int8 shifted to uint8, as
-    ``fill`` is already); and the padded (h, w)."""
+def _phase_split(low: "_Lowerer", x: relax.Expr, node: Node, kernel: tuple[int, int], reach: int,
+                 fill: float | int, to_unsigned: bool = False) -> tuple[relax.Expr, tuple[int, int]]:
+    """``x`` padded with ``fill`` for row-strip kernels and split into column phases ``[b, c, h,
+    phase, column // stride]``, and the padded (h, w): wide enough for the last 16-wide output
+    strip to read ``reach`` columns (``cpu_float.conv_input_padding``), tall enough for the last
+    output row's window. ``to_unsigned``: int8 shifted to uint8 (``fill`` already is)."""
     batch, channels, height, width = node.inputs[0].shape
-    stride = node.attrs["strides"][1]
-    pads = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), out_width, kernel_width, stride)
-    padded_h, padded_w = height + pads[0] + pads[2], width + pads[1] + pads[3]
+    _, _, out_h, out_w = node.output.shape
+    stride_h, stride = node.attrs["strides"]
+    top, left, bottom, right = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), out_w, reach, stride)
+    bottom = max(bottom, (out_h - 1) * stride_h + kernel[0] - height - top)  # pooling's ceil mode
+    padded_h, padded_w = height + top + bottom, width + left + right
     dtype = np.dtype(DTYPES[node.inputs[0].dtype]).name
-    func = layout.phase_split(batch, channels, height, width, pads, stride, fill, dtype)
+    func = layout.phase_split(batch, channels, height, width, (top, left, bottom, right), stride, fill, dtype,
+                              to_unsigned)
     shape = (batch, channels, padded_h, stride, padded_w // stride)
-    return call_kernel(low, func, "phase_split", [x], shape, "uint8" if dtype == "int8" else dtype), (padded_h, padded_w)
+    out_dtype = "uint8" if to_unsigned else dtype
+    return call_kernel(low, func, "phase_split", [x], shape, out_dtype), (padded_h, padded_w)
+
+
+def max_pool_applies(node: Node) -> bool:
+    return node.op == "max_pool2d" and tuple(node.attrs["dilations"]) == (1, 1)
+
+
+def max_pool(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
+    """Max pooling along output rows over an input padded with the dtype's lowest value (which
+    never wins: every window holds an element of the image)."""
+    batch, channels = node.inputs[0].shape[:2]
+    _, _, oh, ow = node.output.shape
+    kernel, strides = tuple(node.attrs["kernel"]), tuple(node.attrs["strides"])
+    dtype = np.dtype(DTYPES[node.inputs[0].dtype])
+    lowest = float("-inf") if dtype.kind == "f" else int(np.iinfo(dtype).min)
+    strip_end = padded(ow, cpu_pool.lanes(dtype.name))  # its strips are wider than 16 for bytes
+    reach = (strip_end - padded(ow, LANES)) * strides[1] + kernel[1]
+    x, padded_hw = _phase_split(low, xs[0], node, kernel, reach, lowest)
+    func = cpu_pool.max_pool_rows(batch, channels, padded_hw, kernel, strides, (oh, ow), dtype.name)
+    return call_kernel(low, func, "cpu_max_pool", [x], (batch, channels, oh, ow), dtype.name)
 
 
 def _clamp(node: Node) -> tuple[cpu_float.Clamp, bool]:
@@ -273,7 +297,7 @@ def float_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[rel
     batch, channels, height, width = node.inputs[0].shape
     out_channels, _, kh, kw = node.inputs[1].shape
     _, _, oh, ow = node.output.shape
-    x, padded_hw = _phase_split(low, xs[0], node, ow, kw, 0.0)
+    x, padded_hw = _phase_split(low, xs[0], node, (kh, kw), kw, 0.0)
     clamp, rest = _clamp(node)
     func = cpu_float.conv2d_f32(batch, channels, padded_hw, out_channels, (kh, kw), tuple(node.attrs["strides"]),
                                 (oh, ow), clamp)

@@ -19,21 +19,21 @@ from .tiling import opaque
 
 @functools.cache
 def phase_split(batch: int, channels: int, height: int, width: int, pads: tuple[int, int, int, int], stride: int,
-                fill: float | int, dtype: str) -> tvm.tirx.PrimFunc:
+                fill: float | int, dtype: str, to_unsigned: bool = False) -> tvm.tirx.PrimFunc:
     """``x [B, C, H, W]`` -> ``[B, C, H + top + bottom, s, (W + left + right) / s]`` holding ``x``
-    inside the image and ``fill`` in the padding; int8 ``x`` becomes uint8 ``x + 128`` (the VNNI
-    kernels' unsigned operand; ``fill`` is then already shifted)."""
+    inside the image and ``fill`` in the padding; with ``to_unsigned``, int8 ``x`` becomes uint8
+    ``x + 128`` (the VNNI kernels' unsigned operand; ``fill`` is then already shifted)."""
     from tvm.s_tir import Schedule
 
     top, left, bottom, right = pads
     out_h, out_w = height + top + bottom, (width + left + right) // stride
     x = te.placeholder((batch, channels, height, width), dtype, name="x")
-    out_dtype = "uint8" if dtype == "int8" else dtype
+    out_dtype = "uint8" if to_unsigned else dtype
 
     def element(b, c, h, q, v):
         row, col = h - top, v * stride + q - left
         inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
-        return tirx.if_then_else(inside, as_unsigned(x[b, c, row, col], dtype == "int8"), tirx.const(fill, out_dtype))
+        return tirx.if_then_else(inside, as_unsigned(x[b, c, row, col], to_unsigned and dtype == "int8"), tirx.const(fill, out_dtype))
 
     out = te.compute((batch, channels, out_h, stride, out_w), element, name="out")
     sch = Schedule(te.create_prim_func([x, out]))

@@ -254,6 +254,8 @@ def _batch_norm(low, node, xs):
 
 @lowers("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d")
 def _pool(low, node, xs):
+    if low.cpu_kernels and kernel_lower.max_pool_applies(node):
+        return kernel_lower.max_pool(low, node, xs)
     rank = int(node.op[-2])
     kind = node.op.split("_")[0]
     fn = getattr(R.nn, f"{kind}_pool{rank}d")
