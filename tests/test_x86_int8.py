@@ -35,24 +35,27 @@ def _bit_exact(graph: Graph, inputs) -> None:
     np.testing.assert_array_equal(got, want)
 
 
-IM2COL, DIRECT = {"vnni_im2col", "vnni_conv2d"}, {"vnni_conv2d_direct"}
-CONVS = [  # x shape, out channels, kernel, strides, pads, x dtype, requantize absorbed, kernels used
-    ((1, 3, 20, 20), 24, (7, 7), (2, 2), (3, 3, 3, 3), "u8", True, IM2COL),  # K = 147: padded to 148; 100 positions
-    ((2, 16, 9, 9), 40, (3, 3), (1, 1), (1, 1, 1, 1), "i8", True, IM2COL),  # batch 2, 81 positions, signed input
-    ((1, 32, 8, 8), 16, (1, 1), (1, 1), (0, 0, 0, 0), "u8", False, IM2COL),  # int32 result, 64 positions
-    ((1, 8, 7, 7), 12, (3, 3), (2, 2), (0, 1, 1, 0), "u8", True, IM2COL),  # asymmetric padding
-    ((1, 3, 30, 30), 16, (7, 7), (2, 2), (3, 3, 3, 3), "u8", True, DIRECT),  # 3 channels in a block of 4, 2 phases
-    ((2, 12, 16, 17), 24, (3, 3), (1, 1), (1, 1, 1, 1), "i8", True, DIRECT),  # rows of 17: two strips, a tail
-    ((1, 16, 14, 14), 8, (1, 1), (1, 1), (0, 0, 0, 0), "u8", False, DIRECT),  # int32 result
-    ((1, 8, 29, 29), 16, (3, 3), (2, 2), (1, 0, 0, 1), "u8", True, DIRECT),  # asymmetric padding, stride 2
-    ((1, 6, 28, 28), 16, (1, 1), (2, 2), (0, 0, 0, 0), "i8", True, DIRECT),  # stride 2 without padding, 6 channels
+IM2COL, DIRECT, FLAT = {"vnni_im2col", "vnni_conv2d"}, {"vnni_conv2d_direct"}, {"vnni_conv2d_flat"}
+CONVS = [  # x shape, out channels, kernel, strides, pads, x dtype, requantize absorbed, kernels used, dilations
+    ((1, 3, 20, 20), 24, (7, 7), (2, 2), (3, 3, 3, 3), "u8", True, FLAT, (1, 1)),  # 3 channels, 2x2 phases, 10 x 13
+    ((2, 16, 9, 9), 40, (3, 3), (1, 1), (1, 1, 1, 1), "i8", True, FLAT, (1, 1)),  # batch 2, 9 x 11, signed input
+    ((1, 32, 8, 8), 16, (1, 1), (1, 1), (0, 0, 0, 0), "u8", False, FLAT, (1, 1)),  # int32 result, 1x1
+    ((1, 8, 7, 7), 12, (3, 3), (2, 2), (0, 1, 1, 0), "u8", True, FLAT, (1, 1)),  # asymmetric padding, stride 2
+    ((1, 20, 14, 14), 24, (3, 3), (2, 2), (1, 1, 1, 1), "u8", True, FLAT, (1, 1)),  # ResNet's 14 -> 7 shape
+    ((1, 3, 20, 20), 24, (7, 7), (2, 2), (3, 3, 3, 3), "u8", True, IM2COL, (2, 2)),  # dilated: K = 147, padded
+    ((1, 8, 60, 10), 8, (3, 3), (1, 1), (1, 1, 1, 1), "i8", True, IM2COL, (1, 1)),  # 60 x 12 positions: no one tile
+    ((1, 3, 30, 30), 16, (7, 7), (2, 2), (3, 3, 3, 3), "u8", True, DIRECT, (1, 1)),  # 3 channels, 2 phases
+    ((2, 12, 16, 17), 24, (3, 3), (1, 1), (1, 1, 1, 1), "i8", True, DIRECT, (1, 1)),  # rows of 17: two strips, a tail
+    ((1, 16, 14, 14), 8, (1, 1), (1, 1), (0, 0, 0, 0), "u8", False, DIRECT, (1, 1)),  # int32 result
+    ((1, 8, 29, 29), 16, (3, 3), (2, 2), (1, 0, 0, 1), "u8", True, DIRECT, (1, 1)),  # asymmetric padding, stride 2
+    ((1, 6, 28, 28), 16, (1, 1), (2, 2), (0, 0, 0, 0), "i8", True, DIRECT, (1, 1)),  # stride 2, no padding
 ]
 
 
 @needs_vnni
-@pytest.mark.parametrize("x_shape,channels,kernel,strides,pads,dtype,requant,kernels", CONVS)
-def test_conv2d_kernel_is_bit_exact(x_shape, channels, kernel, strides, pads, dtype, requant, kernels):
-    graph, inputs = conv_graph(x_shape, channels, kernel, strides, pads, 1, dtype, requant)
+@pytest.mark.parametrize("x_shape,channels,kernel,strides,pads,dtype,requant,kernels,dilations", CONVS)
+def test_conv2d_kernel_is_bit_exact(x_shape, channels, kernel, strides, pads, dtype, requant, kernels, dilations):
+    graph, inputs = conv_graph(x_shape, channels, kernel, strides, pads, 1, dtype, requant, dilations=dilations)
     assert kernels <= _kernels(graph)
     _bit_exact(graph, inputs)
 

@@ -24,10 +24,10 @@ from qcompiler.ir.types import DTYPES
 
 from . import cpu_float, cpu_pool, layout
 from .int_arith import Requantize
-from .tiling import LANES, padded
-from .x86_int8 import (GROUP, WINDOW_LOAD, as_unsigned, conv_direct_u8s8, conv_u8s8, dense_u8s8,
-                       depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_weight, pack_sliding_weight,
-                       sliding_taps, to_blocked_phases)
+from .tiling import LANES, MAX_ACCUMULATORS, padded
+from .x86_int8 import (GROUP, WINDOW_LOAD, FlatGeometry, as_unsigned, conv_direct_u8s8, conv_flat_u8s8, conv_u8s8,
+                       dense_u8s8, depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_weight,
+                       pack_sliding_weight, sliding_taps, to_blocked_flat, to_blocked_phases)
 
 if TYPE_CHECKING:
     from .relax_lower import _Lowerer
@@ -147,8 +147,12 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     _, _, oh, ow = node.output.shape
     if node.attrs["groups"] != 1:
         return _depthwise(low, node, xs, zp, w2d, bias)
-    if ow >= DIRECT_MIN_WIDTH and tuple(node.attrs["dilations"]) == (1, 1):
-        return _direct_conv2d(low, node, xs, zp, signed, bias)
+    if tuple(node.attrs["dilations"]) == (1, 1):
+        if ow >= DIRECT_MIN_WIDTH:
+            return _direct_conv2d(low, node, xs, zp, signed, bias)
+        flat = _flat_conv2d(low, node, xs, zp, signed, bias)
+        if flat is not None:
+            return flat
     k_padded = padded(w2d.shape[1], GROUP)
     im2col = im2col_packed(batch, channels, height, width, (kh, kw), tuple(node.attrs["strides"]),
                            tuple(node.attrs["dilations"]), tuple(node.attrs["pads"]), zp, signed)
@@ -179,14 +183,46 @@ def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, s
     phases = (batch, blocks, padded_h, strides[1], padded_w // strides[1])
     words = call_kernel(low, layout, "vnni_conv2d_input", [xs[0]], phases, "uint32")
     x = low.emit(R.memory.view(words, shape=phases + (GROUP,), dtype="uint8"))
-    packed = np.zeros((out_channels, blocks * GROUP, kh, kw), np.int8)
-    packed[:, :channels] = w
-    packed = np.ascontiguousarray(packed.reshape(out_channels, blocks, GROUP, kh, kw).transpose(0, 1, 3, 4, 2))
     args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     func = conv_direct_u8s8(batch, blocks, (padded_h, padded_w), out_channels, (kh, kw), strides, (oh, ow), requant)
-    y = call_kernel(low, func, "vnni_conv2d_direct", [x, low.const(packed), *args], (batch, out_channels, oh, ow),
+    weight = low.const(_packed_conv_weight(w, blocks))
+    y = call_kernel(low, func, "vnni_conv2d_direct", [x, weight, *args], (batch, out_channels, oh, ow),
                     requant.dtype if requant else "int32")
     return kernel_result(low, y, req)
+
+
+def _packed_conv_weight(w: np.ndarray, blocks: int) -> np.ndarray:
+    """``[O, C, kh, kw]`` -> ``[O, C'/4, kh, kw, 4]`` (the extra channels zero)."""
+    out_channels, channels, kh, kw = w.shape
+    packed = np.zeros((out_channels, blocks * GROUP, kh, kw), np.int8)
+    packed[:, :channels] = w
+    return np.ascontiguousarray(packed.reshape(out_channels, blocks, GROUP, kh, kw).transpose(0, 1, 3, 4, 2))
+
+
+def _flat_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signed: bool,
+                 bias: np.ndarray) -> relax.Expr | None:
+    """Narrow outputs: the input re-laid out flat (``x86_int8.FlatGeometry``), then one register
+    tile over all positions of a few channels; None where they would not fit a tile."""
+    batch, channels, height, width = node.inputs[0].shape
+    w = low.array(node.inputs[2])
+    out_channels, _, kh, kw = w.shape
+    _, _, oh, ow = node.output.shape
+    strides, pads = tuple(node.attrs["strides"]), tuple(node.attrs["pads"])
+    geometry = FlatGeometry.of(height, width, pads, (kh, kw), strides, (oh, ow))
+    if geometry.positions // LANES > MAX_ACCUMULATORS:
+        return None
+    blocks = padded(channels, GROUP) // GROUP
+    shape = (batch, blocks, *strides, geometry.length)
+    layout_func = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed)
+    words = call_kernel(low, layout_func, "vnni_conv2d_input", [xs[0]], shape, "uint32")
+    x = low.emit(R.memory.view(words, shape=shape + (GROUP,), dtype="uint8"))
+    args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
+    func = conv_flat_u8s8(batch, blocks, geometry, out_channels, (kh, kw), strides, (oh, ow), requant)
+    row = geometry.planes_hw[1]
+    y = call_kernel(low, func, "vnni_conv2d_flat", [x, low.const(_packed_conv_weight(w, blocks)), *args],
+                    (batch, out_channels, oh * row), requant.dtype if requant else "int32")
+    y = low.emit(R.reshape(y, (batch, out_channels, oh, row)))
+    return kernel_result(low, low.emit(R.strided_slice(y, axes=[3], begin=[0], end=[ow])), req)
 
 
 def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: np.ndarray,

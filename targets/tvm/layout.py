@@ -33,7 +33,8 @@ def phase_split(batch: int, channels: int, height: int, width: int, pads: tuple[
     def element(b, c, h, q, v):
         row, col = h - top, v * stride + q - left
         inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
-        return tirx.if_then_else(inside, as_unsigned(x[b, c, row, col], to_unsigned and dtype == "int8"), tirx.const(fill, out_dtype))
+        value = as_unsigned(x[b, c, row, col], to_unsigned and dtype == "int8")
+        return tirx.if_then_else(inside, value, tirx.const(fill, out_dtype))
 
     out = te.compute((batch, channels, out_h, stride, out_w), element, name="out")
     sch = Schedule(te.create_prim_func([x, out]))
@@ -45,8 +46,9 @@ def phase_split(batch: int, channels: int, height: int, width: int, pads: tuple[
 
 def vectorize_interior(sch, rows, top_left: tuple[int, int], image_hw: tuple[int, int], stride: int,
                        out_width: int) -> None:
-    """For a layout block over ``[..., h, q, v]`` (``rows`` its ``h`` loop) whose image occupies rows ``[top, top + H)`` and, at phase ``q``, the columns ``v``
-    with ``0 <= v*s + q - left < W``: partition the padding off and vectorize the interior."""
+    """For a layout block over ``[..., h, q, v]`` (``rows`` its ``h`` loop) whose image occupies
+    rows ``[top, top + H)`` and, at phase ``q``, the columns ``v`` with ``0 <= v*s + q - left < W``:
+    partition the padding off and vectorize the interior."""
     (top, left), (height, width) = top_left, image_hw
     interior_rows = _middle(sch, rows, top, top + height, sch.get(rows).extent.value)
     phase_loops = [sch.get_loops(block)[-2] for block in sch.get_child_blocks(interior_rows)]  # [..., q, v]

@@ -22,6 +22,8 @@ costs ~30 s; so the intrinsics are registered here, with byte-vector operands.""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+
 import numpy as np
 import tvm
 from tvm import te, tirx
@@ -31,8 +33,8 @@ from tvm.target import Target
 from . import int_arith
 from .int_arith import Requantize, as_unsigned
 from .layout import vectorize_interior
-from .tiling import (LANES, accumulate_in_registers, finalize, im2col_element, opaque, padded, pick, tile_dense,
-                     tile_rows)
+from .tiling import (LANES, accumulate_in_registers, finalize, im2col_element, opaque, padded, pick, row_tile,
+                     tile_dense, tile_rows)
 
 GROUP = 4  # bytes summed into each int32 lane
 LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
@@ -360,6 +362,107 @@ def conv_direct_u8s8(batch: int, channel_blocks: int, padded_hw: tuple[int, int]
     return finalize(sch, epilogue)
 
 
+def _word(x: te.Tensor, b, g, row, col, signed: bool, fill: int) -> tirx.PrimExpr:
+    """The bytes of channels ``4g .. 4g+3`` at ``(row, col)`` as a uint32 (channel ``4g + c4`` in
+    bits ``8*c4``), ``fill`` for channels past the last."""
+    channels = x.shape[1]
+    word = tirx.const(0, "uint32")
+    for c4 in range(GROUP):
+        c = g * GROUP + c4
+        byte = as_unsigned(x[b, tirx.min(c, channels - 1), row, col], signed).astype("uint32")
+        if channels % GROUP:
+            byte = tirx.if_then_else(c < channels, byte, tirx.const(fill, "uint32"))
+        word = word | (byte << tirx.const(8 * c4, "uint32"))
+    return word
+
+
+@dataclass(frozen=True)
+class FlatGeometry:
+    """A convolution input padded, split into row and column phases (strides ``sh``, ``sw``) and
+    flattened: phase plane ``(qr, qc)`` holds the padded image's ``(r*sh + qr, c*sw + qc)`` at
+    ``f = r * row + c``. Output ``(y, x)`` sits at ``p = y * row + x``, and tap ``(i, j)`` reads
+    plane ``(i % sh, j % sw)`` at ``p + (i // sh) * row + j // sw``: a constant offset, so that
+    16 neighbouring ``p`` read 64 contiguous bytes, across output rows (the ``x >= ow`` positions
+    in between are computed and dropped). ``length`` covers the last strip's reads."""
+    planes_hw: tuple[int, int]  # rows and columns of a phase plane; ``row`` is the second
+    positions: int  # oh * row, padded to 16
+    length: int
+
+    @staticmethod
+    def of(height: int, width: int, pads: tuple[int, int, int, int], kernel: tuple[int, int],
+           strides: tuple[int, int], out_hw: tuple[int, int]) -> "FlatGeometry":
+        (top, left, _, _), (kh, kw), (sh, sw), (oh, ow) = pads, kernel, strides, out_hw
+        rows = -(-max(height + top, (oh - 1) * sh + kh) // sh)
+        row = -(-max(width + left, (ow - 1) * sw + kw) // sw)
+        positions = padded(oh * row, LANES)
+        return FlatGeometry((rows, row), positions, positions + (kh - 1) // sh * row + (kw - 1) // sw)
+
+
+@functools.cache
+def to_blocked_flat(batch: int, channels: int, height: int, width: int, pads: tuple[int, int, int, int],
+                    strides: tuple[int, int], geometry: FlatGeometry, fill: int, signed: bool) -> tvm.tirx.PrimFunc:
+    """``x [B, C, H, W]`` -> ``[B, C'/4, sh, sw, length]`` uint32 words of 4 channel bytes (as in
+    :func:`to_blocked_phases`) laid out as :class:`FlatGeometry` says; ``fill`` outside the image."""
+    from tvm.s_tir import Schedule
+
+    (top, left, _, _), (sh, sw), row = pads, strides, geometry.planes_hw[1]
+    blocks = padded(channels, GROUP) // GROUP
+    x = te.placeholder((batch, channels, height, width), "int8" if signed else "uint8", name="x")
+
+    def element(b, g, qr, qc, f):
+        r, col = (f // row) * sh + qr - top, (f % row) * sw + qc - left
+        inside = tirx.all(r >= 0, r < height, col >= 0, col < width)
+        return tirx.if_then_else(inside, _word(x, b, g, tirx.max(tirx.min(r, height - 1), 0),
+                                               tirx.max(tirx.min(col, width - 1), 0), signed, fill),
+                                 tirx.const(fill * 0x01010101, "uint32"))
+
+    out = te.compute((batch, blocks, sh, sw, geometry.length), element, name="out")
+    sch = Schedule(te.create_prim_func([x, out]))
+    b, g, *_ = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(sch.fuse(b, g))
+    return opaque(sch)
+
+
+@functools.cache
+def conv_flat_u8s8(batch: int, channel_blocks: int, geometry: FlatGeometry, out_channels: int,
+                   kernel: tuple[int, int], strides: tuple[int, int], out_hw: tuple[int, int],
+                   requant: Requantize | None) -> tvm.tirx.PrimFunc:
+    """Direct convolution for narrow outputs (rows under 16): ``out[b, o, y, x] = epilogue(sum
+    X[b, g, i % sh, j % sw, y*row + x + (i // sh)*row + j // sw, c4] * W[o, g, i, j, c4])`` over
+    :func:`to_blocked_flat`'s input: a register tile holds every position of a few channels,
+    so a 7x7 output takes 4 strips (as an im2col matrix would) without the 9x im2col copy. The
+    result is ``[B, O, oh * row]``, columns ``x >= ow`` of each row included (dropped by the
+    caller: an epilogue addressed by ``y * row + x`` defeats TVM's compute-at)."""
+    from tvm.s_tir import Schedule
+
+    register_intrinsics()
+    (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out_hw
+    row = geometry.planes_hw[1]
+    x = te.placeholder((batch, channel_blocks, sh, sw, geometry.length, GROUP), "uint8", name="X")
+    w = te.placeholder((out_channels, channel_blocks, kh, kw, GROUP), "int8", name="W")
+    params = int_arith.epilogue_inputs(out_channels, requant)
+    rg, ri, rj, rc = (te.reduce_axis((0, channel_blocks), name="g"), te.reduce_axis((0, kh), name="i"),
+                      te.reduce_axis((0, kw), name="j"), te.reduce_axis((0, GROUP), name="c4"))
+    c = te.compute((batch, out_channels, geometry.positions), lambda b, o, p: te.sum(
+        x[b, rg, ri % sh, rj % sw, p + ri // sh * row + rj // sw, rc].astype("int32")
+        * w[o, rg, ri, rj, rc].astype("int32"), axis=[rg, ri, rj, rc]), name="C")
+    out = te.compute((batch, out_channels, oh * row), lambda b, o, p: int_arith.epilogue(c[b, o, p], o, params, requant),
+                     name="out")
+    sch = Schedule(te.create_prim_func([x, w, *params, out]))
+    block = sch.get_sblock("C")
+    b, o, p, *reductions = sch.get_loops(block)
+    rows, strips = row_tile(out_channels, geometry.positions // LANES)
+    o_outer, o_inner = sch.split(o, [None, rows])
+    p_outer, p_mid, p_inner = sch.split(p, [None, strips, LANES])
+    sch.reorder(b, o_outer, p_outer, *reductions[:-1], o_inner, p_mid, p_inner, reductions[-1])
+    tile = sch.fuse(b, o_outer, p_outer)
+    sch.parallel(tile)
+    epilogue = accumulate_in_registers(sch, block, tile, (o_inner, p_mid))
+    sch.decompose_reduction(block, reductions[0])
+    sch.tensorize(p_inner, LANES_ARE_ROWS)
+    return finalize(sch, epilogue)
+
+
 @functools.cache
 def to_blocked_phases(batch: int, channels: int, height: int, width: int, pads: tuple[int, int, int, int],
                       stride: int, fill: int, signed: bool) -> tvm.tirx.PrimFunc:
@@ -381,15 +484,8 @@ def to_blocked_phases(batch: int, channels: int, height: int, width: int, pads: 
 
     def element(b, g, h, q, v):
         row, col = h - top, v * stride + q - left
-        word = tirx.const(0, "uint32")
-        for c4 in range(GROUP):
-            c = g * GROUP + c4
-            byte = as_unsigned(x[b, tirx.min(c, channels - 1), row, col], signed).astype("uint32")
-            if channels % GROUP:
-                byte = tirx.if_then_else(c < channels, byte, tirx.const(fill, "uint32"))
-            word = word | (byte << tirx.const(8 * c4, "uint32"))
         inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
-        return tirx.if_then_else(inside, word, fill_word)
+        return tirx.if_then_else(inside, _word(x, b, g, row, col, signed, fill), fill_word)
 
     out = te.compute((batch, blocks, out_h, stride, out_w), element, name="out")
     sch = Schedule(te.create_prim_func([x, out]))
