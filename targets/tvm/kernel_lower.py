@@ -25,9 +25,9 @@ from qcompiler.ir.types import DTYPES
 from . import cpu_float, cpu_pool, layout
 from .int_arith import Requantize
 from .tiling import LANES, MAX_ACCUMULATORS, padded
-from .x86_int8 import (GROUP, WINDOW_LOAD, FlatGeometry, as_unsigned, conv_direct_u8s8, conv_flat_u8s8, conv_u8s8,
-                       dense_u8s8, depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_weight,
-                       pack_sliding_weight, sliding_taps, to_blocked_flat, to_blocked_phases)
+from .x86_int8 import (GROUP, MAX_SLIDING_STRIDE, FlatGeometry, as_unsigned, conv_direct_u8s8, conv_flat_u8s8,
+                       conv_u8s8, dense_u8s8, depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_weight,
+                       pack_sliding_weight, to_blocked_flat, to_blocked_phases, window_load)
 
 if TYPE_CHECKING:
     from .relax_lower import _Lowerer
@@ -231,15 +231,17 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: 
     _, _, oh, ow = node.output.shape
     kh, kw = node.inputs[2].shape[2:]
     strides = tuple(node.attrs["strides"])
-    sliding = low.int8_variant == "vnni-vbmi" and sliding_taps(kw, strides[1]) <= GROUP
-    # the sliding kernel loads WINDOW_LOAD bytes of a phase row from the last strip's start
-    reach = max(kw, (WINDOW_LOAD - LANES + 1) * strides[1]) if sliding else kw
-    x, padded_hw = _phase_split(low, xs[0], node, (kh, kw), reach, zp, to_unsigned=True)
+    sliding = low.int8_variant == "vnni-vbmi" and kw <= GROUP and strides[1] <= MAX_SLIDING_STRIDE
+    if sliding:  # reads unsplit rows; the last strip loads window_load bytes
+        reach = max(kw, window_load(strides[1]) - (LANES - 1) * strides[1])
+        x, padded_hw = _phase_split(low, xs[0], node, (kh, kw), reach, zp, to_unsigned=True, split=False)
+    else:
+        x, padded_hw = _phase_split(low, xs[0], node, (kh, kw), kw, zp, to_unsigned=True)
     args, requant, req = epilogue_args(low, node, bias, channels, channels, 1)
     w3d = w2d.reshape(channels, kh, kw)
     if sliding:
         func = depthwise_sliding_u8s8(batch, channels, padded_hw, (kh, kw), strides, (oh, ow), requant)
-        name, weight = "vnni_depthwise_sliding", low.const(pack_sliding_weight(w3d, strides[1]))
+        name, weight = "vnni_depthwise_sliding", low.const(pack_sliding_weight(w3d))
     else:
         func = depthwise_u8s8(batch, channels, padded_hw, (kh, kw), strides, (oh, ow), requant)
         name, weight = "vnni_depthwise", low.const(w3d.astype(np.int16))
@@ -248,22 +250,24 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: 
     return kernel_result(low, y, req)
 
 
-def _phase_split(low: "_Lowerer", x: relax.Expr, node: Node, kernel: tuple[int, int], reach: int,
-                 fill: float | int, to_unsigned: bool = False) -> tuple[relax.Expr, tuple[int, int]]:
+def _phase_split(low: "_Lowerer", x: relax.Expr, node: Node, kernel: tuple[int, int], reach: int, fill: float | int,
+                 to_unsigned: bool = False, split: bool = True) -> tuple[relax.Expr, tuple[int, int]]:
     """``x`` padded with ``fill`` for row-strip kernels and split into column phases ``[b, c, h,
-    phase, column // stride]``, and the padded (h, w): wide enough for the last 16-wide output
-    strip to read ``reach`` columns (``cpu_float.conv_input_padding``), tall enough for the last
-    output row's window. ``to_unsigned``: int8 shifted to uint8 (``fill`` already is)."""
+    phase, column // stride]`` (one phase unless ``split``), and the padded (h, w): wide enough
+    for the last 16-wide output strip to read ``reach`` columns (``cpu_float.conv_input_padding``),
+    tall enough for the last output row's window. ``to_unsigned``: int8 shifted to uint8
+    (``fill`` already is)."""
     batch, channels, height, width = node.inputs[0].shape
     _, _, out_h, out_w = node.output.shape
     stride_h, stride = node.attrs["strides"]
     top, left, bottom, right = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), out_w, reach, stride)
     bottom = max(bottom, (out_h - 1) * stride_h + kernel[0] - height - top)  # pooling's ceil mode
     padded_h, padded_w = height + top + bottom, width + left + right
+    phases = stride if split else 1
     dtype = np.dtype(DTYPES[node.inputs[0].dtype]).name
-    func = layout.phase_split(batch, channels, height, width, (top, left, bottom, right), stride, fill, dtype,
+    func = layout.phase_split(batch, channels, height, width, (top, left, bottom, right), phases, fill, dtype,
                               to_unsigned)
-    shape = (batch, channels, padded_h, stride, padded_w // stride)
+    shape = (batch, channels, padded_h, phases, padded_w // phases)
     out_dtype = "uint8" if to_unsigned else dtype
     return call_kernel(low, func, "phase_split", [x], shape, out_dtype), (padded_h, padded_w)
 

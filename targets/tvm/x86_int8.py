@@ -39,8 +39,7 @@ from .tiling import (LANES, accumulate_in_registers, finalize, im2col_element, o
 GROUP = 4  # bytes summed into each int32 lane
 LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
 LANES_ARE_ROWS = "qcompiler.vnni_16x4.broadcast_s8"  # C[16] += A[16, 4] . B[4] (broadcast)
-SLIDING = "qcompiler.vnni_16x4.sliding_u8"  # C[16] += A[i : i + 4] . B[4] for i < 16 (AVX-512 VBMI)
-WINDOW_LOAD = 64  # bytes the sliding intrinsic loads from the start of its 19-byte window
+MAX_SLIDING_STRIDE = 4  # 16 windows at stride s span 15*s + 4 bytes: one 64-byte register
 DEPTHWISE_ACCUMULATORS = 8  # 16-lane accumulators per tile of the sliding depthwise kernel
 
 
@@ -112,31 +111,6 @@ def register_intrinsics() -> None:
             c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], dtype="int32x16"), a.vload([0, 0], dtype="uint8x64"),
                                                      _broadcast4(b, "int8"))
 
-    @T.prim_func(s_tir=True)
-    def sliding_desc(a: T.Buffer((19,), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
-                     c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:16], a[0:19], b[0:4])
-            T.writes(c[0:16])
-            for i, k in T.grid(16, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    c[vi] = c[vi] + T.cast(a[vi + vk], "int32") * T.cast(b[vk], "int32")
-
-    @T.prim_func(s_tir=True)
-    def sliding_impl(a: T.Buffer((19,), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
-                     c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:16], a[0:19], b[0:4])
-            T.writes(c[0:16])
-            # no let-bound vectors here: each became a heap workspace allocated per call
-            c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], dtype="int32x16"), T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512"), a.vload([0], "uint8x64"),
-                (T.Ramp(T.int8(0), T.int8(1), 64) >> T.Broadcast(T.int8(2), 64))
-                + (T.Ramp(T.int8(0), T.int8(1), 64) & T.Broadcast(T.int8(3), 64)), dtype="uint8x64"),
-                _broadcast4(b, "int8"))
-
-    TensorIntrin.register(SLIDING, sliding_desc, sliding_impl, override=True)
     TensorIntrin.register(LANES_ARE_COLUMNS, columns_desc, columns_impl, override=True)
     TensorIntrin.register(LANES_ARE_ROWS, rows_desc, rows_impl, override=True)
 
@@ -274,18 +248,56 @@ def depthwise_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel
     return finalize(sch, epilogue)
 
 
-def sliding_taps(kernel_width: int, stride: int) -> int:
-    """Taps of one kernel row that fall in one column phase (at most 4 for the sliding kernel)."""
-    return -(-kernel_width // stride)
+def window_load(stride: int) -> int:
+    """Bytes the sliding intrinsic loads at a strip's start: 32 (zero-extended) when its 16
+    windows fit them, else 64."""
+    return 32 if (LANES - 1) * stride + GROUP <= 32 else 64
 
 
-def pack_sliding_weight(w: np.ndarray, stride: int) -> np.ndarray:
-    """``[C, kh, kw]`` -> ``[C, kh, s, 4]``: tap ``j`` of a row at phase ``j % s``, slot ``j // s``;
-    the unused slots zero."""
+@functools.cache
+def sliding_intrinsic(stride: int) -> str:
+    """``C[16] += A[i*s : i*s + 4] . B[4]`` for ``i < 16``: ``vpermb`` (AVX-512 VBMI) gathers the
+    16 windows of 4 bytes from one load, ``vpdpbusd`` adds their products with ``B``."""
+    from tvm.s_tir import TensorIntrin
+
+    span, load = (LANES - 1) * stride + GROUP, window_load(stride)
+    lane = T.Ramp(T.int8(0), T.int8(1), 64)
+    windows = ((lane >> T.Broadcast(T.int8(2), 64)) * T.Broadcast(T.int8(stride), 64)
+               + (lane & T.Broadcast(T.int8(3), 64)))  # byte 4i + k of the result: a[i*s + k]
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((span,), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:span], b[0:4])
+            T.writes(c[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vi * stride + vk], "int32") * T.cast(b[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((span,), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:span], b[0:4])
+            T.writes(c[0:16])
+            # no let-bound vectors here: each became a heap workspace allocated per call
+            c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], dtype="int32x16"), T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512"),
+                T.Shuffle([a.vload([0], "uint8x32"), T.Broadcast(T.uint8(0), 32)], list(range(64)))
+                if load == 32 else a.vload([0], "uint8x64"), windows, dtype="uint8x64"), _broadcast4(b, "int8"))
+
+    name = f"qcompiler.vnni_16x4.sliding_u8_stride{stride}"
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+def pack_sliding_weight(w: np.ndarray) -> np.ndarray:
+    """``[C, kh, kw]`` -> ``[C, kh, 4]``, the taps past ``kw`` zero."""
     channels, kh, kw = w.shape
-    packed = np.zeros((channels, kh, stride, GROUP), np.int8)
-    for j in range(kw):
-        packed[:, :, j % stride, j // stride] = w[:, :, j]
+    packed = np.zeros((channels, kh, GROUP), np.int8)
+    packed[:, :, :kw] = w
     return packed
 
 
@@ -293,39 +305,38 @@ def pack_sliding_weight(w: np.ndarray, stride: int) -> np.ndarray:
 def depthwise_sliding_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel: tuple[int, int],
                            strides: tuple[int, int], out_hw: tuple[int, int],
                            requant: Requantize | None) -> tvm.tirx.PrimFunc:
-    """Depthwise convolution on VNNI: ``out[b, c, y, x] = epilogue(sum_{i,q,t} X[b, c, y*sy + i, q,
-    x + t] * W[c, i, q, t])`` over the phase-split input of :func:`depthwise_u8s8` and weights
-    from :func:`pack_sliding_weight`. For 16 neighbouring outputs, ``vpermb`` turns one 64-byte
-    load of a row into the 16 windows of 4 bytes ``X[x : x + 4]``, and one ``vpdpbusd`` adds a
-    kernel row's taps of that phase: 2 instructions per row and phase where the int16 kernel
-    takes 5 per tap. Rows must hold :data:`WINDOW_LOAD` bytes from the last strip's start."""
+    """Depthwise convolution on VNNI: ``out[b, c, y, x] = epilogue(sum_{i,t} X[b, c, y*sy + i, 0,
+    x*sx + t] * W[c, i, t])`` over the input padded with the zero point (one phase) and weights
+    from :func:`pack_sliding_weight` (kernel width <= 4, stride <= 4). For 16 neighbouring
+    outputs one load, one ``vpermb`` and one ``vpdpbusd`` per kernel row (the int16 kernel takes 5
+    instructions per tap). Rows must hold :func:`window_load` bytes from the last strip's start."""
     from tvm.s_tir import Schedule
 
-    register_intrinsics()
     (kh, _), (sh, sw), (oh, ow) = kernel, strides, out_hw
+    intrinsic = sliding_intrinsic(sw)
     ow_padded = padded(ow, LANES)
-    x = te.placeholder((batch, channels, padded_hw[0], sw, padded_hw[1] // sw), "uint8", name="X")
-    w = te.placeholder((channels, kh, sw, GROUP), "int8", name="W")
+    x = te.placeholder((batch, channels, padded_hw[0], 1, padded_hw[1]), "uint8", name="X")
+    w = te.placeholder((channels, kh, GROUP), "int8", name="W")
     params = int_arith.epilogue_inputs(channels, requant)
-    ri, rq, rt = te.reduce_axis((0, kh), name="i"), te.reduce_axis((0, sw), name="q"), te.reduce_axis((0, GROUP), "t")
+    ri, rt = te.reduce_axis((0, kh), name="i"), te.reduce_axis((0, GROUP), "t")
     c = te.compute((batch, channels, oh, ow_padded), lambda b, ch, y, v: te.sum(
-        x[b, ch, y * sh + ri, rq, v + rt].astype("int32") * w[ch, ri, rq, rt].astype("int32"), axis=[ri, rq, rt]),
+        x[b, ch, y * sh + ri, 0, v * sw + rt].astype("int32") * w[ch, ri, rt].astype("int32"), axis=[ri, rt]),
         name="C")
     out = te.compute((batch, channels, oh, ow),
                      lambda b, ch, y, v: int_arith.epilogue(c[b, ch, y, v], ch, params, requant), name="out")
     sch = Schedule(te.create_prim_func([x, w, *params, out]))
     block = sch.get_sblock("C")
-    b, ch, y, v, i, q, t = sch.get_loops(block)
+    b, ch, y, v, i, t = sch.get_loops(block)
     strips, lanes = sch.split(v, [None, LANES])
     # narrow rows (7 or 14 outputs) are tiled several at a time: a tile's fixed costs weigh less
     rows = max(r for r in range(1, oh + 1) if oh % r == 0 and r * (ow_padded // LANES) <= DEPTHWISE_ACCUMULATORS)
     y_outer, y_inner = sch.split(y, [None, rows])
-    sch.reorder(b, ch, y_outer, i, q, y_inner, strips, lanes, t)
+    sch.reorder(b, ch, y_outer, i, y_inner, strips, lanes, t)
     tile = sch.fuse(b, ch, y_outer)
     sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (i, q, y_inner, strips))
+    epilogue = accumulate_in_registers(sch, block, tile, (i, y_inner, strips))
     sch.decompose_reduction(block, i)
-    sch.tensorize(lanes, SLIDING)
+    sch.tensorize(lanes, intrinsic)
     return finalize(sch, epilogue)
 
 
@@ -436,7 +447,7 @@ def conv_flat_u8s8(batch: int, channel_blocks: int, geometry: FlatGeometry, out_
     from tvm.s_tir import Schedule
 
     register_intrinsics()
-    (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out_hw
+    (kh, kw), (sh, sw), (oh, _) = kernel, strides, out_hw
     row = geometry.planes_hw[1]
     x = te.placeholder((batch, channel_blocks, sh, sw, geometry.length, GROUP), "uint8", name="X")
     w = te.placeholder((out_channels, channel_blocks, kh, kw, GROUP), "int8", name="W")
@@ -446,8 +457,8 @@ def conv_flat_u8s8(batch: int, channel_blocks: int, geometry: FlatGeometry, out_
     c = te.compute((batch, out_channels, geometry.positions), lambda b, o, p: te.sum(
         x[b, rg, ri % sh, rj % sw, p + ri // sh * row + rj // sw, rc].astype("int32")
         * w[o, rg, ri, rj, rc].astype("int32"), axis=[rg, ri, rj, rc]), name="C")
-    out = te.compute((batch, out_channels, oh * row), lambda b, o, p: int_arith.epilogue(c[b, o, p], o, params, requant),
-                     name="out")
+    out = te.compute((batch, out_channels, oh * row),
+                     lambda b, o, p: int_arith.epilogue(c[b, o, p], o, params, requant), name="out")
     sch = Schedule(te.create_prim_func([x, w, *params, out]))
     block = sch.get_sblock("C")
     b, o, p, *reductions = sch.get_loops(block)
