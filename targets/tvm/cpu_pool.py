@@ -7,7 +7,7 @@ import numpy as np
 import tvm
 from tvm import te
 
-from .tiling import accumulate_in_registers, finalize, padded
+from .tiling import padded, tile_window_rows
 
 VECTOR_BYTES = 64  # one AVX-512 register
 
@@ -33,14 +33,4 @@ def max_pool_rows(batch: int, channels: int, padded_hw: tuple[int, int], kernel:
     c = te.compute((batch, channels, oh, ow_padded), lambda b, ch, y, v: te.max(
         x[b, ch, y * sh + i, j % sw, v + j // sw], axis=[i, j]), name="C")
     out = te.compute((batch, channels, oh, ow), lambda b, ch, y, v: c[b, ch, y, v], name="out")
-    sch = Schedule(te.create_prim_func([x, out]))
-    block = sch.get_sblock("C")
-    b, ch, y, v, ri, rj = sch.get_loops(block)
-    strips, vector = sch.split(v, [None, lanes(dtype)])
-    sch.reorder(b, ch, y, ri, rj, strips, vector)
-    tile = sch.fuse(b, ch, y)
-    sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (ri, rj))
-    sch.vectorize(vector)
-    sch.decompose_reduction(block, ri)
-    return finalize(sch, epilogue)
+    return tile_window_rows(Schedule(te.create_prim_func([x, out])), lanes(dtype))

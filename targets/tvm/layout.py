@@ -9,6 +9,7 @@ schedule of pad + reshape + transpose runs 10-20x slower.)"""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import tvm
 from tvm import te, tirx
@@ -23,18 +24,26 @@ def phase_split(batch: int, channels: int, height: int, width: int, pads: tuple[
     """``x [B, C, H, W]`` -> ``[B, C, H + top + bottom, s, (W + left + right) / s]`` holding ``x``
     inside the image and ``fill`` in the padding; with ``to_unsigned``, int8 ``x`` becomes uint8
     ``x + 128`` (the VNNI kernels' unsigned operand; ``fill`` is then already shifted)."""
-    from tvm.s_tir import Schedule
-
-    top, left, bottom, right = pads
-    out_h, out_w = height + top + bottom, (width + left + right) // stride
     x = te.placeholder((batch, channels, height, width), dtype, name="x")
     out_dtype = "uint8" if to_unsigned else dtype
+    return padded_phases(x, channels, pads, stride, lambda b, c, row, col: as_unsigned(
+        x[b, c, row, col], to_unsigned and dtype == "int8"), tirx.const(fill, out_dtype))
+
+
+def padded_phases(x: te.Tensor, channels: int, pads: tuple[int, int, int, int], stride: int,
+                  value: Callable[..., tirx.PrimExpr], fill: tirx.PrimExpr) -> tvm.tirx.PrimFunc:
+    """The layout kernel ``x [B, ., H, W]`` -> ``[B, channels, H', s, W'/s]``: ``value(b, c, row,
+    col)`` inside the image, ``fill`` in the padding; scheduled by :func:`vectorize_interior`."""
+    from tvm.s_tir import Schedule
+
+    batch, _, height, width = (int(d) for d in x.shape)
+    top, left, bottom, right = pads
+    out_h, out_w = height + top + bottom, (width + left + right) // stride
 
     def element(b, c, h, q, v):
         row, col = h - top, v * stride + q - left
         inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
-        value = as_unsigned(x[b, c, row, col], to_unsigned and dtype == "int8")
-        return tirx.if_then_else(inside, value, tirx.const(fill, out_dtype))
+        return tirx.if_then_else(inside, value(b, c, row, col), fill)
 
     out = te.compute((batch, channels, out_h, stride, out_w), element, name="out")
     sch = Schedule(te.create_prim_func([x, out]))

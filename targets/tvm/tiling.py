@@ -105,3 +105,19 @@ def im2col_element(x: te.Tensor, b, p, col, kernel: tuple[int, int], strides: tu
     h, v = p // ow * sh + tap // kw * dh - top, p % ow * sw + tap % kw * dw - left
     inside = tirx.all(p < oh * ow, col < channels * kh * kw, h >= 0, h < height, v >= 0, v < width)
     return tirx.if_then_else(inside, convert(x[b, c, h, v]), fill)
+
+
+def tile_window_rows(sch, lanes: int) -> tvm.tirx.PrimFunc:
+    """Schedule a window reduction ``C`` over loops ``[b, c, y, v, i, j]`` (one output channel
+    and row per tile, the row in strips of ``lanes``, the window's ``i, j`` outside the strips so
+    that each strip stays in a register) with its epilogue ``out``; the scheduled function."""
+    block = sch.get_sblock("C")
+    b, ch, y, v, ri, rj = sch.get_loops(block)
+    strips, vector = sch.split(v, [None, lanes])
+    sch.reorder(b, ch, y, ri, rj, strips, vector)
+    tile = sch.fuse(b, ch, y)
+    sch.parallel(tile)
+    epilogue = accumulate_in_registers(sch, block, tile, (ri, rj))
+    sch.vectorize(vector)
+    sch.decompose_reduction(block, ri)
+    return finalize(sch, epilogue)

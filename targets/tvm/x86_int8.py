@@ -32,9 +32,9 @@ from tvm.target import Target
 
 from . import int_arith
 from .int_arith import Requantize, as_unsigned
-from .layout import vectorize_interior
+from .layout import padded_phases
 from .tiling import (LANES, accumulate_in_registers, finalize, im2col_element, opaque, padded, pick, row_tile,
-                     tile_dense, tile_rows)
+                     tile_dense, tile_rows, tile_window_rows)
 
 GROUP = 4  # bytes summed into each int32 lane
 LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
@@ -235,17 +235,7 @@ def depthwise_u8s8(batch: int, channels: int, padded_hw: tuple[int, int], kernel
     out = te.compute((batch, channels, oh, ow),
                      lambda b, ch, y, v: int_arith.epilogue(c[b, ch, y, v], ch, params, requant),
                      name="out")
-    sch = Schedule(te.create_prim_func([x, w, *params, out]))
-    block = sch.get_sblock("C")
-    b, ch, y, v, ri, rj = sch.get_loops(block)
-    v_outer, v_inner = sch.split(v, [None, LANES])
-    sch.reorder(b, ch, y, ri, rj, v_outer, v_inner)
-    tile = sch.fuse(b, ch, y)
-    sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (ri, rj))
-    sch.vectorize(v_inner)
-    sch.decompose_reduction(block, ri)
-    return finalize(sch, epilogue)
+    return tile_window_rows(Schedule(te.create_prim_func([x, w, *params, out])), LANES)
 
 
 def window_load(stride: int) -> int:
@@ -485,22 +475,7 @@ def to_blocked_phases(batch: int, channels: int, height: int, width: int, pads: 
     64-byte store, where writing the 4-byte-interleaved layout byte by byte gathers every
     element. The window's border is a partition of its own, so the interior runs without bounds
     checks."""
-    from tvm.s_tir import Schedule
-
-    top, left, bottom, right = pads
-    blocks = padded(channels, GROUP) // GROUP
-    out_h, out_w = height + top + bottom, (width + left + right) // stride
     x = te.placeholder((batch, channels, height, width), "int8" if signed else "uint8", name="x")
-    fill_word = tirx.const(fill * 0x01010101, "uint32")
-
-    def element(b, g, h, q, v):
-        row, col = h - top, v * stride + q - left
-        inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
-        return tirx.if_then_else(inside, _word(x, b, g, row, col, signed, fill), fill_word)
-
-    out = te.compute((batch, blocks, out_h, stride, out_w), element, name="out")
-    sch = Schedule(te.create_prim_func([x, out]))
-    b, g, h, _, _ = sch.get_loops(sch.get_sblock("out"))
-    sch.parallel(sch.fuse(b, g))
-    vectorize_interior(sch, h, (top, left), (height, width), stride, out_w)
-    return opaque(sch)
+    return padded_phases(x, padded(channels, GROUP) // GROUP, pads, stride,
+                         lambda b, g, row, col: _word(x, b, g, row, col, signed, fill),
+                         tirx.const(fill * 0x01010101, "uint32"))
