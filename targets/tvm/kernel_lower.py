@@ -1,5 +1,6 @@
-"""Convolutions and linears lowered onto the hand-scheduled CPU kernels: integer ones onto the
-VNNI kernels of ``x86_int8``, float ones onto ``cpu_float``.
+"""Convolutions, linears and max pooling lowered onto the hand-scheduled CPU kernels: integer
+ones onto the VNNI kernels of ``x86_int8``, float ones onto ``cpu_float``, pooling onto
+``cpu_pool``; their inputs re-laid out by ``layout`` kernels.
 
 The identity used: with activations ``x`` (zero point ``z``) and weights ``w`` (zero point 0),
 ``sum_k (x - z) * w = sum_k x * w - z * sum_k w``. The second term is a per-output-channel
@@ -7,7 +8,9 @@ constant folded into the int32 bias at compile time, so the product runs on the 
 Signed activations are shifted to unsigned (``x + 128``, ``z + 128``), since VNNI multiplies
 u8 by s8. A convolution is that product over its input padded with ``z`` (contributing
 ``(z - z) * w = 0``): read directly in 4-channel blocks (``conv_direct_u8s8``), or, for output
-rows narrower than 14, through an im2col matrix; depthwise convolutions along output rows.
+rows narrower than 14, flattened across rows (``conv_flat_u8s8``); dilated ones through an
+im2col matrix; depthwise convolutions along output rows (``vpermb`` windows where the CPU has
+AVX-512 VBMI).
 
 When the accumulator's only reader is a ``requantize`` with constant parameters, the kernel
 does it in its epilogue and the ``requantize`` node lowers to that result. Results are
@@ -208,7 +211,7 @@ def _flat_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, sig
     out_channels, _, kh, kw = w.shape
     _, _, oh, ow = node.output.shape
     strides, pads = tuple(node.attrs["strides"]), tuple(node.attrs["pads"])
-    geometry = FlatGeometry.of(height, width, pads, (kh, kw), strides, (oh, ow))
+    geometry = FlatGeometry.of(width, pads, (kh, kw), strides, (oh, ow))
     if geometry.positions // LANES > MAX_ACCUMULATORS:
         return None
     blocks = padded(channels, GROUP) // GROUP
@@ -218,7 +221,7 @@ def _flat_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, sig
     x = low.emit(R.memory.view(words, shape=shape + (GROUP,), dtype="uint8"))
     args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     func = conv_flat_u8s8(batch, blocks, geometry, out_channels, (kh, kw), strides, (oh, ow), requant)
-    row = geometry.planes_hw[1]
+    row = geometry.row
     y = call_kernel(low, func, "vnni_conv2d_flat", [x, low.const(_packed_conv_weight(w, blocks)), *args],
                     (batch, out_channels, oh * row), requant.dtype if requant else "int32")
     y = low.emit(R.reshape(y, (batch, out_channels, oh, row)))

@@ -385,18 +385,17 @@ class FlatGeometry:
     plane ``(i % sh, j % sw)`` at ``p + (i // sh) * row + j // sw``: a constant offset, so that
     16 neighbouring ``p`` read 64 contiguous bytes, across output rows (the ``x >= ow`` positions
     in between are computed and dropped). ``length`` covers the last strip's reads."""
-    planes_hw: tuple[int, int]  # rows and columns of a phase plane; ``row`` is the second
+    row: int  # columns of a phase plane's row
     positions: int  # oh * row, padded to 16
     length: int
 
     @staticmethod
-    def of(height: int, width: int, pads: tuple[int, int, int, int], kernel: tuple[int, int],
-           strides: tuple[int, int], out_hw: tuple[int, int]) -> "FlatGeometry":
-        (top, left, _, _), (kh, kw), (sh, sw), (oh, ow) = pads, kernel, strides, out_hw
-        rows = -(-max(height + top, (oh - 1) * sh + kh) // sh)
+    def of(width: int, pads: tuple[int, int, int, int], kernel: tuple[int, int], strides: tuple[int, int],
+           out_hw: tuple[int, int]) -> "FlatGeometry":
+        (_, left, _, _), (kh, kw), (sh, sw), (oh, ow) = pads, kernel, strides, out_hw
         row = -(-max(width + left, (ow - 1) * sw + kw) // sw)
         positions = padded(oh * row, LANES)
-        return FlatGeometry((rows, row), positions, positions + (kh - 1) // sh * row + (kw - 1) // sw)
+        return FlatGeometry(row, positions, positions + (kh - 1) // sh * row + (kw - 1) // sw)
 
 
 @functools.cache
@@ -406,7 +405,7 @@ def to_blocked_flat(batch: int, channels: int, height: int, width: int, pads: tu
     :func:`to_blocked_phases`) laid out as :class:`FlatGeometry` says; ``fill`` outside the image."""
     from tvm.s_tir import Schedule
 
-    (top, left, _, _), (sh, sw), row = pads, strides, geometry.planes_hw[1]
+    (top, left, _, _), (sh, sw), row = pads, strides, geometry.row
     blocks = padded(channels, GROUP) // GROUP
     x = te.placeholder((batch, channels, height, width), "int8" if signed else "uint8", name="x")
 
@@ -438,7 +437,7 @@ def conv_flat_u8s8(batch: int, channel_blocks: int, geometry: FlatGeometry, out_
 
     register_intrinsics()
     (kh, kw), (sh, sw), (oh, _) = kernel, strides, out_hw
-    row = geometry.planes_hw[1]
+    row = geometry.row
     x = te.placeholder((batch, channel_blocks, sh, sw, geometry.length, GROUP), "uint8", name="X")
     w = te.placeholder((out_channels, channel_blocks, kh, kw, GROUP), "int8", name="W")
     params = int_arith.epilogue_inputs(out_channels, requant)
