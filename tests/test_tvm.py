@@ -170,3 +170,23 @@ def test_requantize_with_runtime_parameters_is_bit_exact():
     inputs = [rng.integers(-40000, 40000, (2, 3, 50)).astype(np.int32), np.full(3, 1 << 30, np.int32),
               np.array([38, 39, 40], np.int32), np.array(100, np.uint8)]
     check(g, inputs)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_softmax_with_masked_scores_matches(op):
+    """Attention-style scores: a wide range, and positions masked with the float32 minimum
+    (``exp`` of them must come out as 0, not as a NaN or a denormal that shifts the sum)."""
+    from qcompiler.ir import Graph
+    from qcompiler.ir.types import TensorType
+
+    g = Graph(op)
+    x = g.add_input("x", TensorType((2, 3, 5, 40), "f32"))
+    g.set_outputs([g.add_node(op, [x], {"axis": -1}).output])
+    scores = np.random.default_rng(0).standard_normal((2, 3, 5, 40)).astype(np.float32) * 30
+    scores[..., 30:] = np.finfo(np.float32).min
+    (got,), (want,) = run_llvm(g, [scores]), g(scores)
+    if op == "softmax":
+        assert rel_err(got, want) < 1e-5 and np.all(got[..., 30:] == 0)
+    else:
+        finite = want > -1e30
+        assert rel_err(got[finite], want[finite]) < 1e-5
