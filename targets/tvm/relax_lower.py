@@ -67,8 +67,8 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
     """The graph as a Relax module with one function, ``main``, taking the graph's inputs.
     ``int8_kernels``: integer convolutions and linears use the x86 VNNI kernels (``"vnni"``, or
     ``"vnni-vbmi"`` where ``vpermb`` exists; ``kernel_lower``) or the CUDA dp4a GEMM (``"dp4a"``,
-    ``cuda_lower``); ``cpu_kernels``: float
-    convolutions and linears use the register-tiled CPU kernels (``kernel_lower``)."""
+    ``cuda_lower``); ``cpu_kernels``: float convolutions and linears and max pooling use the
+    hand-written CPU kernels (``kernel_lower``)."""
     missing = sorted({n.op for n in graph.nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")

@@ -1,5 +1,6 @@
 """Pieces shared by the hand-written kernels: a register tile of accumulators with the epilogue
-applied on the tile, the scheduled function marked opaque for Relax, and im2col indexing."""
+applied on the tile, the row-wise window schedule (pooling, depthwise), the scheduled function
+marked opaque for Relax, and im2col indexing."""
 from __future__ import annotations
 
 from collections.abc import Callable
