@@ -202,6 +202,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         table.add_column("")
         table.add_row("target", report.get("target_spec", report["target"]))
         table.add_row("quantized", "yes" if report["quantized"] else f"no ({report.get('note', '')})")
+        if "int8_kernels" in report and report["quantized"]:
+            table.add_row("int8 kernels", report["int8_kernels"]["kernels"] or "[yellow]generic (slow)[/]")
         table.add_row("ops", f"{report['ops']['integer']} integer of {report['ops']['total']}")
         table.add_row("kept float", str(len(report["kept_float"])))
         size = report["size_bytes"]
@@ -218,6 +220,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         console.print(table)
         for entry in report["kept_float"]:
             console.print(f"kept float: {entry['node']}: {entry['reason']}", highlight=False)
+        if "warning" in report.get("int8_kernels", {}):
+            console.print(f"warning: {report['int8_kernels']['warning']}", highlight=False)
     if failed:
         print(f"qcompiler: gate failed: {', '.join(failed)} (see {out / 'report.json'})", file=sys.stderr)
         return GATE_FAILED

@@ -240,6 +240,20 @@ def _fidelity(reference: Graph, compiled: CompiledModel, batch: Sequence[np.ndar
             "output_max_abs_error": float(max_abs)}
 
 
+def _int8_kernels_report(tvm_target: Any, quantized: bool) -> dict[str, Any]:
+    """Which hand-written int8 kernels the build uses, and a warning where it has none."""
+    from .targets.tvm.build import int8_kernels
+
+    kernels = int8_kernels(tvm_target)
+    entry: dict[str, Any] = {"kernels": kernels}
+    if quantized and kernels is None:
+        entry["warning"] = ("this target has no int8 dot-product instruction qcompiler has kernels for "
+                            "(x86 AVX-512 VNNI, CUDA sm_61+): integer convolutions and linears run on generic "
+                            "integer kernels, exact but much slower (ResNet-18: about 18x); the float build "
+                            "may be faster here")
+    return entry
+
+
 def compile(model: Any, example_inputs: Any = None, calibration: Any = None, target: str = "llvm",
             config: QuantConfig | None = None, pipeline: str | None = None, tune: bool = False,
             tuning_db: str | os.PathLike | None = None, tuning_trials: int = DEFAULT_TUNING_TRIALS,
@@ -314,6 +328,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
 
         tvm_target = make_target(target)
         report["target_spec"] = str(tvm_target)
+        report["int8_kernels"] = _int8_kernels_report(tvm_target, report["quantized"])
         build_started = time.perf_counter()
         with contextlib.ExitStack() as stack:
             temporary = tune and tuning_db is None

@@ -11,6 +11,7 @@ from int8_cases import conv_graph, linear_graph
 from qcompiler.ir import Graph
 from qcompiler.ir.types import TensorType
 from qcompiler.targets.tvm import TVMRunner, build, device_for, make_target, to_relax
+from qcompiler.targets.tvm.build import int8_kernels
 from qcompiler.targets.tvm.x86_int8 import supports_vbmi, supports_vnni
 
 LLVM = make_target("llvm")
@@ -184,6 +185,17 @@ def test_max_pool_kernel_matches(dtype, shape, kernel, stride, pad, ceil):
     np.testing.assert_array_equal(got, want)
 
 
+def test_report_warns_where_the_target_has_no_int8_kernels():
+    """A quantized build for a CPU without VNNI (AVX2 only) is exact but slow: the report says so."""
+    from qcompiler.compiled import _int8_kernels_report
+
+    haswell = make_target("llvm", arch="haswell")
+    assert int8_kernels(haswell) is None
+    assert "generic integer kernels" in _int8_kernels_report(haswell, quantized=True)["warning"]
+    assert "warning" not in _int8_kernels_report(haswell, quantized=False)
+    assert _int8_kernels_report(make_target("cuda", "sm_80"), quantized=True) == {"kernels": "dp4a"}
+
+
 def test_profile_times_every_kernel_of_a_build(digits, tmp_path):
     """``CompiledModel.profile``: the kernels a run calls, each timed, for a build and its reload."""
     import torch
@@ -192,6 +204,7 @@ def test_profile_times_every_kernel_of_a_build(digits, tmp_path):
 
     model, (x_train, _, x_test, _) = digits
     compiled = qcompiler.compile(model, (torch.from_numpy(x_test[:8]),), calibration=[x_train[:8]])
+    assert compiled.report()["int8_kernels"] == {"kernels": int8_kernels(LLVM)}
     kernels = compiled.profile(x_test[:8])
     assert kernels and all(k["ms"] > 0 and k["calls"] >= 1 for k in kernels)
     assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
