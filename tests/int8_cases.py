@@ -54,3 +54,18 @@ def linear_graph(x_shape, out_features, x_dtype, requant, seed=0, weight_range=1
     k = x_shape[-1] * (weight_range / 74) ** 2  # the accumulators' spread, in the units _requantize expects
     g.set_outputs([requantize(g, acc, out_features, True, "i8", rng, k, lo=-100, hi=127) if requant else acc])
     return g, [rng.integers(info.min, int(info.max) + 1, x_shape).astype(info.dtype)]
+
+
+def matmul_graph(batch_dims, m, k, n, a_dtype, b_dtype, requant, seed=0):
+    """``matmul_int`` of two runtime operands (attention's QK^T and AV), zero points per tensor."""
+    rng = np.random.default_rng(seed)
+    g = Graph("matmul")
+    inputs, operands = [], []
+    for name, shape, dtype in (("a", (*batch_dims, m, k), a_dtype), ("b", (*batch_dims, k, n), b_dtype)):
+        info = np.iinfo(np.uint8 if dtype == "u8" else np.int8)
+        operands += [g.add_input(name, TensorType(shape, dtype)),
+                     g.add_constant(f"{name}z", np.array(rng.integers(info.min, info.max), info.dtype))]
+        inputs.append(rng.integers(info.min, int(info.max) + 1, shape).astype(info.dtype))
+    acc = g.add_node("matmul_int", operands).output
+    g.set_outputs([requantize(g, acc, n, False, "u8", rng, k) if requant else acc])
+    return g, inputs

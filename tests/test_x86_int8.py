@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from int8_cases import conv_graph, linear_graph
+from int8_cases import conv_graph, linear_graph, matmul_graph
 
 from qcompiler.ir import Graph
 from qcompiler.ir.types import TensorType
@@ -95,6 +95,21 @@ def test_depthwise_kernel_is_bit_exact(cpu, kernel, strides, dtype, per_channel,
 def test_dense_kernel_is_bit_exact(x_shape, features, dtype, requant):
     graph, inputs = linear_graph(x_shape, features, dtype, requant)
     assert "vnni_dense" in _kernels(graph)
+    _bit_exact(graph, inputs)
+
+
+@needs_vnni
+@pytest.mark.parametrize("batch_dims,m,k,n,a_dtype,b_dtype,requant,seed", [
+    ((1, 12), 128, 32, 128, "u8", "u8", True, 0),  # MiniLM's QK^T
+    ((1, 12), 128, 128, 32, "u8", "u8", True, 0),  # and AV
+    ((2, 3), 7, 30, 20, "i8", "u8", False, 0),  # K not a multiple of 4, N of 16; int32 result
+    ((5,), 9, 17, 40, "u8", "i8", True, 1),  # signed right operand (seed 0 saturates every output)
+])
+def test_matmul_of_runtime_operands_is_bit_exact(batch_dims, m, k, n, a_dtype, b_dtype, requant, seed):
+    """Attention products on VNNI: the right operand packed and both zero-point sums taken at
+    run time."""
+    graph, inputs = matmul_graph(batch_dims, m, k, n, a_dtype, b_dtype, requant, seed)
+    assert "vnni_matmul" in _kernels(graph)
     _bit_exact(graph, inputs)
 
 

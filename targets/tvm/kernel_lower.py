@@ -28,9 +28,9 @@ from qcompiler.ir.types import DTYPES
 from . import cpu_float, cpu_pool, layout
 from .int_arith import Requantize
 from .tiling import LANES, MAX_ACCUMULATORS, padded
-from .x86_int8 import (GROUP, MAX_SLIDING_STRIDE, FlatGeometry, as_unsigned, conv_direct_u8s8, conv_flat_u8s8,
-                       conv_u8s8, dense_u8s8, depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_weight,
-                       pack_sliding_weight, to_blocked_flat, to_blocked_phases, window_load)
+from .x86_int8 import (GROUP, MAX_SLIDING_STRIDE, FlatGeometry, as_unsigned, batch_matmul_u8s8, conv_direct_u8s8,
+                       conv_flat_u8s8, conv_u8s8, dense_u8s8, depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed,
+                       pack_dense_weight, pack_sliding_weight, to_blocked_flat, to_blocked_phases, window_load)
 
 if TYPE_CHECKING:
     from .relax_lower import _Lowerer
@@ -136,6 +136,69 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     y = call_kernel(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [flat, weight, *args],
                     (rows, n), requant.dtype if requant else "int32")
     return kernel_result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
+
+
+def matmul_applies(low: "_Lowerer", node: Node) -> bool:
+    """8-bit operands with constant per-tensor zero points, the same batch dimensions."""
+    a, a_zp, b, b_zp = node.inputs
+    return (a.dtype in ("u8", "i8") and b.dtype in ("u8", "i8") and a_zp.is_constant and b_zp.is_constant
+            and a_zp.type.rank == 0 and b_zp.type.rank == 0 and a.type.rank >= 2
+            and tuple(a.shape[:-2]) == tuple(b.shape[:-2]))
+
+
+def matmul(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
+    """``sum_k (a - za)(b - zb)`` of two runtime operands on VNNI. With ``a`` as unsigned bytes
+    ``a'`` (zero point ``za'``) and ``b`` as signed ``b'`` (``b - 128`` when unsigned; ``zb'``):
+    ``sum a'b' - za' sum_k b' - zb' sum_k a' + K za' zb'``. ``b'`` is packed per batch item
+    and its column sums taken at run time (one kernel, fused with ``b``'s producer by Relax),
+    as are the row sums of ``a'``; the product kernel adds both in its epilogue."""
+    a, b = node.inputs[0], node.inputs[2]
+    *batch_dims, m, k = a.shape
+    n = b.shape[-1]
+    batch = int(np.prod(batch_dims, dtype=np.int64))
+    za, a_signed = _activation_zero_point(low, node)
+    b_unsigned = b.dtype == "u8"
+    zb = int(low.array(node.inputs[3])) - (128 if b_unsigned else 0)
+    n_padded, k_padded = padded(n, 2 * LANES if n > LANES else LANES), padded(k, GROUP)
+
+    def a_bytes(t: te.Tensor) -> te.Tensor:  # [batch * m, K'] uint8, zero past K (B is zero there)
+        return te.compute((batch * m, k_padded), lambda i, j: tirx.if_then_else(
+            j < k, as_unsigned(t[i, tirx.min(j, k - 1)], a_signed), tirx.const(0, "uint8")), name="a_u8")
+
+    def b_signed(t: te.Tensor, kk, j) -> tirx.PrimExpr:
+        return t[kk, j].astype("int32") - (128 if b_unsigned else 0)
+
+    def b_packed(t: te.Tensor) -> te.Tensor:  # [batch, N'/16, K'/4, 16, 4] int8
+        def element(bi, jb, kb, ji, ki):
+            kk, j = kb * GROUP + ki, jb * LANES + ji
+            inside = tirx.all(kk < k, j < n)
+            return tirx.if_then_else(inside, b_signed(t[bi], tirx.min(kk, k - 1), tirx.min(j, n - 1)),
+                                     0).astype("int8")
+        return te.compute((batch, n_padded // LANES, k_padded // GROUP, LANES, GROUP), element, name="b_s8")
+
+    def column_term(t: te.Tensor) -> te.Tensor:  # -za' sum_k b' + K za' zb'
+        r = te.reduce_axis((0, k), name="k")
+        sums = te.compute((batch, n_padded), lambda bi, j: te.sum(
+            b_signed(t[bi], r, tirx.min(j, n - 1)), axis=r), name="col_sum")
+        return te.compute((batch, n_padded), lambda bi, j: tirx.if_then_else(
+            j < n, sums[bi, j] * (-za) + k * za * zb, 0), name="col")
+
+    def row_term(t: te.Tensor) -> te.Tensor:  # -zb' sum_k a'
+        r = te.reduce_axis((0, k), name="k")
+        sums = te.compute((batch * m,), lambda i: te.sum(as_unsigned(t[i, r], a_signed).astype("int32"), axis=r),
+                          name="row_sum")
+        return te.compute((batch * m,), lambda i: sums[i] * (-zb), name="row")
+
+    a_rows = low.emit(R.reshape(xs[0], (batch * m, k)))
+    b_items = low.emit(R.reshape(xs[2], (batch, k, n)))
+    operands = [low.bb.emit_te(a_bytes, a_rows, primfunc_name_hint="a_u8"),
+                low.bb.emit_te(b_packed, b_items, primfunc_name_hint="b_s8"),
+                low.bb.emit_te(column_term, b_items, primfunc_name_hint="col_term"),
+                low.bb.emit_te(row_term, a_rows, primfunc_name_hint="row_term")]
+    args, requant, req = epilogue_args(low, node, np.zeros(n, np.int32), n, n_padded, -1)
+    y = call_kernel(low, batch_matmul_u8s8(batch, m, n, n_padded, k_padded, requant), "vnni_matmul",
+                    [*operands, *args], (batch * m, n), requant.dtype if requant else "int32")
+    return kernel_result(low, low.emit(R.reshape(y, tuple(node.output.shape))), req)
 
 
 def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:

@@ -543,6 +543,8 @@ def _linear_int(low, node, xs):
 
 @lowers("matmul_int")
 def _matmul_int(low, node, xs):
+    if low.int8_kernels is kernel_lower and kernel_lower.matmul_applies(low, node):
+        return kernel_lower.matmul(low, node, xs)
     a = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
     b = _centered(low, xs[2], node.inputs[3], node.inputs[2].type.rank, -1)
     return low.emit(R.matmul(a, b, out_dtype="int32"))

@@ -128,8 +128,6 @@ def pack_dense_weight(w: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray
 def dense_u8s8(m: int, n: int, n_padded: int, k_padded: int, requant: Requantize | None) -> tvm.tirx.PrimFunc:
     """``out[m, n] = epilogue(A[m, k] (u8) . W[n, k] (s8))``, ``W`` packed by
     :func:`pack_dense_weight`; arguments ``A, W, bias[, multiplier, shift], out``."""
-    from tvm.s_tir import Schedule
-
     register_intrinsics()
     a = te.placeholder((m, k_padded), "uint8", name="A")
     w = te.placeholder((n_padded // LANES, k_padded // GROUP, LANES, GROUP), "int8", name="W")
@@ -139,11 +137,42 @@ def dense_u8s8(m: int, n: int, n_padded: int, k_padded: int, requant: Requantize
         a[i, r].astype("int32") * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("int32"), axis=r), name="C")
     out = te.compute((m, n), lambda i, j: int_arith.epilogue(c[i, j], j, params, requant),
                      name="out")
-    sch = Schedule(te.create_prim_func([a, w, *params, out]))
-    block, epilogue, k_outer, lanes = tile_dense(sch, m, n_padded, GROUP)
+    return _scheduled_dense(te.create_prim_func([a, w, *params, out]), m, n_padded)
+
+
+def _scheduled_dense(func: tvm.tirx.PrimFunc, rows: int, n_padded: int) -> tvm.tirx.PrimFunc:
+    """A dense product ``C`` over loops ``[i, j, k]`` (``j`` the lanes, weights packed
+    ``[N/16, K/4, 16, 4]``) with its epilogue ``out``, register-tiled and on ``vpdpbusd``."""
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(func)
+    block, epilogue, k_outer, lanes = tile_dense(sch, rows, n_padded, GROUP)
     sch.decompose_reduction(block, k_outer)
     sch.tensorize(lanes, LANES_ARE_COLUMNS)
     return finalize(sch, epilogue)
+
+
+@functools.cache
+def batch_matmul_u8s8(batch: int, m: int, n: int, n_padded: int, k_padded: int,
+                      requant: Requantize | None) -> tvm.tirx.PrimFunc:
+    """Products of runtime operands: ``out[b*m + i, j] = epilogue(sum_k A[b*m + i, k] (u8) *
+    B[b, k, j] (s8) + col[b, j] + row[b*m + i])`` with ``B`` packed per batch item like
+    :func:`pack_dense_weight` (``[batch, N/16, K/4, 16, 4]``) and ``col``, ``row`` the
+    zero-point corrections computed at run time; arguments ``A, B, col, row, bias[, multiplier,
+    shift], out``."""
+    register_intrinsics()
+    a = te.placeholder((batch * m, k_padded), "uint8", name="A")
+    w = te.placeholder((batch, n_padded // LANES, k_padded // GROUP, LANES, GROUP), "int8", name="B")
+    col, row = te.placeholder((batch, n_padded), "int32", name="col"), te.placeholder((batch * m,), "int32", name="row")
+    params = int_arith.epilogue_inputs(n_padded, requant)
+    r = te.reduce_axis((0, k_padded), name="k")
+    c = te.compute((batch * m, n_padded), lambda i, j: te.sum(
+        a[i, r].astype("int32") * w[i // m, j // LANES, r // GROUP, j % LANES, r % GROUP].astype("int32"), axis=r),
+        name="C")
+    out = te.compute((batch * m, n), lambda i, j: int_arith.epilogue(
+        int_arith.wrapping_add(int_arith.wrapping_add(c[i, j], col[i // m, j]), row[i]), j, params, requant),
+        name="out")
+    return _scheduled_dense(te.create_prim_func([a, w, col, row, *params, out]), batch * m, n_padded)
 
 
 @functools.cache
