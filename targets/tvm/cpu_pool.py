@@ -12,8 +12,10 @@ from .tiling import padded, tile_window_rows
 VECTOR_BYTES = 64  # one AVX-512 register
 
 
-def lanes(dtype: str) -> int:
-    return VECTOR_BYTES // np.dtype(dtype).itemsize
+def lanes(dtype: str, out_width: int) -> int:
+    """Outputs per vector: a 64-byte register's worth, but no more than the row needs in
+    16-lane steps (rows of 4 uint8 outputs would otherwise compute 64 and pad their input by 98)."""
+    return min(VECTOR_BYTES // np.dtype(dtype).itemsize, padded(out_width, 16))
 
 
 @functools.cache
@@ -27,10 +29,10 @@ def max_pool_rows(batch: int, channels: int, padded_hw: tuple[int, int], kernel:
     from tvm.s_tir import Schedule
 
     (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out_hw
-    ow_padded = padded(ow, lanes(dtype))
+    ow_padded = padded(ow, lanes(dtype, ow))
     x = te.placeholder((batch, channels, padded_hw[0], sw, padded_hw[1] // sw), dtype, name="X")
     i, j = te.reduce_axis((0, kh), name="i"), te.reduce_axis((0, kw), name="j")
     c = te.compute((batch, channels, oh, ow_padded), lambda b, ch, y, v: te.max(
         x[b, ch, y * sh + i, j % sw, v + j // sw], axis=[i, j]), name="C")
     out = te.compute((batch, channels, oh, ow), lambda b, ch, y, v: c[b, ch, y, v], name="out")
-    return tile_window_rows(Schedule(te.create_prim_func([x, out])), lanes(dtype))
+    return tile_window_rows(Schedule(te.create_prim_func([x, out])), lanes(dtype, ow))

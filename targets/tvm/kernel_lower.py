@@ -350,7 +350,7 @@ def max_pool(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
     kernel, strides = tuple(node.attrs["kernel"]), tuple(node.attrs["strides"])
     dtype = np.dtype(DTYPES[node.inputs[0].dtype])
     lowest = float("-inf") if dtype.kind == "f" else int(np.iinfo(dtype).min)
-    strip_end = padded(ow, cpu_pool.lanes(dtype.name))  # its strips are wider than 16 for bytes
+    strip_end = padded(ow, cpu_pool.lanes(dtype.name, ow))  # its strips can be wider than 16 for bytes
     reach = (strip_end - padded(ow, LANES)) * strides[1] + kernel[1]
     x, padded_hw = _phase_split(low, xs[0], node, kernel, reach, lowest)
     func = cpu_pool.max_pool_rows(batch, channels, padded_hw, kernel, strides, (oh, ow), dtype.name)

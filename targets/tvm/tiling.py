@@ -108,17 +108,24 @@ def im2col_element(x: te.Tensor, b, p, col, kernel: tuple[int, int], strides: tu
     return tirx.if_then_else(inside, convert(x[b, c, h, v]), fill)
 
 
+WINDOW_ACCUMULATORS = 8  # vectors of outputs a window-row tile keeps in registers
+
+
 def tile_window_rows(sch, lanes: int) -> tvm.tirx.PrimFunc:
     """Schedule a window reduction ``C`` over loops ``[b, c, y, v, i, j]`` (one output channel
-    and row per tile, the row in strips of ``lanes``, the window's ``i, j`` outside the strips so
-    that each strip stays in a register) with its epilogue ``out``; the scheduled function."""
+    per tile, its rows in strips of ``lanes``, the window's ``i, j`` outside the strips so that
+    each strip stays in a register; narrow rows several to a tile, so that a tile's fixed costs
+    weigh less) with its epilogue ``out``; the scheduled function."""
     block = sch.get_sblock("C")
     b, ch, y, v, ri, rj = sch.get_loops(block)
+    height, width = (sch.get(loop).extent.value for loop in (y, v))
+    rows = max(r for r in range(1, height + 1) if height % r == 0 and r * (width // lanes) <= WINDOW_ACCUMULATORS)
+    y_outer, y_inner = sch.split(y, [None, rows])
     strips, vector = sch.split(v, [None, lanes])
-    sch.reorder(b, ch, y, ri, rj, strips, vector)
-    tile = sch.fuse(b, ch, y)
+    sch.reorder(b, ch, y_outer, ri, rj, y_inner, strips, vector)
+    tile = sch.fuse(b, ch, y_outer)
     sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (ri, rj))
+    epilogue = accumulate_in_registers(sch, block, tile, (ri, rj, y_inner))
     sch.vectorize(vector)
     sch.decompose_reduction(block, ri)
     return finalize(sch, epilogue)
