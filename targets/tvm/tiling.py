@@ -111,21 +111,27 @@ def im2col_element(x: te.Tensor, b, p, col, kernel: tuple[int, int], strides: tu
 WINDOW_ACCUMULATORS = 8  # vectors of outputs a window-row tile keeps in registers
 
 
-def tile_window_rows(sch, lanes: int) -> tvm.tirx.PrimFunc:
-    """Schedule a window reduction ``C`` over loops ``[b, c, y, v, i, j]`` (one output channel
-    per tile, its rows in strips of ``lanes``, the window's ``i, j`` outside the strips so that
-    each strip stays in a register; narrow rows several to a tile, so that a tile's fixed costs
-    weigh less) with its epilogue ``out``; the scheduled function."""
+def tile_window_rows(sch, lanes: int, intrinsic: str | None = None) -> tvm.tirx.PrimFunc:
+    """Schedule a window reduction ``C`` over loops ``[b, c, y, v, *reductions]`` (one output
+    channel per tile, its rows in strips of ``lanes``, the window's reductions outside the strips
+    so that each strip stays in a register; narrow rows several to a tile, so that a tile's fixed
+    costs weigh less) with its epilogue ``out``; the scheduled function. The strips are
+    vectorized, or, with ``intrinsic``, tensorized together with the last reduction."""
     block = sch.get_sblock("C")
-    b, ch, y, v, ri, rj = sch.get_loops(block)
+    b, ch, y, v, *reductions = sch.get_loops(block)
+    outside, inside = (reductions[:-1], reductions[-1:]) if intrinsic else (reductions, [])
     height, width = (sch.get(loop).extent.value for loop in (y, v))
     rows = max(r for r in range(1, height + 1) if height % r == 0 and r * (width // lanes) <= WINDOW_ACCUMULATORS)
     y_outer, y_inner = sch.split(y, [None, rows])
     strips, vector = sch.split(v, [None, lanes])
-    sch.reorder(b, ch, y_outer, ri, rj, y_inner, strips, vector)
+    sch.reorder(b, ch, y_outer, *outside, y_inner, strips, vector, *inside)
     tile = sch.fuse(b, ch, y_outer)
     sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (ri, rj, y_inner))
-    sch.vectorize(vector)
-    sch.decompose_reduction(block, ri)
+    epilogue = accumulate_in_registers(sch, block, tile, (*outside, y_inner, strips))
+    if intrinsic:  # the intrinsic's body has no init: decompose first
+        sch.decompose_reduction(block, outside[0])
+        sch.tensorize(vector, intrinsic)
+    else:  # a vector loop must be vectorized while the block is still a whole reduction
+        sch.vectorize(vector)
+        sch.decompose_reduction(block, outside[0])
     return finalize(sch, epilogue)

@@ -40,7 +40,6 @@ GROUP = 4  # bytes summed into each int32 lane
 LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
 LANES_ARE_ROWS = "qcompiler.vnni_16x4.broadcast_s8"  # C[16] += A[16, 4] . B[4] (broadcast)
 MAX_SLIDING_STRIDE = 4  # 16 windows at stride s span 15*s + 4 bytes: one 64-byte register
-DEPTHWISE_ACCUMULATORS = 8  # 16-lane accumulators per tile of the sliding depthwise kernel
 
 
 def supports_vnni(target: Target) -> bool:
@@ -343,20 +342,7 @@ def depthwise_sliding_u8s8(batch: int, channels: int, padded_hw: tuple[int, int]
         name="C")
     out = te.compute((batch, channels, oh, ow),
                      lambda b, ch, y, v: int_arith.epilogue(c[b, ch, y, v], ch, params, requant), name="out")
-    sch = Schedule(te.create_prim_func([x, w, *params, out]))
-    block = sch.get_sblock("C")
-    b, ch, y, v, i, t = sch.get_loops(block)
-    strips, lanes = sch.split(v, [None, LANES])
-    # narrow rows (7 or 14 outputs) are tiled several at a time: a tile's fixed costs weigh less
-    rows = max(r for r in range(1, oh + 1) if oh % r == 0 and r * (ow_padded // LANES) <= DEPTHWISE_ACCUMULATORS)
-    y_outer, y_inner = sch.split(y, [None, rows])
-    sch.reorder(b, ch, y_outer, i, y_inner, strips, lanes, t)
-    tile = sch.fuse(b, ch, y_outer)
-    sch.parallel(tile)
-    epilogue = accumulate_in_registers(sch, block, tile, (i, y_inner, strips))
-    sch.decompose_reduction(block, i)
-    sch.tensorize(lanes, intrinsic)
-    return finalize(sch, epilogue)
+    return tile_window_rows(Schedule(te.create_prim_func([x, w, *params, out])), LANES, intrinsic)
 
 
 @functools.cache
