@@ -18,7 +18,7 @@ from qcompiler.ir import Node
 
 from . import kernel_lower
 from .cuda_int8 import gemm_s8s8, gemm_shape
-from .kernel_lower import call_kernel, epilogue_args, folded_bias, kernel_result
+from .kernel_lower import call_kernel, epilogue_args, folded_bias, kernel_result, result_dtype
 from .tiling import im2col_element
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def _gemm(low: "_Lowerer", node: Node, a: relax.Expr, w2d: np.ndarray, bias: np.
     args, requant, req = epilogue_args(low, node, bias, n, n_padded, channel_axis)
     weight = low.const(_padded_weight(w2d, n_padded, k_padded))
     y = call_kernel(low, gemm_s8s8(rows, n, k, requant), "cuda_int8_gemm", [a, weight, *args], (rows, n),
-                    requant.dtype if requant else "int32")
+                    result_dtype(requant))
     return y, req
 
 

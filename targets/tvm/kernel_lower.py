@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .relax_lower import _Lowerer
 
 R = relax.op
-DIRECT_MIN_WIDTH = 14  # narrower output rows waste most of a 16-lane strip: im2col packs them better
+DIRECT_MIN_WIDTH = 14  # narrower output rows waste most of a 16-lane strip: the flat kernel packs them better
 
 
 def applies(low: "_Lowerer", node: Node) -> bool:
@@ -74,7 +74,7 @@ def _absorbed_requantize(low: "_Lowerer", node: Node, channel_axis: int) -> Node
 
 
 def epilogue_args(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, padded_channels: int,
-                   channel_axis: int) -> tuple[list[relax.Expr], Requantize | None, Node | None]:
+                  channel_axis: int) -> tuple[list[relax.Expr], Requantize | None, Node | None]:
     """Constant kernel arguments (bias, and multiplier and shift when a requantize is absorbed)."""
     def per_channel(values: np.ndarray) -> relax.Expr:
         full = np.zeros(padded_channels, np.int32)
@@ -108,6 +108,26 @@ def call_kernel(low: "_Lowerer", func, name: str, args: list[relax.Expr], shape:
     return low.emit(relax.call_tir(low.bb.add_func(func, name), args, relax.TensorType(shape, dtype)))
 
 
+def result_dtype(requant: Requantize | None) -> str:
+    """What an integer kernel writes: the requantized bytes, or the int32 accumulator."""
+    return requant.dtype if requant else "int32"
+
+
+def _dense_columns(n: int) -> int:
+    """Output columns of a VNNI dense product, padded to its register blocks (1 or 2 x 16 lanes)."""
+    return padded(n, 2 * LANES if n > LANES else LANES)
+
+
+def _unsigned_rows(low: "_Lowerer", rows: relax.Expr, k: int, k_padded: int, signed: bool) -> relax.Expr:
+    """``[M, K]`` activations as VNNI's unsigned operand ``[M, K']`` (int8 shifted by +128),
+    zero past ``K`` (their weights are zero); ``rows`` itself when nothing changes."""
+    if not signed and k_padded == k:
+        return rows
+    return low.bb.emit_te(lambda t: te.compute((t.shape[0], k_padded), lambda i, j: tirx.if_then_else(
+        j < k, as_unsigned(t[i, tirx.min(j, k - 1)], signed), tirx.const(0, "uint8")), name="to_u8"), rows,
+        primfunc_name_hint="to_u8")
+
+
 def kernel_result(low: "_Lowerer", y: relax.Expr, req: Node | None) -> relax.Expr:
     """``y`` stands for the node's accumulator, and for the absorbed requantize's result."""
     if req is not None:
@@ -124,17 +144,12 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
         return None
     n, k = w2d.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    n_padded, k_padded = padded(n, 2 * LANES if n > LANES else LANES), padded(k, GROUP)
-    flat = low.emit(R.reshape(xs[0], (rows, k)))
-    if signed or k_padded != k:
-        flat = low.bb.emit_te(lambda t: te.compute(
-            (rows, k_padded), lambda i, j: tirx.if_then_else(
-                j < k, as_unsigned(t[i, tirx.min(j, k - 1)], signed), tirx.const(zp, "uint8")), name="to_u8"), flat,
-            primfunc_name_hint="to_u8")
+    n_padded, k_padded = _dense_columns(n), padded(k, GROUP)
+    a = _unsigned_rows(low, low.emit(R.reshape(xs[0], (rows, k))), k, k_padded, signed)
     args, requant, req = epilogue_args(low, node, bias, n, n_padded, -1)
     weight = low.const(pack_dense_weight(w2d, n_padded, k_padded))
-    y = call_kernel(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [flat, weight, *args],
-                    (rows, n), requant.dtype if requant else "int32")
+    y = call_kernel(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [a, weight, *args],
+                    (rows, n), result_dtype(requant))
     return kernel_result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
 
 
@@ -159,11 +174,7 @@ def matmul(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
     za, a_signed = _activation_zero_point(low, node)
     b_unsigned = b.dtype == "u8"
     zb = int(low.array(node.inputs[3])) - (128 if b_unsigned else 0)
-    n_padded, k_padded = padded(n, 2 * LANES if n > LANES else LANES), padded(k, GROUP)
-
-    def a_bytes(t: te.Tensor) -> te.Tensor:  # [batch * m, K'] uint8, zero past K (B is zero there)
-        return te.compute((batch * m, k_padded), lambda i, j: tirx.if_then_else(
-            j < k, as_unsigned(t[i, tirx.min(j, k - 1)], a_signed), tirx.const(0, "uint8")), name="a_u8")
+    n_padded, k_padded = _dense_columns(n), padded(k, GROUP)
 
     def b_signed(t: te.Tensor, kk, j) -> tirx.PrimExpr:
         return t[kk, j].astype("int32") - (128 if b_unsigned else 0)
@@ -183,21 +194,19 @@ def matmul(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
         return te.compute((batch, n_padded), lambda bi, j: tirx.if_then_else(
             j < n, sums[bi, j] * (-za) + k * za * zb, 0), name="col")
 
-    def row_term(t: te.Tensor) -> te.Tensor:  # -zb' sum_k a'
+    def row_term(t: te.Tensor) -> te.Tensor:  # -zb' sum_k a' (over a' already unsigned)
         r = te.reduce_axis((0, k), name="k")
-        sums = te.compute((batch * m,), lambda i: te.sum(as_unsigned(t[i, r], a_signed).astype("int32"), axis=r),
-                          name="row_sum")
+        sums = te.compute((batch * m,), lambda i: te.sum(t[i, r].astype("int32"), axis=r), name="row_sum")
         return te.compute((batch * m,), lambda i: sums[i] * (-zb), name="row")
 
-    a_rows = low.emit(R.reshape(xs[0], (batch * m, k)))
+    a_rows = _unsigned_rows(low, low.emit(R.reshape(xs[0], (batch * m, k))), k, k_padded, a_signed)
     b_items = low.emit(R.reshape(xs[2], (batch, k, n)))
-    operands = [low.bb.emit_te(a_bytes, a_rows, primfunc_name_hint="a_u8"),
-                low.bb.emit_te(b_packed, b_items, primfunc_name_hint="b_s8"),
+    operands = [a_rows, low.bb.emit_te(b_packed, b_items, primfunc_name_hint="b_s8"),
                 low.bb.emit_te(column_term, b_items, primfunc_name_hint="col_term"),
                 low.bb.emit_te(row_term, a_rows, primfunc_name_hint="row_term")]
     args, requant, req = epilogue_args(low, node, np.zeros(n, np.int32), n, n_padded, -1)
     y = call_kernel(low, batch_matmul_u8s8(batch, m, n, n_padded, k_padded, requant), "vnni_matmul",
-                    [*operands, *args], (batch * m, n), requant.dtype if requant else "int32")
+                    [*operands, *args], (batch * m, n), result_dtype(requant))
     return kernel_result(low, low.emit(R.reshape(y, tuple(node.output.shape))), req)
 
 
@@ -229,7 +238,7 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     y = call_kernel(low, conv_u8s8(batch, out_channels, oh * ow, k_padded, requant), "vnni_conv2d",
                     [a, low.const(weight), *args], (batch, out_channels, oh * ow),
-                    requant.dtype if requant else "int32")
+                    result_dtype(requant))
     return kernel_result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
 
 
@@ -246,15 +255,20 @@ def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, s
     blocks = padded(channels, GROUP) // GROUP
     padded_h, padded_w = height + top + bottom, width + left + right
     layout = to_blocked_phases(batch, channels, height, width, (top, left, bottom, right), strides[1], zp, signed)
-    phases = (batch, blocks, padded_h, strides[1], padded_w // strides[1])
-    words = call_kernel(low, layout, "vnni_conv2d_input", [xs[0]], phases, "uint32")
-    x = low.emit(R.memory.view(words, shape=phases + (GROUP,), dtype="uint8"))
+    x = _blocked_input(low, layout, xs[0], (batch, blocks, padded_h, strides[1], padded_w // strides[1]))
     args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     func = conv_direct_u8s8(batch, blocks, (padded_h, padded_w), out_channels, (kh, kw), strides, (oh, ow), requant)
     weight = low.const(_packed_conv_weight(w, blocks))
     y = call_kernel(low, func, "vnni_conv2d_direct", [x, weight, *args], (batch, out_channels, oh, ow),
-                    requant.dtype if requant else "int32")
+                    result_dtype(requant))
     return kernel_result(low, y, req)
+
+
+def _blocked_input(low: "_Lowerer", layout, x: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
+    """The layout kernel's uint32 words (4 channel bytes each), viewed as the bytes the
+    convolution kernels read: ``shape + (4,)``."""
+    words = call_kernel(low, layout, "vnni_conv2d_input", [x], shape, "uint32")
+    return low.emit(R.memory.view(words, shape=shape + (GROUP,), dtype="uint8"))
 
 
 def _packed_conv_weight(w: np.ndarray, blocks: int) -> np.ndarray:
@@ -278,15 +292,13 @@ def _flat_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, sig
     if geometry.positions // LANES > MAX_ACCUMULATORS:
         return None
     blocks = padded(channels, GROUP) // GROUP
-    shape = (batch, blocks, *strides, geometry.length)
-    layout_func = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed)
-    words = call_kernel(low, layout_func, "vnni_conv2d_input", [xs[0]], shape, "uint32")
-    x = low.emit(R.memory.view(words, shape=shape + (GROUP,), dtype="uint8"))
+    layout = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed)
+    x = _blocked_input(low, layout, xs[0], (batch, blocks, *strides, geometry.length))
     args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     func = conv_flat_u8s8(batch, blocks, geometry, out_channels, (kh, kw), strides, (oh, ow), requant)
     row = geometry.row
     y = call_kernel(low, func, "vnni_conv2d_flat", [x, low.const(_packed_conv_weight(w, blocks)), *args],
-                    (batch, out_channels, oh * row), requant.dtype if requant else "int32")
+                    (batch, out_channels, oh * row), result_dtype(requant))
     y = low.emit(R.reshape(y, (batch, out_channels, oh, row)))
     return kernel_result(low, low.emit(R.strided_slice(y, axes=[3], begin=[0], end=[ow])), req)
 
@@ -312,7 +324,7 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: 
         func = depthwise_u8s8(batch, channels, padded_hw, (kh, kw), strides, (oh, ow), requant)
         name, weight = "vnni_depthwise", low.const(w3d.astype(np.int16))
     y = call_kernel(low, func, name, [x, weight, *args], (batch, channels, oh, ow),
-                    requant.dtype if requant else "int32")
+                    result_dtype(requant))
     return kernel_result(low, y, req)
 
 
@@ -390,7 +402,7 @@ def float_linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[rel
     w = low.array(node.inputs[1])
     n, k = w.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    n_padded = padded(n, 2 * LANES if n > LANES else LANES)
+    n_padded = _dense_columns(n)
     clamp, rest = _clamp(node)
     y = call_kernel(low, cpu_float.dense_f32(rows, n, n_padded, k, clamp), "cpu_dense_float",
                     [low.emit(R.reshape(xs[0], (rows, k))), low.const(cpu_float.pack_dense_weight(w, n_padded)),
