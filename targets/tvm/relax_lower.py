@@ -38,13 +38,17 @@ def supported_ops() -> set[str]:
 class _Lowerer:
     def __init__(self, graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False):
         self.graph = graph
-        self.int8_kernels = INT8_KERNELS[int8_kernels] if int8_kernels else None
         self.int8_variant = int8_kernels
         self.cpu_kernels = cpu_kernels
         self.bb = relax.BlockBuilder()
         self.users = graph.users()
         # results computed ahead by another node's rule (a requantize done in a kernel's epilogue)
         self.precomputed: dict[int, relax.Expr] = {}
+
+    @property
+    def int8_kernels(self):
+        """The lowering module of the int8 kernels (``kernel_lower`` or ``cuda_lower``), or None."""
+        return INT8_KERNELS[self.int8_variant] if self.int8_variant else None
 
     def emit(self, expr: relax.Expr) -> relax.Expr:
         return self.bb.emit(expr)
