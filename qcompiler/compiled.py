@@ -187,9 +187,14 @@ def load(directory: str | os.PathLike) -> CompiledModel:
     else:
         from .targets.tvm import TVMRunner, device_for
         from .targets.tvm import load as load_library
+        from .targets.tvm.build import missing_cpu_features
 
         if LIBRARY not in files:
             raise ModelLoadError(f"{directory}: the manifest lists no {LIBRARY} for target {target}")
+        missing = missing_cpu_features(report["target_spec"]) if "target_spec" in report else []
+        if missing:
+            raise ModelLoadError(f"{directory}: built for a CPU with {', '.join(missing)}, which this machine (or "
+                                 f"this process) lacks: compile the model again here")
         executable = load_library(directory / LIBRARY)
         runner = TVMRunner(executable, device_for(target), len(graph.outputs))
     return CompiledModel(graph, target, manifest["pipeline"], runner, report, config, executable)

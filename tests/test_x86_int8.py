@@ -12,9 +12,10 @@ from qcompiler.ir import Graph
 from qcompiler.ir.types import TensorType
 from qcompiler.targets.tvm import TVMRunner, build, device_for, make_target, to_relax
 from qcompiler.targets.tvm.build import int8_kernels
+from qcompiler.targets.tvm.x86_amx import without_amx
 from qcompiler.targets.tvm.x86_int8 import supports_vbmi, supports_vnni
 
-LLVM = make_target("llvm")
+LLVM = without_amx(make_target("llvm"))  # these test the VNNI kernels, which AMX would take over from
 VNNI = supports_vnni(LLVM)
 VBMI = supports_vbmi(LLVM)
 needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the generic integer path is used")
@@ -138,11 +139,14 @@ def test_vnni_lowering_only_for_what_it_supports():
     assert _kernels(graph) and not _kernels(graph, vnni=False)  # a CPU without VNNI
 
 
-def test_kernels_schedule_for_a_vnni_cpu_anywhere():
-    """The kernels are built for a named VNNI CPU, so the schedules are checked on any host."""
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "vnni"])
+def test_kernels_schedule_for_a_vnni_cpu_anywhere(amx):
+    """The kernels are built for a named VNNI CPU (with AMX or without), so the schedules are
+    checked on any host."""
     graph, _ = conv_graph((1, 16, 8, 8), 32, (3, 3), (1, 1), (1, 1, 1, 1), 1, "u8", True)
     target = make_target("llvm", arch="sapphirerapids")
-    assert supports_vnni(target)
+    target = target if amx else without_amx(target)
+    assert int8_kernels(target) == ("amx" if amx else "vnni-vbmi")
     assert build(graph, target) is not None
 
 
@@ -219,12 +223,12 @@ def test_profile_times_every_kernel_of_a_build(digits, tmp_path):
 
     model, (x_train, _, x_test, _) = digits
     compiled = qcompiler.compile(model, (torch.from_numpy(x_test[:8]),), calibration=[x_train[:8]])
-    assert compiled.report()["int8_kernels"] == {"kernels": int8_kernels(LLVM)}
+    assert compiled.report()["int8_kernels"] == {"kernels": int8_kernels(make_target("llvm"))}
     kernels = compiled.profile(x_test[:8])
     assert kernels and all(k["ms"] > 0 and k["calls"] >= 1 for k in kernels)
     assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
     if VNNI:
-        assert any(k["kernel"].startswith("vnni_") for k in kernels)
+        assert any(k["kernel"].startswith(("vnni_", "amx_")) for k in kernels)
     compiled.save(tmp_path / "a")
     assert {k["kernel"] for k in qcompiler.load(tmp_path / "a").profile(x_test[:8])} == {k["kernel"] for k in kernels}
     with pytest.raises(qcompiler.QCompilerError, match="profile.. needs a build for the llvm target"):

@@ -7,7 +7,9 @@ GPU (the module keeps CUDA source until it is loaded on one)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -36,6 +38,10 @@ def make_target(kind: str, arch: str | None = None, num_cores: int | None = None
     visible GPU's, else sm_80)."""
     if kind == "llvm":
         spec: dict[str, Any] = {"kind": "llvm", "mcpu": arch or host_cpu()}
+        if arch is None:  # AMX as this process may use it (the CPU name may not say, or say wrongly)
+            from .x86_amx import host_attributes
+
+            spec["mattr"] = host_attributes()
         spec["num-cores"] = num_cores or os.cpu_count() or 1
         return Target(spec)
     if kind == "cuda":
@@ -64,11 +70,14 @@ def _schedule(target: Target) -> tvm.transform.Pass:
 
 
 def int8_kernels(target: Target) -> str | None:
-    """The hand-scheduled int8 kernels ``target`` can run: x86 VNNI (with VBMI or not), CUDA dp4a
-    (sm_61+), or none."""
+    """The hand-scheduled int8 kernels ``target`` can run: x86 AMX (with VNNI and VBMI), VNNI
+    (with VBMI or not), CUDA dp4a (sm_61+), or none."""
     from .cuda_int8 import supports_dp4a
+    from .x86_amx import supports_amx
     from .x86_int8 import supports_vbmi, supports_vnni
 
+    if supports_amx(target):
+        return "amx"
     if supports_vnni(target):
         return "vnni-vbmi" if supports_vbmi(target) else "vnni"
     return "dp4a" if supports_dp4a(target) else None
@@ -76,7 +85,9 @@ def int8_kernels(target: Target) -> str | None:
 
 def lower(graph: Graph, target: Target) -> tvm.IRModule:
     """The graph as a fused Relax module for ``target``, its hand-written kernels scheduled."""
-    mod = to_relax(graph, int8_kernels=int8_kernels(target), cpu_kernels=target.kind.name == "llvm")
+    cpu = target.kind.name == "llvm"
+    cores = int(target.attrs.get("num-cores", 1)) if cpu else 1
+    mod = to_relax(graph, int8_kernels=int8_kernels(target), cpu_kernels=cpu, cores=cores)
     with target:
         mod = tvm.transform.Sequential(FUSE)(mod)
     return _without_schedule_rule_hints(mod)
@@ -136,10 +147,31 @@ def _scheduled(mod: tvm.IRModule) -> set[str]:
             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get("tirx.is_scheduled", False)}
 
 
+# instruction sets the hand-written CPU kernels use: a module built with one runs only where it exists
+KERNEL_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avx512vbmi", "amx-tile", "amx-int8")
+
+
+def missing_cpu_features(target_spec: str) -> list[str]:
+    """The instruction sets an LLVM module built for ``target_spec`` (a target's JSON) uses that
+    this machine, or this process (AMX needs Linux's permission), lacks."""
+    from tvm.target import codegen
+
+    target = Target(json.loads(target_spec))
+    if target.kind.name != "llvm":
+        return []
+    host = make_target("llvm")
+    return [f for f in KERNEL_FEATURES
+            if codegen.target_has_features(f, target) and not codegen.target_has_features(f, host)]
+
+
 class TVMRunner:
     """A built module on a device, called like the graph: numpy in, numpy out."""
 
     def __init__(self, executable: Any, device: Any, num_outputs: int):
+        if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+            from .x86_amx import amx_usable
+
+            amx_usable()  # AMX kernels fault unless the process asked Linux for the tile state first
         with quiet_native_stderr():
             self.vm = relax.VirtualMachine(executable, device)
         self.device = device
@@ -177,9 +209,17 @@ def quiet_native_stderr():
 
 
 def export(executable: Any, path: str | os.PathLike) -> Path:
+    """The shared library at ``path``; on x86-64 Linux it asks for the AMX tile state when loaded
+    (``x86_amx.LIBRARY_CONSTRUCTOR``), so that it runs in a process that only has TVM."""
+    from .x86_amx import LIBRARY_CONSTRUCTOR
+
     path = Path(path)
-    with quiet_native_stderr():
-        executable.export_library(str(path))
+    with tempfile.TemporaryDirectory(prefix="qcompiler-export-") as work, quiet_native_stderr():
+        addons = []
+        if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+            addons.append(str(Path(work) / "request_amx.c"))
+            Path(addons[0]).write_text(LIBRARY_CONSTRUCTOR)
+        executable.export_library(str(path), addons=addons, workspace_dir=work)
     return path
 
 

@@ -43,6 +43,12 @@ def requantize(acc: tirx.PrimExpr, input_zero_point: int, multiplier: tirx.PrimE
                output_zero_point: int | tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
     """clip(round_half_even((acc - zp_in) * multiplier / 2^shift) + zp_out, lo, hi)."""
     v = (acc.astype("int64") - _i64(input_zero_point)) * multiplier.astype("int64")
+    return requantize_product(v, shift, output_zero_point, lo, hi, dtype)
+
+
+def requantize_product(v: tirx.PrimExpr, shift: tirx.PrimExpr, output_zero_point: int | tirx.PrimExpr, lo: int,
+                       hi: int, dtype: str) -> tirx.PrimExpr:
+    """The rest of :func:`requantize` from ``v = (acc - zp_in) * multiplier`` (int64)."""
     zp_out = _i64(output_zero_point) if isinstance(output_zero_point, int) else output_zero_point.astype("int64")
     return saturate(rounding_shift(v, shift.astype("int64")) + zp_out, lo, hi, dtype)
 

@@ -53,7 +53,7 @@ def _is_depthwise(node: Node) -> bool:
     return groups == channels == node.output.shape[1] and tuple(node.attrs["dilations"]) == (1, 1)
 
 
-def _activation_zero_point(low: "_Lowerer", node: Node) -> tuple[int, bool]:
+def activation_zero_point(low: "_Lowerer", node: Node) -> tuple[int, bool]:
     """The zero point in the unsigned domain, and whether activations need the +128 shift."""
     signed = node.inputs[0].dtype == "i8"
     return int(low.array(node.inputs[1])) + (128 if signed else 0), signed
@@ -73,24 +73,32 @@ def _absorbed_requantize(low: "_Lowerer", node: Node, channel_axis: int) -> Node
     return req
 
 
-def epilogue_args(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, padded_channels: int,
-                  channel_axis: int) -> tuple[list[relax.Expr], Requantize | None, Node | None]:
-    """Constant kernel arguments (bias, and multiplier and shift when a requantize is absorbed)."""
-    def per_channel(values: np.ndarray) -> relax.Expr:
+def epilogue_arrays(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, padded_channels: int,
+                    channel_axis: int) -> tuple[list[np.ndarray], Requantize | None, Node | None]:
+    """The epilogue's per-channel int32 parameters (bias, and multiplier and shift when a
+    requantize is absorbed), zero past ``channels``."""
+    def per_channel(values: np.ndarray) -> np.ndarray:
         full = np.zeros(padded_channels, np.int32)
         full[:channels] = np.broadcast_to(values, (channels,))
-        return low.const(full)
+        return full
 
-    args = [per_channel(bias.astype(np.int32))]
+    arrays = [per_channel(bias.astype(np.int32))]
     req = _absorbed_requantize(low, node, channel_axis)
     if req is None:
-        return args, None, None
+        return arrays, None, None
     zp = req.inputs[3]
     info = np.iinfo(DTYPES[zp.dtype])
     requant = Requantize(req.attrs["input_zero_point"], int(low.array(zp)), max(int(info.min), req.attrs["min"]),
                          min(int(info.max), req.attrs["max"]), np.dtype(DTYPES[zp.dtype]).name)
-    args += [per_channel(low.array(req.inputs[1])), per_channel(low.array(req.inputs[2]))]
-    return args, requant, req
+    arrays += [per_channel(low.array(req.inputs[1])), per_channel(low.array(req.inputs[2]))]
+    return arrays, requant, req
+
+
+def epilogue_args(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, padded_channels: int,
+                  channel_axis: int) -> tuple[list[relax.Expr], Requantize | None, Node | None]:
+    """:func:`epilogue_arrays` as constant kernel arguments."""
+    arrays, requant, req = epilogue_arrays(low, node, bias, channels, padded_channels, channel_axis)
+    return [low.const(a) for a in arrays], requant, req
 
 
 def folded_bias(low: "_Lowerer", node: Node, w2d: np.ndarray, zp: int) -> np.ndarray | None:
@@ -118,7 +126,7 @@ def _dense_columns(n: int) -> int:
     return padded(n, 2 * LANES if n > LANES else LANES)
 
 
-def _unsigned_rows(low: "_Lowerer", rows: relax.Expr, k: int, k_padded: int, signed: bool) -> relax.Expr:
+def unsigned_rows(low: "_Lowerer", rows: relax.Expr, k: int, k_padded: int, signed: bool) -> relax.Expr:
     """``[M, K]`` activations as VNNI's unsigned operand ``[M, K']`` (int8 shifted by +128),
     zero past ``K`` (their weights are zero); ``rows`` itself when nothing changes."""
     if not signed and k_padded == k:
@@ -138,14 +146,14 @@ def kernel_result(low: "_Lowerer", y: relax.Expr, req: Node | None) -> relax.Exp
 def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
     x = node.inputs[0]
     w2d = low.array(node.inputs[2])
-    zp, signed = _activation_zero_point(low, node)
+    zp, signed = activation_zero_point(low, node)
     bias = folded_bias(low, node, w2d, zp)
     if bias is None:
         return None
     n, k = w2d.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     n_padded, k_padded = _dense_columns(n), padded(k, GROUP)
-    a = _unsigned_rows(low, low.emit(R.reshape(xs[0], (rows, k))), k, k_padded, signed)
+    a = unsigned_rows(low, low.emit(R.reshape(xs[0], (rows, k))), k, k_padded, signed)
     args, requant, req = epilogue_args(low, node, bias, n, n_padded, -1)
     weight = low.const(pack_dense_weight(w2d, n_padded, k_padded))
     y = call_kernel(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [a, weight, *args],
@@ -171,7 +179,7 @@ def matmul(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
     *batch_dims, m, k = a.shape
     n = b.shape[-1]
     batch = int(np.prod(batch_dims, dtype=np.int64))
-    za, a_signed = _activation_zero_point(low, node)
+    za, a_signed = activation_zero_point(low, node)
     b_unsigned = b.dtype == "u8"
     zb = int(low.array(node.inputs[3])) - (128 if b_unsigned else 0)
     n_padded, k_padded = _dense_columns(n), padded(k, GROUP)
@@ -199,7 +207,7 @@ def matmul(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
         sums = te.compute((batch * m,), lambda i: te.sum(t[i, r].astype("int32"), axis=r), name="row_sum")
         return te.compute((batch * m,), lambda i: sums[i] * (-zb), name="row")
 
-    a_rows = _unsigned_rows(low, low.emit(R.reshape(xs[0], (batch * m, k))), k, k_padded, a_signed)
+    a_rows = unsigned_rows(low, low.emit(R.reshape(xs[0], (batch * m, k))), k, k_padded, a_signed)
     b_items = low.emit(R.reshape(xs[2], (batch, k, n)))
     operands = [a_rows, low.bb.emit_te(b_packed, b_items, primfunc_name_hint="b_s8"),
                 low.bb.emit_te(column_term, b_items, primfunc_name_hint="col_term"),
@@ -214,7 +222,7 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     x, w = node.inputs[0], node.inputs[2]
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = w.shape
-    zp, signed = _activation_zero_point(low, node)
+    zp, signed = activation_zero_point(low, node)
     w2d = low.array(w).reshape(out_channels, -1)
     bias = folded_bias(low, node, w2d, zp)
     if bias is None:
@@ -255,7 +263,7 @@ def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, s
     blocks = padded(channels, GROUP) // GROUP
     padded_h, padded_w = height + top + bottom, width + left + right
     layout = to_blocked_phases(batch, channels, height, width, (top, left, bottom, right), strides[1], zp, signed)
-    x = _blocked_input(low, layout, xs[0], (batch, blocks, padded_h, strides[1], padded_w // strides[1]))
+    x = blocked_input(low, layout, xs[0], (batch, blocks, padded_h, strides[1], padded_w // strides[1]))
     args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     func = conv_direct_u8s8(batch, blocks, (padded_h, padded_w), out_channels, (kh, kw), strides, (oh, ow), requant)
     weight = low.const(_packed_conv_weight(w, blocks))
@@ -264,10 +272,11 @@ def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, s
     return kernel_result(low, y, req)
 
 
-def _blocked_input(low: "_Lowerer", layout, x: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
-    """The layout kernel's uint32 words (4 channel bytes each), viewed as the bytes the
-    convolution kernels read: ``shape + (4,)``."""
-    words = call_kernel(low, layout, "vnni_conv2d_input", [x], shape, "uint32")
+def blocked_input(low: "_Lowerer", layout, x: relax.Expr, shape: tuple[int, ...], words_shape: tuple[int, ...] = (),
+                  name: str = "vnni_conv2d_input") -> relax.Expr:
+    """The layout kernel's uint32 words (4 channel bytes each; ``words_shape``, by default
+    ``shape``), viewed as the bytes the convolution kernels read: ``shape + (4,)``."""
+    words = call_kernel(low, layout, name, [x], words_shape or shape, "uint32")
     return low.emit(R.memory.view(words, shape=shape + (GROUP,), dtype="uint8"))
 
 
@@ -293,7 +302,8 @@ def _flat_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, sig
         return None
     blocks = padded(channels, GROUP) // GROUP
     layout = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed)
-    x = _blocked_input(low, layout, xs[0], (batch, blocks, *strides, geometry.length))
+    x = blocked_input(low, layout, xs[0], (batch, blocks, *strides, geometry.length),
+                      (batch, blocks, *strides, geometry.length // geometry.row, geometry.row))
     args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     func = conv_flat_u8s8(batch, blocks, geometry, out_channels, (kh, kw), strides, (oh, ow), requant)
     row = geometry.row
@@ -309,7 +319,7 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: 
     _, _, oh, ow = node.output.shape
     kh, kw = node.inputs[2].shape[2:]
     strides = tuple(node.attrs["strides"])
-    sliding = low.int8_variant == "vnni-vbmi" and kw <= GROUP and strides[1] <= MAX_SLIDING_STRIDE
+    sliding = low.int8_variant in ("vnni-vbmi", "amx") and kw <= GROUP and strides[1] <= MAX_SLIDING_STRIDE
     if sliding:  # reads unsplit rows; the last strip loads window_load bytes
         reach = max(kw, window_load(strides[1]) - (LANES - 1) * strides[1])
         x, padded_hw = _phase_split(low, xs[0], node, (kh, kw), reach, zp, to_unsigned=True, split=False)

@@ -53,6 +53,37 @@ def padded_phases(x: te.Tensor, channels: int, pads: tuple[int, int, int, int], 
     return opaque(sch)
 
 
+def flat_phases(x: te.Tensor, channels: int, pads: tuple[int, int, int, int], strides: tuple[int, int], rows: int,
+                row: int, value: Callable[..., tirx.PrimExpr], fill: tirx.PrimExpr) -> tvm.tirx.PrimFunc:
+    """The layout kernel ``x [B, ., H, W]`` -> ``[B, channels, sh, sw, rows, row]``: plane ``(qr,
+    qc)`` holds the padded image's ``(r*sh + qr, c*sw + qc)`` at ``(r, c)``, ``value(b, c, row,
+    col)`` inside the image and ``fill`` elsewhere. Each row phase is scheduled as
+    :func:`padded_phases`' rows are, its interior rows found among its own."""
+    from tvm.s_tir import Schedule
+
+    batch, _, height, width = (int(d) for d in x.shape)
+    (top, left, _, _), (sh, sw) = pads, strides
+
+    def element(b, c, qr, qc, r, col):
+        image_row, image_col = r * sh + qr - top, col * sw + qc - left
+        inside = tirx.all(image_row >= 0, image_row < height, image_col >= 0, image_col < width)
+        return tirx.if_then_else(inside, value(b, c, image_row, image_col), fill)
+
+    out = te.compute((batch, channels, sh, sw, rows, row), element, name="out")
+    sch = Schedule(te.create_prim_func([x, out]))
+    b, c, qr, qc, r, _ = sch.get_loops(sch.get_sblock("out"))
+    sch.reorder(qr, r, qc)
+    sch.parallel(sch.fuse(b, c))
+    phases = sch.loop_partition(qr, [1] * (sh - 1) + [None]) if sh > 1 else [qr]
+    for phase, loop in enumerate(phases):
+        first, end = -(-(top - phase) // sh), -(-(top + height - phase) // sh)
+        first, end = max(0, first), min(rows, end)
+        if end > first:
+            rows_loop = sch.get_loops(sch.get_child_blocks(loop)[0])[-3]
+            vectorize_interior(sch, rows_loop, (first, left), (end - first, width), sw, row)
+    return opaque(sch)
+
+
 def vectorize_interior(sch, rows, top_left: tuple[int, int], image_hw: tuple[int, int], stride: int,
                        out_width: int) -> None:
     """For a layout block over ``[..., h, q, v]`` (``rows`` its ``h`` loop) whose image occupies

@@ -18,14 +18,15 @@ from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
-from . import cuda_lower, int_arith, kernel_lower
+from . import amx_lower, cuda_lower, int_arith, kernel_lower
 
 R = relax.op
 TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
 Lowering = Callable[["_Lowerer", Node, list[relax.Expr]], "relax.Expr | list[relax.Expr]"]
 _RULES: dict[str, Lowering] = {}
-# each with applies, conv2d, linear; "vnni-vbmi": VNNI with vpermb (the sliding depthwise kernel)
-INT8_KERNELS = {"vnni": kernel_lower, "vnni-vbmi": kernel_lower, "dp4a": cuda_lower}
+# each with applies, conv2d, linear (the CPU ones matmul too); "vnni-vbmi": VNNI with vpermb (the
+# sliding depthwise kernel); "amx": AMX where it pays, VNNI with vpermb elsewhere
+INT8_KERNELS = {"vnni": kernel_lower, "vnni-vbmi": kernel_lower, "amx": amx_lower, "dp4a": cuda_lower}
 
 
 lowers = registrar(_RULES)
@@ -36,10 +37,11 @@ def supported_ops() -> set[str]:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False):
+    def __init__(self, graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False, cores: int = 1):
         self.graph = graph
         self.int8_variant = int8_kernels
         self.cpu_kernels = cpu_kernels
+        self.cores = cores  # threads the kernels' parallel loops are cut for
         self.bb = relax.BlockBuilder()
         self.users = graph.users()
         # results computed ahead by another node's rule (a requantize done in a kernel's epilogue)
@@ -67,16 +69,18 @@ class _Lowerer:
         return self.graph.constant_array(v)
 
 
-def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False) -> tvm.IRModule:
+def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False,
+             cores: int = 1) -> tvm.IRModule:
     """The graph as a Relax module with one function, ``main``, taking the graph's inputs.
     ``int8_kernels``: integer convolutions and linears use the x86 VNNI kernels (``"vnni"``, or
-    ``"vnni-vbmi"`` where ``vpermb`` exists; ``kernel_lower``) or the CUDA dp4a GEMM (``"dp4a"``,
-    ``cuda_lower``); ``cpu_kernels``: float convolutions and linears and max pooling use the
-    hand-written CPU kernels (``kernel_lower``)."""
+    ``"vnni-vbmi"`` where ``vpermb`` exists; ``kernel_lower``), AMX ones (``"amx"``,
+    ``amx_lower``) or the CUDA dp4a GEMM (``"dp4a"``, ``cuda_lower``); ``cpu_kernels``: float
+    convolutions and linears and max pooling use the hand-written CPU kernels (``kernel_lower``);
+    ``cores``: the threads the target runs."""
     missing = sorted({n.op for n in graph.nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
-    low = _Lowerer(graph, int8_kernels, cpu_kernels)
+    low = _Lowerer(graph, int8_kernels, cpu_kernels, cores)
     params = [relax.Var(v.name, relax.TensorType(v.shape, TVM_DTYPE[v.dtype])) for v in graph.inputs]
     env: dict[int, relax.Expr] = {id(v): p for v, p in zip(graph.inputs, params)}
 
@@ -547,8 +551,9 @@ def _linear_int(low, node, xs):
 
 @lowers("matmul_int")
 def _matmul_int(low, node, xs):
-    if low.int8_kernels is kernel_lower and kernel_lower.matmul_applies(low, node):
-        return kernel_lower.matmul(low, node, xs)
+    kernels = low.int8_kernels
+    if kernels in (kernel_lower, amx_lower) and kernels.matmul_applies(low, node):
+        return kernels.matmul(low, node, xs)
     a = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
     b = _centered(low, xs[2], node.inputs[3], node.inputs[2].type.rank, -1)
     return low.emit(R.matmul(a, b, out_dtype="int32"))

@@ -36,7 +36,12 @@ def finalize(sch, epilogue) -> tvm.tirx.PrimFunc:
 
 def opaque(sch) -> tvm.tirx.PrimFunc:
     """The scheduled function, named by the Relax module, never fused with its neighbours."""
-    func = sch.mod["main"].without_attr("global_symbol")
+    return mark_opaque(sch.mod["main"])
+
+
+def mark_opaque(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """A scheduled (or hand-written) function as :func:`opaque` returns it."""
+    func = func.without_attr("global_symbol")
     return func.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})  # 8: kOpaque
 
 

@@ -32,7 +32,7 @@ from tvm.target import Target
 
 from . import int_arith
 from .int_arith import Requantize, as_unsigned
-from .layout import padded_phases
+from .layout import flat_phases, padded_phases
 from .tiling import (LANES, accumulate_in_registers, finalize, im2col_element, opaque, padded, pick, row_tile,
                      tile_dense, tile_rows, tile_window_rows)
 
@@ -399,7 +399,8 @@ class FlatGeometry:
     ``f = r * row + c``. Output ``(y, x)`` sits at ``p = y * row + x``, and tap ``(i, j)`` reads
     plane ``(i % sh, j % sw)`` at ``p + (i // sh) * row + j // sw``: a constant offset, so that
     16 neighbouring ``p`` read 64 contiguous bytes, across output rows (the ``x >= ow`` positions
-    in between are computed and dropped). ``length`` covers the last strip's reads."""
+    in between are computed and dropped). ``length`` (whole rows of ``row``) covers the last
+    strip's reads."""
     row: int  # columns of a phase plane's row
     positions: int  # oh * row, padded to 16
     length: int
@@ -410,32 +411,20 @@ class FlatGeometry:
         (_, left, _, _), (kh, kw), (sh, sw), (oh, ow) = pads, kernel, strides, out_hw
         row = -(-max(width + left, (ow - 1) * sw + kw) // sw)
         positions = padded(oh * row, LANES)
-        return FlatGeometry(row, positions, positions + (kh - 1) // sh * row + (kw - 1) // sw)
+        return FlatGeometry(row, positions, padded(positions + (kh - 1) // sh * row + (kw - 1) // sw, row))
 
 
 @functools.cache
 def to_blocked_flat(batch: int, channels: int, height: int, width: int, pads: tuple[int, int, int, int],
-                    strides: tuple[int, int], geometry: FlatGeometry, fill: int, signed: bool) -> tvm.tirx.PrimFunc:
-    """``x [B, C, H, W]`` -> ``[B, C'/4, sh, sw, length]`` uint32 words of 4 channel bytes (as in
-    :func:`to_blocked_phases`) laid out as :class:`FlatGeometry` says; ``fill`` outside the image."""
-    from tvm.s_tir import Schedule
-
-    (top, left, _, _), (sh, sw), row = pads, strides, geometry.row
-    blocks = padded(channels, GROUP) // GROUP
+                    strides: tuple[int, int], geometry: FlatGeometry, fill: int, signed: bool,
+                    blocks: int | None = None) -> tvm.tirx.PrimFunc:
+    """``x [B, C, H, W]`` -> ``[B, blocks, sh, sw, length / row, row]`` uint32 words of 4 channel
+    bytes (as in :func:`to_blocked_phases`; ``blocks`` at least ``C/4``, by default just that),
+    the planes of :class:`FlatGeometry`; ``fill`` outside the image."""
     x = te.placeholder((batch, channels, height, width), "int8" if signed else "uint8", name="x")
-
-    def element(b, g, qr, qc, f):
-        r, col = (f // row) * sh + qr - top, (f % row) * sw + qc - left
-        inside = tirx.all(r >= 0, r < height, col >= 0, col < width)
-        return tirx.if_then_else(inside, _word(x, b, g, tirx.max(tirx.min(r, height - 1), 0),
-                                               tirx.max(tirx.min(col, width - 1), 0), signed, fill),
-                                 tirx.const(fill * 0x01010101, "uint32"))
-
-    out = te.compute((batch, blocks, sh, sw, geometry.length), element, name="out")
-    sch = Schedule(te.create_prim_func([x, out]))
-    b, g, *_ = sch.get_loops(sch.get_sblock("out"))
-    sch.parallel(sch.fuse(b, g))
-    return opaque(sch)
+    return flat_phases(x, blocks or padded(channels, GROUP) // GROUP, pads, strides, geometry.length // geometry.row,
+                       geometry.row, lambda b, g, row, col: _word(x, b, g, row, col, signed, fill),
+                       tirx.const(fill * 0x01010101, "uint32"))
 
 
 @functools.cache

@@ -1,0 +1,86 @@
+"""Convolutions and linears lowered onto the AMX kernels of ``x86_amx`` where they pay, onto
+the VNNI kernels of ``kernel_lower`` otherwise (depthwise convolutions, fewer than 16 input
+channels, fewer than 16 output channels (linears: rows) or 32 positions (columns), dilations).
+
+The arithmetic is ``kernel_lower``'s (zero-point term folded into the bias, int8 activations
+shifted to unsigned, requantize absorbed into the epilogue); only the operand layouts differ:
+a convolution reads the flat input of ``x86_int8.to_blocked_flat`` with its channel blocks
+padded to whole tile products, a linear its activations as rows padded the same way."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tvm import relax
+
+from qcompiler.ir import Node
+
+from . import kernel_lower, x86_amx
+from .kernel_lower import (activation_zero_point, applies, blocked_input, call_kernel, epilogue_arrays,
+                           folded_bias, kernel_result, matmul, matmul_applies, result_dtype, unsigned_rows)
+from .x86_int8 import GROUP, FlatGeometry, to_blocked_flat
+
+if TYPE_CHECKING:
+    from .relax_lower import _Lowerer
+
+R = relax.op
+__all__ = ["applies", "conv2d", "linear", "matmul", "matmul_applies"]
+
+
+def _params(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, channel_axis: int):
+    arrays, requant, req = epilogue_arrays(low, node, bias, channels, channels, channel_axis)
+    return low.const(np.stack(arrays)), requant, req
+
+
+def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
+    batch, channels, height, width = node.inputs[0].shape
+    w = low.array(node.inputs[2])
+    out_channels, _, kh, kw = w.shape
+    _, _, oh, ow = node.output.shape
+    strides, pads = tuple(node.attrs["strides"]), tuple(node.attrs["pads"])
+    geometry = FlatGeometry.of(width, pads, (kh, kw), strides, (oh, ow))
+    if (node.attrs["groups"] != 1 or tuple(node.attrs["dilations"]) != (1, 1) or channels < x86_amx.MIN_CHANNELS
+            or out_channels < x86_amx.TILE or oh * geometry.row < x86_amx.BLOCK):
+        return kernel_lower.conv2d(low, node, xs)
+    zp, signed = activation_zero_point(low, node)
+    bias = folded_bias(low, node, w.reshape(out_channels, -1), zp)
+    if bias is None:
+        return kernel_lower.conv2d(low, node, xs)
+    steps, per_step = x86_amx.k_chunks(-(-channels // GROUP))
+    blocks = steps * per_step
+    layout = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed, blocks)
+    size = batch * blocks * strides[0] * strides[1] * geometry.length
+    x = blocked_input(low, layout, xs[0], (size,), (batch, blocks, *strides, geometry.length // geometry.row,
+                                                    geometry.row), "amx_conv2d_input")
+    x = low.emit(R.reshape(x, (size * GROUP,)))
+    params, requant, req = _params(low, node, bias, out_channels, 1)
+    func = x86_amx.conv(batch, blocks, geometry, out_channels, (kh, kw), strides, oh, requant, low.cores)
+    weight = low.const(x86_amx.pack_conv_weight(w, blocks))
+    y = call_kernel(low, func, "amx_conv2d", [weight, x, params], (batch, out_channels, oh * geometry.row),
+                    result_dtype(requant))
+    y = low.emit(R.reshape(y, (batch, out_channels, oh, geometry.row)))
+    if geometry.row != ow:
+        y = low.emit(R.strided_slice(y, axes=[3], begin=[0], end=[ow]))
+    return kernel_result(low, y, req)
+
+
+def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
+    x = node.inputs[0]
+    w2d = low.array(node.inputs[2])
+    n, k = w2d.shape
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if rows < x86_amx.TILE or n < x86_amx.BLOCK:
+        return kernel_lower.linear(low, node, xs)
+    zp, signed = activation_zero_point(low, node)
+    bias = folded_bias(low, node, w2d, zp)
+    if bias is None:
+        return None
+    steps, per_step = x86_amx.k_chunks(-(-k // GROUP))
+    k_padded = steps * per_step * GROUP
+    a = unsigned_rows(low, low.emit(R.reshape(xs[0], (rows, k))), k, k_padded, signed)
+    a = low.emit(R.reshape(a, (rows * k_padded,)))
+    params, requant, req = _params(low, node, bias, n, -1)
+    func = x86_amx.dense(rows, n, k_padded // GROUP, requant, low.cores)
+    weight = low.const(x86_amx.pack_dense_weight(w2d, k_padded))
+    y = call_kernel(low, func, "amx_dense", [a, weight, params], (1, rows, n), result_dtype(requant))
+    return kernel_result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
