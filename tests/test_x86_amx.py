@@ -20,6 +20,7 @@ needs_amx = pytest.mark.skipif(not amx_usable(), reason="this CPU (or OS) has no
 
 
 def _kernels(graph: Graph) -> set[str]:
+    """The hand-scheduled kernels the lowering calls."""
     names = {gv.name_hint.rstrip("0123456789") for gv in to_relax(graph, int8_kernels="amx", cores=2).functions}
     return {n for n in names if n.startswith(("amx_", "vnni_"))}
 
@@ -41,13 +42,19 @@ CONVS = [  # x shape, out channels, kernel, strides, pads, x dtype, requantize a
     ((1, 68, 10, 10), 36, (5, 5), (1, 1), (2, 2, 2, 2), "i8", True),  # 17 blocks: 2 steps of 9, one block padded
     ((2, 96, 10, 10), 24, (1, 1), (1, 1), (0, 0, 0, 0), "u8", True),  # 24 outputs: 16-row blocks, overlapping
 ]
+TAP_ROWS = [  # under 16 channels: a kernel row's taps in K
+    ((1, 3, 30, 30), 64, (7, 7), (2, 2), (3, 3, 3, 3), "u8", True),  # ResNet's first layer: 7 rows of 28 bytes
+    ((2, 8, 20, 20), 24, (3, 3), (1, 1), (1, 1, 1, 1), "i8", False),  # 2 blocks x 3 taps, batch 2, int32 result
+    ((1, 3, 33, 33), 32, (3, 3), (2, 2), (1, 0, 0, 1), "u8", True),  # MobileNet's first layer, asymmetric pads
+]
 
 
 @needs_amx
-@pytest.mark.parametrize("x_shape,channels,kernel,strides,pads,dtype,requant", CONVS)
+@pytest.mark.parametrize("x_shape,channels,kernel,strides,pads,dtype,requant", CONVS + TAP_ROWS)
 def test_conv2d_kernel_is_bit_exact(x_shape, channels, kernel, strides, pads, dtype, requant):
     graph, inputs = conv_graph(x_shape, channels, kernel, strides, pads, 1, dtype, requant)
-    assert _kernels(graph) == {"amx_conv2d", "amx_conv2d_input"}
+    tap_rows = {"amx_conv2d_tap_rows"} if x_shape[1] < 16 else set()
+    assert _kernels(graph) == {"amx_conv2d", "amx_conv2d_input"} | tap_rows
     _bit_exact(graph, inputs)
 
 
@@ -66,7 +73,8 @@ def test_dense_kernel_is_bit_exact(x_shape, features, dtype, requant):
 
 @pytest.mark.parametrize("graph_args,kept", [
     (((1, 24, 15, 15), 24, (3, 3), (1, 1), (1, 1, 1, 1), 24, "u8", True), "vnni_depthwise_sliding"),
-    (((1, 8, 30, 30), 64, (3, 3), (1, 1), (1, 1, 1, 1), 1, "u8", True), "vnni_conv2d_direct"),  # 8 channels
+    (((1, 12, 30, 30), 64, (7, 7), (1, 1), (3, 3, 3, 3), 1, "u8", True), "vnni_conv2d_direct"),  # 3 blocks x 7 taps
+    (((1, 32, 20, 20), 64, (3, 3), (1, 1), (2, 2, 2, 2), 1, "u8", True, True, 0, (2, 2)), "vnni_im2col"),  # dilated
     (((1, 64, 30, 30), 8, (1, 1), (1, 1), (0, 0, 0, 0), 1, "u8", True), "vnni_conv2d_direct"),  # 8 outputs
     (((1, 64, 4, 4), 64, (3, 3), (2, 2), (1, 1, 1, 1), 1, "u8", True), "vnni_conv2d_flat"),  # 2 x 3 positions
 ])

@@ -1,11 +1,14 @@
 """Convolutions and linears lowered onto the AMX kernels of ``x86_amx`` where they pay, onto
-the VNNI kernels of ``kernel_lower`` otherwise (depthwise convolutions, fewer than 16 input
-channels, fewer than 16 output channels (linears: rows) or 32 positions (columns), dilations).
+the VNNI kernels of ``kernel_lower`` otherwise (depthwise convolutions, fewer than 16 output
+channels (linears: rows) or 32 positions (columns), dilations, few input channels with wide
+kernels).
 
 The arithmetic is ``kernel_lower``'s (zero-point term folded into the bias, int8 activations
 shifted to unsigned, requantize absorbed into the epilogue); only the operand layouts differ:
 a convolution reads the flat input of ``x86_int8.to_blocked_flat`` with its channel blocks
-padded to whole tile products, a linear its activations as rows padded the same way."""
+padded to whole tile products (with under 16 channels, that input re-laid out once more so
+that a kernel row's taps are one tile product: ``x86_amx.tap_rows``), a linear its activations
+as rows padded the same way."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -39,23 +42,35 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     _, _, oh, ow = node.output.shape
     strides, pads = tuple(node.attrs["strides"]), tuple(node.attrs["pads"])
     geometry = FlatGeometry.of(width, pads, (kh, kw), strides, (oh, ow))
-    if (node.attrs["groups"] != 1 or tuple(node.attrs["dilations"]) != (1, 1) or channels < x86_amx.MIN_CHANNELS
-            or out_channels < x86_amx.TILE or oh * geometry.row < x86_amx.BLOCK):
+    taps = x86_amx.taps_in_k(channels, kw)
+    if (node.attrs["groups"] != 1 or tuple(node.attrs["dilations"]) != (1, 1) or out_channels < x86_amx.TILE
+            or (channels < x86_amx.MIN_CHANNELS and not taps) or oh * (ow if taps else geometry.row) < x86_amx.BLOCK):
         return kernel_lower.conv2d(low, node, xs)
     zp, signed = activation_zero_point(low, node)
     bias = folded_bias(low, node, w.reshape(out_channels, -1), zp)
     if bias is None:
         return kernel_lower.conv2d(low, node, xs)
-    steps, per_step = x86_amx.k_chunks(-(-channels // GROUP))
-    blocks = steps * per_step
+    blocks = -(-channels // GROUP)
+    if not taps:
+        steps, per_step = x86_amx.k_chunks(blocks)
+        blocks = steps * per_step
+    planes = (batch, blocks, *strides, geometry.length // geometry.row, geometry.row)
     layout = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed, blocks)
-    size = batch * blocks * strides[0] * strides[1] * geometry.length
-    x = blocked_input(low, layout, xs[0], (size,), (batch, blocks, *strides, geometry.length // geometry.row,
-                                                    geometry.row), "amx_conv2d_input")
-    x = low.emit(R.reshape(x, (size * GROUP,)))
     params, requant, req = _params(low, node, bias, out_channels, 1)
-    func = x86_amx.conv(batch, blocks, geometry, out_channels, (kh, kw), strides, oh, requant, low.cores)
     weight = low.const(x86_amx.pack_conv_weight(w, blocks))
+    if taps:
+        x = call_kernel(low, layout, "amx_conv2d_input", [xs[0]], planes, "uint32")
+        rows_shape = (batch, kw, blocks, strides[0], oh + (kh - 1) // strides[0], ow)
+        x = call_kernel(low, x86_amx.tap_rows(batch, blocks, geometry, (kh, kw), strides, (oh, ow)),
+                        "amx_conv2d_tap_rows", [x], rows_shape, "uint32")
+        x = low.emit(R.memory.view(x, shape=(int(np.prod(rows_shape)) * GROUP,), dtype="uint8"))
+        func = x86_amx.conv_tap_rows(batch, blocks, out_channels, (kh, kw), strides, (oh, ow), requant, low.cores)
+        y = call_kernel(low, func, "amx_conv2d", [weight, x, params], (batch, out_channels, oh * ow),
+                        result_dtype(requant))
+        return kernel_result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
+    x = blocked_input(low, layout, xs[0], (int(np.prod(planes)),), planes, "amx_conv2d_input")
+    x = low.emit(R.reshape(x, (int(np.prod(planes)) * GROUP,)))
+    func = x86_amx.conv(batch, blocks, geometry, out_channels, (kh, kw), strides, oh, requant, low.cores)
     y = call_kernel(low, func, "amx_conv2d", [weight, x, params], (batch, out_channels, oh * geometry.row),
                     result_dtype(requant))
     y = low.emit(R.reshape(y, (batch, out_channels, oh, geometry.row)))

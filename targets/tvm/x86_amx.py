@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from tvm import tirx
+from tvm import te, tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
@@ -282,3 +282,51 @@ def pack_dense_weight(w: np.ndarray, k_padded: int) -> np.ndarray:
     packed = np.zeros((n, k_padded), np.int8)
     packed[:, :k] = w
     return np.ascontiguousarray(packed.reshape(n, k_padded // GROUP, GROUP).transpose(1, 0, 2)).reshape(-1)
+
+
+def taps_in_k(channels: int, kernel_width: int) -> bool:
+    """Whether a convolution with few channels puts a kernel row's taps in K (:func:`conv_tap_rows`):
+    one tile product per kernel row, of ``kw`` times the 4-channel blocks."""
+    return channels < MIN_CHANNELS and kernel_width * -(-channels // GROUP) <= TILE
+
+
+@functools.cache
+def tap_rows(batch: int, blocks: int, geometry: FlatGeometry, kernel: tuple[int, int], strides: tuple[int, int],
+             out_hw: tuple[int, int]) -> tvm.tirx.PrimFunc:
+    """``x86_int8.to_blocked_flat``'s planes ``[B, blocks, sh, sw, rows', row]`` -> ``[B, kw, blocks,
+    sh, oh + (kh - 1) // sh, ow]`` words: plane ``(j, g, qr)`` holds, at ``(r, x)``, the padded
+    image's ``(r*sh + qr, x*sw + j)`` (column phase ``j % sw`` at ``x + j // sw``). Rows of ``ow``
+    outputs exactly, so that a kernel row's taps are ``kw`` tile rows at one offset."""
+    from tvm.s_tir import Schedule
+
+    (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out_hw
+    planes = te.placeholder((batch, blocks, sh, sw, geometry.length // geometry.row, geometry.row), "uint32", name="x")
+    out = te.compute((batch, kw, blocks, sh, oh + (kh - 1) // sh, ow),
+                     lambda b, j, g, qr, r, x: planes[b, g, qr, j % sw, r, x + j // sw], name="out")
+    sch = Schedule(te.create_prim_func([planes, out]))
+    b, j, g, qr, r, x = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(sch.fuse(b, j, g, qr))
+    sch.vectorize(x)
+    return mark_opaque(sch.mod["main"])
+
+
+@functools.cache
+def conv_tap_rows(batch: int, blocks: int, out_channels: int, kernel: tuple[int, int], strides: tuple[int, int],
+                  out_hw: tuple[int, int], requant: Requantize | None, chunks: int) -> tvm.tirx.PrimFunc:
+    """``out[b, o, y * ow + x] = epilogue(sum_i W[o, i, (j, g, c4)] X[b, (j, g), i % sh, y + i // sh,
+    x][c4])`` over :func:`tap_rows`' input and :func:`pack_conv_weight`'s weights: one tile product
+    of ``kw * blocks`` 4-byte rows per kernel row (ResNet's first 7x7: 28 of 64 bytes, where one
+    per tap would fill 4). The output is NCHW, nothing to drop."""
+    (kh, kw), (sh, _), (oh, ow) = kernel, strides, out_hw
+    groups = kw * blocks
+    kbytes, plane = groups * GROUP, (oh + (kh - 1) // sh) * ow * GROUP
+
+    def a_offset(b, m0, s):
+        return m0 * kh * kbytes + s * kbytes
+
+    def b_offset(b, n0, s):
+        return (b * groups * sh + s % sh) * plane + (n0 + s // sh * ow) * GROUP
+
+    shape = Gemm(batch, out_channels, oh * ow, kh, kbytes, out_channels * kh * kbytes, kh * kbytes, True,
+                 batch * groups * sh * plane, sh * plane, 1, requant, chunks)
+    return gemm(shape, a_offset, b_offset)
