@@ -164,9 +164,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise QCompilerError("a gate (--max-accuracy-drop / --min-sqnr) needs --eval or --calibration data")
     compiled = compile_model(graph, calibration=calibration, target=args.target, config=config,
                              pipeline=args.pipeline, tune=args.tune, tuning_db=args.tuning_db,
-                             tuning_trials=args.tuning_trials, progress=not args.json)
+                             tuning_trials=args.tuning_trials, progress=not args.json, cpu=args.cpu)
     report = compiled.report()
     gate: dict = {}
+    gate_requested = args.max_accuracy_drop is not None or args.min_sqnr is not None
+    if gate_requested and not compiled.runs_here:
+        raise QCompilerError(f"the gates run the build, and this machine cannot "
+                             f"({report.get('note_runs_elsewhere', 'no device for ' + args.target)}): gate it where "
+                             f"it runs, or build without --max-accuracy-drop/--min-sqnr")
     float_run = lambda *xs: graph(*xs)[0]  # noqa: E731  the uncompiled float model is the reference
     if args.eval:
         batches = load_data(args.eval, graph, args.image_mean, args.image_std)
@@ -177,7 +182,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         check_batch = batches[0]
     else:
         check_batch = calibration[0] if calibration else None
-    if check_batch is not None:
+    if check_batch is not None and (compiled.runs_here or gate_requested):
         report["eval_output_sqnr_db"] = _fidelity(graph, compiled, check_batch)["output_sqnr_db"]
     if args.max_accuracy_drop is not None:
         drop = report["accuracy"]["drop_points"]
@@ -313,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help=".npz, or a folder of .npy arrays or images; without it: a float build")
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "reference", "onnx"],
                    help="llvm: this CPU via TVM; cuda; reference: the interpreter; onnx: a QDQ ONNX model")
+    p.add_argument("--cpu", metavar="NAME",
+                   help="build for this CPU (an LLVM name: znver4, icelake-server, ...), not this machine's")
     p.add_argument("--config", help="QuantConfig as JSON (or YAML)")
     p.add_argument("-p", "--pipeline", help="run this pipeline instead of the default quantization flow")
     p.add_argument("--tune", action="store_true",

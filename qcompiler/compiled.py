@@ -87,6 +87,11 @@ class CompiledModel:
     def report(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._report))
 
+    @property
+    def runs_here(self) -> bool:
+        """False for a build this machine cannot run (CUDA without a GPU, another CPU's instructions)."""
+        return not hasattr(self._runner, "unavailable")
+
     def profile(self, *inputs: Any, repeat: int = 5) -> list[dict[str, Any]]:
         """Each kernel of a CPU build timed alone on the arguments it gets when run on
         ``inputs``: ``{"kernel", "calls", "ms"}`` per kernel, longest first."""
@@ -262,9 +267,11 @@ def _int8_kernels_report(tvm_target: Any, quantized: bool) -> dict[str, Any]:
 def compile(model: Any, example_inputs: Any = None, calibration: Any = None, target: str = "llvm",
             config: QuantConfig | None = None, pipeline: str | None = None, tune: bool = False,
             tuning_db: str | os.PathLike | None = None, tuning_trials: int = DEFAULT_TUNING_TRIALS,
-            progress: bool = False) -> CompiledModel:
+            progress: bool = False, cpu: str | None = None) -> CompiledModel:
     """Capture, quantize (when ``calibration`` is given) and build ``model`` for ``target``
-    (``llvm``: this CPU through TVM; ``cuda``; ``reference``: the interpreter).
+    (``llvm``: this CPU through TVM, or the CPU LLVM calls ``cpu``; ``cuda``; ``reference``: the
+    interpreter). A build for another CPU runs here only if this one has every instruction set
+    its kernels use; otherwise it is built, reported and saved, and runs where it is loaded.
 
     ``tune=True`` tunes the kernels the hand-written schedules do not cover with MetaSchedule
     (``tuning_trials`` measured candidates in all) into ``tuning_db`` (a directory; a temporary
@@ -280,6 +287,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         raise QCompilerError(f"tuning applies to TVM targets (llvm, cuda), not '{target}'")
     if tune and target == "cuda":
         raise QCompilerError("tuning for cuda is not supported yet: tune on the CPU target, or build cuda untuned")
+    if cpu is not None and target != "llvm":
+        raise QCompilerError(f"cpu applies to the llvm target, not '{target}'")
     if tune and tuning_trials < 1:
         raise QCompilerError(f"tuning_trials must be at least 1, got {tuning_trials}")
     started = time.perf_counter()
@@ -330,8 +339,9 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         runner = _onnxruntime_runner(executable, compiled_graph)
     else:
         from .targets.tvm import TVMRunner, build, device_for, make_target
+        from .targets.tvm.build import missing_cpu_features
 
-        tvm_target = make_target(target)
+        tvm_target = make_target(target, arch=cpu)
         report["target_spec"] = str(tvm_target)
         report["int8_kernels"] = _int8_kernels_report(tvm_target, report["quantized"])
         build_started = time.perf_counter()
@@ -344,9 +354,13 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
             if temporary:
                 report["tuning"]["database"] = None  # records used for this build only: pass tuning_db to keep them
         report["build_seconds"] = round(time.perf_counter() - build_started, 2)
-        runnable = target == "llvm" or device_for(target).exist  # a CUDA build needs a GPU to run
+        missing = missing_cpu_features(str(tvm_target)) if target == "llvm" else []
+        runnable = (target == "llvm" and not missing) or (target == "cuda" and device_for(target).exist)
+        if missing:
+            report["note_runs_elsewhere"] = f"built for a CPU with {', '.join(missing)}, which this machine lacks"
         runner = TVMRunner(executable, device_for(target), len(compiled_graph.outputs)) if runnable \
-            else _unavailable(target)
+            else _unavailable(f"this machine cannot run the build: {report['note_runs_elsewhere']}" if missing
+                              else f"this machine has no device for target '{target}'")
     compiled = CompiledModel(compiled_graph, target, used, runner, report, config, executable)
     if batches is not None and runnable:
         report["fidelity"] = _fidelity(reference, compiled, batches[0])
@@ -354,8 +368,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     return compiled
 
 
-def _unavailable(target: str):
+def _unavailable(reason: str):
     def runner(arrays):
-        raise QCompilerError(f"this machine has no device for target '{target}'; save() the model and load it "
-                             f"where there is one")
+        raise QCompilerError(f"{reason}: save() the model and load it where it can run")
+    runner.unavailable = reason
     return runner

@@ -236,3 +236,46 @@ def test_cuda_target_builds_and_saves_without_a_gpu(digits, tmp_path):
         assert "fidelity" not in compiled.report()  # nothing ran, so nothing is claimed
         with pytest.raises(QCompilerError, match="no device for target 'cuda'"):
             compiled(x_test[:8])
+
+
+def test_builds_for_another_cpu(digits, tmp_path, monkeypatch):
+    """``cpu=``: the kernels that CPU has (AMX only where it has it); the build runs here when this
+    machine has every instruction it uses, and otherwise is built, saved and reported, not run."""
+    import importlib
+
+    from qcompiler.targets.tvm import make_target
+    from qcompiler.targets.tvm.build import missing_cpu_features
+
+    model, (x_train, _, x_test, _) = digits
+    example, calibration = (torch.from_numpy(x_test[:8]),), [x_train[:8]]
+    compiled = qcompiler.compile(model, example, calibration=calibration, cpu="icelake-server")
+    report = compiled.report()
+    assert '"mcpu":"icelake-server"' in report["target_spec"] and report["int8_kernels"]["kernels"] == "vnni-vbmi"
+    if compiled.runs_here:  # any AVX-512 VNNI machine
+        np.testing.assert_array_equal(compiled(x_test[:8]), compiled.graph(x_test[:8])[0])
+    with pytest.raises(QCompilerError, match="unknown CPU 'pentium9'"):
+        qcompiler.compile(model, example, calibration=calibration, cpu="pentium9")
+    with pytest.raises(QCompilerError, match="cpu applies to the llvm target"):
+        qcompiler.compile(model, example, calibration=calibration, target="reference", cpu="znver4")
+
+    build_module = importlib.import_module("qcompiler.targets.tvm.build")  # the package exports its build()
+    monkeypatch.setattr(build_module, "make_target", lambda kind, arch=None: make_target(kind, arch or "x86-64"))
+    elsewhere = qcompiler.compile(model, example, calibration=calibration, cpu="icelake-server")
+    assert not elsewhere.runs_here and "fidelity" not in elsewhere.report()
+    assert "avx512vnni" in elsewhere.report()["note_runs_elsewhere"]
+    assert "avx512vnni" in missing_cpu_features(elsewhere.report()["target_spec"])
+    with pytest.raises(QCompilerError, match="this machine cannot run the build: built for a CPU with avx2"):
+        elsewhere(x_test[:8])
+    elsewhere.save(tmp_path / "for_icelake")
+    assert (tmp_path / "for_icelake" / "model.so").exists()
+
+
+def test_cli_builds_for_a_named_cpu(digits_files, tmp_path):
+    tmp, onnx_path = digits_files
+    base = ["compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "--json"]
+    built = _cli(*base, "--cpu", "icelake-server", "-o", str(tmp_path / "a"))
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["int8_kernels"]["kernels"] == "vnni-vbmi"
+    bad = _cli(*base, "--cpu", "pentium9", "-o", str(tmp_path / "b"))
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown CPU 'pentium9'" in bad.stderr
+    assert not (tmp_path / "b").exists()

@@ -37,6 +37,11 @@ def make_target(kind: str, arch: str | None = None, num_cores: int | None = None
     """``llvm`` for this machine's CPU, or ``cuda`` (``arch`` like ``sm_80``; default: the
     visible GPU's, else sm_80)."""
     if kind == "llvm":
+        from tvm.target import codegen
+
+        if arch is not None and not codegen.llvm_is_valid_cpu(arch, codegen.llvm_get_system_triple()):
+            raise QCompilerError(f"unknown CPU '{arch}' for LLVM (for example znver4, icelake-server, "
+                                 f"sapphirerapids, haswell)")
         spec: dict[str, Any] = {"kind": "llvm", "mcpu": arch or host_cpu()}
         if arch is None:  # AMX as this process may use it (the CPU name may not say, or say wrongly)
             from .x86_amx import host_attributes

@@ -4,9 +4,9 @@ One ``tdpbusd`` / ``tdpbsud`` multiplies a 16 x 64 byte tile by a 64 x 16 byte t
 16 x 16 int32 tile: 16384 products, where one VNNI instruction does 64. Both kernels here are
 the same GEMM over flat byte buffers: each task keeps a 32 x 32 block of accumulators in four
 tile registers (the other four hold two tiles of each operand; for 16-31 rows, a 16 x 32
-block in two), runs the whole reduction
-there, stores each accumulator tile to a 1 KB scratch and applies the epilogue (bias, exact
-requantization) from it with vector code, 16 outputs at a time.
+block in two), runs the whole reduction there, stores the accumulators to a 4 KB scratch and
+applies the epilogue (bias, exact requantization) from it with vector code, a row of 32 at a
+time (a convolution's row is one output channel: its parameters are loaded once).
 
 - ``A`` (``M x K``): 16 rows of ``kbytes`` bytes, rows ``a_stride`` bytes apart.
 - ``B`` (``K x N``, "VNNI layout"): ``kbytes / 4`` rows of 16 columns x 4 bytes (the bytes of
@@ -20,7 +20,8 @@ weights (signed: ``tdpbsud``), B the input (unsigned). A linear is ``x[m, k] . w
 the activations (unsigned: ``tdpbusd``), B the weights packed as ``[K/4, N, 4]``.
 
 The tile shapes are loaded into the tile configuration (``ldtilecfg``) once per parallel chunk
-of tasks, as it costs a few hundred cycles. A process must ask Linux for the tile state
+of tasks, as it costs a few hundred cycles. (No ``from __future__ import annotations`` here:
+TVMScript reads the kernel's buffer annotations as values.) A process must ask Linux for the tile state
 (``arch_prctl(ARCH_REQ_XCOMP_PERM)``) before its first AMX instruction, else that instruction
 faults: :func:`amx_usable` does, and targets only get AMX where it succeeded."""
 
@@ -44,7 +45,7 @@ from .x86_int8 import GROUP, FlatGeometry, supports_vbmi
 TILE = 16  # rows of a tile, and int32 columns of an accumulator tile
 BLOCK = 2 * TILE  # outputs per task along M and along N
 ROW_BYTES = 64  # bytes of a tile row
-MIN_CHANNELS = 16  # fewer input channels fill under a quarter of each tile product: VNNI does better
+MIN_CHANNELS = 16  # fewer input channels fill under a quarter of a tile product: see taps_in_k
 FEATURES = ("amx-tile", "amx-int8")
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
@@ -205,18 +206,6 @@ def gemm(shape: Gemm, a_offset: Callable, b_offset: Callable) -> tvm.tirx.PrimFu
             T.evaluate(_intrin("tilerelease"))
 
     return mark_opaque(kernel)
-
-
-class _ParamRow:
-    """Row ``i`` of the stacked ``[k, channels]`` parameter buffer, indexed like the per-channel
-    tensors :func:`int_arith.epilogue` takes."""
-
-    def __init__(self, params, i: int):
-        self.params, self.i = params, i
-
-    def __getitem__(self, channel):
-        return self.params[self.i, channel]
-
 
 
 @functools.cache
