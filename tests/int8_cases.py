@@ -24,7 +24,7 @@ def requantize(g: Graph, acc, channels: int, per_channel: bool, out_dtype: str, 
 
 
 def conv_graph(x_shape, out_channels, kernel, strides, pads, groups, x_dtype, requant, per_channel=True, seed=0,
-               dilations=(1, 1)):
+               dilations=(1, 1), with_inputs=True):
     rng = np.random.default_rng(seed)
     g = Graph("conv")
     x = g.add_input("x", TensorType(x_shape, x_dtype))
@@ -37,7 +37,7 @@ def conv_graph(x_shape, out_channels, kernel, strides, pads, groups, x_dtype, re
                                                                "dilations": dilations}).output
     k = int(np.prod(w.shape[1:]))
     g.set_outputs([requantize(g, acc, out_channels, per_channel, "u8", rng, k) if requant else acc])
-    inputs = [rng.integers(info.min, int(info.max) + 1, x_shape).astype(info.dtype)]
+    inputs = [rng.integers(info.min, int(info.max) + 1, x_shape).astype(info.dtype)] if with_inputs else []
     return g, inputs
 
 

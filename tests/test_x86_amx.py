@@ -13,7 +13,8 @@ from int8_cases import conv_graph, linear_graph
 from qcompiler.ir import Graph
 from qcompiler.targets.tvm import TVMRunner, build, device_for, make_target, to_relax
 from qcompiler.targets.tvm.build import int8_kernels, missing_cpu_features
-from qcompiler.targets.tvm.x86_amx import amx_usable, k_chunks, pack_dense_weight, supports_amx, without_amx
+from qcompiler.targets.tvm.x86_amx import (addressable, amx_usable, k_chunks, pack_dense_weight, supports_amx,
+                                           without_amx)
 
 LLVM = make_target("llvm")
 needs_amx = pytest.mark.skipif(not amx_usable(), reason="this CPU (or OS) has no AMX: the VNNI kernels run instead")
@@ -125,3 +126,11 @@ def test_loading_refuses_a_build_for_instructions_this_machine_lacks(digits, tmp
     with pytest.raises(ModelLoadError, match="built for a CPU with avx2.*compile the model again here"):
         qcompiler.load(tmp_path / "a")
     assert missing_cpu_features(str(make_target("cuda", "sm_80"))) == []
+
+
+def test_tensors_beyond_int32_offsets_stay_on_vnni():
+    """The AMX kernels address with int32 offsets: a layer with over 2^31 bytes of input goes
+    to the VNNI kernels (lowered only: nothing that big is built)."""
+    huge, _ = conv_graph((256, 64, 224, 224), 64, (3, 3), (1, 1), (1, 1, 1, 1), 1, "u8", True, with_inputs=False)
+    assert not any(k.startswith("amx_") for k in _kernels(huge))
+    assert addressable(2 ** 31 - 1) and not addressable(1, 2 ** 31)

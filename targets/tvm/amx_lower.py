@@ -55,6 +55,8 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
         steps, per_step = x86_amx.k_chunks(blocks)
         blocks = steps * per_step
     planes = (batch, blocks, *strides, geometry.length // geometry.row, geometry.row)
+    if not x86_amx.addressable(int(np.prod(planes)) * GROUP * kw, batch * out_channels * oh * geometry.row):
+        return kernel_lower.conv2d(low, node, xs)
     layout = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed, blocks)
     params, requant, req = _params(low, node, bias, out_channels, 1)
     weight = low.const(x86_amx.pack_conv_weight(w, blocks))
@@ -84,7 +86,7 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     w2d = low.array(node.inputs[2])
     n, k = w2d.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if rows < x86_amx.TILE or n < x86_amx.BLOCK:
+    if rows < x86_amx.TILE or n < x86_amx.BLOCK or not x86_amx.addressable(rows * (k + 64), rows * n):
         return kernel_lower.linear(low, node, xs)
     zp, signed = activation_zero_point(low, node)
     bias = folded_bias(low, node, w2d, zp)

@@ -97,6 +97,11 @@ def supports_amx(target: Target) -> bool:
     return supports_vbmi(target) and all(codegen.target_has_features(f, target) for f in FEATURES)
 
 
+def addressable(*sizes: int) -> bool:
+    """Whether buffers of these many elements are within the kernels' int32 offsets."""
+    return max(sizes) < 2 ** 31
+
+
 def k_chunks(groups: int) -> tuple[int, int]:
     """(steps, groups per step) to cover ``groups`` 4-byte groups of K with tile products of at
     most 16 groups (64 bytes) each, padding as little as possible."""
@@ -135,6 +140,7 @@ def gemm(shape: Gemm, a_offset: Callable, b_offset: Callable) -> tvm.tirx.PrimFu
     ``[1 or 3, channels]`` (bias[, multiplier, shift]), ``out [batch, m, n]``."""
     g = shape
     assert g.m >= TILE and g.n >= BLOCK, "the GEMM needs 16 rows and 32 columns"
+    assert addressable(g.a_size, g.b_size, g.batch * g.m * g.n), "offsets are int32"
     m_tiles = 2 if g.m >= BLOCK else 1  # accumulator tiles along M: 2 x 2, or 1 x 2 for 16-31 rows
     block_m = m_tiles * TILE
     m_blocks, n_blocks = -(-g.m // block_m), -(-g.n // BLOCK)
