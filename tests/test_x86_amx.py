@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from int8_cases import conv_graph, linear_graph
+from int8_cases import assert_bit_exact, conv_graph, linear_graph
 
 from qcompiler.ir import Graph
-from qcompiler.targets.tvm import TVMRunner, build, device_for, make_target, to_relax
+from qcompiler.targets.tvm import make_target, to_relax
 from qcompiler.targets.tvm.build import int8_kernels, missing_cpu_features
 from qcompiler.targets.tvm.x86_amx import (addressable, amx_usable, k_chunks, pack_dense_weight, supports_amx,
                                            without_amx)
@@ -27,11 +27,7 @@ def _kernels(graph: Graph) -> set[str]:
 
 
 def _bit_exact(graph: Graph, inputs) -> None:
-    got = TVMRunner(build(graph, LLVM), device_for("llvm"), 1)(inputs)[0]
-    want = graph(*inputs)[0]
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert len(np.unique(want)) > min(20, want.size // 4)  # not saturated to a few values
-    np.testing.assert_array_equal(got, want)
+    assert_bit_exact(graph, inputs, LLVM)
 
 
 CONVS = [  # x shape, out channels, kernel, strides, pads, x dtype, requantize absorbed
