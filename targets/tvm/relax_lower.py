@@ -18,7 +18,7 @@ from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
-from . import amx_lower, cuda_lower, int_arith, kernel_lower
+from . import amx_lower, cpu_softmax, cuda_lower, int_arith, kernel_lower
 
 R = relax.op
 TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
@@ -301,13 +301,22 @@ def _matmul(low, node, xs):
 
 @lowers("softmax", "log_softmax")
 def _softmax(low, node, xs):
-    """``e = exp(x - max)``, then ``e / sum(e)`` or ``(x - max) - log(sum(e))``, with TOPI's
+    """On the CPU over the last axis: one hand-written kernel (``cpu_softmax``). Elsewhere
+    ``e = exp(x - max)``, then ``e / sum(e)`` or ``(x - max) - log(sum(e))``, with TOPI's
     polynomial ``fast_exp`` for float32 (``R.nn.softmax``'s exp is a scalar libm call per
     element: 3x slower on attention scores)."""
     axis = node.attrs["axis"]
+    x = node.inputs[0]
     if node.inputs[0].dtype != "f32":
         fn = R.nn.softmax if node.op == "softmax" else R.nn.log_softmax
         return low.emit(fn(xs[0], axis=axis))
+    if low.cpu_kernels and axis % x.type.rank == x.type.rank - 1:
+        length = x.shape[-1]
+        rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+        func = cpu_softmax.softmax_rows(rows, length, node.op == "log_softmax")
+        y = kernel_lower.call_kernel(low, func, "cpu_" + node.op, [low.emit(R.reshape(xs[0], (rows, length)))],
+                                     (rows, length), "float32")
+        return low.emit(R.reshape(y, x.shape))
     shifted = low.emit(R.subtract(xs[0], low.emit(R.max(xs[0], axis=[axis], keepdims=True))))
     e = low.bb.emit_te(topi.fast_exp, shifted)
     total = low.emit(R.sum(e, axis=[axis], keepdims=True))
