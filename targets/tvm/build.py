@@ -130,14 +130,17 @@ def build(graph: Graph, target: Target, tuning_db: str | os.PathLike | None = No
         from . import tuning
 
         database = tuning.open_database(tuning_db)
-        summary = tuning.tune(mod, target, database, Path(tuning_db) / "logs", tune_trials, progress) \
-            if tune_trials > 0 else {}
+        summary = {}
+        if tune_trials > 0:
+            summary = tuning.tune(mod, target, database, Path(tuning_db) / "logs", tune_trials, progress)
+            tuning.compare_with_default(mod, target, database, tuning_db)
         scheduled_before = _scheduled(mod)
-        mod = tuning.apply_database(mod, target, database)
+        mod, set_aside = tuning.apply_database(mod, target, database, tuning_db)
         if report is not None:
             report["tuning"] = {"database": str(tuning_db), "tasks_tuned": summary.get("tasks", 0),
                                 "trials": summary.get("trials", 0),
-                                "kernels_from_database": len(_scheduled(mod) - scheduled_before)}
+                                "kernels_from_database": len(_scheduled(mod) - scheduled_before),
+                                "records_slower_than_default": set_aside}
     with target:
         mod = _schedule(target)(mod)
     try:

@@ -105,12 +105,17 @@ def _parallelize(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
     return _schedule(func, vectorize=False)
 
 
+def default_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
+    """``func`` as :func:`parallelize_cpu` schedules it (unless it is scheduled already)."""
+    return func if func.attrs and func.attrs.get("tirx.is_scheduled", False) else _parallelize(func)
+
+
 @tvm.transform.module_pass(opt_level=0, name="qcompiler.ParallelizeCPU")
 def parallelize_cpu(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     updates = {}
     for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False):
-            updates[gv] = _parallelize(func)
+            updates[gv] = default_schedule(func)
     for gv, func in updates.items():
         mod[gv] = func
     return mod
