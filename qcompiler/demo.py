@@ -76,9 +76,10 @@ def main() -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    kernels = report["int8_kernels"]["kernels"] or "none: generic integer kernels"
     console.print("Size: qcompiler counts weights and quantization constants; ONNX Runtime the .onnx file; "
-                  "PyTorch the state dict. Latency: TVM with qcompiler's hand-written CPU kernels (VNNI int8 "
-                  "where the CPU has it), untuned, on two shared cores; a model this small is mostly "
+                  "PyTorch the state dict. Latency: TVM with qcompiler's hand-written CPU kernels (int8 kernels "
+                  f"for this CPU: {kernels}), untuned, on two shared cores; a model this small is mostly "
                   "launch overhead. See bench/RESULTS.md.", highlight=False)
 
 
