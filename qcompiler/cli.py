@@ -221,6 +221,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             table.add_row("output SQNR", f"{report['eval_output_sqnr_db']:.1f} dB")
         for name, g in gate.items():
             table.add_row(f"gate: {name}", "[green]passed[/]" if g["passed"] else "[red]FAILED[/]")
+        if "note_runs_elsewhere" in report:
+            table.add_row("runs", f"[yellow]not here[/]: {report['note_runs_elsewhere']}")
         table.add_row("compile time", f"{report['compile_seconds']:.1f} s")
         console.print(table)
         for entry in report["kept_float"]:

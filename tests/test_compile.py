@@ -280,3 +280,22 @@ def test_cli_builds_for_a_named_cpu(digits_files, tmp_path):
     bad = _cli(*base, "--cpu", "pentium9", "-o", str(tmp_path / "b"))
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown CPU 'pentium9'" in bad.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_build_for_a_cpu_this_machine_lacks(digits_files, tmp_path, monkeypatch, capsys):
+    """In-process, with this machine made to look like baseline x86-64: the build is saved and
+    the table says it does not run here; a gate, which would have to run it, is a clear error."""
+    import importlib
+
+    from qcompiler.cli import main
+    from qcompiler.targets.tvm import make_target
+
+    build_module = importlib.import_module("qcompiler.targets.tvm.build")
+    monkeypatch.setattr(build_module, "make_target", lambda kind, arch=None: make_target(kind, arch or "x86-64"))
+    tmp, onnx_path = digits_files
+    base = ["compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "--cpu", "icelake-server"]
+    assert main([*base, "-o", str(tmp_path / "a")]) == 0
+    assert "not here" in capsys.readouterr().err and (tmp_path / "a" / "model.so").exists()
+    assert main([*base, "--min-sqnr", "20", "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "the gates run the build, and this machine cannot" in err and not (tmp_path / "b").exists()
