@@ -19,8 +19,8 @@ from tvm import relax
 from qcompiler.ir import Node
 
 from . import kernel_lower, x86_amx
-from .kernel_lower import (activation_zero_point, applies, blocked_input, call_kernel, epilogue_arrays,
-                           folded_bias, kernel_result, matmul, matmul_applies, result_dtype, unsigned_rows)
+from .kernel_lower import (activation_zero_point, applies, call_kernel, epilogue_arrays, folded_bias,
+                           kernel_result, matmul, matmul_applies, result_dtype, unsigned_rows)
 from .x86_int8 import GROUP, FlatGeometry, to_blocked_flat
 
 if TYPE_CHECKING:
@@ -33,6 +33,11 @@ __all__ = ["applies", "conv2d", "linear", "matmul", "matmul_applies"]
 def _params(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, channel_axis: int):
     arrays, requant, req = epilogue_arrays(low, node, bias, channels, channels, channel_axis)
     return low.const(np.stack(arrays)), requant, req
+
+
+def _bytes(low: "_Lowerer", words: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
+    """A layout kernel's uint32 words (``shape``) as the flat bytes the GEMM addresses."""
+    return low.emit(R.memory.view(words, shape=(int(np.prod(shape)) * GROUP,), dtype="uint8"))
 
 
 def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
@@ -60,21 +65,18 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     layout = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed, blocks)
     params, requant, req = _params(low, node, bias, out_channels, 1)
     weight = low.const(x86_amx.pack_conv_weight(w, blocks))
+    words = call_kernel(low, layout, "amx_conv2d_input", [xs[0]], planes, "uint32")
     if taps:
-        x = call_kernel(low, layout, "amx_conv2d_input", [xs[0]], planes, "uint32")
         rows_shape = (batch, kw, blocks, strides[0], oh + (kh - 1) // strides[0], ow)
-        x = call_kernel(low, x86_amx.tap_rows(batch, blocks, geometry, (kh, kw), strides, (oh, ow)),
-                        "amx_conv2d_tap_rows", [x], rows_shape, "uint32")
-        x = low.emit(R.memory.view(x, shape=(int(np.prod(rows_shape)) * GROUP,), dtype="uint8"))
+        words = call_kernel(low, x86_amx.tap_rows(batch, blocks, geometry, (kh, kw), strides, (oh, ow)),
+                            "amx_conv2d_tap_rows", [words], rows_shape, "uint32")
         func = x86_amx.conv_tap_rows(batch, blocks, out_channels, (kh, kw), strides, (oh, ow), requant, low.cores)
-        y = call_kernel(low, func, "amx_conv2d", [weight, x, params], (batch, out_channels, oh * ow),
-                        result_dtype(requant))
+        y = call_kernel(low, func, "amx_conv2d", [weight, _bytes(low, words, rows_shape), params],
+                        (batch, out_channels, oh * ow), result_dtype(requant))
         return kernel_result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
-    x = blocked_input(low, layout, xs[0], (int(np.prod(planes)),), planes, "amx_conv2d_input")
-    x = low.emit(R.reshape(x, (int(np.prod(planes)) * GROUP,)))
     func = x86_amx.conv(batch, blocks, geometry, out_channels, (kh, kw), strides, oh, requant, low.cores)
-    y = call_kernel(low, func, "amx_conv2d", [weight, x, params], (batch, out_channels, oh * geometry.row),
-                    result_dtype(requant))
+    y = call_kernel(low, func, "amx_conv2d", [weight, _bytes(low, words, planes), params],
+                    (batch, out_channels, oh * geometry.row), result_dtype(requant))
     y = low.emit(R.reshape(y, (batch, out_channels, oh, geometry.row)))
     if geometry.row != ow:
         y = low.emit(R.strided_slice(y, axes=[3], begin=[0], end=[ow]))

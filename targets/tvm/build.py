@@ -130,12 +130,10 @@ def build(graph: Graph, target: Target, tuning_db: str | os.PathLike | None = No
         from . import tuning
 
         database = tuning.open_database(tuning_db)
-        summary = {}
-        if tune_trials > 0:
-            summary = tuning.tune(mod, target, database, Path(tuning_db) / "logs", tune_trials, progress)
-            tuning.compare_with_default(mod, target, database, tuning_db)
+        summary = tuning.tune(mod, target, database, Path(tuning_db) / "logs", tune_trials, progress) \
+            if tune_trials > 0 else {}
         scheduled_before = _scheduled(mod)
-        mod, set_aside = tuning.apply_database(mod, target, database, tuning_db)
+        mod, set_aside = tuning.apply_database(mod, target, database, tuning_db, decide=tune_trials > 0)
         if report is not None:
             report["tuning"] = {"database": str(tuning_db), "tasks_tuned": summary.get("tasks", 0),
                                 "trials": summary.get("trials", 0),

@@ -92,7 +92,8 @@ def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool, in_registers: bool = F
     return sch.mod["main"]
 
 
-def _parallelize(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
+def default_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
+    """``func`` as :func:`parallelize_cpu` schedules it."""
     try:
         Schedule(func).get_sblock("root")
     except Exception:  # noqa: BLE001  no root block: nothing to schedule
@@ -103,11 +104,6 @@ def _parallelize(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
         except Exception:  # noqa: BLE001  a block this form cannot take: try the simpler one
             pass
     return _schedule(func, vectorize=False)
-
-
-def default_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
-    """``func`` as :func:`parallelize_cpu` schedules it (unless it is scheduled already)."""
-    return func if func.attrs and func.attrs.get("tirx.is_scheduled", False) else _parallelize(func)
 
 
 @tvm.transform.module_pass(opt_level=0, name="qcompiler.ParallelizeCPU")

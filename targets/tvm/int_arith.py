@@ -41,16 +41,13 @@ def saturate(y: tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
 
 def requantize(acc: tirx.PrimExpr, input_zero_point: int, multiplier: tirx.PrimExpr, shift: tirx.PrimExpr,
                output_zero_point: int | tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
-    """clip(round_half_even((acc - zp_in) * multiplier / 2^shift) + zp_out, lo, hi)."""
-    v = (acc.astype("int64") - _i64(input_zero_point)) * multiplier.astype("int64")
-    return requantize_product(v, shift, output_zero_point, lo, hi, dtype)
-
-
-def requantize_product(v: tirx.PrimExpr, shift: tirx.PrimExpr, output_zero_point: int | tirx.PrimExpr, lo: int,
-                       hi: int, dtype: str) -> tirx.PrimExpr:
-    """The rest of :func:`requantize` from ``v = (acc - zp_in) * multiplier`` (int64)."""
+    """clip(round_half_even((acc - zp_in) * multiplier / 2^shift) + zp_out, lo, hi). The product
+    is bound once (a Let): read twice by the rounding as a plain expression, LLVM computed the
+    64-bit multiply twice in vectorized epilogues."""
+    v = tirx.Var("v", "int64")
     zp_out = _i64(output_zero_point) if isinstance(output_zero_point, int) else output_zero_point.astype("int64")
-    return saturate(rounding_shift(v, shift.astype("int64")) + zp_out, lo, hi, dtype)
+    return tirx.Let(v, (acc.astype("int64") - _i64(input_zero_point)) * multiplier.astype("int64"),
+                    saturate(rounding_shift(v, shift.astype("int64")) + zp_out, lo, hi, dtype))
 
 
 @dataclass(frozen=True)
@@ -73,14 +70,18 @@ def wrapping_add(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.reinterpret("int32", total)
 
 
-def epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, params: list[te.Tensor],
+def epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, params: "list[te.Tensor] | tirx.Buffer",
              requant: Requantize | None) -> tirx.PrimExpr:
-    """``acc + bias``, requantized when ``requant``; ``params`` from :func:`epilogue_inputs`."""
-    v = wrapping_add(acc, params[0][channel])
+    """``acc + bias``, requantized when ``requant``; ``params`` from :func:`epilogue_inputs`, or
+    one ``[1 or 3, channels]`` buffer stacking them (a hand-written kernel's single argument)."""
+    def param(i: int) -> tirx.PrimExpr:
+        return params[i][channel] if isinstance(params, (list, tuple)) else params[i, channel]
+
+    v = wrapping_add(acc, param(0))
     if requant is None:
         return v
-    return requantize(v, requant.input_zero_point, params[1][channel], params[2][channel], requant.output_zero_point,
-                      requant.lo, requant.hi, requant.dtype)
+    return requantize(v, requant.input_zero_point, param(1), param(2), requant.output_zero_point, requant.lo,
+                      requant.hi, requant.dtype)
 
 
 def epilogue_inputs(channels: int, requant: Requantize | None) -> list[te.Tensor]:

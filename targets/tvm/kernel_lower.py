@@ -263,7 +263,7 @@ def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, s
     blocks = padded(channels, GROUP) // GROUP
     padded_h, padded_w = height + top + bottom, width + left + right
     layout = to_blocked_phases(batch, channels, height, width, (top, left, bottom, right), strides[1], zp, signed)
-    x = blocked_input(low, layout, xs[0], (batch, blocks, padded_h, strides[1], padded_w // strides[1]))
+    x = _blocked_input(low, layout, xs[0], (batch, blocks, padded_h, strides[1], padded_w // strides[1]))
     args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     func = conv_direct_u8s8(batch, blocks, (padded_h, padded_w), out_channels, (kh, kw), strides, (oh, ow), requant)
     weight = low.const(_packed_conv_weight(w, blocks))
@@ -272,11 +272,11 @@ def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, s
     return kernel_result(low, y, req)
 
 
-def blocked_input(low: "_Lowerer", layout, x: relax.Expr, shape: tuple[int, ...], words_shape: tuple[int, ...] = (),
-                  name: str = "vnni_conv2d_input") -> relax.Expr:
+def _blocked_input(low: "_Lowerer", layout, x: relax.Expr, shape: tuple[int, ...],
+                  words_shape: tuple[int, ...] = ()) -> relax.Expr:
     """The layout kernel's uint32 words (4 channel bytes each; ``words_shape``, by default
     ``shape``), viewed as the bytes the convolution kernels read: ``shape + (4,)``."""
-    words = call_kernel(low, layout, name, [x], words_shape or shape, "uint32")
+    words = call_kernel(low, layout, "vnni_conv2d_input", [x], words_shape or shape, "uint32")
     return low.emit(R.memory.view(words, shape=shape + (GROUP,), dtype="uint8"))
 
 
@@ -302,7 +302,7 @@ def _flat_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, sig
         return None
     blocks = padded(channels, GROUP) // GROUP
     layout = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed)
-    x = blocked_input(low, layout, xs[0], (batch, blocks, *strides, geometry.length),
+    x = _blocked_input(low, layout, xs[0], (batch, blocks, *strides, geometry.length),
                       (batch, blocks, *strides, geometry.length // geometry.row, geometry.row))
     args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
     func = conv_flat_u8s8(batch, blocks, geometry, out_channels, (kh, kw), strides, (oh, ow), requant)

@@ -307,7 +307,7 @@ def _softmax(low, node, xs):
     element: 3x slower on attention scores)."""
     axis = node.attrs["axis"]
     x = node.inputs[0]
-    if node.inputs[0].dtype != "f32":
+    if x.dtype != "f32":
         fn = R.nn.softmax if node.op == "softmax" else R.nn.log_softmax
         return low.emit(fn(xs[0], axis=axis))
     if low.cpu_kernels and axis % x.type.rank == x.type.rank - 1:

@@ -151,52 +151,38 @@ def _progress(show: bool, trials: int, tasks: int):
 DEFAULT_WINS = "qcompiler_default_wins.json"  # beside MetaSchedule's files in the database directory
 
 
-def _records_applied(mod: tvm.IRModule, target: Target, database: Any) -> tuple[tvm.IRModule, list]:
-    """``mod`` with every function ``database`` has a record for replaced by its best schedule,
-    and the (global var, function before) pairs that were replaced."""
+def apply_database(mod: tvm.IRModule, target: Target, database: Any, directory: str | os.PathLike,
+                   decide: bool = False) -> tuple[tvm.IRModule, int]:
+    """``mod`` with the functions ``database`` holds a record for replaced by their best schedule
+    (marked scheduled, so the default schedule leaves them alone), except those whose default
+    schedule is at least as fast; and how many records were set aside for that.
+
+    Which are is decided once, right after tuning (``decide``): on the CPU each kernel with a
+    record not yet decided is timed here against its default schedule (alone, on zero-filled
+    arguments), and the outcome kept in ``directory``'s :data:`DEFAULT_WINS` file. MetaSchedule
+    measures candidates in a worker process, and its best for a small fused kernel can lose to
+    the default in a real run (ResNet-18 with AMX: 2.6 ms untuned, 3.2 ms with every record
+    applied). Later builds read the file, so that a database gives the same build every time."""
     from tvm import relax
+
+    from .cpu_schedule import default_schedule
 
     with target, database:
         tuned = relax.transform.MetaScheduleApplyDatabase()(mod)
     replaced = [(gv, mod[gv]) for gv, func in tuned.functions.items()
                 if isinstance(func, tvm.tirx.PrimFunc) and gv in mod and not mod[gv].same_as(func)
                 and not mod[gv].attrs.get("tirx.is_scheduled", False)]
-    return tuned, replaced
-
-
-def compare_with_default(mod: tvm.IRModule, target: Target, database: Any, directory: str | os.PathLike) -> None:
-    """After tuning: time each kernel with a record against its default schedule (here, alone,
-    on zero-filled arguments) and remember, in ``directory``'s :data:`DEFAULT_WINS` file, the
-    kernels whose default is at least as fast. MetaSchedule measures candidates in a worker
-    process, and its best for a small fused kernel can lose to the default in a real run
-    (ResNet-18 with AMX: 2.6 ms untuned, 3.2 ms with every record applied). Decided once, at
-    tuning time, so that later builds from the database are the same build every time."""
-    if target.kind.name != "llvm":
-        return
-    from .cpu_schedule import default_schedule
-
     path = Path(directory) / DEFAULT_WINS
     decided = json.loads(path.read_text()) if path.exists() else {"default_wins": [], "record_wins": []}
-    known = set(decided["default_wins"]) | set(decided["record_wins"])
-    tuned, replaced = _records_applied(mod, target, database)
-    for gv, before in replaced:
-        key = str(tvm_ffi.structural_hash(before))
-        if key in known:
-            continue
-        wins = _seconds(default_schedule(before), target) <= _seconds(tuned[gv], target)
-        decided["default_wins" if wins else "record_wins"].append(key)
-    path.write_text(json.dumps(decided, indent=1))
-
-
-def apply_database(mod: tvm.IRModule, target: Target, database: Any,
-                   directory: str | os.PathLike) -> tuple[tvm.IRModule, int]:
-    """``mod`` with the functions ``database`` holds a record for replaced by their best
-    schedule (marked scheduled, so the default schedule leaves them alone), except where
-    :func:`compare_with_default` found the default at least as fast; and how many records were
-    set aside for that."""
-    tuned, replaced = _records_applied(mod, target, database)
-    path = Path(directory) / DEFAULT_WINS
-    default_wins = set(json.loads(path.read_text())["default_wins"]) if path.exists() else set()
+    if decide and target.kind.name == "llvm":
+        known = set(decided["default_wins"]) | set(decided["record_wins"])
+        for gv, before in replaced:
+            key = str(tvm_ffi.structural_hash(before))
+            if key not in known:
+                wins = _seconds(default_schedule(before), target) <= _seconds(tuned[gv], target)
+                decided["default_wins" if wins else "record_wins"].append(key)
+        path.write_text(json.dumps(decided, indent=1))
+    default_wins = set(decided["default_wins"])
     set_aside = 0
     for gv, before in replaced:
         if str(tvm_ffi.structural_hash(before)) in default_wins:

@@ -39,7 +39,7 @@ from tvm.target import Target
 
 from . import int_arith
 from .int_arith import Requantize
-from .tiling import mark_opaque
+from .tiling import mark_opaque, opaque
 from .x86_int8 import GROUP, FlatGeometry, supports_vbmi
 
 TILE = 16  # rows of a tile, and int32 columns of an accumulator tile
@@ -161,14 +161,7 @@ def gemm(shape: Gemm, a_offset: Callable, b_offset: Callable) -> tvm.tirx.PrimFu
     config_words = [int(v) for v in config.view(np.uint64)]
 
     def epilogue(acc, m, n, params):
-        channel = m if g.channel_axis == 1 else n
-        if g.requant is None:
-            return int_arith.wrapping_add(acc, params[0, channel])
-        r = g.requant
-        v = tirx.Var("v", "int64")
-        total = int_arith.wrapping_add(acc, params[0, channel]).astype("int64") - tirx.const(r.input_zero_point, "int64")
-        return tirx.Let(v, total * params[1, channel].astype("int64"), int_arith.requantize_product(
-            v, params[2, channel], r.output_zero_point, r.lo, r.hi, r.dtype))
+        return int_arith.epilogue(acc, m if g.channel_axis == 1 else n, params, g.requant)
 
     @T.prim_func(private=True)
     def kernel(A: T.Buffer((g.a_size,), "int8" if g.a_signed else "uint8"),
@@ -302,7 +295,7 @@ def tap_rows(batch: int, blocks: int, geometry: FlatGeometry, kernel: tuple[int,
     b, j, g, qr, r, x = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(sch.fuse(b, j, g, qr))
     sch.vectorize(x)
-    return mark_opaque(sch.mod["main"])
+    return opaque(sch)
 
 
 @functools.cache
