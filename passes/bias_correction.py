@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcompiler.calibration import calibration_set
 from qcompiler.interpreter import run
 from qcompiler.ir import Graph, Node
 from qcompiler.ir.ops import get_op
@@ -19,8 +20,7 @@ from qcompiler.ir.ops.quant import choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantConfig
 
-from .insert_qdq import quantize_weight
-from .range_analysis import calibration_batches
+from .insert_qdq import bias_scale_floor, quantize_weight
 
 CORRECTED = ("conv1d", "conv2d", "conv3d", "linear")
 
@@ -29,6 +29,14 @@ def _fake_quant(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
     scale, zp = choose_qparams(lo, hi, dtype)
     q = get_op("quantize").run([x, np.asarray(scale), np.asarray(zp)], {"axis": 0})[0]
     return get_op("dequantize").run([q, np.asarray(scale), np.asarray(zp)], {"axis": 0})[0]
+
+
+def _quantized_weight(graph: Graph, node: Node, config: QuantConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The weight as insert-qdq will quantize it (same dead channels, same bias floor)."""
+    x_scale = choose_qparams(*node.inputs[0].range, config.activation_dtype)[0]
+    bias = graph.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].is_constant else None
+    w = graph.constant_array(node.inputs[1])
+    return quantize_weight(w, config.per_channel, bias_scale_floor(bias, x_scale, w.shape[0]))
 
 
 @register
@@ -46,7 +54,7 @@ class BiasCorrection(Pass):
         if not layers:
             return False
         wanted = {id(n.inputs[0]) for n in layers}
-        weights = {id(n): quantize_weight(graph.constant_array(n.inputs[1]), config.per_channel) for n in layers}
+        weights = {id(n): _quantized_weight(graph, n, config) for n in layers}
         fq_weights = {}
         for n in layers:
             wq, scale = weights[id(n)]
@@ -54,7 +62,7 @@ class BiasCorrection(Pass):
                                                           if scale.ndim else scale)).astype(np.float32)
         sums = {id(n): np.zeros(n.inputs[1].shape[0]) for n in layers}
         counts = {id(n): 0 for n in layers}
-        for batch in calibration_batches(graph, ctx.calibration):
+        for batch in calibration_set(graph, ctx.calibration):
             seen = {id(v): a for v, a in zip(graph.inputs, batch) if id(v) in wanted}
 
             def observer(node: Node, outs: list[np.ndarray]) -> None:

@@ -44,18 +44,44 @@ def qparams_of(graph: Graph, dq: Value) -> Params | None:
     return graph.constant_array(scale)[()], graph.constant_array(zp)[()]
 
 
-def quantize_weight(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 over [-127, 127] per output channel (axis 0) or per tensor."""
+DEAD_CHANNEL_RATIO = 2.0 ** -20  # a channel this much smaller than the largest is a zero channel
+BIAS_LIMIT = 2.0 ** 30  # |int32 bias| at most this, leaving the accumulator's sum room below 2^31
+
+
+def quantize_weight(w: np.ndarray, per_channel: bool,
+                    min_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 over [-127, 127] per output channel (axis 0) or per tensor.
+
+    Real weights hold dead channels (after batch-norm folding, 1e-12 down to subnormal 1e-40):
+    a channel whose largest weight is under ``DEAD_CHANNEL_RATIO`` of the tensor's largest
+    contributes less than float32 resolves of the layer's (per-tensor quantized) output, so it
+    is a zero channel, with the largest channel's scale; its own (1e-42) would make the
+    requantization multiplier and the int32 bias meaningless. ``min_scale`` (per channel, from
+    :func:`bias_scale_floor`) coarsens a channel whose bias would not fit int32 otherwise."""
     w = w.astype(np.float32)
-    if per_channel:
-        amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        q = np.rint(w / scale.reshape((-1,) + (1,) * (w.ndim - 1)))
+    channels = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    amax = np.abs(channels).max(axis=1).astype(np.float64) if channels.size else np.zeros(len(channels))
+    top = float(amax.max()) if amax.size else 0.0
+    if top < np.finfo(np.float32).tiny:  # the whole tensor is (sub)normal dust
+        dead, scale = np.ones_like(amax, bool), np.ones_like(amax)
     else:
-        amax = float(np.abs(w).max())
-        scale = np.float32(amax / 127.0 if amax > 0 else 1.0)
-        q = np.rint(w / scale)
-    return np.clip(q, -127, 127).astype(np.int8), np.asarray(scale, np.float32)
+        dead = amax < top * DEAD_CHANNEL_RATIO
+        scale = np.where(dead, top / 127.0, amax / 127.0)
+    if min_scale is not None:
+        floor = np.asarray(min_scale, np.float64)
+        scale = np.maximum(scale, floor if per_channel else floor.max(initial=0.0))
+    scale = scale.astype(np.float32)
+    q = np.where(dead[:, None], 0.0, np.rint(channels / scale[:, None].astype(np.float64)))
+    q = np.clip(q, -127, 127).astype(np.int8).reshape(w.shape)
+    return q, (scale if per_channel else scale.reshape(()))
+
+
+def bias_scale_floor(bias: np.ndarray | None, x_scale: float, channels: int) -> np.ndarray | None:
+    """The smallest weight scale per output channel that keeps ``round(b / (s_x * s_w))`` within
+    ``BIAS_LIMIT`` (an int32 bias, with room for the accumulation): ``|b| / (s_x * 2^30)``."""
+    if bias is None:
+        return None
+    return np.broadcast_to(np.abs(bias.astype(np.float64)) / (float(x_scale) * BIAS_LIMIT), (channels,))
 
 
 class _Inserter:
@@ -87,7 +113,9 @@ class _Inserter:
         zp = g.add_constant(f"{v.name}.zero_point", np.asarray(params[1]))
         meta = {"source": source}
         q = g.add_node("quantize", [v, scale, zp], {"axis": 0}, meta=dict(meta), before=before)
-        return g.add_node("dequantize", [q.output, scale, zp], {"axis": 0}, meta=dict(meta), before=before).output
+        dq = g.add_node("dequantize", [q.output, scale, zp], {"axis": 0}, meta=dict(meta), before=before).output
+        dq.range = v.range  # what a later concat reads to choose its shared scale
+        return dq
 
     def input(self, v: Value, params: Params, user: Node) -> Value:
         """``v`` as seen through quantize/dequantize with ``params`` (reusing pairs)."""
@@ -131,8 +159,8 @@ class InsertQDQ(Pass):
         ins = _Inserter(graph, config, report)
         changed = False
         for node in list(graph.nodes):
-            if node.op in ("quantize", "dequantize") or not node.outputs or node.output.dtype not in FLOAT:
-                continue
+            if node.op in ("quantize", "dequantize") or len(node.outputs) != 1 or node.output.dtype not in FLOAT:
+                continue  # multi-output ops (split, topk) have no quantized form: their readers get pairs
             quantizable = node.op in COMPUTE or node.op in SAME_AS_INPUT or node.op in ("add", "concat", "reduce_mean")
             if not quantizable:
                 continue
@@ -188,6 +216,7 @@ class InsertQDQ(Pass):
             if out_params is None:
                 ins.skip(node, ins.why_not(node.output))
                 return False
+        x_scale = float(ins.params(node.inputs[acts[0]])[0])
         for i in acts:
             params = out_params if node.op == "concat" else ins.params(node.inputs[i])
             node.inputs[i] = ins.input(node.inputs[i], params, node)
@@ -197,7 +226,10 @@ class InsertQDQ(Pass):
                 ins.skip(node, "weight is not a float constant")
                 return True
             per_channel = config.per_channel and node.op != "matmul"
-            wq, scale = quantize_weight(graph.constant_array(w), per_channel)
+            bias = graph.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].is_constant \
+                else None
+            floor = bias_scale_floor(bias, x_scale, w.shape[0])
+            wq, scale = quantize_weight(graph.constant_array(w), per_channel, floor)
             q = graph.add_constant(f"{w.name}.quantized", wq)
             s = graph.add_constant(f"{w.name}.scale", scale)
             z = graph.add_constant(f"{w.name}.zero_point", np.zeros(scale.shape, np.int8))

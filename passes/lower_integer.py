@@ -39,6 +39,18 @@ def _sole_quantize_user(graph: Graph, v: Value) -> Node | None:
     return q if q.inputs[1].type.rank == 0 else None
 
 
+NOT_LOWERED = "not_lowered"  # node.meta key: why a rule left a quantized node in float (reported)
+
+
+def _multiplier(node: Node, real: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``quantize_multiplier(real)``, or None with the reason left on ``node`` (reported)."""
+    try:
+        return quantize_multiplier(real)
+    except ValueError as e:
+        node.meta[NOT_LOWERED] = str(e)
+        return None
+
+
 def _q_params(graph: Graph, q: Node) -> tuple[np.float32, np.integer]:
     return graph.constant_array(q.inputs[1])[()], graph.constant_array(q.inputs[2])[()]
 
@@ -104,9 +116,16 @@ def lower_compute(graph: Graph, node: Node) -> bool:
         acc_scale = np.float64(x_params[0]) * w_scale
         bias = _int_bias(graph, node, acc_scale)
         if bias is False:
+            node.meta[NOT_LOWERED] = "its bias does not fit int32 at the accumulator's scale (s_x * s_w)"
             return False
     acc_scale = np.float64(x_params[0]) * w_scale
     y_scale, y_zp = _q_params(graph, q)
+    act = node.attrs["activation"]
+    if act in INTEGER_CLAMPS:
+        fixed_point = _multiplier(node, acc_scale / np.float64(y_scale))
+        if fixed_point is None:
+            return False
+        multiplier, shift = fixed_point
     x_q, x_zp = node.inputs[0].producer.inputs[0], node.inputs[0].producer.inputs[2]
     op = {"linear": "linear_int", "matmul": "matmul_int"}.get(node.op, f"{node.op}_int")
     int_attrs = {k: v for k, v in node.attrs.items() if k not in ("activation", "activation_args")}
@@ -115,9 +134,7 @@ def lower_compute(graph: Graph, node: Node) -> bool:
     acc = graph.add_node(op, [x_q, x_zp, w, w_zp] + ([bias] if bias is not None else []), int_attrs,
                          meta={"source": node.source}, before=node).output
     axis = 1 if node.op.startswith("conv") else -1
-    act = node.attrs["activation"]
     if act in INTEGER_CLAMPS:
-        multiplier, shift = quantize_multiplier(acc_scale / np.float64(y_scale))
         info = np.iinfo(np.asarray(y_zp).dtype)
         lo, hi = int(info.min), int(info.max)
         if act == "relu":
@@ -163,7 +180,10 @@ def lower_add(graph: Graph, node: Node) -> bool:
     if q is None or pa is None or pb is None:
         return False
     y_scale, _ = _q_params(graph, q)
-    (ma, sa), (mb, sb) = (quantize_multiplier(np.float64(p[0]) / np.float64(y_scale)) for p in (pa, pb))
+    multipliers = [_multiplier(node, np.float64(p[0]) / np.float64(y_scale)) for p in (pa, pb)]
+    if None in multipliers:
+        return False
+    (ma, sa), (mb, sb) = multipliers
     if min(int(sa), int(sb)) <= ADD_INT_BITS - 31 + 1:
         return False  # an operand scale far above the output's would overflow int64 headroom
     a_q, b_q = node.inputs[0].producer.inputs[0], node.inputs[1].producer.inputs[0]
@@ -218,7 +238,10 @@ def lower_mean(graph: Graph, node: Node) -> bool:
     if count * 255 >= 2 ** 31:
         return False
     y_scale, _ = _q_params(graph, q)
-    m, s = quantize_multiplier(np.float64(p_in[0]) / (count * np.float64(y_scale)))
+    multiplier = _multiplier(node, np.float64(p_in[0]) / (count * np.float64(y_scale)))
+    if multiplier is None:
+        return False
+    m, s = multiplier
     wide = graph.add_node("cast", [x], {"to": "i32"}, meta={"source": node.source}, before=node).output
     total = graph.add_node("reduce_sum", [wide], node.attrs, meta={"source": node.source}, before=node).output
     result = graph.add_node("requantize", [total, _const(graph, f"{q.output.name}.multiplier", m),
@@ -247,7 +270,10 @@ def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
         graph.replace_all_uses(node.output, x)
         graph.remove_node(node)
         return True
-    m, s = quantize_multiplier(np.float64(p_in[0]) / np.float64(p_out[0]))
+    multiplier = _multiplier(node, np.float64(p_in[0]) / np.float64(p_out[0]))
+    if multiplier is None:
+        return False
+    m, s = multiplier
     result = graph.add_node("requantize", [x, _const(graph, f"{x.name}.multiplier", m),
                                            _const(graph, f"{x.name}.shift", s), node.inputs[2]],
                             {"input_zero_point": int(p_in[1]), "scale": float(p_out[0]), "axis": 0},
@@ -275,9 +301,9 @@ class LowerInteger(Pass):
         kept = []
         for node in graph.nodes:
             if node.op in FLOAT_COMPUTE and node.output.dtype in ("f32", "f16", "f64"):
-                kept.append({"node": node.describe(), "handle": str(node.handle),
-                             "reason": reasons.get(str(node.handle), "quantized operands did not form a "
-                                                   "lowerable dequantize -> op -> quantize sandwich")})
+                reason = reasons.get(str(node.handle)) or node.meta.get(NOT_LOWERED) or \
+                    "quantized operands did not form a lowerable dequantize -> op -> quantize sandwich"
+                kept.append({"node": node.describe(), "handle": str(node.handle), "reason": reason})
             elif node.op == "dequantize" and node.inputs[0].dtype == "i32":
                 kept.append({"node": node.describe(), "handle": str(node.handle),
                              "reason": "fused activation has no integer form; applied in float after the "

@@ -6,14 +6,11 @@ TensorRT's calibrator) and mse (least quantize-dequantize error). Observers stre
 histogram methods take a second sweep over the batches instead of keeping activations."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from qcompiler.errors import QCompilerError
-from qcompiler.interpreter import check_inputs, run, to_numpy
+from qcompiler.calibration import CalibrationSet, calibration_set
+from qcompiler.interpreter import run
 from qcompiler.ir import Graph, Value
 from qcompiler.pipeline import Pass, PassContext, register
 
@@ -22,34 +19,7 @@ from .observers import Histogram, MinMax, MovingAverageMinMax, entropy_range, ms
 FLOAT = ("f32", "f16", "f64")
 
 
-def calibration_batches(graph: Graph, data: Any) -> list[list[np.ndarray]]:
-    """Normalize calibration data to a list of input lists, checked against the graph's
-    signature; NaN or inf is refused with the batch and input named."""
-    if data is None:
-        raise QCompilerError("range-analysis needs calibration data (calibration=... / --calibration)")
-    if isinstance(data, np.ndarray) or hasattr(data, "detach"):
-        data = [data]
-    batches = []
-    for i, batch in enumerate(data):
-        if isinstance(batch, dict):
-            missing = [v.name for v in graph.inputs if v.name not in batch]
-            if missing:
-                raise QCompilerError(f"calibration batch {i}: missing input(s) {missing}")
-            batch = [batch[v.name] for v in graph.inputs]
-        elif not isinstance(batch, (list, tuple)):
-            batch = [batch]
-        arrays = check_inputs(graph, [to_numpy(b) for b in batch])
-        for value, a in zip(graph.inputs, arrays):
-            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-                what = "NaN" if np.isnan(a).any() else "inf"
-                raise QCompilerError(f"calibration batch {i}, input %{value.name}: contains {what}")
-        batches.append(arrays)
-    if not batches:
-        raise QCompilerError("calibration data is empty")
-    return batches
-
-
-def sweep(graph: Graph, batches: Sequence[list[np.ndarray]], values: list[Value], update, progress: bool,
+def sweep(graph: Graph, batches: CalibrationSet, values: list[Value], update, progress: bool,
            label: str) -> None:
     """Run every batch; call ``update(value, array)`` for each observed value."""
     wanted = {id(v): v for v in values}
@@ -59,10 +29,12 @@ def sweep(graph: Graph, batches: Sequence[list[np.ndarray]], values: list[Value]
             if id(v) in wanted:
                 update(v, a)
 
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(label, total=len(batches))
+    console = Console(stderr=True)  # stdout may carry a report (--json); bars only on a terminal
+    with Progress(transient=True, console=console, disable=not progress or not console.is_terminal) as bar:
+        task = bar.add_task(label, total=batches.count)
         for batch in batches:
             for v, a in zip(graph.inputs, batch):
                 if id(v) in wanted:
@@ -86,7 +58,7 @@ class RangeAnalysis(Pass):
 
         CalibrationConfig(self.method, self.percentile, self.averaging_constant, self.bins)  # validates
         config = ctx.config or QuantConfig()
-        batches = calibration_batches(graph, ctx.calibration)
+        batches = calibration_set(graph, ctx.calibration)
         values = [v for v in graph.inputs if v.dtype in FLOAT]
         values += [v for n in graph.nodes for v in n.outputs if v.dtype in FLOAT]
         if self.method == "moving_average":
@@ -111,7 +83,7 @@ class RangeAnalysis(Pass):
                     ranges[id(v)] = mse_range(h, levels, symmetric)
         for v in values:
             v.range = (float(ranges[id(v)][0]), float(ranges[id(v)][1]))
-        ctx.report["calibration"] = {"method": str(self), "batches": len(batches), "values": len(values)}
+        ctx.report["calibration"] = {"method": str(self), "batches": batches.count, "values": len(values)}
         return True
 
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcompiler.calibration import calibration_set
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.pipeline import Pass, PassContext, register
 
-from .range_analysis import calibration_batches, sweep
+from .range_analysis import sweep
 
 FLOAT = ("f32", "f16", "f64")
 
@@ -47,7 +48,7 @@ class SmoothQuant(Pass):
         def observe(v: Value, a: np.ndarray) -> None:
             amax[id(v)] = np.maximum(amax[id(v)], np.abs(a.reshape(-1, a.shape[-1])).max(axis=0))
 
-        sweep(graph, calibration_batches(graph, ctx.calibration), list(groups), observe, ctx.progress,
+        sweep(graph, calibration_set(graph, ctx.calibration), list(groups), observe, ctx.progress,
               "smoothing (per-channel maxima)")
 
         for x, linears in groups.items():

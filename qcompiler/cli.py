@@ -8,7 +8,35 @@ import os
 import sys
 from pathlib import Path
 
+from . import artifact
 from .errors import QCompilerError
+
+
+def _refuse_overwriting(output: str | os.PathLike | None, *inputs: str | os.PathLike | None) -> None:
+    """Output never replaces input: ``output`` (and, for IR text, the ``.npz`` written beside it)
+    must not be any of ``inputs`` (nor the ``.npz`` beside an IR input)."""
+    if output is None:
+        return
+    out = Path(output)
+    written = {out.resolve()} | ({out.with_suffix(".npz").resolve()} if out.suffix in IR_SUFFIXES else set())
+    for given in filter(None, inputs):
+        path = Path(given)
+        if not path.exists():
+            continue
+        read = {path.resolve()} | ({path.with_suffix(".npz").resolve()} if path.suffix in IR_SUFFIXES else set())
+        if written & read:
+            raise QCompilerError(f"{out}: refusing to overwrite the input {path} (outputs never replace inputs)")
+
+
+IR_SUFFIXES = (".qir", ".mlir", ".txt")
+
+
+def _phase_log(args: argparse.Namespace):
+    """Phase lines on stderr (CI logs see a long compile progress), unless ``--quiet``."""
+    from .progress import PhaseLog
+
+    quiet = getattr(args, "quiet", False)
+    return PhaseLog(None if quiet else lambda line: print(f"qcompiler: {line}", file=sys.stderr, flush=True))
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -18,8 +46,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     graph = load_model(args.model, parse_shapes(args.input_shape))
     if args.output:
         out = Path(args.output)
-        if out.resolve() == Path(args.model).resolve():
-            raise QCompilerError(f"{out}: refusing to overwrite the input model")
+        _refuse_overwriting(out, args.model)
         save(graph, out)
         print(f"wrote {out}" + (f" and {out.with_suffix('.npz')}" if any(a.size > 16 for a in graph.constants.values())
                                 else ""), file=sys.stderr)
@@ -65,10 +92,15 @@ def _cmd_opt(args: argparse.Namespace) -> int:
     if not args.model or args.pipeline is None:
         raise QCompilerError("opt needs a model and -p PIPELINE (or --list-passes)")
     passes = parse_pipeline(args.pipeline)
-    graph = load_model(args.model, parse_shapes(args.input_shape))
+    named = {p.name for p in passes}
+    for flag, names in (("--print-ir-before", args.print_ir_before), ("--print-ir-after", args.print_ir_after)):
+        unknown = sorted(set(names) - named)
+        if unknown:
+            raise QCompilerError(f"{flag} {', '.join(unknown)}: not a pass of this pipeline "
+                                 f"({', '.join(sorted(named))})")
     out = Path(args.output) if args.output else None
-    if out is not None and out.resolve() == Path(args.model).resolve():
-        raise QCompilerError(f"{out}: refusing to overwrite the input model")
+    _refuse_overwriting(out, args.model, args.calibration, args.config)
+    graph = load_model(args.model, parse_shapes(args.input_shape))
     inst = Instruments(print_before=frozenset(args.print_ir_before), print_after=frozenset(args.print_ir_after),
                        print_after_all=args.print_ir_after_all, print_after_change=args.print_ir_after_change,
                        dump_dir=Path(args.dump_dir) if args.dump_dir else None, verify_each=args.verify_each,
@@ -106,6 +138,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .quant_config import QuantConfig
     from .quantize import quantize
 
+    if args.json not in (None, "-"):
+        _refuse_overwriting(args.json, args.model, args.quantized, args.calibration, args.inputs, args.config)
     graph = load_model(args.model, parse_shapes(args.input_shape))
     config = QuantConfig.load(args.config) if args.config else QuantConfig()
     if args.quantized:
@@ -134,11 +168,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 GATE_FAILED = 3  # exit status when the model builds but misses --max-accuracy-drop / --min-sqnr
 
 
-def _accuracy(model, batches, labels) -> float:
+def _predictions(model, batches):
     import numpy as np
 
-    preds = np.concatenate([np.asarray(model(*b)).reshape(len(b[0]), -1).argmax(-1) for b in batches])
-    return float((preds == labels[:len(preds)]).mean())
+    return np.concatenate([np.asarray(model(*b)).reshape(len(b[0]), -1) for b in batches])
+
+
+def _accuracy(scores, labels) -> float:
+    return float((scores.argmax(-1) == labels).mean())
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -154,17 +191,28 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     out = Path(args.output)
-    if Path(args.model).exists() and out.resolve() == Path(args.model).resolve():
-        raise QCompilerError(f"{out}: refusing to overwrite the input model")
-    with console.status("capturing..."):
-        graph = load_model(args.model, parse_shapes(args.input_shape))
+    for given in (args.model, args.calibration, args.eval, args.config):
+        _refuse_overwriting(out, given)
+        if given and Path(given).exists() and Path(given).resolve().is_relative_to(out.resolve()):
+            raise QCompilerError(f"{out}: holds the input {given}; the artifact goes to its own folder")
+    if args.cpu is not None:  # a typo in the CPU name is found before minutes of compiling
+        from .targets.tvm import make_target
+
+        make_target("llvm", arch=args.cpu)
+    refusal = artifact.why_not_replaceable(out)
+    if refusal:  # checked before minutes of compiling, and again when saving
+        raise QCompilerError(f"{out}: {refusal}; refusing to replace it (choose another output folder)")
+    log = _phase_log(args)
+    log.phase("capture", args.model)
+    graph = load_model(args.model, parse_shapes(args.input_shape))
     config = QuantConfig.load(args.config) if args.config else None
     calibration = load_data(args.calibration, graph, args.image_mean, args.image_std) if args.calibration else None
     if calibration is None and (args.max_accuracy_drop is not None or args.min_sqnr is not None) and not args.eval:
         raise QCompilerError("a gate (--max-accuracy-drop / --min-sqnr) needs --eval or --calibration data")
     compiled = compile_model(graph, calibration=calibration, target=args.target, config=config,
                              pipeline=args.pipeline, tune=args.tune, tuning_db=args.tuning_db,
-                             tuning_trials=args.tuning_trials, progress=not args.json, cpu=args.cpu)
+                             tuning_trials=args.tuning_trials, progress=not args.json and not args.quiet,
+                             cpu=args.cpu, log=log)
     report = compiled.report()
     gate: dict = {}
     gate_requested = args.max_accuracy_drop is not None or args.min_sqnr is not None
@@ -176,8 +224,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.eval:
         batches = load_data(args.eval, graph, args.image_mean, args.image_std)
         if args.max_accuracy_drop is not None:
-            labels = load_labels(args.eval)
-            acc_f, acc_q = _accuracy(float_run, batches, labels), _accuracy(compiled, batches, labels)
+            scores_f = _predictions(float_run, batches)
+            labels = load_labels(args.eval, samples=len(scores_f), classes=scores_f.shape[-1])
+            acc_f, acc_q = _accuracy(scores_f, labels), _accuracy(_predictions(compiled, batches), labels)
             report["accuracy"] = {"float": acc_f, "compiled": acc_q, "drop_points": round(100 * (acc_f - acc_q), 4)}
         check_batch = batches[0]
     else:
@@ -197,8 +246,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if gate:
         report["gate"] = gate
     compiled.annotate({k: report[k] for k in ("accuracy", "eval_output_sqnr_db", "gate") if k in report})
-    compiled.save(out)
     failed = [k for k, g in gate.items() if not g["passed"]]
+    if not failed:  # a build that failed its gate is not an artifact: make must not see it as done
+        compiled.save(out)
+        report["digest"] = compiled.digest
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -224,13 +275,17 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         if "note_runs_elsewhere" in report:
             table.add_row("runs", f"[yellow]not here[/]: {report['note_runs_elsewhere']}")
         table.add_row("compile time", f"{report['compile_seconds']:.1f} s")
+        if failed:
+            table.add_row("artifact", "[red]not written[/] (gate failed)")
         console.print(table)
         for entry in report["kept_float"]:
             console.print(f"kept float: {entry['node']}: {entry['reason']}", highlight=False)
         if "warning" in report.get("int8_kernels", {}):
             console.print(f"warning: {report['int8_kernels']['warning']}", highlight=False)
+        if compiled.digest:  # whole, on its own line: a deployer copies it into `run --expect-digest`
+            print(f"digest: {compiled.digest}", file=sys.stderr)
     if failed:
-        print(f"qcompiler: gate failed: {', '.join(failed)} (see {out / 'report.json'})", file=sys.stderr)
+        print(f"qcompiler: gate failed: {', '.join(failed)}; no artifact written to {out}", file=sys.stderr)
         return GATE_FAILED
     return 0
 
@@ -241,7 +296,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .compiled import load
     from .loading import load_data
 
-    model = load(args.artifact)
+    if args.output:
+        if not args.output.endswith(".npz"):
+            raise QCompilerError(f"{args.output}: run writes an .npz (name it NAME.npz)")
+        _refuse_overwriting(args.output, args.inputs)
+        if Path(args.output).resolve().is_relative_to(Path(args.artifact).resolve()):
+            raise QCompilerError(f"{args.output}: inside the artifact {args.artifact}; write outputs elsewhere")
+    model = load(args.artifact, expect_digest=args.expect_digest)
     batches = load_data(args.inputs, model.graph)
     outputs = [model(*batch) for batch in batches]
     names = [v.name for v in model.graph.outputs]
@@ -259,6 +320,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from .loading import load_model, parse_shapes
     from .show import render_html
 
+    _refuse_overwriting(args.output, args.model, args.compare)
     graph = load_model(args.model, parse_shapes(args.input_shape))
     errors = None
     if args.compare:
@@ -270,6 +332,17 @@ def _cmd_show(args: argparse.Namespace) -> int:
     out.write_text(render_html(graph, errors, title=Path(args.model).name))
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse's ``type``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", help="write numbered, re-parseable IR files after every pass")
     p.add_argument("--timing", action="store_true", help="per-pass wall time")
     p.add_argument("--verify-each", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N pass applications")
+    p.add_argument("--bisect-limit", type=_count, metavar="N", help="run only the first N pass applications")
     p.add_argument("--reproducer-dir", default=".", help="where a failing pass's input IR is written")
     p.add_argument("--list-passes", action="store_true")
     p.add_argument("--calibration", help=".npz of calibration batches, for range-analysis and smooth-quant")
@@ -337,11 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-mean", type=float, nargs=3, metavar="M", help="normalize calibration/eval images")
     p.add_argument("--image-std", type=float, nargs=3, metavar="S")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress: neither phase lines nor bars on stderr")
     p.set_defaults(func=_cmd_compile)
     p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz (or a folder)")
-    p.add_argument("artifact")
-    p.add_argument("--inputs", required=True)
+    p.add_argument("artifact", help="an artifact folder written by `qcompiler compile` (loading runs its code)")
+    p.add_argument("--inputs", required=True, help=".npz with one array per input (or a folder of .npy/images)")
     p.add_argument("-o", "--output", help="write the outputs to this .npz")
+    p.add_argument("--expect-digest", metavar="sha256:HEX",
+                   help="refuse the artifact unless its digest (printed by compile) is this one")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("show", help="the graph as a self-contained HTML picture")
     model_args(p)

@@ -73,25 +73,32 @@ def _integer_params(graph: Graph) -> dict[int, tuple[float, int]]:
     return params
 
 
-def _record(graph: Graph, inputs: list[np.ndarray], dequantize: bool) -> dict[int, np.ndarray]:
+def _record(graph: Graph, inputs: list[np.ndarray], dequantize: bool) -> dict[int, list[np.ndarray | None]]:
+    """Each node's outputs as real numbers (dequantized when integer), by debug handle; an
+    output that has no real meaning is None. All outputs: a split's second half is read too."""
     params = _integer_params(graph) if dequantize else {}
-    values: dict[int, np.ndarray] = {}
+    values: dict[int, list[np.ndarray | None]] = {}
+
+    def real(out: Value, array: np.ndarray) -> np.ndarray | None:
+        if out.dtype in FLOAT:
+            return array
+        if id(out) in params:
+            scale, zp = params[id(out)]
+            return (array.astype(np.float64) - zp) * scale
+        return None
 
     def observer(node: Node, outs: list[np.ndarray]) -> None:
         if node.op in ("quantize", "dequantize") or "handle" not in node.meta:
             return
-        out = node.outputs[0]
-        if out.dtype in FLOAT:
-            values[node.handle] = outs[0]
-        elif id(out) in params:
-            scale, zp = params[id(out)]
-            values[node.handle] = (outs[0].astype(np.float64) - zp) * scale
+        arrays = [real(out, a) for out, a in zip(node.outputs, outs)]
+        if arrays[0] is not None:
+            values[node.handle] = arrays
 
     run(graph, inputs, observer=observer)
     return values
 
 
-def _local(float_graph: Graph, quant_graph: Graph, float_values: dict[int, np.ndarray],
+def _local(float_graph: Graph, quant_graph: Graph, float_values: dict[int, list[np.ndarray | None]],
            inputs: list[np.ndarray]) -> dict[int, np.ndarray]:
     """Each QDQ layer evaluated on fake-quantized float inputs (see the module docstring)."""
     by_input = {id(q): f for q, f in zip(quant_graph.inputs, inputs)}
@@ -100,8 +107,8 @@ def _local(float_graph: Graph, quant_graph: Graph, float_values: dict[int, np.nd
     def float_of(v: Value) -> np.ndarray | None:
         if id(v) in by_input:
             return by_input[id(v)]
-        if v.producer is not None and "handle" in v.producer.meta:
-            return float_values.get(v.producer.handle)
+        if v.producer is not None and "handle" in v.producer.meta and v.producer.handle in float_values:
+            return float_values[v.producer.handle][v.producer.outputs.index(v)]
         return None
 
     def operand(v: Value) -> np.ndarray | None:
@@ -151,10 +158,11 @@ def compare(float_graph: Graph, quant_graph: Graph, inputs: Sequence[Any]) -> li
     local = _local(float_graph, quant_graph, float_values, arrays)
     sources = {n.handle: n for n in float_graph.nodes}
     layers = []
-    for handle, ref in float_values.items():
-        if handle not in quant_values or quant_values[handle].shape != ref.shape:
+    for handle, refs in float_values.items():
+        ref = refs[0]
+        if handle not in quant_values or quant_values[handle][0].shape != ref.shape:
             continue
-        sqnr, cosine, max_abs = _metrics(ref, quant_values[handle])
+        sqnr, cosine, max_abs = _metrics(ref, quant_values[handle][0])
         entry = LayerError(handle, sources[handle].op, sources[handle].source, sqnr, cosine, max_abs)
         if handle in local:
             entry.local_sqnr_db, entry.local_cosine, _ = _metrics(ref, local[handle])

@@ -4,42 +4,37 @@ deployment artifact (``save``/``load``).
 The artifact is a folder: the compiled library (TVM ``export_library``), the IR that was
 compiled (``graph.qir`` + ``graph.npz``), ``manifest.json`` (inputs, outputs, target, pipeline,
 QuantConfig, quantization parameters, versions, sha256 of every file) and ``report.json``.
-It is written to a temporary folder beside the destination and renamed into place, so a
-failed or interrupted save never replaces a good artifact."""
+How it is written and checked (atomically, never over a user's folder) is ``artifact``'s job."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import io
 import json
 import os
-import shutil
+import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import ModelLoadError, QCompilerError
+from . import artifact
+from .artifact import FORMAT_VERSION
+from .errors import InputError, ModelLoadError, QCompilerError
 from .interpreter import check_inputs, to_numpy
-from .ir import Graph, load_graph, save as save_graph
+from .ir import Graph, load_graph, parse_graph, save as save_graph
+from .ir.ops.tensor import wrapped_indices
+from .ir.text import NpzWeights
+from .progress import PhaseLog
 from .quant_config import QuantConfig
 
 TARGETS = ("llvm", "cuda", "reference", "onnx")
 DEFAULT_TUNING_TRIALS = 256  # measured candidates over all of a model's tuned kernels
-FORMAT_VERSION = 1
 LIBRARY = "model.so"
 ONNX_FILE = "model.onnx"
 VOLATILE_REPORT_KEYS = ("compile_seconds", "build_seconds", "pass_timings_ms")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -51,6 +46,35 @@ def versions() -> dict[str, str]:
 
     return {"qcompiler": __version__, "tvm": tvm.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "numpy": np.__version__}
+
+
+INDEX_OPS = ("gather", "gather_elements", "index")
+
+
+def host_index_checks(graph: Graph) -> list[tuple[int, str, int]]:
+    """(input position, node, axis size) for each graph input that an index op reads as indices."""
+    position = {id(v): i for i, v in enumerate(graph.inputs)}
+    checks = []
+    for node in graph.nodes:
+        if node.op not in INDEX_OPS:
+            continue
+        data = node.inputs[0]
+        if node.op == "index":
+            pairs = list(zip(node.inputs[1:], data.shape))
+        else:
+            pairs = [(node.inputs[1], data.shape[node.attrs["axis"] % data.type.rank])]
+        checks += [(position[id(v)], node.describe(), size) for v, size in pairs if id(v) in position]
+    return checks
+
+
+def refuse_non_finite(graph: Graph, arrays: list[np.ndarray]) -> None:
+    """Integer arithmetic has no NaN or inf: quantized, they become ordinary-looking numbers where
+    the float model gives NaN. Refuse them instead (a sum first: one pass, no temporary)."""
+    for value, a in zip(graph.inputs, arrays):
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a.sum(dtype=np.float64)) and not np.isfinite(a).all():
+            what = "NaN" if np.isnan(a).any() else "inf"
+            raise InputError(f"input %{value.name} contains {what}: a quantized model computes in integers, "
+                             f"which have no {what} (the float model's output would be NaN or inf)")
 
 
 def quantization_parameters(graph: Graph) -> dict[str, dict[str, Any]]:
@@ -78,9 +102,21 @@ class CompiledModel:
         self._runner = runner
         self._report = report
         self._executable = executable
+        self._library: bytes | None = None  # a loaded artifact's library, saved again as it is
+        self.digest: str | None = None  # the artifact's digest, once saved or loaded
+        self._quantized = any(n.op == "quantize" for n in graph.nodes)
+        # a CUDA kernel cannot stop a call on a bad index (it clamps): inputs used as indices are checked here
+        self._host_index_checks = host_index_checks(graph) if target == "cuda" else []
 
     def __call__(self, *inputs: Any) -> Any:
         arrays = check_inputs(self.graph, [to_numpy(x) for x in inputs])
+        if self._quantized:
+            refuse_non_finite(self.graph, arrays)
+        for position, node, size in self._host_index_checks:
+            try:
+                wrapped_indices(arrays[position], size)
+            except InputError as e:
+                raise InputError(f"{node}: {e}") from None
         outputs = self._runner(arrays)
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -107,7 +143,8 @@ class CompiledModel:
         self._report.update(entries)
 
     # ---- the artifact -------------------------------------------------------------------------
-    def manifest(self, files: dict[str, str]) -> dict[str, Any]:
+    def manifest(self) -> dict[str, Any]:
+        """What the manifest says besides its file list (``artifact.write`` adds that)."""
         return {
             "format_version": FORMAT_VERSION,
             "inputs": [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in self.graph.inputs],
@@ -118,18 +155,17 @@ class CompiledModel:
             "quant_config": self.config.to_dict() if self.config else None,
             "quantization_parameters": quantization_parameters(self.graph),
             "versions": versions(),
-            "files": files,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        parent = directory.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
-        try:
+        """Write the artifact (see ``qcompiler.artifact``: atomic, never over a folder that is not
+        an artifact); its digest is ``self.digest`` afterwards."""
+        def fill(staging: Path) -> dict[str, Any]:
             save_graph(self.graph, staging / "graph.qir")
             if self.target == "onnx":
                 (staging / ONNX_FILE).write_bytes(self._executable)
+            elif self._library is not None:  # a loaded artifact: the library it was loaded from
+                (staging / LIBRARY).write_bytes(self._library)
             elif self._executable is not None:
                 from .targets.tvm import export
 
@@ -137,61 +173,45 @@ class CompiledModel:
             # timings vary run to run; the artifact keeps only what the same inputs reproduce
             stable = {k: v for k, v in self._report.items() if k not in VOLATILE_REPORT_KEYS}
             (staging / "report.json").write_text(json.dumps(stable, indent=2, sort_keys=True))
-            files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
-            (staging / "manifest.json").write_text(json.dumps(self.manifest(files), indent=2, sort_keys=True))
-            _replace_dir(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return directory
+            return self.manifest()
+
+        self.digest = artifact.write(directory, fill)
+        return Path(directory)
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move ``new`` to ``dest``; an existing ``dest`` is swapped out only once ``new`` is complete."""
-    if dest.exists():
-        if not (dest / "manifest.json").exists() and any(dest.iterdir()):
-            raise QCompilerError(f"{dest}: exists and is not a qcompiler artifact; refusing to replace it")
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(new, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dest)
+def load(directory: str | os.PathLike, expect_digest: str | None = None) -> CompiledModel:
+    """Load an artifact written by ``CompiledModel.save`` (no original model or data needed).
 
-
-def load(directory: str | os.PathLike) -> CompiledModel:
-    """Load an artifact written by ``CompiledModel.save`` (no original model or data needed)."""
+    Loading a TVM artifact runs its native code: load only artifacts you trust. Every file is
+    checked against the manifest; ``expect_digest`` (what ``save``/``qcompiler compile`` printed)
+    pins the artifact itself, so a folder whose files were swapped together with their
+    checksums is refused before any of its code is loaded."""
     directory = Path(directory)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.exists():
-        raise ModelLoadError(f"{directory}: not a qcompiler artifact (no manifest.json)")
+    manifest, files, digest = artifact.read_checked(directory, expect_digest)
+    target = manifest["target"]
+    if "graph.qir" not in files:
+        raise ModelLoadError(f"{directory}: the manifest lists no graph.qir")
+    weights = NpzWeights(io.BytesIO(files["graph.npz"])) if "graph.npz" in files else {}
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files, target = manifest["files"], manifest["target"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{manifest_path}: corrupt manifest ({type(e).__name__}: {e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{manifest_path}: artifact format {manifest.get('format_version')} is not "
-                             f"{FORMAT_VERSION}")
-    for name, digest in files.items():
-        path = directory / name
-        if not path.exists():
-            raise ModelLoadError(f"{path}: missing from the artifact")
-        if _sha256(path) != digest:
-            raise ModelLoadError(f"{path}: checksum mismatch (the file changed after the artifact was written)")
-    graph = load_graph(directory / "graph.qir")
-    report = json.loads((directory / "report.json").read_text()) if (directory / "report.json").exists() else {}
+        text = files["graph.qir"].decode()
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{directory / 'graph.qir'}: not IR text") from None
+    graph = parse_graph(text, weights, filename=str(directory / "graph.qir"))
+    try:
+        report = json.loads(files["report.json"]) if "report.json" in files else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelLoadError(f"{directory / 'report.json'}: corrupt report") from None
     config = QuantConfig.from_dict(manifest["quant_config"]) if manifest.get("quant_config") else None
+    library = None
     if target == "reference":
         runner, executable = _reference_runner(graph), None
     elif target == "onnx":
         if ONNX_FILE not in files:
             raise ModelLoadError(f"{directory}: the manifest lists no {ONNX_FILE} for target onnx")
-        executable = (directory / ONNX_FILE).read_bytes()
+        executable = files[ONNX_FILE]
         runner = _onnxruntime_runner(executable, graph)
-    else:
+    elif target in ("llvm", "cuda"):
         from .targets.tvm import TVMRunner, device_for
-        from .targets.tvm import load as load_library
         from .targets.tvm.build import missing_cpu_features
 
         if LIBRARY not in files:
@@ -200,17 +220,66 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         if missing:
             raise ModelLoadError(f"{directory}: built for a CPU with {', '.join(missing)}, which this machine (or "
                                  f"this process) lacks: compile the model again here")
-        executable = load_library(directory / LIBRARY)
+        library = files[LIBRARY]
+        executable = _load_library(library, directory / LIBRARY)
         runner = TVMRunner(executable, device_for(target), len(graph.outputs))
-    return CompiledModel(graph, target, manifest["pipeline"], runner, report, config, executable)
+    else:
+        raise ModelLoadError(f"{directory}: unknown target {target!r} in the manifest")
+    model = CompiledModel(graph, target, manifest["pipeline"], runner, report, config, executable)
+    model._library = library
+    model.digest = digest
+    return model
+
+
+def _load_library(data: bytes, where: Path) -> Any:
+    """Load the checked library bytes from a private copy: what was checked is what runs, even
+    if the artifact folder changes meanwhile."""
+    from .targets.tvm import load as load_library
+
+    with tempfile.TemporaryDirectory(prefix="qcompiler-load-") as private:
+        path = Path(private) / LIBRARY
+        path.write_bytes(data)
+        try:
+            return load_library(path)
+        except QCompilerError as e:
+            raise ModelLoadError(str(e).replace(str(path), str(where))) from None
+
+
+ORT_INDEX_ERRORS = ("out of range", "out of data bounds", "invalid index")  # how ONNX Runtime reports bad indices
+
+
+def x86_without_vnni() -> bool:
+    """An x86 CPU without an 8-bit dot-product instruction (AVX-512 VNNI or AVX-VNNI)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
 def _onnxruntime_runner(model_bytes: bytes, graph: Graph):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures are raised below with their reason, not also logged
+    if x86_without_vnni():
+        # ONNX Runtime's fused u8 x s8 kernels use vpmaddubsw here, whose 16-bit pair sums saturate:
+        # 18 output steps off on the digits CNN. Basic optimizations keep its exact kernels (within 1 step).
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     names = [v.name for v in graph.inputs]
-    return lambda arrays: session.run(None, dict(zip(names, arrays)))
+
+    def run(arrays):
+        try:
+            return session.run(None, dict(zip(names, arrays)))
+        except Exception as e:  # noqa: BLE001  ONNX Runtime's own check of the data (index bounds)
+            text = str(e)
+            if any(sign in text.lower() for sign in ORT_INDEX_ERRORS):
+                reason = re.sub(r"^\S+\.cc:\d+ .*?\] ", "", text.split("Status Message: ")[-1].strip())
+                raise InputError(f"ONNX Runtime: {reason}") from None
+            raise
+    return run
 
 
 def _reference_runner(graph: Graph):
@@ -267,11 +336,15 @@ def _int8_kernels_report(tvm_target: Any, quantized: bool) -> dict[str, Any]:
 def compile(model: Any, example_inputs: Any = None, calibration: Any = None, target: str = "llvm",
             config: QuantConfig | None = None, pipeline: str | None = None, tune: bool = False,
             tuning_db: str | os.PathLike | None = None, tuning_trials: int = DEFAULT_TUNING_TRIALS,
-            progress: bool = False, cpu: str | None = None) -> CompiledModel:
+            progress: bool = False, cpu: str | None = None,
+            log: Callable[[str], None] | PhaseLog | None = None) -> CompiledModel:
     """Capture, quantize (when ``calibration`` is given) and build ``model`` for ``target``
     (``llvm``: this CPU through TVM, or the CPU LLVM calls ``cpu``; ``cuda``; ``reference``: the
     interpreter). A build for another CPU runs here only if this one has every instruction set
     its kernels use; otherwise it is built, reported and saved, and runs where it is loaded.
+    ``calibration``: batches as ``qcompiler.calibration`` takes them (a list, an iterable, a
+    generator or a function returning one; never all held in memory). ``log`` receives one line
+    per phase (capture, optimize, calibrate, quantize, build) with the time since the start.
 
     ``tune=True`` tunes the kernels the hand-written schedules do not cover with MetaSchedule
     (``tuning_trials`` measured candidates in all) into ``tuning_db`` (a directory; a temporary
@@ -292,15 +365,17 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     if tune and tuning_trials < 1:
         raise QCompilerError(f"tuning_trials must be at least 1, got {tuning_trials}")
     started = time.perf_counter()
+    phases = log if isinstance(log, PhaseLog) else PhaseLog(log)
+    phases.phase("capture")
     graph = _capture(model, example_inputs)
     report: dict[str, Any] = {"target": target, "size_bytes": {"float": model_size_bytes(graph)}}
     batches = None
     if calibration is not None:
-        from .passes.range_analysis import calibration_batches
+        from .calibration import calibration_set
 
-        batches = calibration_batches(graph, calibration)
+        batches = calibration_set(graph, calibration)
     if pipeline is not None:
-        inst = Instruments(emit=lambda s: None)
+        inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)
         ctx = PassContext(calibration=batches, config=config, progress=progress)
         reference = graph.copy()
         compiled_graph = run_pipeline(graph.copy(), pipeline, inst, ctx)
@@ -310,14 +385,15 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     elif batches is not None:
         config = config or QuantConfig()
         # ONNX has no integer-lowered ops: the ONNX target ships the QDQ graph
-        result = quantize(graph, batches, config, progress=progress, lower=target != "onnx")
+        result = quantize(graph, batches, config, progress=progress, lower=target != "onnx", on_pass=phases.for_pass)
         compiled_graph, reference, used, timings = result.graph, result.float_graph, result.pipeline, result.timings
         report["passes"] = result.report
     else:
-        inst = Instruments(emit=lambda s: None)
+        inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)
         compiled_graph = run_pipeline(graph.copy(), DEFAULT_FLOAT_PIPELINE, inst)
         reference, used, timings = graph, DEFAULT_FLOAT_PIPELINE, inst.records
         report["passes"] = {}
+    compiled_graph.name_outputs([v.name for v in graph.outputs])  # the model's interface, whatever rewrote them
     integer_ops = sum(1 for n in compiled_graph.nodes if n.op.endswith("_int") or n.op in ("requantize", "add_int"))
     report["quantized"] = integer_ops > 0 or any(n.op == "quantize" for n in compiled_graph.nodes)
     if not report["quantized"]:
@@ -330,6 +406,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
                                  for r in timings]
     report["pipeline"] = used
     executable, runnable = None, True
+    phases.phase("build", target if cpu is None else f"{target} for {cpu}")
     if target == "reference":
         runner = _reference_runner(compiled_graph)
     elif target == "onnx":
@@ -337,6 +414,10 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
 
         executable = to_onnx(compiled_graph).SerializeToString()
         runner = _onnxruntime_runner(executable, compiled_graph)
+        if x86_without_vnni() and report["quantized"]:
+            report["note_onnxruntime"] = ("this CPU has no VNNI: ONNX Runtime's fused int8 kernels saturate on it "
+                                          "(u8 x s8 pairs summed in 16 bits), so qcompiler runs the model with basic "
+                                          "graph optimizations; do the same where you deploy on such CPUs")
     else:
         from .targets.tvm import TVMRunner, build, device_for, make_target
         from .targets.tvm.build import missing_cpu_features
@@ -363,8 +444,10 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
                               else f"this machine has no device for target '{target}'")
     compiled = CompiledModel(compiled_graph, target, used, runner, report, config, executable)
     if batches is not None and runnable:
-        report["fidelity"] = _fidelity(reference, compiled, batches[0])
+        phases.phase("check", "output fidelity on the first calibration batch")
+        report["fidelity"] = _fidelity(reference, compiled, batches.first())
     report["compile_seconds"] = round(time.perf_counter() - started, 2)
+    phases.done()
     return compiled
 
 

@@ -56,6 +56,8 @@ def run(graph: Graph, inputs: Sequence[Any], observer: Observer | None = None) -
         for node in graph.nodes:
             try:
                 outs = get_op(node.op).run([read(v) for v in node.inputs], node.attrs)
+            except InputError as e:  # bad data (an index out of range): name the node it reached
+                raise InputError(f"{node.describe()}: {e}") from None
             except QCompilerError:
                 raise
             except Exception as e:  # a kernel failing on data (e.g. index out of range)

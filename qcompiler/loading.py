@@ -3,6 +3,7 @@ or ``package.module:function`` returning ``(torch_module, example_inputs)``."""
 from __future__ import annotations
 
 import importlib
+import re
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -20,11 +21,22 @@ def load_model(spec: str, input_shapes: Mapping[str, Sequence[int]] | None = Non
         return from_onnx(path, input_shapes)
     if path.suffix in (".qir", ".mlir", ".txt"):
         return load_graph(path)
-    if ":" in spec and not path.exists():
+    if not path.exists() and is_python_factory(spec):
         return _from_python(spec)
     if not path.exists():
         raise ModelLoadError(f"{spec}: no such file")
     raise ModelLoadError(f"{spec}: unknown model kind (expected .onnx, .qir, or module:function)")
+
+
+MODEL_SUFFIXES = ("onnx", "qir", "mlir", "txt", "npz", "pt", "pth")
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def is_python_factory(spec: str) -> bool:
+    """``package.module:function`` and nothing that could be a file name: ``model.onnx:v2``
+    (a path with a colon) must never import ``./model.py``."""
+    module = spec.partition(":")[0]
+    return bool(_FACTORY.fullmatch(spec)) and module.rsplit(".", 1)[-1].lower() not in MODEL_SUFFIXES
 
 
 def _from_python(spec: str) -> Graph:
@@ -66,22 +78,16 @@ def load_batches(path: str | os.PathLike, graph: Graph) -> list[list]:
     """Input batches for ``graph`` from an ``.npz`` (one array per input name; a file with one
     array serves a one-input graph). An array of the input's shape is one batch; one with an
     extra leading axis, or a leading axis that is a multiple of the batch size, is several."""
-    import numpy as np
-
     path = Path(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: cannot read data ({e})") from None
-    with data:
+    with _open_npz(path) as data:
         files = [f for f in data.files if f != "labels"]
         if len(graph.inputs) == 1 and len(files) == 1:
-            arrays = {graph.inputs[0].name: data[files[0]]}
+            arrays = {graph.inputs[0].name: _array(data, files[0], path)}
         else:
             missing = [v.name for v in graph.inputs if v.name not in data.files]
             if missing:
                 raise ModelLoadError(f"{path}: no array for input(s) {missing} (arrays: {files})")
-            arrays = {v.name: data[v.name] for v in graph.inputs}
+            arrays = {v.name: _array(data, v.name, path) for v in graph.inputs}
     per_input = []
     for value in graph.inputs:
         a, shape = arrays[value.name], value.shape
@@ -98,16 +104,50 @@ def load_batches(path: str | os.PathLike, graph: Graph) -> list[list]:
     counts = {len(p) for p in per_input}
     if len(counts) != 1:
         raise ModelLoadError(f"{path}: inputs hold different numbers of batches {sorted(counts)}")
+    if counts == {0}:
+        raise ModelLoadError(f"{path}: holds no batch (its arrays are empty)")
     return [list(batch) for batch in zip(*per_input)]
 
 
-def load_labels(path: str | os.PathLike):
+def _open_npz(path: Path):
     import numpy as np
 
-    with np.load(path, allow_pickle=False) as data:
+    if path.suffix != ".npz":
+        raise ModelLoadError(f"{path}: expected an .npz of arrays")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ModelLoadError(f"{path}: cannot read data ({e})") from None
+
+
+def _array(data, name: str, path: Path):
+    """One array of an open ``.npz``; object (pickled) arrays and unreadable members are refused."""
+    try:
+        array = data[name]
+    except (OSError, ValueError, EOFError) as e:  # ValueError: object arrays need pickle, refused here
+        raise ModelLoadError(f"{path}: array '{name}' cannot be read ({e})") from None
+    if array.dtype.kind not in "biuf":
+        raise ModelLoadError(f"{path}: array '{name}' holds {array.dtype} values, not numbers")
+    return array
+
+
+def load_labels(path: str | os.PathLike, samples: int, classes: int):
+    """Integer class ids, one per sample, each below ``classes``: anything else (one-hot rows,
+    strings, floats, a count that does not match) is refused instead of scoring nonsense."""
+    path = Path(path)
+    with _open_npz(path) as data:
         if "labels" not in data.files:
-            raise ModelLoadError(f"{path}: no 'labels' array")
-        return data["labels"]
+            raise ModelLoadError(f"{path}: no 'labels' array (integer class ids, one per sample)")
+        labels = _array(data, "labels", path)
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise ModelLoadError(f"{path}: 'labels' must be integer class ids of shape [samples], got "
+                             f"{labels.dtype} {list(labels.shape)}")
+    if len(labels) != samples:
+        raise ModelLoadError(f"{path}: {len(labels)} labels for {samples} samples")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise ModelLoadError(f"{path}: labels must be class ids in [0, {classes}) for a model with {classes} "
+                             f"outputs per sample; found {labels.min()}..{labels.max()}")
+    return labels
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -123,6 +163,9 @@ def load_data(path: str | os.PathLike, graph: Graph, mean: Sequence[float] | Non
 
     path = Path(path)
     if path.is_file():
+        if mean is not None or std is not None:
+            raise ModelLoadError(f"{path}: --image-mean/--image-std normalize a folder of images, not arrays "
+                                 f"(normalize the arrays before saving them)")
         return load_batches(path, graph)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such file or folder")
@@ -135,7 +178,10 @@ def load_data(path: str | os.PathLike, graph: Graph, mean: Sequence[float] | Non
     samples = []
     for f in files:
         if f.suffix == ".npy":
-            samples.append(np.load(f, allow_pickle=False))
+            try:
+                samples.append(np.load(f, allow_pickle=False))
+            except (OSError, ValueError, EOFError) as e:
+                raise ModelLoadError(f"{f}: cannot read array ({e})") from None
         else:
             samples.append(_read_image(f, value.shape, mean, std))
     arrays = np.concatenate([s if s.shape == value.shape else s[None] for s in samples]).astype(value.type.np_dtype)

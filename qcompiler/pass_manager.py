@@ -41,6 +41,7 @@ class Instruments:
     bisect_limit: int | None = None
     reproducer_dir: Path | None = None
     emit: Callable[[str], None] = print
+    on_pass: Callable[[Pass], None] | None = None  # told of each pass before it runs (progress lines)
     records: list[PassRecord] = field(default_factory=list)
 
 
@@ -60,6 +61,8 @@ def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], instruments: Inst
             continue
         if inst.bisect_limit is not None:
             inst.emit(f"bisect: running pass #{index + 1} ({p})")
+        if inst.on_pass is not None:
+            inst.on_pass(p)
         if p.name in inst.print_before:
             inst.emit(f"// ----- IR before {p} -----\n{print_graph(graph)}")
         before = graph.copy() if inst.reproducer_dir is not None else None
@@ -83,7 +86,10 @@ def _failure(p: Pass, passes: list[Pass], index: int, before: Graph | None, inst
     ran = "[" + ", ".join(str(q) for q in passes[:index]) + "]"
     detail = str(error) if isinstance(error, (QCompilerError, VerificationError)) else f"{type(error).__name__}: {error}"
     message = f"pass {p} failed after {ran}: {detail}"
-    if before is not None and inst.reproducer_dir is not None:
+    # a pass refusing what it was given (no calibration data, a bad option) is the user's to fix,
+    # and the input IR reproduces nothing: reproducers are for crashes and broken invariants
+    users_error = isinstance(error, QCompilerError) and not isinstance(error, VerificationError)
+    if before is not None and inst.reproducer_dir is not None and not users_error:
         inst.reproducer_dir.mkdir(parents=True, exist_ok=True)
         path = save(before, inst.reproducer_dir / f"reproducer_{p.name}.qir")
         message += f"; reproduce with: qcompiler opt {path} -p '{print_pipeline(passes[index:])}'"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,32 @@ OP_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+_KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number",
+               "float | None": "a finite number or null", "str": "a string", "tuple[str, ...]": "a list of strings"}
+
+
+def _check_types(config: Any, where: str) -> None:
+    """Each field of a config dataclass holds what its annotation says (JSON gives ``"no"`` for a
+    bool as easily as ``false``, and ``NaN`` for a number): a wrong type is an error, not truthy."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), f.type
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind in ("float", "float | None"):
+            ok = (value is None and kind != "float") or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                         and math.isfinite(value))
+        elif kind == "str":
+            ok = isinstance(value, str)
+        elif kind == "tuple[str, ...]":
+            ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        else:
+            ok = True
+        if not ok:
+            raise QCompilerError(f"{where}.{f.name} must be {_KIND_WORDS.get(kind, kind)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     method: str = "minmax"
@@ -36,6 +63,7 @@ class CalibrationConfig:
     bins: int = 2048  # histogram bins for percentile, entropy and mse
 
     def __post_init__(self) -> None:
+        _check_types(self, "calibration")
         if self.method not in CALIBRATION_METHODS:
             raise QCompilerError(f"calibration method '{self.method}' is not one of {', '.join(CALIBRATION_METHODS)}")
         if not 50.0 < self.percentile <= 100.0:
@@ -70,6 +98,13 @@ class QuantConfig:
     bias_correction: bool = True  # shift biases by the mean error quantization adds (bias-correction pass)
 
     def __post_init__(self) -> None:
+        if isinstance(self.op_types, list):
+            object.__setattr__(self, "op_types", tuple(self.op_types))
+        if isinstance(self.exclude, list):
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+        _check_types(self, "QuantConfig")
+        if not self.max_abs_range > 0:
+            raise QCompilerError(f"QuantConfig.max_abs_range must be a positive number, got {self.max_abs_range}")
         if self.weight_dtype != "i8":
             raise QCompilerError(f"weight_dtype '{self.weight_dtype}' is not supported (i8)")
         if self.activation_dtype not in ("u8", "i8"):
@@ -77,8 +112,6 @@ class QuantConfig:
         unknown = set(self.op_types) - set(OP_TYPES)
         if unknown:
             raise QCompilerError(f"unknown op types {sorted(unknown)} in QuantConfig (known: {', '.join(OP_TYPES)})")
-        object.__setattr__(self, "op_types", tuple(self.op_types))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
 
     def quantizes(self, op: str) -> bool:
         return any(op in OP_TYPES[t] for t in self.op_types)
@@ -118,6 +151,8 @@ class QuantConfig:
             text = path.read_text()
         except OSError as e:
             raise QCompilerError(f"{path}: cannot read config ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise QCompilerError(f"{path}: not a text file (a config is JSON or YAML)") from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml

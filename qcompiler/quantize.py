@@ -3,9 +3,11 @@ quantize/dequantize insertion, integer lowering. Returns the integer graph, the 
 (for per-layer analysis) and the report, with the pipeline string that reproduces them."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .calibration import calibration_set
 from .ir import Graph
 from .pass_manager import Instruments, PassRecord, run_pipeline
 from .pipeline import PassContext
@@ -36,17 +38,19 @@ class QuantizeResult:
 
 
 def quantize(graph: Graph, calibration: Any, config: QuantConfig | None = None, *, lower: bool = True,
-             float_pipeline: str | None = None, progress: bool = False) -> QuantizeResult:
-    """Quantize a copy of ``graph`` (which is left untouched) with ``calibration`` batches."""
+             float_pipeline: str | None = None, progress: bool = False,
+             on_pass: Callable[[Any], None] | None = None) -> QuantizeResult:
+    """Quantize a copy of ``graph`` (which is left untouched) with ``calibration`` batches
+    (see ``qcompiler.calibration`` for what they may be). ``on_pass`` is told of each pass
+    before it runs (``PhaseLog.for_pass``)."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
     from .compare import compare
-    from .passes.range_analysis import calibration_batches
 
     config = config or QuantConfig()
-    batches = calibration_batches(graph, calibration)
+    batches = calibration_set(graph, calibration)
     ctx = PassContext(calibration=batches, config=config, progress=progress)
-    inst = Instruments(emit=lambda s: None)
+    inst = Instruments(emit=lambda s: None, on_pass=on_pass)
     float_graph = run_pipeline(graph.copy(), float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
                                inst, ctx)
     calibrate = f"range-analysis{{{config.calibration.pipeline_options()}}}" + \
@@ -56,7 +60,7 @@ def quantize(graph: Graph, calibration: Any, config: QuantConfig | None = None, 
     if config.min_layer_sqnr_db is not None:
         # sensitivity fallback: layers that lose too much even when quantized alone stay float
         names = {n.handle: n.outputs[0].name for n in float_graph.nodes}
-        weak = [e for e in compare(float_graph, qdq, batches[0])
+        weak = [e for e in compare(float_graph, qdq, batches.first())
                 if e.local_sqnr_db is not None and e.local_sqnr_db < config.min_layer_sqnr_db]
         if weak:
             exclude = tuple(names[e.handle] for e in weak)
@@ -67,5 +71,7 @@ def quantize(graph: Graph, calibration: Any, config: QuantConfig | None = None, 
             for entry in ctx.report["not_quantized"]:
                 entry["reason"] = reasons.get(entry["handle"], entry["reason"])
     final = run_pipeline(qdq.copy(), "lower-integer", inst, ctx) if lower else qdq
+    for result in {id(g): g for g in (float_graph, qdq, final)}.values():
+        result.name_outputs([v.name for v in graph.outputs])  # rewrites replace output values; names stay
     return QuantizeResult(final, qdq, float_graph, quantization_pipeline(config, float_pipeline, lower, exclude),
                           ctx.report, inst.records)

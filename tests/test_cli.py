@@ -58,7 +58,7 @@ def test_output_never_overwrites_input(tmp_path):
     save(from_torch(model, (torch.randn(1, 1, 8, 8),)), path)
     before = path.read_bytes()
     result = _run("import", str(path), "-o", str(path))
-    assert result.returncode == 2 and "refusing to overwrite the input model" in result.stderr
+    assert result.returncode == 2 and "refusing to overwrite the input" in result.stderr
     assert path.read_bytes() == before
 
 

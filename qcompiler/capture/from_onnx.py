@@ -19,6 +19,7 @@ import onnx
 
 from ..errors import ModelLoadError, QCompilerError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, dtype_name
+from ..ir.types import MAX_CONSTANT_BYTES
 from ..ir.verify import verify_graph
 from ..registrar import registrar
 from .builder import GraphBuilder, resolve_shape
@@ -209,7 +210,18 @@ def _unary(ctx, node, inputs):
 
 @converts("Dropout")
 def _dropout(ctx, node, inputs):
-    return ctx.emit1("dropout", [inputs[0]])
+    """Inference: the identity, and an all-true mask. ``training_mode`` true with a ratio above
+    0 is random: refused, never silently the identity."""
+    ratio = _attr(node, "ratio", 0.5) if ctx.opset < 12 else \
+        (float(ctx.const_input(inputs[1], node, "ratio")) if len(inputs) > 1 and inputs[1] is not None else 0.5)
+    training = ctx.const_input(inputs[2], node, "training_mode") if len(inputs) > 2 else None
+    if training is not None and bool(np.asarray(training).reshape(-1)[0]) and ratio > 0:
+        raise ModelLoadError(f"Dropout node '{node.name}': training_mode is true (random, ratio {ratio}); "
+                             f"export the model for inference")
+    y = ctx.emit1("dropout", [inputs[0]])
+    if len(node.outputs) > 1:
+        return [y, ctx.const(np.ones(inputs[0].shape, np.bool_), "dropout_mask")]
+    return y
 
 
 @converts("HardSigmoid")
@@ -434,7 +446,8 @@ def _layer_norm(ctx, node, inputs):
 @converts("Flatten")
 def _flatten(ctx, node, inputs):
     x = inputs[0]
-    axis = _attr(node, "axis", 1) % (x.type.rank + 1) if x.type.rank else 0
+    axis = _attr(node, "axis", 1)
+    axis = axis + x.type.rank if axis < 0 else axis  # [-r, r]: -1 keeps the last axis apart
     return ctx.reshape(x, (int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:]))))
 
 
@@ -571,6 +584,10 @@ def _constant_of_shape(ctx, node, inputs):
     shape = [int(d) for d in ctx.const_input(inputs[0], node, "shape")]
     value = node.attrs.get("value")
     fill = np.asarray(value.values if value is not None else np.zeros(1, np.float32)).reshape(-1)
+    nbytes = math.prod(shape) * fill.dtype.itemsize
+    if any(d < 0 for d in shape) or nbytes > MAX_CONSTANT_BYTES:
+        raise ModelLoadError(f"ConstantOfShape node '{node.name}': shape {shape} ({nbytes:,} bytes) is negative "
+                             f"or larger than {MAX_CONSTANT_BYTES:,} bytes")
     return ctx.const(np.full(shape, fill[0], fill.dtype), "filled")
 
 

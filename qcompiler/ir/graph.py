@@ -190,6 +190,26 @@ class Graph:
     def set_outputs(self, outputs: Iterable[Value]) -> None:
         self.outputs = list(outputs)
 
+    def name_outputs(self, names: Sequence[str]) -> None:
+        """Give the outputs these names again: rewrites replace an output value (a quantized
+        model's last node is a new dequantize), and a model's output names are its interface.
+        A value holding a wanted name is renamed out of the way; inputs and constants keep theirs."""
+        holders = {v.name: v for v in self.inputs + [v for n in self.nodes for v in n.outputs]}
+        done: set[int] = set()
+        for value, name in zip(self.outputs, names):
+            if value.name == name or value.is_constant or value in self.inputs or id(value) in done:
+                continue
+            holder = holders.get(name)
+            if holder is not None:
+                if holder in self.inputs:
+                    continue
+                self.rename_value(holder, self.fresh_name(name))
+                holders[holder.name] = holder
+            del holders[value.name]
+            self.rename_value(value, name)
+            holders[name] = value
+            done.add(id(value))
+
     # ---- queries and edits --------------------------------------------------------------
     def users(self) -> dict[Value, list[Node]]:
         """Map from each value to the nodes that read it, in node order."""

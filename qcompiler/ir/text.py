@@ -12,11 +12,13 @@ the text shows only what is particular to a node. ``loc(#handle "source")`` carr
 handle and the source name through passes and files."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ParseError, QCompilerError
+from ..files import as_umask_allows
 from .graph import Graph, Node, Value
 from .ops import get_op
-from .types import DTYPES, TensorType
+from .types import DTYPES, MAX_CONSTANT_BYTES, TensorType, dtype_name
 
 INLINE_LIMIT = 16  # constants with at most this many elements print inline
 _BARE_NAME = re.compile(r"^[A-Za-z0-9_][\w.$]*$")
@@ -321,6 +324,9 @@ class _Parser:
                 raise self.error(f"constant @{name} has {len(flat)} values for type {ctype}", tok)
             array = np.array(flat, dtype=ctype.np_dtype).reshape(ctype.shape)
         elif name in self.constants:
+            declared = getattr(self.constants, "type_of", None)  # check a lazy store before reading it
+            if declared is not None and declared(name) != ctype:
+                raise self.error(f"constant @{name}: data is {declared(name)}, text says {ctype}", tok)
             array = np.asarray(self.constants[name])
             if TensorType.of(array) != ctype:
                 raise self.error(f"constant @{name}: data is {TensorType.of(array)}, text says {ctype}", tok)
@@ -405,6 +411,7 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        as_umask_allows(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -434,12 +441,55 @@ def load_graph(path: str | os.PathLike) -> Graph:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise QCompilerError(f"{path}: cannot read IR file ({e.__class__.__name__}: {e})") from None
-    constants: dict[str, np.ndarray] = {}
     npz = weights_path(path)
-    if npz.exists():
+    if not npz.exists():
+        return parse_graph(text, {}, filename=str(path))
+    with NpzWeights(npz) as weights:
+        return parse_graph(text, weights, filename=str(path))
+
+
+class NpzWeights(Mapping):
+    """The arrays of an ``.npz``, read on demand; :meth:`type_of` reads only an array's header,
+    so the parser checks a constant's shape against the text before decompressing it."""
+
+    def __init__(self, path: str | os.PathLike | io.BytesIO):
+        self.path = path
         try:
-            with np.load(npz, allow_pickle=False) as data:
-                constants = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise QCompilerError(f"{npz}: cannot read weights ({e})") from None
-    return parse_graph(text, constants, filename=str(path))
+            self.zip = zipfile.ZipFile(path)
+        except (OSError, zipfile.BadZipFile) as e:
+            raise QCompilerError(f"{path}: cannot read weights ({e})") from None
+        self.members = {n[:-4]: n for n in self.zip.namelist() if n.endswith(".npy")}
+
+    def __enter__(self) -> "NpzWeights":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.zip.close()
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def type_of(self, name: str) -> TensorType:
+        try:
+            with self.zip.open(self.members[name]) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+            return TensorType(shape, dtype_name(dtype))
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise QCompilerError(f"{self.path}: array '{name}' has an unreadable header ({e})") from None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        declared = self.type_of(name)
+        if declared.nbytes > MAX_CONSTANT_BYTES:
+            raise QCompilerError(f"{self.path}: array '{name}' is {declared} ({declared.nbytes:,} bytes), larger "
+                                 f"than {MAX_CONSTANT_BYTES:,} bytes")
+        try:
+            with self.zip.open(self.members[name]) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise QCompilerError(f"{self.path}: cannot read array '{name}' ({e})") from None

@@ -22,6 +22,10 @@ DTYPES: dict[str, np.dtype] = {
 }
 _NAME_OF = {v: k for k, v in DTYPES.items()}
 
+# the largest constant a model file may make qcompiler materialize (a ConstantOfShape, an .npz
+# member): a few KB of file must not become gigabytes of memory before anything is checked
+MAX_CONSTANT_BYTES = 4 << 30
+
 FLOAT_DTYPES = frozenset({"f64", "f32", "f16"})
 INT_DTYPES = frozenset({"i64", "i32", "i16", "i8", "u8"})
 
@@ -61,6 +65,10 @@ class TensorType:
     @staticmethod
     def of(array: np.ndarray) -> "TensorType":
         return TensorType(tuple(array.shape), dtype_name(array.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.np_dtype.itemsize
 
     def __str__(self) -> str:
         return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"

@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from tvm.target import Target
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
 
+from .index_check import raise_input_error
 from .relax_lower import to_relax
 
 
@@ -171,20 +173,38 @@ def missing_cpu_features(target_spec: str) -> list[str]:
 
 
 class TVMRunner:
-    """A built module on a device, called like the graph: numpy in, numpy out."""
+    """A built module on a device, called like the graph: numpy in, numpy out.
+
+    Safe to call from any number of threads: a Relax VM keeps per-call state (registers,
+    allocators) and crashes when two threads share one, so each calling thread gets its own VM
+    over the one shared executable (created on its first call, about 0.1 ms)."""
 
     def __init__(self, executable: Any, device: Any, num_outputs: int):
         if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
             from .x86_amx import amx_usable
 
             amx_usable()  # AMX kernels fault unless the process asked Linux for the tile state first
-        with quiet_native_stderr():
-            self.vm = relax.VirtualMachine(executable, device)
+        self.executable = executable
         self.device = device
         self.num_outputs = num_outputs
+        self._local = threading.local()
+        self._creating = threading.Lock()  # quiet_native_stderr swaps the process's fd 2
+        self._vm()  # fail here, not at the first call, when the module cannot be loaded on the device
+
+    def _vm(self) -> Any:
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            with self._creating, quiet_native_stderr():
+                vm = self._local.vm = relax.VirtualMachine(self.executable, self.device)
+        return vm
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        result = self.vm["main"](*[tvm.runtime.tensor(np.require(a, requirements="C"), self.device) for a in arrays])
+        args = [tvm.runtime.tensor(np.require(a, requirements="C"), self.device) for a in arrays]
+        try:
+            result = self._vm()["main"](*args)
+        except Exception as e:  # noqa: BLE001  a check compiled into a kernel (index range) failed
+            raise_input_error(e)
+            raise
         if self.num_outputs == 1:
             return [result.numpy()]
         return [result[i].numpy() for i in range(self.num_outputs)]
@@ -225,7 +245,13 @@ def export(executable: Any, path: str | os.PathLike) -> Path:
         if sys.platform.startswith("linux") and platform.machine() == "x86_64":
             addons.append(str(Path(work) / "request_amx.c"))
             Path(addons[0]).write_text(LIBRARY_CONSTRUCTOR)
-        executable.export_library(str(path), addons=addons, workspace_dir=work)
+        try:
+            executable.export_library(str(path), addons=addons, workspace_dir=work)
+        except OSError:
+            raise
+        except Exception as e:  # the compiler or linker failed: a full disk, a missing tool
+            raise QCompilerError(f"{path}: exporting the compiled library failed: "
+                                 f"{(str(e).strip().splitlines() or [''])[-1]}") from None
     return path
 
 

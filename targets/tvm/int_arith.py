@@ -40,14 +40,18 @@ def saturate(y: tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
 
 
 def requantize(acc: tirx.PrimExpr, input_zero_point: int, multiplier: tirx.PrimExpr, shift: tirx.PrimExpr,
-               output_zero_point: int | tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
+               output_zero_point: int | tirx.PrimExpr, lo: int, hi: int, dtype: str,
+               bind_product: bool = True) -> tirx.PrimExpr:
     """clip(round_half_even((acc - zp_in) * multiplier / 2^shift) + zp_out, lo, hi). The product
     is bound once (a Let): read twice by the rounding as a plain expression, LLVM computed the
-    64-bit multiply twice in vectorized epilogues."""
-    v = tirx.Var("v", "int64")
+    64-bit multiply twice in vectorized epilogues. Kernels MetaSchedule may tune take
+    ``bind_product=False``: its flop estimator has no rule for a Let and stops the tuning."""
     zp_out = _i64(output_zero_point) if isinstance(output_zero_point, int) else output_zero_point.astype("int64")
-    return tirx.Let(v, (acc.astype("int64") - _i64(input_zero_point)) * multiplier.astype("int64"),
-                    saturate(rounding_shift(v, shift.astype("int64")) + zp_out, lo, hi, dtype))
+    product = (acc.astype("int64") - _i64(input_zero_point)) * multiplier.astype("int64")
+    if not bind_product:
+        return saturate(rounding_shift(product, shift.astype("int64")) + zp_out, lo, hi, dtype)
+    v = tirx.Var("v", "int64")
+    return tirx.Let(v, product, saturate(rounding_shift(v, shift.astype("int64")) + zp_out, lo, hi, dtype))
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,8 @@ def requantize_tensor(x: te.Tensor, multiplier: te.Tensor, shift: te.Tensor, axi
 
     def element(*index):
         at = [] if len(multiplier.shape) == 0 else [index[axis]]
-        return requantize(x[index], input_zero_point, multiplier[tuple(at)], shift[tuple(at)], zp, lo, hi, dtype)
+        return requantize(x[index], input_zero_point, multiplier[tuple(at)], shift[tuple(at)], zp, lo, hi, dtype,
+                          bind_product=False)  # a generic kernel: tuning may see it
 
     return te.compute(x.shape, element, name="requantize")
 

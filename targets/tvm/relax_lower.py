@@ -19,6 +19,7 @@ from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
 from . import amx_lower, cpu_softmax, cuda_lower, int_arith, kernel_lower
+from .index_check import checked_indices
 
 R = relax.op
 TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
@@ -368,24 +369,50 @@ def _slice(low, node, xs):
     return y
 
 
+def _checked_indices(low, node: Node, index: Value, expr: relax.Expr, size: int) -> relax.Expr:
+    """``expr`` (the run-time index operand ``index`` of ``node``) with negative entries wrapped,
+    checked against ``[-size, size)`` inside the module (``index_check``): TVM's gathers read
+    whatever an index points at. Constant indices were checked by the interpreter's kernel at
+    capture and need no run-time check, only the wrap. On a GPU the indices are clamped into
+    range instead (no foreign reads) and ``CompiledModel`` checks index inputs on the host."""
+    dtype = TVM_DTYPE[index.dtype]
+    if index.is_constant:
+        array = low.array(index)
+        return low.const(np.where(array < 0, array + size, array).astype(array.dtype))
+    count = int(np.prod(index.shape, dtype=np.int64))
+    if count == 0:
+        return expr
+    if not low.cpu_kernels:  # a GPU kernel cannot stop the call: clamp on the device, inputs are checked on the host
+        wrapped = low.emit(R.where(low.emit(R.less(expr, low.scalar(0, dtype))),
+                                   low.emit(R.add(expr, low.scalar(size, dtype))), expr))
+        return low.emit(R.minimum(low.emit(R.maximum(wrapped, low.scalar(0, dtype))), low.scalar(size - 1, dtype)))
+    message = f"{node.describe()}: index out of range for axis of size {size}"
+    func = low.bb.add_func(checked_indices(count, size, dtype, message), "checked_indices")
+    flat_shape = index.type.rank == 1
+    flat = low.emit(relax.call_tir(func, [expr if flat_shape else low.emit(R.reshape(expr, [count]))],
+                                   relax.TensorType([count], dtype)))
+    return flat if flat_shape else low.emit(R.reshape(flat, list(index.shape)))
+
+
 @lowers("gather")
 def _gather(low, node, xs):
     data, idx = node.inputs
     axis = node.attrs["axis"] % data.type.rank
-    size = data.shape[axis]
-    indices = low.emit(R.where(low.emit(R.less(xs[1], low.scalar(0, TVM_DTYPE[idx.dtype]))),
-                               low.emit(R.add(xs[1], low.scalar(size, TVM_DTYPE[idx.dtype]))), xs[1]))
-    return low.emit(R.take(xs[0], indices, axis=axis))
+    return low.emit(R.take(xs[0], _checked_indices(low, node, idx, xs[1], data.shape[axis]), axis=axis))
 
 
 @lowers("gather_elements")
 def _gather_elements(low, node, xs):
-    return low.emit(R.gather_elements(xs[0], xs[1], axis=node.attrs["axis"]))
+    data, idx = node.inputs
+    axis = node.attrs["axis"] % data.type.rank
+    return low.emit(R.gather_elements(xs[0], _checked_indices(low, node, idx, xs[1], data.shape[axis]), axis=axis))
 
 
 @lowers("index")
 def _index(low, node, xs):
-    return low.emit(R.index_tensor(xs[0], relax.Tuple(xs[1:])))
+    data = node.inputs[0]
+    indices = [_checked_indices(low, node, v, x, size) for v, x, size in zip(node.inputs[1:], xs[1:], data.shape)]
+    return low.emit(R.index_tensor(xs[0], relax.Tuple(indices)))
 
 
 @lowers("expand")

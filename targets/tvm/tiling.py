@@ -126,11 +126,15 @@ def tile_window_rows(sch, lanes: int, intrinsic: str | None = None) -> tvm.tirx.
     b, ch, y, v, *reductions = sch.get_loops(block)
     outside, inside = (reductions[:-1], reductions[-1:]) if intrinsic else (reductions, [])
     height, width = (sch.get(loop).extent.value for loop in (y, v))
-    rows = max(r for r in range(1, height + 1) if height % r == 0 and r * (width // lanes) <= WINDOW_ACCUMULATORS)
+    strips_per_row = width // lanes
+    # a row wider than the accumulators (a 320-pixel image, a text line) is cut into pieces
+    # of whole strips, each a tile of its own: the largest divisor that fits
+    piece = max(d for d in range(1, min(strips_per_row, WINDOW_ACCUMULATORS) + 1) if strips_per_row % d == 0)
+    rows = max(r for r in range(1, height + 1) if height % r == 0 and r * piece <= WINDOW_ACCUMULATORS)
     y_outer, y_inner = sch.split(y, [None, rows])
-    strips, vector = sch.split(v, [None, lanes])
-    sch.reorder(b, ch, y_outer, *outside, y_inner, strips, vector, *inside)
-    tile = sch.fuse(b, ch, y_outer)
+    pieces, strips, vector = sch.split(v, [None, piece, lanes])
+    sch.reorder(b, ch, y_outer, pieces, *outside, y_inner, strips, vector, *inside)
+    tile = sch.fuse(b, ch, y_outer, pieces)
     sch.parallel(tile)
     epilogue = accumulate_in_registers(sch, block, tile, (*outside, y_inner, strips))
     if intrinsic:  # the intrinsic's body has no init: decompose first

@@ -127,12 +127,14 @@ def tune(mod: tvm.IRModule, target: Target, database: Any, log_dir: str | os.Pat
 @contextlib.contextmanager
 def _progress(show: bool, trials: int, tasks: int):
     """A measure callback counting candidates, driving a progress bar when ``show``."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
+    console = Console(stderr=True)  # stdout may carry a report (--json); bars only on a terminal
     bar = Progress(TextColumn(f"tuning {tasks} kernels"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   transient=True, disable=not show)
+                   transient=True, console=console, disable=not show or not console.is_terminal)
 
     @derived_object
     class Counter(ms.measure_callback.PyMeasureCallback):

@@ -93,20 +93,25 @@ def choose_qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, np.int
 
 
 def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Write each positive real multiplier as m * 2^-s with m an int32 in [2^30, 2^31)
-    (gemmlowp/TFLite's QuantizeMultiplier): requantization then needs only integer ops."""
+    """Write each non-negative real multiplier as m * 2^-s with m an int32 in [2^30, 2^31)
+    (gemmlowp/TFLite's QuantizeMultiplier): requantization then needs only integer ops.
+
+    A multiplier under 2^-32 becomes m = 0: every operand is an int32 (|v| < 2^31), so
+    ``v * real`` is under half a step and rounds to 0 exactly (a dead channel's, say)."""
     real = np.asarray(real, np.float64)
-    if np.any(real <= 0) or not np.all(np.isfinite(real)):
-        raise ValueError("requantization multipliers must be finite and positive")
-    mantissa, exponent = np.frexp(real)  # real = mantissa * 2^exponent, mantissa in [0.5, 1)
+    if np.any(real < 0) or not np.all(np.isfinite(real)):
+        raise ValueError("requantization multipliers must be finite and non-negative")
+    negligible = real < 2.0 ** -32
+    mantissa, exponent = np.frexp(np.where(negligible, 0.5, real))  # real = mantissa * 2^exponent
     m = np.rint(mantissa * (1 << 31)).astype(np.int64)
     carry = m == (1 << 31)
     m = np.where(carry, m // 2, m)
     exponent = exponent + carry
     shift = 31 - exponent
-    if np.any(shift < 1) or np.any(shift > 62):
-        raise ValueError(f"requantization multiplier out of range: {real}")
-    return m.astype(np.int32), shift.astype(np.int32)
+    if np.any(shift < 1):
+        raise ValueError(f"requantization multiplier {real.max():.4g} is 1 or more (the output's scale is finer "
+                         f"than the accumulator's)")
+    return np.where(negligible, 0, m).astype(np.int32), np.where(negligible, 31, shift).astype(np.int32)
 
 
 def rounding_shift(v: np.ndarray, shift: np.ndarray) -> np.ndarray:

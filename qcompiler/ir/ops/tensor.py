@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...errors import InputError
 from ..types import TensorType
 from .registry import Attr, broadcast_shapes, declare, norm_axis, same_dtype
 
@@ -87,13 +88,19 @@ def _gather_infer(types, attrs):
     return [TensorType(data.shape[:axis] + idx.shape + data.shape[axis + 1:], data.dtype)]
 
 
+def wrapped_indices(idx: np.ndarray, size: int) -> np.ndarray:
+    """``idx`` with negative entries counted from the end; ``InputError`` when one is out of
+    ``[-size, size)`` (a token id past a vocabulary is bad input, not a crash)."""
+    if idx.size and (idx.min() < -size or idx.max() >= size):
+        bad = idx[(idx < -size) | (idx >= size)].flat[0]
+        raise InputError(f"index {bad} out of range for axis of size {size}")
+    return np.where(idx < 0, idx + size, idx)
+
+
 def _gather_kernel(xs, attrs):
     data, idx = xs
     axis = attrs["axis"] % data.ndim
-    idx = np.where(idx < 0, idx + data.shape[axis], idx)
-    if idx.size and (idx.min() < 0 or idx.max() >= data.shape[axis]):
-        raise IndexError(f"gather: index out of range for axis of size {data.shape[axis]}")
-    return np.take(data, idx, axis=axis)
+    return np.take(data, wrapped_indices(idx, data.shape[axis]), axis=axis)
 
 
 declare("gather", arity=2, attrs={"axis": Attr("int", 0)}, infer=_gather_infer, kernel=_gather_kernel,
@@ -112,8 +119,7 @@ def _gather_elements_infer(types, attrs):
 def _gather_elements_kernel(xs, attrs):
     data, idx = xs
     axis = attrs["axis"] % data.ndim
-    idx = np.where(idx < 0, idx + data.shape[axis], idx)
-    return np.take_along_axis(data, idx, axis=axis)
+    return np.take_along_axis(data, wrapped_indices(idx, data.shape[axis]), axis=axis)
 
 
 declare("gather_elements", arity=2, attrs={"axis": Attr("int", 0)}, infer=_gather_elements_infer,
@@ -131,7 +137,12 @@ def _index_infer(types, attrs):
                        data.dtype)]
 
 
-declare("index", arity=(2, 64), infer=_index_infer, kernel=lambda xs, a: xs[0][tuple(xs[1:])],
+def _index_kernel(xs, attrs):
+    data, idxs = xs[0], xs[1:]
+    return data[tuple(wrapped_indices(idx, size) for idx, size in zip(idxs, data.shape))]
+
+
+declare("index", arity=(2, 64), infer=_index_infer, kernel=_index_kernel,
         tags=("layout",), doc="advanced indexing data[i0, i1, ...] on the leading axes (indices broadcast)")
 
 

@@ -1,0 +1,35 @@
+"""One line per phase of a long job (capture, optimize, calibrate, quantize, build), stamped
+with the time since the job began: what a CI log needs to show that a four-minute compile is
+alive and where its time goes. Rich progress bars stay for terminals; these lines go wherever
+the caller's ``emit`` sends them (the CLI: stderr, unless ``--quiet``)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+# the phase each pass belongs to; passes not listed are float optimizations
+PASS_PHASES = {"range-analysis": "calibrate", "bias-correction": "calibrate", "smooth-quant": "calibrate",
+               "insert-qdq": "quantize", "lower-integer": "quantize"}
+
+
+class PhaseLog:
+    def __init__(self, emit: Callable[[str], None] | None = None):
+        self.emit = emit
+        self.started = time.perf_counter()
+        self.current: str | None = None
+
+    def phase(self, name: str, detail: str = "") -> None:
+        """Announce ``name`` (once: repeated calls for the phase already running say nothing)."""
+        if self.emit is None or name == self.current:
+            return
+        self.current = name
+        self.emit(f"[{time.perf_counter() - self.started:7.1f} s] {name}" + (f": {detail}" if detail else ""))
+
+    def for_pass(self, p: Any) -> None:
+        """The pass manager's hook: the phase of the pass about to run."""
+        self.phase(PASS_PHASES.get(p.name, "optimize"), str(p) if p.name in PASS_PHASES else "")
+
+    def done(self, what: str = "done") -> None:
+        self.current = None
+        self.phase(what)

@@ -1,0 +1,172 @@
+"""Stress cases real published models contain and the models qcompiler was built around do not:
+dead and subnormal channels after batch-norm folding, biases too large for int32 at the
+accumulator's scale, multi-output ops whose parts are joined again, and wide images. Each is
+quantized with the default config, built for llvm, and checked against the interpreter; no
+layer may stay float for any reason but the sensitivity check."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.passes.insert_qdq import quantize_weight
+
+
+def _calibration(shape, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
+
+
+def _check(model, shape, targets=("reference", "llvm")):
+    """Quantize and build ``model``; every layer integer, the build equal to its interpreter run."""
+    x = _calibration(shape, 1, seed=9)[0]
+    for target in targets:
+        compiled = qcompiler.compile(model, (torch.from_numpy(x),), calibration=_calibration(shape), target=target)
+        report = compiled.report()
+        assert report["quantized"]
+        assert all("min_layer_sqnr_db" in e["reason"] for e in report["kept_float"]), report["kept_float"]
+        np.testing.assert_array_equal(np.asarray(compiled(x)), compiled.graph(x)[0])
+        assert report["fidelity"]["output_cosine"] > 0.99, report["fidelity"]
+    return compiled
+
+
+def _dead_channel_net(dead_scales, bias=0.5):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                            torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        k = len(dead_scales)
+        m[1].weight[:k] = torch.tensor(dead_scales, dtype=torch.float32)  # gamma ~ 0: the channel is dead
+        m[1].bias[:k] = bias
+    return m
+
+
+@pytest.mark.parametrize("dead", [[1e-12, 1e-20, 1e-30], [1e-38, 1e-40, 1e-42]], ids=["tiny", "subnormal"])
+def test_dead_and_subnormal_channels_quantize_as_zero_channels(dead):
+    """Before: scales of ~1e-41 crashed lower-integer or overflowed the int32 bias, and the conv
+    was silently kept float with a false reason."""
+    compiled = _check(_dead_channel_net(dead), (1, 3, 8, 8))
+    assert compiled.report()["kept_float"] == []
+    assert compiled.graph.op_counts().get("conv2d_int") == 2
+
+
+def test_quantize_weight_zeroes_dead_channels_with_a_sane_scale():
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w[1] *= 1e-12
+    w[2] = 1e-41  # subnormal
+    q, scale = quantize_weight(w, per_channel=True)
+    assert not q[1].any() and not q[2].any() and q[0].any() and q[3].any()
+    assert scale[1] == scale[2] == scale.max()  # the largest channel's: requantization stays in range
+    # live channels keep their own scale (max |w| / 127)
+    np.testing.assert_allclose(scale[[0, 3]], np.abs(w[[0, 3]]).reshape(2, -1).max(1) / 127, rtol=1e-6)
+    q, scale = quantize_weight(np.full((2, 3), 1e-40, np.float32), per_channel=True)
+    assert not q.any() and np.all(scale == 1.0)
+
+
+def test_a_bias_too_large_for_int32_coarsens_that_channel_instead_of_keeping_the_layer_float():
+    """A tiny-weight channel with a bias of 300: round(b / (s_x s_w)) was past 2^31."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        m[0].weight[2] *= 1e-5
+        m[0].bias[2] = 300.0
+    compiled = _check(m, (2, 16))
+    assert compiled.report()["kept_float"] == []
+    bias = next(compiled.graph.constant_array(n.inputs[4]) for n in compiled.graph.nodes if n.op == "linear_int")
+    # about 2^30 (float32 scales and the bias correction's shift round it): room left for the sum below 2^31
+    assert np.abs(bias.astype(np.int64)).max() <= 1.001 * 2 ** 30
+
+
+class _SplitJoin(torch.nn.Module):
+    """A detector block: split a tensor in two, a branch on each part, join them again."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 1)
+        self.head = torch.nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        p, q = torch.split(y, 8, dim=1)
+        return self.head(torch.cat([torch.relu(self.a(p)), self.b(q)], 1).flatten(1))
+
+
+def test_multi_output_split_then_join_quantizes_everywhere(tmp_path):
+    """Before: insert-qdq crashed on the split (``node.output`` of a two-output node), and the
+    sensitivity check read the split's first half for its second."""
+    from tests.conftest import export_onnx
+
+    torch.manual_seed(0)
+    model = _SplitJoin().eval()
+    _check(model, (1, 3, 8, 8))
+    path = export_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "split.onnx", ["x"])
+    compiled = qcompiler.compile(path, calibration=_calibration((1, 3, 8, 8)), target="onnx")
+    assert compiled.report()["kept_float"] == []
+    x = _calibration((1, 3, 8, 8), 1, seed=3)[0]
+    assert np.abs(compiled(x) - compiled.graph(x)[0]).max() <= 2 * float(
+        compiled.graph.constant_array(compiled.graph.outputs[0].producer.inputs[1]))
+
+
+@pytest.mark.parametrize("width", [144, 320, 17 * 16])
+def test_wide_images_build_and_match(width):
+    """Rows wider than a tile's accumulators (a 320-pixel image, a text line): max pooling here,
+    and the int8 depthwise kernels built for VNNI and AMX CPUs (checked where this CPU runs them)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2)).eval()
+    shape = (1, 3, 6, width)
+    x = _calibration(shape, 1, seed=5)[0]
+    _check(model, shape, targets=("llvm",))
+    for cpu in ("icelake-server", "sapphirerapids"):
+        compiled = qcompiler.compile(model, (torch.from_numpy(x),), calibration=_calibration(shape), cpu=cpu)
+        assert compiled.report()["int8_kernels"]["kernels"] in ("vnni-vbmi", "amx")
+        if compiled.runs_here:
+            np.testing.assert_array_equal(compiled(x), compiled.graph(x)[0])
+
+
+def _onnx_model(nodes, inputs, outputs, initializers=(), opset=17):
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("axis", [-1, -2, 0, 1, 3])
+def test_flatten_with_a_negative_axis_matches_onnx_reference(axis):
+    """Before: axis -1 on a rank-3 tensor flattened everything (wrong shape, silently)."""
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    model = _onnx_model([helper.make_node("Flatten", ["x"], ["y"], axis=axis)],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])])
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    got = qcompiler.from_onnx(model)(x)[0]
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def test_dropout_in_training_mode_is_refused_and_its_mask_is_all_true():
+    from onnx import TensorProto, helper, numpy_helper
+
+    def dropout(training: bool):
+        return _onnx_model(
+            [helper.make_node("Dropout", ["x", "ratio", "training"], ["y", "mask"])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
+             helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 3])],
+            [numpy_helper.from_array(np.array(0.3, np.float32), "ratio"),
+             numpy_helper.from_array(np.array(training), "training")])
+
+    with pytest.raises(qcompiler.QCompilerError, match="Dropout.*training_mode is true"):
+        qcompiler.from_onnx(dropout(True))
+    x = np.ones((2, 3), np.float32)
+    y, mask = qcompiler.from_onnx(dropout(False))(x)
+    np.testing.assert_array_equal(y, x)
+    assert mask.dtype == np.bool_ and mask.all()
