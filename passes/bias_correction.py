@@ -8,6 +8,7 @@ E[y'] == E[y]. d is measured on the calibration batches with each layer quantize
 insert-qdq will quantize it (same ranges, same weight scheme). Runs after range-analysis."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +45,15 @@ def _quantized_weight(graph: Graph, node: Node, config: QuantConfig) -> tuple[np
 class BiasCorrection(Pass):
     name = "bias-correction"
     summary = "shift conv/linear biases by the mean error quantization adds (needs range-analysis, calibration)"
+    exclude: tuple[str, ...] = ()  # more names/patterns kept float (as insert-qdq's): their biases stay
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         config = ctx.config or QuantConfig()
         layers = [n for n in graph.nodes if n.op in CORRECTED and config.quantizes(n.op)
-                  and not config.excluded(n.source, n.output.name) and n.inputs[1].is_constant
+                  and not config.excluded(n.source, n.output.name)
+                  and not any(fnmatch.fnmatchcase(name, p) for name in (n.source, n.output.name) if name
+                              for p in self.exclude)
+                  and n.inputs[1].is_constant
                   and not n.inputs[0].is_constant and n.inputs[0].range is not None
                   and max(abs(r) for r in n.inputs[0].range) <= config.max_abs_range]
         if not layers:

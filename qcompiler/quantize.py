@@ -14,14 +14,26 @@ from .pipeline import PassContext
 from .quant_config import QuantConfig
 
 
+def _excluding(pass_name: str, exclude: tuple[str, ...]) -> str:
+    return pass_name + ("{exclude=" + ",".join(exclude) + "}" if exclude else "")
+
+
+def quantize_stages(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
+    """range-analysis, bias-correction (as ``config`` says) and insert-qdq. ``exclude``: layers
+    kept float, given to both bias-correction and insert-qdq (a layer kept float keeps its bias)."""
+    stages = [f"range-analysis{{{config.calibration.pipeline_options()}}}"]
+    if config.bias_correction:
+        stages.append(_excluding("bias-correction", exclude))
+    stages.append(_excluding("insert-qdq", exclude))
+    return ",".join(stages)
+
+
 def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,
                           exclude: tuple[str, ...] = ()) -> str:
+    """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
-    insert = "insert-qdq" + ("{exclude=" + ",".join(exclude) + "}" if exclude else "")
-    stages = [float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
-              f"range-analysis{{{config.calibration.pipeline_options()}}}",
-              "bias-correction" if config.bias_correction else "", insert]
+    stages = [float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE, quantize_stages(config, exclude)]
     if lower:
         stages.append("lower-integer")
     return ",".join(s for s in stages if s)
@@ -53,9 +65,7 @@ def quantize(graph: Graph, calibration: Any, config: QuantConfig | None = None, 
     inst = Instruments(emit=lambda s: None, on_pass=on_pass)
     float_graph = run_pipeline(graph.copy(), float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
                                inst, ctx)
-    calibrate = f"range-analysis{{{config.calibration.pipeline_options()}}}" + \
-        (",bias-correction" if config.bias_correction else "")
-    qdq = run_pipeline(float_graph.copy(), f"{calibrate},insert-qdq", inst, ctx)
+    qdq = run_pipeline(float_graph.copy(), quantize_stages(config), inst, ctx)
     exclude: tuple[str, ...] = ()
     if config.min_layer_sqnr_db is not None:
         # sensitivity fallback: layers that lose too much even when quantized alone stay float
@@ -65,7 +75,7 @@ def quantize(graph: Graph, calibration: Any, config: QuantConfig | None = None, 
         if weak:
             exclude = tuple(names[e.handle] for e in weak)
             ctx.report["not_quantized"] = []
-            qdq = run_pipeline(float_graph.copy(), f"{calibrate},insert-qdq{{exclude={','.join(exclude)}}}", inst, ctx)
+            qdq = run_pipeline(float_graph.copy(), quantize_stages(config, exclude), inst, ctx)
             reasons = {str(e.handle): f"local SQNR {e.local_sqnr_db:.1f} dB < min_layer_sqnr_db "
                                       f"{config.min_layer_sqnr_db:g}" for e in weak}
             for entry in ctx.report["not_quantized"]:

@@ -271,3 +271,32 @@ def test_smooth_quant_is_neutral_and_flattens_outlier_channels():
     smoothed = batch * g.constant_array(g.nodes[0].inputs[1])
     spread = lambda a: np.abs(a).max(0).max() / np.abs(a).max(0).min()  # noqa: E731
     assert spread(smoothed) < spread(batch) / 5
+
+
+def test_layers_kept_float_by_the_sensitivity_check_keep_their_bias():
+    """The sensitivity fallback excluded layers from insert-qdq only, and bias-correction still
+    shifted their biases: an MLP with every layer kept float differed from the float model by
+    1.4e-3. Both passes now take the one exclusion list, in the pipeline string too."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 8)
+    graph = from_torch(mlp, (x,))
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((4, 8)).astype(np.float32) for _ in range(4)]
+    result = qcompiler.quantize(graph, calibration, QuantConfig(min_layer_sqnr_db=1000.0))  # nothing is good enough
+    assert len(result.report["kept_float"]) == 2
+    np.testing.assert_array_equal(result.graph(x.numpy())[0], result.float_graph(x.numpy())[0])
+    assert "bias-correction{exclude=" in result.pipeline and "insert-qdq{exclude=" in result.pipeline
+    # the pipeline string reproduces the graph (what `qcompiler opt -p` runs)
+    again = run_pipeline(graph.copy(), result.pipeline, context=PassContext(calibration=calibration))
+    assert qcompiler.print_graph(again) == qcompiler.print_graph(result.graph)
+
+
+def test_quantize_multiplier_takes_negligible_multipliers_as_exactly_zero():
+    """A multiplier under 2^-32 moves no int32 by half a step: m = 0 (a dead channel's)."""
+    m, s = quantize_multiplier(np.array([2.0 ** -33, 1e-45, 0.0, 0.25]))
+    assert list(m[:3]) == [0, 0, 0] and m[3] == 1 << 30
+    acc = np.array([(1 << 31) - 1, -(1 << 31)], np.int64)
+    assert not rounding_shift(acc * int(m[0]), np.int64(s[0])).any()
+    with pytest.raises(ValueError, match="is 2.30 or more"):
+        quantize_multiplier(np.array([2.0 ** 31]))

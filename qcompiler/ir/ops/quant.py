@@ -109,8 +109,8 @@ def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     exponent = exponent + carry
     shift = 31 - exponent
     if np.any(shift < 1):
-        raise ValueError(f"requantization multiplier {real.max():.4g} is 1 or more (the output's scale is finer "
-                         f"than the accumulator's)")
+        raise ValueError(f"requantization multiplier {real.max():.4g} is 2^30 or more (the output's scale is "
+                         f"over a billion times finer than the accumulator's)")
     return np.where(negligible, 0, m).astype(np.int32), np.where(negligible, 31, shift).astype(np.int32)
 
 
