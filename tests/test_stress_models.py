@@ -170,3 +170,88 @@ def test_dropout_in_training_mode_is_refused_and_its_mask_is_all_true():
     y, mask = qcompiler.from_onnx(dropout(False))(x)
     np.testing.assert_array_equal(y, x)
     assert mask.dtype == np.bool_ and mask.all()
+
+
+def _if_model(threshold: int, data_dependent: bool = False):
+    """``y = relu(x) * 2 if cond else -relu(x)``: cond from the input's static shape (known once
+    shapes are fixed), or from its values; the branches read ``r`` from the enclosing graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"])]
+    if data_dependent:
+        nodes += [helper.make_node("ReduceSum", ["x"], ["t"], keepdims=0),
+                  helper.make_node("Greater", ["t", "zero"], ["cond"])]
+    else:
+        nodes += [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("ReduceProd", ["s"], ["n"], keepdims=0),
+                  helper.make_node("Greater", ["n", "limit"], ["cond"])]
+    branch = lambda op, out, extra: helper.make_graph(  # noqa: E731
+        [helper.make_node(op, ["r", *extra], [out])], out, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                                                             [2, 3])])
+    nodes.append(helper.make_node("If", ["cond"], ["y"], name="the_if", then_branch=branch("Mul", "a", ["two"]),
+                                  else_branch=branch("Neg", "b", [])))
+    return _onnx_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                       [numpy_helper.from_array(np.array(threshold, np.int64), "limit"),
+                        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                        numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+
+
+@pytest.mark.parametrize("threshold", [5, 7], ids=["then", "else"])
+def test_if_with_a_condition_known_once_shapes_are_fixed_is_inlined(threshold):
+    """Before: a raw onnx.reference RuntimeError (the branch's read of 'r' was not seen)."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = _if_model(threshold)
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    graph = qcompiler.from_onnx(model)
+    assert "If" not in str(graph)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(graph(x)[0], want)
+    np.testing.assert_array_equal(qcompiler.compile(model, target="llvm")(x), want)
+
+
+def test_if_on_the_input_values_is_one_clear_error():
+    with pytest.raises(qcompiler.UnsupportedOpError, match=r"If \(condition computed from the inputs\).*the_if"):
+        qcompiler.from_onnx(_if_model(5, data_dependent=True))
+
+
+@pytest.mark.parametrize("dtype", ["UINT16", "UINT32", "INT4", "UINT4", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E5M2"])
+def test_narrow_and_exotic_constants_are_widened_exactly(dtype):
+    """Before: a bare ValueError ('unsupported dtype int4'), and float8 named as a number."""
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    values = [1, 2, 3] if "INT" in dtype else [1.5, -2.0, 0.25]
+    weight = helper.make_tensor("w", getattr(TensorProto, dtype), [3], values)
+    model = _onnx_model([helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT),
+                         helper.make_node("Add", ["x", "wf"], ["y"])],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [weight], opset=21)
+    x = np.array([10.0, 20.0, 30.0], np.float32)
+    np.testing.assert_array_equal(qcompiler.from_onnx(model)(x)[0], ReferenceEvaluator(model).run(None, {"x": x})[0])
+    as_input = _onnx_model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+                           [helper.make_tensor_value_info("x", getattr(TensorProto, dtype), [3])],
+                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], opset=21)
+    with pytest.raises(qcompiler.ModelLoadError, match=f"input 'x' has unsupported dtype {dtype.lower()} \\(inputs"):
+        qcompiler.from_onnx(as_input)
+
+
+def test_int4_weights_behind_dequantize_linear_import_and_quantize():
+    """Opset 21's int4 block-quantized weights: DequantizeLinear of int4 with per-row scales."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(0)
+    w4 = helper.make_tensor("w4", TensorProto.INT4, [4, 6], rng.integers(-8, 8, 24).tolist())
+    scale = numpy_helper.from_array(rng.uniform(0.01, 0.1, (4, 1)).astype(np.float32), "ws")
+    model = _onnx_model([helper.make_node("DequantizeLinear", ["w4", "ws"], ["w"], axis=1, block_size=6),
+                         helper.make_node("MatMul", ["x", "w"], ["y"])],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], [w4, scale], opset=21)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(qcompiler.from_onnx(model)(x)[0], want, rtol=1e-6, atol=1e-6)
+    compiled = qcompiler.compile(model, calibration=[rng.standard_normal((2, 4)).astype(np.float32) for _ in range(4)])
+    assert compiled.report()["quantized"]
+    np.testing.assert_array_equal(compiled(x), compiled.graph(x)[0])
+    assert np.abs(compiled(x) - want).max() < 0.05 * np.abs(want).max()

@@ -69,6 +69,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
     """Import an ONNX model. Dynamic input dimensions must be fixed with ``input_shapes``."""
     import onnx_graphsurgeon as gs
 
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (float8 values, 'colored') are not the user's business
     proto, where = _load(model)
     try:
         onnx.checker.check_model(proto)
@@ -89,15 +90,28 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
     gsg.toposort()
     depends = {t.name for t in gsg.inputs}
     unsupported: dict[str, list[str]] = {}
-    for node in gsg.nodes:
-        if node.op not in _SHAPE_ONLY and any(t.name in depends for t in node.inputs if t.name):
+
+    def scan(nodes: Sequence[Any]) -> None:
+        """Which values depend on the inputs (a subgraph's reads of outer values count), and
+        which of the nodes computing them have no converter."""
+        for node in nodes:
+            if node.op in _SHAPE_ONLY or not any(name in depends for name in _reads(node)):
+                continue
             depends.update(t.name for t in node.outputs)
             key = node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}.{node.op}"
-            if key not in _CONVERTERS:
-                unsupported.setdefault(key, []).append(node.name or node.outputs[0].name)
+            label = node.name or node.outputs[0].name
+            if key == "If":
+                if node.inputs[0].name in depends:
+                    unsupported.setdefault("If (condition computed from the inputs)", []).append(label)
+                for branch in node.subgraphs():  # both: which one runs is known once converting
+                    scan(branch.nodes)
+            elif key not in _CONVERTERS:
+                unsupported.setdefault(key, []).append(label)
             elif any(i < len(node.inputs) and node.inputs[i].name in depends for i in _STATIC_OPERANDS.get(key, ())):
                 # static shapes: a shape/axes/bounds operand computed from an input is dynamic
-                unsupported.setdefault(f"{key} (run-time shape operand)", []).append(node.name or node.outputs[0].name)
+                unsupported.setdefault(f"{key} (run-time shape operand)", []).append(label)
+
+    scan(gsg.nodes)
     if unsupported:
         raise UnsupportedOpError(where, unsupported)
 
@@ -109,7 +123,8 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         try:
             dtype = dtype_name(tensor.dtype)
         except ValueError:
-            raise ModelLoadError(f"{where}: input '{tensor.name}' has unsupported dtype {tensor.dtype}") from None
+            raise ModelLoadError(f"{where}: input '{tensor.name}' has unsupported dtype {_dtype_label(tensor.dtype)} "
+                                 f"(inputs are f16/f32/f64, i8/i16/i32/i64, u8 or bool)") from None
         env[tensor.name] = graph.add_input(_value_name(tensor.name), TensorType(tuple(shape), dtype))
     if input_shapes:
         raise ModelLoadError(f"{where}: input_shapes names unknown input(s) {sorted(input_shapes)}; "
@@ -123,29 +138,45 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         if tensor.name in env:
             return env[tensor.name]
         if isinstance(tensor, gs.Constant):
-            env[tensor.name] = ctx.const(np.asarray(tensor.values), _value_name(tensor.name))
+            array = widened(np.asarray(tensor.values), f"{where}: initializer '{tensor.name}'")
+            env[tensor.name] = ctx.const(array, _value_name(tensor.name))
             return env[tensor.name]
         raise ModelLoadError(f"{where}: tensor '{tensor.name}' is used but never produced")
 
-    for node in gsg.nodes:
-        ctx.source = node.name or node.outputs[0].name
-        inputs = [operand(t) for t in node.inputs]
-        try:
-            if node.op in _CONVERTERS and node.domain in (None, "", "ai.onnx"):
-                result = _CONVERTERS[node.op](ctx, node, inputs)
-            else:
-                result = _reference_eval(ctx, node, inputs)
-        except QCompilerError as e:
-            raise QCompilerError(f"{where}: {e}") from None
-        except (TypeError, ValueError, KeyError, IndexError) as e:
-            raise QCompilerError(f"{where}: cannot convert {node.op} node '{ctx.source}': {e}") from e
-        results = [result] if isinstance(result, Value) else list(result)
-        for tensor, value in zip(node.outputs, results):
-            if tensor.name:
-                env[tensor.name] = value
-        for tensor in node.outputs[len(results):]:
-            if tensor.name in consumed:
-                raise QCompilerError(f"{where}: output {tensor.name} of {node.op} '{ctx.source}' is not supported")
+    def convert(nodes: Sequence[Any]) -> None:
+        for node in nodes:
+            ctx.source = node.name or node.outputs[0].name
+            inputs = [operand(t) for t in node.inputs]
+            try:
+                if node.op == "If" and node.domain in (None, "", "ai.onnx"):
+                    result = inline_if(node, inputs)
+                elif node.op in _CONVERTERS and node.domain in (None, "", "ai.onnx"):
+                    result = _CONVERTERS[node.op](ctx, node, inputs)
+                else:
+                    result = _reference_eval(ctx, node, inputs)
+            except QCompilerError as e:
+                raise QCompilerError(f"{where}: {e}") from None
+            except (TypeError, ValueError, KeyError, IndexError) as e:
+                raise QCompilerError(f"{where}: cannot convert {node.op} node '{ctx.source}': {e}") from e
+            results = [result] if isinstance(result, Value) else list(result)
+            for tensor, value in zip(node.outputs, results):
+                if tensor.name:
+                    env[tensor.name] = value
+            for tensor in node.outputs[len(results):]:
+                if tensor.name in consumed:
+                    raise QCompilerError(f"{where}: output {tensor.name} of {node.op} '{ctx.source}' is not supported")
+
+    def inline_if(node: Any, inputs: list[Value | None]) -> list[Value]:
+        """An If whose condition is known once shapes are fixed: the branch it takes, converted in
+        place (its reads of outer values resolve by name), its outputs the If's."""
+        cond = ctx.const_input(inputs[0], node, "condition (data-dependent control flow is not supported)")
+        branch = node.attrs["then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"]
+        source = ctx.source
+        convert(branch.nodes)
+        ctx.source = source
+        return [operand(t) for t in branch.outputs]
+
+    convert(gsg.nodes)
 
     outputs = []
     for tensor in gsg.outputs:
@@ -160,6 +191,48 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
     graph.remove_unused_constants()
     verify_graph(graph, where=where)
     return graph
+
+
+# constants of dtypes the IR has no name for, widened exactly (every value kept): int4 weights
+# (opset 21 DequantizeLinear) become int8, bfloat16 and float8 become float32
+_WIDER = {"int4": np.int8, "uint4": np.uint8, "uint16": np.int32, "uint32": np.int64, "bfloat16": np.float32,
+          "float8_e4m3fn": np.float32, "float8_e4m3fnuz": np.float32, "float8_e5m2": np.float32,
+          "float8_e5m2fnuz": np.float32, "float8_e8m0fnu": np.float32, "float4_e2m1fn": np.float32}
+
+
+def widened(array: np.ndarray, what: str) -> np.ndarray:
+    """``array`` as a dtype the IR has (see ``_WIDER``); a clear error for anything else."""
+    try:
+        dtype_name(array.dtype)
+        return array
+    except ValueError:
+        pass
+    name = np.dtype(array.dtype).name
+    if name == "uint64" and (array.size == 0 or int(array.max()) < 2 ** 63):
+        return array.astype(np.int64)
+    if name in _WIDER:
+        return array.astype(_WIDER[name])
+    raise ModelLoadError(f"{what}: dtype {name} is not supported (f16/f32/f64, i8/i16/i32/i64, u8, bool; int4, "
+                         f"uint4/16/32/64, bfloat16 and float8 constants are widened exactly)")
+
+
+def _dtype_label(dtype: Any) -> str:
+    """A readable dtype: onnx-graphsurgeon leaves types numpy lacks (float8) as ONNX's numbers."""
+    if isinstance(dtype, (int, np.integer)):
+        return onnx.TensorProto.DataType.Name(int(dtype)).lower()
+    return np.dtype(dtype).name
+
+
+def _reads(node: Any) -> set[str]:
+    """The value names ``node`` reads: its inputs and what its subgraphs (If branches) read from
+    the enclosing scope."""
+    names = {t.name for t in node.inputs if t.name}
+    for branch in node.subgraphs():
+        inner = {t.name for n in branch.nodes for t in n.outputs} | {t.name for t in branch.inputs}
+        for n in branch.nodes:
+            names |= _reads(n) - inner
+        names |= {t.name for t in branch.outputs} - inner
+    return names
 
 
 def _value_name(name: str) -> str:
@@ -575,7 +648,7 @@ def _constant(ctx, node, inputs):
                 array = array.astype(np.float32)
             elif key in ("value_int", "value_ints"):
                 array = array.astype(np.int64)
-            return ctx.const(array, node.outputs[0].name or "const")
+            return ctx.const(widened(array, f"Constant '{node.name}'"), node.outputs[0].name or "const")
     raise QCompilerError(f"Constant '{node.name}': unsupported value kind {sorted(node.attrs)}")
 
 
@@ -720,10 +793,30 @@ def _qlinear_matmul(ctx, node, inputs):
     return _output_stage(ctx, node, acc, [a_scale, b_scale, y_scale], y_zp, a, axis=-1)
 
 
+def _blocked_dequantize(ctx, node, inputs, block: int) -> Value:
+    """Opset 21 block-quantized constant weights (int4 with a scale per block of ``block``
+    elements along ``axis``): dequantized at import into a float constant, which the
+    quantizer then treats as any float weight."""
+    x = ctx.array(inputs[0]).astype(np.float64)
+    axis = _attr(node, "axis", 1) % x.ndim
+
+    def per_element(v: Value | None) -> np.ndarray:
+        if v is None:
+            return np.zeros(1)
+        return np.repeat(ctx.array(v).astype(np.float64), block, axis=axis).take(range(x.shape[axis]), axis=axis)
+
+    scale, zero_point = per_element(inputs[1]), per_element(inputs[2] if len(inputs) > 2 else None)
+    real = ((x - zero_point) * scale).astype(ctx.array(inputs[1]).dtype)
+    return ctx.const(real, node.outputs[0].name or "dequantized")
+
+
 @converts("QuantizeLinear", "DequantizeLinear")
 def _quant(ctx, node, inputs):
-    if _attr(node, "block_size", 0):
-        raise QCompilerError(f"{node.op} '{node.name}': blocked quantization is not supported")
+    block = _attr(node, "block_size", 0)
+    if block and node.op == "DequantizeLinear" and all(v is None or v.is_constant for v in inputs):
+        return _blocked_dequantize(ctx, node, inputs, block)
+    if block:
+        raise QCompilerError(f"{node.op} '{node.name}': blocked quantization of run-time values is not supported")
     operands = [v for v in inputs if v is not None]
     op = "quantize" if node.op == "QuantizeLinear" else "dequantize"
     out_dtype = _attr(node, "output_dtype", 0)
