@@ -7,7 +7,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from qcompiler import InputError, ModelLoadError, QCompilerError, UnsupportedOpError, from_onnx, from_torch
+from qcompiler import InputError, ModelLoadError, UnsupportedOpError, from_onnx, from_torch
 
 
 def _one_line(e: BaseException) -> str:
