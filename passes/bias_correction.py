@@ -16,14 +16,13 @@ import numpy as np
 from qcompiler.calibration import calibration_set
 from qcompiler.interpreter import run
 from qcompiler.ir import Graph, Node
-from qcompiler.ir.ops import get_op
+from qcompiler.ir.ops import get_op, traits_of
 from qcompiler.ir.ops.quant import choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantConfig
 
 from .insert_qdq import bias_scale_floor, quantize_weight
 
-CORRECTED = ("conv1d", "conv2d", "conv3d", "linear")
 
 
 def _fake_quant(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
@@ -49,7 +48,7 @@ class BiasCorrection(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         config = ctx.config or QuantConfig()
-        layers = [n for n in graph.nodes if n.op in CORRECTED and config.quantizes(n.op)
+        layers = [n for n in graph.nodes if traits_of(n.op).bias_slot is not None and config.quantizes(n.op)
                   and not config.excluded(n.source, n.output.name)
                   and not any(fnmatch.fnmatchcase(name, p) for name in (n.source, n.output.name) if name
                               for p in self.exclude)
@@ -83,7 +82,7 @@ class BiasCorrection(Pass):
                 exact = op.run([x, graph.constant_array(n.inputs[1])], attrs)[0].astype(np.float64)
                 xq = _fake_quant(x, *n.inputs[0].range, config.activation_dtype)
                 approx = op.run([xq, fq_weights[id(n)]], attrs)[0].astype(np.float64)
-                axis = 1 if n.op != "linear" else exact.ndim - 1
+                axis = traits_of(n.op).channel_axis % exact.ndim
                 diff = np.moveaxis(exact - approx, axis, 0).reshape(exact.shape[axis], -1)
                 sums[id(n)] += diff.sum(axis=1)
                 counts[id(n)] += diff.shape[1]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Graph, Node
+from qcompiler.ir.ops import traits_of
 from qcompiler.pipeline import Pass, PassContext, apply_rules, register
 
 
@@ -18,10 +19,13 @@ def fold_bn_into_producer(graph: Graph, bn: Node) -> bool:
     if bn.op != "batch_norm":
         return False
     producer = bn.inputs[0].producer
-    if producer is None or producer.op not in ("conv1d", "conv2d", "conv3d", "linear"):
-        return False
-    if producer.op == "linear" and bn.inputs[0].type.rank != 2:
+    traits = traits_of(producer.op) if producer is not None else None
+    if traits is None or traits.quant != "weighted" or traits.channel_axis is None or traits.bias_slot is None:
+        return False  # a conv or linear: weights with output channels and a bias to fold into
+    if traits.channel_axis % bn.inputs[0].type.rank != 1:
         return False  # batch norm's channel axis is 1; linear's output channel is the last axis
+    if producer.attrs.get("activation", "none") != "none":
+        return False  # bn(act(conv(x))) is not a conv with other weights
     if not all(v.is_constant for v in producer.inputs[1:] + bn.inputs[1:]):
         return False
     if len(graph.users().get(producer.output, [])) != 1 or producer.output in graph.outputs:

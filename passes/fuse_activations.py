@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qcompiler.ir import Graph, Node
+from qcompiler.ir.ops import ops_where, traits_of
 from qcompiler.pipeline import Pass, PassContext, apply_rules, register
 
-PRODUCERS = ("conv1d", "conv2d", "conv3d", "linear", "matmul")
-FUSIBLE = ("relu", "relu6", "clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "tanh")
+# what the `ops` option names: every op the registry calls fusible, and relu6 (clip to [0, 6])
+FUSIBLE = ("relu6", *ops_where(fusible=True))
 
 
 def _activation_of(node: Node) -> tuple[str, str, tuple[float, ...]] | None:
@@ -23,7 +24,7 @@ def _activation_of(node: Node) -> tuple[str, str, tuple[float, ...]] | None:
         return "gelu", "gelu_tanh" if node.attrs["approximate"] == "tanh" else "gelu", ()
     if node.op == "hardsigmoid" and (node.attrs["alpha"], node.attrs["beta"]) != (1 / 6, 0.5):
         return None  # only PyTorch's hardsigmoid is a fused activation
-    if node.op in FUSIBLE:
+    if traits_of(node.op).fusible:
         return node.op, node.op, ()
     return None
 
@@ -45,7 +46,9 @@ class FuseActivations(Pass):
             if found is None or found[0] not in self.ops:
                 return False
             producer = act.inputs[0].producer
-            if producer is None or producer.op not in PRODUCERS or producer.attrs["activation"] != "none":
+            if producer is None or not traits_of(producer.op).fuses_activation:
+                return False
+            if producer.attrs["activation"] != "none":
                 return False
             if producer.output in graph.outputs or len(graph.users().get(producer.output, [])) != 1:
                 return False  # the un-activated result is needed elsewhere

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Graph, Node, Value
+from qcompiler.ir.ops import traits_of
 from qcompiler.ir.ops.quant import choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantConfig
 
 FLOAT = ("f32", "f16", "f64")
-COMPUTE = ("conv1d", "conv2d", "conv3d", "linear", "matmul")
-SAME_AS_INPUT = ("relu", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d")
+QUANTIZABLE = ("weighted", "own_params", "shared_params", "same_as_input")  # the roles insert-qdq acts on
 Params = tuple[np.float32, np.integer]
 
 
@@ -161,8 +161,7 @@ class InsertQDQ(Pass):
         for node in list(graph.nodes):
             if node.op in ("quantize", "dequantize") or len(node.outputs) != 1 or node.output.dtype not in FLOAT:
                 continue  # multi-output ops (split, topk) have no quantized form: their readers get pairs
-            quantizable = node.op in COMPUTE or node.op in SAME_AS_INPUT or node.op in ("add", "concat", "reduce_mean")
-            if not quantizable:
+            if traits_of(node.op).quant not in QUANTIZABLE:
                 continue
             if not config.quantizes(node.op):
                 ins.skip(node, f"op type '{node.op}' is not in QuantConfig.op_types")
@@ -180,18 +179,18 @@ class InsertQDQ(Pass):
         return changed
 
     def _quantize(self, graph: Graph, node: Node, ins: _Inserter, config: QuantConfig) -> bool:
+        traits = traits_of(node.op)
         weight_slot = None
-        if node.op in COMPUTE:
-            weight_slot = 1 if node.op != "matmul" or node.inputs[1].is_constant else None
-            acts = [i for i, v in enumerate(node.inputs[:2]) if i != weight_slot]
-        elif node.op == "concat":
+        if traits.quant == "weighted":
+            # a weight without output channels (matmul's right operand) may be a run-time value: then
+            # both operands are activations (attention's products)
+            slot = traits.weight_slot
+            weight_slot = slot if traits.channel_axis is not None or node.inputs[slot].is_constant else None
+            acts = [i for i in (0, 1) if i != weight_slot]
+        elif traits.quant == "same_as_input":
+            acts = [0]
+        else:  # own_params (add; reduce_mean: a mean gets its own, finer scale), shared_params (concat)
             acts = list(range(len(node.inputs)))
-        elif node.op == "add":
-            acts = [0, 1]
-        elif node.op == "reduce_mean":  # a global pool: its mean gets its own (finer) scale
-            acts = [0]
-        else:
-            acts = [0]
         for i in acts:
             if node.inputs[i].is_constant:
                 ins.skip(node, f"operand {i} is a constant")
@@ -199,9 +198,9 @@ class InsertQDQ(Pass):
             if ins.params(node.inputs[i]) is None:
                 ins.skip(node, ins.why_not(node.inputs[i]))
                 return False
-        if node.op in SAME_AS_INPUT:
+        if traits.quant == "same_as_input":
             out_params = ins.params(node.inputs[0])
-        elif node.op == "concat":
+        elif traits.quant == "shared_params":
             ranges = [v.range for v in node.inputs + node.outputs]
             if any(r is None for r in ranges):
                 ins.skip(node, "concat operand without a calibrated range")
@@ -218,22 +217,23 @@ class InsertQDQ(Pass):
                 return False
         x_scale = float(ins.params(node.inputs[acts[0]])[0])
         for i in acts:
-            params = out_params if node.op == "concat" else ins.params(node.inputs[i])
+            params = out_params if traits.quant == "shared_params" else ins.params(node.inputs[i])
             node.inputs[i] = ins.input(node.inputs[i], params, node)
         if weight_slot is not None:
-            w = node.inputs[1]
+            w = node.inputs[weight_slot]
             if not w.is_constant or w.dtype not in FLOAT:
                 ins.skip(node, "weight is not a float constant")
                 return True
-            per_channel = config.per_channel and node.op != "matmul"
-            bias = graph.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].is_constant \
-                else None
+            per_channel = config.per_channel and traits.channel_axis is not None
+            slot = traits.bias_slot
+            bias = graph.constant_array(node.inputs[slot]) \
+                if slot is not None and len(node.inputs) > slot and node.inputs[slot].is_constant else None
             floor = bias_scale_floor(bias, x_scale, w.shape[0])
             wq, scale = quantize_weight(graph.constant_array(w), per_channel, floor)
             q = graph.add_constant(f"{w.name}.quantized", wq)
             s = graph.add_constant(f"{w.name}.scale", scale)
             z = graph.add_constant(f"{w.name}.zero_point", np.zeros(scale.shape, np.int8))
-            node.inputs[1] = graph.add_node("dequantize", [q, s, z], {"axis": 0}, meta={"source": node.source},
-                                            before=node).output
+            node.inputs[weight_slot] = graph.add_node("dequantize", [q, s, z], {"axis": 0},
+                                                      meta={"source": node.source}, before=node).output
         ins.output(node, out_params)
         return True

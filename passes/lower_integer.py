@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Graph, Node, Value, dtype_name
+from qcompiler.ir.ops import traits_of
 from qcompiler.ir.ops.quant import ADD_INT_BITS, quantize_multiplier
 from qcompiler.pipeline import Pass, PassContext, apply_rules, register
 
 from .dead_code import EliminateDeadCode
-from .insert_qdq import COMPUTE, qparams_of
+from .insert_qdq import qparams_of
 
 INTEGER_CLAMPS = ("none", "relu", "clip")
-SAME_PARAMS = ("relu", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-               "reduce_mean", "reshape", "transpose", "slice", "concat", "expand", "flatten", "squeeze")
+COMPUTING = ("weighted", "own_params", "shared_params")  # roles whose result left float is a layer kept float
 
 
 def _sole_quantize_user(graph: Graph, v: Value) -> Node | None:
@@ -95,13 +95,14 @@ def _int_bias(graph: Graph, node: Node, acc_scale: np.ndarray) -> Value | None |
 def lower_compute(graph: Graph, node: Node) -> bool:
     """q(op(dq(x), dq(w)) + b) == requantize(op_int(x, w) + b_int), b_int = round(b / (s_x s_w)),
     multiplier s_x s_w / s_y; exact up to the final rounding."""
-    if node.op not in COMPUTE:
+    traits = traits_of(node.op)
+    if traits.quant != "weighted":
         return False
     q = _sole_quantize_user(graph, node.output)
     x_params = qparams_of(graph, node.inputs[0])
     if q is None or x_params is None:
         return False
-    if node.op == "matmul":
+    if traits.channel_axis is None:  # matmul: the right operand per tensor, a weight or a run-time value
         b_params = qparams_of(graph, node.inputs[1])
         if b_params is None:
             return False
@@ -127,13 +128,13 @@ def lower_compute(graph: Graph, node: Node) -> bool:
             return False
         multiplier, shift = fixed_point
     x_q, x_zp = node.inputs[0].producer.inputs[0], node.inputs[0].producer.inputs[2]
-    op = {"linear": "linear_int", "matmul": "matmul_int"}.get(node.op, f"{node.op}_int")
+    op = traits.integer_form
     int_attrs = {k: v for k, v in node.attrs.items() if k not in ("activation", "activation_args")}
     # the result that stands for the original node's value (requantize, or the quantize fed by
     # the float activation) carries its debug handle; the accumulator gets a fresh one
     acc = graph.add_node(op, [x_q, x_zp, w, w_zp] + ([bias] if bias is not None else []), int_attrs,
                          meta={"source": node.source}, before=node).output
-    axis = 1 if node.op.startswith("conv") else -1
+    axis = traits.channel_axis if traits.channel_axis is not None else -1
     if act in INTEGER_CLAMPS:
         info = np.iinfo(np.asarray(y_zp).dtype)
         lo, hi = int(info.min), int(info.max)
@@ -199,13 +200,13 @@ def lower_add(graph: Graph, node: Node) -> bool:
 def lower_same_params(graph: Graph, node: Node) -> bool:
     """q(f(dq(x))) == f(x) when the input and output parameters are identical and f only
     moves, selects or averages values on the grid (relu: max(x, z), since dq(z) == 0)."""
-    if node.op not in SAME_PARAMS or not node.inputs:
+    if not traits_of(node.op).on_grid or not node.inputs:
         return False
     q = _sole_quantize_user(graph, node.output)
     if q is None:
         return False
     out = _q_params(graph, q)
-    operands = node.inputs if node.op == "concat" else node.inputs[:1]
+    operands = node.inputs if traits_of(node.op).quant == "shared_params" else node.inputs[:1]
     params = [qparams_of(graph, v) for v in operands]
     if any(p is None or float(p[0]) != float(out[0]) or int(p[1]) != int(out[1]) for p in params):
         return False
@@ -284,7 +285,6 @@ def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
 
 
 RULES = [lower_compute, lower_add, lower_mean, lower_same_params, fold_quantize_dequantize]
-FLOAT_COMPUTE = set(COMPUTE) | {"add", "concat"}
 
 
 @register
@@ -300,7 +300,7 @@ class LowerInteger(Pass):
         reasons = {r["handle"]: r["reason"] for r in ctx.report.get("not_quantized", [])}
         kept = []
         for node in graph.nodes:
-            if node.op in FLOAT_COMPUTE and node.output.dtype in ("f32", "f16", "f64"):
+            if traits_of(node.op).quant in COMPUTING and node.outputs[0].dtype in ("f32", "f16", "f64"):
                 reason = reasons.get(str(node.handle)) or node.meta.get(NOT_LOWERED) or \
                     "quantized operands did not form a lowerable dequantize -> op -> quantize sandwich"
                 kept.append({"node": node.describe(), "handle": str(node.handle), "reason": reason})

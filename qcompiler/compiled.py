@@ -25,6 +25,7 @@ from .artifact import FORMAT_VERSION
 from .errors import InputError, ModelLoadError, QCompilerError
 from .interpreter import check_inputs, to_numpy
 from .ir import Graph, load_graph, parse_graph, save as save_graph
+from .ir.ops import traits_of
 from .ir.ops.tensor import wrapped_indices
 from .ir.text import NpzWeights
 from .progress import PhaseLog
@@ -48,15 +49,12 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__}
 
 
-INDEX_OPS = ("gather", "gather_elements", "index")
-
-
 def host_index_checks(graph: Graph) -> list[tuple[int, str, int]]:
     """(input position, node, axis size) for each graph input that an index op reads as indices."""
     position = {id(v): i for i, v in enumerate(graph.inputs)}
     checks = []
     for node in graph.nodes:
-        if node.op not in INDEX_OPS:
+        if traits_of(node.op).family != "index":
             continue
         data = node.inputs[0]
         if node.op == "index":
@@ -394,7 +392,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         reference, used, timings = graph, DEFAULT_FLOAT_PIPELINE, inst.records
         report["passes"] = {}
     compiled_graph.name_outputs([v.name for v in graph.outputs])  # the model's interface, whatever rewrote them
-    integer_ops = sum(1 for n in compiled_graph.nodes if n.op.endswith("_int") or n.op in ("requantize", "add_int"))
+    integer_ops = sum(1 for n in compiled_graph.nodes if traits_of(n.op).family == "integer")
     report["quantized"] = integer_ops > 0 or any(n.op == "quantize" for n in compiled_graph.nodes)
     if not report["quantized"]:
         report["note"] = ("float model: no calibration data was given" if batches is None else

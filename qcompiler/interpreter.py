@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, QCompilerError
+from .ir import graph as graph_module
 from .ir.graph import Graph, Node, Value
+from .ir.ops import registry
 from .ir.ops import get_op
 
 Observer = Callable[[Node, list[np.ndarray]], None]
@@ -73,3 +75,11 @@ def run(graph: Graph, inputs: Sequence[Any], observer: Observer | None = None) -
             if observer is not None:
                 observer(node, outs)
     return [read(v) for v in graph.outputs]
+
+
+def _load_torch_kernels() -> None:
+    from . import torch_kernels  # noqa: F401  (installs them; imports torch, so only when first needed)
+
+
+graph_module.EVALUATOR = run  # graph(x) runs this interpreter (the IR does not import it)
+registry.KERNEL_LOADER = _load_torch_kernels

@@ -15,19 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QCompilerError
+from .ir.ops import all_ops
 
 CALIBRATION_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
-# op-type names used in configs -> IR ops they cover
-OP_TYPES: dict[str, tuple[str, ...]] = {
-    "conv": ("conv1d", "conv2d", "conv3d"),
-    "linear": ("linear",),
-    "matmul": ("matmul",),
-    "add": ("add",),
-    "concat": ("concat",),
-    "pool": ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "reduce_mean"),
-    "relu": ("relu",),
-}
 
+
+def _op_types() -> dict[str, tuple[str, ...]]:
+    """Op-type names used in configs -> the IR ops they cover (each op's ``config_type`` trait)."""
+    types: dict[str, list[str]] = {}
+    for name, op in all_ops().items():
+        if op.traits.config_type:
+            types.setdefault(op.traits.config_type, []).append(name)
+    return {k: tuple(v) for k, v in sorted(types.items())}
+
+
+OP_TYPES = _op_types()
 
 _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number",
                "float | None": "a finite number or null", "str": "a string", "tuple[str, ...]": "a list of strings"}

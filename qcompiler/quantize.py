@@ -33,7 +33,8 @@ def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None
     """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
-    stages = [float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE, quantize_stages(config, exclude)]
+    floats = float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE
+    stages = [floats, quantize_stages(config, exclude)]
     if lower:
         stages.append("lower-integer")
     return ",".join(s for s in stages if s)

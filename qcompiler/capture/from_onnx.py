@@ -22,7 +22,7 @@ from ..ir import Graph, TensorType, Value, dtype_name
 from ..ir.types import MAX_CONSTANT_BYTES
 from ..ir.verify import verify_graph
 from ..registrar import registrar
-from .builder import GraphBuilder, resolve_shape
+from .builder import AVG_POOL, CONV, CONV_INT, MAX_POOL, GraphBuilder, resolve_shape
 
 Converter = Callable[["_Ctx", Any, list["Value | None"]], "list[Value] | Value"]
 _CONVERTERS: dict[str, Converter] = {}
@@ -69,7 +69,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
     """Import an ONNX model. Dynamic input dimensions must be fixed with ``input_shapes``."""
     import onnx_graphsurgeon as gs
 
-    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (float8 values, 'colored') are not the user's business
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (float8, 'colored') are not the user's
     proto, where = _load(model)
     try:
         onnx.checker.check_model(proto)
@@ -281,6 +281,21 @@ def _unary(ctx, node, inputs):
     return ctx.emit1(_UNARY[node.op], [inputs[0]])
 
 
+@converts("IsInf")
+def _isinf(ctx, node, inputs):
+    """isinf, narrowed to one sign when ``detect_negative`` or ``detect_positive`` is 0."""
+    x = inputs[0]
+    found = ctx.emit1("isinf", [x])
+    negative, positive = _attr(node, "detect_negative", 1), _attr(node, "detect_positive", 1)
+    if negative and positive:
+        return found
+    if not (negative or positive):
+        return ctx.emit1("logical_and", [found, ctx.const(np.zeros((), np.bool_), "false")])
+    zero = ctx.const(np.zeros((), x.type.np_dtype), "zero")
+    sign = ctx.emit1("greater" if positive else "less", [x, zero])
+    return ctx.emit1("logical_and", [found, sign])
+
+
 @converts("Dropout")
 def _dropout(ctx, node, inputs):
     """Inference: the identity, and an all-true mask. ``training_mode`` true with a ratio above
@@ -429,7 +444,7 @@ def _conv(ctx, node, inputs):
     dilations = list(_attr(node, "dilations", [1] * rank))
     pads = _auto_pads(node, x.shape[2:], kernel, strides, dilations)
     operands = [x, w] + ([inputs[2]] if len(inputs) > 2 and inputs[2] is not None else [])
-    return ctx.emit1(f"conv{rank}d", operands, {"strides": strides, "pads": pads, "dilations": dilations,
+    return ctx.emit1(CONV[rank], operands, {"strides": strides, "pads": pads, "dilations": dilations,
                                                 "groups": _attr(node, "group", 1)})
 
 
@@ -455,11 +470,11 @@ def _pool(ctx, node, inputs):
     if node.op == "MaxPool":
         if _attr(node, "storage_order", 0):
             raise QCompilerError(f"MaxPool '{node.name}': storage_order=1 is not supported")
-        return ctx.emit1(f"max_pool{rank}d", [x], attrs)
+        return ctx.emit1(MAX_POOL[rank], [x], attrs)
     if any(d != 1 for d in dilations):
         raise QCompilerError(f"AveragePool '{node.name}': dilations are not supported")
     attrs["count_include_pad"] = bool(_attr(node, "count_include_pad", 0))
-    return ctx.emit1(f"avg_pool{rank}d", [x], attrs)
+    return ctx.emit1(AVG_POOL[rank], [x], attrs)
 
 
 @converts("GlobalAveragePool", "GlobalMaxPool")
@@ -747,7 +762,7 @@ def _integer_conv(ctx: _Ctx, node: Any, x: Value, x_zp: Value, w: Value, w_zp: V
     dilations = list(_attr(node, "dilations", [1] * rank))
     attrs = {"strides": strides, "dilations": dilations, "groups": _attr(node, "group", 1),
              "pads": _auto_pads(node, x.shape[2:], kernel, strides, dilations)}
-    return ctx.emit1(f"conv{rank}d_int", [x, x_zp, w, w_zp] + ([bias] if bias is not None else []), attrs)
+    return ctx.emit1(CONV_INT[rank], [x, x_zp, w, w_zp] + ([bias] if bias is not None else []), attrs)
 
 
 def _output_stage(ctx: _Ctx, node: Any, acc: Value, scales: list[Value | None], y_zp: Value | None,

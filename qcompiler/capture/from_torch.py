@@ -19,7 +19,7 @@ from ..errors import ModelLoadError, QCompilerError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, dtype_name
 from ..ir.verify import verify_graph
 from ..registrar import registrar
-from .builder import GraphBuilder
+from .builder import AVG_POOL, CONV, MAX_POOL, GraphBuilder
 
 aten = torch.ops.aten
 Converter = Callable[["_Ctx", torch.fx.Node, list[Any]], Any]
@@ -405,7 +405,7 @@ def _conv(ctx, node, args):
     if rank not in (1, 2):
         raise QCompilerError(f"conv with {rank} spatial dims is not supported")
     inputs = [x, w] + ([ctx.value(bias)] if bias is not None else [])
-    return ctx.emit1(f"conv{rank}d", inputs, {"strides": stride, "pads": pads, "dilations": dilation,
+    return ctx.emit1(CONV[rank], inputs, {"strides": stride, "pads": pads, "dilations": dilation,
                                               "groups": groups})
 
 
@@ -450,7 +450,7 @@ def _pool(ctx, node, args):
     op = _packet(node)
     rank = 1 if "1d" in op else 2
     avg = op.startswith("avg")
-    y = ctx.emit1(f"{'avg' if avg else 'max'}_pool{rank}d", [ctx.value(args[0])], _pool_attrs(node, args, rank, avg),
+    y = ctx.emit1((AVG_POOL if avg else MAX_POOL)[rank], [ctx.value(args[0])], _pool_attrs(node, args, rank, avg),
                  )
     return (y, None) if op.endswith("with_indices") else y
 
@@ -465,7 +465,7 @@ def _adaptive_pool(ctx, node, args):
         return ctx.emit1("reduce_mean", [x], {"axes": list(range(2, 2 + rank)), "keepdims": True})
     if all(s % o == 0 for s, o in zip(spatial, out)):
         k = [s // o for s, o in zip(spatial, out)]
-        return ctx.emit1(f"avg_pool{rank}d", [x], {"kernel": k, "strides": k})
+        return ctx.emit1(AVG_POOL[rank], [x], {"kernel": k, "strides": k})
     if rank != 2:
         raise QCompilerError("adaptive_avg_pool1d with a non-dividing output size is not supported")
     return ctx.emit1("adaptive_avg_pool2d", [x], {"output_size": out})

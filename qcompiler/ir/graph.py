@@ -6,7 +6,7 @@ pass that rewrites weights replaces a constant, and the printer can elide big on
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +15,10 @@ from .types import TensorType
 
 if TYPE_CHECKING:
     import networkx
+
+
+# runs a graph on arrays; set by qcompiler.interpreter when it is imported (the IR knows nothing of it)
+EVALUATOR: "Callable[[Graph, list[Any]], list[np.ndarray]] | None" = None
 
 
 class Value:
@@ -274,10 +278,12 @@ class Graph:
 
     # ---- running --------------------------------------------------------------------------
     def __call__(self, *inputs: Any) -> list[np.ndarray]:
-        """Run the reference interpreter on numpy arrays (or torch tensors)."""
-        from ..interpreter import run
-
-        return run(self, list(inputs))
+        """Run the reference interpreter on numpy arrays (or torch tensors). The IR does not
+        import the interpreter: ``qcompiler.interpreter`` installs itself here (``EVALUATOR``),
+        and ``import qcompiler`` imports it."""
+        if EVALUATOR is None:
+            raise RuntimeError("no interpreter: import qcompiler (or qcompiler.interpreter) to run graphs")
+        return EVALUATOR(self, list(inputs))
 
     def __str__(self) -> str:
         from .text import print_graph

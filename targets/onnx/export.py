@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value
+from qcompiler.ir.ops import ops_where
 from qcompiler.registrar import registrar
 
 OPSET = 20
@@ -24,6 +25,17 @@ exports = registrar(_RULES)
 
 def supported_ops() -> set[str]:
     return set(_RULES)
+
+
+def not_exported() -> dict[str, str]:
+    """The ops with no ONNX form, each with the reason (tests/test_op_coverage.py reads it)."""
+    reasons = {name: "integer arithmetic made by lower-integer: export the QDQ graph, which ONNX runtimes lower "
+                     "themselves (compile(target='onnx') does)"
+               for name in ops_where(family="integer")}
+    reasons["rescale"] = reasons["conv2d_int"]
+    reasons["adaptive_avg_pool2d"] = ("only bins that do not divide the input are left as this op at capture, and "
+                                      "ONNX has no pooling with PyTorch's uneven bins")
+    return reasons
 
 
 class _Exporter:

@@ -2,51 +2,51 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..types import DTYPES, TensorType
-from .registry import Attr, broadcast_shapes, declare, same_dtype
+from .registry import Attr, Traits, broadcast_shapes, declare, same_dtype
 
-
-def _torch_unary(fn):
-    """Run a torch CPU op on a numpy array (for erf/gelu, which numpy lacks)."""
-    return lambda x: fn(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+ELEMENTWISE = Traits("elementwise")
+FUSIBLE = Traits("activation", fusible=True)  # fuse-activations folds it into the conv/linear/matmul before it
+ACTIVATION = Traits("activation")
 
 
 def _same_type(types, attrs):
     return [types[0]]
 
 
-def _unary(name: str, fn, doc: str, attrs: dict[str, Attr] | None = None, tags=("elementwise",)) -> None:
-    declare(name, arity=1, attrs=attrs, infer=_same_type,
-            kernel=lambda xs, a: np.asarray(fn(xs[0], a), dtype=xs[0].dtype), doc=doc, tags=tags)
+def _unary(name: str, fn, doc: str, attrs: dict[str, Attr] | None = None, traits: Traits = ELEMENTWISE) -> None:
+    """``fn`` None: the kernel is torch's, installed by qcompiler.torch_kernels (numpy has no erf)."""
+    kernel = None if fn is None else (lambda xs, a: np.asarray(fn(xs[0], a), dtype=xs[0].dtype))
+    declare(name, arity=1, attrs=attrs, infer=_same_type, kernel=kernel, doc=doc, traits=traits)
 
 
 _f32 = np.float32
-_unary("relu", lambda x, a: np.maximum(x, 0), "max(x, 0)", tags=("elementwise", "activation"))
+_unary("relu", lambda x, a: np.maximum(x, 0), "max(x, 0)",
+       traits=Traits("activation", quant="same_as_input", config_type="relu", fusible=True, on_grid=True))
 _unary("clip", lambda x, a: np.clip(x, a["min"], a["max"]), "min(max(x, min), max); relu6 is clip{min=0, max=6}",
-       {"min": Attr("float", -np.inf), "max": Attr("float", np.inf)}, tags=("elementwise", "activation"))
-_unary("sigmoid", lambda x, a: 1 / (1 + np.exp(-x)), "1 / (1 + exp(-x))", tags=("elementwise", "activation"))
+       {"min": Attr("float", -np.inf), "max": Attr("float", np.inf)}, traits=FUSIBLE)
+_unary("sigmoid", lambda x, a: 1 / (1 + np.exp(-x)), "1 / (1 + exp(-x))", traits=FUSIBLE)
 _unary("hardsigmoid", lambda x, a: np.clip(a["alpha"] * x + a["beta"], 0, 1), "clip(alpha*x + beta, 0, 1)",
-       {"alpha": Attr("float", 1 / 6), "beta": Attr("float", 0.5)}, tags=("elementwise", "activation"))
+       {"alpha": Attr("float", 1 / 6), "beta": Attr("float", 0.5)}, traits=FUSIBLE)
 _unary("hardswish", lambda x, a: x * np.clip(x / 6 + 0.5, 0, 1), "x * relu6(x + 3) / 6",
-       tags=("elementwise", "activation"))
-_unary("silu", lambda x, a: x / (1 + np.exp(-x)), "x * sigmoid(x)", tags=("elementwise", "activation"))
-_unary("gelu", lambda x, a: _torch_unary(lambda t: torch.nn.functional.gelu(t, approximate=a["approximate"]))(x),
+       traits=FUSIBLE)
+_unary("silu", lambda x, a: x / (1 + np.exp(-x)), "x * sigmoid(x)", traits=FUSIBLE)
+_unary("gelu", None,
        "x * Phi(x); approximate='tanh' uses the tanh formula", {"approximate": Attr("str", "none")},
-       tags=("elementwise", "activation"))
+       traits=FUSIBLE)
 _unary("leaky_relu", lambda x, a: np.where(x >= 0, x, x * _f32(a["alpha"])), "x if x >= 0 else alpha*x",
-       {"alpha": Attr("float", 0.01)}, tags=("elementwise", "activation"))
+       {"alpha": Attr("float", 0.01)}, traits=ACTIVATION)
 _unary("elu", lambda x, a: np.where(x > 0, x, _f32(a["alpha"]) * np.expm1(x)), "x if x > 0 else alpha*(exp(x)-1)",
-       {"alpha": Attr("float", 1.0)}, tags=("elementwise", "activation"))
+       {"alpha": Attr("float", 1.0)}, traits=ACTIVATION)
 _unary("selu", lambda x, a: _f32(a["gamma"]) * np.where(x > 0, x, _f32(a["alpha"]) * np.expm1(x)),
        "gamma * (x if x > 0 else alpha*(exp(x)-1))",
        {"alpha": Attr("float", 1.6732632423543772), "gamma": Attr("float", 1.0507009873554805)},
-       tags=("elementwise", "activation"))
+       traits=ACTIVATION)
 _unary("sign", lambda x, a: np.sign(x), "-1, 0 or 1")
 _unary("softplus", lambda x, a: np.logaddexp(x, 0), "log(1 + exp(x))")
-_unary("tanh", lambda x, a: np.tanh(x), "tanh(x)", tags=("elementwise", "activation"))
-_unary("erf", lambda x, a: _torch_unary(torch.special.erf)(x), "the error function")
+_unary("tanh", lambda x, a: np.tanh(x), "tanh(x)", traits=FUSIBLE)
+_unary("erf", None, "the error function")
 _unary("exp", lambda x, a: np.exp(x), "e^x")
 _unary("log", lambda x, a: np.log(x), "natural logarithm")
 _unary("sqrt", lambda x, a: np.sqrt(x), "square root")
@@ -68,9 +68,9 @@ def _bool_infer(types, attrs):
 
 
 declare("isnan", arity=1, infer=_bool_infer, kernel=lambda xs, a: np.isnan(xs[0]), doc="x is NaN",
-        tags=("elementwise",))
+        traits=ELEMENTWISE)
 declare("isinf", arity=1, infer=_bool_infer, kernel=lambda xs, a: np.isinf(xs[0]), doc="x is +-inf",
-        tags=("elementwise",))
+        traits=ELEMENTWISE)
 
 
 def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -106,13 +106,15 @@ def _binary_infer(result_dtype: str | None):
     return infer
 
 
+# add (residual connections) is quantized, its inputs and result each on their own grid
+_ARITH_TRAITS = {"add": Traits("elementwise", quant="own_params", config_type="add")}
 for _name, (_fn, _doc) in _ARITH.items():
     declare(_name, arity=2, infer=_binary_infer(None), doc=_doc + " (numpy broadcasting)",
             kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1]), dtype=xs[0].dtype),
-            tags=("elementwise", "binary"))
+            traits=_ARITH_TRAITS.get(_name, ELEMENTWISE))
 for _name, (_fn, _doc) in _COMPARE.items():
     declare(_name, arity=2, infer=_binary_infer("bool"), doc=_doc + " (numpy broadcasting)",
-            kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1])), tags=("elementwise", "binary"))
+            kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1])), traits=ELEMENTWISE)
 
 
 def _where_infer(types, attrs):
@@ -124,7 +126,7 @@ def _where_infer(types, attrs):
 
 
 declare("where", arity=3, infer=_where_infer, doc="cond ? a : b (numpy broadcasting)",
-        kernel=lambda xs, a: np.where(xs[0], xs[1], xs[2]).astype(xs[1].dtype), tags=("elementwise",))
+        kernel=lambda xs, a: np.where(xs[0], xs[1], xs[2]).astype(xs[1].dtype), traits=ELEMENTWISE)
 
 
 def _cast_infer(types, attrs):
@@ -141,4 +143,4 @@ def _cast_kernel(xs, attrs):
 
 
 declare("cast", arity=1, attrs={"to": Attr("str")}, infer=_cast_infer, kernel=_cast_kernel,
-        doc="convert to dtype `to`", tags=("elementwise",))
+        doc="convert to dtype `to`", traits=ELEMENTWISE)

@@ -5,16 +5,10 @@ Padding is ONNX-style ``[begin_0, begin_1, ..., end_0, end_1, ...]`` so asymmetr
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..types import TensorType
-from .registry import Attr, conv_out_dim, declare, get_op, norm_axis, same_dtype
-
-
-def _t(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x))
+from .registry import Attr, Traits, conv_out_dim, declare, get_op, norm_axis, same_dtype
 
 
 # ---- fused activations ----------------------------------------------------------------------------
@@ -73,8 +67,7 @@ def _spatial_out(in_shape, kernel, attrs, rank: int, ceil_mode: bool = False) ->
 
 
 # ---- convolution --------------------------------------------------------------------------
-def _declare_conv(rank: int) -> None:
-    name = f"conv{rank}d"
+def _declare_conv(name: str, integer_form: str, rank: int) -> None:
 
     def infer(types, attrs):
         x, w = types[0], types[1]
@@ -91,21 +84,10 @@ def _declare_conv(rank: int) -> None:
         out = _spatial_out(x.shape[2:], w.shape[2:], attrs, rank)
         return [TensorType((x.shape[0], w.shape[0], *out), dtype)]
 
-    def kernel(xs, attrs):
-        x, w = _t(xs[0]), _t(xs[1])
-        b = _t(xs[2]) if len(xs) == 3 else None
-        pads = attrs["pads"]
-        torch_pad: list[int] = []
-        for i in reversed(range(rank)):  # F.pad wants last dim first
-            torch_pad += [pads[i], pads[i + rank]]
-        if any(torch_pad):
-            x = F.pad(x, torch_pad)
-        conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
-        y = conv(x, w, b, stride=attrs["strides"], dilation=attrs["dilations"], groups=attrs["groups"])
-        return apply_activation(y.numpy(), attrs)
-
     declare(name, arity=(2, 3), attrs={**_window_attrs(rank, pool=False), "groups": Attr("int", 1), **ACTIVATION_ATTRS},
-            infer=infer, kernel=kernel, tags=("conv", "quantizable"),
+            infer=infer, kernel=None,  # qcompiler.torch_kernels: torch's convolution
+            traits=Traits("conv", quant="weighted", config_type="conv", weight_slot=1, bias_slot=2, channel_axis=1,
+                          integer_form=integer_form, fuses_activation=True, spatial_rank=rank),
             doc=f"{rank}-D convolution, NC{'DHW'[-rank:]} input, OI{'DHW'[-rank:]} weight, optional bias; "
                 "grouped/depthwise via `groups`")
 
@@ -138,7 +120,7 @@ def _pool_windows(x: np.ndarray, attrs, rank: int, fill: float) -> tuple[np.ndar
     return windows(padded, 2), windows(mask, 0)
 
 
-def _declare_pools(rank: int) -> None:
+def _declare_pools(max_name: str, avg_name: str, rank: int) -> None:
     win_axes = tuple(range(-rank, 0))
 
     def infer_for(name):
@@ -161,18 +143,22 @@ def _declare_pools(rank: int) -> None:
         mean = total / mask.sum(axis=win_axes)
         return (np.rint(mean) if xs[0].dtype.kind in "iu" else mean).astype(xs[0].dtype)  # ints: half to even
 
-    declare(f"max_pool{rank}d", arity=1, attrs=_window_attrs(rank, pool=True), infer=infer_for(f"max_pool{rank}d"),
-            kernel=max_kernel, tags=("pool",), doc=f"{rank}-D max pooling; padding never wins the max")
+    pool_traits = Traits("pool", quant="same_as_input", config_type="pool", on_grid=True, spatial_rank=rank)
+    declare(max_name, arity=1, attrs=_window_attrs(rank, pool=True), infer=infer_for(max_name),
+            kernel=max_kernel, traits=pool_traits, doc=f"{rank}-D max pooling; padding never wins the max")
     # on integers (quantized values) the average is rounded half to even
-    declare(f"avg_pool{rank}d", arity=1,
+    declare(avg_name, arity=1,
             attrs={**_window_attrs(rank, pool=True), "count_include_pad": Attr("bool", False)},
-            infer=infer_for(f"avg_pool{rank}d"), kernel=avg_kernel, tags=("pool",),
+            infer=infer_for(avg_name), kernel=avg_kernel, traits=pool_traits,
             doc=f"{rank}-D average pooling; `count_include_pad` counts explicit padding in the divisor")
 
 
-for _rank in (1, 2, 3):
-    _declare_conv(_rank)
-    _declare_pools(_rank)
+_declare_conv("conv1d", "conv1d_int", 1)
+_declare_conv("conv2d", "conv2d_int", 2)
+_declare_conv("conv3d", "conv3d_int", 3)
+_declare_pools("max_pool1d", "avg_pool1d", 1)
+_declare_pools("max_pool2d", "avg_pool2d", 2)
+_declare_pools("max_pool3d", "avg_pool3d", 3)
 
 
 def _adaptive_infer(types, attrs):
@@ -183,7 +169,8 @@ def _adaptive_infer(types, attrs):
 
 
 declare("adaptive_avg_pool2d", arity=1, attrs={"output_size": Attr("ints")}, infer=_adaptive_infer,
-        kernel=lambda xs, a: F.adaptive_avg_pool2d(_t(xs[0]), a["output_size"]).numpy(), tags=("pool",),
+        kernel=None,  # qcompiler.torch_kernels: torch's bin rule
+        traits=Traits("pool", spatial_rank=2),
         doc="average pooling into a fixed output grid (PyTorch's bin rule)")
 
 
@@ -204,7 +191,7 @@ def _bn_kernel(xs, attrs):
 
 
 declare("batch_norm", arity=5, attrs={"epsilon": Attr("float", 1e-5)}, infer=_bn_infer, kernel=_bn_kernel,
-        tags=("norm",), doc="inference batch norm (x - mean) / sqrt(var + eps) * scale + bias, channel axis 1")
+        traits=Traits("norm"), doc="inference batch norm (x - mean) / sqrt(var + eps) * scale + bias, channel axis 1")
 
 
 # ---- linear algebra -----------------------------------------------------------------------
@@ -234,7 +221,9 @@ def _matmul_infer(types, attrs):
 
 declare("matmul", arity=2, attrs=ACTIVATION_ATTRS, infer=_matmul_infer,
         kernel=lambda xs, a: apply_activation(np.matmul(xs[0], xs[1]), a),
-        tags=("matmul", "quantizable"), doc="numpy matmul: batched, broadcasting, 1-D operands promoted")
+        traits=Traits("matmul", quant="weighted", config_type="matmul", weight_slot=1, integer_form="matmul_int",
+                      fuses_activation=True),
+        doc="numpy matmul: batched, broadcasting, 1-D operands promoted; weights per tensor")
 
 
 def _linear_infer(types, attrs):
@@ -252,7 +241,9 @@ def _linear_kernel(xs, attrs):
     return apply_activation(y + xs[2] if len(xs) == 3 else y, attrs)
 
 
-declare("linear", arity=(2, 3), attrs=ACTIVATION_ATTRS, infer=_linear_infer, kernel=_linear_kernel, tags=("matmul", "quantizable"),
+declare("linear", arity=(2, 3), attrs=ACTIVATION_ATTRS, infer=_linear_infer, kernel=_linear_kernel,
+        traits=Traits("linear", quant="weighted", config_type="linear", weight_slot=1, bias_slot=2, channel_axis=-1,
+                      integer_form="linear_int", fuses_activation=True),
         doc="x @ w.T + b with w as [out_features, in_features] (PyTorch's layout)")
 
 
@@ -276,9 +267,9 @@ def _axis_infer(name):
 
 
 declare("softmax", arity=1, attrs={"axis": Attr("int", -1)}, infer=_axis_infer("softmax"),
-        kernel=_softmax_kernel(False), tags=("softmax",), doc="exp(x) / sum(exp(x)) along `axis`")
+        kernel=_softmax_kernel(False), traits=Traits("softmax"), doc="exp(x) / sum(exp(x)) along `axis`")
 declare("log_softmax", arity=1, attrs={"axis": Attr("int", -1)}, infer=_axis_infer("log_softmax"),
-        kernel=_softmax_kernel(True), tags=("softmax",), doc="log(softmax(x)) along `axis`")
+        kernel=_softmax_kernel(True), traits=Traits("softmax"), doc="log(softmax(x)) along `axis`")
 
 
 def _ln_infer(types, attrs):
@@ -304,5 +295,5 @@ def _ln_kernel(xs, attrs):
 
 
 declare("layer_norm", arity=(1, 3), attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
-        infer=_ln_infer, kernel=_ln_kernel, tags=("norm",),
+        infer=_ln_infer, kernel=_ln_kernel, traits=Traits("norm"),
         doc="normalize over dims axis..-1, then * scale + bias (both optional, trailing)")

@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType
-from .registry import Attr, declare, norm_axis
+from .registry import Attr, Traits, declare, norm_axis
 
 QUANT_DTYPES = ("i8", "u8", "i32")
+INTEGER = Traits("integer", quant="integer")  # quantized arithmetic, made by lower-integer
+CONVERSION = Traits("quant", quant="integer")  # between real numbers and integers (quantize, dequantize, rescale)
 
 
 def check_qparams(x: TensorType, scale: TensorType, zp: TensorType | None, axis: int, where: str) -> None:
@@ -72,9 +74,9 @@ def _dequantize_kernel(xs, attrs):
 
 
 declare("quantize", arity=(2, 3), attrs={"axis": Attr("int", 1)}, infer=_quantize_infer, kernel=_quantize_kernel,
-        tags=("quant",), doc="saturate(round_half_even(x / scale) + zero_point); type from zero_point (u8 if absent)")
+        traits=CONVERSION, doc="saturate(round_half_even(x / scale) + zero_point); type from zero_point (u8 if absent)")
 declare("dequantize", arity=(2, 3), attrs={"axis": Attr("int", 1)}, infer=_dequantize_infer,
-        kernel=_dequantize_kernel, tags=("quant",), doc="(x - zero_point) * scale")
+        kernel=_dequantize_kernel, traits=CONVERSION, doc="(x - zero_point) * scale")
 
 
 # ---- quantization arithmetic shared by passes, importers and kernels ---------------------------------
@@ -147,12 +149,11 @@ def _centered(a: np.ndarray, zp: np.ndarray, axis: int = 0) -> np.ndarray:
     return a.astype(np.int64) - _axis_shape(zp.astype(np.int64), a.ndim, axis)
 
 
-def _declare_conv_int(rank: int) -> None:
+def _declare_conv_int(name: str, float_name: str, rank: int) -> None:
     from .nn import _check_window, _spatial_out, _window_attrs
     from .registry import get_op
 
-    name = f"conv{rank}d_int"
-    float_conv = get_op(f"conv{rank}d")
+    float_conv = get_op(float_name)
 
     def infer(types, attrs):
         _int_infer_check(types, name)
@@ -177,7 +178,7 @@ def _declare_conv_int(rank: int) -> None:
         return acc.astype(np.int32)
 
     declare(name, arity=(4, 5), attrs={**_window_attrs(rank, pool=False), "groups": Attr("int", 1)},
-            infer=infer, kernel=kernel, tags=("integer",),
+            infer=infer, kernel=kernel, traits=Traits("integer", quant="integer", spatial_rank=rank),
             doc=f"{rank}-D integer convolution: sum((x - x_zp) * (w - w_zp)) + bias, accumulated exactly in int32 "
                 "(w_zp per output channel or scalar)")
 
@@ -282,24 +283,25 @@ def _rescale_kernel(xs, attrs):
 _INT_BOUNDS = {"min": Attr("int", -(1 << 31), "lower clamp in the output's integer domain (fused relu)"),
                "max": Attr("int", (1 << 31) - 1, "upper clamp in the output's integer domain (fused relu6)")}
 
-for _rank in (1, 2, 3):
-    _declare_conv_int(_rank)
-declare("linear_int", arity=(4, 5), infer=_linear_int_infer, kernel=_linear_int_kernel, tags=("integer",),
+_declare_conv_int("conv1d_int", "conv1d", 1)
+_declare_conv_int("conv2d_int", "conv2d", 2)
+_declare_conv_int("conv3d_int", "conv3d", 3)
+declare("linear_int", arity=(4, 5), infer=_linear_int_infer, kernel=_linear_int_kernel, traits=INTEGER,
         doc="integer linear: (x - x_zp) @ (w - w_zp).T + bias, int32 accumulation; w is [out, in]")
-declare("matmul_int", arity=4, infer=_matmul_int_infer, kernel=_matmul_int_kernel, tags=("integer",),
+declare("matmul_int", arity=4, infer=_matmul_int_infer, kernel=_matmul_int_kernel, traits=INTEGER,
         doc="integer matmul of two quantized tensors: (a - a_zp) @ (b - b_zp), int32 accumulation")
 declare("requantize", arity=4, attrs={"axis": Attr("int", 1), "input_zero_point": Attr("int", 0),
                                       "scale": Attr("float", 0.0, "the real scale of the result (informational)"),
                                       **_INT_BOUNDS},
-        infer=_requantize_infer, kernel=_requantize_kernel, tags=("integer",),
+        infer=_requantize_infer, kernel=_requantize_kernel, traits=INTEGER,
         doc="saturate(clamp(round_half_even((x - input_zero_point) * multiplier / 2^shift) + zero_point)): "
             "fixed-point rescaling, per tensor or per channel along `axis`")
 declare("add_int", arity=3, attrs={"a_zero_point": Attr("int"), "a_multiplier": Attr("int"), "a_shift": Attr("int"),
                                    "b_zero_point": Attr("int"), "b_multiplier": Attr("int"), "b_shift": Attr("int"),
                                    "scale": Attr("float", 0.0, "the real scale of the result (informational)"),
                                    **_INT_BOUNDS},
-        infer=_add_int_infer, kernel=_add_int_kernel, tags=("integer",),
+        infer=_add_int_infer, kernel=_add_int_kernel, traits=INTEGER,
         doc="quantized add: both operands rescaled to the output scale in fixed point (2^-20 headroom), "
             "summed, rounded half to even, offset by the output zero point, clamped")
 declare("rescale", arity=3, attrs={"axis": Attr("int", 1)}, infer=_rescale_infer, kernel=_rescale_kernel,
-        tags=("integer",), doc="ONNX QLinear* output stage: saturate(round_half_even(x * scale) + zero_point), in float64")
+        traits=CONVERSION, doc="ONNX QLinear* output stage: saturate(round_half_even(x * scale) + zero_point), in float64")

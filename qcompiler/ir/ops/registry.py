@@ -53,15 +53,46 @@ Infer = Callable[[list[TensorType], dict[str, Any]], list[TensorType]]
 Kernel = Callable[[list[np.ndarray], dict[str, Any]], "np.ndarray | list[np.ndarray]"]
 
 
+QUANT_ROLES = ("weighted", "own_params", "shared_params", "same_as_input", "float", "integer")
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What passes and targets know about an op, declared with it: no pass or target keeps a
+    list of op names of its own (tests/test_op_coverage.py checks what each op declares).
+
+    ``quant`` is the op's role for insert-qdq: ``weighted`` (conv, linear, matmul: int8
+    weights in ``weight_slot``, activations and result per tensor), ``own_params`` (add,
+    reduce_mean: each input and the result their own parameters), ``shared_params`` (concat:
+    one scale for all, so it stays a copy), ``same_as_input`` (relu, pooling: the result on
+    the input's grid), ``float`` (left as is), ``integer`` (already quantized arithmetic)."""
+
+    family: str = "other"  # conv, linear, matmul, pool, activation, elementwise, layout, index, reduce, ...
+    quant: str = "float"
+    config_type: str | None = None  # its name in QuantConfig.op_types
+    weight_slot: int | None = None  # the weight operand of a weighted op (matmul: when it is a constant)
+    bias_slot: int | None = None  # the optional bias operand (bias correction, int32 bias)
+    channel_axis: int | None = None  # the output channel axis: per-channel weights and requantization
+    integer_form: str | None = None  # the integer op lower-integer makes of a weighted op
+    fuses_activation: bool = False  # takes an `activation` attribute (fuse-activations folds into it)
+    fusible: bool = False  # an activation fuse-activations may fold into its producer
+    on_grid: bool = False  # exact on the integers when input and output share parameters
+    spatial_rank: int | None = None  # 1, 2, 3 for convolutions and pooling
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANT_ROLES:
+            raise ValueError(f"unknown quantization role '{self.quant}' (one of {', '.join(QUANT_ROLES)})")
+
+
 @dataclass(frozen=True)
 class OpDef:
     name: str
     arity: tuple[int, int]  # min and max number of inputs (optional inputs are trailing)
     attrs: dict[str, Attr]
     infer_fn: Infer
-    kernel_fn: Kernel
+    kernel_fn: Kernel | None  # None until installed (set_kernel): qcompiler.torch_kernels
     doc: str = ""
-    tags: frozenset[str] = field(default_factory=frozenset)
+    traits: Traits = field(default_factory=Traits)
 
     def normalize_attrs(self, attrs: dict[str, Any], where: str) -> dict[str, Any]:
         unknown = set(attrs) - set(self.attrs)
@@ -92,6 +123,11 @@ class OpDef:
         return self.infer_fn(list(types), attrs)
 
     def run(self, arrays: Sequence[np.ndarray], attrs: dict[str, Any]) -> list[np.ndarray]:
+        if self.kernel_fn is None and KERNEL_LOADER is not None:
+            KERNEL_LOADER()  # the kernels that need torch, installed on first use
+        if self.kernel_fn is None:
+            raise RuntimeError(f"op '{self.name}' has no kernel: import qcompiler (it installs the kernels that "
+                               f"need torch)")
         out = self.kernel_fn(list(arrays), attrs)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -99,14 +135,27 @@ class OpDef:
 _REGISTRY: dict[str, OpDef] = {}
 
 
-def declare(name: str, *, arity: int | tuple[int, int], infer: Infer, kernel: Kernel,
-            attrs: dict[str, Attr] | None = None, doc: str = "", tags: Sequence[str] = ()) -> OpDef:
+def declare(name: str, *, arity: int | tuple[int, int], infer: Infer, kernel: Kernel | None,
+            attrs: dict[str, Attr] | None = None, doc: str = "", traits: Traits = Traits()) -> OpDef:
     if name in _REGISTRY:
         raise ValueError(f"op '{name}' declared twice")
     lo_hi = (arity, arity) if isinstance(arity, int) else arity
-    opdef = OpDef(name, lo_hi, dict(attrs or {}), infer, kernel, doc, frozenset(tags))
+    opdef = OpDef(name, lo_hi, dict(attrs or {}), infer, kernel, doc, traits)
     _REGISTRY[name] = opdef
     return opdef
+
+
+# installs the kernels declared without one (set by qcompiler.interpreter: the IR does not import it)
+KERNEL_LOADER: Callable[[], None] | None = None
+
+
+def set_kernel(name: str, kernel: Kernel) -> None:
+    """Install the reference kernel of an op declared without one: kernels that need torch live
+    outside the IR (qcompiler.torch_kernels), so that importing the IR does not import torch."""
+    op = get_op(name)
+    if op.kernel_fn is not None and op.kernel_fn is not kernel:
+        raise ValueError(f"op '{name}' already has a kernel")
+    object.__setattr__(op, "kernel_fn", kernel)
 
 
 def get_op(name: str) -> OpDef:
@@ -118,6 +167,18 @@ def get_op(name: str) -> OpDef:
 
 def all_ops() -> dict[str, OpDef]:
     return dict(sorted(_REGISTRY.items()))
+
+
+def ops_where(**traits: object) -> tuple[str, ...]:
+    """The names of the ops whose traits have these values, sorted: ``ops_where(quant="weighted")``."""
+    return tuple(name for name, op in sorted(_REGISTRY.items())
+                 if all(getattr(op.traits, key) == value for key, value in traits.items()))
+
+
+def traits_of(name: str) -> Traits:
+    """An op's traits; an op not in the registry (a name in a user's pipeline) has the defaults."""
+    op = _REGISTRY.get(name)
+    return op.traits if op is not None else Traits()
 
 
 # ---- inference helpers shared by the op families ---------------------------------------------

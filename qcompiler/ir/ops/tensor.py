@@ -7,7 +7,11 @@ import numpy as np
 
 from ...errors import InputError
 from ..types import TensorType
-from .registry import Attr, broadcast_shapes, declare, norm_axis, same_dtype
+from .registry import Attr, Traits, broadcast_shapes, declare, norm_axis, same_dtype
+
+LAYOUT = Traits("layout")
+ON_GRID = Traits("layout", on_grid=True)  # moves values only: runs on quantized integers as they are
+INDEX = Traits("index")  # reads at run-time indices (checked: an index out of range is bad input)
 
 
 def _reshape_infer(types, attrs):
@@ -18,7 +22,7 @@ def _reshape_infer(types, attrs):
 
 
 declare("reshape", arity=1, attrs={"shape": Attr("ints")}, infer=_reshape_infer,
-        kernel=lambda xs, a: xs[0].reshape(a["shape"]), tags=("layout",),
+        kernel=lambda xs, a: xs[0].reshape(a["shape"]), traits=ON_GRID,
         doc="same elements, new static shape (flatten/squeeze/unsqueeze/view capture to this)")
 
 
@@ -30,7 +34,7 @@ def _transpose_infer(types, attrs):
 
 
 declare("transpose", arity=1, attrs={"perm": Attr("ints")}, infer=_transpose_infer,
-        kernel=lambda xs, a: np.ascontiguousarray(np.transpose(xs[0], a["perm"])), tags=("layout",),
+        kernel=lambda xs, a: np.ascontiguousarray(np.transpose(xs[0], a["perm"])), traits=ON_GRID,
         doc="permute axes: out.shape[i] = x.shape[perm[i]]")
 
 
@@ -46,7 +50,8 @@ def _concat_infer(types, attrs):
 
 
 declare("concat", arity=(1, 1 << 16), attrs={"axis": Attr("int")}, infer=_concat_infer,
-        kernel=lambda xs, a: np.concatenate(xs, axis=a["axis"]), tags=("layout",),
+        kernel=lambda xs, a: np.concatenate(xs, axis=a["axis"]),
+        traits=Traits("layout", quant="shared_params", config_type="concat", on_grid=True),
         doc="join inputs along `axis`")
 
 
@@ -73,7 +78,7 @@ def _slice_infer(types, attrs):
 declare("slice", arity=1,
         attrs={"starts": Attr("ints"), "ends": Attr("ints"), "axes": Attr("ints"), "steps": Attr("ints")},
         infer=_slice_infer, kernel=lambda xs, a: np.ascontiguousarray(xs[0][_slices(xs[0].shape, a)]),
-        tags=("layout",), doc="python slicing x[start:end:step] on each listed axis (bounds clamp)")
+        traits=ON_GRID, doc="python slicing x[start:end:step] on each listed axis (bounds clamp)")
 
 
 def _check_indices(t: TensorType, where: str) -> None:
@@ -104,7 +109,7 @@ def _gather_kernel(xs, attrs):
 
 
 declare("gather", arity=2, attrs={"axis": Attr("int", 0)}, infer=_gather_infer, kernel=_gather_kernel,
-        tags=("layout",), doc="ONNX Gather / embedding lookup: take slices of `data` at `indices` on `axis`")
+        traits=INDEX, doc="ONNX Gather / embedding lookup: take slices of `data` at `indices` on `axis`")
 
 
 def _gather_elements_infer(types, attrs):
@@ -123,7 +128,7 @@ def _gather_elements_kernel(xs, attrs):
 
 
 declare("gather_elements", arity=2, attrs={"axis": Attr("int", 0)}, infer=_gather_elements_infer,
-        kernel=_gather_elements_kernel, tags=("layout",),
+        kernel=_gather_elements_kernel, traits=INDEX,
         doc="torch.gather / ONNX GatherElements: out[i][j] = data[i][idx[i][j]] on `axis`")
 
 
@@ -143,7 +148,7 @@ def _index_kernel(xs, attrs):
 
 
 declare("index", arity=(2, 64), infer=_index_infer, kernel=_index_kernel,
-        tags=("layout",), doc="advanced indexing data[i0, i1, ...] on the leading axes (indices broadcast)")
+        traits=INDEX, doc="advanced indexing data[i0, i1, ...] on the leading axes (indices broadcast)")
 
 
 def _expand_infer(types, attrs):
@@ -155,7 +160,7 @@ def _expand_infer(types, attrs):
 
 
 declare("expand", arity=1, attrs={"shape": Attr("ints")}, infer=_expand_infer,
-        kernel=lambda xs, a: np.ascontiguousarray(np.broadcast_to(xs[0], a["shape"])), tags=("layout",),
+        kernel=lambda xs, a: np.ascontiguousarray(np.broadcast_to(xs[0], a["shape"])), traits=ON_GRID,
         doc="broadcast to a static shape")
 
 
@@ -167,7 +172,7 @@ def _tile_infer(types, attrs):
 
 
 declare("tile", arity=1, attrs={"repeats": Attr("ints")}, infer=_tile_infer,
-        kernel=lambda xs, a: np.tile(xs[0], a["repeats"]), tags=("layout",),
+        kernel=lambda xs, a: np.tile(xs[0], a["repeats"]), traits=LAYOUT,
         doc="repeat the whole tensor `repeats[i]` times along each axis")
 
 
@@ -194,7 +199,7 @@ def _pad_kernel(xs, attrs):
 
 
 declare("pad", arity=1, attrs={"pads": Attr("ints"), "mode": Attr("str", "constant"), "value": Attr("float", 0.0)},
-        infer=_pad_infer, kernel=_pad_kernel, tags=("layout",),
+        infer=_pad_infer, kernel=_pad_kernel, traits=LAYOUT,
         doc="pad (negative pads crop) with ONNX's [begins..., ends...] layout; modes constant/reflect/edge")
 
 
@@ -217,7 +222,7 @@ def _split_kernel(xs, attrs):
 
 
 declare("split", arity=1, attrs={"axis": Attr("int"), "sizes": Attr("ints")}, infer=_split_infer,
-        kernel=_split_kernel, tags=("layout",), doc="cut into consecutive pieces of `sizes` along `axis`")
+        kernel=_split_kernel, traits=LAYOUT, doc="cut into consecutive pieces of `sizes` along `axis`")
 
 
 # ---- reductions -----------------------------------------------------------------------------
@@ -244,9 +249,11 @@ def _reduce_kernel(fn, x: np.ndarray, attrs) -> np.ndarray:
     return out.astype(x.dtype)
 
 
+# a global average pool is a mean: quantized with its own (finer) scale, exact as an int32 sum
+_REDUCE_TRAITS = {"reduce_mean": Traits("reduce", quant="own_params", config_type="pool", on_grid=True)}
 for _name, (_fn, _what) in _REDUCTIONS.items():
     declare(_name, arity=1, attrs={"axes": Attr("ints", ()), "keepdims": Attr("bool", False)},
-            infer=_reduce_infer(_name), tags=("reduce",),
+            infer=_reduce_infer(_name), traits=_REDUCE_TRAITS.get(_name, Traits("reduce")),
             kernel=lambda xs, a, fn=_fn: _reduce_kernel(fn, xs[0], a),
             doc=f"{_what} over `axes` (all axes when empty)")
 
@@ -260,4 +267,4 @@ def _argmax_infer(types, attrs):
 
 declare("argmax", arity=1, attrs={"axis": Attr("int", 0), "keepdims": Attr("bool", False)}, infer=_argmax_infer,
         kernel=lambda xs, a: np.argmax(xs[0], axis=a["axis"], keepdims=a["keepdims"]).astype(np.int64),
-        tags=("reduce",), doc="index of the first maximum along `axis`")
+        traits=Traits("reduce"), doc="index of the first maximum along `axis`")
