@@ -8,7 +8,6 @@ E[y'] == E[y]. d is measured on the calibration batches with each layer quantize
 insert-qdq will quantize it (same ranges, same weight scheme). Runs after range-analysis."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,7 @@ from qcompiler.ir import Graph, Node
 from qcompiler.ir.ops import get_op, traits_of
 from qcompiler.ir.ops.quant import choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
-from qcompiler.quant_config import QuantConfig
+from qcompiler.quant_config import QuantScheme
 
 from .insert_qdq import bias_scale_floor, quantize_weight
 
@@ -31,7 +30,7 @@ def _fake_quant(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
     return get_op("dequantize").run([q, np.asarray(scale), np.asarray(zp)], {"axis": 0})[0]
 
 
-def _quantized_weight(graph: Graph, node: Node, config: QuantConfig) -> tuple[np.ndarray, np.ndarray]:
+def _quantized_weight(graph: Graph, node: Node, config: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
     """The weight as insert-qdq will quantize it (same dead channels, same bias floor)."""
     x_scale = choose_qparams(*node.inputs[0].range, config.activation_dtype)[0]
     bias = graph.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].is_constant else None
@@ -41,17 +40,18 @@ def _quantized_weight(graph: Graph, node: Node, config: QuantConfig) -> tuple[np
 
 @register
 @dataclass(frozen=True)
-class BiasCorrection(Pass):
+class BiasCorrection(QuantScheme, Pass):
+    """Its options are the QuantScheme's, the same as insert-qdq's: it corrects exactly the
+    layers insert-qdq will quantize, as it will quantize them (a layer kept float keeps its bias)."""
+
     name = "bias-correction"
     summary = "shift conv/linear biases by the mean error quantization adds (needs range-analysis, calibration)"
-    exclude: tuple[str, ...] = ()  # more names/patterns kept float (as insert-qdq's): their biases stay
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
-        config = ctx.config or QuantConfig()
+        self.check_scheme()
+        config = self
         layers = [n for n in graph.nodes if traits_of(n.op).bias_slot is not None and config.quantizes(n.op)
                   and not config.excluded(n.source, n.output.name)
-                  and not any(fnmatch.fnmatchcase(name, p) for name in (n.source, n.output.name) if name
-                              for p in self.exclude)
                   and n.inputs[1].is_constant
                   and not n.inputs[0].is_constant and n.inputs[0].range is not None
                   and max(abs(r) for r in n.inputs[0].range) <= config.max_abs_range]

@@ -17,7 +17,6 @@ A value whose calibrated range exceeds ``max_abs_range`` (attention masks filled
 is left in float with the op that reads it; every op left in float is reported."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +25,7 @@ from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.ops import traits_of
 from qcompiler.ir.ops.quant import choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
-from qcompiler.quant_config import QuantConfig
+from qcompiler.quant_config import QuantScheme
 
 FLOAT = ("f32", "f16", "f64")
 QUANTIZABLE = ("weighted", "own_params", "shared_params", "same_as_input")  # the roles insert-qdq acts on
@@ -85,7 +84,7 @@ def bias_scale_floor(bias: np.ndarray | None, x_scale: float, channels: int) -> 
 
 
 class _Inserter:
-    def __init__(self, graph: Graph, config: QuantConfig, report: list[dict[str, str]]):
+    def __init__(self, graph: Graph, config: QuantScheme, report: list[dict[str, str]]):
         self.graph, self.config, self.report = graph, config, report
         self.cache: dict[tuple[int, float, int], Value] = {}
 
@@ -148,13 +147,16 @@ def _same(a: Params, b: Params) -> bool:
 
 @register
 @dataclass(frozen=True)
-class InsertQDQ(Pass):
+class InsertQDQ(QuantScheme, Pass):
+    """Its options are the QuantScheme's (per_channel, activation_dtype, op_types, exclude,
+    max_abs_range), which QuantConfig expands into."""
+
     name = "insert-qdq"
     summary = "insert quantize/dequantize pairs from calibrated ranges; quantize weights (needs range-analysis)"
-    exclude: tuple[str, ...] = ()  # more names/patterns kept float, beside QuantConfig.exclude
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
-        config = ctx.config or QuantConfig()
+        self.check_scheme()
+        config = self
         report = ctx.report.setdefault("not_quantized", [])
         ins = _Inserter(graph, config, report)
         changed = False
@@ -170,15 +172,12 @@ class InsertQDQ(Pass):
             if config.excluded(*names):
                 ins.skip(node, "excluded by QuantConfig.exclude")
                 continue
-            if any(fnmatch.fnmatchcase(n, p) for n in names if n for p in self.exclude):
-                ins.skip(node, "excluded by insert-qdq{exclude}")
-                continue
             changed |= self._quantize(graph, node, ins, config)
         if changed:
             graph.remove_unused_constants()
         return changed
 
-    def _quantize(self, graph: Graph, node: Node, ins: _Inserter, config: QuantConfig) -> bool:
+    def _quantize(self, graph: Graph, node: Node, ins: _Inserter, config: QuantScheme) -> bool:
         traits = traits_of(node.op)
         weight_slot = None
         if traits.quant == "weighted":

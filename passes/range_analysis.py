@@ -52,12 +52,12 @@ class RangeAnalysis(Pass):
     percentile: float = 99.99
     averaging_constant: float = 0.01
     bins: int = 2048
+    activation_dtype: str = "u8"  # i8: symmetric ranges (mse searches symmetric clipping)
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
-        from qcompiler.quant_config import CalibrationConfig, QuantConfig
+        from qcompiler.quant_config import CalibrationConfig
 
         CalibrationConfig(self.method, self.percentile, self.averaging_constant, self.bins)  # validates
-        config = ctx.config or QuantConfig()
         batches = calibration_set(graph, ctx.calibration)
         values = [v for v in graph.inputs if v.dtype in FLOAT]
         values += [v for n in graph.nodes for v in n.outputs if v.dtype in FLOAT]
@@ -72,7 +72,7 @@ class RangeAnalysis(Pass):
             sweep(graph, batches, values, lambda v, a: hists[id(v)].update(a), ctx.progress,
                    f"calibrating ({self.method} histograms)")
             levels = 256
-            symmetric = config.activation_dtype == "i8"
+            symmetric = self.activation_dtype == "i8"
             for v in values:
                 h = hists[id(v)]
                 if self.method == "percentile":

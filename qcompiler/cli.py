@@ -110,8 +110,13 @@ def _cmd_opt(args: argparse.Namespace) -> int:
     from .pipeline import PassContext
     from .quant_config import QuantConfig
 
-    ctx = PassContext(calibration=load_batches(args.calibration, graph) if args.calibration else None,
-                      config=QuantConfig.load(args.config) if args.config else None, progress=True)
+    if args.config:  # the config's options go into the pipeline's passes: the string says everything
+        from .quantize import with_config
+
+        expanded = with_config(args.pipeline, QuantConfig.load(args.config))
+        print(f"pipeline: {expanded}", file=sys.stderr)
+        passes = parse_pipeline(expanded)
+    ctx = PassContext(calibration=load_batches(args.calibration, graph) if args.calibration else None, progress=True)
     run_pipeline(graph, passes, inst, ctx)
     for entry in ctx.report.get("kept_float", []):
         print(f"kept float: {entry['node']}: {entry['reason']}", file=sys.stderr)
@@ -374,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reproducer-dir", default=".", help="where a failing pass's input IR is written")
     p.add_argument("--list-passes", action="store_true")
     p.add_argument("--calibration", help=".npz of calibration batches, for range-analysis and smooth-quant")
-    p.add_argument("--config", help="QuantConfig as JSON (or YAML), for insert-qdq")
+    p.add_argument("--config", help="QuantConfig as JSON (or YAML): its options are written into the pipeline's "
+                                    "passes where the pipeline leaves them at their defaults (printed)")
     p.set_defaults(func=_cmd_opt)
     p = sub.add_parser("compare", help="per-layer error of the quantized model against the float one")
     model_args(p)

@@ -373,13 +373,15 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
 
         batches = calibration_set(graph, calibration)
     if pipeline is not None:
+        from .quantize import with_config
+
+        used = with_config(pipeline, config) if config is not None else pipeline
         inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)
-        ctx = PassContext(calibration=batches, config=config, progress=progress)
+        ctx = PassContext(calibration=batches, progress=progress)
         reference = graph.copy()
-        compiled_graph = run_pipeline(graph.copy(), pipeline, inst, ctx)
+        compiled_graph = run_pipeline(graph.copy(), used, inst, ctx)
         report["passes"] = ctx.report
         timings = inst.records
-        used = pipeline
     elif batches is not None:
         config = config or QuantConfig()
         # ONNX has no integer-lowered ops: the ONNX target ships the QDQ graph

@@ -23,11 +23,11 @@ class PipelineError(QCompilerError):
 
 @dataclass
 class PassContext:
-    """What passes need beyond their options: calibration data for range analysis, the
-    quantization config, and a report that passes append to (ops kept in float, rule hits)."""
+    """What passes need beyond their options (which are their fields, and nothing else):
+    calibration data for range analysis, and a report that passes append to (ops kept in
+    float, rule hits)."""
 
-    calibration: Any = None  # an iterable of input batches (lists/tuples of arrays, or arrays)
-    config: Any = None  # a qcompiler.quant.QuantConfig; None means the default config
+    calibration: Any = None  # calibration batches (see qcompiler.calibration)
     progress: bool = False  # show progress bars (CLI) or stay quiet (tests, API default)
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -91,8 +91,13 @@ def _convert(cls: type[Pass], key: str, raw: list[str]) -> Any:
 
 def parse_pipeline(text: str) -> list[Pass]:
     """``"a,b{k=v,list=x,y}"`` -> ``[A(), B(k=v, list=("x", "y"))]``."""
+    return [pass_ for pass_, _ in parse_pipeline_given(text)]
+
+
+def parse_pipeline_given(text: str) -> list[tuple[Pass, frozenset[str]]]:
+    """Each pass with the names of the options the text gives it (a default written out counts)."""
     passes = registered_passes()
-    result: list[Pass] = []
+    result: list[tuple[Pass, frozenset[str]]] = []
     i, text = 0, text.strip()
     while i < len(text):
         j = i
@@ -117,7 +122,7 @@ def parse_pipeline(text: str) -> list[Pass]:
                     options[key].append(item)  # a list option: ops=relu,relu6
             j = end + 1
         cls = passes[name]
-        result.append(cls(**{k: _convert(cls, k, v) for k, v in options.items()}))
+        result.append((cls(**{k: _convert(cls, k, v) for k, v in options.items()}), frozenset(options)))
         if j < len(text) and text[j] != ",":
             raise PipelineError(f"expected ',' after pass '{name}'")
         i = j + 1

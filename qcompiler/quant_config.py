@@ -85,12 +85,43 @@ class CalibrationConfig:
         return ",".join(opts)
 
 
+DEFAULT_OP_TYPES = ("conv", "linear", "matmul", "add", "concat", "pool", "relu")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How weights and activations are quantized: the options insert-qdq and bias-correction
+    take (their dataclass fields, so the pipeline string says them). ``QuantConfig.scheme()``
+    expands a config into them; nothing reaches a pass any other way."""
+
+    per_channel: bool = True  # weights per output channel (False: per tensor)
+    activation_dtype: str = "u8"  # "u8": asymmetric uint8; "i8": symmetric int8
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    exclude: tuple[str, ...] = ()  # node source names, value names or fnmatch patterns kept float
+    max_abs_range: float = 1e4  # activations calibrated beyond this (attention masks) stay float
+
+    def check_scheme(self) -> None:
+        if self.activation_dtype not in ("u8", "i8"):
+            raise QCompilerError(f"activation_dtype '{self.activation_dtype}' must be 'u8' or 'i8'")
+        unknown = set(self.op_types) - set(OP_TYPES)
+        if unknown:
+            raise QCompilerError(f"unknown op types {sorted(unknown)} (known: {', '.join(OP_TYPES)})")
+        if not self.max_abs_range > 0:
+            raise QCompilerError(f"max_abs_range must be a positive number, got {self.max_abs_range}")
+
+    def quantizes(self, op: str) -> bool:
+        return any(op in OP_TYPES[t] for t in self.op_types)
+
+    def excluded(self, *names: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names if n for pattern in self.exclude)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     weight_dtype: str = "i8"
     per_channel: bool = True  # weights per output channel (False: per tensor)
     activation_dtype: str = "u8"  # "u8": asymmetric uint8; "i8": symmetric int8
-    op_types: tuple[str, ...] = ("conv", "linear", "matmul", "add", "concat", "pool", "relu")
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     exclude: tuple[str, ...] = ()  # node source names, value names or fnmatch patterns kept float
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     max_abs_range: float = 1e4  # activations calibrated beyond this (attention masks) stay float
@@ -105,21 +136,18 @@ class QuantConfig:
         if isinstance(self.exclude, list):
             object.__setattr__(self, "exclude", tuple(self.exclude))
         _check_types(self, "QuantConfig")
-        if not self.max_abs_range > 0:
-            raise QCompilerError(f"QuantConfig.max_abs_range must be a positive number, got {self.max_abs_range}")
         if self.weight_dtype != "i8":
             raise QCompilerError(f"weight_dtype '{self.weight_dtype}' is not supported (i8)")
-        if self.activation_dtype not in ("u8", "i8"):
-            raise QCompilerError(f"activation_dtype '{self.activation_dtype}' must be 'u8' or 'i8'")
-        unknown = set(self.op_types) - set(OP_TYPES)
-        if unknown:
-            raise QCompilerError(f"unknown op types {sorted(unknown)} in QuantConfig (known: {', '.join(OP_TYPES)})")
+        try:
+            self.scheme().check_scheme()
+        except QCompilerError as e:
+            raise QCompilerError(f"QuantConfig: {e}") from None
 
-    def quantizes(self, op: str) -> bool:
-        return any(op in OP_TYPES[t] for t in self.op_types)
-
-    def excluded(self, *names: str) -> bool:
-        return any(fnmatch.fnmatchcase(n, pattern) for n in names if n for pattern in self.exclude)
+    def scheme(self, exclude: tuple[str, ...] = ()) -> QuantScheme:
+        """The options of insert-qdq and bias-correction this config stands for; ``exclude``:
+        more layers kept float (the sensitivity check's)."""
+        return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + tuple(exclude),
+                           self.max_abs_range)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,6 +3,7 @@ quantize/dequantize insertion, integer lowering. Returns the integer graph, the 
 (for per-layer analysis) and the report, with the pipeline string that reproduces them."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,22 +11,37 @@ from typing import Any
 from .calibration import calibration_set
 from .ir import Graph
 from .pass_manager import Instruments, PassRecord, run_pipeline
-from .pipeline import PassContext
+from .pipeline import PassContext, parse_pipeline_given, print_pipeline, registered_passes
 from .quant_config import QuantConfig
 
 
-def _excluding(pass_name: str, exclude: tuple[str, ...]) -> str:
-    return pass_name + ("{exclude=" + ",".join(exclude) + "}" if exclude else "")
-
-
 def quantize_stages(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
-    """range-analysis, bias-correction (as ``config`` says) and insert-qdq. ``exclude``: layers
-    kept float, given to both bias-correction and insert-qdq (a layer kept float keeps its bias)."""
-    stages = [f"range-analysis{{{config.calibration.pipeline_options()}}}"]
+    """range-analysis, bias-correction (as ``config`` says) and insert-qdq, with every option
+    ``config`` sets written out: the pipeline string is the whole reproducer. ``exclude``:
+    layers kept float (the sensitivity check's), given to bias-correction and insert-qdq alike."""
+    passes = registered_passes()
+    scheme = dataclasses.asdict(config.scheme(exclude))
+    calibrate = config.calibration.pipeline_options()
+    if config.activation_dtype != "u8":
+        calibrate += f",activation_dtype={config.activation_dtype}"
+    stages = [f"range-analysis{{{calibrate}}}"]
     if config.bias_correction:
-        stages.append(_excluding("bias-correction", exclude))
-    stages.append(_excluding("insert-qdq", exclude))
+        stages.append(str(passes["bias-correction"](**scheme)))
+    stages.append(str(passes["insert-qdq"](**scheme)))
     return ",".join(stages)
+
+
+def with_config(pipeline: str, config: QuantConfig) -> str:
+    """``pipeline`` with ``config``'s quantization options given to the passes that take them,
+    where the pipeline leaves them at their defaults (``qcompiler opt --config``, ``compile(
+    pipeline=..., config=...)``); the result is the full reproducer."""
+    scheme = dataclasses.asdict(config.scheme())
+    out = []
+    for p, written in parse_pipeline_given(pipeline):
+        fields = {f.name for f in dataclasses.fields(p)}
+        filled = {k: v for k, v in scheme.items() if k in fields and k not in written}
+        out.append(dataclasses.replace(p, **filled) if filled else p)
+    return print_pipeline(out)
 
 
 def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,
@@ -62,7 +78,7 @@ def quantize(graph: Graph, calibration: Any, config: QuantConfig | None = None, 
 
     config = config or QuantConfig()
     batches = calibration_set(graph, calibration)
-    ctx = PassContext(calibration=batches, config=config, progress=progress)
+    ctx = PassContext(calibration=batches, progress=progress)
     inst = Instruments(emit=lambda s: None, on_pass=on_pass)
     float_graph = run_pipeline(graph.copy(), float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
                                inst, ctx)

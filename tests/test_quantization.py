@@ -300,3 +300,44 @@ def test_quantize_multiplier_takes_negligible_multipliers_as_exactly_zero():
     assert not rounding_shift(acc * int(m[0]), np.int64(s[0])).any()
     with pytest.raises(ValueError, match="is 2.30 or more"):
         quantize_multiplier(np.array([2.0 ** 31]))
+
+
+def test_a_config_expands_into_the_pipeline_string_which_alone_reproduces_the_graph(digits):
+    """One route for options: QuantConfig's choices are pass options in the pipeline string, and
+    running that string (with no config anywhere) gives the same graph."""
+    model, (x_train, _, x_test, _) = digits
+    graph = from_torch(model, (torch.from_numpy(x_test[:8]),))
+    calibration = [x_train[i:i + 8] for i in range(0, 32, 8)]
+    config = QuantConfig(per_channel=False, activation_dtype="i8", op_types=("conv", "pool", "relu"),
+                         exclude=("features.3",), calibration=CalibrationConfig("mse"), min_layer_sqnr_db=None)
+    result = qcompiler.quantize(graph, calibration, config)
+    for option in ("per_channel=false", "activation_dtype=i8", "op_types=conv,pool,relu", "exclude=features.3",
+                   "range-analysis{method=mse,activation_dtype=i8}"):
+        assert option in result.pipeline, result.pipeline
+    again = run_pipeline(graph.copy(), result.pipeline, context=PassContext(calibration=calibration))
+    assert qcompiler.print_graph(again) == qcompiler.print_graph(result.graph)
+    assert not any(n.op == "linear_int" for n in again.nodes)  # linear is not in op_types
+
+
+def test_opt_config_fills_the_pipeline_options_it_leaves_at_defaults(tmp_path, digits):
+    import subprocess
+    import sys
+
+    from qcompiler import save
+
+    model, (x_train, _, x_test, _) = digits
+    save(from_torch(model, (torch.from_numpy(x_test[:8]),)), tmp_path / "d.qir")
+    np.savez(tmp_path / "cal.npz", x=x_train[:16].reshape(2, 8, *x_train.shape[1:]))
+    (tmp_path / "q.json").write_text(json.dumps({"per_channel": False, "op_types": ["conv"]}))
+    done = subprocess.run([sys.executable, "-m", "qcompiler", "opt", str(tmp_path / "d.qir"), "-p",
+                           "range-analysis,insert-qdq{per_channel=true}", "--calibration", str(tmp_path / "cal.npz"),
+                           "--config", str(tmp_path / "q.json"), "-o", str(tmp_path / "q.qir")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # the string's own per_channel=true stays (printed as the default it is); op_types comes from the config
+    assert "pipeline: range-analysis,insert-qdq{op_types=conv}" in done.stderr
+    out = qcompiler.load_graph(tmp_path / "q.qir")
+    weights = [n for n in out.nodes if n.op == "dequantize" and n.inputs[0].is_constant]
+    assert weights and all(out.constant_array(n.inputs[1]).ndim == 1 for n in weights)  # per channel
+    assert {n.outputs[0].producer.op for n in weights} == {"dequantize"}
+    assert not any(n.op == "linear" and n.inputs[1].producer is not None for n in out.nodes)  # linear left float
