@@ -85,7 +85,7 @@ class CalibrationConfig:
         return ",".join(opts)
 
 
-DEFAULT_OP_TYPES = ("conv", "linear", "matmul", "add", "concat", "pool", "relu")
+DEFAULT_OP_TYPES = ("conv", "linear", "matmul", "add", "concat", "pool", "relu", "resize")
 
 
 @dataclass(frozen=True)

@@ -255,3 +255,80 @@ def test_int4_weights_behind_dequantize_linear_import_and_quantize():
     assert compiled.report()["quantized"]
     np.testing.assert_array_equal(compiled(x), compiled.graph(x)[0])
     assert np.abs(compiled(x) - want).max() < 0.05 * np.abs(want).max()
+
+
+class _Interpolate(torch.nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.conv(x), **self.kwargs)
+
+
+RESIZES = [dict(scale_factor=2, mode="nearest"), dict(size=(9, 12), mode="nearest"),
+           dict(size=(11, 13), mode="nearest-exact"), dict(scale_factor=2, mode="bilinear"),
+           dict(size=(9, 12), mode="bilinear", align_corners=True), dict(size=(3, 4), mode="bilinear")]
+
+
+@pytest.mark.parametrize("kwargs", RESIZES, ids=lambda k: f"{k['mode']}-{k.get('size', k.get('scale_factor'))}")
+def test_resize_from_torch_and_onnx_matches_the_frameworks_on_every_target(kwargs, tmp_path):
+    """Every FPN neck and segmentation head upsamples: interpolate and ONNX Resize, nearest and
+    bilinear with their coordinate rules; the interpreter against torch and ONNX Runtime, TVM
+    and the exported ONNX against the interpreter."""
+    import onnxruntime as ort
+
+    from tests.conftest import export_onnx
+
+    model = _Interpolate(**kwargs).eval()
+    x = torch.randn(1, 3, 5, 7)
+    with torch.no_grad():
+        want = model(x).numpy()
+    graph = qcompiler.from_torch(model, (x,))
+    np.testing.assert_allclose(graph(x.numpy())[0], want, atol=1e-5)
+    path = export_onnx(model, (x,), tmp_path / "r.onnx", ["x"])
+    from_onnx = qcompiler.from_onnx(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(from_onnx(x.numpy())[0], session.run(None, {"x": x.numpy()})[0], atol=1e-5)
+    for target in ("llvm", "onnx"):
+        np.testing.assert_allclose(qcompiler.compile(graph, target=target)(x.numpy()), graph(x.numpy())[0], atol=1e-5)
+
+
+def test_fpn_neck_with_nearest_upsampling_quantizes_end_to_end():
+    """A top-down FPN step: upsample the coarse map, add the lateral 1x1 conv, smooth with a 3x3.
+    Nearest upsampling only copies values: it runs on the integers, nothing stays float."""
+
+    class Neck(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c4 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.lateral = torch.nn.Conv2d(3, 8, 1)
+            self.smooth = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            top = torch.relu(self.c4(x))
+            merged = torch.nn.functional.interpolate(top, scale_factor=2, mode="nearest") + self.lateral(x)
+            return self.smooth(merged)
+
+    torch.manual_seed(0)
+    compiled = _check(Neck().eval(), (1, 3, 16, 16))
+    assert compiled.report()["kept_float"] == []
+    assert "resize_nearest" in compiled.graph.op_counts()
+    resize = next(n for n in compiled.graph.nodes if n.op == "resize_nearest")
+    assert resize.inputs[0].dtype == "u8"  # on the integers
+
+
+@pytest.mark.parametrize("mode, why", [("cubic", "mode 'cubic' is not supported"),
+                                       ("fractional", "give fractional sizes")])
+def test_resizes_qcompiler_cannot_do_are_one_clear_error(mode, why):
+    from onnx import TensorProto, helper, numpy_helper
+
+    scales = [1.0, 1.0, 2.5, 2.5] if mode == "fractional" else [1.0, 1.0, 2.0, 2.0]
+    model = _onnx_model([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up",
+                                          mode="linear" if mode == "fractional" else mode)],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+                        [numpy_helper.from_array(np.array(scales, np.float32), "scales")])
+    with pytest.raises(qcompiler.QCompilerError, match=f"Resize 'up': .*{why}"):
+        qcompiler.from_onnx(model)

@@ -29,7 +29,7 @@ _CONVERTERS: dict[str, Converter] = {}
 converts = registrar(_CONVERTERS)
 _SHAPE_ONLY = {"Shape", "Size"}  # depend on the static shape of their input, never its values
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
-_STATIC_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
+_STATIC_OPERANDS = {"Resize": (1, 2, 3), "Upsample": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "Clip": (1, 2), "ConstantOfShape": (0,), "ReduceMean": (1,),
                     "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
 
@@ -294,6 +294,60 @@ def _isinf(ctx, node, inputs):
     zero = ctx.const(np.zeros((), x.type.np_dtype), "zero")
     sign = ctx.emit1("greater" if positive else "less", [x, zero])
     return ctx.emit1("logical_and", [found, sign])
+
+
+@converts("Resize", "Upsample")
+def _resize(ctx, node, inputs):
+    """Resize (opset 10+) and Upsample (7-9) of the two spatial axes of an NCHW image, nearest
+    or linear. Sizes come from ``sizes`` or from whole-number ``scales``; a fractional size, a
+    resize of N or C, cubic, antialias and tf_crop_and_resize are refused with the node named."""
+    x = inputs[0]
+    mode = _attr(node, "mode", "nearest")
+    mode = {"bilinear": "linear"}.get(mode.decode() if isinstance(mode, bytes) else mode, mode)
+    what = f"{node.op} '{node.name}'"
+    if mode not in ("nearest", "linear"):
+        raise QCompilerError(f"{what}: mode '{mode}' is not supported (nearest, linear)")
+    if x.type.rank != 4:
+        raise QCompilerError(f"{what}: only NCHW images (rank 4) are resized, got {x.type}")
+    if _attr(node, "antialias", 0):
+        raise QCompilerError(f"{what}: antialias is not supported")
+    sizes = ctx.const_input(inputs[3], node, "sizes") if len(inputs) > 3 and inputs[3] is not None else None
+    if node.op == "Upsample":
+        scales = ctx.const_input(inputs[1], node, "scales") if len(inputs) > 1 else np.asarray(_attr(node, "scales"))
+    else:
+        index = 1 if ctx.opset < 11 else 2
+        scales = ctx.const_input(inputs[index], node, "scales") \
+            if len(inputs) > index and inputs[index] is not None and inputs[index].type.size else None
+    axes = _attr(node, "axes", None)
+    if sizes is None:
+        if scales is None:
+            raise QCompilerError(f"{what}: neither sizes nor scales given")
+        full = np.ones(4) if axes is not None else None
+        if axes is not None:
+            full[[a % 4 for a in axes]] = scales
+        scales = np.asarray(full if full is not None else scales, np.float64)
+        exact = np.asarray(x.shape) * scales
+        if not np.allclose(exact, np.round(exact)):
+            raise QCompilerError(f"{what}: scales {list(scales)} give fractional sizes for {list(x.shape)}; "
+                                 f"export the model with sizes")
+        out = [int(round(v)) for v in exact]
+    else:
+        out = list(x.shape)
+        for a, size in zip(axes if axes is not None else range(4 - len(sizes), 4), sizes):
+            out[a % 4] = int(size)
+    if out[:2] != list(x.shape[:2]):
+        raise QCompilerError(f"{what}: only the spatial axes may be resized ({list(x.shape)} to {out})")
+    if ctx.opset < 11:
+        transform = "asymmetric"
+    else:
+        transform = _attr(node, "coordinate_transformation_mode", "half_pixel")
+        if transform == "tf_half_pixel_for_nn":
+            transform = "half_pixel"
+    attrs = {"size": out[2:], "coordinate_transformation_mode": transform}
+    if mode == "nearest":
+        attrs["nearest_mode"] = _attr(node, "nearest_mode", "round_prefer_floor") if ctx.opset >= 11 else "floor"
+        return ctx.emit1("resize_nearest", [x], attrs)
+    return ctx.emit1("resize_linear", [x], attrs)
 
 
 @converts("Dropout")

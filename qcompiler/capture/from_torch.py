@@ -455,6 +455,27 @@ def _pool(ctx, node, args):
     return (y, None) if op.endswith("with_indices") else y
 
 
+@converts("upsample_nearest2d", "upsample_bilinear2d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa")
+def _upsample(ctx, node, args):
+    """torch's interpolate on NCHW images: ``nearest`` reads ``floor(o * in / out)`` (ONNX
+    asymmetric + floor), ``nearest-exact`` rounds half up from the pixel centre (half_pixel +
+    round_prefer_ceil), bilinear is half_pixel (align_corners=True: align_corners)."""
+    op = _packet(node)
+    if op.endswith("_aa"):
+        raise QCompilerError("interpolate with antialias=True is not supported")
+    x = ctx.value(args[0])
+    size = list(_out_type(node).shape[2:])
+    if "nearest" in op:
+        exact = op.startswith("_upsample_nearest_exact")
+        return ctx.emit1("resize_nearest", [x], {"size": size,
+                                                  "coordinate_transformation_mode": "half_pixel" if exact else "asymmetric",
+                                                  "nearest_mode": "round_prefer_ceil" if exact else "floor"})
+    align = bool(args[2]) if len(args) > 2 else False
+    return ctx.emit1("resize_linear", [x], {"size": size,
+                                            "coordinate_transformation_mode": "align_corners" if align else
+                                            "pytorch_half_pixel"})
+
+
 @converts("adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d")
 def _adaptive_pool(ctx, node, args):
     x = ctx.value(args[0])

@@ -278,6 +278,17 @@ def _argmax(ex, node, xs):
     return ex.add1("ArgMax", xs, axis=node.attrs["axis"], keepdims=int(node.attrs["keepdims"]))
 
 
+@exports("resize_nearest", "resize_linear")
+def _resize(ex, node, xs):
+    x = node.inputs[0]
+    sizes = ex.const(np.asarray([*x.shape[:2], *node.attrs["size"]], np.int64), "sizes")
+    attrs = {"mode": "nearest" if "nearest_mode" in node.attrs else "linear",
+             "coordinate_transformation_mode": node.attrs["coordinate_transformation_mode"]}
+    if "nearest_mode" in node.attrs:
+        attrs["nearest_mode"] = node.attrs["nearest_mode"]
+    return ex.add1("Resize", [xs[0], "", "", sizes], **attrs)
+
+
 @exports("quantize", "dequantize")
 def _qdq(ex, node, xs):
     axis = node.attrs["axis"] % max(node.inputs[0].type.rank, 1)

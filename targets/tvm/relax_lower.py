@@ -257,6 +257,16 @@ def _conv(low, node, xs):
     return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], TVM_DTYPE[node.output.dtype])
 
 
+@lowers("resize_nearest", "resize_linear")
+def _resize(low, node, xs):
+    """``image.resize2d``: its coordinate transformations and roundings are ONNX's, by name."""
+    nearest = "nearest_mode" in node.attrs
+    return low.emit(R.image.resize2d(xs[0], tuple(node.attrs["size"]), layout="NCHW",
+                                     method="nearest_neighbor" if nearest else "linear",
+                                     coordinate_transformation_mode=node.attrs["coordinate_transformation_mode"],
+                                     rounding_method=node.attrs["nearest_mode"] if nearest else ""))
+
+
 @lowers("batch_norm")
 def _batch_norm(low, node, xs):
     x, scale, bias, mean, var = node.inputs
