@@ -1,5 +1,5 @@
 """The reference kernels that use torch's CPU ops, where numpy has no fast or no exact
-equivalent: convolution, PyTorch's adaptive-pooling bins, gelu and erf.
+equivalent: convolution (and transposed), PyTorch's adaptive-pooling bins, gelu and erf.
 
 They live beside the interpreter, not in the IR: the op declarations (``qcompiler.ir.ops``)
 leave their kernel empty, and importing this module (the interpreter does) installs it, so
@@ -36,6 +36,28 @@ def _conv_kernel(rank: int):
     return kernel
 
 
+def _conv_transpose_kernel(rank: int):
+    """The full transposed convolution (no padding), extended by output_padding at the end and
+    cropped by pads, plus the bias: ONNX's semantics, asymmetric pads included."""
+    conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d}[rank]
+
+    def kernel(xs, attrs):
+        y = conv(_t(xs[0]), _t(xs[1]), None, stride=attrs["strides"], dilation=attrs["dilations"],
+                 groups=attrs["groups"])
+        extend: list[int] = []
+        for i in reversed(range(rank)):  # F.pad wants the last dim first
+            extend += [0, attrs["output_padding"][i]]
+        y = F.pad(y, extend)
+        pads = attrs["pads"]
+        crop = (slice(None), slice(None)) + tuple(slice(pads[i], y.shape[2 + i] - pads[i + rank]) for i in range(rank))
+        y = y[crop].numpy()
+        if len(xs) == 3:
+            y = y + xs[2].reshape((1, -1) + (1,) * rank)
+        return np.ascontiguousarray(y)
+
+    return kernel
+
+
 def _gelu(xs, attrs):
     return np.asarray(F.gelu(_t(xs[0]), approximate=attrs["approximate"]).numpy(), dtype=xs[0].dtype)
 
@@ -51,6 +73,8 @@ def _adaptive_avg_pool2d(xs, attrs):
 set_kernel("conv1d", _conv_kernel(1))
 set_kernel("conv2d", _conv_kernel(2))
 set_kernel("conv3d", _conv_kernel(3))
+set_kernel("conv_transpose1d", _conv_transpose_kernel(1))
+set_kernel("conv_transpose2d", _conv_transpose_kernel(2))
 set_kernel("adaptive_avg_pool2d", _adaptive_avg_pool2d)
 set_kernel("gelu", _gelu)
 set_kernel("erf", _erf)

@@ -332,3 +332,51 @@ def test_resizes_qcompiler_cannot_do_are_one_clear_error(mode, why):
                         [numpy_helper.from_array(np.array(scales, np.float32), "scales")])
     with pytest.raises(qcompiler.QCompilerError, match=f"Resize 'up': .*{why}"):
         qcompiler.from_onnx(model)
+
+
+CONV_TRANSPOSES = [dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2, padding=1, output_padding=1),
+                   dict(kernel_size=3, padding=1, groups=2, dilation=2), dict(kernel_size=4, stride=2, padding=1, bias=False)]
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("kwargs", CONV_TRANSPOSES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_conv_transpose_matches_torch_from_both_captures_on_every_target(kwargs, rank, tmp_path):
+    """Segmentation and text-detection heads upsample with transposed convolutions."""
+    from tests.conftest import export_onnx
+
+    torch.manual_seed(0)
+    layer = (torch.nn.ConvTranspose1d if rank == 1 else torch.nn.ConvTranspose2d)(4, 8, **kwargs).eval()
+    x = torch.randn(*([1, 4, 7] if rank == 1 else [1, 4, 5, 7]))
+    with torch.no_grad():
+        want = layer(x).numpy()
+    graph = qcompiler.from_torch(layer, (x,))
+    np.testing.assert_allclose(graph(x.numpy())[0], want, atol=1e-5)
+    np.testing.assert_allclose(qcompiler.from_onnx(export_onnx(layer, (x,), tmp_path / "t.onnx", ["x"]))(x.numpy())[0],
+                               want, atol=1e-5)
+    for target in ("llvm", "onnx"):
+        np.testing.assert_allclose(qcompiler.compile(graph, target=target)(x.numpy()), graph(x.numpy())[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("attrs", [{"output_shape": [10, 14]}, {"auto_pad": "SAME_UPPER"}, {"auto_pad": "SAME_LOWER"},
+                                   {"pads": [0, 1, 1, 0], "output_padding": [1, 0]}])
+def test_onnx_conv_transpose_padding_forms_match_onnx_runtime(attrs):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")
+    model = _onnx_model([helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], **attrs)],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 7])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])], [w])
+    x = rng.standard_normal((1, 3, 5, 7)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(qcompiler.from_onnx(model)(x)[0], want, atol=1e-5)
+
+
+def test_a_segmentation_head_with_a_transposed_convolution_quantizes_around_it():
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                               torch.nn.ConvTranspose2d(8, 8, 2, stride=2), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 2, 1)).eval()
+    compiled = _check(head, (1, 3, 16, 16))
+    assert compiled.graph.op_counts().get("conv2d_int") == 2 and "conv_transpose2d" in compiled.graph.op_counts()

@@ -502,6 +502,39 @@ def _conv(ctx, node, inputs):
                                                 "groups": _attr(node, "group", 1)})
 
 
+@converts("ConvTranspose")
+def _conv_transpose(ctx, node, inputs):
+    """ONNX ConvTranspose; ``output_shape`` and SAME auto-padding become explicit pads (total
+    padding s (in - 1) + output_padding + d (k - 1) + 1 - out, split as the spec says)."""
+    x, w = inputs[0], inputs[1]
+    rank = w.type.rank - 2
+    if rank not in (1, 2):
+        raise QCompilerError(f"ConvTranspose '{node.name}': {rank}-D transposed convolution is not supported")
+    strides = list(_attr(node, "strides", [1] * rank))
+    dilations = list(_attr(node, "dilations", [1] * rank))
+    out_pad = list(_attr(node, "output_padding", [0] * rank))
+    auto = _attr(node, "auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    wanted = _attr(node, "output_shape", None)
+    if wanted is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = list(wanted)[-rank:] if wanted is not None else [x.shape[2 + i] * strides[i] for i in range(rank)]
+        begins, ends = [], []
+        for i in range(rank):
+            total = strides[i] * (x.shape[2 + i] - 1) + out_pad[i] + dilations[i] * (w.shape[2 + i] - 1) + 1 - wanted[i]
+            if total < 0:
+                raise QCompilerError(f"ConvTranspose '{node.name}': output_shape {wanted} is larger than it can make")
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)  # the spec: the larger half first unless SAME_UPPER
+            ends.append(big if auto == "SAME_UPPER" else small)
+        pads = begins + ends
+    else:
+        pads = list(_attr(node, "pads", [0] * (2 * rank))) if auto != "VALID" else [0] * (2 * rank)
+    operands = [x, w] + ([inputs[2]] if len(inputs) > 2 and inputs[2] is not None else [])
+    name = {1: "conv_transpose1d", 2: "conv_transpose2d"}[rank]
+    return ctx.emit1(name, operands, {"strides": strides, "pads": pads, "dilations": dilations,
+                                      "groups": _attr(node, "group", 1), "output_padding": out_pad})
+
+
 @converts("BatchNormalization")
 def _batch_norm(ctx, node, inputs):
     if _attr(node, "training_mode", 0) or (ctx.opset < 7 and not _attr(node, "is_test", 1)):

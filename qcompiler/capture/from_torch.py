@@ -384,7 +384,7 @@ def _conv(ctx, node, args):
     rank = w.type.rank - 2
     if op == "convolution":
         if args[6]:
-            raise QCompilerError("transposed convolution is not supported")
+            return _emit_conv_transpose(ctx, x, w, args[2], args[3], args[4], args[7], args[8], args[5])
         stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
     else:
         stride = _arg(node, args, 3, "stride", 1)
@@ -407,6 +407,27 @@ def _conv(ctx, node, args):
     inputs = [x, w] + ([ctx.value(bias)] if bias is not None else [])
     return ctx.emit1(CONV[rank], inputs, {"strides": stride, "pads": pads, "dilations": dilation,
                                               "groups": groups})
+
+
+@converts("conv_transpose1d", "conv_transpose2d")
+def _conv_transpose(ctx, node, args):
+    x, w = ctx.value(args[0]), ctx.value(args[1])
+    return _emit_conv_transpose(ctx, x, w, _arg(node, args, 2, "bias", None), _arg(node, args, 3, "stride", 1),
+                                _arg(node, args, 4, "padding", 0), _arg(node, args, 5, "output_padding", 0),
+                                _arg(node, args, 6, "groups", 1), _arg(node, args, 7, "dilation", 1))
+
+
+def _emit_conv_transpose(ctx, x: Value, w: Value, bias, stride, padding, output_padding, groups, dilation) -> Value:
+    """torch's symmetric ``padding`` crops both ends of each axis."""
+    rank = w.type.rank - 2
+    if rank not in (1, 2):
+        raise QCompilerError(f"transposed convolution with {rank} spatial dims is not supported")
+    p = _window(padding, rank)
+    inputs = [x, w] + ([ctx.value(bias)] if bias is not None else [])
+    name = {1: "conv_transpose1d", 2: "conv_transpose2d"}[rank]
+    return ctx.emit1(name, inputs, {"strides": _window(stride, rank), "pads": p + p,
+                                    "dilations": _window(dilation, rank), "groups": int(groups),
+                                    "output_padding": _window(output_padding, rank)})
 
 
 @converts("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm")

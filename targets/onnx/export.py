@@ -278,6 +278,14 @@ def _argmax(ex, node, xs):
     return ex.add1("ArgMax", xs, axis=node.attrs["axis"], keepdims=int(node.attrs["keepdims"]))
 
 
+@exports("conv_transpose1d", "conv_transpose2d")
+def _conv_transpose(ex, node, xs):
+    w = node.inputs[1]
+    return ex.add1("ConvTranspose", xs, kernel_shape=list(w.shape[2:]), strides=list(node.attrs["strides"]),
+                   pads=list(node.attrs["pads"]), dilations=list(node.attrs["dilations"]), group=node.attrs["groups"],
+                   output_padding=list(node.attrs["output_padding"]))
+
+
 @exports("resize_nearest", "resize_linear")
 def _resize(ex, node, xs):
     x = node.inputs[0]

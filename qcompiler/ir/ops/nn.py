@@ -153,6 +153,43 @@ def _declare_pools(max_name: str, avg_name: str, rank: int) -> None:
             doc=f"{rank}-D average pooling; `count_include_pad` counts explicit padding in the divisor")
 
 
+def conv_transpose_out(size: int, kernel: int, stride: int, dilation: int, pad_begin: int, pad_end: int,
+                       output_padding: int) -> int:
+    """ONNX ConvTranspose's output extent: s (in - 1) + output_padding + d (k - 1) + 1 - pads."""
+    return stride * (size - 1) + output_padding + dilation * (kernel - 1) + 1 - pad_begin - pad_end
+
+
+def _declare_conv_transpose(name: str, rank: int) -> None:
+    def infer(types, attrs):
+        x, w = types[0], types[1]
+        _check_window(attrs, rank, name)
+        groups, out_pad = attrs["groups"], attrs["output_padding"]
+        if x.rank != rank + 2 or w.rank != rank + 2 or x.shape[1] != w.shape[0] or w.shape[0] % groups:
+            raise TypeError(f"{name}: input {x} does not fit weight {w} ([C_in, C_out / groups, ...]) with "
+                            f"groups={groups}")
+        if len(out_pad) != rank or any(not 0 <= p < max(s, d) for p, s, d in zip(out_pad, attrs["strides"],
+                                                                                 attrs["dilations"])):
+            raise TypeError(f"{name}: output_padding {list(out_pad)} must be below the stride or dilation")
+        channels = w.shape[1] * groups
+        if len(types) == 3 and types[2].shape != (channels,):
+            raise TypeError(f"{name}: bias {types[2]} does not match {channels} output channels")
+        pads = attrs["pads"]
+        out = [conv_transpose_out(x.shape[2 + i], w.shape[2 + i], attrs["strides"][i], attrs["dilations"][i],
+                                  pads[i], pads[i + rank], out_pad[i]) for i in range(rank)]
+        if min(out) < 1:
+            raise TypeError(f"{name}: pads {list(pads)} leave no output")
+        return [TensorType((x.shape[0], channels, *out), same_dtype(types, name))]
+
+    declare(name, arity=(2, 3), attrs={**_window_attrs(rank, pool=False), "groups": Attr("int", 1),
+                                       "output_padding": Attr("ints", (0,) * rank)},
+            infer=infer, kernel=None,  # qcompiler.torch_kernels: torch's transposed convolution, cropped
+            traits=Traits("conv_transpose", spatial_rank=rank),
+            doc=f"{rank}-D transposed convolution (ONNX ConvTranspose), weight [C_in, C_out / groups, ...], "
+                "optional bias; pads crop the full result, output_padding extends its end")
+
+
+_declare_conv_transpose("conv_transpose1d", 1)
+_declare_conv_transpose("conv_transpose2d", 2)
 _declare_conv("conv1d", "conv1d_int", 1)
 _declare_conv("conv2d", "conv2d_int", 2)
 _declare_conv("conv3d", "conv3d_int", 3)
