@@ -10,6 +10,7 @@ import numpy as np
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.pipeline import Pass, PassContext, apply_rules, register
 
+from . import activation_patterns
 from .dead_code import EliminateDeadCode
 
 
@@ -109,14 +110,15 @@ def add_bias_to_linear(graph: Graph, node: Node) -> bool:
 
 
 RULES = [remove_identity, remove_noop_layout, merge_reshapes, merge_transposes, remove_neutral_arithmetic,
-         transposed_weight_matmul_to_linear, add_bias_to_linear]
+         transposed_weight_matmul_to_linear, add_bias_to_linear, *activation_patterns.RULES]
 
 
 @register
 @dataclass(frozen=True)
 class Canonicalize(Pass):  # also erases the nodes its rewrites leave dead
     name = "canonicalize"
-    summary = "remove identity/dropout and no-op reshapes/transposes/casts, x*1, x+0; matmul by a constant -> linear"
+    summary = ("remove identity/dropout and no-op reshapes/transposes/casts, x*1, x+0; matmul by a constant -> "
+               "linear; activations written in pieces (hard-swish, hard-sigmoid, SiLU, GELU) -> their op")
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         changed = any(apply_rules(graph, RULES).values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from qcompiler import from_torch, parse_graph, print_graph, zoo
 from qcompiler.pass_manager import Instruments, PassFailure, run_pipeline
@@ -296,3 +297,64 @@ def test_failing_pass_is_reported_with_a_reproducer(tmp_path):
     from qcompiler import load_graph
 
     assert print_graph(load_graph(tmp_path / "reproducer_test-break-graph.qir")) == DEAD  # the IR it received
+
+
+# ---- activations written in pieces ------------------------------------------------------------------
+DECOMPOSED = {
+    "hardswish": lambda x: x * torch.clamp(x + 3, 0, 6) / 6,  # Paddle's hard-swish
+    "hardsigmoid": lambda x: torch.clamp(x + 3, 0, 6) / 6,
+    "hardswish_via_hardsigmoid": lambda x: x * (torch.nn.functional.relu6(x + 3) * (1 / 6)),
+    "silu": lambda x: x * torch.sigmoid(x),
+    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / 1.4142135623730951)),
+    "gelu_regrouped": lambda x: x * (0.5 * (torch.erf(x * 0.7071067811865476) + 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(DECOMPOSED))
+def test_activations_written_in_pieces_become_their_op_and_fuse(name, tmp_path):
+    """canonicalize recognises them (from torch and from ONNX), fuse-activations then folds them
+    into the convolution; the result matches the original to float rounding."""
+    from tests.conftest import export_onnx
+
+    from qcompiler import from_onnx
+    from qcompiler.passes import DEFAULT_FLOAT_PIPELINE
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return DECOMPOSED[name](self.conv(x))
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(1, 3, 6, 6) * 4
+    with torch.no_grad():
+        want = model(x).numpy()
+    fused = name.split("_")[0]
+    for graph in (from_torch(model, (x,)), from_onnx(export_onnx(model, (x,), tmp_path / "b.onnx", ["x"]))):
+        run_pipeline(graph, DEFAULT_FLOAT_PIPELINE)
+        assert [n.op for n in graph.nodes] == ["conv2d"], str(graph)
+        assert graph.nodes[0].attrs["activation"] == fused
+        np.testing.assert_allclose(graph(x.numpy())[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_lookalikes_are_left_alone():
+    """x * clip(x + 3, 0, 6) / 5 is not hard-swish; y * sigmoid(x) is not SiLU."""
+    text = """
+func @main(%x: f32[4], %y: f32[4]) -> (f32[4], f32[4]) {
+  const @three : f32[] = [3.0]
+  const @five : f32[] = [5.0]
+  %0 = add(%x, @three) : f32[4]
+  %1 = clip(%0) {min=0.0, max=6.0} : f32[4]
+  %2 = mul(%x, %1) : f32[4]
+  %3 = div(%2, @five) : f32[4]
+  %4 = sigmoid(%x) : f32[4]
+  %5 = mul(%y, %4) : f32[4]
+  return %3, %5
+}
+"""
+    graph = parse_graph(text)
+    before = str(graph)
+    assert not run_pipeline(graph, "canonicalize") or str(graph) == before
+    assert "hardswish" not in str(graph) and "silu" not in str(graph)
