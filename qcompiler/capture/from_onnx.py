@@ -29,7 +29,8 @@ _CONVERTERS: dict[str, Converter] = {}
 converts = registrar(_CONVERTERS)
 _SHAPE_ONLY = {"Shape", "Size"}  # depend on the static shape of their input, never its values
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
-_STATIC_OPERANDS = {"Resize": (1, 2, 3), "Upsample": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
+_STATIC_OPERANDS = {"Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "Trilu": (1,), "ReduceL1": (1,),
+                    "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "Clip": (1, 2), "ConstantOfShape": (0,), "ReduceMean": (1,),
                     "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
 
@@ -791,11 +792,85 @@ def _reduce_l2(ctx, node, inputs):
     return ctx.emit1("sqrt", [total]) if node.op == "ReduceL2" else total
 
 
-@converts("ArgMax")
+@converts("ArgMax", "ArgMin")
 def _argmax(ctx, node, inputs):
-    if _attr(node, "select_last_index", 0):
-        raise QCompilerError(f"ArgMax '{node.name}': select_last_index=1 is not supported")
-    return ctx.emit1("argmax", [inputs[0]], {"axis": _attr(node, "axis", 0), "keepdims": bool(_attr(node, "keepdims", 1))})
+    """argmin(x) == argmax(-x) (first index of ties alike; for integers, ~x = -x - 1 keeps the
+    order without overflow); select_last_index: n - 1 - argmax of the axis reversed."""
+    x = inputs[0]
+    axis = _attr(node, "axis", 0) % max(x.type.rank, 1)
+    if node.op == "ArgMin":
+        if x.dtype in ("f16", "f32", "f64"):
+            x = ctx.emit1("neg", [x])
+        else:  # -1 - x: the reversed order, without negating the smallest integer
+            x = ctx.emit1("sub", [ctx.const(np.array(-1, x.type.np_dtype), "minus_one"), x])
+    keepdims = bool(_attr(node, "keepdims", 1))
+    if not _attr(node, "select_last_index", 0):
+        return ctx.emit1("argmax", [x], {"axis": axis, "keepdims": keepdims})
+    n = x.shape[axis]
+    reversed_x = ctx.emit1("slice", [x], {"starts": [n - 1], "ends": [-n - 1], "axes": [axis], "steps": [-1]})
+    index = ctx.emit1("argmax", [reversed_x], {"axis": axis, "keepdims": keepdims})
+    return ctx.emit1("sub", [ctx.const(np.array(n - 1, np.int64), "last"), index])
+
+
+@converts("ReduceL1", "ReduceLogSumExp", "ReduceLogSum")
+def _reduce_composite(ctx, node, inputs):
+    """ReduceL1 = sum(|x|); ReduceLogSum = log(sum(x)); ReduceLogSumExp = m + log(sum(exp(x - m)))
+    with m the maximum (kept, so that large inputs do not overflow exp)."""
+    x = inputs[0]
+    axes = _axes(ctx, node, inputs, 1, 18) or list(range(x.type.rank))
+    keepdims = bool(_attr(node, "keepdims", 1))
+    if node.op == "ReduceL1":
+        return ctx.emit1("reduce_sum", [ctx.emit1("abs", [x])], {"axes": axes, "keepdims": keepdims})
+    if node.op == "ReduceLogSum":
+        return ctx.emit1("log", [ctx.emit1("reduce_sum", [x], {"axes": axes, "keepdims": keepdims})])
+    top = ctx.emit1("reduce_max", [x], {"axes": axes, "keepdims": True})
+    total = ctx.emit1("reduce_sum", [ctx.emit1("exp", [ctx.emit1("sub", [x, top])])], {"axes": axes, "keepdims": True})
+    y = ctx.emit1("add", [ctx.emit1("log", [total]), top])
+    if keepdims:
+        return y
+    return ctx.reshape(y, [d for i, d in enumerate(x.shape) if i not in {a % x.type.rank for a in axes}])
+
+
+@converts("Trilu")
+def _trilu(ctx, node, inputs):
+    """The upper (or lower) triangle of the last two axes: a constant mask, known from the static
+    shape and the constant ``k``."""
+    x = inputs[0]
+    k = int(ctx.const_input(inputs[1], node, "k")) if len(inputs) > 1 and inputs[1] is not None else 0
+    rows, cols = x.shape[-2:]
+    mask = np.triu(np.ones((rows, cols), bool), k) if _attr(node, "upper", 1) else np.tril(np.ones((rows, cols), bool), k)
+    return ctx.emit1("where", [ctx.const(mask, "triangle"), x, ctx.const(np.zeros((), x.type.np_dtype), "zero")])
+
+
+@converts("CumSum")
+def _cumsum(ctx, node, inputs):
+    """A running sum along a static axis as a product with a constant 0/1 matrix (exclusive and
+    reverse choose the matrix): exact for integers, float sums in another order."""
+    x = inputs[0]
+    axis = int(ctx.const_input(inputs[1], node, "axis")) % x.type.rank
+    n = x.shape[axis]
+    k = -1 if _attr(node, "exclusive", 0) else 0
+    lower = np.tril(np.ones((n, n)), k)  # out[i] = sum of in[j] for j <= i (j < i exclusive)
+    weights = lower[::-1, ::-1] if _attr(node, "reverse", 0) else lower
+    moved = ctx.emit1("transpose", [x], {"perm": [i for i in range(x.type.rank) if i != axis] + [axis]}) \
+        if axis != x.type.rank - 1 else x
+    summed = ctx.emit1("matmul", [moved, ctx.const(weights.T.astype(x.type.np_dtype), "running_sum")])
+    if axis == x.type.rank - 1:
+        return summed
+    back = list(range(x.type.rank - 1))
+    back.insert(axis, x.type.rank - 1)
+    return ctx.emit1("transpose", [summed], {"perm": back})
+
+
+@converts("RMSNormalization")
+def _rms_norm(ctx, node, inputs):
+    """x / sqrt(mean(x^2 over axis..-1) + epsilon) * scale (opset 23)."""
+    x, scale = inputs[0], inputs[1]
+    axis = _attr(node, "axis", -1) % x.type.rank
+    eps = ctx.const(np.array(_attr(node, "epsilon", 1e-5), x.type.np_dtype), "epsilon")
+    mean = ctx.emit1("reduce_mean", [ctx.emit1("mul", [x, x])], {"axes": list(range(axis, x.type.rank)),
+                                                                  "keepdims": True})
+    return ctx.emit1("mul", [ctx.emit1("div", [x, ctx.emit1("sqrt", [ctx.emit1("add", [mean, eps])])]), scale])
 
 
 @converts("Split")
