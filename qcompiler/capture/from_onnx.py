@@ -615,8 +615,44 @@ def _softmax(ctx, node, inputs):
 
 @converts("LayerNormalization")
 def _layer_norm(ctx, node, inputs):
-    return ctx.emit1("layer_norm", [v for v in inputs if v is not None],
-                     {"axis": _attr(node, "axis", -1), "epsilon": _attr(node, "epsilon", 1e-5)})
+    """The normalized result; its optional Mean and InvStdDev outputs (training's), when read,
+    are computed beside it: mean over axis..-1 and 1 / sqrt(variance + epsilon), kept dims."""
+    x = inputs[0]
+    axis = _attr(node, "axis", -1)
+    eps = _attr(node, "epsilon", 1e-5)
+    y = ctx.emit1("layer_norm", [v for v in inputs if v is not None], {"axis": axis, "epsilon": eps})
+    if len(node.outputs) == 1:
+        return y
+    axes = list(range(axis % x.type.rank, x.type.rank))
+    mean = ctx.emit1("reduce_mean", [x], {"axes": axes, "keepdims": True})
+    centered = ctx.emit1("sub", [x, mean])
+    variance = ctx.emit1("reduce_mean", [ctx.emit1("mul", [centered, centered])], {"axes": axes, "keepdims": True})
+    inv_std = ctx.emit1("rsqrt", [ctx.emit1("add", [variance, ctx.const(np.array(eps, x.type.np_dtype), "epsilon")])])
+    return [y, mean, inv_std][:len(node.outputs)]
+
+
+@converts("Mod")
+def _mod(ctx, node, inputs):
+    """fmod=1: a - trunc(a / b) * b (C's, the sign of a); fmod=0 on integers: the sign of b, as
+    Python: the C remainder plus b where it is nonzero and its sign differs from b's."""
+    a, b = inputs
+    if _attr(node, "fmod", 0):
+        if a.dtype in ("f16", "f32", "f64"):
+            q = ctx.emit1("div", [a, b])
+            zero = ctx.const(np.zeros((), a.type.np_dtype), "zero")
+            truncated = ctx.emit1("where", [ctx.emit1("less", [q, zero]), ctx.emit1("ceil", [q]),
+                                            ctx.emit1("floor", [q])])
+            return ctx.emit1("sub", [a, ctx.emit1("mul", [truncated, b])])
+        return ctx.emit1("sub", [a, ctx.emit1("mul", [ctx.emit1("div", [a, b]), b])])  # div truncates
+    if a.dtype in ("f16", "f32", "f64"):  # floor-based formulas miss its inf/zero cases: refused, not wrong
+        raise QCompilerError(f"Mod '{node.name}': fmod=0 on floats (Python's remainder) is not supported; fmod=1 is")
+    remainder = ctx.emit1("sub", [a, ctx.emit1("mul", [ctx.emit1("div", [a, b]), b])])
+    zero = ctx.const(np.zeros((), a.type.np_dtype), "zero")
+    signs_differ = ctx.emit1("logical_not", [ctx.emit1("equal", [ctx.emit1("less", [remainder, zero]),
+                                                                 ctx.emit1("less", [b, zero])])])
+    nonzero = ctx.emit1("logical_not", [ctx.emit1("equal", [remainder, zero])])
+    return ctx.emit1("where", [ctx.emit1("logical_and", [nonzero, signs_differ]),
+                               ctx.emit1("add", [remainder, b]), remainder])
 
 
 @converts("Flatten")
