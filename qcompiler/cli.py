@@ -250,6 +250,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                         "margin_db": None if sqnr is None else round(sqnr - args.min_sqnr, 3)}
     if gate:
         report["gate"] = gate
+    if args.image_mean is not None or args.image_std is not None:  # `run` on images applies the same
+        compiled.preprocessing = {"image_mean": args.image_mean, "image_std": args.image_std}
     compiled.annotate({k: report[k] for k in ("accuracy", "eval_output_sqnr_db", "gate") if k in report})
     failed = [k for k, g in gate.items() if not g["passed"]]
     if not failed:  # a build that failed its gate is not an artifact: make must not see it as done
@@ -308,7 +310,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if Path(args.output).resolve().is_relative_to(Path(args.artifact).resolve()):
             raise QCompilerError(f"{args.output}: inside the artifact {args.artifact}; write outputs elsewhere")
     model = load(args.artifact, expect_digest=args.expect_digest)
-    batches = load_data(args.inputs, model.graph)
+    images = Path(args.inputs).is_dir()  # the artifact's image normalization applies to image folders
+    prep = model.preprocessing if images else {}
+    batches = load_data(args.inputs, model.graph, prep.get("image_mean"), prep.get("image_std"))
     outputs = [model(*batch) for batch in batches]
     names = [v.name for v in model.graph.outputs]
     stacked = {name: np.stack([o if len(names) == 1 else o[i] for o in outputs]) for i, name in enumerate(names)}
@@ -339,6 +343,33 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = """exit codes:
+  0  done
+  1  a bug in qcompiler (internal error; QCOMPILER_DEBUG=1 shows the traceback)
+  2  an error the input causes (one line on stderr: what and where)
+  3  compile: the build missed a gate (--max-accuracy-drop / --min-sqnr); no artifact written"""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    from . import __version__
+
+    def of(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"qcompiler {__version__} (TVM {of('apache-tvm')}, torch {of('torch')}, onnx {of('onnx')}, "
+            f"onnxruntime {of('onnxruntime')})")
+
+
+def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the exit codes."""
+    return sub.add_parser(name, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def _count(text: str) -> int:
     """A whole number >= 0 (argparse's ``type``)."""
     try:
@@ -351,7 +382,9 @@ def _count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcompiler", description="A quantizing model compiler.")
+    parser = argparse.ArgumentParser(prog="qcompiler", description="A quantizing model compiler.", epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p: argparse.ArgumentParser) -> None:
@@ -359,11 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                        help="fix a dynamic ONNX input's shape (repeatable)")
 
-    p = sub.add_parser("import", help="capture a model and print (or save) its IR")
+    p = _command(sub, "import", help="capture a model and print (or save) its IR")
     model_args(p)
     p.add_argument("-o", "--output", help="write IR text here (weights to the same name with .npz)")
     p.set_defaults(func=_cmd_import)
-    p = sub.add_parser("opt", help="run a pass pipeline over a model, with IR printing, dumps, timing, bisect")
+    p = _command(sub, "opt", help="run a pass pipeline over a model, with IR printing, dumps, timing, bisect")
     p.add_argument("model", nargs="?", help="model.onnx, model.qir, or package.module:function")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
     p.add_argument("-p", "--pipeline", help="e.g. 'fold-constants,fold-batchnorm,eliminate-dead-code'")
@@ -382,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="QuantConfig as JSON (or YAML): its options are written into the pipeline's "
                                     "passes where the pipeline leaves them at their defaults (printed)")
     p.set_defaults(func=_cmd_opt)
-    p = sub.add_parser("compare", help="per-layer error of the quantized model against the float one")
+    p = _command(sub, "compare", help="per-layer error of the quantized model against the float one")
     model_args(p)
     p.add_argument("quantized", nargs="?", help="an already quantized model (IR file); default: quantize MODEL")
     p.add_argument("--calibration", help=".npz of calibration batches (arrays named like the inputs)")
@@ -393,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
     from .compiled import DEFAULT_TUNING_TRIALS
 
-    p = sub.add_parser("compile", help="quantize and build a model into a deployment artifact")
+    p = _command(sub, "compile", help="quantize and build a model into a deployment artifact")
     model_args(p)
     p.add_argument("-o", "--output", required=True, help="artifact folder (replaced only when complete)")
     p.add_argument("--calibration", help=".npz, or a folder of .npy arrays or images; without it: a float build")
@@ -418,19 +451,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress: neither phase lines nor bars on stderr")
     p.set_defaults(func=_cmd_compile)
-    p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz (or a folder)")
+    p = _command(sub, "run", help="run a compiled artifact on inputs from an .npz (or a folder)")
     p.add_argument("artifact", help="an artifact folder written by `qcompiler compile` (loading runs its code)")
     p.add_argument("--inputs", required=True, help=".npz with one array per input (or a folder of .npy/images)")
     p.add_argument("-o", "--output", help="write the outputs to this .npz")
     p.add_argument("--expect-digest", metavar="sha256:HEX",
                    help="refuse the artifact unless its digest (printed by compile) is this one")
     p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("show", help="the graph as a self-contained HTML picture")
+    p = _command(sub, "show", help="the graph as a self-contained HTML picture")
     model_args(p)
     p.add_argument("-o", "--output", default="graph.html")
     p.add_argument("--compare", help="JSON from `qcompiler compare --json`: colour nodes by quantization error")
     p.set_defaults(func=_cmd_show)
-    p = sub.add_parser("stats", help="op counts of a model")
+    p = _command(sub, "stats", help="op counts of a model")
     model_args(p)
     p.set_defaults(func=_cmd_stats)
     return parser

@@ -103,6 +103,8 @@ class CompiledModel:
         self._library: bytes | None = None  # a loaded artifact's library, saved again as it is
         self.digest: str | None = None  # the artifact's digest, once saved or loaded
         self._quantized = any(n.op == "quantize" for n in graph.nodes)
+        # how images were normalized for calibration (`compile --image-mean/--image-std`); `run` applies it
+        self.preprocessing: dict[str, Any] = {}
         # a CUDA kernel cannot stop a call on a bad index (it clamps): inputs used as indices are checked here
         self._host_index_checks = host_index_checks(graph) if target == "cuda" else []
 
@@ -153,6 +155,7 @@ class CompiledModel:
             "quant_config": self.config.to_dict() if self.config else None,
             "quantization_parameters": quantization_parameters(self.graph),
             "versions": versions(),
+            **({"preprocessing": self.preprocessing} if self.preprocessing else {}),
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -226,6 +229,7 @@ def load(directory: str | os.PathLike, expect_digest: str | None = None) -> Comp
     model = CompiledModel(graph, target, manifest["pipeline"], runner, report, config, executable)
     model._library = library
     model.digest = digest
+    model.preprocessing = dict(manifest.get("preprocessing") or {})
     return model
 
 

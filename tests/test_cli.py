@@ -118,3 +118,41 @@ def test_compare_cli_table_and_json(tmp_path, digits):
     np.savez(wrong, image=x_train[:5, :, :4])
     bad = _run("compare", path, "--calibration", str(wrong))
     assert bad.returncode == 2 and "does not fit input %image" in bad.stderr
+
+
+def test_version_and_exit_codes_in_every_help():
+    version = _run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("qcompiler 0.1.0 (TVM 0.27.0")
+    for command in ("import", "opt", "compare", "compile", "run", "show", "stats"):
+        text = _run(command, "--help").stdout
+        assert "exit codes:" in text and "3  compile: the build missed a gate" in text, command
+
+
+def test_run_on_images_applies_the_normalization_compile_recorded(tmp_path):
+    """Before: the artifact forgot --image-mean/--image-std and `run` fed raw pixels, exit 0."""
+    import numpy as np
+    from PIL import Image
+
+    import qcompiler
+    from qcompiler.loading import load_data
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    path = export_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", ["x"])
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    norm = ["--image-mean", "0.5", "0.4", "0.3", "--image-std", "0.2", "0.25", "0.3"]
+    done = _run("compile", path, "--calibration", str(images), *norm, "-o", str(tmp_path / "art"), "--quiet")
+    assert done.returncode == 0, done.stderr
+    ran = _run("run", str(tmp_path / "art"), "--inputs", str(images), "-o", str(tmp_path / "out.npz"))
+    assert ran.returncode == 0, ran.stderr
+    loaded = qcompiler.load(tmp_path / "art")
+    assert loaded.preprocessing == {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
+    batches = load_data(images, loaded.graph, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_array_equal(out["y" if "y" in out.files else out.files[0]],
+                                      np.stack([loaded(*b) for b in batches]))
