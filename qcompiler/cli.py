@@ -73,6 +73,38 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .inspection import as_dict, plan
+    from .loading import load_model, parse_shapes
+    from .quant_config import QuantConfig
+
+    graph = load_model(args.model, parse_shapes(args.input_shape))
+    layers = plan(graph, QuantConfig.load(args.config) if args.config else None)
+    if args.json:
+        print(json.dumps(as_dict(graph, layers), indent=2))
+        return 0
+    console = Console()
+    for kind, values in (("input", graph.inputs), ("output", graph.outputs)):
+        for v in values:
+            console.print(f"{kind} %{v.name}: {v.type}", highlight=False)
+    table = Table(title=f"{args.model}: {len(layers)} layers after the float passes")
+    for column in ("value", "op", "source", "output", "int8"):
+        table.add_column(column, overflow="fold")
+    for layer in layers:
+        decision = layer.int8 or f"[yellow]float[/]: {layer.why_not}"
+        table.add_row(layer.name, layer.op, layer.source, layer.output, decision)
+    console.print(table)
+    quantized = sum(1 for layer in layers if layer.int8)
+    console.print(f"{quantized} of {len(layers)} layers would run in int8 (calibration may keep more float: "
+                  f"compile reports why)", highlight=False)
+    return 0
+
+
 def _cmd_opt(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -463,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="graph.html")
     p.add_argument("--compare", help="JSON from `qcompiler compare --json`: colour nodes by quantization error")
     p.set_defaults(func=_cmd_show)
+    p = _command(sub, "inspect", help="inputs, outputs, layers with shapes, and what would be quantized and why not")
+    model_args(p)
+    p.add_argument("--config", help="QuantConfig as JSON (or YAML): decide as this config would")
+    p.add_argument("--json", action="store_true", help="print it as JSON on stdout")
+    p.set_defaults(func=_cmd_inspect)
     p = _command(sub, "stats", help="op counts of a model")
     model_args(p)
     p.set_defaults(func=_cmd_stats)

@@ -156,3 +156,23 @@ def test_run_on_images_applies_the_normalization_compile_recorded(tmp_path):
     with np.load(tmp_path / "out.npz") as out:
         np.testing.assert_array_equal(out["y" if "y" in out.files else out.files[0]],
                                       np.stack([loaded(*b) for b in batches]))
+
+
+def test_inspect_lists_layers_and_what_would_be_quantized(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3), torch.nn.Softmax(-1)).eval()
+    path = export_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", ["x"])
+    (tmp_path / "q.json").write_text(json.dumps({"op_types": ["conv"]}))
+    done = _run("inspect", path, "--json", "--config", str(tmp_path / "q.json"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["inputs"] == [{"name": "x", "type": "f32[1,3,8,8]"}]
+    layers = {layer["op"]: layer for layer in report["layers"]}
+    assert layers["conv2d"]["int8"].startswith("int8 weights per channel") and layers["conv2d"]["output"] == "f32[1,4,6,6]"
+    assert layers["linear"]["why_not"] == "op type 'linear' is not in QuantConfig.op_types"
+    assert layers["softmax"]["why_not"].startswith("no integer form")
+    table = _run("inspect", path)
+    assert table.returncode == 0 and "layers would run in int8" in table.stdout
