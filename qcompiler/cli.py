@@ -184,13 +184,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if not args.inputs:
             raise QCompilerError("compare with a quantized model needs --inputs")
     else:
-        if not args.calibration:
-            raise QCompilerError("compare needs --calibration data.npz to quantize the model (or a second, "
-                                 "quantized model)")
-        result = quantize(graph, load_batches(args.calibration, graph), config, lower=False,
-                          progress=not args.json)
+        if not args.calibration and not args.synthetic:
+            raise QCompilerError("compare needs --calibration data.npz (or --synthetic) to quantize the model (or a "
+                                 "second, quantized model)")
+        calibration = load_batches(args.calibration, graph) if args.calibration else _synthetic(args, graph, 8)
+        result = quantize(graph, calibration, config, lower=False, progress=not args.json)
         float_graph, quant_graph = result.float_graph, result.qdq_graph
-    batch = load_batches(args.inputs or args.calibration, float_graph)[0]
+    if args.inputs or args.calibration:
+        batch = load_batches(args.inputs or args.calibration, float_graph)[0]
+    else:
+        batch = _synthetic(args, float_graph, 1)[0]
     layers = compare(float_graph, quant_graph, batch)
     if args.json:
         Path(args.json).write_text(to_json(layers)) if args.json != "-" else print(to_json(layers))
@@ -243,7 +246,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     log.phase("capture", args.model)
     graph = load_model(args.model, parse_shapes(args.input_shape))
     config = QuantConfig.load(args.config) if args.config else None
-    calibration = load_data(args.calibration, graph, args.image_mean, args.image_std) if args.calibration else None
+    if args.calibration and args.synthetic:
+        raise QCompilerError("--calibration and --synthetic: give one")
+    calibration = load_data(args.calibration, graph, args.image_mean, args.image_std) if args.calibration else \
+        _synthetic(args, graph, 8) if args.synthetic else None
     if calibration is None and (args.max_accuracy_drop is not None or args.min_sqnr is not None) and not args.eval:
         raise QCompilerError("a gate (--max-accuracy-drop / --min-sqnr) needs --eval or --calibration data")
     compiled = compile_model(graph, calibration=calibration, target=args.target, config=config,
@@ -341,10 +347,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _refuse_overwriting(args.output, args.inputs)
         if Path(args.output).resolve().is_relative_to(Path(args.artifact).resolve()):
             raise QCompilerError(f"{args.output}: inside the artifact {args.artifact}; write outputs elsewhere")
+    if bool(args.inputs) == bool(args.synthetic):
+        raise QCompilerError("run needs --inputs data.npz|folder or --synthetic (one of them)")
     model = load(args.artifact, expect_digest=args.expect_digest)
-    images = Path(args.inputs).is_dir()  # the artifact's image normalization applies to image folders
-    prep = model.preprocessing if images else {}
-    batches = load_data(args.inputs, model.graph, prep.get("image_mean"), prep.get("image_std"))
+    if args.synthetic:
+        batches = _synthetic(args, model.graph, 1)
+    else:
+        images = Path(args.inputs).is_dir()  # the artifact's image normalization applies to image folders
+        prep = model.preprocessing if images else {}
+        batches = load_data(args.inputs, model.graph, prep.get("image_mean"), prep.get("image_std"))
     outputs = [model(*batch) for batch in batches]
     names = [v.name for v in model.graph.outputs]
     stacked = {name: np.stack([o if len(names) == 1 else o[i] for o in outputs]) for i, name in enumerate(names)}
@@ -395,6 +406,21 @@ def _version() -> str:
 
     return (f"qcompiler {__version__} (TVM {of('apache-tvm')}, torch {of('torch')}, onnx {of('onnx')}, "
             f"onnxruntime {of('onnxruntime')})")
+
+
+def _synthetic(args: argparse.Namespace, graph, count: int) -> list[list]:
+    from .loading import parse_val_range, synthetic_batches
+
+    return synthetic_batches(graph, count, args.seed, parse_val_range(args.val_range))
+
+
+def _synthetic_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--synthetic", action="store_true", help=f"random {what} instead of data (smoke runs; "
+                                                            f"accuracy on them means nothing)")
+    p.add_argument("--seed", type=int, default=0, help="the random generator's seed for --synthetic (default 0)")
+    p.add_argument("--val-range", default="0,1", metavar="LOW,HIGH",
+                   help="--synthetic values: floats uniform in [LOW, HIGH), integers over its whole numbers "
+                        "(a negative LOW: --val-range=-1,1)")
 
 
 def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
@@ -455,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="QuantConfig as JSON (or YAML)")
     p.add_argument("--top", type=int, default=15, help="rows in the table of worst layers")
     p.add_argument("--json", metavar="FILE", help="write every layer's numbers as JSON ('-' for stdout)")
+    _synthetic_args(p, "calibration and comparison inputs")
     p.set_defaults(func=_cmd_compare)
     from .compiled import DEFAULT_TUNING_TRIALS
 
@@ -482,13 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-std", type=float, nargs=3, metavar="S")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress: neither phase lines nor bars on stderr")
+    _synthetic_args(p, "calibration batches (8)")
     p.set_defaults(func=_cmd_compile)
     p = _command(sub, "run", help="run a compiled artifact on inputs from an .npz (or a folder)")
     p.add_argument("artifact", help="an artifact folder written by `qcompiler compile` (loading runs its code)")
-    p.add_argument("--inputs", required=True, help=".npz with one array per input (or a folder of .npy/images)")
+    p.add_argument("--inputs", help=".npz with one array per input (or a folder of .npy/images)")
     p.add_argument("-o", "--output", help="write the outputs to this .npz")
     p.add_argument("--expect-digest", metavar="sha256:HEX",
                    help="refuse the artifact unless its digest (printed by compile) is this one")
+    _synthetic_args(p, "inputs (one batch)")
     p.set_defaults(func=_cmd_run)
     p = _command(sub, "show", help="the graph as a self-contained HTML picture")
     model_args(p)

@@ -213,3 +213,39 @@ def _read_image(path: Path, shape: Sequence[int], mean, std):
     if std is not None:
         array = array / np.asarray(std, np.float32).reshape(-1, 1, 1)
     return array
+
+
+def synthetic_batches(graph: Graph, count: int, seed: int = 0, val_range: tuple[float, float] = (0.0, 1.0)) -> list[list]:
+    """``count`` batches of random inputs for ``graph`` (Polygraphy's synthetic data): floats
+    uniform in ``val_range``, integers uniform over its whole numbers, booleans at random. For
+    smoke builds and runs without data; accuracy measured on them means nothing."""
+    import numpy as np
+
+    low, high = val_range
+    if not low <= high:
+        raise ModelLoadError(f"--val-range {low},{high}: the low end is above the high end")
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        batch = []
+        for v in graph.inputs:
+            dtype = v.type.np_dtype
+            if dtype.kind == "f":
+                batch.append(rng.uniform(low, high, v.shape).astype(dtype))
+            elif dtype.kind == "b":
+                batch.append(rng.integers(0, 2, v.shape).astype(dtype))
+            else:
+                info = np.iinfo(dtype)
+                lo, hi = max(int(np.ceil(low)), int(info.min)), min(int(np.floor(high)), int(info.max))
+                batch.append(rng.integers(lo, hi + 1, v.shape).astype(dtype))
+        batches.append(batch)
+    return batches
+
+
+def parse_val_range(text: str) -> tuple[float, float]:
+    """``"-1,1"`` -> ``(-1.0, 1.0)``."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ModelLoadError(f"--val-range {text!r}: expected LOW,HIGH (e.g. 0,1)") from None
+    return low, high

@@ -176,3 +176,32 @@ def test_inspect_lists_layers_and_what_would_be_quantized(tmp_path):
     assert layers["softmax"]["why_not"].startswith("no integer form")
     table = _run("inspect", path)
     assert table.returncode == 0 and "layers would run in int8" in table.stdout
+
+
+def test_synthetic_inputs_for_compile_run_and_compare(tmp_path):
+    """Polygraphy's synthetic data: a smoke build, run and comparison without preparing any."""
+    import numpy as np
+
+    import qcompiler
+    from qcompiler.loading import synthetic_batches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).eval()
+    path = export_onnx(model, (torch.randn(2, 6),), tmp_path / "m.onnx", ["x"])
+    done = _run("compile", path, "--synthetic", "--seed", "1", "--target", "reference", "-o", str(tmp_path / "a"), "-q")
+    assert done.returncode == 0, done.stderr
+    outs = []
+    for name in ("o1.npz", "o2.npz"):
+        ran = _run("run", str(tmp_path / "a"), "--synthetic", "--seed", "7", "--val-range=-2,2", "-o", str(tmp_path / name))
+        assert ran.returncode == 0, ran.stderr
+        with np.load(tmp_path / name) as out:
+            outs.append(out[out.files[0]])
+    np.testing.assert_array_equal(outs[0], outs[1])  # the seed makes it repeatable
+    loaded = qcompiler.load(tmp_path / "a")
+    batch = synthetic_batches(loaded.graph, 1, 7, (-2.0, 2.0))[0]
+    assert -2 <= batch[0].min() and batch[0].max() < 2
+    np.testing.assert_array_equal(outs[0][0], loaded(*batch))
+    compared = _run("compare", path, "--synthetic", "--top", "2")
+    assert compared.returncode == 0 and "SQNR" in compared.stdout, compared.stderr
+    neither = _run("run", str(tmp_path / "a"))
+    assert neither.returncode == 2 and "--inputs" in neither.stderr and "--synthetic" in neither.stderr
