@@ -380,3 +380,44 @@ def test_a_segmentation_head_with_a_transposed_convolution_quantizes_around_it()
                                torch.nn.Conv2d(8, 2, 1)).eval()
     compiled = _check(head, (1, 3, 16, 16))
     assert compiled.graph.op_counts().get("conv2d_int") == 2 and "conv_transpose2d" in compiled.graph.op_counts()
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_two_outputs_match_onnx_runtime_and_every_target(largest):
+    """A detector's top-scoring boxes: values and indices, ties keeping the lower index first."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = _onnx_model([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, largest=int(largest)),
+                         helper.make_node("Relu", ["v"], ["y"])],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 10])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4]),
+                         helper.make_tensor_value_info("i", TensorProto.INT64, [3, 4])],
+                        [numpy_helper.from_array(np.array([4], np.int64), "k")])
+    x = np.random.default_rng(0).integers(-3, 3, (3, 10)).astype(np.float32)  # many ties
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    graph = qcompiler.from_onnx(model)
+    for got, expected in zip(graph(x), want):
+        np.testing.assert_array_equal(got, expected)
+    for target in ("llvm", "onnx"):
+        values, indices = qcompiler.compile(graph, target=target)(x)
+        np.testing.assert_array_equal(values, want[0])
+        np.testing.assert_array_equal(indices, want[1])
+
+
+def test_einsum_and_topk_from_torch_on_every_target():
+    class Attend(torch.nn.Module):
+        def forward(self, q, k):
+            scores = torch.einsum("bhqd,bhkd->bhqk", q, k)
+            values, indices = torch.topk(scores, 3, dim=-1)
+            return values, indices
+
+    q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 6, 4)
+    with torch.no_grad():
+        want_values, want_indices = Attend()(q, k)
+    graph = qcompiler.from_torch(Attend(), (q, k))
+    assert {"einsum", "topk"} <= set(graph.op_counts())
+    for run in (graph, qcompiler.compile(graph, target="llvm"), qcompiler.compile(graph, target="onnx")):
+        values, indices = run(q.numpy(), k.numpy())
+        np.testing.assert_allclose(values, want_values.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(indices, want_indices.numpy())

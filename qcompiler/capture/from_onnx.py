@@ -29,7 +29,7 @@ _CONVERTERS: dict[str, Converter] = {}
 converts = registrar(_CONVERTERS)
 _SHAPE_ONLY = {"Shape", "Size"}  # depend on the static shape of their input, never its values
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
-_STATIC_OPERANDS = {"Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "Trilu": (1,), "ReduceL1": (1,),
+_STATIC_OPERANDS = {"TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "Trilu": (1,), "ReduceL1": (1,),
                     "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "Clip": (1, 2), "ConstantOfShape": (0,), "ReduceMean": (1,),
                     "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
@@ -865,6 +865,22 @@ def _reduce_composite(ctx, node, inputs):
     if keepdims:
         return y
     return ctx.reshape(y, [d for i, d in enumerate(x.shape) if i not in {a % x.type.rank for a in axes}])
+
+
+@converts("Einsum")
+def _einsum(ctx, node, inputs):
+    equation = _attr(node, "equation")
+    equation = equation.decode() if isinstance(equation, bytes) else equation
+    return ctx.emit1("einsum", list(inputs), {"equation": equation})
+
+
+@converts("TopK")
+def _topk(ctx, node, inputs):
+    """Opset 10+: k is an input (a constant); before, an attribute. ``sorted=0`` allows any order:
+    sorted is one of them."""
+    k = int(ctx.const_input(inputs[1], node, "k").reshape(-1)[0]) if ctx.opset >= 10 else _attr(node, "k")
+    return ctx.emit("topk", [inputs[0]], {"k": k, "axis": _attr(node, "axis", -1),
+                                          "largest": bool(_attr(node, "largest", 1))})
 
 
 @converts("Trilu")

@@ -497,6 +497,21 @@ def _upsample(ctx, node, args):
                                             "pytorch_half_pixel"})
 
 
+@converts("einsum")
+def _einsum(ctx, node, args):
+    return ctx.emit1("einsum", [ctx.value(a) for a in args[1]], {"equation": str(args[0])})
+
+
+@converts("topk")
+def _topk(ctx, node, args):
+    if not _arg(node, args, 4, "sorted", True):
+        raise QCompilerError("topk with sorted=False is not supported")
+    attrs = {"k": int(args[1]), "axis": int(_arg(node, args, 2, "dim", -1)),
+             "largest": bool(_arg(node, args, 3, "largest", True))}
+    values, indices = ctx.emit("topk", [ctx.value(args[0])], attrs)
+    return values, indices
+
+
 @converts("adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d")
 def _adaptive_pool(ctx, node, args):
     x = ctx.value(args[0])

@@ -286,6 +286,17 @@ def _conv_transpose(ex, node, xs):
                    output_padding=list(node.attrs["output_padding"]))
 
 
+@exports("einsum")
+def _einsum(ex, node, xs):
+    return ex.add1("Einsum", xs, equation=node.attrs["equation"])
+
+
+@exports("topk")
+def _topk(ex, node, xs):
+    k = ex.const(np.asarray([node.attrs["k"]], np.int64), "k")
+    return ex.add("TopK", [xs[0], k], outputs=2, axis=node.attrs["axis"], largest=int(node.attrs["largest"]), sorted=1)
+
+
 @exports("resize_nearest", "resize_linear")
 def _resize(ex, node, xs):
     x = node.inputs[0]

@@ -485,6 +485,18 @@ def _pad(low, node, xs):
     return low.emit(R.nn.pad(y, width, pad_value=node.attrs["value"]))
 
 
+@lowers("einsum")
+def _einsum(low, node, xs):
+    return low.emit(R.einsum(xs, node.attrs["equation"].replace(" ", "")))
+
+
+@lowers("topk")
+def _topk(low, node, xs):
+    both = low.emit(R.topk(xs[0], k=node.attrs["k"], axis=node.attrs["axis"], ret_type="both",
+                           largest=node.attrs["largest"], dtype="int64"))
+    return [low.emit(relax.TupleGetItem(both, 0)), low.emit(relax.TupleGetItem(both, 1))]
+
+
 @lowers("split")
 def _split(low, node, xs):
     bounds = np.cumsum(node.attrs["sizes"])[:-1].tolist()

@@ -268,3 +268,44 @@ def _argmax_infer(types, attrs):
 declare("argmax", arity=1, attrs={"axis": Attr("int", 0), "keepdims": Attr("bool", False)}, infer=_argmax_infer,
         kernel=lambda xs, a: np.argmax(xs[0], axis=a["axis"], keepdims=a["keepdims"]).astype(np.int64),
         traits=Traits("reduce"), doc="index of the first maximum along `axis`")
+
+
+# ---- einsum and top-k --------------------------------------------------------------------------
+def _einsum_infer(types, attrs):
+    equation = attrs["equation"].replace(" ", "")
+    try:
+        shape = np.einsum(equation, *[np.empty(t.shape, np.float32) for t in types]).shape
+    except ValueError as e:
+        raise TypeError(f"einsum '{equation}': {e}") from None
+    return [TensorType(shape, same_dtype(types, "einsum"))]
+
+
+declare("einsum", arity=(1, 8), attrs={"equation": Attr("str")}, infer=_einsum_infer,
+        kernel=lambda xs, a: np.asarray(np.einsum(a["equation"].replace(" ", ""), *xs), dtype=xs[0].dtype),
+        traits=Traits("matmul"), doc="Einstein summation of the operands by `equation` (ONNX Einsum, torch.einsum)")
+
+
+def _topk_infer(types, attrs):
+    x = types[0]
+    axis = norm_axis(attrs["axis"], x.rank, "topk")
+    if not 0 <= attrs["k"] <= x.shape[axis]:
+        raise TypeError(f"topk: k={attrs['k']} for an axis of {x.shape[axis]}")
+    shape = tuple(attrs["k"] if i == axis else d for i, d in enumerate(x.shape))
+    return [TensorType(shape, x.dtype), TensorType(shape, "i64")]
+
+
+def _topk_kernel(xs, attrs):
+    """ONNX TopK: ties keep the lower index first (a stable sort of -x, or of x for smallest)."""
+    x = xs[0]
+    axis = attrs["axis"] % x.ndim
+    keys = -x if attrs["largest"] else x
+    if x.dtype.kind in "iu" and attrs["largest"]:
+        keys = -x.astype(np.int64)
+    order = np.argsort(keys, axis=axis, kind="stable")
+    index = np.take(order, np.arange(attrs["k"]), axis=axis)
+    return [np.take_along_axis(x, index, axis=axis), index.astype(np.int64)]
+
+
+declare("topk", arity=1, attrs={"k": Attr("int"), "axis": Attr("int", -1), "largest": Attr("bool", True)},
+        infer=_topk_infer, kernel=_topk_kernel, traits=Traits("index"),
+        doc="the k largest (or smallest) values along `axis`, sorted, and their indices (ONNX TopK)")
