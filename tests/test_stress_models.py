@@ -421,3 +421,79 @@ def test_einsum_and_topk_from_torch_on_every_target():
         values, indices = run(q.numpy(), k.numpy())
         np.testing.assert_allclose(values, want_values.numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(indices, want_indices.numpy())
+
+
+def _with_initializers(tc):
+    """The onnx wheel's LSTM/GRU case with its weights (inputs 2..n) made initializers, as
+    exported models have them; returns the model, its X and the stored outputs."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(tc.model)
+    inputs, outputs = tc.data_sets[0]
+    names = [i.name for i in model.graph.input]
+    for name, array in zip(names[1:], inputs[1:]):
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+    keep = model.graph.input[0]
+    del model.graph.input[:]
+    model.graph.input.append(keep)
+    return model, inputs[0], outputs
+
+
+def _recurrent_cases():
+    from tests.onnx_node_cases import cases
+
+    return [tc for tc in cases() if tc.name.startswith(("test_lstm", "test_gru", "test_simple_rnn"))]
+
+
+@pytest.mark.parametrize("tc", _recurrent_cases(), ids=lambda tc: tc.name)
+def test_onnx_lstm_and_gru_unrolled_match_the_reference(tc):
+    """ONNX's own LSTM/GRU cases with their weights as initializers: unrolled over the sequence
+    into linear + gates, equal to the stored outputs (or refused in one line: peepholes, RNN)."""
+    model, x, outputs = _with_initializers(tc)
+    try:
+        graph = qcompiler.from_onnx(model)
+    except qcompiler.QCompilerError as e:
+        assert "\n" not in str(e) and ("peephole" in str(e) or "RNN" in str(e)), str(e)
+        return
+    for got, want in zip(graph(x), outputs):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    if tc.name in ("test_lstm_bidirectional", "test_gru_batchwise"):  # TVM builds of unrolled graphs take a while
+        compiled = qcompiler.compile(graph, target="llvm")(x)
+        for got, want in zip(compiled if isinstance(compiled, list) else [compiled], outputs):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bilstm_text_recognizer_from_torch_quantizes_its_recurrent_weights(tmp_path):
+    """CRNN-style: conv features -> BiLSTM over the width -> per-step classes (a CTC head),
+    through torch's ONNX export; the LSTM weights become int8 linears."""
+    from tests.conftest import export_onnx
+
+    class Recognizer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.rnn = torch.nn.LSTM(8 * 4, 16, bidirectional=True)
+            self.head = torch.nn.Linear(32, 11)
+
+        def forward(self, x):
+            f = torch.relu(self.conv(x))  # [B, 8, 4, W]
+            seq = f.flatten(1, 2).permute(2, 0, 1)  # [W, B, 32]
+            y, _ = self.rnn(seq)
+            return self.head(y).log_softmax(-1)
+
+    torch.manual_seed(0)
+    model, x = Recognizer().eval(), torch.randn(1, 1, 4, 12)
+    with torch.no_grad():
+        want = model(x).numpy()
+    path = export_onnx(model, (x,), tmp_path / "crnn.onnx", ["x"])
+    graph = qcompiler.from_onnx(path)
+    np.testing.assert_allclose(graph(x.numpy())[0], want, rtol=1e-4, atol=1e-4)
+    calibration = [np.random.default_rng(i).standard_normal((1, 1, 4, 12)).astype(np.float32) for i in range(4)]
+    # the reference target: a quantized TVM build of the unrolled recurrence takes minutes (see README)
+    compiled = qcompiler.compile(path, calibration=calibration, target="reference")
+    ints = compiled.graph.op_counts().get("linear_int", 0)
+    assert ints >= 2 * 12, compiled.report()["kept_float"]  # the recurrence's linears, both directions
+    assert (compiled(x.numpy()).argmax(-1) == want.argmax(-1)).mean() > 0.9
+    np.testing.assert_allclose(qcompiler.compile(graph, target="llvm")(x.numpy()), want, rtol=1e-4, atol=1e-4)

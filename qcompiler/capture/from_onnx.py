@@ -22,6 +22,7 @@ from ..ir import Graph, TensorType, Value, dtype_name
 from ..ir.types import MAX_CONSTANT_BYTES
 from ..ir.verify import verify_graph
 from ..registrar import registrar
+from . import recurrent
 from .builder import AVG_POOL, CONV, CONV_INT, MAX_POOL, GraphBuilder, resolve_shape
 
 Converter = Callable[["_Ctx", Any, list["Value | None"]], "list[Value] | Value"]
@@ -29,7 +30,7 @@ _CONVERTERS: dict[str, Converter] = {}
 converts = registrar(_CONVERTERS)
 _SHAPE_ONLY = {"Shape", "Size"}  # depend on the static shape of their input, never its values
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
-_STATIC_OPERANDS = {"TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "Trilu": (1,), "ReduceL1": (1,),
+_STATIC_OPERANDS = {"LSTM": (1, 2, 3, 4), "GRU": (1, 2, 3, 4), "TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "Trilu": (1,), "ReduceL1": (1,),
                     "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "Clip": (1, 2), "ConstantOfShape": (0,), "ReduceMean": (1,),
                     "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
@@ -865,6 +866,11 @@ def _reduce_composite(ctx, node, inputs):
     if keepdims:
         return y
     return ctx.reshape(y, [d for i, d in enumerate(x.shape) if i not in {a % x.type.rank for a in axes}])
+
+
+@converts("LSTM", "GRU")
+def _recurrent(ctx, node, inputs):
+    return recurrent.unroll(ctx, node, inputs, _attr)
 
 
 @converts("Einsum")
