@@ -49,16 +49,15 @@ class BiasCorrection(QuantScheme, Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         self.check_scheme()
-        config = self
-        layers = [n for n in graph.nodes if traits_of(n.op).bias_slot is not None and config.quantizes(n.op)
-                  and not config.excluded(n.source, n.output.name)
+        layers = [n for n in graph.nodes if traits_of(n.op).bias_slot is not None and self.quantizes(n.op)
+                  and not self.excluded(n.source, n.output.name)
                   and n.inputs[1].is_constant
                   and not n.inputs[0].is_constant and n.inputs[0].range is not None
-                  and max(abs(r) for r in n.inputs[0].range) <= config.max_abs_range]
+                  and max(abs(r) for r in n.inputs[0].range) <= self.max_abs_range]
         if not layers:
             return False
         wanted = {id(n.inputs[0]) for n in layers}
-        weights = {id(n): _quantized_weight(graph, n, config) for n in layers}
+        weights = {id(n): _quantized_weight(graph, n, self) for n in layers}
         fq_weights = {}
         for n in layers:
             wq, scale = weights[id(n)]
@@ -80,7 +79,7 @@ class BiasCorrection(QuantScheme, Pass):
                 attrs = {**n.attrs, "activation": "none", "activation_args": ()}
                 op = get_op(n.op)
                 exact = op.run([x, graph.constant_array(n.inputs[1])], attrs)[0].astype(np.float64)
-                xq = _fake_quant(x, *n.inputs[0].range, config.activation_dtype)
+                xq = _fake_quant(x, *n.inputs[0].range, self.activation_dtype)
                 approx = op.run([xq, fq_weights[id(n)]], attrs)[0].astype(np.float64)
                 axis = traits_of(n.op).channel_axis % exact.ndim
                 diff = np.moveaxis(exact - approx, axis, 0).reshape(exact.shape[axis], -1)

@@ -156,28 +156,27 @@ class InsertQDQ(QuantScheme, Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         self.check_scheme()
-        config = self
         report = ctx.report.setdefault("not_quantized", [])
-        ins = _Inserter(graph, config, report)
+        ins = _Inserter(graph, self, report)
         changed = False
         for node in list(graph.nodes):
             if node.op in ("quantize", "dequantize") or len(node.outputs) != 1 or node.output.dtype not in FLOAT:
                 continue  # multi-output ops (split, topk) have no quantized form: their readers get pairs
             if traits_of(node.op).quant not in QUANTIZABLE:
                 continue
-            if not config.quantizes(node.op):
+            if not self.quantizes(node.op):
                 ins.skip(node, f"op type '{node.op}' is not in QuantConfig.op_types")
                 continue
             names = (node.source, *(v.name for v in node.outputs))
-            if config.excluded(*names):
+            if self.excluded(*names):
                 ins.skip(node, "excluded by QuantConfig.exclude")
                 continue
-            changed |= self._quantize(graph, node, ins, config)
+            changed |= self._quantize(graph, node, ins)
         if changed:
             graph.remove_unused_constants()
         return changed
 
-    def _quantize(self, graph: Graph, node: Node, ins: _Inserter, config: QuantScheme) -> bool:
+    def _quantize(self, graph: Graph, node: Node, ins: _Inserter) -> bool:
         traits = traits_of(node.op)
         weight_slot = None
         if traits.quant == "weighted":
@@ -205,10 +204,10 @@ class InsertQDQ(QuantScheme, Pass):
                 ins.skip(node, "concat operand without a calibrated range")
                 return False
             lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-            if max(-lo, hi) > config.max_abs_range:
+            if max(-lo, hi) > self.max_abs_range:
                 ins.skip(node, f"concat range {lo:.3g}..{hi:.3g} beyond max_abs_range")
                 return False
-            out_params = choose_qparams(lo, hi, config.activation_dtype)
+            out_params = choose_qparams(lo, hi, self.activation_dtype)
         else:
             out_params = ins.params(node.output)
             if out_params is None:
@@ -223,7 +222,7 @@ class InsertQDQ(QuantScheme, Pass):
             if not w.is_constant or w.dtype not in FLOAT:
                 ins.skip(node, "weight is not a float constant")
                 return True
-            per_channel = config.per_channel and traits.channel_axis is not None
+            per_channel = self.per_channel and traits.channel_axis is not None
             slot = traits.bias_slot
             bias = graph.constant_array(node.inputs[slot]) \
                 if slot is not None and len(node.inputs) > slot and node.inputs[slot].is_constant else None
