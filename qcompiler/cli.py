@@ -62,12 +62,18 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from .loading import load_model, parse_shapes
 
     graph = load_model(args.model, parse_shapes(args.input_shape))
+    params = sum(a.size for a in graph.constants.values())
+    if args.json:
+        import json
+
+        print(json.dumps({"nodes": len(graph.nodes), "ops": graph.op_counts(), "constants": len(graph.constants),
+                          "constant_elements": int(params)}, indent=2))
+        return 0
     table = Table(title=f"{args.model}: {len(graph.nodes)} nodes")
     table.add_column("op")
     table.add_column("count", justify="right")
     for op, count in graph.op_counts().items():
         table.add_row(op, str(count))
-    params = sum(a.size for a in graph.constants.values())
     table.caption = f"{len(graph.constants)} constants, {params:,} elements"
     Console().print(table)
     return 0
@@ -138,7 +144,7 @@ def _cmd_opt(args: argparse.Namespace) -> int:
                        dump_dir=Path(args.dump_dir) if args.dump_dir else None, verify_each=args.verify_each,
                        bisect_limit=args.bisect_limit, reproducer_dir=Path(args.reproducer_dir),
                        emit=lambda text: print(text, file=sys.stderr))
-    from .loading import load_batches
+    from .loading import load_calibration
     from .pipeline import PassContext
     from .quant_config import QuantConfig
 
@@ -148,7 +154,8 @@ def _cmd_opt(args: argparse.Namespace) -> int:
         expanded = with_config(args.pipeline, QuantConfig.load(args.config))
         print(f"pipeline: {expanded}", file=sys.stderr)
         passes = parse_pipeline(expanded)
-    ctx = PassContext(calibration=load_batches(args.calibration, graph) if args.calibration else None, progress=True)
+    ctx = PassContext(calibration=load_calibration(args.calibration, graph) if args.calibration else None,
+                      progress=True)
     run_pipeline(graph, passes, inst, ctx)
     for entry in ctx.report.get("kept_float", []):
         print(f"kept float: {entry['node']}: {entry['reason']}", file=sys.stderr)
@@ -171,12 +178,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .compare import compare, render_table, to_json, worst
-    from .loading import load_batches, load_model, parse_shapes
+    from .loading import load_batches, load_calibration, load_model, parse_shapes
     from .quant_config import QuantConfig
     from .quantize import quantize
 
-    if args.json not in (None, "-"):
-        _refuse_overwriting(args.json, args.model, args.quantized, args.calibration, args.inputs, args.config)
     graph = load_model(args.model, parse_shapes(args.input_shape))
     config = QuantConfig.load(args.config) if args.config else QuantConfig()
     if args.quantized:
@@ -187,17 +192,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if not args.calibration and not args.synthetic:
             raise QCompilerError("compare needs --calibration data.npz (or --synthetic) to quantize the model (or a "
                                  "second, quantized model)")
-        calibration = load_batches(args.calibration, graph) if args.calibration else _synthetic(args, graph, 8)
+        calibration = load_calibration(args.calibration, graph) if args.calibration else _synthetic(args, graph, 8)
         result = quantize(graph, calibration, config, lower=False, progress=not args.json)
         float_graph, quant_graph = result.float_graph, result.qdq_graph
-    if args.inputs or args.calibration:
-        batch = load_batches(args.inputs or args.calibration, float_graph)[0]
+    if args.inputs:
+        batch = load_batches(args.inputs, float_graph)[0]
+    elif args.calibration:
+        batch = load_calibration(args.calibration, float_graph).first()
     else:
         batch = _synthetic(args, float_graph, 1)[0]
     layers = compare(float_graph, quant_graph, batch)
     if args.json:
-        Path(args.json).write_text(to_json(layers)) if args.json != "-" else print(to_json(layers))
-    if args.json != "-":
+        print(to_json(layers))
+    else:
         Console().print(render_table(worst(layers, args.top)))
         outputs = [e for e in layers if e.handle in {v.producer.handle for v in float_graph.outputs if v.producer}]
         for e in outputs:
@@ -222,16 +229,17 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
     from .compiled import _fidelity
     from .compiled import compile as compile_model
-    from .loading import load_data, load_labels, load_model, parse_shapes
+    from .loading import load_calibration, load_data, load_labels, load_model, parse_shapes
     from .quant_config import QuantConfig
 
     console = Console(stderr=True)
     out = Path(args.output)
-    for given in (args.model, args.calibration, args.eval, args.config):
+    if args.save_ranges:
+        _refuse_overwriting(args.save_ranges, args.model, args.calibration, args.eval, args.config, args.ranges)
+    for given in (args.model, args.calibration, args.eval, args.config, args.ranges):
         _refuse_overwriting(out, given)
         if given and Path(given).exists() and Path(given).resolve().is_relative_to(out.resolve()):
             raise QCompilerError(f"{out}: holds the input {given}; the artifact goes to its own folder")
@@ -246,16 +254,20 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     log.phase("capture", args.model)
     graph = load_model(args.model, parse_shapes(args.input_shape))
     config = QuantConfig.load(args.config) if args.config else None
-    if args.calibration and args.synthetic:
-        raise QCompilerError("--calibration and --synthetic: give one")
-    calibration = load_data(args.calibration, graph, args.image_mean, args.image_std) if args.calibration else \
-        _synthetic(args, graph, 8) if args.synthetic else None
+    given = [flag for flag, value in (("--calibration", args.calibration), ("--synthetic", args.synthetic),
+                                      ("--ranges", args.ranges)) if value]
+    if len(given) > 1:
+        raise QCompilerError(f"{' and '.join(given)}: give one (--ranges replaces calibration data)")
+    calibration = load_calibration(args.calibration, graph, args.image_mean, args.image_std) if args.calibration \
+        else _synthetic(args, graph, 8) if args.synthetic else None
     if calibration is None and (args.max_accuracy_drop is not None or args.min_sqnr is not None) and not args.eval:
         raise QCompilerError("a gate (--max-accuracy-drop / --min-sqnr) needs --eval or --calibration data")
+    if args.save_ranges and calibration is None:
+        raise QCompilerError("--save-ranges records what calibration decides: it needs --calibration (or --synthetic)")
     compiled = compile_model(graph, calibration=calibration, target=args.target, config=config,
                              pipeline=args.pipeline, tune=args.tune, tuning_db=args.tuning_db,
                              tuning_trials=args.tuning_trials, progress=not args.json and not args.quiet,
-                             cpu=args.cpu, log=log)
+                             cpu=args.cpu, log=log, ranges=args.ranges)
     report = compiled.report()
     gate: dict = {}
     gate_requested = args.max_accuracy_drop is not None or args.min_sqnr is not None
@@ -273,7 +285,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             report["accuracy"] = {"float": acc_f, "compiled": acc_q, "drop_points": round(100 * (acc_f - acc_q), 4)}
         check_batch = batches[0]
     else:
-        check_batch = calibration[0] if calibration else None
+        check_batch = None if calibration is None else \
+            calibration.first() if hasattr(calibration, "first") else calibration[0]
     if check_batch is not None and (compiled.runs_here or gate_requested):
         report["eval_output_sqnr_db"] = _fidelity(graph, compiled, check_batch)["output_sqnr_db"]
     if args.max_accuracy_drop is not None:
@@ -295,44 +308,87 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if not failed:  # a build that failed its gate is not an artifact: make must not see it as done
         compiled.save(out)
         report["digest"] = compiled.digest
+        if args.save_ranges:
+            compiled.save_ranges(args.save_ranges)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
-        table = Table(title=f"qcompiler compile -> {out}")
-        table.add_column("")
-        table.add_column("")
-        table.add_row("target", report.get("target_spec", report["target"]))
-        table.add_row("quantized", "yes" if report["quantized"] else f"no ({report.get('note', '')})")
-        if "int8_kernels" in report and report["quantized"]:
-            table.add_row("int8 kernels", report["int8_kernels"]["kernels"] or "[yellow]generic (slow)[/]")
-        table.add_row("ops", f"{report['ops']['integer']} integer of {report['ops']['total']}")
-        table.add_row("kept float", str(len(report["kept_float"])))
-        size = report["size_bytes"]
-        table.add_row("weights", f"{size['float'] / 1e6:.2f} MB -> {size['compiled'] / 1e6:.2f} MB")
-        if "accuracy" in report:
-            acc = report["accuracy"]
-            table.add_row("accuracy", f"float {acc['float']:.4f}, compiled {acc['compiled']:.4f} "
-                                      f"(drop {acc['drop_points']:.2f} points)")
-        if report.get("eval_output_sqnr_db") is not None:
-            table.add_row("output SQNR", f"{report['eval_output_sqnr_db']:.1f} dB")
-        for name, g in gate.items():
-            table.add_row(f"gate: {name}", "[green]passed[/]" if g["passed"] else "[red]FAILED[/]")
-        if "note_runs_elsewhere" in report:
-            table.add_row("runs", f"[yellow]not here[/]: {report['note_runs_elsewhere']}")
-        table.add_row("compile time", f"{report['compile_seconds']:.1f} s")
-        if failed:
-            table.add_row("artifact", "[red]not written[/] (gate failed)")
-        console.print(table)
-        for entry in report["kept_float"]:
-            console.print(f"kept float: {entry['node']}: {entry['reason']}", highlight=False)
-        if "warning" in report.get("int8_kernels", {}):
-            console.print(f"warning: {report['int8_kernels']['warning']}", highlight=False)
-        if compiled.digest:  # whole, on its own line: a deployer copies it into `run --expect-digest`
-            print(f"digest: {compiled.digest}", file=sys.stderr)
+        _print_summary(console, report, out, gate, failed, compiled.digest, args.verbose)
     if failed:
         print(f"qcompiler: gate failed: {', '.join(failed)}; no artifact written to {out}", file=sys.stderr)
         return GATE_FAILED
     return 0
+
+
+def target_label(report: dict) -> str:
+    """``llvm (znver3, 2 cores)``, ``cuda (sm_80)``: the target as a person reads it (the full
+    TVM target stays in the JSON report)."""
+    import json
+
+    target = report["target"]
+    try:
+        spec = json.loads(report["target_spec"])
+    except (KeyError, ValueError):
+        return {"reference": "reference (the interpreter)", "onnx": "onnx (ONNX Runtime)"}.get(target, target)
+    if target == "cuda":
+        return f"cuda ({spec.get('arch', '?')})"
+    cores = spec.get("num-cores")
+    return f"llvm ({spec.get('mcpu', 'generic')}" + (f", {cores} cores)" if cores else ")")
+
+
+def kept_float_groups(kept: list[dict]) -> list[tuple[int, str]]:
+    """Ops kept float grouped by reason (numbers masked, so one cause is one line), most first."""
+    import re
+    from collections import Counter
+
+    counts = Counter(re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "…", e["reason"]) for e in kept)
+    return [(n, reason) for reason, n in counts.most_common()]
+
+
+def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[str], digest: str | None,
+                   verbose: bool) -> None:
+    """The compile result as a person reads it: a table, kept-float ops grouped by reason (each
+    one with ``-v``), then the pipeline and the digest on lines of their own, never wrapped, so
+    they can be copied."""
+    from rich.table import Table
+
+    table = Table(title=f"qcompiler compile -> {out}")
+    table.add_column("")
+    table.add_column("")
+    table.add_row("target", target_label(report))
+    table.add_row("quantized", "yes" if report["quantized"] else f"no ({report.get('note', '')})")
+    if "int8_kernels" in report and report["quantized"]:
+        table.add_row("int8 kernels", report["int8_kernels"]["kernels"] or "[yellow]generic (slow)[/]")
+    table.add_row("ops", f"{report['ops']['integer']} integer of {report['ops']['total']}")
+    table.add_row("kept float", str(len(report["kept_float"])))
+    size = report["size_bytes"]
+    table.add_row("weights", f"{size['float'] / 1e6:.2f} MB -> {size['compiled'] / 1e6:.2f} MB")
+    if "accuracy" in report:
+        acc = report["accuracy"]
+        table.add_row("accuracy", f"float {acc['float']:.4f}, compiled {acc['compiled']:.4f} "
+                                  f"(drop {acc['drop_points']:.2f} points)")
+    if report.get("eval_output_sqnr_db") is not None:
+        table.add_row("output SQNR", f"{report['eval_output_sqnr_db']:.1f} dB")
+    for name, g in gate.items():
+        table.add_row(f"gate: {name}", "[green]passed[/]" if g["passed"] else "[red]FAILED[/]")
+    if "note_runs_elsewhere" in report:
+        table.add_row("runs", f"[yellow]not here[/]: {report['note_runs_elsewhere']}")
+    table.add_row("compile time", f"{report['compile_seconds']:.1f} s")
+    if failed:
+        table.add_row("artifact", "[red]not written[/] (gate failed)")
+    console.print(table)
+    if verbose:
+        for entry in report["kept_float"]:
+            console.print(f"kept float: {entry['node']}: {entry['reason']}", highlight=False)
+    elif report["kept_float"]:
+        for count, reason in kept_float_groups(report["kept_float"]):
+            console.print(f"kept float: {count} x {reason}", highlight=False)
+        console.print("(-v lists each op)", highlight=False)
+    if "warning" in report.get("int8_kernels", {}):
+        console.print(f"warning: {report['int8_kernels']['warning']}", highlight=False)
+    print(f"pipeline: {report['pipeline']}", file=sys.stderr)  # plain print: rich would wrap it mid-word
+    if digest:  # whole, on its own line: a deployer copies it into `run --expect-digest`
+        print(f"digest: {digest}", file=sys.stderr)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -341,6 +397,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .compiled import load
     from .loading import load_data
 
+    if args.expect_outputs:
+        _refuse_overwriting(args.output, args.expect_outputs)
     if args.output:
         if not args.output.endswith(".npz"):
             raise QCompilerError(f"{args.output}: run writes an .npz (name it NAME.npz)")
@@ -361,9 +419,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stacked = {name: np.stack([o if len(names) == 1 else o[i] for o in outputs]) for i, name in enumerate(names)}
     if args.output:
         np.savez(args.output, **stacked)
-    for name, array in stacked.items():
-        print(f"{name}: {len(batches)} batch(es) of {list(array.shape[1:])} {array.dtype}")
+    golden = _against_golden(stacked, args.expect_outputs, args.atol) if args.expect_outputs else {}
+    if args.json:
+        import json
+
+        print(json.dumps({"digest": model.digest, "batches": len(batches), "written": args.output,
+                          "outputs": {name: {"shape": list(a.shape[1:]), "dtype": str(a.dtype), **golden.get(name, {})}
+                                      for name, a in stacked.items()}}, indent=2))
+    else:
+        for name, array in stacked.items():
+            check = golden.get(name)
+            print(f"{name}: {len(batches)} batch(es) of {list(array.shape[1:])} {array.dtype}" +
+                  (f"; max |difference| from {args.expect_outputs}: {check['max_abs_difference']:.3g} "
+                   f"({'within' if check['matches'] else 'BEYOND'} --atol {args.atol:g})" if check else ""))
+    failed = [name for name, check in golden.items() if not check["matches"]]
+    if failed:
+        print(f"qcompiler: outputs differ from {args.expect_outputs}: {', '.join(failed)}", file=sys.stderr)
+        return GATE_FAILED
     return 0
+
+
+def _against_golden(outputs: dict, path: str, atol: float) -> dict[str, dict]:
+    """Each output against the same-named array of a golden ``.npz`` (a ``run -o`` file)."""
+    import numpy as np
+
+    from .loading import _array, _open_npz
+
+    result = {}
+    with _open_npz(Path(path)) as golden:
+        for name, array in outputs.items():
+            if name not in golden.files:
+                raise QCompilerError(f"{path}: no array '{name}' (it holds {golden.files}); write golden outputs "
+                                     f"with run -o")
+            expected = _array(golden, name, Path(path))
+            if expected.shape != array.shape:
+                raise QCompilerError(f"{path}: '{name}' has shape {list(expected.shape)}, the outputs "
+                                     f"{list(array.shape)} (same inputs?)")
+            diff = float(np.max(np.abs(array.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
+            result[name] = {"max_abs_difference": diff, "matches": bool(diff <= atol)}
+    return result
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -390,7 +484,8 @@ EXIT_CODES = """exit codes:
   0  done
   1  a bug in qcompiler (internal error; QCOMPILER_DEBUG=1 shows the traceback)
   2  an error the input causes (one line on stderr: what and where)
-  3  compile: the build missed a gate (--max-accuracy-drop / --min-sqnr); no artifact written"""
+  3  compile: the build missed a gate (--max-accuracy-drop / --min-sqnr); no artifact written
+     run: the outputs differ from --expect-outputs beyond --atol"""
 
 
 def _version() -> str:
@@ -456,31 +551,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import)
     p = _command(sub, "opt", help="run a pass pipeline over a model, with IR printing, dumps, timing, bisect")
     p.add_argument("model", nargs="?", help="model.onnx, model.qir, or package.module:function")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="fix a dynamic ONNX input's shape (repeatable)")
     p.add_argument("-p", "--pipeline", help="e.g. 'fold-constants,fold-batchnorm,eliminate-dead-code'")
     p.add_argument("-o", "--output", help="write the result here (IR text + .npz); default: print it")
-    p.add_argument("--print-ir-before", action="append", default=[], metavar="PASS")
-    p.add_argument("--print-ir-after", action="append", default=[], metavar="PASS")
-    p.add_argument("--print-ir-after-all", action="store_true")
-    p.add_argument("--print-ir-after-change", action="store_true")
+    p.add_argument("--print-ir-before", action="append", default=[], metavar="PASS",
+                   help="print the IR before each run of this pass, to stderr (repeatable)")
+    p.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
+                   help="print the IR after each run of this pass, to stderr (repeatable)")
+    p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
+    p.add_argument("--print-ir-after-change", action="store_true",
+                   help="print the IR after every pass that changed it")
     p.add_argument("--dump-dir", help="write numbered, re-parseable IR files after every pass")
     p.add_argument("--timing", action="store_true", help="per-pass wall time")
-    p.add_argument("--verify-each", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--verify-each", action=argparse.BooleanOptionalAction, default=True,
+                   help="verify the IR after every pass (default: on)")
     p.add_argument("--bisect-limit", type=_count, metavar="N", help="run only the first N pass applications")
     p.add_argument("--reproducer-dir", default=".", help="where a failing pass's input IR is written")
-    p.add_argument("--list-passes", action="store_true")
-    p.add_argument("--calibration", help=".npz of calibration batches, for range-analysis and smooth-quant")
+    p.add_argument("--list-passes", action="store_true", help="list the passes with their options, and exit")
+    p.add_argument("--calibration", metavar="DATA",
+                   help=".npz, folder, or package.module:function of calibration batches (range-analysis, "
+                        "bias-correction, smooth-quant)")
     p.add_argument("--config", help="QuantConfig as JSON (or YAML): its options are written into the pipeline's "
                                     "passes where the pipeline leaves them at their defaults (printed)")
     p.set_defaults(func=_cmd_opt)
     p = _command(sub, "compare", help="per-layer error of the quantized model against the float one")
     model_args(p)
     p.add_argument("quantized", nargs="?", help="an already quantized model (IR file); default: quantize MODEL")
-    p.add_argument("--calibration", help=".npz of calibration batches (arrays named like the inputs)")
+    p.add_argument("--calibration", metavar="DATA",
+                   help=".npz (arrays named like the inputs), folder, or package.module:function of calibration "
+                        "batches")
     p.add_argument("--inputs", help=".npz with the batch to compare on (default: the first calibration batch)")
     p.add_argument("--config", help="QuantConfig as JSON (or YAML)")
     p.add_argument("--top", type=int, default=15, help="rows in the table of worst layers")
-    p.add_argument("--json", metavar="FILE", help="write every layer's numbers as JSON ('-' for stdout)")
+    p.add_argument("--json", action="store_true",
+                   help="print every layer's numbers as JSON on stdout (for `show --compare`), not the table")
     _synthetic_args(p, "calibration and comparison inputs")
     p.set_defaults(func=_cmd_compare)
     from .compiled import DEFAULT_TUNING_TRIALS
@@ -488,7 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "compile", help="quantize and build a model into a deployment artifact")
     model_args(p)
     p.add_argument("-o", "--output", required=True, help="artifact folder (replaced only when complete)")
-    p.add_argument("--calibration", help=".npz, or a folder of .npy arrays or images; without it: a float build")
+    p.add_argument("--calibration", metavar="DATA",
+                   help=".npz, a folder of .npy arrays or images, or package.module:function (a data loader "
+                        "returning or yielding batches); without it (or --ranges): a float build")
+    p.add_argument("--save-ranges", metavar="FILE",
+                   help="also write what calibration decided (ranges, corrected biases, layers kept float) as JSON")
+    p.add_argument("--ranges", metavar="FILE",
+                   help="quantize with a record written by --save-ranges instead of calibrating (same model)")
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "reference", "onnx"],
                    help="llvm: this CPU via TVM; cuda; reference: the interpreter; onnx: a QDQ ONNX model")
     p.add_argument("--cpu", metavar="NAME",
@@ -506,9 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gate: fail (exit 3) when accuracy drops by more than this many percentage points")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="gate: fail (exit 3) when output SQNR is lower")
     p.add_argument("--image-mean", type=float, nargs=3, metavar="M", help="normalize calibration/eval images")
-    p.add_argument("--image-std", type=float, nargs=3, metavar="S")
+    p.add_argument("--image-std", type=float, nargs=3, metavar="S",
+                   help="divide calibration/eval images by this per channel (after the mean); run applies it too")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress: neither phase lines nor bars on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every op kept float with its reason")
     _synthetic_args(p, "calibration batches (8)")
     p.set_defaults(func=_cmd_compile)
     p = _command(sub, "run", help="run a compiled artifact on inputs from an .npz (or a folder)")
@@ -517,11 +630,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the outputs to this .npz")
     p.add_argument("--expect-digest", metavar="sha256:HEX",
                    help="refuse the artifact unless its digest (printed by compile) is this one")
+    p.add_argument("--expect-outputs", metavar="GOLDEN.npz",
+                   help="compare the outputs with golden ones (a run -o file); exit 3 when they differ beyond --atol")
+    p.add_argument("--atol", type=float, default=0.0,
+                   help="largest absolute difference --expect-outputs accepts (default 0: bit for bit)")
+    p.add_argument("--json", action="store_true", help="print what ran (outputs' shapes and dtypes) as JSON on stdout")
     _synthetic_args(p, "inputs (one batch)")
     p.set_defaults(func=_cmd_run)
     p = _command(sub, "show", help="the graph as a self-contained HTML picture")
     model_args(p)
-    p.add_argument("-o", "--output", default="graph.html")
+    p.add_argument("-o", "--output", default="graph.html", help="the HTML file to write (default graph.html)")
     p.add_argument("--compare", help="JSON from `qcompiler compare --json`: colour nodes by quantization error")
     p.set_defaults(func=_cmd_show)
     p = _command(sub, "inspect", help="inputs, outputs, layers with shapes, and what would be quantized and why not")
@@ -531,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
     p = _command(sub, "stats", help="op counts of a model")
     model_args(p)
+    p.add_argument("--json", action="store_true", help="print the counts as JSON on stdout")
     p.set_defaults(func=_cmd_stats)
     return parser
 

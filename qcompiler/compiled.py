@@ -23,6 +23,7 @@ import numpy as np
 from . import artifact
 from .artifact import FORMAT_VERSION
 from .errors import InputError, ModelLoadError, QCompilerError
+from .extras import require
 from .interpreter import check_inputs, to_numpy
 from .ir import Graph, load_graph, parse_graph, save as save_graph
 from .ir.ops import traits_of
@@ -105,6 +106,7 @@ class CompiledModel:
         self._quantized = any(n.op == "quantize" for n in graph.nodes)
         # how images were normalized for calibration (`compile --image-mean/--image-std`); `run` applies it
         self.preprocessing: dict[str, Any] = {}
+        self.calibration: Any = None  # the CalibrationRecord of a calibrated build (see save_ranges)
         # a CUDA kernel cannot stop a call on a bad index (it clamps): inputs used as indices are checked here
         self._host_index_checks = host_index_checks(graph) if target == "cuda" else []
 
@@ -122,6 +124,14 @@ class CompiledModel:
 
     def report(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._report))
+
+    def save_ranges(self, path: str | os.PathLike) -> Path:
+        """Write what calibration decided (ranges, corrected biases, layers kept float) to
+        ``path``; ``compile(..., ranges=path)`` builds the same model again without the data."""
+        if self.calibration is None:
+            raise QCompilerError("save_ranges: this build was not calibrated by qcompiler's quantization flow "
+                                 "(no calibration data, a custom pipeline, or a loaded artifact)")
+        return self.calibration.save(path)
 
     @property
     def runs_here(self) -> bool:
@@ -261,6 +271,7 @@ def x86_without_vnni() -> bool:
 
 
 def _onnxruntime_runner(model_bytes: bytes, graph: Graph):
+    require("onnxruntime", "running an onnx-target model")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -339,13 +350,16 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
             config: QuantConfig | None = None, pipeline: str | None = None, tune: bool = False,
             tuning_db: str | os.PathLike | None = None, tuning_trials: int = DEFAULT_TUNING_TRIALS,
             progress: bool = False, cpu: str | None = None,
-            log: Callable[[str], None] | PhaseLog | None = None) -> CompiledModel:
+            log: Callable[[str], None] | PhaseLog | None = None,
+            ranges: str | os.PathLike | None = None) -> CompiledModel:
     """Capture, quantize (when ``calibration`` is given) and build ``model`` for ``target``
     (``llvm``: this CPU through TVM, or the CPU LLVM calls ``cpu``; ``cuda``; ``reference``: the
     interpreter). A build for another CPU runs here only if this one has every instruction set
     its kernels use; otherwise it is built, reported and saved, and runs where it is loaded.
     ``calibration``: batches as ``qcompiler.calibration`` takes them (a list, an iterable, a
-    generator or a function returning one; never all held in memory). ``log`` receives one line
+    generator or a function returning one; never all held in memory). ``ranges``: instead of
+    calibration data, a calibration record saved from an earlier build of the same model
+    (``compiled.save_ranges(path)``): the same quantized model, without recalibrating. ``log`` receives one line
     per phase (capture, optimize, calibrate, quantize, build) with the time since the start.
 
     ``tune=True`` tunes the kernels the hand-written schedules do not cover with MetaSchedule
@@ -364,14 +378,21 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         raise QCompilerError("tuning for cuda is not supported yet: tune on the CPU target, or build cuda untuned")
     if cpu is not None and target != "llvm":
         raise QCompilerError(f"cpu applies to the llvm target, not '{target}'")
+    if ranges is not None and pipeline is not None:
+        raise QCompilerError("ranges applies to the default quantization flow; with a pipeline, write "
+                             "apply-calibration{path=FILE} into it instead of range-analysis and bias-correction")
     if tune and tuning_trials < 1:
         raise QCompilerError(f"tuning_trials must be at least 1, got {tuning_trials}")
+    if tune:
+        require("tune", "tune=True (--tune)")
+    if target == "onnx":
+        require("onnxruntime", "the onnx target")
     started = time.perf_counter()
     phases = log if isinstance(log, PhaseLog) else PhaseLog(log)
     phases.phase("capture")
     graph = _capture(model, example_inputs)
     report: dict[str, Any] = {"target": target, "size_bytes": {"float": model_size_bytes(graph)}}
-    batches = None
+    batches, record = None, None
     if calibration is not None:
         from .calibration import calibration_set
 
@@ -386,12 +407,14 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         compiled_graph = run_pipeline(graph.copy(), used, inst, ctx)
         report["passes"] = ctx.report
         timings = inst.records
-    elif batches is not None:
+    elif batches is not None or ranges is not None:
         config = config or QuantConfig()
         # ONNX has no integer-lowered ops: the ONNX target ships the QDQ graph
-        result = quantize(graph, batches, config, progress=progress, lower=target != "onnx", on_pass=phases.for_pass)
+        result = quantize(graph, batches, config, progress=progress, lower=target != "onnx", on_pass=phases.for_pass,
+                          ranges=ranges)
         compiled_graph, reference, used, timings = result.graph, result.float_graph, result.pipeline, result.timings
         report["passes"] = result.report
+        record = result.calibration
     else:
         inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)
         compiled_graph = run_pipeline(graph.copy(), DEFAULT_FLOAT_PIPELINE, inst)
@@ -447,6 +470,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
             else _unavailable(f"this machine cannot run the build: {report['note_runs_elsewhere']}" if missing
                               else f"this machine has no device for target '{target}'")
     compiled = CompiledModel(compiled_graph, target, used, runner, report, config, executable)
+    compiled.calibration = record
     if batches is not None and runnable:
         phases.phase("check", "output fidelity on the first calibration batch")
         report["fidelity"] = _fidelity(reference, compiled, batches.first())

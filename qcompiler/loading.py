@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, QCompilerError
 from .ir import Graph, load_graph
 
 
@@ -39,9 +39,8 @@ def is_python_factory(spec: str) -> bool:
     return bool(_FACTORY.fullmatch(spec)) and module.rsplit(".", 1)[-1].lower() not in MODEL_SUFFIXES
 
 
-def _from_python(spec: str) -> Graph:
-    from .capture import from_torch
-
+def _import_function(spec: str):
+    """The function ``package.module:function`` names (the current folder first on the path)."""
     module_name, _, func_name = spec.partition(":")
     sys.path.insert(0, os.getcwd())
     try:
@@ -50,14 +49,46 @@ def _from_python(spec: str) -> Graph:
         raise ModelLoadError(f"{spec}: cannot import {module_name} ({type(e).__name__}: {e})") from None
     finally:
         sys.path.pop(0)
-    factory = getattr(module, func_name, None)
-    if not callable(factory):
+    function = getattr(module, func_name, None)
+    if not callable(function):
         raise ModelLoadError(f"{spec}: {module_name} has no function {func_name}")
-    result = factory()
+    return function
+
+
+def _from_python(spec: str) -> Graph:
+    from .capture import from_torch
+
+    result = _import_function(spec)()
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ModelLoadError(f"{spec}: must return (torch_module, example_inputs)")
     model, example = result
     return from_torch(model, example)
+
+
+def load_calibration(spec: str, graph: Graph, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None):
+    """Calibration batches for ``graph`` as streamed :class:`~qcompiler.calibration.CalibrationSet`:
+    from an ``.npz`` or a folder (:func:`load_data`), or from a data loader named
+    ``package.module:function``: called once per sweep, it returns (or, as a generator, yields)
+    batches as ``qcompiler.compile``'s ``calibration`` takes them."""
+    from .calibration import calibration_set
+
+    if not Path(spec).exists() and is_python_factory(spec):
+        if mean is not None or std is not None:
+            raise ModelLoadError(f"{spec}: --image-mean/--image-std normalize image folders; a data loader "
+                                 f"returns batches ready to use")
+        function = _import_function(spec)
+
+        def batches():
+            try:
+                yield from function()
+            except QCompilerError:
+                raise
+            except Exception as e:  # the user's loader failed: their error, said in one line
+                raise ModelLoadError(f"{spec}: the data loader raised {type(e).__name__}: {e}") from None
+
+        return calibration_set(graph, batches)
+    return calibration_set(graph, load_data(spec, graph, mean, std))
 
 
 def parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:

@@ -4,31 +4,41 @@ quantize/dequantize insertion, integer lowering. Returns the integer graph, the 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .calibration import calibration_set
+from .calibration_record import CalibrationRecord
+from .errors import QCompilerError
 from .ir import Graph
 from .pass_manager import Instruments, PassRecord, run_pipeline
 from .pipeline import PassContext, parse_pipeline_given, print_pipeline, registered_passes
 from .quant_config import QuantConfig
 
 
-def quantize_stages(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
-    """range-analysis, bias-correction (as ``config`` says) and insert-qdq, with every option
-    ``config`` sets written out: the pipeline string is the whole reproducer. ``exclude``:
-    layers kept float (the sensitivity check's), given to bias-correction and insert-qdq alike."""
-    passes = registered_passes()
-    scheme = dataclasses.asdict(config.scheme(exclude))
+def calibrate_stages(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
+    """range-analysis and (as ``config`` says) bias-correction, with every option ``config``
+    sets written out. ``exclude``: layers kept float (the sensitivity check's)."""
     calibrate = config.calibration.pipeline_options()
     if config.activation_dtype != "u8":
         calibrate += f",activation_dtype={config.activation_dtype}"
     stages = [f"range-analysis{{{calibrate}}}"]
     if config.bias_correction:
-        stages.append(str(passes["bias-correction"](**scheme)))
-    stages.append(str(passes["insert-qdq"](**scheme)))
+        stages.append(str(registered_passes()["bias-correction"](**dataclasses.asdict(config.scheme(exclude)))))
     return ",".join(stages)
+
+
+def insert_stage(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
+    """insert-qdq with ``config``'s scheme; ``exclude`` as for ``calibrate_stages``."""
+    return str(registered_passes()["insert-qdq"](**dataclasses.asdict(config.scheme(exclude))))
+
+
+def quantize_stages(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
+    """range-analysis, bias-correction and insert-qdq as ``config`` says: the pipeline string is
+    the whole reproducer. ``exclude`` is given to bias-correction and insert-qdq alike."""
+    return f"{calibrate_stages(config, exclude)},{insert_stage(config, exclude)}"
 
 
 def with_config(pipeline: str, config: QuantConfig) -> str:
@@ -45,12 +55,14 @@ def with_config(pipeline: str, config: QuantConfig) -> str:
 
 
 def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,
-                          exclude: tuple[str, ...] = ()) -> str:
-    """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with."""
+                          exclude: tuple[str, ...] = (), ranges: str | None = None) -> str:
+    """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with.
+    ``ranges``: a calibration record's path, applied instead of calibrating."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
     floats = float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE
-    stages = [floats, quantize_stages(config, exclude)]
+    calibrate = calibrate_stages(config, exclude) if ranges is None else f"apply-calibration{{path={ranges}}}"
+    stages = [floats, calibrate, insert_stage(config, exclude)]
     if lower:
         stages.append("lower-integer")
     return ",".join(s for s in stages if s)
@@ -64,41 +76,74 @@ class QuantizeResult:
     pipeline: str
     report: dict[str, Any] = field(default_factory=dict)
     timings: list[PassRecord] = field(default_factory=list)
+    calibration: CalibrationRecord | None = None  # what the data decided: .save(path) to reuse it
 
 
-def quantize(graph: Graph, calibration: Any, config: QuantConfig | None = None, *, lower: bool = True,
+def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None = None, *, lower: bool = True,
              float_pipeline: str | None = None, progress: bool = False,
-             on_pass: Callable[[Any], None] | None = None) -> QuantizeResult:
+             on_pass: Callable[[Any], None] | None = None,
+             ranges: str | os.PathLike | None = None) -> QuantizeResult:
     """Quantize a copy of ``graph`` (which is left untouched) with ``calibration`` batches
-    (see ``qcompiler.calibration`` for what they may be). ``on_pass`` is told of each pass
-    before it runs (``PhaseLog.for_pass``)."""
+    (see ``qcompiler.calibration`` for what they may be), or, instead of data, with ``ranges``:
+    a calibration record saved from an earlier run (``result.calibration.save(path)``) on the
+    same model. ``on_pass`` is told of each pass before it runs (``PhaseLog.for_pass``)."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
-    from .compare import compare
-
     config = config or QuantConfig()
-    batches = calibration_set(graph, calibration)
+    if (calibration is None) == (ranges is None):
+        raise QCompilerError("quantizing needs calibration data or a saved calibration record (ranges=...): "
+                             + ("neither was given" if ranges is None else "give one, not both"))
+    batches = calibration_set(graph, calibration) if calibration is not None else None
     ctx = PassContext(calibration=batches, progress=progress)
     inst = Instruments(emit=lambda s: None, on_pass=on_pass)
     float_graph = run_pipeline(graph.copy(), float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
                                inst, ctx)
-    qdq = run_pipeline(float_graph.copy(), quantize_stages(config), inst, ctx)
-    exclude: tuple[str, ...] = ()
+    if ranges is not None:
+        record = CalibrationRecord.load(ranges)
+        if record.activation_dtype != config.activation_dtype:
+            raise QCompilerError(f"{ranges}: calibrated for {record.activation_dtype} activations, and the config "
+                                 f"asks for {config.activation_dtype}; recalibrate")
+        exclude = tuple(record.exclude)
+        qdq = run_pipeline(float_graph.copy(), f"apply-calibration{{path={ranges}}},{insert_stage(config, exclude)}",
+                           inst, ctx)
+        _explain_exclusions(float_graph, record.exclude, ctx)
+    else:
+        qdq, record = _calibrate_and_insert(float_graph, config, batches, inst, ctx)
+        exclude = tuple(record.exclude)
+    final = run_pipeline(qdq.copy(), "lower-integer", inst, ctx) if lower else qdq
+    for result in {id(g): g for g in (float_graph, qdq, final)}.values():
+        result.name_outputs([v.name for v in graph.outputs])  # rewrites replace output values; names stay
+    pipeline = quantization_pipeline(config, float_pipeline, lower, exclude, None if ranges is None else str(ranges))
+    return QuantizeResult(final, qdq, float_graph, pipeline, ctx.report, inst.records, record)
+
+
+def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any, inst: Instruments,
+                          ctx: PassContext) -> tuple[Graph, CalibrationRecord]:
+    """Calibrate and insert quantize/dequantize pairs; with ``min_layer_sqnr_db``, layers that
+    lose too much even when quantized alone are kept float (and calibrated again without them)."""
+    from .compare import compare
+
+    def calibrated(exclude: dict[str, str]) -> tuple[Graph, CalibrationRecord]:
+        graph = run_pipeline(float_graph.copy(), calibrate_stages(config, tuple(exclude)), inst, ctx)
+        record = CalibrationRecord.measure(float_graph, graph, calibrate_stages(config).split(",")[0],
+                                           config.activation_dtype, exclude)  # before insert-qdq rewrites it
+        return run_pipeline(graph, insert_stage(config, tuple(exclude)), inst, ctx), record
+
+    qdq, record = calibrated({})
     if config.min_layer_sqnr_db is not None:
-        # sensitivity fallback: layers that lose too much even when quantized alone stay float
         names = {n.handle: n.outputs[0].name for n in float_graph.nodes}
         weak = [e for e in compare(float_graph, qdq, batches.first())
                 if e.local_sqnr_db is not None and e.local_sqnr_db < config.min_layer_sqnr_db]
         if weak:
-            exclude = tuple(names[e.handle] for e in weak)
             ctx.report["not_quantized"] = []
-            qdq = run_pipeline(float_graph.copy(), quantize_stages(config, exclude), inst, ctx)
-            reasons = {str(e.handle): f"local SQNR {e.local_sqnr_db:.1f} dB < min_layer_sqnr_db "
-                                      f"{config.min_layer_sqnr_db:g}" for e in weak}
-            for entry in ctx.report["not_quantized"]:
-                entry["reason"] = reasons.get(entry["handle"], entry["reason"])
-    final = run_pipeline(qdq.copy(), "lower-integer", inst, ctx) if lower else qdq
-    for result in {id(g): g for g in (float_graph, qdq, final)}.values():
-        result.name_outputs([v.name for v in graph.outputs])  # rewrites replace output values; names stay
-    return QuantizeResult(final, qdq, float_graph, quantization_pipeline(config, float_pipeline, lower, exclude),
-                          ctx.report, inst.records)
+            qdq, record = calibrated({names[e.handle]: f"local SQNR {e.local_sqnr_db:.1f} dB < min_layer_sqnr_db "
+                                                      f"{config.min_layer_sqnr_db:g}" for e in weak})
+            _explain_exclusions(float_graph, record.exclude, ctx)
+    return qdq, record
+
+
+def _explain_exclusions(float_graph: Graph, reasons: dict[str, str], ctx: PassContext) -> None:
+    """Layers the sensitivity check kept float are reported with its reason, not as exclusions."""
+    by_handle = {str(n.handle): reasons[n.outputs[0].name] for n in float_graph.nodes if n.outputs[0].name in reasons}
+    for entry in ctx.report.get("not_quantized", []):
+        entry["reason"] = by_handle.get(entry["handle"], entry["reason"])

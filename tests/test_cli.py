@@ -105,11 +105,13 @@ def test_compare_cli_table_and_json(tmp_path, digits):
     path = export_onnx(model, (torch.from_numpy(x_test[:16]),), tmp_path / "d.onnx", ["image"])
     np.savez(tmp_path / "cal.npz", image=x_train[:64])  # 64 = 4 batches of the model's 16
     np.savez(tmp_path / "eval.npz", image=x_test[:16])
-    result = _run("compare", path, "--calibration", str(tmp_path / "cal.npz"), "--inputs", str(tmp_path / "eval.npz"),
-                  "--json", str(tmp_path / "layers.json"))
+    common = ("compare", path, "--calibration", str(tmp_path / "cal.npz"), "--inputs", str(tmp_path / "eval.npz"))
+    result = _run(*common)
     assert result.returncode == 0, result.stderr
     assert "worst layers by cumulative SQNR" in result.stdout and "output" in result.stdout
-    layers = json.loads((tmp_path / "layers.json").read_text())
+    as_json = _run(*common, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    layers = json.loads(as_json.stdout)  # JSON on stdout and nothing else
     assert {entry["op"] for entry in layers} >= {"conv2d", "linear"}
     assert all(entry["sqnr_db"] > 20 for entry in layers)
     bad = _run("compare", path, "--calibration", str(tmp_path / "eval.npz"), "--config", str(tmp_path / "none.json"))
@@ -123,9 +125,25 @@ def test_compare_cli_table_and_json(tmp_path, digits):
 def test_version_and_exit_codes_in_every_help():
     version = _run("--version")
     assert version.returncode == 0 and version.stdout.startswith("qcompiler 0.1.0 (TVM 0.27.0")
-    for command in ("import", "opt", "compare", "compile", "run", "show", "stats"):
+    for command in ("import", "opt", "compare", "compile", "run", "show", "stats", "inspect"):
         text = _run(command, "--help").stdout
         assert "exit codes:" in text and "3  compile: the build missed a gate" in text, command
+
+
+def test_every_option_has_help_and_json_always_means_json_on_stdout():
+    import argparse
+
+    from qcompiler.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"{name} {action.option_strings or action.dest}"
+            if "--json" in action.option_strings:  # a switch everywhere: no file argument
+                assert action.nargs == 0, name
+    with_json = {name for name, c in commands.items() if any("--json" in a.option_strings for a in c._actions)}
+    assert with_json >= {"compile", "compare", "inspect", "run", "stats"}
 
 
 def test_run_on_images_applies_the_normalization_compile_recorded(tmp_path):
@@ -205,3 +223,149 @@ def test_synthetic_inputs_for_compile_run_and_compare(tmp_path):
     assert compared.returncode == 0 and "SQNR" in compared.stdout, compared.stderr
     neither = _run("run", str(tmp_path / "a"))
     assert neither.returncode == 2 and "--inputs" in neither.stderr and "--synthetic" in neither.stderr
+
+
+def _tiny_cnn_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(6 * 6 * 6, 4), torch.nn.Softmax(-1)).eval()
+    return export_onnx(model, (torch.randn(2, 3, 8, 8),), tmp_path / "m.onnx", ["x"])
+
+
+def test_saved_ranges_rebuild_the_same_model_without_data(tmp_path):
+    """trtexec's calibration cache: --save-ranges once, then --ranges builds the same artifact
+    outputs without the data (and without the calibration's time)."""
+    import json
+
+    import numpy as np
+
+    import qcompiler
+
+    path = _tiny_cnn_onnx(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((6, 2, 3, 8, 8)).astype(np.float32))
+    first = _run("compile", path, "--calibration", str(tmp_path / "cal.npz"), "--save-ranges",
+                 str(tmp_path / "ranges.json"), "-o", str(tmp_path / "a"), "--json", "-q")
+    assert first.returncode == 0, first.stderr
+    record = json.loads((tmp_path / "ranges.json").read_text())
+    assert record["format"] == "qcompiler-ranges/1" and record["ranges"] and record["biases"]
+    again = _run("compile", path, "--ranges", str(tmp_path / "ranges.json"), "-o", str(tmp_path / "b"), "--json", "-q")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["quantized"] and "apply-calibration{path=" in report["pipeline"]
+    a, b = qcompiler.load(tmp_path / "a"), qcompiler.load(tmp_path / "b")
+    assert qcompiler.ir.print_graph(a.graph) == qcompiler.ir.print_graph(b.graph)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(a(x), b(x))
+    # the pipeline a --ranges build reports reproduces it through `qcompiler opt`
+    replay = _run("opt", path, "-p", report["pipeline"], "-o", str(tmp_path / "replay.qir"))
+    assert replay.returncode == 0, replay.stderr
+    replayed = qcompiler.load_graph(tmp_path / "replay.qir")
+    assert replayed.op_counts() == b.graph.op_counts()
+    np.testing.assert_array_equal(replayed(x)[0], b.graph(x)[0])
+
+
+def test_ranges_in_the_python_api_and_for_another_model(tmp_path):
+    import numpy as np
+    import pytest
+
+    import qcompiler
+    from qcompiler.errors import QCompilerError
+
+    path = _tiny_cnn_onnx(tmp_path)
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((2, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    config = qcompiler.QuantConfig(min_layer_sqnr_db=60)  # keeps some layers float: the record carries that
+    compiled = qcompiler.compile(path, calibration=batches, config=config, target="reference")
+    compiled.save_ranges(tmp_path / "r.json")
+    again = qcompiler.compile(path, ranges=tmp_path / "r.json", config=config, target="reference")
+    assert again.report()["kept_float"] == compiled.report()["kept_float"] != []
+    np.testing.assert_array_equal(compiled(batches[0]), again(batches[0]))
+    torch.manual_seed(5)
+    other = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3)).eval(), (torch.randn(2, 3, 8, 8),),
+                        tmp_path / "other.onnx", ["x"])
+    with pytest.raises(QCompilerError, match="calibrated for another model"):
+        qcompiler.compile(other, ranges=tmp_path / "r.json", target="reference")
+    with pytest.raises(QCompilerError, match="calibrated for u8 activations"):
+        qcompiler.compile(path, ranges=tmp_path / "r.json", config=qcompiler.QuantConfig(activation_dtype="i8"),
+                          target="reference")
+    with pytest.raises(QCompilerError, match="not calibrated"):
+        qcompiler.compile(path, target="reference").save_ranges(tmp_path / "none.json")
+
+
+def test_calibration_from_a_data_loader_function(tmp_path):
+    """--calibration package.module:function: a generator function is called once per sweep."""
+    import json
+
+    path = _tiny_cnn_onnx(tmp_path)
+    (tmp_path / "my_data.py").write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    for _ in range(3):\n"
+        "        yield {'x': rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}\n")
+    done = _run("compile", path, "--calibration", "my_data:batches", "--target", "reference", "-o",
+                str(tmp_path / "a"), "--json", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["quantized"] and report["passes"]["calibration"]["batches"] == 3
+
+
+def test_compile_summary_is_readable_and_copyable(tmp_path):
+    import numpy as np
+
+    path = _tiny_cnn_onnx(tmp_path)
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).standard_normal((3, 2, 3, 8, 8)).astype(np.float32))
+    (tmp_path / "q.json").write_text('{"exclude": ["*linear*", "*Conv*"]}')
+    args = ("compile", path, "--calibration", str(tmp_path / "cal.npz"), "--config", str(tmp_path / "q.json"), "-q")
+    done = _run(*args, "-o", str(tmp_path / "a"), "--target", "llvm")
+    assert done.returncode == 0, done.stderr
+    import os
+
+    assert f", {os.cpu_count()} cores)" in done.stderr and '{"kind"' not in done.stderr  # not a JSON blob
+    pipeline = next(line for line in done.stderr.splitlines() if line.startswith("pipeline: "))
+    assert pipeline.endswith("lower-integer") and "exclude=" in pipeline  # one unwrapped line: it parses back
+    from qcompiler.pipeline import parse_pipeline
+
+    assert parse_pipeline(pipeline.removeprefix("pipeline: "))
+    assert "kept float: 2 x excluded by QuantConfig.exclude" in done.stderr and "(-v lists each op)" in done.stderr
+    verbose = _run(*args, "-o", str(tmp_path / "b"), "--target", "reference", "-v")
+    assert verbose.returncode == 0 and "kept float: conv2d 'node_Conv" in verbose.stderr and "reference (the interpreter)" in verbose.stderr
+
+
+def test_stats_and_run_json(tmp_path):
+    import json
+
+    import numpy as np
+
+    path = _tiny_cnn_onnx(tmp_path)
+    stats = json.loads(_run("stats", path, "--json").stdout)
+    assert stats["ops"]["conv2d"] == 1 and stats["nodes"] == sum(stats["ops"].values())
+    assert _run("compile", path, "--synthetic", "--target", "reference", "-o", str(tmp_path / "a"), "-q").returncode == 0
+    ran = _run("run", str(tmp_path / "a"), "--synthetic", "--json")
+    assert ran.returncode == 0, ran.stderr
+    out = json.loads(ran.stdout)
+    assert out["digest"].startswith("sha256:") and list(out["outputs"].values()) == [{"shape": [2, 4], "dtype": "float32"}]
+    np.testing.assert_equal(out["batches"], 1)
+
+
+def test_run_checks_outputs_against_golden_ones(tmp_path):
+    """Polygraphy's saved outputs: `run -o` writes golden outputs, `--expect-outputs` checks them."""
+    import numpy as np
+
+    path = _tiny_cnn_onnx(tmp_path)
+    art = str(tmp_path / "a")
+    assert _run("compile", path, "--synthetic", "--target", "reference", "-o", art, "-q").returncode == 0
+    golden = tmp_path / "golden.npz"
+    assert _run("run", art, "--synthetic", "-o", str(golden)).returncode == 0
+    same = _run("run", art, "--synthetic", "--expect-outputs", str(golden))
+    assert same.returncode == 0 and "max |difference|" in same.stdout and "within --atol 0" in same.stdout, same.stderr
+    with np.load(golden) as g:
+        shifted = {k: g[k] + np.float32(1e-3) for k in g.files}
+    np.savez(tmp_path / "shifted.npz", **shifted)
+    differs = _run("run", art, "--synthetic", "--expect-outputs", str(tmp_path / "shifted.npz"))
+    assert differs.returncode == 3 and "outputs differ from" in differs.stderr
+    assert _run("run", art, "--synthetic", "--expect-outputs", str(tmp_path / "shifted.npz"),
+                "--atol", "0.01").returncode == 0
+    other = _run("run", art, "--synthetic", "--seed", "3", "--expect-outputs", str(tmp_path / "missing.npz"))
+    assert other.returncode == 2 and "missing.npz" in other.stderr

@@ -152,23 +152,14 @@ def test_failed_save_keeps_the_good_artifact(digits, tmp_path, monkeypatch):
 
 def test_show_colours_nodes_by_compare_errors(digits_files, tmp_path):
     tmp, onnx_path = digits_files
-    assert _cli("compare", onnx_path, "--calibration", str(tmp / "cal.npz"), "--json",
-                str(tmp_path / "layers.json")).returncode == 0
+    compared = _cli("compare", onnx_path, "--calibration", str(tmp / "cal.npz"), "--json")
+    assert compared.returncode == 0, compared.stderr
+    (tmp_path / "layers.json").write_text(compared.stdout)
     done = _cli("show", onnx_path, "--compare", str(tmp_path / "layers.json"), "-o", str(tmp_path / "g.html"))
     assert done.returncode == 0, done.stderr
     page = (tmp_path / "g.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "conv2d" in page
     assert re.search(r'fill="rgb\(\d+,\d+,90\)"', page) and "SQNR" in page
-
-
-def test_readme_quick_start_runs(tmp_path):
-    """The README's Python quick start, copied as it stands."""
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"## Quick start.*?```python\n(.*?)```", text, re.S)
-    assert block, "README has a Quick start python block"
-    done = subprocess.run([sys.executable, "-c", block.group(1)], capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "accuracy" in done.stdout
 
 
 def test_demo_prints_the_comparison_table():

@@ -63,7 +63,8 @@ def test_dynamic_onnx_input_needs_a_shape(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])])
     path = tmp_path / "dyn.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    with pytest.raises(ModelLoadError, match=r"input 'x' has dynamic shape \['batch', 3\]; fix it with input_shapes"):
+    with pytest.raises(ModelLoadError, match=r"input 'x' has dynamic shape \['batch', 3\]; fix it with "
+                       r"--input-shape x=D0,D1,\.\.\. on the command line \(input_shapes=\{'x': \[\.\.\.\]\} in Python\)"):
         from_onnx(path)
     g = from_onnx(path, input_shapes={"x": [2, 3]})
     x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)

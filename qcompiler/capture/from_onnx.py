@@ -1,6 +1,6 @@
 """Capture from ONNX through onnx-graphsurgeon.
 
-Handles opsets 6 to 21: where an operand moved from attribute to input across opsets
+Handles opsets 6 to the installed onnx package's newest: where an operand moved from attribute to input across opsets
 (Clip, Squeeze, Slice, Pad, Split, Reduce*), both forms are read. Nodes that depend on no
 graph input (``Shape`` of a static tensor, ``Range``, ``ConstantOfShape``, weight transposes)
 are evaluated at import and become constants; for those with no converter the ONNX
@@ -121,7 +121,8 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         shape = input_shapes.pop(tensor.name, tensor.shape)
         if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
             raise ModelLoadError(f"{where}: input '{tensor.name}' has dynamic shape {list(shape or [])}; "
-                                 f"fix it with input_shapes={{'{tensor.name}': [...]}}")
+                                 f"fix it with --input-shape {tensor.name}=D0,D1,... on the command line "
+                                 f"(input_shapes={{'{tensor.name}': [...]}} in Python)")
         try:
             dtype = dtype_name(tensor.dtype)
         except ValueError:
@@ -129,7 +130,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
                                  f"(inputs are f16/f32/f64, i8/i16/i32/i64, u8 or bool)") from None
         env[tensor.name] = graph.add_input(_value_name(tensor.name), TensorType(tuple(shape), dtype))
     if input_shapes:
-        raise ModelLoadError(f"{where}: input_shapes names unknown input(s) {sorted(input_shapes)}; "
+        raise ModelLoadError(f"{where}: --input-shape/input_shapes names unknown input(s) {sorted(input_shapes)}; "
                              f"the model's inputs are {[t.name for t in gsg.inputs]}")
 
     consumed = {t.name for n in gsg.nodes for t in n.inputs if t.name} | {t.name for t in gsg.outputs}

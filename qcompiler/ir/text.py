@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ParseError, QCompilerError
-from ..files import as_umask_allows
+from ..files import atomic_write
 from .graph import Graph, Node, Value
 from .ops import get_op
 from .types import DTYPES, MAX_CONSTANT_BYTES, TensorType, dtype_name
@@ -402,22 +401,6 @@ def parse_graph(text: str, constants: Mapping[str, np.ndarray] | None = None, *,
 
 
 # ---- files ------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves
-    a half-written file in place of a good one."""
-    if not path.parent.is_dir():
-        raise QCompilerError(f"{path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        as_umask_allows(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def weights_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".npz")
 
@@ -428,9 +411,9 @@ def save(graph: Graph, path: str | os.PathLike) -> Path:
     if path.suffix == ".npz":
         raise QCompilerError(f"{path}: the IR text needs its own suffix (e.g. .qir); .npz holds its weights")
     elided = {k: v for k, v in graph.constants.items() if v.size > INLINE_LIMIT}
-    _atomic_write(path, lambda f: f.write(print_graph(graph).encode()))
+    atomic_write(path, lambda f: f.write(print_graph(graph).encode()))
     if elided:
-        _atomic_write(weights_path(path), lambda f: np.savez(f, **elided))
+        atomic_write(weights_path(path), lambda f: np.savez(f, **elided))
     return path
 
 

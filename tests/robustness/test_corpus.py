@@ -117,6 +117,19 @@ def _opt_without_data(work: Path) -> list[str]:
     return ["opt", "model.qir", "-p", "range-analysis", "--reproducer-dir", "repro"]
 
 
+def _other_model_ranges(work: Path) -> list[str]:
+    """A well-formed calibration record whose graph digest is not this model's."""
+    record = {"format": "qcompiler-ranges/1", "graph_digest": "sha256:" + "0" * 64, "calibration": "range-analysis",
+              "activation_dtype": "u8", "ranges": {"x": [0.0, 1.0]}, "biases": {}, "exclude": {}}
+    (work / "other.json").write_text(json.dumps(record))
+    return ["compile", "model.onnx", "--ranges", "other.json", "-o", "out", "--target", "reference"]
+
+
+def _failing_loader(work: Path) -> list[str]:
+    (work / "broken_loader.py").write_text("def batches():\n    yield 1 / 0\n")
+    return ["compile", "model.onnx", "--calibration", "broken_loader:batches", "-o", "out", "--target", "reference"]
+
+
 C = ["compile", "model.onnx", "--calibration", "cal.npz", "--target", "reference"]
 CASES = [
     # bad ONNX files
@@ -166,8 +179,14 @@ CASES = [
     Case("compile over a web app", _web_folder, 2, r"site: holds a manifest\.json that is not a qcompiler manifest"),
     Case("compile to the current folder", lambda w: C + ["-o", "."], 2, r"the artifact goes to its own folder"),
     Case("show over the model", lambda w: ["show", "model.qir", "-o", "model.qir"], 2, r"refusing to overwrite the input"),
-    Case("compare json over data", lambda w: ["compare", "model.onnx", "--calibration", "cal.npz", "--json", "cal.npz"],
+    Case("ranges record over data", lambda w: C + ["-o", "out", "--save-ranges", "cal.npz"],
          2, r"refusing to overwrite the input cal\.npz"),
+    Case("ranges from another model", _other_model_ranges, 2, r"calibrated for another model"),
+    Case("ranges file that is not a record", lambda w: ["compile", "model.onnx", "--ranges", "cal.npz", "-o", "out"],
+         2, r"cal\.npz: not a calibration record"),
+    Case("ranges and calibration together", lambda w: C + ["-o", "out", "--ranges", "cal.npz"],
+         2, r"--calibration and --ranges: give one"),
+    Case("data loader that raises", _failing_loader, 2, r"the data loader raised ZeroDivisionError"),
     Case("run output over its inputs", lambda w: ["run", "art", "--inputs", "cal.npz", "-o", "cal.npz"], 2,
          r"refusing to overwrite the input"),
     Case("run output inside the artifact", lambda w: ["run", "art", "--inputs", "cal.npz", "-o", "art/out.npz"], 2,

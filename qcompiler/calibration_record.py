@@ -1,0 +1,123 @@
+"""Calibration, saved: everything the calibration data decided for one model (each float
+activation's range, the corrected biases, the layers the sensitivity check kept float), so a
+build can be repeated or tuned without the data and without the minutes calibration takes
+(TensorRT's calibration cache does this for ranges).
+
+A record belongs to one float graph: its digest (the graph's text and the bytes of every
+constant, after the float passes) is stored, and applying a record to any other graph is
+refused, so a record can never quietly quantize a retrained or re-exported model with stale
+ranges."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import QCompilerError
+from .files import atomic_write
+from .ir import Graph, Value
+from .ir.ops import traits_of
+
+FORMAT = "qcompiler-ranges/1"
+FLOAT = ("f32", "f16", "f64")
+
+
+def calibrated_values(graph: Graph) -> list[Value]:
+    """The values range analysis calibrates: float graph inputs and float node outputs."""
+    values = [v for v in graph.inputs if v.dtype in FLOAT]
+    return values + [v for n in graph.nodes for v in n.outputs if v.dtype in FLOAT]
+
+
+def graph_digest(graph: Graph) -> str:
+    """sha256 of the graph's text and of every constant's bytes (in name order)."""
+    from .ir import print_graph
+
+    h = hashlib.sha256(print_graph(graph, elide_above=0).encode())
+    for name in sorted(graph.constants):
+        array = np.ascontiguousarray(graph.constants[name])
+        h.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        h.update(array.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    graph_digest: str  # of the float graph it was calibrated on
+    calibration: str  # the range-analysis pass that measured the ranges
+    activation_dtype: str
+    ranges: dict[str, tuple[float, float]]  # value name -> calibrated [min, max]
+    biases: dict[str, list[float]]  # conv/linear output value name -> its corrected bias
+    exclude: dict[str, str]  # layer (output value name) the sensitivity check kept float -> why
+
+    @classmethod
+    def measure(cls, float_graph: Graph, calibrated: Graph, calibration: str, activation_dtype: str,
+                exclude: dict[str, str]) -> CalibrationRecord:
+        """The record of ``calibrated`` (``float_graph`` after range-analysis and bias-correction)."""
+        ranges = {v.name: v.range for v in calibrated_values(calibrated) if v.range is not None}
+        before = {n.handle: n for n in float_graph.nodes}
+        biases = {}
+        for n in calibrated.nodes:
+            slot = traits_of(n.op).bias_slot
+            old = before.get(n.handle)
+            if slot is None or len(n.inputs) <= slot or old is None:
+                continue
+            if len(old.inputs) <= slot or old.inputs[slot].name != n.inputs[slot].name:  # bias-correction's
+                biases[n.output.name] = [float(b) for b in calibrated.constant_array(n.inputs[slot]).ravel()]
+        return cls(graph_digest(float_graph), calibration, activation_dtype, ranges, biases, dict(exclude))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        body = {"format": FORMAT, "graph_digest": self.graph_digest, "calibration": self.calibration,
+                "activation_dtype": self.activation_dtype, "exclude": self.exclude,
+                "ranges": {k: list(r) for k, r in self.ranges.items()}, "biases": self.biases}
+        atomic_write(path, lambda f: f.write(json.dumps(body, indent=1).encode()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationRecord:
+        try:
+            body = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise QCompilerError(f"{path}: not a calibration record ({getattr(e, 'strerror', None) or e})") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise QCompilerError(f"{path}: not a calibration record (no \"format\": \"{FORMAT}\"; write one with "
+                                 f"--save-ranges)")
+        try:
+            ranges = {str(k): _finite_pair(r) for k, r in body["ranges"].items()}
+            biases = {str(k): [float(b) for b in bs] for k, bs in body["biases"].items()}
+            return cls(str(body["graph_digest"]), str(body["calibration"]), str(body["activation_dtype"]),
+                       ranges, biases, {str(k): str(why) for k, why in body["exclude"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise QCompilerError(f"{path}: malformed calibration record ({type(e).__name__}: {e})") from None
+
+    def apply(self, graph: Graph, where: str = "calibration record") -> None:
+        """Set the recorded ranges and corrected biases on ``graph``, which must be the float
+        graph the record was measured on."""
+        if graph_digest(graph) != self.graph_digest:
+            raise QCompilerError(f"{where}: calibrated for another model (or another float pipeline, or other "
+                                 f"weights): its graph digest differs; recalibrate with --save-ranges")
+        for v in calibrated_values(graph):
+            v.range = self.ranges.get(v.name)
+        producers = {n.output.name: n for n in graph.nodes if len(n.outputs) == 1}
+        for name, values in self.biases.items():
+            node = producers[name]
+            slot = traits_of(node.op).bias_slot
+            bias = np.asarray(values, np.float32)
+            if len(node.inputs) > slot:  # the names bias-correction gives: the same graph either way
+                node.inputs[slot] = graph.add_constant(f"{node.inputs[slot].name}.corrected", bias)
+            else:
+                node.inputs = node.inputs + [graph.add_constant(f"{node.inputs[1].name}.bias_correction", bias)]
+        graph.remove_unused_constants()
+
+
+def _finite_pair(r: Any) -> tuple[float, float]:
+    lo, hi = (float(x) for x in r)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ValueError(f"range {r} is not a finite [min, max]")
+    return lo, hi
