@@ -157,12 +157,13 @@ class DigitsCNN(nn.Module):
 
 
 def load_digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8x8 digits as float32 NCHW in [0, 1]: (x_train, y_train, x_test, y_test)."""
-    from sklearn.datasets import load_digits
+    """The UCI 8x8 handwritten digits (scikit-learn's ``load_digits``, bundled in
+    ``qcompiler/data``) as float32 NCHW in [0, 1]: (x_train, y_train, x_test, y_test)."""
+    from pathlib import Path
 
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target.astype(np.int64)
+    with np.load(Path(__file__).parent / "data" / "digits.npz") as digits:
+        x = (digits["images"] / 16.0).astype(np.float32)[:, None]
+        y = digits["labels"].astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(x))
     x, y = x[order], y[order]
     split = int(0.8 * len(x))
