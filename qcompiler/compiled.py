@@ -40,14 +40,14 @@ VOLATILE_REPORT_KEYS = ("compile_seconds", "build_seconds", "pass_timings_ms")
 
 
 def versions() -> dict[str, str]:
-    import onnx
-    import torch
-    import tvm
+    """What built an artifact, read from the installed packages' metadata (importing torch and
+    TVM only to ask would cost a CLI command two seconds)."""
+    from importlib import metadata
 
     from . import __version__
 
-    return {"qcompiler": __version__, "tvm": tvm.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "numpy": np.__version__}
+    return {"qcompiler": __version__, "tvm": metadata.version("apache-tvm"), "torch": metadata.version("torch"),
+            "onnx": metadata.version("onnx"), "numpy": np.__version__}
 
 
 def host_index_checks(graph: Graph) -> list[tuple[int, str, int]]:
@@ -303,7 +303,7 @@ def _reference_runner(graph: Graph):
 
 # ---- compile -------------------------------------------------------------------------------------
 def _capture(model: Any, example_inputs: Any) -> Graph:
-    from .capture import from_onnx, from_torch
+    from .capture import from_onnx
 
     if isinstance(model, Graph):
         return model
@@ -312,6 +312,8 @@ def _capture(model: Any, example_inputs: Any) -> Graph:
             return load_graph(model)
         return from_onnx(model)
     import torch
+
+    from .capture import from_torch
 
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
