@@ -35,12 +35,6 @@ def insert_stage(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
     return str(registered_passes()["insert-qdq"](**dataclasses.asdict(config.scheme(exclude))))
 
 
-def quantize_stages(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
-    """range-analysis, bias-correction and insert-qdq as ``config`` says: the pipeline string is
-    the whole reproducer. ``exclude`` is given to bias-correction and insert-qdq alike."""
-    return f"{calibrate_stages(config, exclude)},{insert_stage(config, exclude)}"
-
-
 def with_config(pipeline: str, config: QuantConfig) -> str:
     """``pipeline`` with ``config``'s quantization options given to the passes that take them,
     where the pipeline leaves them at their defaults (``qcompiler opt --config``, ``compile(

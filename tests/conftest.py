@@ -1,6 +1,7 @@
 """Shared fixtures: models are built once per session; ONNX files are exported into a temp dir."""
 from __future__ import annotations
 
+import subprocess
 import warnings
 
 import numpy as np
@@ -55,3 +56,23 @@ def ort_qdq_digits(digits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ort_qdq")
     float_path = peers.export_onnx(model, (torch.from_numpy(x_test[:1]),), ["image"], tmp / "f.onnx")
     return str(peers.onnxruntime_int8(float_path, ["image"], [[x_train[i:i + 1]] for i in range(64)], tmp / "q.onnx"))
+
+
+def cli_in_process(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The CLI in this process (no interpreter start: seconds per call), with its exit status
+    and what it printed."""
+    import contextlib
+    import io
+    import os
+
+    from qcompiler.cli import main
+
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

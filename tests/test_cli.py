@@ -7,7 +7,7 @@ import sys
 import torch
 
 from qcompiler import load_graph, zoo
-from tests.conftest import export_onnx
+from tests.conftest import cli_in_process as _main, export_onnx
 
 
 def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -244,12 +244,13 @@ def test_saved_ranges_rebuild_the_same_model_without_data(tmp_path):
     path = _tiny_cnn_onnx(tmp_path)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "cal.npz", x=rng.standard_normal((6, 2, 3, 8, 8)).astype(np.float32))
-    first = _run("compile", path, "--calibration", str(tmp_path / "cal.npz"), "--save-ranges",
-                 str(tmp_path / "ranges.json"), "-o", str(tmp_path / "a"), "--json", "-q")
+    first = _main("compile", path, "--calibration", str(tmp_path / "cal.npz"), "--save-ranges",
+                  str(tmp_path / "ranges.json"), "-o", str(tmp_path / "a"), "--json", "-q", "--target", "reference")
     assert first.returncode == 0, first.stderr
     record = json.loads((tmp_path / "ranges.json").read_text())
     assert record["format"] == "qcompiler-ranges/1" and record["ranges"] and record["biases"]
-    again = _run("compile", path, "--ranges", str(tmp_path / "ranges.json"), "-o", str(tmp_path / "b"), "--json", "-q")
+    again = _main("compile", path, "--ranges", str(tmp_path / "ranges.json"), "-o", str(tmp_path / "b"), "--json", "-q",
+                  "--target", "reference")
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
     assert report["quantized"] and "apply-calibration{path=" in report["pipeline"]
@@ -258,7 +259,7 @@ def test_saved_ranges_rebuild_the_same_model_without_data(tmp_path):
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(a(x), b(x))
     # the pipeline a --ranges build reports reproduces it through `qcompiler opt`
-    replay = _run("opt", path, "-p", report["pipeline"], "-o", str(tmp_path / "replay.qir"))
+    replay = _main("opt", path, "-p", report["pipeline"], "-o", str(tmp_path / "replay.qir"))
     assert replay.returncode == 0, replay.stderr
     replayed = qcompiler.load_graph(tmp_path / "replay.qir")
     assert replayed.op_counts() == b.graph.op_counts()
@@ -304,7 +305,7 @@ def test_calibration_from_a_data_loader_function(tmp_path):
         "    rng = np.random.default_rng(0)\n"
         "    for _ in range(3):\n"
         "        yield {'x': rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}\n")
-    done = _run("compile", path, "--calibration", "my_data:batches", "--target", "reference", "-o",
+    done = _main("compile", path, "--calibration", "my_data:batches", "--target", "reference", "-o",
                 str(tmp_path / "a"), "--json", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -318,7 +319,7 @@ def test_compile_summary_is_readable_and_copyable(tmp_path):
     np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).standard_normal((3, 2, 3, 8, 8)).astype(np.float32))
     (tmp_path / "q.json").write_text('{"exclude": ["*linear*", "*Conv*"]}')
     args = ("compile", path, "--calibration", str(tmp_path / "cal.npz"), "--config", str(tmp_path / "q.json"), "-q")
-    done = _run(*args, "-o", str(tmp_path / "a"), "--target", "llvm")
+    done = _main(*args, "-o", str(tmp_path / "a"), "--target", "llvm")
     assert done.returncode == 0, done.stderr
     import os
 
@@ -329,7 +330,7 @@ def test_compile_summary_is_readable_and_copyable(tmp_path):
 
     assert parse_pipeline(pipeline.removeprefix("pipeline: "))
     assert "kept float: 2 x excluded by QuantConfig.exclude" in done.stderr and "(-v lists each op)" in done.stderr
-    verbose = _run(*args, "-o", str(tmp_path / "b"), "--target", "reference", "-v")
+    verbose = _main(*args, "-o", str(tmp_path / "b"), "--target", "reference", "-v")
     assert verbose.returncode == 0 and "kept float: conv2d 'node_Conv" in verbose.stderr and "reference (the interpreter)" in verbose.stderr
 
 
@@ -339,10 +340,10 @@ def test_stats_and_run_json(tmp_path):
     import numpy as np
 
     path = _tiny_cnn_onnx(tmp_path)
-    stats = json.loads(_run("stats", path, "--json").stdout)
+    stats = json.loads(_main("stats", path, "--json").stdout)
     assert stats["ops"]["conv2d"] == 1 and stats["nodes"] == sum(stats["ops"].values())
-    assert _run("compile", path, "--synthetic", "--target", "reference", "-o", str(tmp_path / "a"), "-q").returncode == 0
-    ran = _run("run", str(tmp_path / "a"), "--synthetic", "--json")
+    assert _main("compile", path, "--synthetic", "--target", "reference", "-o", str(tmp_path / "a"), "-q").returncode == 0
+    ran = _main("run", str(tmp_path / "a"), "--synthetic", "--json")
     assert ran.returncode == 0, ran.stderr
     out = json.loads(ran.stdout)
     assert out["digest"].startswith("sha256:") and list(out["outputs"].values()) == [{"shape": [2, 4], "dtype": "float32"}]
@@ -355,17 +356,17 @@ def test_run_checks_outputs_against_golden_ones(tmp_path):
 
     path = _tiny_cnn_onnx(tmp_path)
     art = str(tmp_path / "a")
-    assert _run("compile", path, "--synthetic", "--target", "reference", "-o", art, "-q").returncode == 0
+    assert _main("compile", path, "--synthetic", "--target", "reference", "-o", art, "-q").returncode == 0
     golden = tmp_path / "golden.npz"
-    assert _run("run", art, "--synthetic", "-o", str(golden)).returncode == 0
-    same = _run("run", art, "--synthetic", "--expect-outputs", str(golden))
+    assert _main("run", art, "--synthetic", "-o", str(golden)).returncode == 0
+    same = _main("run", art, "--synthetic", "--expect-outputs", str(golden))
     assert same.returncode == 0 and "max |difference|" in same.stdout and "within --atol 0" in same.stdout, same.stderr
     with np.load(golden) as g:
         shifted = {k: g[k] + np.float32(1e-3) for k in g.files}
     np.savez(tmp_path / "shifted.npz", **shifted)
-    differs = _run("run", art, "--synthetic", "--expect-outputs", str(tmp_path / "shifted.npz"))
+    differs = _main("run", art, "--synthetic", "--expect-outputs", str(tmp_path / "shifted.npz"))
     assert differs.returncode == 3 and "outputs differ from" in differs.stderr
-    assert _run("run", art, "--synthetic", "--expect-outputs", str(tmp_path / "shifted.npz"),
+    assert _main("run", art, "--synthetic", "--expect-outputs", str(tmp_path / "shifted.npz"),
                 "--atol", "0.01").returncode == 0
-    other = _run("run", art, "--synthetic", "--seed", "3", "--expect-outputs", str(tmp_path / "missing.npz"))
+    other = _main("run", art, "--synthetic", "--seed", "3", "--expect-outputs", str(tmp_path / "missing.npz"))
     assert other.returncode == 2 and "missing.npz" in other.stderr

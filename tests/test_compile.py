@@ -15,7 +15,7 @@ import torch
 
 import qcompiler
 from qcompiler import ModelLoadError, QCompilerError, zoo
-from tests.conftest import export_onnx
+from tests.conftest import cli_in_process, export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,14 +101,14 @@ def test_broken_artifacts_fail_clearly(digits_files, tmp_path):
 def test_gate_passes_and_fails_on_the_right_side(digits_files, tmp_path):
     tmp, onnx_path = digits_files
     base = ["compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "--eval", str(tmp / "eval.npz"), "--json"]
-    first = _cli(*base, "-o", str(tmp_path / "a"))
+    first = cli_in_process(*base, "-o", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
     sqnr = json.loads(first.stdout)["eval_output_sqnr_db"]
-    passing = _cli(*base, "--min-sqnr", str(sqnr - 0.5), "--max-accuracy-drop", "0.5", "-o", str(tmp_path / "b"))
+    passing = cli_in_process(*base, "--min-sqnr", str(sqnr - 0.5), "--max-accuracy-drop", "0.5", "-o", str(tmp_path / "b"))
     assert passing.returncode == 0, passing.stderr
     report = json.loads(passing.stdout)
     assert report["gate"]["sqnr"]["passed"] and report["gate"]["accuracy"]["passed"]
-    failing = _cli(*base, "--min-sqnr", str(sqnr + 0.5), "-o", str(tmp_path / "c"))
+    failing = cli_in_process(*base, "--min-sqnr", str(sqnr + 0.5), "-o", str(tmp_path / "c"))
     assert failing.returncode == 3 and "gate failed: sqnr" in failing.stderr
     gate = json.loads(failing.stdout)["gate"]["sqnr"]
     assert not gate["passed"] and gate["margin_db"] == pytest.approx(-0.5, abs=1e-3)

@@ -100,7 +100,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
             if node.op in _SHAPE_ONLY or not any(name in depends for name in _reads(node)):
                 continue
             depends.update(t.name for t in node.outputs)
-            key = node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}.{node.op}"
+            key = _key(node)
             label = node.name or node.outputs[0].name
             if key == "If":
                 if node.inputs[0].name in depends:
@@ -151,10 +151,10 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
             ctx.source = node.name or node.outputs[0].name
             inputs = [operand(t) for t in node.inputs]
             try:
-                if node.op == "If" and node.domain in (None, "", "ai.onnx"):
+                if _key(node) == "If":
                     result = inline_if(node, inputs)
-                elif node.op in _CONVERTERS and node.domain in (None, "", "ai.onnx"):
-                    result = _CONVERTERS[node.op](ctx, node, inputs)
+                elif _key(node) in _CONVERTERS:
+                    result = _CONVERTERS[_key(node)](ctx, node, inputs)
                 else:
                     result = _reference_eval(ctx, node, inputs)
             except QCompilerError as e:
@@ -268,6 +268,12 @@ def _reference_eval(ctx: _Ctx, node: Any, inputs: list[Value | None]) -> list[Va
 
 
 # ---- converters -----------------------------------------------------------------------------------
+def _key(node: Any) -> str:
+    """A converter's key: the op type, prefixed by its domain outside the default one
+    (``com.microsoft.QLinearAdd``)."""
+    return node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}.{node.op}"
+
+
 def _attr(node: Any, key: str, default: Any = None) -> Any:
     value = node.attrs.get(key, default)
     return value.values if hasattr(value, "values") and not isinstance(value, (list, tuple)) else value
@@ -1061,3 +1067,6 @@ def _quant(ctx, node, inputs):
         operands.append(ctx.const(np.zeros(operands[1].shape, dtype), "zero_point"))
     # kept as nodes even on constants (quantized weights): lowering matches dequantize(int8 weight)
     return ctx.emit(op, operands, {"axis": _attr(node, "axis", 1)}, fold=False)[0]
+
+
+from . import onnx_qoperator  # noqa: E402,F401  registers ONNX Runtime's com.microsoft QOperator converters
