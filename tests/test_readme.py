@@ -1,6 +1,7 @@
 """The README runs as written: every fenced block, in order, in one fresh folder, as a reader
 would paste it. ``python`` blocks run each in a fresh interpreter (no block leans on names
-another defined), ``sh`` blocks in bash with ``qcompiler`` on the PATH, ``make`` blocks as a
+another defined) that sees only a core install (qcompiler's wheel and its core dependencies:
+tests/core_install.py), ``sh`` blocks in bash with ``qcompiler`` on the PATH, ``make`` blocks as a
 Makefile, ``qir`` blocks are parsed and verified, and ``text`` blocks (command synopses) may
 name only options the command has. A block that cannot run here says why in a
 ``<!-- readme-test: skip: REASON -->`` line just above it, and is reported skipped."""
@@ -45,6 +46,13 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("readme")
 
 
+@pytest.fixture(scope="module")
+def core(tmp_path_factory) -> tuple[list[str], dict[str, str]]:
+    from tests.core_install import build_core_site, core_python
+
+    return core_python(build_core_site(tmp_path_factory.mktemp("core")))
+
+
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "QCOMPILER_DEBUG"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # as if the venv were active
@@ -72,13 +80,13 @@ def _synopsis_options(body: str) -> None:
 
 
 @pytest.mark.parametrize("block", readme_blocks(), ids=lambda b: b.id)
-def test_readme_block(block: Block, work: Path):
+def test_readme_block(block: Block, work: Path, core):
     assert block.lang in RUNNABLE, f"README line {block.line}: tag the block as one of {RUNNABLE}"
     if block.skip:
         pytest.skip(block.skip)
     if block.lang == "python":
-        _check(subprocess.run([sys.executable, "-c", block.body], cwd=work, env=_env(), capture_output=True,
-                              text=True), block)
+        python, env = core
+        _check(subprocess.run(python + ["-c", block.body], cwd=work, env=env, capture_output=True, text=True), block)
     elif block.lang == "sh":
         _check(subprocess.run(["bash", "-euo", "pipefail", "-c", block.body], cwd=work, env=_env(),
                               capture_output=True, text=True), block)
