@@ -13,6 +13,7 @@ import numpy as np
 
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.ops import get_op
+from qcompiler.pipeline import matches
 
 
 def _producer(v: Value, op: str) -> Node | None:
@@ -65,6 +66,7 @@ def _become(graph: Graph, node: Node, op: str, x: Value, attrs: dict | None = No
     return True
 
 
+@matches("div", "mul")
 def hardsigmoid_from_parts(graph: Graph, node: Node) -> bool:
     """clip(x + 3, 0, 6) / 6 == hardsigmoid(x) with alpha 1/6, beta 1/2 (== clip(x/6 + 1/2, 0, 1))."""
     inner = _scaled(graph, node, 1 / 6) if node.op in ("div", "mul") else None
@@ -72,6 +74,7 @@ def hardsigmoid_from_parts(graph: Graph, node: Node) -> bool:
     return x is not None and _become(graph, node, "hardsigmoid", x, {"alpha": 1 / 6, "beta": 0.5})
 
 
+@matches("div", "mul")
 def hardswish_from_parts(graph: Graph, node: Node) -> bool:
     """x * clip(x + 3, 0, 6) / 6 == x * hardsigmoid(x) == hardswish(x) (Paddle, MobileNetV3)."""
     if node.op not in ("div", "mul"):
@@ -91,6 +94,7 @@ def hardswish_from_parts(graph: Graph, node: Node) -> bool:
     return False
 
 
+@matches("mul")
 def silu_from_parts(graph: Graph, node: Node) -> bool:
     """x * sigmoid(x) == silu(x)."""
     if node.op != "mul":
@@ -110,6 +114,7 @@ def _factors(v: Value, depth: int = 3) -> list[Value]:
     return _factors(p.inputs[0], depth - 1) + _factors(p.inputs[1], depth - 1)
 
 
+@matches("mul")
 def gelu_from_parts(graph: Graph, node: Node) -> bool:
     """0.5 * x * (1 + erf(x / sqrt(2))) == gelu(x), the factors in any order and grouping."""
     if node.op != "mul":

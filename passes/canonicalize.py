@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Graph, Node, Value
-from qcompiler.pipeline import Pass, PassContext, apply_rules, register
+from qcompiler.pipeline import Pass, PassContext, apply_rules, matches, register
 
 from . import activation_patterns
 from .dead_code import EliminateDeadCode
@@ -23,11 +23,13 @@ def _forward(graph: Graph, node: Node, value: Value) -> bool:
     return True
 
 
+@matches("identity", "dropout")
 def remove_identity(graph: Graph, node: Node) -> bool:
     """identity(x) == x and dropout(x) == x at inference."""
     return node.op in ("identity", "dropout") and _forward(graph, node, node.inputs[0])
 
 
+@matches("reshape", "expand", "transpose", "cast")
 def remove_noop_layout(graph: Graph, node: Node) -> bool:
     """reshape/expand to the input's own shape, transpose by the identity permutation and cast
     to the input's own dtype return x unchanged."""
@@ -40,6 +42,7 @@ def remove_noop_layout(graph: Graph, node: Node) -> bool:
     return _forward(graph, node, node.inputs[0])
 
 
+@matches("reshape")
 def merge_reshapes(graph: Graph, node: Node) -> bool:
     """reshape(reshape(x, s1), s2) == reshape(x, s2): only the element order matters."""
     inner = node.inputs[0].producer
@@ -49,6 +52,7 @@ def merge_reshapes(graph: Graph, node: Node) -> bool:
     return True
 
 
+@matches("transpose")
 def merge_transposes(graph: Graph, node: Node) -> bool:
     """transpose(transpose(x, p), q) == transpose(x, [p[i] for i in q])."""
     inner = node.inputs[0].producer
@@ -64,6 +68,7 @@ def _constant_equal_to(graph: Graph, v: Value, number: float) -> bool:
     return v.is_constant and bool(np.all(graph.constant_array(v) == number))
 
 
+@matches("mul", "add", "sub", "div")
 def remove_neutral_arithmetic(graph: Graph, node: Node) -> bool:
     """x * 1 == x, x + 0 == x, x - 0 == x, x / 1 == x, when the constant does not broadcast
     the result to a larger shape or another dtype."""
@@ -78,6 +83,7 @@ def remove_neutral_arithmetic(graph: Graph, node: Node) -> bool:
     return False
 
 
+@matches("matmul")
 def transposed_weight_matmul_to_linear(graph: Graph, node: Node) -> bool:
     """matmul(x, W) with a constant 2-D W [K, N] == linear(x, W^T): linear keeps weights in
     [out, in] layout, the form per-output-channel quantization and the targets expect.
@@ -92,6 +98,7 @@ def transposed_weight_matmul_to_linear(graph: Graph, node: Node) -> bool:
     return True
 
 
+@matches("add")
 def add_bias_to_linear(graph: Graph, node: Node) -> bool:
     """linear(x, W) + b == linear(x, W, b) for a constant b of shape [N] (ONNX MatMul + Add).
     The add node itself becomes the biased linear, so its result (perhaps a graph output)

@@ -12,9 +12,10 @@ import numpy as np
 
 from qcompiler.ir import Graph, Node
 from qcompiler.ir.ops import traits_of
-from qcompiler.pipeline import Pass, PassContext, apply_rules, register
+from qcompiler.pipeline import Pass, PassContext, apply_rules, matches, register
 
 
+@matches("batch_norm")
 def fold_bn_into_producer(graph: Graph, bn: Node) -> bool:
     if bn.op != "batch_norm":
         return False

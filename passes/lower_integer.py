@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Graph, Node, Value, dtype_name
-from qcompiler.ir.ops import traits_of
+from qcompiler.ir.ops import ops_where, traits_of
 from qcompiler.ir.ops.quant import ADD_INT_BITS, quantize_multiplier
-from qcompiler.pipeline import Pass, PassContext, apply_rules, register
+from qcompiler.pipeline import Pass, PassContext, apply_rules, matches, register
 
 from .dead_code import EliminateDeadCode
 from .insert_qdq import qparams_of
@@ -92,6 +92,7 @@ def _int_bias(graph: Graph, node: Node, acc_scale: np.ndarray) -> Value | None |
     return _const(graph, f"{b.name}.int32", q.astype(np.int32))
 
 
+@matches(*ops_where(quant="weighted"))
 def lower_compute(graph: Graph, node: Node) -> bool:
     """q(op(dq(x), dq(w)) + b) == requantize(op_int(x, w) + b_int), b_int = round(b / (s_x s_w)),
     multiplier s_x s_w / s_y; exact up to the final rounding."""
@@ -171,6 +172,7 @@ def _apply_activation(graph: Graph, x: Value, fused: dict, before: Node) -> Valu
     return graph.add_node(op, [x], attrs, meta={"source": before.source}, before=before).output
 
 
+@matches("add")
 def lower_add(graph: Graph, node: Node) -> bool:
     """q(dq(a) + dq(b)) == add_int(a, b): s_a (a - z_a) + s_b (b - z_b) rescaled to s_y in
     fixed point with 2^-20 headroom, rounded half to even, plus z_y."""
@@ -197,6 +199,7 @@ def lower_add(graph: Graph, node: Node) -> bool:
     return True
 
 
+@matches(*ops_where(on_grid=True))
 def lower_same_params(graph: Graph, node: Node) -> bool:
     """q(f(dq(x))) == f(x) when the input and output parameters are identical and f only
     moves, selects or averages values on the grid (relu: max(x, z), since dq(z) == 0)."""
@@ -224,6 +227,7 @@ def lower_same_params(graph: Graph, node: Node) -> bool:
     return True
 
 
+@matches("reduce_mean")
 def lower_mean(graph: Graph, node: Node) -> bool:
     """q(mean(dq(x))) == requantize(sum(x) - n z_x) with multiplier s_x / (n s_y): the sum is
     exact in int32 and the result is rounded once."""
@@ -255,6 +259,7 @@ def lower_mean(graph: Graph, node: Node) -> bool:
     return True
 
 
+@matches("quantize")
 def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
     """q(dq(x, s1, z1), s2, z2) is x when (s1, z1) == (s2, z2), else requantize(x) with
     multiplier s1/s2 from input zero point z1."""

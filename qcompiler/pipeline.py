@@ -137,16 +137,33 @@ def print_pipeline(passes: Iterable[Pass]) -> str:
 Rule = Callable[[Graph, Node], bool]
 
 
+def matches(*ops: str) -> Callable[[Rule], Rule]:
+    """Declare the ops a rule can fire on (the root node's op): ``apply_rules`` offers it only
+    nodes of those ops. A rule without the declaration is offered every node."""
+    def declare(rule: Rule) -> Rule:
+        rule.ops = frozenset(ops)  # type: ignore[attr-defined]
+        return rule
+    return declare
+
+
 def apply_rules(graph: Graph, rules: Sequence[Rule], max_rounds: int = 100) -> dict[str, int]:
-    """Offer every node to every rule until none fires; a rule returns True when it rewrote.
-    Returns hits per rule name (counts are what `--timing`/statistics report)."""
+    """Offer every node to the rules that match its op (``@matches``), in order, until none
+    fires; a rule returns True when it rewrote. Returns hits per rule name (counts are what
+    `--timing`/statistics report)."""
     hits = {rule.__name__: 0 for rule in rules}
+    by_op: dict[str, list[Rule]] = {}
+
+    def offered(op: str) -> list[Rule]:
+        if op not in by_op:
+            by_op[op] = [r for r in rules if getattr(r, "ops", None) is None or op in r.ops]
+        return by_op[op]
+
     for _ in range(max_rounds):
         fired = False
         for node in list(graph.nodes):
             if node not in graph.nodes:  # removed by an earlier rewrite this round
                 continue
-            for rule in rules:
+            for rule in offered(node.op):
                 if rule(graph, node):
                     hits[rule.__name__] += 1
                     fired = True

@@ -62,7 +62,7 @@ def test_big_constants_are_elided_and_saved_beside(tmp_path):
 def test_copy_is_independent():
     g = parse_graph(SMALL)
     c = g.copy()
-    c.remove_node(c.nodes[-1])
+    c.nodes.pop()  # an edit to the copy (remove_node would refuse: its result is the output)
     assert len(g.nodes) == 4 and print_graph(g) == SMALL
 
 
@@ -87,7 +87,9 @@ def test_parse_errors_point_at_the_problem(text, message):
 
 def test_verifier_catches_dangling_use_after_bad_edit():
     g = parse_graph(SMALL)
-    g.remove_node(g.nodes[0])  # %1 still reads %0
+    with pytest.raises(ValueError, match=r"remove_node: .* is still read by .*; replace its uses first"):
+        g.remove_node(g.nodes[0])  # %1 still reads %0: refused where the edit is made
+    del g.nodes[0]  # an edit that bypasses remove_node is still caught by the verifier
     with pytest.raises(VerificationError, match=r"uses %0 before \(or without\) its definition"):
         from qcompiler import verify_graph
         verify_graph(g)

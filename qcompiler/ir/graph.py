@@ -229,6 +229,14 @@ class Graph:
         self.outputs = [new if v is old else v for v in self.outputs]
 
     def remove_node(self, node: Node) -> None:
+        """Remove ``node``, which nothing may still read (rewire its users first, as torch.fx's
+        ``erase_node`` insists): a dangling use is caught where it is made, not by the verifier
+        after the pass. A violation is a bug in the caller, hence ValueError."""
+        produced = {id(v) for v in node.outputs}
+        readers = [n for n in self.nodes if n is not node and any(id(v) in produced for v in n.inputs)]
+        if readers or any(id(v) in produced for v in self.outputs):
+            what = ", ".join(n.describe() for n in readers[:3]) or "the graph's outputs"
+            raise ValueError(f"remove_node: {node.describe()} is still read by {what}; replace its uses first")
         self.nodes.remove(node)
         for v in node.outputs:
             self._names.discard(v.name)
