@@ -212,3 +212,26 @@ def test_fast_exp_is_accurate_to_float32_rounding():
     normal = args >= EXP_MIN
     assert np.abs(got[normal] / want[normal] - 1).max() < 3e-7
     assert np.all(got[~normal] == 0)
+
+
+def test_int8_kernel_modules_implement_the_protocol_and_requantizes_are_matched_up_front():
+    """The lowering interface (targets/tvm/lowering.py): every int8 kernel module implements
+    Int8Kernels, and the requantize a kernel may absorb is found by a pattern before lowering:
+    an integer product read only by a requantize with constant parameters."""
+    import qcompiler
+    from qcompiler.targets.tvm.lowering import Int8Kernels, absorbable_requantizes
+    from qcompiler.targets.tvm.relax_lower import INT8_KERNELS
+
+    for name, module in INT8_KERNELS.items():
+        assert isinstance(module, Int8Kernels), name
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    batches = [np.random.default_rng(i).standard_normal((4, 8)).astype(np.float32) for i in range(3)]
+    graph = qcompiler.quantize(qcompiler.from_torch(mlp, (torch.randn(4, 8),)), batches).graph
+    matched = absorbable_requantizes(graph)
+    products = [n for n in graph.nodes if n.op == "linear_int"]
+    assert len(products) == 2 and all(matched[id(n)].op == "requantize" for n in products)
+    assert all(matched[id(n)].inputs[0] is n.output for n in products)
+    reader = graph.add_node("relu", [products[0].output])  # a second reader: the epilogue cannot take it
+    graph.set_outputs(graph.outputs + [reader.output])
+    assert id(products[0]) not in absorbable_requantizes(graph) and id(products[1]) in absorbable_requantizes(graph)

@@ -11,44 +11,40 @@ that a kernel row's taps are one tile product: ``x86_amx.tap_rows``), a linear i
 as rows padded the same way."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from tvm import relax
 
 from qcompiler.ir import Node
 
 from . import kernel_lower, x86_amx
+from .lowering import ConvGeometry, Fused, Lowerer
 from .kernel_lower import (activation_zero_point, applies, call_kernel, epilogue_arrays, folded_bias,
                            kernel_result, matmul, matmul_applies, result_dtype, unsigned_rows)
 from .x86_int8 import GROUP, FlatGeometry, to_blocked_flat
 
-if TYPE_CHECKING:
-    from .relax_lower import _Lowerer
 
 R = relax.op
 __all__ = ["applies", "conv2d", "linear", "matmul", "matmul_applies"]
 
 
-def _params(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, channel_axis: int):
+def _params(low: Lowerer, node: Node, bias: np.ndarray, channels: int, channel_axis: int):
     arrays, requant, req = epilogue_arrays(low, node, bias, channels, channels, channel_axis)
     return low.const(np.stack(arrays)), requant, req
 
 
-def _bytes(low: "_Lowerer", words: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
+def _bytes(low: Lowerer, words: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
     """A layout kernel's uint32 words (``shape``) as the flat bytes the GEMM addresses."""
     return low.emit(R.memory.view(words, shape=(int(np.prod(shape)) * GROUP,), dtype="uint8"))
 
 
-def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
-    batch, channels, height, width = node.inputs[0].shape
+def conv2d(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused | None:
+    g = ConvGeometry.of(node)
+    batch, channels, height, width, out_channels = g.batch, g.channels, g.height, g.width, g.out_channels
+    kh, kw, oh, ow, strides, pads = g.kh, g.kw, g.oh, g.ow, g.strides, g.pads
     w = low.array(node.inputs[2])
-    out_channels, _, kh, kw = w.shape
-    _, _, oh, ow = node.output.shape
-    strides, pads = tuple(node.attrs["strides"]), tuple(node.attrs["pads"])
     geometry = FlatGeometry.of(width, pads, (kh, kw), strides, (oh, ow))
     taps = x86_amx.taps_in_k(channels, kw)
-    if (node.attrs["groups"] != 1 or tuple(node.attrs["dilations"]) != (1, 1) or out_channels < x86_amx.TILE
+    if (g.groups != 1 or g.dilations != (1, 1) or out_channels < x86_amx.TILE
             or (channels < x86_amx.MIN_CHANNELS and not taps) or oh * (ow if taps else geometry.row) < x86_amx.BLOCK):
         return kernel_lower.conv2d(low, node, xs)
     zp, signed = activation_zero_point(low, node)
@@ -73,17 +69,17 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
         func = x86_amx.conv_tap_rows(batch, blocks, out_channels, (kh, kw), strides, (oh, ow), requant, low.cores)
         y = call_kernel(low, func, "amx_conv2d", [weight, _bytes(low, words, rows_shape), params],
                         (batch, out_channels, oh * ow), result_dtype(requant))
-        return kernel_result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
+        return kernel_result(low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
     func = x86_amx.conv(batch, blocks, geometry, out_channels, (kh, kw), strides, oh, requant, low.cores)
     y = call_kernel(low, func, "amx_conv2d", [weight, _bytes(low, words, planes), params],
                     (batch, out_channels, oh * geometry.row), result_dtype(requant))
     y = low.emit(R.reshape(y, (batch, out_channels, oh, geometry.row)))
     if geometry.row != ow:
         y = low.emit(R.strided_slice(y, axes=[3], begin=[0], end=[ow]))
-    return kernel_result(low, y, req)
+    return kernel_result(y, req)
 
 
-def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
+def linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused | None:
     x = node.inputs[0]
     w2d = low.array(node.inputs[2])
     n, k = w2d.shape
@@ -102,4 +98,4 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     func = x86_amx.dense(rows, n, k_padded // GROUP, requant, low.cores)
     weight = low.const(x86_amx.pack_dense_weight(w2d, k_padded))
     y = call_kernel(low, func, "amx_dense", [a, weight, params], (1, rows, n), result_dtype(requant))
-    return kernel_result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
+    return kernel_result(low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)

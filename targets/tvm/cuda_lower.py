@@ -9,30 +9,27 @@ the accumulator's only reader is done in the GEMM's epilogue. Depthwise and grou
 convolutions keep the generic integer path."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from tvm import relax, te, tirx
 
 from qcompiler.ir import Node
 
 from . import kernel_lower
+from .lowering import ConvGeometry, Fused, Lowerer
 from .cuda_int8 import gemm_s8s8, gemm_shape
 from .kernel_lower import call_kernel, epilogue_args, folded_bias, kernel_result, result_dtype
 from .tiling import im2col_element
 
-if TYPE_CHECKING:
-    from .relax_lower import _Lowerer
 
 R = relax.op
 
 
-def applies(low: "_Lowerer", node: Node) -> bool:
+def applies(low: Lowerer, node: Node) -> bool:
     """What ``kernel_lower`` takes, less depthwise convolutions."""
     return kernel_lower.applies(low, node) and (node.op != "conv2d_int" or node.attrs["groups"] == 1)
 
 
-def _signed_zero_point(low: "_Lowerer", node: Node) -> tuple[int, bool]:
+def _signed_zero_point(low: Lowerer, node: Node) -> tuple[int, bool]:
     """The activations' zero point in the signed domain, and whether they need the -128 shift."""
     unsigned = node.inputs[0].dtype == "u8"
     return int(low.array(node.inputs[1])) - (128 if unsigned else 0), unsigned
@@ -49,7 +46,7 @@ def _padded_weight(w2d: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray:
     return full
 
 
-def _gemm(low: "_Lowerer", node: Node, a: relax.Expr, w2d: np.ndarray, bias: np.ndarray, rows: int,
+def _gemm(low: Lowerer, node: Node, a: relax.Expr, w2d: np.ndarray, bias: np.ndarray, rows: int,
           channel_axis: int) -> tuple[relax.Expr, Node | None]:
     """``epilogue(a . w2d^T)`` as ``[rows, N]``, and the requantize absorbed, if any."""
     n, k = w2d.shape
@@ -61,7 +58,7 @@ def _gemm(low: "_Lowerer", node: Node, a: relax.Expr, w2d: np.ndarray, bias: np.
     return y, req
 
 
-def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
+def linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused | None:
     x = node.inputs[0]
     w2d = low.array(node.inputs[2])
     zp, unsigned = _signed_zero_point(low, node)
@@ -76,23 +73,20 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
         tirx.all(i < rows, j < k), as_signed(t[tirx.min(i, rows - 1), tirx.min(j, k - 1)], unsigned),
         tirx.const(0, "int8")), name="rows_s8"), flat, primfunc_name_hint="rows_s8")
     y, req = _gemm(low, node, a, w2d, bias, rows, -1)
-    return kernel_result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
+    return kernel_result(low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
 
 
-def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
-    batch = node.inputs[0].shape[0]
-    w = low.array(node.inputs[2])
-    out_channels, _, kh, kw = w.shape
-    _, _, oh, ow = node.output.shape
+def conv2d(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused | None:
+    g = ConvGeometry.of(node)
+    batch, out_channels, kh, kw, oh, ow = g.batch, g.out_channels, g.kh, g.kw, g.oh, g.ow
     zp, unsigned = _signed_zero_point(low, node)
-    w2d = w.reshape(out_channels, -1)
+    w2d = low.array(node.inputs[2]).reshape(out_channels, -1)
     bias = folded_bias(low, node, w2d, zp)
     if bias is None:
         return None
     positions = oh * ow
     m_padded, _, k_padded = gemm_shape(batch * positions, out_channels, w2d.shape[1])
-    geometry = ((kh, kw), tuple(node.attrs["strides"]), tuple(node.attrs["dilations"]), tuple(node.attrs["pads"]),
-                (oh, ow))
+    geometry = ((kh, kw), g.strides, g.dilations, g.pads, (oh, ow))
 
     def im2col(x: te.Tensor) -> te.Tensor:
         def element(i, j):
@@ -105,4 +99,13 @@ def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     a = low.bb.emit_te(im2col, xs[0], primfunc_name_hint="im2col_s8")
     y, req = _gemm(low, node, a, w2d, bias, batch * positions, 1)
     y = low.emit(R.permute_dims(low.emit(R.reshape(y, (batch, positions, out_channels))), [0, 2, 1]))
-    return kernel_result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
+    return kernel_result(low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
+
+
+def matmul_applies(low: Lowerer, node: Node) -> bool:
+    """Products of two run-time operands take the generic lowering (dlight's GPU schedules)."""
+    return False
+
+
+def matmul(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr:
+    raise NotImplementedError("cuda_lower has no kernel for products of two run-time operands")

@@ -17,8 +17,6 @@ does it in its epilogue and the ``requantize`` node lowers to that result. Resul
 bit-exact with the interpreter's kernels."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from tvm import relax, te, tirx
 
@@ -26,20 +24,19 @@ from qcompiler.ir import Node
 from qcompiler.ir.types import DTYPES
 
 from . import cpu_float, cpu_pool, layout
+from .lowering import ConvGeometry, Fused, Lowerer
 from .int_arith import Requantize
 from .tiling import LANES, MAX_ACCUMULATORS, padded
 from .x86_int8 import (GROUP, MAX_SLIDING_STRIDE, FlatGeometry, as_unsigned, batch_matmul_u8s8, conv_direct_u8s8,
                        conv_flat_u8s8, conv_u8s8, dense_u8s8, depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed,
                        pack_dense_weight, pack_sliding_weight, to_blocked_flat, to_blocked_phases, window_load)
 
-if TYPE_CHECKING:
-    from .relax_lower import _Lowerer
 
 R = relax.op
 DIRECT_MIN_WIDTH = 14  # narrower output rows waste most of a 16-lane strip: the flat kernel packs them better
 
 
-def applies(low: "_Lowerer", node: Node) -> bool:
+def applies(low: Lowerer, node: Node) -> bool:
     """u8/i8 activations with one zero point, constant i8 weights with zero points 0."""
     x, x_zp, w, w_zp = node.inputs[:4]
     if node.op == "conv2d_int" and node.attrs["groups"] != 1 and not _is_depthwise(node):
@@ -53,27 +50,25 @@ def _is_depthwise(node: Node) -> bool:
     return groups == channels == node.output.shape[1] and tuple(node.attrs["dilations"]) == (1, 1)
 
 
-def activation_zero_point(low: "_Lowerer", node: Node) -> tuple[int, bool]:
+def activation_zero_point(low: Lowerer, node: Node) -> tuple[int, bool]:
     """The zero point in the unsigned domain, and whether activations need the +128 shift."""
     signed = node.inputs[0].dtype == "i8"
     return int(low.array(node.inputs[1])) + (128 if signed else 0), signed
 
 
-def _absorbed_requantize(low: "_Lowerer", node: Node, channel_axis: int) -> Node | None:
-    """The ``requantize`` that is the accumulator's only reader, per output channel or per tensor."""
-    users = low.users.get(node.output, [])
-    if len(users) != 1 or users[0].op != "requantize" or node.output in low.graph.outputs:
+def _absorbed_requantize(low: Lowerer, node: Node, channel_axis: int) -> Node | None:
+    """The requantize matched after the product (``Lowerer.requantize_after``) where its
+    parameters are per tensor or along this kernel's channel axis."""
+    req = low.requantize_after(node)
+    if req is None:
         return None
-    req = users[0]
-    mult, shift, zp = req.inputs[1:]
-    if not (mult.is_constant and shift.is_constant and zp.is_constant):
-        return None
-    if mult.type.rank == 1 and req.attrs["axis"] % node.output.type.rank != channel_axis % node.output.type.rank:
+    rank = node.output.type.rank
+    if req.inputs[1].type.rank == 1 and req.attrs["axis"] % rank != channel_axis % rank:
         return None
     return req
 
 
-def epilogue_arrays(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, padded_channels: int,
+def epilogue_arrays(low: Lowerer, node: Node, bias: np.ndarray, channels: int, padded_channels: int,
                     channel_axis: int) -> tuple[list[np.ndarray], Requantize | None, Node | None]:
     """The epilogue's per-channel int32 parameters (bias, and multiplier and shift when a
     requantize is absorbed), zero past ``channels``."""
@@ -94,14 +89,14 @@ def epilogue_arrays(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int
     return arrays, requant, req
 
 
-def epilogue_args(low: "_Lowerer", node: Node, bias: np.ndarray, channels: int, padded_channels: int,
+def epilogue_args(low: Lowerer, node: Node, bias: np.ndarray, channels: int, padded_channels: int,
                   channel_axis: int) -> tuple[list[relax.Expr], Requantize | None, Node | None]:
     """:func:`epilogue_arrays` as constant kernel arguments."""
     arrays, requant, req = epilogue_arrays(low, node, bias, channels, padded_channels, channel_axis)
     return [low.const(a) for a in arrays], requant, req
 
 
-def folded_bias(low: "_Lowerer", node: Node, w2d: np.ndarray, zp: int) -> np.ndarray | None:
+def folded_bias(low: Lowerer, node: Node, w2d: np.ndarray, zp: int) -> np.ndarray | None:
     """``bias - z * sum_k w`` (int64; wraps to int32 as the accumulator does)."""
     if len(node.inputs) > 4 and not node.inputs[4].is_constant:
         return None
@@ -111,7 +106,7 @@ def folded_bias(low: "_Lowerer", node: Node, w2d: np.ndarray, zp: int) -> np.nda
     return total.astype(np.int32)
 
 
-def call_kernel(low: "_Lowerer", func, name: str, args: list[relax.Expr], shape: tuple[int, ...],
+def call_kernel(low: Lowerer, func, name: str, args: list[relax.Expr], shape: tuple[int, ...],
                 dtype: str) -> relax.Expr:
     return low.emit(relax.call_tir(low.bb.add_func(func, name), args, relax.TensorType(shape, dtype)))
 
@@ -126,7 +121,7 @@ def _dense_columns(n: int) -> int:
     return padded(n, 2 * LANES if n > LANES else LANES)
 
 
-def unsigned_rows(low: "_Lowerer", rows: relax.Expr, k: int, k_padded: int, signed: bool) -> relax.Expr:
+def unsigned_rows(low: Lowerer, rows: relax.Expr, k: int, k_padded: int, signed: bool) -> relax.Expr:
     """``[M, K]`` activations as VNNI's unsigned operand ``[M, K']`` (int8 shifted by +128),
     zero past ``K`` (their weights are zero); ``rows`` itself when nothing changes."""
     if not signed and k_padded == k:
@@ -136,14 +131,12 @@ def unsigned_rows(low: "_Lowerer", rows: relax.Expr, k: int, k_padded: int, sign
         primfunc_name_hint="to_u8")
 
 
-def kernel_result(low: "_Lowerer", y: relax.Expr, req: Node | None) -> relax.Expr:
-    """``y`` stands for the node's accumulator, and for the absorbed requantize's result."""
-    if req is not None:
-        low.precomputed[id(req)] = y
-    return y
+def kernel_result(y: relax.Expr, req: Node | None) -> relax.Expr | Fused:
+    """``y``, which stands for the absorbed requantize's result too when there is one."""
+    return y if req is None else Fused(y, req)
 
 
-def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
+def linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused | None:
     x = node.inputs[0]
     w2d = low.array(node.inputs[2])
     zp, signed = activation_zero_point(low, node)
@@ -158,10 +151,10 @@ def linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | No
     weight = low.const(pack_dense_weight(w2d, n_padded, k_padded))
     y = call_kernel(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [a, weight, *args],
                     (rows, n), result_dtype(requant))
-    return kernel_result(low, low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
+    return kernel_result(low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
 
 
-def matmul_applies(low: "_Lowerer", node: Node) -> bool:
+def matmul_applies(low: Lowerer, node: Node) -> bool:
     """8-bit operands with constant per-tensor zero points, the same batch dimensions."""
     a, a_zp, b, b_zp = node.inputs
     return (a.dtype in ("u8", "i8") and b.dtype in ("u8", "i8") and a_zp.is_constant and b_zp.is_constant
@@ -169,7 +162,7 @@ def matmul_applies(low: "_Lowerer", node: Node) -> bool:
             and tuple(a.shape[:-2]) == tuple(b.shape[:-2]))
 
 
-def matmul(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
+def matmul(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused:
     """``sum_k (a - za)(b - zb)`` of two runtime operands on VNNI. With ``a`` as unsigned bytes
     ``a'`` (zero point ``za'``) and ``b`` as signed ``b'`` (``b - 128`` when unsigned; ``zb'``):
     ``sum a'b' - za' sum_k b' - zb' sum_k a' + K za' zb'``. ``b'`` is packed per batch item
@@ -215,64 +208,58 @@ def matmul(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
     args, requant, req = epilogue_args(low, node, np.zeros(n, np.int32), n, n_padded, -1)
     y = call_kernel(low, batch_matmul_u8s8(batch, m, n, n_padded, k_padded, requant), "vnni_matmul",
                     [*operands, *args], (batch * m, n), result_dtype(requant))
-    return kernel_result(low, low.emit(R.reshape(y, tuple(node.output.shape))), req)
+    return kernel_result(low.emit(R.reshape(y, tuple(node.output.shape))), req)
 
 
-def conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
-    x, w = node.inputs[0], node.inputs[2]
-    batch, channels, height, width = x.shape
-    out_channels, _, kh, kw = w.shape
+def conv2d(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused | None:
+    g = ConvGeometry.of(node)
     zp, signed = activation_zero_point(low, node)
-    w2d = low.array(w).reshape(out_channels, -1)
+    w2d = low.array(node.inputs[2]).reshape(g.out_channels, -1)
     bias = folded_bias(low, node, w2d, zp)
     if bias is None:
         return None
-    _, _, oh, ow = node.output.shape
-    if node.attrs["groups"] != 1:
-        return _depthwise(low, node, xs, zp, w2d, bias)
-    if tuple(node.attrs["dilations"]) == (1, 1):
-        if ow >= DIRECT_MIN_WIDTH:
-            return _direct_conv2d(low, node, xs, zp, signed, bias)
-        flat = _flat_conv2d(low, node, xs, zp, signed, bias)
+    if g.groups != 1:
+        return _depthwise(low, node, g, xs, zp, w2d, bias)
+    if g.dilations == (1, 1):
+        if g.ow >= DIRECT_MIN_WIDTH:
+            return _direct_conv2d(low, node, g, xs, zp, signed, bias)
+        flat = _flat_conv2d(low, node, g, xs, zp, signed, bias)
         if flat is not None:
             return flat
     k_padded = padded(w2d.shape[1], GROUP)
-    im2col = im2col_packed(batch, channels, height, width, (kh, kw), tuple(node.attrs["strides"]),
-                           tuple(node.attrs["dilations"]), tuple(node.attrs["pads"]), zp, signed)
+    im2col = im2col_packed(g.batch, g.channels, g.height, g.width, (g.kh, g.kw), g.strides, g.dilations, g.pads,
+                           zp, signed)
     a = call_kernel(low, im2col, "vnni_im2col", [xs[0]],
-                    (batch, padded(oh * ow, LANES) // LANES, k_padded // GROUP, LANES, GROUP), "uint8")
-    weight = np.zeros((out_channels, k_padded), np.int8)
+                    (g.batch, padded(g.oh * g.ow, LANES) // LANES, k_padded // GROUP, LANES, GROUP), "uint8")
+    weight = np.zeros((g.out_channels, k_padded), np.int8)
     weight[:, :w2d.shape[1]] = w2d
-    args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
-    y = call_kernel(low, conv_u8s8(batch, out_channels, oh * ow, k_padded, requant), "vnni_conv2d",
-                    [a, low.const(weight), *args], (batch, out_channels, oh * ow),
+    args, requant, req = epilogue_args(low, node, bias, g.out_channels, g.out_channels, 1)
+    y = call_kernel(low, conv_u8s8(g.batch, g.out_channels, g.oh * g.ow, k_padded, requant), "vnni_conv2d",
+                    [a, low.const(weight), *args], (g.batch, g.out_channels, g.oh * g.ow),
                     result_dtype(requant))
-    return kernel_result(low, low.emit(R.reshape(y, (batch, out_channels, oh, ow))), req)
+    return kernel_result(low.emit(R.reshape(y, (g.batch, g.out_channels, g.oh, g.ow))), req)
 
 
-def _direct_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signed: bool,
-                   bias: np.ndarray) -> relax.Expr:
+def _direct_conv2d(low: Lowerer, node: Node, g: ConvGeometry, xs: list[relax.Expr], zp: int, signed: bool,
+                   bias: np.ndarray) -> relax.Expr | Fused:
     """The input once re-laid out (padded with the zero point, NCHW4c, column phases), then
     the direct kernel: one pass over the input instead of an im2col copy of kh*kw times it."""
-    batch, channels, height, width = node.inputs[0].shape
-    w = low.array(node.inputs[2])
-    out_channels, _, kh, kw = w.shape
-    _, _, oh, ow = node.output.shape
-    strides = tuple(node.attrs["strides"])
-    top, left, bottom, right = cpu_float.conv_input_padding(width, tuple(node.attrs["pads"]), ow, kw, strides[1])
-    blocks = padded(channels, GROUP) // GROUP
-    padded_h, padded_w = height + top + bottom, width + left + right
-    layout = to_blocked_phases(batch, channels, height, width, (top, left, bottom, right), strides[1], zp, signed)
-    x = _blocked_input(low, layout, xs[0], (batch, blocks, padded_h, strides[1], padded_w // strides[1]))
-    args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
-    func = conv_direct_u8s8(batch, blocks, (padded_h, padded_w), out_channels, (kh, kw), strides, (oh, ow), requant)
-    weight = low.const(_packed_conv_weight(w, blocks))
-    y = call_kernel(low, func, "vnni_conv2d_direct", [x, weight, *args], (batch, out_channels, oh, ow),
+    stride = g.strides[1]
+    top, left, bottom, right = cpu_float.conv_input_padding(g.width, g.pads, g.ow, g.kw, stride)
+    blocks = padded(g.channels, GROUP) // GROUP
+    padded_h, padded_w = g.height + top + bottom, g.width + left + right
+    layout = to_blocked_phases(g.batch, g.channels, g.height, g.width, (top, left, bottom, right), stride, zp, signed)
+    x = _blocked_input(low, layout, xs[0], (g.batch, blocks, padded_h, stride, padded_w // stride))
+    args, requant, req = epilogue_args(low, node, bias, g.out_channels, g.out_channels, 1)
+    func = conv_direct_u8s8(g.batch, blocks, (padded_h, padded_w), g.out_channels, (g.kh, g.kw), g.strides,
+                            (g.oh, g.ow), requant)
+    weight = low.const(_packed_conv_weight(low.array(node.inputs[2]), blocks))
+    y = call_kernel(low, func, "vnni_conv2d_direct", [x, weight, *args], (g.batch, g.out_channels, g.oh, g.ow),
                     result_dtype(requant))
-    return kernel_result(low, y, req)
+    return kernel_result(y, req)
 
 
-def _blocked_input(low: "_Lowerer", layout, x: relax.Expr, shape: tuple[int, ...],
+def _blocked_input(low: Lowerer, layout, x: relax.Expr, shape: tuple[int, ...],
                   words_shape: tuple[int, ...] = ()) -> relax.Expr:
     """The layout kernel's uint32 words (4 channel bytes each; ``words_shape``, by default
     ``shape``), viewed as the bytes the convolution kernels read: ``shape + (4,)``."""
@@ -288,37 +275,30 @@ def _packed_conv_weight(w: np.ndarray, blocks: int) -> np.ndarray:
     return np.ascontiguousarray(packed.reshape(out_channels, blocks, GROUP, kh, kw).transpose(0, 1, 3, 4, 2))
 
 
-def _flat_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, signed: bool,
-                 bias: np.ndarray) -> relax.Expr | None:
+def _flat_conv2d(low: Lowerer, node: Node, g: ConvGeometry, xs: list[relax.Expr], zp: int, signed: bool,
+                 bias: np.ndarray) -> relax.Expr | Fused | None:
     """Narrow outputs: the input re-laid out flat (``x86_int8.FlatGeometry``), then one register
     tile over all positions of a few channels; None where they would not fit a tile."""
-    batch, channels, height, width = node.inputs[0].shape
-    w = low.array(node.inputs[2])
-    out_channels, _, kh, kw = w.shape
-    _, _, oh, ow = node.output.shape
-    strides, pads = tuple(node.attrs["strides"]), tuple(node.attrs["pads"])
-    geometry = FlatGeometry.of(width, pads, (kh, kw), strides, (oh, ow))
+    geometry = FlatGeometry.of(g.width, g.pads, (g.kh, g.kw), g.strides, (g.oh, g.ow))
     if geometry.positions // LANES > MAX_ACCUMULATORS:
         return None
-    blocks = padded(channels, GROUP) // GROUP
-    layout = to_blocked_flat(batch, channels, height, width, pads, strides, geometry, zp, signed)
-    x = _blocked_input(low, layout, xs[0], (batch, blocks, *strides, geometry.length),
-                      (batch, blocks, *strides, geometry.length // geometry.row, geometry.row))
-    args, requant, req = epilogue_args(low, node, bias, out_channels, out_channels, 1)
-    func = conv_flat_u8s8(batch, blocks, geometry, out_channels, (kh, kw), strides, (oh, ow), requant)
+    blocks = padded(g.channels, GROUP) // GROUP
+    layout = to_blocked_flat(g.batch, g.channels, g.height, g.width, g.pads, g.strides, geometry, zp, signed)
+    x = _blocked_input(low, layout, xs[0], (g.batch, blocks, *g.strides, geometry.length),
+                      (g.batch, blocks, *g.strides, geometry.length // geometry.row, geometry.row))
+    args, requant, req = epilogue_args(low, node, bias, g.out_channels, g.out_channels, 1)
+    func = conv_flat_u8s8(g.batch, blocks, geometry, g.out_channels, (g.kh, g.kw), g.strides, (g.oh, g.ow), requant)
     row = geometry.row
-    y = call_kernel(low, func, "vnni_conv2d_flat", [x, low.const(_packed_conv_weight(w, blocks)), *args],
-                    (batch, out_channels, oh * row), result_dtype(requant))
-    y = low.emit(R.reshape(y, (batch, out_channels, oh, row)))
-    return kernel_result(low, low.emit(R.strided_slice(y, axes=[3], begin=[0], end=[ow])), req)
+    weight = low.const(_packed_conv_weight(low.array(node.inputs[2]), blocks))
+    y = call_kernel(low, func, "vnni_conv2d_flat", [x, weight, *args],
+                    (g.batch, g.out_channels, g.oh * row), result_dtype(requant))
+    y = low.emit(R.reshape(y, (g.batch, g.out_channels, g.oh, row)))
+    return kernel_result(low.emit(R.strided_slice(y, axes=[3], begin=[0], end=[g.ow])), req)
 
 
-def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: np.ndarray,
-               bias: np.ndarray) -> relax.Expr:
-    batch, channels, height, width = node.inputs[0].shape
-    _, _, oh, ow = node.output.shape
-    kh, kw = node.inputs[2].shape[2:]
-    strides = tuple(node.attrs["strides"])
+def _depthwise(low: Lowerer, node: Node, g: ConvGeometry, xs: list[relax.Expr], zp: int, w2d: np.ndarray,
+               bias: np.ndarray) -> relax.Expr | Fused:
+    batch, channels, oh, ow, kh, kw, strides = g.batch, g.channels, g.oh, g.ow, g.kh, g.kw, g.strides
     sliding = low.int8_variant in ("vnni-vbmi", "amx") and kw <= GROUP and strides[1] <= MAX_SLIDING_STRIDE
     if sliding:  # reads unsplit rows; the last strip loads window_load bytes
         reach = max(kw, window_load(strides[1]) - (LANES - 1) * strides[1])
@@ -335,10 +315,10 @@ def _depthwise(low: "_Lowerer", node: Node, xs: list[relax.Expr], zp: int, w2d: 
         name, weight = "vnni_depthwise", low.const(w3d.astype(np.int16))
     y = call_kernel(low, func, name, [x, weight, *args], (batch, channels, oh, ow),
                     result_dtype(requant))
-    return kernel_result(low, y, req)
+    return kernel_result(y, req)
 
 
-def _phase_split(low: "_Lowerer", x: relax.Expr, node: Node, kernel: tuple[int, int], reach: int, fill: float | int,
+def _phase_split(low: Lowerer, x: relax.Expr, node: Node, kernel: tuple[int, int], reach: int, fill: float | int,
                  to_unsigned: bool = False, split: bool = True) -> tuple[relax.Expr, tuple[int, int]]:
     """``x`` padded with ``fill`` for row-strip kernels and split into column phases ``[b, c, h,
     phase, column // stride]`` (one phase unless ``split``), and the padded (h, w): wide enough
@@ -364,7 +344,7 @@ def max_pool_applies(node: Node) -> bool:
     return node.op == "max_pool2d" and tuple(node.attrs["dilations"]) == (1, 1)
 
 
-def max_pool(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> relax.Expr:
+def max_pool(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr:
     """Max pooling along output rows over an input padded with the dtype's lowest value (which
     never wins: every window holds an element of the image)."""
     batch, channels = node.inputs[0].shape[:2]
@@ -391,7 +371,7 @@ def _clamp(node: Node) -> tuple[cpu_float.Clamp, bool]:
     return None, True
 
 
-def float_applies(low: "_Lowerer", node: Node) -> bool:
+def float_applies(low: Lowerer, node: Node) -> bool:
     """Float32 data, constant weights and bias; convolutions ungrouped 2-D without dilation."""
     if node.inputs[0].dtype != "f32" or not all(v.is_constant and v.dtype == "f32" for v in node.inputs[1:]):
         return False
@@ -399,14 +379,14 @@ def float_applies(low: "_Lowerer", node: Node) -> bool:
                                    and tuple(node.attrs["dilations"]) == (1, 1))
 
 
-def _float_bias(low: "_Lowerer", node: Node, channels: int, padded_channels: int) -> relax.Expr:
+def _float_bias(low: Lowerer, node: Node, channels: int, padded_channels: int) -> relax.Expr:
     bias = np.zeros(padded_channels, np.float32)
     if len(node.inputs) > 2:
         bias[:channels] = low.array(node.inputs[2]).reshape(-1)
     return low.const(bias)
 
 
-def float_linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[relax.Expr, bool]:
+def float_linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> tuple[relax.Expr, bool]:
     """``clamp(x . w^T + b)``, and whether the node's activation is still to be applied."""
     x = node.inputs[0]
     w = low.array(node.inputs[1])
@@ -420,7 +400,7 @@ def float_linear(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[rel
     return low.emit(R.reshape(y, x.shape[:-1] + (n,))), rest
 
 
-def float_conv2d(low: "_Lowerer", node: Node, xs: list[relax.Expr]) -> tuple[relax.Expr, bool]:
+def float_conv2d(low: Lowerer, node: Node, xs: list[relax.Expr]) -> tuple[relax.Expr, bool]:
     """Direct convolution over an input padded once; returns as :func:`float_linear`."""
     batch, channels, height, width = node.inputs[0].shape
     out_channels, _, kh, kw = node.inputs[1].shape

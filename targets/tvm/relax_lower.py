@@ -7,7 +7,6 @@ module is bit-exact with the reference interpreter. Float rounding that must be 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import tvm
@@ -21,14 +20,16 @@ from qcompiler.registrar import registrar
 
 from . import amx_lower, cpu_softmax, cuda_lower, int_arith, kernel_lower
 from .index_check import checked_indices
+from .lowering import Fused, Int8Kernels, Lowerer
 
 R = relax.op
 TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
-Lowering = Callable[["_Lowerer", Node, list[relax.Expr]], "relax.Expr | list[relax.Expr]"]
+Lowering = Callable[[Lowerer, Node, list[relax.Expr]], "relax.Expr | list[relax.Expr] | Fused"]
 _RULES: dict[str, Lowering] = {}
-# each with applies, conv2d, linear (the CPU ones matmul too); "vnni-vbmi": VNNI with vpermb (the
+# each implements lowering.Int8Kernels; "vnni-vbmi": VNNI with vpermb (the
 # sliding depthwise kernel); "amx": AMX where it pays, VNNI with vpermb elsewhere
-INT8_KERNELS = {"vnni": kernel_lower, "vnni-vbmi": kernel_lower, "amx": amx_lower, "dp4a": cuda_lower}
+INT8_KERNELS: dict[str, Int8Kernels] = {"vnni": kernel_lower, "vnni-vbmi": kernel_lower, "amx": amx_lower,
+                                        "dp4a": cuda_lower}
 
 
 lowers = registrar(_RULES)
@@ -44,39 +45,6 @@ def not_lowered() -> dict[str, str]:
     return {}
 
 
-class _Lowerer:
-    def __init__(self, graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False, cores: int = 1):
-        self.graph = graph
-        self.int8_variant = int8_kernels
-        self.cpu_kernels = cpu_kernels
-        self.cores = cores  # threads the kernels' parallel loops are cut for
-        self.bb = relax.BlockBuilder()
-        self.users = graph.users()
-        # results computed ahead by another node's rule (a requantize done in a kernel's epilogue)
-        self.precomputed: dict[int, relax.Expr] = {}
-
-    @property
-    def int8_kernels(self):
-        """The lowering module of the int8 kernels (``kernel_lower`` or ``cuda_lower``), or None."""
-        return INT8_KERNELS[self.int8_variant] if self.int8_variant else None
-
-    def emit(self, expr: relax.Expr) -> relax.Expr:
-        return self.bb.emit(expr)
-
-    def const(self, array: Any, dtype: str | None = None) -> relax.Expr:
-        array = np.asarray(array, dtype=dtype)
-        return relax.const(array, dtype=array.dtype.name)  # 0-d arrays would otherwise become float32
-
-    def scalar(self, value: Any, dtype: str) -> relax.Expr:
-        return self.const(value, dtype)
-
-    def cast(self, x: relax.Expr, dtype: str) -> relax.Expr:
-        return self.emit(R.astype(x, dtype))
-
-    def array(self, v: Value) -> np.ndarray:
-        return self.graph.constant_array(v)
-
-
 def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False,
              cores: int = 1) -> tvm.IRModule:
     """The graph as a Relax module with one function, ``main``, taking the graph's inputs.
@@ -88,7 +56,8 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
     missing = sorted({n.op for n in graph.nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
-    low = _Lowerer(graph, int8_kernels, cpu_kernels, cores)
+    low = Lowerer(graph, int8_kernels, cpu_kernels, cores, INT8_KERNELS)
+    absorbed: dict[int, relax.Expr] = {}  # requantizes a kernel computed in its epilogue
     params = [relax.Var(v.name, relax.TensorType(v.shape, TVM_DTYPE[v.dtype])) for v in graph.inputs]
     env: dict[int, relax.Expr] = {id(v): p for v, p in zip(graph.inputs, params)}
 
@@ -100,8 +69,8 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
     with low.bb.function("main", params):
         with low.bb.dataflow():
             for node in graph.nodes:
-                if id(node) in low.precomputed:
-                    env[id(node.output)] = low.precomputed[id(node)]
+                if id(node) in absorbed:
+                    env[id(node.output)] = absorbed[id(node)]
                     continue
                 try:
                     out = _RULES[node.op](low, node, [read(v) for v in node.inputs])
@@ -109,6 +78,9 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
                     raise
                 except Exception as e:
                     raise QCompilerError(f"lowering {node.describe()} to Relax: {type(e).__name__}: {e}") from e
+                if isinstance(out, Fused):
+                    absorbed[id(out.requantize)] = out.expr
+                    out = out.expr
                 outs = out if isinstance(out, list) else [out]
                 for value, expr in zip(node.outputs, outs):
                     env[id(value)] = expr
@@ -126,7 +98,7 @@ _SIMPLE_UNARY = {"relu": R.nn.relu, "sigmoid": R.sigmoid, "tanh": R.tanh, "erf":
 
 
 @lowers(*_SIMPLE_UNARY)
-def _unary(low: _Lowerer, node: Node, xs):
+def _unary(low: Lowerer, node: Node, xs):
     return low.emit(_SIMPLE_UNARY[node.op](xs[0]))
 
 
@@ -135,7 +107,7 @@ def _identity(low, node, xs):
     return xs[0]
 
 
-def activation(low: _Lowerer, x: relax.Expr, act: str, args: tuple, dtype: str) -> relax.Expr:
+def activation(low: Lowerer, x: relax.Expr, act: str, args: tuple, dtype: str) -> relax.Expr:
     """A fused or standalone activation, by its IR name."""
     if act == "none":
         return x
@@ -524,7 +496,7 @@ def _argmax(low, node, xs):
 
 
 # ---- quantization ------------------------------------------------------------------------------------
-def round_half_even(low: _Lowerer, x: relax.Expr, dtype: str = "float64") -> relax.Expr:
+def round_half_even(low: Lowerer, x: relax.Expr, dtype: str = "float64") -> relax.Expr:
     """round(x), ties to even, from floor and parity (exact for floats of ``dtype``)."""
     f = low.emit(R.floor(x))
     d = low.emit(R.subtract(x, f))
@@ -534,7 +506,7 @@ def round_half_even(low: _Lowerer, x: relax.Expr, dtype: str = "float64") -> rel
     return low.emit(R.where(up, low.emit(R.add(f, low.scalar(1, dtype))), f))
 
 
-def _axis_shaped(low: _Lowerer, v: Value, x_rank: int, axis: int, dtype: str) -> relax.Expr:
+def _axis_shaped(low: Lowerer, v: Value, x_rank: int, axis: int, dtype: str) -> relax.Expr:
     array = low.array(v).astype(dtype)
     if array.ndim == 1:
         shape = [1] * x_rank
@@ -543,7 +515,7 @@ def _axis_shaped(low: _Lowerer, v: Value, x_rank: int, axis: int, dtype: str) ->
     return low.const(array)
 
 
-def _clip_cast(low: _Lowerer, y: relax.Expr, lo: int, hi: int, dtype: str) -> relax.Expr:
+def _clip_cast(low: Lowerer, y: relax.Expr, lo: int, hi: int, dtype: str) -> relax.Expr:
     y = low.emit(R.maximum(low.emit(R.minimum(y, low.scalar(hi, "int64"))), low.scalar(lo, "int64")))
     return low.cast(y, dtype)
 
@@ -590,11 +562,11 @@ def _dequantize(low, node, xs):
     return low.emit(R.multiply(low.cast(low.cast(v, "float32"), out), s))
 
 
-def _centered(low: _Lowerer, x: relax.Expr, zp: Value, rank: int, axis: int) -> relax.Expr:
+def _centered(low: Lowerer, x: relax.Expr, zp: Value, rank: int, axis: int) -> relax.Expr:
     return low.emit(R.subtract(low.cast(x, "int32"), _axis_shaped(low, zp, rank, axis, "int32")))
 
 
-def _int8_kernel(low: _Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | None:
+def _int8_kernel(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused | None:
     """The node on the target's hand-scheduled int8 kernels, or None where they do not apply."""
     kernels = low.int8_kernels
     if kernels is None or not kernels.applies(low, node):
@@ -632,7 +604,7 @@ def _linear_int(low, node, xs):
 @lowers("matmul_int")
 def _matmul_int(low, node, xs):
     kernels = low.int8_kernels
-    if kernels in (kernel_lower, amx_lower) and kernels.matmul_applies(low, node):
+    if kernels is not None and kernels.matmul_applies(low, node):
         return kernels.matmul(low, node, xs)
     a = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
     b = _centered(low, xs[2], node.inputs[3], node.inputs[2].type.rank, -1)
