@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import QCompilerError, VerificationError
 from .ir import Graph, print_graph, save, verify_graph
+from . import passes as _standard_passes  # noqa: F401  registers the standard passes this manager runs by name
 from .pipeline import Pass, PassContext, parse_pipeline, print_pipeline
 
 

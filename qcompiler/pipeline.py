@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -65,8 +65,9 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def registered_passes() -> dict[str, type[Pass]]:
-    import qcompiler.passes  # noqa: F401  (registers every pass)
-
+    """The passes registered so far, by name. This module imports no pass: the standard ones
+    register when ``qcompiler.passes`` is imported (``qcompiler.pass_manager`` does), a test's
+    or a user's own with ``@register`` wherever they are defined."""
     return dict(sorted(_PASSES.items()))
 
 
@@ -89,14 +90,16 @@ def _convert(cls: type[Pass], key: str, raw: list[str]) -> Any:
         raise PipelineError(f"pass '{cls.name}': bad value {','.join(raw)!r} for option '{key}'") from None
 
 
-def parse_pipeline(text: str) -> list[Pass]:
-    """``"a,b{k=v,list=x,y}"`` -> ``[A(), B(k=v, list=("x", "y"))]``."""
-    return [pass_ for pass_, _ in parse_pipeline_given(text)]
+def parse_pipeline(text: str, registry: Mapping[str, type[Pass]] | None = None) -> list[Pass]:
+    """``"a,b{k=v,list=x,y}"`` -> ``[A(), B(k=v, list=("x", "y"))]``, the names looked up in
+    ``registry`` (by default, the passes registered so far)."""
+    return [pass_ for pass_, _ in parse_pipeline_given(text, registry)]
 
 
-def parse_pipeline_given(text: str) -> list[tuple[Pass, frozenset[str]]]:
+def parse_pipeline_given(text: str, registry: Mapping[str, type[Pass]] | None = None
+                         ) -> list[tuple[Pass, frozenset[str]]]:
     """Each pass with the names of the options the text gives it (a default written out counts)."""
-    passes = registered_passes()
+    passes = dict(registry) if registry is not None else registered_passes()
     result: list[tuple[Pass, frozenset[str]]] = []
     i, text = 0, text.strip()
     while i < len(text):
@@ -105,7 +108,8 @@ def parse_pipeline_given(text: str) -> list[tuple[Pass, frozenset[str]]]:
             j += 1
         name = text[i:j].strip()
         if name not in passes:
-            raise PipelineError(f"unknown pass '{name}' (known: {', '.join(passes)})")
+            raise PipelineError(f"unknown pass '{name}' (known: {', '.join(passes)})" if passes else
+                                f"unknown pass '{name}': no pass is registered (import qcompiler.passes)")
         options: dict[str, list[str]] = {}
         if j < len(text) and text[j] == "{":
             end = text.find("}", j)

@@ -58,6 +58,12 @@ def test_dependencies_point_one_way(folder, forbidden):
     assert _violations(folder, forbidden) == []
 
 
+def test_the_pass_infrastructure_imports_no_pass():
+    """pipeline.py (passes as values, parsing, the rule driver) takes its registry from the
+    caller: the passes import it, never the other way round."""
+    assert not {name for name in imports_of(ROOT / "qcompiler" / "pipeline.py") if name.startswith("qcompiler.passes")}
+
+
 def test_the_checker_sees_function_local_imports(tmp_path):
     sample = ROOT / "qcompiler" / "ir" / "graph.py"
     assert "qcompiler.ir.types" in imports_of(sample)
