@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m qcompiler.demo
+	$(PY) -m qcompiler.examples.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

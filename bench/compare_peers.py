@@ -26,7 +26,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qcompiler  # noqa: E402
-from qcompiler import peers, zoo  # noqa: E402
+from qcompiler.examples import peers, zoo  # noqa: E402
 
 
 def measure(fn, inputs, seconds: float = 3.0, max_runs: int = 50) -> tuple[float, float]:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qcompiler  # noqa: E402
-from qcompiler import zoo  # noqa: E402
+from qcompiler.examples import zoo  # noqa: E402
 
 
 def model_and_data(name: str, batch: int):

@@ -22,7 +22,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qcompiler  # noqa: E402
-from qcompiler import from_torch, peers, zoo  # noqa: E402
+from qcompiler import from_torch  # noqa: E402
+from qcompiler.examples import peers, zoo  # noqa: E402
 from qcompiler.compare import sqnr_db  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qcompiler import zoo
+from qcompiler.examples import zoo
 
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -50,7 +50,7 @@ def image_batch():
 @pytest.fixture(scope="session")
 def ort_qdq_digits(digits, tmp_path_factory):
     """The digits CNN quantized by ONNX Runtime's quantize_static (QDQ), batch 1."""
-    from qcompiler import peers
+    from qcompiler.examples import peers
 
     model, (x_train, _, x_test, _) = digits
     tmp = tmp_path_factory.mktemp("ort_qdq")

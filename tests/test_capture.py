@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from qcompiler import from_onnx, from_torch, parse_graph, print_graph, zoo
+from qcompiler import from_onnx, from_torch, parse_graph, print_graph
+from qcompiler.examples import zoo
 from tests.conftest import export_onnx, rel_err
 
 TOL = 1e-4

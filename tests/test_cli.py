@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from qcompiler import load_graph, zoo
+from qcompiler import load_graph
+from qcompiler.examples import zoo
 from tests.conftest import cli_in_process as _main, export_onnx
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler import ModelLoadError, QCompilerError, zoo
+from qcompiler import ModelLoadError, QCompilerError
+from qcompiler.examples import zoo
 from tests.conftest import cli_in_process, export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +164,7 @@ def test_show_colours_nodes_by_compare_errors(digits_files, tmp_path):
 
 
 def test_demo_prints_the_comparison_table():
-    done = subprocess.run([sys.executable, "-m", "qcompiler.demo"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "qcompiler.examples.demo"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     for row in ("PyTorch fp32", "qcompiler int8", "ONNX Runtime int8"):
         assert row in done.stdout

@@ -64,6 +64,14 @@ def test_the_pass_infrastructure_imports_no_pass():
     assert not {name for name in imports_of(ROOT / "qcompiler" / "pipeline.py") if name.startswith("qcompiler.passes")}
 
 
+def test_the_compiler_imports_no_example():
+    """Demo models, data and the peer (qcompiler.examples) use the compiler; the compiler never
+    uses them."""
+    offenders = [f"{p.relative_to(ROOT)} imports {name}" for folder in PACKAGES for p in sorted(folder.rglob("*.py"))
+                 if "examples" not in p.parts for name in sorted(imports_of(p)) if name.startswith("qcompiler.examples")]
+    assert offenders == []
+
+
 def test_the_checker_sees_function_local_imports(tmp_path):
     sample = ROOT / "qcompiler" / "ir" / "graph.py"
     assert "qcompiler.ir.types" in imports_of(sample)

@@ -15,12 +15,15 @@ def test_the_core_install_is_the_core(tmp_path):
     assert not core_distributions() & {"scikit-learn", "onnxruntime", "pytest", "psutil", "onnxscript"}, \
         "the core dependencies pull in an extra's package"
     site = build_core_site(tmp_path)
-    assert (site / "qcompiler" / "data" / "digits.npz").is_file()  # package data travels in the wheel
+    assert (site / "qcompiler" / "examples" / "data" / "digits.npz").is_file()  # package data travels in the wheel
     python, env = core_python(site)
-    probe = subprocess.run(python + ["-c", "import qcompiler, sklearn"], capture_output=True, text=True, env=env)
+    probe = subprocess.run(python + ["-c", "import qcompiler, sklearn"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)  # not the checkout: `-c` puts the working folder first on the path
     assert "No module named 'sklearn'" in probe.stderr  # the check is real: the test extra is not visible
-    loads = subprocess.run(python + ["-c", "from qcompiler import zoo; print(len(zoo.load_digits_split()[0]))"],
-                           capture_output=True, text=True, env=env)
+    loads = subprocess.run(python + ["-c", "import qcompiler; from qcompiler.examples import zoo; "
+                                     "assert qcompiler.__file__.startswith(%r); print(len(zoo.load_digits_split()[0]))"
+                                     % str(site)],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert loads.returncode == 0 and loads.stdout.strip() == "1437", loads.stderr[-2000:]
 
 

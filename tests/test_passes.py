@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from qcompiler import from_torch, parse_graph, print_graph, zoo
+from qcompiler import from_torch, parse_graph, print_graph
+from qcompiler.examples import zoo
 from qcompiler.pass_manager import Instruments, PassFailure, run_pipeline
 from qcompiler.pipeline import Pass, PassContext, PipelineError, parse_pipeline, print_pipeline, register
 from tests.conftest import rel_err

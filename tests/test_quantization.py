@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler import CalibrationConfig, QCompilerError, QuantConfig, compare, from_onnx, from_torch, parse_graph, zoo
+from qcompiler import CalibrationConfig, QCompilerError, QuantConfig, compare, from_onnx, from_torch, parse_graph
+from qcompiler.examples import zoo
 from qcompiler.compare import sqnr_db
 from qcompiler.ir import Graph, TensorType
 from qcompiler.ir.ops.quant import quantize_multiplier, rounding_shift

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler import from_onnx, from_torch, zoo
+from qcompiler import from_onnx, from_torch
+from qcompiler.examples import zoo
 from qcompiler.targets.tvm import TVMRunner, build, cuda_source, device_for, export, make_target, to_relax
 from tests.conftest import rel_err
 from tests.test_onnx_backend import IN_SCOPE

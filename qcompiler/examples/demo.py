@@ -18,9 +18,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import compile as compile_model
+from .. import compile as compile_model
 from . import peers, zoo
-from .extras import installed
+from ..extras import installed
 
 BATCH = 40
 

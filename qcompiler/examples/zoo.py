@@ -158,7 +158,7 @@ class DigitsCNN(nn.Module):
 
 def load_digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The UCI 8x8 handwritten digits (scikit-learn's ``load_digits``, bundled in
-    ``qcompiler/data``) as float32 NCHW in [0, 1]: (x_train, y_train, x_test, y_test)."""
+    ``qcompiler/examples/data``) as float32 NCHW in [0, 1]: (x_train, y_train, x_test, y_test)."""
     from pathlib import Path
 
     with np.load(Path(__file__).parent / "data" / "digits.npz") as digits:
@@ -287,7 +287,7 @@ def load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     import gzip
     from pathlib import Path
 
-    from .errors import ModelLoadError
+    from ..errors import ModelLoadError
 
     root = Path(FASHION_DIR)
     if not root.exists():
