@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test corpus venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the real-model corpus (tests/models): published architectures, minutes each on two cores
+corpus: $(STAMP)
+	$(PY) -m pytest -q -m corpus tests/models
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -65,3 +65,28 @@ def as_dict(graph: Graph, layers: list[Layer]) -> dict:
     return {"inputs": [{"name": v.name, "type": str(v.type)} for v in graph.inputs],
             "outputs": [{"name": v.name, "type": str(v.type)} for v in graph.outputs],
             "layers": [asdict(layer) for layer in layers]}
+
+
+def int8_form(op: str) -> str:
+    """How the default flow quantizes ``op``, in words, from its traits."""
+    traits = traits_of(op)
+    if traits.quant == "weighted":
+        return f"int8 weights per channel, uint8 activations: `{traits.integer_form}` + requantize"
+    if traits.quant == "integer":
+        return "integer arithmetic (made by lower-integer, or imported from a quantized model)"
+    if traits.quant == "float":
+        return "moves int8 values where its neighbours share a scale" if traits.on_grid else \
+            "float, between quantized neighbours"
+    return _HOW[traits.quant]
+
+
+def ops_table() -> str:
+    """The README's table of ops (``python -c "from qcompiler.inspection import ops_table;
+    print(ops_table())"``): generated from the registry, so it is never out of date."""
+    from .ir.ops import all_ops
+
+    rows = ["| op | family | `op_types` name | in a quantized build |", "|---|---|---|---|"]
+    for op in all_ops():
+        traits = traits_of(op)
+        rows.append(f"| `{op}` | {traits.family} | {traits.config_type or ''} | {int8_form(op)} |")
+    return "\n".join(rows) + "\n"

@@ -48,6 +48,14 @@ def image_batch():
 
 
 @pytest.fixture(scope="session")
+def core_site(tmp_path_factory):
+    """A core install of this checkout (tests/core_install.py), built once per session."""
+    from tests.core_install import build_core_site
+
+    return build_core_site(tmp_path_factory.mktemp("core"))
+
+
+@pytest.fixture(scope="session")
 def ort_qdq_digits(digits, tmp_path_factory):
     """The digits CNN quantized by ONNX Runtime's quantize_static (QDQ), batch 1."""
     from qcompiler.examples import peers

@@ -165,9 +165,9 @@ def test_run_on_images_applies_the_normalization_compile_recorded(tmp_path):
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(images / f"{i}.png")
     norm = ["--image-mean", "0.5", "0.4", "0.3", "--image-std", "0.2", "0.25", "0.3"]
-    done = _run("compile", path, "--calibration", str(images), *norm, "-o", str(tmp_path / "art"), "--quiet")
+    done = _main("compile", path, "--calibration", str(images), *norm, "-o", str(tmp_path / "art"), "--quiet")
     assert done.returncode == 0, done.stderr
-    ran = _run("run", str(tmp_path / "art"), "--inputs", str(images), "-o", str(tmp_path / "out.npz"))
+    ran = _main("run", str(tmp_path / "art"), "--inputs", str(images), "-o", str(tmp_path / "out.npz"))
     assert ran.returncode == 0, ran.stderr
     loaded = qcompiler.load(tmp_path / "art")
     assert loaded.preprocessing == {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}

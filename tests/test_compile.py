@@ -80,19 +80,19 @@ def test_reference_and_float_builds_are_reported(digits):
 def test_broken_artifacts_fail_clearly(digits_files, tmp_path):
     tmp, onnx_path = digits_files
     art = tmp_path / "art"
-    done = _cli("compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "-o", str(art), "--target", "reference")
+    done = cli_in_process("compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "-o", str(art), "--target", "reference")
     assert done.returncode == 0, done.stderr
-    ok = _cli("run", str(art), "--inputs", str(tmp / "eval.npz"), "-o", str(tmp_path / "out.npz"))
+    ok = cli_in_process("run", str(art), "--inputs", str(tmp / "eval.npz"), "-o", str(tmp_path / "out.npz"))
     assert ok.returncode == 0, ok.stderr
     with np.load(tmp_path / "out.npz") as out:
         assert [a.shape for a in out.values()] == [(9, 40, 10)]  # 360 images in batches of 40
     (art / "manifest.json").write_text("{ not json")
-    bad = _cli("run", str(art), "--inputs", str(tmp / "eval.npz"))
+    bad = cli_in_process("run", str(art), "--inputs", str(tmp / "eval.npz"))
     assert bad.returncode == 2 and "corrupt manifest" in bad.stderr and "Traceback" not in bad.stderr
     llvm_art = tmp_path / "llvm_art"
-    assert _cli("compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "-o", str(llvm_art)).returncode == 0
+    assert cli_in_process("compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "-o", str(llvm_art)).returncode == 0
     (llvm_art / "model.so").unlink()
-    bad = _cli("run", str(llvm_art), "--inputs", str(tmp / "eval.npz"))
+    bad = cli_in_process("run", str(llvm_art), "--inputs", str(tmp / "eval.npz"))
     assert bad.returncode == 2 and "model.so: missing from the artifact" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     with pytest.raises(ModelLoadError, match="not a qcompiler artifact"):
@@ -122,7 +122,7 @@ def test_same_inputs_give_the_same_artifact(digits_files, tmp_path):
         assert _cli("compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "-o", str(tmp_path / name)).returncode == 0
     one, two = ((tmp_path / n / "manifest.json").read_text() for n in ("one", "two"))
     assert one == two
-    outs = [_cli("run", str(tmp_path / n), "--inputs", str(tmp / "eval.npz"), "-o", str(tmp_path / f"{n}.npz"))
+    outs = [cli_in_process("run", str(tmp_path / n), "--inputs", str(tmp / "eval.npz"), "-o", str(tmp_path / f"{n}.npz"))
             for n in ("one", "two")]
     assert all(o.returncode == 0 for o in outs)
     a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
@@ -265,10 +265,10 @@ def test_builds_for_another_cpu(digits, tmp_path, monkeypatch):
 def test_cli_builds_for_a_named_cpu(digits_files, tmp_path):
     tmp, onnx_path = digits_files
     base = ["compile", onnx_path, "--calibration", str(tmp / "cal.npz"), "--json"]
-    built = _cli(*base, "--cpu", "icelake-server", "-o", str(tmp_path / "a"))
+    built = cli_in_process(*base, "--cpu", "icelake-server", "-o", str(tmp_path / "a"))
     assert built.returncode == 0, built.stderr
     assert json.loads(built.stdout)["int8_kernels"]["kernels"] == "vnni-vbmi"
-    bad = _cli(*base, "--cpu", "pentium9", "-o", str(tmp_path / "b"))
+    bad = cli_in_process(*base, "--cpu", "pentium9", "-o", str(tmp_path / "b"))
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown CPU 'pentium9'" in bad.stderr
     assert not (tmp_path / "b").exists()
 

@@ -8,13 +8,13 @@ import subprocess
 
 import pytest
 
-from tests.core_install import build_core_site, core_distributions, core_python
+from tests.core_install import core_distributions, core_python
 
 
-def test_the_core_install_is_the_core(tmp_path):
+def test_the_core_install_is_the_core(core_site, tmp_path):
     assert not core_distributions() & {"scikit-learn", "onnxruntime", "pytest", "psutil", "onnxscript"}, \
         "the core dependencies pull in an extra's package"
-    site = build_core_site(tmp_path)
+    site = core_site
     assert (site / "qcompiler" / "examples" / "data" / "digits.npz").is_file()  # package data travels in the wheel
     python, env = core_python(site)
     probe = subprocess.run(python + ["-c", "import qcompiler, sklearn"], capture_output=True, text=True, env=env,

@@ -47,10 +47,10 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory) -> tuple[list[str], dict[str, str]]:
-    from tests.core_install import build_core_site, core_python
+def core(core_site) -> tuple[list[str], dict[str, str]]:
+    from tests.core_install import core_python
 
-    return core_python(build_core_site(tmp_path_factory.mktemp("core")))
+    return core_python(core_site)
 
 
 def _env() -> dict[str, str]:
@@ -109,3 +109,12 @@ def test_the_readme_is_mostly_runnable():
     blocks = readme_blocks()
     skipped = [b for b in blocks if b.skip]
     assert len(blocks) >= 12 and len(skipped) <= 3, [(b.line, b.skip) for b in skipped]
+
+
+def test_the_op_table_is_generated_from_the_registry():
+    from qcompiler.inspection import ops_table
+
+    text = (ROOT / "README.md").read_text()
+    table = re.search(r"<!-- ops-table:begin -->\n(.*?)<!-- ops-table:end -->", text, re.S)
+    assert table and table.group(1) == ops_table(), "regenerate: python -c 'from qcompiler.inspection " \
+                                                    "import ops_table; print(ops_table())'"

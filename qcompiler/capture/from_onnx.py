@@ -1069,4 +1069,4 @@ def _quant(ctx, node, inputs):
     return ctx.emit(op, operands, {"axis": _attr(node, "axis", 1)}, fold=False)[0]
 
 
-from . import onnx_qoperator  # noqa: E402,F401  registers ONNX Runtime's com.microsoft QOperator converters
+from . import onnx_composites, onnx_qoperator  # noqa: E402,F401  register their converters
