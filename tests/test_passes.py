@@ -386,7 +386,8 @@ def test_each_rules_declared_ops_cover_every_node_it_rewrites(digits):
     result = qcompiler.quantize(qcompiler.from_torch(model, (torch.from_numpy(x_test[:8]),)), [x_train[:8]])
     graphs = [qcompiler.from_torch(model, (torch.from_numpy(x_test[:8]),)), result.float_graph, result.qdq_graph,
               result.graph, qcompiler.from_torch(zoo.mobilenet_v2().eval(), (torch.randn(1, 3, 32, 32),))]
-    rules = canonicalize.RULES + activation_patterns.RULES + lower_integer.RULES + [fold_batchnorm.fold_bn_into_producer]
+    rules = canonicalize.RULES + activation_patterns.RULES + lower_integer.RULES + [
+        fold_batchnorm.fold_bn_into_producer, fold_batchnorm.fold_channel_affine_into_producer]
     checked = 0
     for rule in rules:
         assert rule.ops, rule.__name__
@@ -396,3 +397,41 @@ def test_each_rules_declared_ops_cover_every_node_it_rewrites(digits):
                     assert not rule(graph, node), (rule.__name__, node.describe())
                     checked += 1
     assert checked > 1000
+
+
+def test_fold_batchnorm_folds_per_channel_scales_and_shifts():
+    """Caffe's BatchNorm + Scale (ONNX BatchNormalization, Mul, Add by [C,1,1] constants), after
+    a conv and after a concat: the conv absorbs its Mul/Add (and its batch norm), the batch norm
+    after the concat absorbs its own; a scale that varies along another axis is left alone."""
+    rng = np.random.default_rng(0)
+    text = """\
+func @main(%x: f32[1,2,5,5]) -> f32[1,4,3,5] {
+  const @w : f32[2,2,3,3] = [WEIGHTS]
+  const @k : f32[2,1,1] = [1.5, -0.5]
+  const @c : f32[2,1,1] = [0.25, 2.0]
+  const @g : f32[4] = [1.0, 2.0, 0.5, 1.0]
+  const @b : f32[4] = [0.0, 0.1, 0.2, 0.3]
+  const @m : f32[4] = [0.1, 0.0, -0.1, 0.2]
+  const @v : f32[4] = [1.0, 0.5, 2.0, 1.5]
+  const @k4 : f32[4,1,1] = [2.0, 1.0, 0.5, 3.0]
+  const @c4 : f32[4,1,1] = [1.0, -1.0, 0.0, 0.5]
+  const @rows : f32[3,1] = [1.0, 2.0, 3.0]
+  %0 = conv2d(%x, @w) : f32[1,2,3,3]
+  %1 = mul(%0, @k) : f32[1,2,3,3]
+  %2 = add(@c, %1) : f32[1,2,3,3]
+  %3 = pad(%x) {pads=[0,0,-1,-1,0,0,-1,-1]} : f32[1,2,3,3]
+  %4 = concat(%2, %3) {axis=1} : f32[1,4,3,3]
+  %5 = batch_norm(%4, @g, @b, @m, @v) : f32[1,4,3,3]
+  %6 = mul(%5, @k4) : f32[1,4,3,3]
+  %7 = add(%6, @c4) : f32[1,4,3,3]
+  %8 = pad(%7) {pads=[0,0,0,1,0,0,0,1]} : f32[1,4,3,5]
+  %9 = mul(%8, @rows) : f32[1,4,3,5]
+  return %9
+}
+""".replace("WEIGHTS", ", ".join(f"{v:.3f}" for v in rng.standard_normal(36)))
+    graph = parse_graph(text)
+    x = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    want = graph(x)[0]
+    run_pipeline(graph, "fold-batchnorm")
+    assert graph.op_counts() == {"pad": 2, "batch_norm": 1, "conv2d": 1, "concat": 1, "mul": 1}, graph.op_counts()
+    np.testing.assert_allclose(graph(x)[0], want, rtol=1e-5, atol=1e-5)
