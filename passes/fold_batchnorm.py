@@ -34,7 +34,7 @@ def fold_bn_into_producer(graph: Graph, bn: Node) -> bool:
         return False  # bn(act(conv(x))) is not a conv with other weights
     if not all(v.is_constant for v in producer.inputs[1:] + bn.inputs[1:]):
         return False
-    if len(graph.users().get(producer.output, [])) != 1 or producer.output in graph.outputs:
+    if len(graph.users_of(producer.output)) != 1 or producer.output in graph.outputs:
         return False
     gamma, beta, mean, var = (graph.constant_array(v).astype(np.float64) for v in bn.inputs[1:])
     scale = gamma / np.sqrt(var + bn.attrs["epsilon"])
@@ -67,7 +67,7 @@ def _foldable_producer(graph: Graph, x: Value) -> tuple[Node, int] | None:
     """The conv/linear (no fused activation, constant weights) or batch norm (constant
     parameters) that alone produces ``x``, with the axis of its channels."""
     producer = x.producer
-    if producer is None or len(graph.users().get(x, [])) != 1 or x in graph.outputs:
+    if producer is None or len(graph.users_of(x)) != 1 or x in graph.outputs:
         return None
     if producer.op == "batch_norm" and all(v.is_constant for v in producer.inputs[1:]):
         return producer, 1

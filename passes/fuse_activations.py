@@ -50,7 +50,7 @@ class FuseActivations(Pass):
                 return False
             if producer.attrs["activation"] != "none":
                 return False
-            if producer.output in graph.outputs or len(graph.users().get(producer.output, [])) != 1:
+            if producer.output in graph.outputs or len(graph.users_of(producer.output)) != 1:
                 return False  # the un-activated result is needed elsewhere
             if producer.output.dtype not in ("f32", "f16", "f64"):
                 return False

@@ -30,7 +30,7 @@ COMPUTING = ("weighted", "own_params", "shared_params")  # roles whose result le
 
 def _sole_quantize_user(graph: Graph, v: Value) -> Node | None:
     """The one per-tensor `quantize` reading ``v``, if that is its only use."""
-    users = graph.users().get(v, [])
+    users = graph.users_of(v)
     if len(users) != 1 or v in graph.outputs:
         return None
     q = users[0]

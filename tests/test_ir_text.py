@@ -113,3 +113,33 @@ def test_load_graph_missing_file_is_one_line(tmp_path):
 
     with pytest.raises(QCompilerError, match="cannot read IR file"):
         load_graph(tmp_path / "nope.qir")
+
+
+def test_use_lists_are_kept_as_nodes_are_edited():
+    """users_of(v) is kept by the graph as edits happen (item assignment, append, reassignment,
+    removal), and agrees with a full scan after a whole quantization pipeline."""
+    import collections
+
+    import torch
+
+    import qcompiler
+
+    g = parse_graph(SMALL)
+    first, second = g.nodes[0], g.nodes[1]
+    x = g.inputs[0]
+    assert first in g.users_of(x)
+    second.inputs[0] = x  # item assignment
+    assert second in g.users_of(x) and second not in g.users_of(first.output)
+    second.inputs.append(x)
+    assert g.users_of(x).count(second) == 2
+    second.inputs = second.inputs[:1]  # reassignment
+    assert g.users_of(x).count(second) == 1
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    batches = [np.random.default_rng(i).standard_normal((4, 8)).astype(np.float32) for i in range(3)]
+    graph = qcompiler.quantize(qcompiler.from_torch(mlp, (torch.randn(4, 8),)), batches).graph
+    scanned = graph.users()
+    values = [v for n in graph.nodes for v in n.inputs + n.outputs] + graph.inputs
+    for v in values:
+        assert collections.Counter(map(id, graph.users_of(v))) == collections.Counter(map(id, scanned.get(v, [])))

@@ -47,19 +47,62 @@ class Value:
         return f"{'@' if self.is_constant else '%'}{self.name}: {self.type}"
 
 
+class Operands(list):
+    """A node's inputs: a list that tells the node's graph of every change, so that the graph's
+    use lists stay current however a pass edits them (``node.inputs[i] = v``, ``append``, ...)."""
+
+    __slots__ = ("_node",)
+
+    def __init__(self, values: Iterable[Value], node: Node):
+        super().__init__(values)
+        self._node = node
+
+
+def _tracked(name: str) -> Callable[..., Any]:
+    """``list.<name>``, then the node's graph told what the inputs were before."""
+    def edit(self: Operands, *args: Any, **kwargs: Any) -> Any:
+        before = list(self)
+        result = getattr(list, name)(self, *args, **kwargs)
+        self._node._inputs_changed(before)
+        return self if name == "__iadd__" else result
+    edit.__name__ = name
+    return edit
+
+
+for _name in ("__setitem__", "__delitem__", "__iadd__", "append", "extend", "insert", "pop", "remove", "clear",
+              "sort", "reverse"):
+    setattr(Operands, _name, _tracked(_name))
+
+
 class Node:
     """One op application. ``meta`` carries ``source`` (the original torch/ONNX name) and
-    ``handle`` (a debug handle, stable across passes, that ties a rewritten node to its origin)."""
+    ``handle`` (a debug handle, stable across passes, that ties a rewritten node to its origin).
+    Its ``inputs`` keep the graph's use lists current (see :class:`Operands`)."""
 
-    __slots__ = ("op", "inputs", "outputs", "attrs", "meta")
+    __slots__ = ("op", "_inputs", "outputs", "attrs", "meta", "_graph")
 
     def __init__(self, op: str, inputs: list[Value], outputs: list[Value],
                  attrs: dict[str, Any], meta: dict[str, Any]):
+        self._graph: Graph | None = None
         self.op = op
-        self.inputs = inputs
+        self._inputs = Operands(inputs, self)
         self.outputs = outputs
         self.attrs = attrs
         self.meta = meta
+
+    @property
+    def inputs(self) -> Operands:
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, values: Iterable[Value]) -> None:
+        before = list(self._inputs)
+        self._inputs = Operands(values, self)
+        self._inputs_changed(before)
+
+    def _inputs_changed(self, before: list[Value]) -> None:
+        if self._graph is not None:
+            self._graph._track(self, before, list(self._inputs))
 
     @property
     def output(self) -> Value:
@@ -93,6 +136,7 @@ class Graph:
         self.name = name
         self.inputs: list[Value] = []
         self.nodes: list[Node] = []
+        self._uses: dict[int, list[Node]] = {}  # id(value) -> the nodes reading it, kept as edits happen
         self.outputs: list[Value] = []
         self.constants: dict[str, np.ndarray] = {}
         self._const_values: dict[str, Value] = {}
@@ -184,7 +228,25 @@ class Graph:
             self.nodes.append(node)
         else:
             self.nodes.insert(self.nodes.index(before), node)
+        node._graph = self
+        self._track(node, [], list(node.inputs))
         return node
+
+    def _track(self, node: Node, before: list[Value], after: list[Value]) -> None:
+        """Move ``node``'s uses from the values it read to those it reads now."""
+        for v in before:
+            readers = self._uses.get(id(v))
+            if readers is not None and node in readers:
+                readers.remove(node)
+                if not readers:
+                    del self._uses[id(v)]
+        for v in after:
+            self._uses.setdefault(id(v), []).append(node)
+
+    def users_of(self, value: Value) -> list[Node]:
+        """The nodes reading ``value`` (once per operand that reads it), from the use lists the
+        graph keeps: no scan over the graph."""
+        return list(self._uses.get(id(value), ()))
 
     def note_handle(self, handle: int) -> None:
         """Make sure handles given later are larger than ``handle`` (parser, copies)."""
@@ -224,7 +286,7 @@ class Graph:
         return uses
 
     def replace_all_uses(self, old: Value, new: Value) -> None:
-        for node in self.nodes:
+        for node in dict.fromkeys(self.users_of(old)):  # each reader once, however many operands
             node.inputs = [new if v is old else v for v in node.inputs]
         self.outputs = [new if v is old else v for v in self.outputs]
 
@@ -233,11 +295,13 @@ class Graph:
         ``erase_node`` insists): a dangling use is caught where it is made, not by the verifier
         after the pass. A violation is a bug in the caller, hence ValueError."""
         produced = {id(v) for v in node.outputs}
-        readers = [n for n in self.nodes if n is not node and any(id(v) in produced for v in n.inputs)]
+        readers = [n for v in node.outputs for n in self.users_of(v) if n is not node]
         if readers or any(id(v) in produced for v in self.outputs):
             what = ", ".join(n.describe() for n in readers[:3]) or "the graph's outputs"
             raise ValueError(f"remove_node: {node.describe()} is still read by {what}; replace its uses first")
         self.nodes.remove(node)
+        self._track(node, list(node.inputs), [])
+        node._graph = None
         for v in node.outputs:
             self._names.discard(v.name)
 
