@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.calibration import calibration_set
+from qcompiler.calibration_record import set_corrected_bias
 from qcompiler.interpreter import run
 from qcompiler.ir import Graph, Node
 from qcompiler.ir.ops import get_op, traits_of
@@ -87,11 +88,8 @@ class BiasCorrection(QuantScheme, Pass):
                 counts[id(n)] += diff.shape[1]
         for n in layers:
             delta = (sums[id(n)] / max(counts[id(n)], 1)).astype(np.float32)
-            if len(n.inputs) > 2:
-                bias = graph.constant_array(n.inputs[2]) + delta
-                n.inputs[2] = graph.add_constant(f"{n.inputs[2].name}.corrected", bias.astype(np.float32))
-            else:
-                n.inputs = n.inputs + [graph.add_constant(f"{n.inputs[1].name}.bias_correction", delta)]
+            slot = traits_of(n.op).bias_slot
+            set_corrected_bias(graph, n, graph.constant_array(n.inputs[slot]) + delta if len(n.inputs) > slot else delta)
         graph.remove_unused_constants()
         ctx.report["bias_correction"] = {"layers": len(layers)}
         return True

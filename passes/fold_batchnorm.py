@@ -24,18 +24,12 @@ from qcompiler.pipeline import Pass, PassContext, apply_rules, matches, register
 def fold_bn_into_producer(graph: Graph, bn: Node) -> bool:
     if bn.op != "batch_norm":
         return False
-    producer = bn.inputs[0].producer
-    traits = traits_of(producer.op) if producer is not None else None
-    if traits is None or traits.quant != "weighted" or traits.channel_axis is None or traits.bias_slot is None:
-        return False  # a conv or linear: weights with output channels and a bias to fold into
-    if traits.channel_axis % bn.inputs[0].type.rank != 1:
-        return False  # batch norm's channel axis is 1; linear's output channel is the last axis
-    if producer.attrs.get("activation", "none") != "none":
-        return False  # bn(act(conv(x))) is not a conv with other weights
-    if not all(v.is_constant for v in producer.inputs[1:] + bn.inputs[1:]):
+    found = _foldable_producer(graph, bn.inputs[0])
+    if found is None or found[0].op == "batch_norm" or found[1] % bn.inputs[0].type.rank != 1:
+        return False  # a conv or linear whose output channels are batch norm's axis 1 (not linear's last)
+    if not all(v.is_constant for v in bn.inputs[1:]):
         return False
-    if len(graph.users_of(producer.output)) != 1 or producer.output in graph.outputs:
-        return False
+    producer = found[0]
     gamma, beta, mean, var = (graph.constant_array(v).astype(np.float64) for v in bn.inputs[1:])
     scale = gamma / np.sqrt(var + bn.attrs["epsilon"])
     w = graph.constant_array(producer.inputs[1])

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from qcompiler.calibration import CalibrationSet, calibration_set
+from qcompiler.calibration_record import calibrated_values
 from qcompiler.interpreter import run
 from qcompiler.ir import Graph, Value
 from qcompiler.pipeline import Pass, PassContext, register
 
 from .observers import Histogram, MinMax, MovingAverageMinMax, entropy_range, mse_range, percentile_range
-
-FLOAT = ("f32", "f16", "f64")
 
 
 def sweep(graph: Graph, batches: CalibrationSet, values: list[Value], update, progress: bool,
@@ -59,8 +58,7 @@ class RangeAnalysis(Pass):
 
         CalibrationConfig(self.method, self.percentile, self.averaging_constant, self.bins)  # validates
         batches = calibration_set(graph, ctx.calibration)
-        values = [v for v in graph.inputs if v.dtype in FLOAT]
-        values += [v for n in graph.nodes for v in n.outputs if v.dtype in FLOAT]
+        values = calibrated_values(graph)
         if self.method == "moving_average":
             observers: dict[int, Any] = {id(v): MovingAverageMinMax(self.averaging_constant) for v in values}
         else:

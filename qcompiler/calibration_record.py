@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import QCompilerError
 from .files import atomic_write
-from .ir import Graph, Value
+from .ir import Graph, Node, Value
 from .ir.ops import traits_of
 
 FORMAT = "qcompiler-ranges/1"
@@ -32,6 +32,17 @@ def calibrated_values(graph: Graph) -> list[Value]:
     """The values range analysis calibrates: float graph inputs and float node outputs."""
     values = [v for v in graph.inputs if v.dtype in FLOAT]
     return values + [v for n in graph.nodes for v in n.outputs if v.dtype in FLOAT]
+
+
+def set_corrected_bias(graph: Graph, node: Node, bias: np.ndarray) -> None:
+    """Give ``node`` (a conv or linear) the corrected ``bias`` as a new constant. bias-correction
+    and an applied record both go through here, so the two routes make the same graph."""
+    slot = traits_of(node.op).bias_slot
+    bias = np.asarray(bias, np.float32)
+    if len(node.inputs) > slot:
+        node.inputs[slot] = graph.add_constant(f"{node.inputs[slot].name}.corrected", bias)
+    else:
+        node.inputs = node.inputs + [graph.add_constant(f"{node.inputs[1].name}.bias_correction", bias)]
 
 
 def graph_digest(graph: Graph) -> str:
@@ -106,13 +117,7 @@ class CalibrationRecord:
             v.range = self.ranges.get(v.name)
         producers = {n.output.name: n for n in graph.nodes if len(n.outputs) == 1}
         for name, values in self.biases.items():
-            node = producers[name]
-            slot = traits_of(node.op).bias_slot
-            bias = np.asarray(values, np.float32)
-            if len(node.inputs) > slot:  # the names bias-correction gives: the same graph either way
-                node.inputs[slot] = graph.add_constant(f"{node.inputs[slot].name}.corrected", bias)
-            else:
-                node.inputs = node.inputs + [graph.add_constant(f"{node.inputs[1].name}.bias_correction", bias)]
+            set_corrected_bias(graph, producers[name], np.asarray(values))
         graph.remove_unused_constants()
 
 
