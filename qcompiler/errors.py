@@ -19,12 +19,15 @@ class UnsupportedOpError(QCompilerError):
     """The model uses ops qcompiler cannot capture. Lists every offending op type with a node
     name for each, so the user sees the whole problem at once, not one op per attempt."""
 
-    def __init__(self, source: str, unsupported: dict[str, list[str]]):
+    def __init__(self, source: str, unsupported: dict[str, list[str]], bindable: list[str] | None = None):
         self.source = source
         self.unsupported = unsupported
+        self.bindable = list(bindable or [])  # inputs whose fixed values would make the shapes static
         parts = [f"{op} (e.g. node '{names[0]}'" + (f", {len(names)} nodes)" if len(names) > 1 else ")")
                  for op, names in sorted(unsupported.items())]
-        super().__init__(f"{source}: unsupported op types: " + "; ".join(parts))
+        hint = (f"; fix the value of input(s) {', '.join(self.bindable)} with --input-value NAME=V0,V1,... "
+                f"(input_values={{...}} in Python)") if self.bindable else ""
+        super().__init__(f"{source}: unsupported op types: " + "; ".join(parts) + hint)
 
 
 class ModelLoadError(QCompilerError):

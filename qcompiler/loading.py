@@ -13,12 +13,15 @@ from .errors import ModelLoadError, QCompilerError
 from .ir import Graph, load_graph
 
 
-def load_model(spec: str, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
+def load_model(spec: str, input_shapes: Mapping[str, Sequence[int]] | None = None,
+               input_values: Mapping[str, Sequence[float]] | None = None) -> Graph:
     path = Path(spec)
     if path.suffix == ".onnx":
         from .capture import from_onnx
 
-        return from_onnx(path, input_shapes)
+        return from_onnx(path, input_shapes, input_values=input_values)
+    if input_values:
+        raise ModelLoadError(f"{spec}: --input-value applies to ONNX models only")
     if path.suffix in (".qir", ".mlir", ".txt"):
         return load_graph(path)
     if not path.exists() and is_python_factory(spec):
@@ -103,6 +106,20 @@ def parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
         except ValueError:
             raise ModelLoadError(f"--input-shape {item!r}: expected NAME=D0,D1,...") from None
     return shapes
+
+
+def parse_values(items: Sequence[str]) -> dict[str, list[float]]:
+    """``["shape=2,-1"]`` -> ``{"shape": [2.0, -1.0]}``: the importer casts them to the input's type."""
+    values: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, numbers = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            values[name] = [float(v) for v in numbers.split(",")] if numbers else []
+        except ValueError:
+            raise ModelLoadError(f"--input-value {item!r}: expected NAME=V0,V1,...") from None
+    return values
 
 
 def load_batches(path: str | os.PathLike, graph: Graph) -> list[list]:

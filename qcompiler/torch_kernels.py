@@ -70,6 +70,12 @@ def _adaptive_avg_pool2d(xs, attrs):
     return F.adaptive_avg_pool2d(_t(xs[0]), attrs["output_size"]).numpy()
 
 
+def _grid_sample(xs, attrs):
+    y = F.grid_sample(_t(xs[0]), _t(xs[1]).to(_t(xs[0]).dtype), mode=attrs["mode"],
+                      padding_mode=attrs["padding_mode"], align_corners=attrs["align_corners"])
+    return y.numpy()
+
+
 set_kernel("conv1d", _conv_kernel(1))
 set_kernel("conv2d", _conv_kernel(2))
 set_kernel("conv3d", _conv_kernel(3))
@@ -78,3 +84,4 @@ set_kernel("conv_transpose2d", _conv_transpose_kernel(2))
 set_kernel("adaptive_avg_pool2d", _adaptive_avg_pool2d)
 set_kernel("gelu", _gelu)
 set_kernel("erf", _erf)
+set_kernel("grid_sample", _grid_sample)

@@ -131,3 +131,35 @@ def test_op_families_match_pytorch_on_both_paths(tmp_path):
         for g, w in zip(got, want):
             assert rel_err(g, w) < TOL
         _round_trips(graph)
+
+
+class _Interpolate(torch.nn.Module):
+    def __init__(self, mode: str, factor: float, align_corners: bool | None):
+        super().__init__()
+        self.mode, self.factor, self.align = mode, factor, align_corners
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, scale_factor=self.factor, mode=self.mode, align_corners=self.align)
+
+
+INTERPOLATIONS = [("nearest", None), ("nearest-exact", None), ("bilinear", False), ("bilinear", True),
+                  ("bicubic", False), ("bicubic", True)]
+
+
+@pytest.mark.parametrize("mode, align", INTERPOLATIONS, ids=[f"{m}-align{a}" for m, a in INTERPOLATIONS])
+def test_interpolate_by_fractional_factors_matches_pytorch_on_both_paths_and_tvm(mode, align, tmp_path):
+    """torch maps coordinates by the scale factor it was given, not by out / in, when the sizes
+    are fractional (0.6 of 7 rows is 4); an output of one pixel has no special case."""
+    from tests.test_tvm import run_llvm
+
+    torch.manual_seed(0)
+    for factor, shape in ((0.6, (7, 9)), (1.7, (5, 11)), (0.35, (5, 6)), (2.5, (3, 4))):
+        model, x = _Interpolate(mode, factor, align), torch.randn(1, 2, *shape)
+        want = model(x).numpy()
+        graph = from_torch(model, (x,))
+        assert np.abs(graph(x.numpy())[0] - want).max() < 1e-5, (factor, shape)
+        if factor == 0.35:  # one output row
+            assert np.abs(run_llvm(graph, [x.numpy()])[0] - want).max() < 1e-5
+    if mode != "nearest-exact" and not align:  # the ONNX exporter's Resize with scales
+        path = export_onnx(model, (x,), tmp_path / "resize.onnx", ["x"])
+        assert np.abs(from_onnx(path)(x.numpy())[0] - want).max() < 1e-5

@@ -217,7 +217,8 @@ def test_if_on_the_input_values_is_one_clear_error():
 
 @pytest.mark.parametrize("dtype", ["UINT16", "UINT32", "INT4", "UINT4", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E5M2"])
 def test_narrow_and_exotic_constants_are_widened_exactly(dtype):
-    """Before: a bare ValueError ('unsupported dtype int4'), and float8 named as a number."""
+    """Before: a bare ValueError ('unsupported dtype int4'), and float8 named as a number.
+    Unsigned 16 and 32-bit integers are IR dtypes: kept as they are, and taken as inputs."""
     from onnx import TensorProto, helper
     from onnx.reference import ReferenceEvaluator
 
@@ -232,6 +233,12 @@ def test_narrow_and_exotic_constants_are_widened_exactly(dtype):
     as_input = _onnx_model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
                            [helper.make_tensor_value_info("x", getattr(TensorProto, dtype), [3])],
                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], opset=21)
+    if dtype in ("UINT16", "UINT32"):
+        given = np.array([0, 7, 2 ** (16 if dtype == "UINT16" else 32) - 1], helper.tensor_dtype_to_np_dtype(
+            getattr(TensorProto, dtype)))
+        np.testing.assert_array_equal(qcompiler.from_onnx(as_input)(given)[0],
+                                      ReferenceEvaluator(as_input).run(None, {"x": given})[0])
+        return
     with pytest.raises(qcompiler.ModelLoadError, match=f"input 'x' has unsupported dtype {dtype.lower()} \\(inputs"):
         qcompiler.from_onnx(as_input)
 
@@ -319,19 +326,33 @@ def test_fpn_neck_with_nearest_upsampling_quantizes_end_to_end():
     assert resize.inputs[0].dtype == "u8"  # on the integers
 
 
-@pytest.mark.parametrize("mode, why", [("cubic", "mode 'cubic' is not supported"),
-                                       ("fractional", "give fractional sizes")])
-def test_resizes_qcompiler_cannot_do_are_one_clear_error(mode, why):
+def _resize_model(mode: str, scales: list[float], **attrs):
     from onnx import TensorProto, helper, numpy_helper
 
-    scales = [1.0, 1.0, 2.5, 2.5] if mode == "fractional" else [1.0, 1.0, 2.0, 2.0]
-    model = _onnx_model([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up",
-                                          mode="linear" if mode == "fractional" else mode)],
-                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
-                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
-                        [numpy_helper.from_array(np.array(scales, np.float32), "scales")])
+    return _onnx_model([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode=mode, **attrs)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+                       [numpy_helper.from_array(np.array(scales, np.float32), "scales")], opset=18)
+
+
+@pytest.mark.parametrize("mode, scale", [("cubic", 2.0), ("linear", 2.5), ("nearest", 0.7), ("cubic", 1.3)])
+def test_cubic_and_fractional_resizes_match_the_onnx_reference(mode, scale):
+    """Before: refused. Fractional sizes round down and the transform uses the given scale."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = _resize_model(mode, [1.0, 1.0, scale, scale])
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(qcompiler.from_onnx(model)(x)[0], want, atol=1e-5)
+    np.testing.assert_allclose(qcompiler.compile(model, target="llvm")(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("attrs, why", [({"antialias": 1}, "antialias is not supported"),
+                                        ({"coordinate_transformation_mode": "tf_crop_and_resize"},
+                                         "coordinate_transformation_mode")])
+def test_resizes_qcompiler_cannot_do_are_one_clear_error(attrs, why):
     with pytest.raises(qcompiler.QCompilerError, match=f"Resize 'up': .*{why}"):
-        qcompiler.from_onnx(model)
+        qcompiler.from_onnx(_resize_model("linear", [1.0, 1.0, 2.0, 2.0], **attrs))
 
 
 CONV_TRANSPOSES = [dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2, padding=1, output_padding=1),
@@ -442,7 +463,7 @@ def _with_initializers(tc):
 
 
 def _recurrent_cases():
-    from tests.onnx_node_cases import cases
+    from tests.onnx_node_cases import wheel_cases as cases
 
     return [tc for tc in cases() if tc.name.startswith(("test_lstm", "test_gru", "test_simple_rnn"))]
 
@@ -497,3 +518,41 @@ def test_a_bilstm_text_recognizer_from_torch_quantizes_its_recurrent_weights(tmp
     assert ints >= 2 * 12, compiled.report()["kept_float"]  # the recurrence's linears, both directions
     assert (compiled(x.numpy()).argmax(-1) == want.argmax(-1)).mean() > 0.9
     np.testing.assert_allclose(qcompiler.compile(graph, target="llvm")(x.numpy()), want, rtol=1e-4, atol=1e-4)
+
+
+def _reshape_by_input_model():
+    """y = relu(reshape(x, shape)) with the target shape a graph input, as ONNX's node tests and
+    some exporters write it."""
+    from onnx import TensorProto, helper
+
+    return _onnx_model([helper.make_node("Reshape", ["x", "shape"], ["r"], name="the_reshape"),
+                        helper.make_node("Relu", ["r"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
+                        helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])])
+
+
+def test_a_shape_given_as_an_input_is_fixed_by_its_value(tmp_path):
+    """Static shapes need the shape at import: the error names the input and the fix; given its
+    value (Python input_values, CLI --input-value) the input becomes a constant."""
+    from tests.conftest import cli_in_process
+
+    with pytest.raises(qcompiler.UnsupportedOpError, match=r"Reshape \(run-time shape operand\).*the_reshape.*"
+                                                           r"fix the value of input\(s\) shape with --input-value") as e:
+        qcompiler.from_onnx(_reshape_by_input_model())
+    assert e.value.bindable == ["shape"]
+    graph = qcompiler.from_onnx(_reshape_by_input_model(), input_values={"shape": [3, -1]})
+    assert [v.name for v in graph.inputs] == ["x"] and graph.outputs[0].shape == (3, 4)
+    x = np.arange(-6, 6, dtype=np.float32).reshape(2, 6)
+    np.testing.assert_array_equal(graph(x)[0], np.maximum(x.reshape(3, 4), 0))
+    for wrong, why in (({"shape": [1.5, 8]}, "not whole"), ({"shap": [3, 4]}, "unknown input")):
+        with pytest.raises(qcompiler.ModelLoadError, match=why):
+            qcompiler.from_onnx(_reshape_by_input_model(), input_values=wrong)
+
+    import onnx
+
+    onnx.save(_reshape_by_input_model(), tmp_path / "m.onnx")
+    refused = cli_in_process("import", str(tmp_path / "m.onnx"))
+    assert refused.returncode != 0 and "--input-value" in refused.stderr and "Traceback" not in refused.stderr
+    imported = cli_in_process("import", str(tmp_path / "m.onnx"), "--input-value", "shape=3,-1")
+    assert imported.returncode == 0 and "f32[3,4]" in imported.stdout and "%shape" not in imported.stdout

@@ -23,17 +23,25 @@ from ..ir.types import MAX_CONSTANT_BYTES
 from ..ir.verify import verify_graph
 from ..registrar import registrar
 from . import recurrent
+from ..ir.ops.resize import COORDINATE_MODES
 from .builder import AVG_POOL, CONV, CONV_INT, MAX_POOL, GraphBuilder, resolve_shape
 
 Converter = Callable[["_Ctx", Any, list["Value | None"]], "list[Value] | Value"]
 _CONVERTERS: dict[str, Converter] = {}
 converts = registrar(_CONVERTERS)
-_SHAPE_ONLY = {"Shape", "Size"}  # depend on the static shape of their input, never its values
+_SHAPE_ONLY = {"Shape", "Size", "EyeLike"}  # depend on the static shape of their input, never its values
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
-_STATIC_OPERANDS = {"LSTM": (1, 2, 3, 4), "GRU": (1, 2, 3, 4), "TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "Trilu": (1,), "ReduceL1": (1,),
+_STATIC_OPERANDS = {"LSTM": (1, 2, 3, 4), "GRU": (1, 2, 3, 4), "TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "ReduceL1": (1,),
                     "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
-                    "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "Clip": (1, 2), "ConstantOfShape": (0,), "ReduceMean": (1,),
+                    "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "OneHot": (1,), "ConstantOfShape": (0,), "ReduceMean": (1,),
                     "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
+
+# quantization parameters (by position) that integer kernels need at import
+_QUANT_PARAM_OPERANDS = {"ConvInteger": (2, 3), "MatMulInteger": (2, 3), "QLinearConv": (1, 2, 4, 5, 6, 7),
+                         "QLinearMatMul": (1, 2, 4, 5, 6, 7)}
+# ops whose result is a shape-defining constant (a range, a window): evaluated at import, so
+# their operands must be known then
+_IMPORT_TIME_ONLY = {"Range", "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix"}
 
 
 class _Ctx(GraphBuilder):
@@ -67,8 +75,11 @@ def _load(model: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.ModelProto
 
 
 def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
-              input_shapes: Mapping[str, Sequence[int]] | None = None, *, name: str = "main") -> Graph:
-    """Import an ONNX model. Dynamic input dimensions must be fixed with ``input_shapes``."""
+              input_shapes: Mapping[str, Sequence[int]] | None = None, *, name: str = "main",
+              input_values: Mapping[str, Any] | None = None) -> Graph:
+    """Import an ONNX model. Dynamic input dimensions must be fixed with ``input_shapes``.
+    ``input_values`` fixes the value of inputs that give a shape, axes, sizes or a trip count
+    (what static shapes need known): each becomes a constant and is no longer an input."""
     import onnx_graphsurgeon as gs
 
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (float8, 'colored') are not the user's
@@ -79,8 +90,18 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         raise ModelLoadError(f"{where}: invalid ONNX model: {(str(e).strip().splitlines() or [''])[0]}") from None
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     newest = onnx.defs.onnx_opset_version()
-    if not 6 <= opset <= newest:
-        raise ModelLoadError(f"{where}: ONNX opset {opset} is not supported (6 to {newest})")
+    if opset == 0:
+        domains = sorted({o.domain for o in proto.opset_import})
+        raise ModelLoadError(f"{where}: imports no ONNX operator set, only {domains}: not supported")
+    if not 1 <= opset <= newest:
+        raise ModelLoadError(f"{where}: ONNX opset {opset} is not supported (1 to {newest})")
+    for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        for v in values:
+            if v.type.WhichOneof("value") not in ("tensor_type", None):
+                raise UnsupportedOpError(where, {f"{kind} of {v.type.WhichOneof('value').replace('_type', '')} type "
+                                                 f"(tensors only)": [v.name]})
+    if input_values:
+        proto = _bind_inputs(proto, input_values, where)
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
     gsg = gs.import_onnx(proto)
@@ -90,32 +111,46 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
     input_shapes = dict(input_shapes or {})
 
     gsg.toposort()
-    depends = {t.name for t in gsg.inputs}
+    depends: dict[str, frozenset[str]] = {t.name: frozenset([t.name]) for t in gsg.inputs}  # value -> inputs behind it
     unsupported: dict[str, list[str]] = {}
+    bindable: set[str] = set()  # the inputs behind run-time shape operands
 
     def scan(nodes: Sequence[Any]) -> None:
-        """Which values depend on the inputs (a subgraph's reads of outer values count), and
+        """Which values depend on which inputs (a subgraph's reads of outer values count), and
         which of the nodes computing them have no converter."""
         for node in nodes:
-            if node.op in _SHAPE_ONLY or not any(name in depends for name in _reads(node)):
+            behind = frozenset().union(*(depends.get(name, frozenset()) for name in _reads(node)))
+            if node.op in _SHAPE_ONLY or not behind:
                 continue
-            depends.update(t.name for t in node.outputs)
+            depends.update((t.name, behind) for t in node.outputs)
             key = _key(node)
             label = node.name or node.outputs[0].name
             if key == "If":
                 if node.inputs[0].name in depends:
                     unsupported.setdefault("If (condition computed from the inputs)", []).append(label)
+                    bindable.update(depends[node.inputs[0].name])
                 for branch in node.subgraphs():  # both: which one runs is known once converting
                     scan(branch.nodes)
+            elif key in _IMPORT_TIME_ONLY:  # evaluated at import by the ONNX reference, once its inputs are known
+                unsupported.setdefault(f"{key} (operands computed at run time)", []).append(label)
+                bindable.update(behind)
             elif key not in _CONVERTERS:
                 unsupported.setdefault(key, []).append(label)
-            elif any(i < len(node.inputs) and node.inputs[i].name in depends for i in _STATIC_OPERANDS.get(key, ())):
+            elif dynamic := [node.inputs[i].name for i in _QUANT_PARAM_OPERANDS.get(key, ())
+                             if i < len(node.inputs) and node.inputs[i].name in depends]:
+                unsupported.setdefault(f"{key} (quantization parameters computed at run time)", []).append(label)
+                bindable.update(*(depends[name] for name in dynamic))
+            elif dynamic := [node.inputs[i].name for i in _STATIC_OPERANDS.get(key, ())
+                             if i < len(node.inputs) and node.inputs[i].name in depends]:
                 # static shapes: a shape/axes/bounds operand computed from an input is dynamic
                 unsupported.setdefault(f"{key} (run-time shape operand)", []).append(label)
+                bindable.update(*(depends[name] for name in dynamic))
 
     scan(gsg.nodes)
+    if opset < OLDEST_READ_OPSET:
+        _refuse_changed_since(gsg.nodes, opset, unsupported)
     if unsupported:
-        raise UnsupportedOpError(where, unsupported)
+        raise UnsupportedOpError(where, unsupported, sorted(bindable))
 
     for tensor in gsg.inputs:
         shape = input_shapes.pop(tensor.name, tensor.shape)
@@ -127,7 +162,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
             dtype = dtype_name(tensor.dtype)
         except ValueError:
             raise ModelLoadError(f"{where}: input '{tensor.name}' has unsupported dtype {_dtype_label(tensor.dtype)} "
-                                 f"(inputs are f16/f32/f64, i8/i16/i32/i64, u8 or bool)") from None
+                                 f"(inputs are f16/f32/f64, i8/i16/i32/i64, u8/u16/u32/u64 or bool)") from None
         env[tensor.name] = graph.add_input(_value_name(tensor.name), TensorType(tuple(shape), dtype))
     if input_shapes:
         raise ModelLoadError(f"{where}: --input-shape/input_shapes names unknown input(s) {sorted(input_shapes)}; "
@@ -198,7 +233,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
 
 # constants of dtypes the IR has no name for, widened exactly (every value kept): int4 weights
 # (opset 21 DequantizeLinear) become int8, bfloat16 and float8 become float32
-_WIDER = {"int4": np.int8, "uint4": np.uint8, "uint16": np.int32, "uint32": np.int64, "bfloat16": np.float32,
+_WIDER = {"int4": np.int8, "uint4": np.uint8, "bfloat16": np.float32,
           "float8_e4m3fn": np.float32, "float8_e4m3fnuz": np.float32, "float8_e5m2": np.float32,
           "float8_e5m2fnuz": np.float32, "float8_e8m0fnu": np.float32, "float4_e2m1fn": np.float32}
 
@@ -211,12 +246,59 @@ def widened(array: np.ndarray, what: str) -> np.ndarray:
     except ValueError:
         pass
     name = np.dtype(array.dtype).name
-    if name == "uint64" and (array.size == 0 or int(array.max()) < 2 ** 63):
-        return array.astype(np.int64)
     if name in _WIDER:
         return array.astype(_WIDER[name])
-    raise ModelLoadError(f"{what}: dtype {name} is not supported (f16/f32/f64, i8/i16/i32/i64, u8, bool; int4, "
-                         f"uint4/16/32/64, bfloat16 and float8 constants are widened exactly)")
+    raise ModelLoadError(f"{what}: dtype {name} is not supported (f16/f32/f64, i8/i16/i32/i64, u8/u16/u32/u64, bool; "
+                         f"int4, uint4, bfloat16 and float8 constants are widened exactly)")
+
+
+def _bind_inputs(proto: onnx.ModelProto, values: Mapping[str, Any], where: str) -> onnx.ModelProto:
+    """A copy of ``proto`` in which each named input is an initializer holding its value, in the
+    input's declared element type and shape (a flat list fills a declared shape)."""
+    from onnx import helper, numpy_helper
+
+    bound = onnx.ModelProto()
+    bound.CopyFrom(proto)
+    declared = {v.name: v for v in bound.graph.input}
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        raise ModelLoadError(f"{where}: --input-value/input_values names unknown input(s) {unknown}; "
+                             f"the model's inputs are {sorted(declared)}")
+    for input_name, value in values.items():
+        tensor_type = declared[input_name].type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
+        array = np.asarray(value)
+        try:
+            if np.dtype(dtype).kind in "iub" and array.dtype.kind == "f" and not np.all(array == np.round(array)):
+                raise ValueError(f"the input is {np.dtype(dtype).name}, the values {array.tolist()} are not whole")
+            array = array.astype(dtype).reshape(shape if shape.count(-1) <= 1 and tensor_type.HasField("shape")
+                                                else array.shape)
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{where}: --input-value/input_values '{input_name}': {e}") from None
+        bound.graph.initializer.append(numpy_helper.from_array(array, input_name))
+        bound.graph.input.remove(declared[input_name])
+    return bound
+
+
+OLDEST_READ_OPSET = 6  # the converters read each op as defined at opset 6 or later
+
+
+def _refuse_changed_since(nodes: Sequence[Any], opset: int, unsupported: dict[str, list[str]]) -> None:
+    """A model older than opset 6 is read where its ops mean what they mean at opset 6: the same
+    schema version serves both. Ops redefined in between (BatchNormalization's ``spatial``,
+    Clip, Reshape's attribute shape, ...) are listed as unsupported at that opset."""
+    for node in nodes:
+        if _key(node) != node.op:
+            continue
+        try:
+            then = onnx.defs.get_schema(node.op, opset).since_version
+            later = onnx.defs.get_schema(node.op, OLDEST_READ_OPSET).since_version
+        except onnx.defs.SchemaError:
+            continue  # not an operator of that opset: the scan reports it if it has no converter
+        if then != later:
+            unsupported.setdefault(f"{node.op} (as defined at opset {then}, before 6)", []).append(
+                node.name or node.outputs[0].name)
 
 
 def _dtype_label(dtype: Any) -> str:
@@ -282,7 +364,9 @@ def _attr(node: Any, key: str, default: Any = None) -> Any:
 _UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Exp": "exp", "Log": "log",
           "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Neg": "neg", "Abs": "abs", "Floor": "floor", "Ceil": "ceil",
           "Sin": "sin", "Cos": "cos", "Not": "logical_not", "Identity": "identity", "HardSwish": "hardswish",
-          "Softplus": "softplus", "Sign": "sign", "IsNaN": "isnan"}
+          "Softplus": "softplus", "Sign": "sign", "IsNaN": "isnan", "Tan": "tan", "Asin": "asin", "Acos": "acos",
+          "Atan": "atan", "Sinh": "sinh", "Cosh": "cosh", "Asinh": "asinh", "Acosh": "acosh", "Atanh": "atanh",
+          "Round": "round"}
 
 
 @converts(*_UNARY)
@@ -307,15 +391,16 @@ def _isinf(ctx, node, inputs):
 
 @converts("Resize", "Upsample")
 def _resize(ctx, node, inputs):
-    """Resize (opset 10+) and Upsample (7-9) of the two spatial axes of an NCHW image, nearest
-    or linear. Sizes come from ``sizes`` or from whole-number ``scales``; a fractional size, a
-    resize of N or C, cubic, antialias and tf_crop_and_resize are refused with the node named."""
+    """Resize (opset 10+) and Upsample (7-9) of the two spatial axes of an NCHW image, nearest,
+    linear or cubic. Sizes come from ``sizes`` or from ``scales`` (rounded down, the transform
+    then using the scales themselves); a resize of N or C, antialias and tf_crop_and_resize are
+    refused with the node named."""
     x = inputs[0]
     mode = _attr(node, "mode", "nearest")
-    mode = {"bilinear": "linear"}.get(mode.decode() if isinstance(mode, bytes) else mode, mode)
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode.decode() if isinstance(mode, bytes) else mode, mode)
     what = f"{node.op} '{node.name}'"
-    if mode not in ("nearest", "linear"):
-        raise QCompilerError(f"{what}: mode '{mode}' is not supported (nearest, linear)")
+    if mode not in ("nearest", "linear", "cubic"):
+        raise QCompilerError(f"{what}: mode '{mode}' is not supported (nearest, linear, cubic)")
     if x.type.rank != 4:
         raise QCompilerError(f"{what}: only NCHW images (rank 4) are resized, got {x.type}")
     if _attr(node, "antialias", 0):
@@ -328,6 +413,7 @@ def _resize(ctx, node, inputs):
         scales = ctx.const_input(inputs[index], node, "scales") \
             if len(inputs) > index and inputs[index] is not None and inputs[index].type.size else None
     axes = _attr(node, "axes", None)
+    given_scales: list[float] = []
     if sizes is None:
         if scales is None:
             raise QCompilerError(f"{what}: neither sizes nor scales given")
@@ -336,26 +422,48 @@ def _resize(ctx, node, inputs):
             full[[a % 4 for a in axes]] = scales
         scales = np.asarray(full if full is not None else scales, np.float64)
         exact = np.asarray(x.shape) * scales
-        if not np.allclose(exact, np.round(exact)):
-            raise QCompilerError(f"{what}: scales {list(scales)} give fractional sizes for {list(x.shape)}; "
-                                 f"export the model with sizes")
-        out = [int(round(v)) for v in exact]
+        if np.allclose(exact, np.round(exact)):
+            out = [int(round(v)) for v in exact]
+        else:  # ONNX: floor(size * scale), and the coordinate transform uses the scale as given
+            out = [int(np.floor(v)) for v in exact]
+            given_scales = [float(v) for v in scales[2:]]
     else:
         out = list(x.shape)
-        for a, size in zip(axes if axes is not None else range(4 - len(sizes), 4), sizes):
-            out[a % 4] = int(size)
+        resized = [a % 4 for a in (axes if axes is not None else range(4 - len(sizes), 4))]
+        for a, size in zip(resized, sizes):
+            out[a] = int(size)
+        policy = _attr(node, "keep_aspect_ratio_policy", "stretch")
+        if policy != "stretch":  # one scale for every resized axis, the smallest or largest asked for
+            scale = (min if policy == "not_larger" else max)(out[a] / x.shape[a] for a in resized)
+            exact = [scale * x.shape[a] for a in resized]
+            if not np.allclose(exact, np.round(exact)):
+                raise QCompilerError(f"{what}: keep_aspect_ratio_policy '{policy}' gives fractional sizes "
+                                     f"{[round(v, 3) for v in exact]} for {list(x.shape)}")
+            for a, size in zip(resized, exact):
+                out[a] = int(size + 0.5)
+    if min(out) < 1:
+        raise QCompilerError(f"{what}: resizing {list(x.shape)} gives an empty image {out}")
     if out[:2] != list(x.shape[:2]):
         raise QCompilerError(f"{what}: only the spatial axes may be resized ({list(x.shape)} to {out})")
     if ctx.opset < 11:
         transform = "asymmetric"
     else:
         transform = _attr(node, "coordinate_transformation_mode", "half_pixel")
-        if transform == "tf_half_pixel_for_nn":
-            transform = "half_pixel"
+        if transform not in COORDINATE_MODES:
+            raise QCompilerError(f"{what}: coordinate_transformation_mode '{transform}' is not supported "
+                                 f"({', '.join(COORDINATE_MODES)})")
+        if transform == "tf_half_pixel_for_nn" and mode != "nearest":
+            raise QCompilerError(f"{what}: coordinate_transformation_mode 'tf_half_pixel_for_nn' is for nearest only")
     attrs = {"size": out[2:], "coordinate_transformation_mode": transform}
+    if given_scales:
+        attrs["scales"] = given_scales
     if mode == "nearest":
         attrs["nearest_mode"] = _attr(node, "nearest_mode", "round_prefer_floor") if ctx.opset >= 11 else "floor"
         return ctx.emit1("resize_nearest", [x], attrs)
+    if mode == "cubic":
+        attrs.update(cubic_coeff_a=float(_attr(node, "cubic_coeff_a", -0.75)),
+                     exclude_outside=bool(_attr(node, "exclude_outside", 0)))
+        return ctx.emit1("resize_cubic", [x], attrs)
     return ctx.emit1("resize_linear", [x], attrs)
 
 
@@ -363,10 +471,11 @@ def _resize(ctx, node, inputs):
 def _dropout(ctx, node, inputs):
     """Inference: the identity, and an all-true mask. ``training_mode`` true with a ratio above
     0 is random: refused, never silently the identity."""
-    ratio = _attr(node, "ratio", 0.5) if ctx.opset < 12 else \
-        (float(ctx.const_input(inputs[1], node, "ratio")) if len(inputs) > 1 and inputs[1] is not None else 0.5)
     training = ctx.const_input(inputs[2], node, "training_mode") if len(inputs) > 2 else None
-    if training is not None and bool(np.asarray(training).reshape(-1)[0]) and ratio > 0:
+    training = training is not None and bool(np.asarray(training).reshape(-1)[0])
+    ratio = _attr(node, "ratio", 0.5) if ctx.opset < 12 else (  # read only in training: unused at inference
+        float(ctx.const_input(inputs[1], node, "ratio")) if training and len(inputs) > 1 and inputs[1] is not None else 0.5)
+    if training and ratio > 0:
         raise ModelLoadError(f"Dropout node '{node.name}': training_mode is true (random, ratio {ratio}); "
                              f"export the model for inference")
     y = ctx.emit1("dropout", [inputs[0]])
@@ -419,6 +528,12 @@ def _gelu(ctx, node, inputs):
 def _clip(ctx, node, inputs):
     if ctx.opset < 11:
         lo, hi = _attr(node, "min", -math.inf), _attr(node, "max", math.inf)
+    elif any(v is not None and not v.is_constant for v in inputs[1:3]):
+        # bounds computed at run time: min(max(x, lo), hi), as ONNX defines Clip
+        out = inputs[0]
+        for op, bound in zip(("maximum", "minimum"), inputs[1:3]):
+            out = out if bound is None else ctx.emit1(op, [out, bound])
+        return out
     else:
         lo_a = ctx.const_input(inputs[1] if len(inputs) > 1 else None, node, "min")
         hi_a = ctx.const_input(inputs[2] if len(inputs) > 2 else None, node, "max")
@@ -433,7 +548,7 @@ def _clip(ctx, node, inputs):
 
 _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "equal", "Less": "less",
            "LessOrEqual": "less_equal", "Greater": "greater", "GreaterOrEqual": "greater_equal",
-           "And": "logical_and", "Or": "logical_or"}
+           "And": "logical_and", "Or": "logical_or", "Xor": "logical_xor"}
 
 
 @converts(*_BINARY)
@@ -898,13 +1013,16 @@ def _topk(ctx, node, inputs):
 
 @converts("Trilu")
 def _trilu(ctx, node, inputs):
-    """The upper (or lower) triangle of the last two axes: a constant mask, known from the static
-    shape and the constant ``k``."""
+    """The upper (or lower) triangle of the last two axes: the elements whose column - row is
+    >= k (<= k for the lower one). A mask known at import from the static shape when ``k`` is
+    a constant; compared at run time when ``k`` is an input."""
     x = inputs[0]
-    k = int(ctx.const_input(inputs[1], node, "k")) if len(inputs) > 1 and inputs[1] is not None else 0
     rows, cols = x.shape[-2:]
-    mask = np.triu(np.ones((rows, cols), bool), k) if _attr(node, "upper", 1) else np.tril(np.ones((rows, cols), bool), k)
-    return ctx.emit1("where", [ctx.const(mask, "triangle"), x, ctx.const(np.zeros((), x.type.np_dtype), "zero")])
+    diagonal = np.arange(cols, dtype=np.int64)[None, :] - np.arange(rows, dtype=np.int64)[:, None]
+    k = inputs[1] if len(inputs) > 1 and inputs[1] is not None else ctx.const(np.zeros((), np.int64), "k")
+    compare = "greater_equal" if _attr(node, "upper", 1) else "less_equal"
+    mask = ctx.emit1(compare, [ctx.const(diagonal, "diagonal"), ctx.reshape(ctx.cast(k, "i64"), [])])
+    return ctx.emit1("where", [mask, x, ctx.const(np.zeros((), x.type.np_dtype), "zero")])
 
 
 @converts("CumSum")

@@ -476,25 +476,35 @@ def _pool(ctx, node, args):
     return (y, None) if op.endswith("with_indices") else y
 
 
-@converts("upsample_nearest2d", "upsample_bilinear2d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa")
+@converts("upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d",
+          "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")
 def _upsample(ctx, node, args):
     """torch's interpolate on NCHW images: ``nearest`` reads ``floor(o * in / out)`` (ONNX
     asymmetric + floor), ``nearest-exact`` rounds half up from the pixel centre (half_pixel +
-    round_prefer_ceil), bilinear is half_pixel (align_corners=True: align_corners)."""
+    round_prefer_ceil), bilinear is half_pixel (align_corners=True: align_corners), bicubic the
+    same with Keys' a = -0.75. With a ``scale_factor`` whose sizes are fractional, torch maps
+    coordinates by that factor, not by out / in: the IR op is given it as ``scales``."""
     op = _packet(node)
     if op.endswith("_aa"):
         raise QCompilerError("interpolate with antialias=True is not supported")
     x = ctx.value(args[0])
     size = list(_out_type(node).shape[2:])
-    if "nearest" in op:
+    nearest = "nearest" in op
+    align = False if nearest else bool(args[2]) if len(args) > 2 else False
+    factors = args[2 if nearest else 3] if len(args) > (2 if nearest else 3) else None
+    attrs: dict[str, Any] = {"size": size}
+    if factors and not align and any(f * n != m for f, n, m in zip(factors, x.shape[2:], size)):
+        attrs["scales"] = [float(f) for f in factors]
+    if nearest:
         exact = op.startswith("_upsample_nearest_exact")
-        return ctx.emit1("resize_nearest", [x], {"size": size,
-                                                  "coordinate_transformation_mode": "half_pixel" if exact else "asymmetric",
-                                                  "nearest_mode": "round_prefer_ceil" if exact else "floor"})
-    align = bool(args[2]) if len(args) > 2 else False
-    return ctx.emit1("resize_linear", [x], {"size": size,
-                                            "coordinate_transformation_mode": "align_corners" if align else
-                                            "pytorch_half_pixel"})
+        return ctx.emit1("resize_nearest", [x], {**attrs, "coordinate_transformation_mode": "half_pixel" if exact
+                                                  else "asymmetric", "nearest_mode": "round_prefer_ceil" if exact else "floor"})
+    if "bicubic" in op:
+        return ctx.emit1("resize_cubic", [x], {**attrs, "coordinate_transformation_mode": "align_corners" if align
+                                                else "half_pixel", "cubic_coeff_a": -0.75})
+    # half_pixel, not ONNX's pytorch_half_pixel: torch has no special case for an output of one pixel
+    return ctx.emit1("resize_linear", [x], {**attrs, "coordinate_transformation_mode": "align_corners" if align else
+                                            "half_pixel"})
 
 
 @converts("einsum")

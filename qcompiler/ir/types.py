@@ -18,6 +18,9 @@ DTYPES: dict[str, np.dtype] = {
     "i16": np.dtype(np.int16),
     "i8": np.dtype(np.int8),
     "u8": np.dtype(np.uint8),
+    "u16": np.dtype(np.uint16),
+    "u32": np.dtype(np.uint32),
+    "u64": np.dtype(np.uint64),
     "bool": np.dtype(np.bool_),
 }
 _NAME_OF = {v: k for k, v in DTYPES.items()}
@@ -27,7 +30,7 @@ _NAME_OF = {v: k for k, v in DTYPES.items()}
 MAX_CONSTANT_BYTES = 4 << 30
 
 FLOAT_DTYPES = frozenset({"f64", "f32", "f16"})
-INT_DTYPES = frozenset({"i64", "i32", "i16", "i8", "u8"})
+INT_DTYPES = frozenset({"i64", "i32", "i16", "i8", "u8", "u16", "u32", "u64"})
 
 
 def dtype_name(dtype: object) -> str:

@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.ops import ops_where
+from qcompiler.ir.ops.resize import nearest_indices
 from qcompiler.registrar import registrar
 
 OPSET = 20
@@ -103,7 +104,9 @@ _SIMPLE = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf", "
            "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max",
            "minimum": "Min", "equal": "Equal", "less": "Less", "less_equal": "LessOrEqual", "greater": "Greater",
            "greater_equal": "GreaterOrEqual", "logical_and": "And", "logical_or": "Or", "where": "Where",
-           "matmul": "MatMul"}
+           "matmul": "MatMul", "tan": "Tan", "asin": "Asin", "acos": "Acos", "atan": "Atan", "sinh": "Sinh",
+           "cosh": "Cosh", "asinh": "Asinh", "acosh": "Acosh", "atanh": "Atanh", "round": "Round",
+           "logical_xor": "Xor"}
 
 
 def _activation(ex: _Exporter, x: str, act: str, args: tuple, dtype: np.dtype) -> str:
@@ -118,6 +121,11 @@ def _activation(ex: _Exporter, x: str, act: str, args: tuple, dtype: np.dtype) -
     if act == "hardsigmoid":
         return ex.add1("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
     return ex.add1({"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}[act], [x])
+
+
+@exports("shift_left", "shift_right")
+def _bit_shift(ex, node, xs):
+    return ex.add1("BitShift", xs, direction="LEFT" if node.op == "shift_left" else "RIGHT")
 
 
 @exports(*_SIMPLE)
@@ -238,6 +246,13 @@ def _gather(ex, node, xs):
     return ex.add1("Gather" if node.op == "gather" else "GatherElements", xs, axis=node.attrs["axis"])
 
 
+@exports("scatter_elements", "scatter_nd")
+def _scatter(ex, node, xs):
+    attrs = {"axis": node.attrs["axis"]} if node.op == "scatter_elements" else {}
+    return ex.add1("ScatterElements" if node.op == "scatter_elements" else "ScatterND", xs,
+                   reduction=node.attrs["reduction"], **attrs)
+
+
 @exports("index")
 def _index(ex, node, xs):
     shape = tuple(np.broadcast_shapes(*(v.shape for v in node.inputs[1:])))
@@ -297,15 +312,33 @@ def _topk(ex, node, xs):
     return ex.add("TopK", [xs[0], k], outputs=2, axis=node.attrs["axis"], largest=int(node.attrs["largest"]), sorted=1)
 
 
-@exports("resize_nearest", "resize_linear")
+@exports("resize_nearest", "resize_linear", "resize_cubic")
 def _resize(ex, node, xs):
     x = node.inputs[0]
-    sizes = ex.const(np.asarray([*x.shape[:2], *node.attrs["size"]], np.int64), "sizes")
-    attrs = {"mode": "nearest" if "nearest_mode" in node.attrs else "linear",
+    if node.attrs["coordinate_transformation_mode"] == "tf_half_pixel_for_nn":  # gone from Resize since opset 13
+        rows, cols = (nearest_indices(n, m, "tf_half_pixel_for_nn", node.attrs["nearest_mode"])
+                      for n, m in zip(x.shape[2:], node.attrs["size"]))
+        return ex.add1("Gather", [ex.add1("Gather", [xs[0], ex.const(rows, "rows")], axis=2), ex.const(cols, "cols")],
+                       axis=3)
+    attrs = {"mode": node.op.removeprefix("resize_"),
              "coordinate_transformation_mode": node.attrs["coordinate_transformation_mode"]}
-    if "nearest_mode" in node.attrs:
-        attrs["nearest_mode"] = node.attrs["nearest_mode"]
+    for key in ("nearest_mode", "cubic_coeff_a"):
+        if key in node.attrs:
+            attrs[key] = node.attrs[key]
+    if "exclude_outside" in node.attrs:
+        attrs["exclude_outside"] = int(node.attrs["exclude_outside"])
+    if node.attrs["scales"]:  # the transform follows the scales: give them, not the sizes
+        return ex.add1("Resize", [xs[0], "", ex.const(np.asarray([1, 1, *node.attrs["scales"]], np.float32), "scales")],
+                       **attrs)
+    sizes = ex.const(np.asarray([*x.shape[:2], *node.attrs["size"]], np.int64), "sizes")
     return ex.add1("Resize", [xs[0], "", "", sizes], **attrs)
+
+
+@exports("grid_sample")
+def _grid_sample(ex, node, xs):
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(node.attrs["mode"], node.attrs["mode"])  # opset 20 names
+    return ex.add1("GridSample", xs, mode=mode, padding_mode=node.attrs["padding_mode"],
+                   align_corners=int(node.attrs["align_corners"]))
 
 
 @exports("quantize", "dequantize")

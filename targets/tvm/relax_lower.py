@@ -15,6 +15,7 @@ from tvm import relax, topi
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.ops import traits_of
+from qcompiler.ir.ops.resize import interpolation_matrix, nearest_indices
 from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
@@ -56,6 +57,9 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
     missing = sorted({n.op for n in graph.nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
+    empty = next((v for v in [*graph.inputs, *(o for n in graph.nodes for o in n.outputs)] if 0 in v.shape), None)
+    if empty is not None:  # TVM's schedules divide by the extent
+        raise QCompilerError(f"the TVM target cannot build tensors with no elements (%{empty.name}: {empty.type})")
     low = Lowerer(graph, int8_kernels, cpu_kernels, cores, INT8_KERNELS)
     absorbed: dict[int, relax.Expr] = {}  # requantizes a kernel computed in its epilogue
     params = [relax.Var(v.name, relax.TensorType(v.shape, TVM_DTYPE[v.dtype])) for v in graph.inputs]
@@ -94,7 +98,8 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
 _SIMPLE_UNARY = {"relu": R.nn.relu, "sigmoid": R.sigmoid, "tanh": R.tanh, "erf": R.erf, "exp": R.exp, "log": R.log,
                  "sqrt": R.sqrt, "rsqrt": R.rsqrt, "neg": R.negative, "abs": R.abs, "floor": R.floor, "ceil": R.ceil,
                  "sin": R.sin, "cos": R.cos, "logical_not": R.logical_not, "sign": R.sign, "isnan": R.isnan,
-                 "isinf": R.isinf}
+                 "isinf": R.isinf, "tan": R.tan, "asin": R.asin, "acos": R.acos, "atan": R.atan, "asinh": R.asinh,
+                 "acosh": R.acosh, "atanh": R.atanh}
 
 
 @lowers(*_SIMPLE_UNARY)
@@ -173,6 +178,36 @@ def _softplus(low, node, xs):
                                                         low.emit(R.exp(low.emit(R.negative(low.emit(R.abs(x))))))))))))
 
 
+@lowers("sinh", "cosh")
+def _hyperbolic(low, node, xs):
+    """(e^x - e^-x) / 2 and (e^x + e^-x) / 2: LLVM has no sinh/cosh intrinsic."""
+    x, dtype = xs[0], TVM_DTYPE[node.output.dtype]
+    up, down = low.emit(R.exp(x)), low.emit(R.exp(low.emit(R.negative(x))))
+    return low.emit(R.multiply(low.emit((R.subtract if node.op == "sinh" else R.add)(up, down)), low.scalar(0.5, dtype)))
+
+
+@lowers("shift_left", "shift_right")
+def _shift(low, node, xs):
+    """As the reference: an amount below 0 or of the width or more shifts every bit out (LLVM
+    leaves such shifts undefined)."""
+    a, b = xs
+    dtype = TVM_DTYPE[node.output.dtype]
+    bits = np.dtype(dtype).itemsize * 8
+    out_of_range = low.emit(R.logical_or(low.emit(R.less(b, low.scalar(0, dtype))),
+                                         low.emit(R.greater_equal(b, low.scalar(bits, dtype)))))
+    amount = low.emit(R.where(out_of_range, low.scalar(0, dtype), b))
+    if node.op == "shift_left":
+        return low.emit(R.where(out_of_range, low.scalar(0, dtype), low.emit(R.left_shift(a, amount))))
+    fill = low.emit(R.where(low.emit(R.less(a, low.scalar(0, dtype))), low.scalar(-1, dtype), low.scalar(0, dtype))) \
+        if np.dtype(dtype).kind == "i" else low.scalar(0, dtype)
+    return low.emit(R.where(out_of_range, fill, low.emit(R.right_shift(a, amount))))
+
+
+@lowers("round")
+def _round(low, node, xs):
+    return round_half_even(low, xs[0], TVM_DTYPE[node.output.dtype])
+
+
 @lowers("reciprocal")
 def _reciprocal(low, node, xs):
     return low.emit(R.divide(low.scalar(1, TVM_DTYPE[node.output.dtype]), xs[0]))
@@ -180,7 +215,8 @@ def _reciprocal(low, node, xs):
 
 _BINARY = {"add": R.add, "sub": R.subtract, "mul": R.multiply, "pow": R.power, "maximum": R.maximum,
            "minimum": R.minimum, "equal": R.equal, "less": R.less, "less_equal": R.less_equal, "greater": R.greater,
-           "greater_equal": R.greater_equal, "logical_and": R.logical_and, "logical_or": R.logical_or}
+           "greater_equal": R.greater_equal, "logical_and": R.logical_and, "logical_or": R.logical_or,
+           "logical_xor": R.logical_xor}
 
 
 @lowers(*_BINARY)
@@ -241,14 +277,40 @@ def _conv_transpose(low, node, xs):
     return y
 
 
-@lowers("resize_nearest", "resize_linear")
+@lowers("resize_nearest", "resize_linear", "resize_cubic")
 def _resize(low, node, xs):
-    """``image.resize2d``: its coordinate transformations and roundings are ONNX's, by name."""
+    """``image.resize2d``: its coordinate transformations and roundings are ONNX's, by name.
+    Where the model's own scales drive the transform (resize2d derives them from the sizes), for
+    cubic, and for align_corners onto one pixel (resize2d divides by size - 1), the reference's
+    own plan: gathers of its indices (nearest) or products with its interpolation matrices."""
     nearest = "nearest_mode" in node.attrs
+    x = node.inputs[0]
+    mode, scales = node.attrs["coordinate_transformation_mode"], node.attrs["scales"] or (None, None)
+    (n, m), (w, p) = ((x.shape[2], node.attrs["size"][0]), (x.shape[3], node.attrs["size"][1]))
+    reference_plan = node.attrs["scales"] or node.op == "resize_cubic" or (mode == "align_corners" and 1 in (m, p))
+    if nearest and reference_plan:
+        rounding = node.attrs["nearest_mode"]
+        rows = low.emit(R.take(xs[0], low.const(nearest_indices(n, m, mode, rounding, scales[0])), axis=2))
+        return low.emit(R.take(rows, low.const(nearest_indices(w, p, mode, rounding, scales[1])), axis=3))
+    if reference_plan:
+        dtype = TVM_DTYPE[x.dtype]
+        rows = low.const(interpolation_matrix(n, m, node.attrs, 0).astype(dtype))
+        cols = low.const(interpolation_matrix(w, p, node.attrs, 1).T.astype(dtype))
+        return low.emit(R.matmul(low.emit(R.matmul(rows, xs[0])), cols))
     return low.emit(R.image.resize2d(xs[0], tuple(node.attrs["size"]), layout="NCHW",
                                      method="nearest_neighbor" if nearest else "linear",
                                      coordinate_transformation_mode=node.attrs["coordinate_transformation_mode"],
                                      rounding_method=node.attrs["nearest_mode"] if nearest else ""))
+
+
+@lowers("grid_sample")
+def _grid_sample(low, node, xs):
+    """TOPI's grid_sample reads the grid as [N, 2, H_out, W_out] (its Relax docstring says
+    otherwise): transposed from ONNX's and torch's [N, H_out, W_out, 2]."""
+    grid = low.emit(R.permute_dims(xs[1], [0, 3, 1, 2]))
+    return low.emit(R.image.grid_sample(xs[0], grid, method=node.attrs["mode"], layout="NCHW",
+                                        padding_mode=node.attrs["padding_mode"],
+                                        align_corners=node.attrs["align_corners"]))
 
 
 @lowers("batch_norm")
@@ -396,6 +458,27 @@ def _checked_indices(low, node: Node, index: Value, expr: relax.Expr, size: int)
     flat = low.emit(relax.call_tir(func, [expr if flat_shape else low.emit(R.reshape(expr, [count]))],
                                    relax.TensorType([count], dtype)))
     return flat if flat_shape else low.emit(R.reshape(flat, list(index.shape)))
+
+
+_TVM_SCATTER_REDUCTION = {"none": "update", "add": "add", "mul": "mul", "max": "max", "min": "min"}
+
+
+@lowers("scatter_elements")
+def _scatter_elements(low, node, xs):
+    data, idx, _ = node.inputs
+    axis = node.attrs["axis"] % data.type.rank
+    return low.emit(R.scatter_elements(xs[0], _checked_indices(low, node, idx, xs[1], data.shape[axis]), xs[2],
+                                       axis=axis, reduction=_TVM_SCATTER_REDUCTION[node.attrs["reduction"]]))
+
+
+@lowers("scatter_nd")
+def _scatter_nd(low, node, xs):
+    data, idx, _ = node.inputs
+    depth = idx.shape[-1]
+    if any(data.shape[k] != data.shape[0] for k in range(depth)):  # one range check covers all index columns
+        raise QCompilerError(f"{node.describe()}: scatter_nd over axes of different sizes has no Relax lowering yet")
+    return low.emit(R.scatter_nd(xs[0], _checked_indices(low, node, idx, xs[1], data.shape[0]), xs[2],
+                                 reduction=_TVM_SCATTER_REDUCTION[node.attrs["reduction"]]))
 
 
 @lowers("gather")

@@ -58,6 +58,16 @@ _unary("floor", lambda x, a: np.floor(x), "round toward -inf")
 _unary("ceil", lambda x, a: np.ceil(x), "round toward +inf")
 _unary("sin", lambda x, a: np.sin(x), "sine")
 _unary("cos", lambda x, a: np.cos(x), "cosine")
+_unary("tan", lambda x, a: np.tan(x), "tangent")
+_unary("asin", lambda x, a: np.arcsin(x), "inverse sine")
+_unary("acos", lambda x, a: np.arccos(x), "inverse cosine")
+_unary("atan", lambda x, a: np.arctan(x), "inverse tangent")
+_unary("sinh", lambda x, a: np.sinh(x), "hyperbolic sine")
+_unary("cosh", lambda x, a: np.cosh(x), "hyperbolic cosine")
+_unary("asinh", lambda x, a: np.arcsinh(x), "inverse hyperbolic sine")
+_unary("acosh", lambda x, a: np.arccosh(x), "inverse hyperbolic cosine")
+_unary("atanh", lambda x, a: np.arctanh(x), "inverse hyperbolic tangent")
+_unary("round", lambda x, a: np.round(x), "round to the nearest integer, ties to even")
 _unary("logical_not", lambda x, a: np.logical_not(x), "boolean not")
 _unary("identity", lambda x, a: x, "x (kept from the source model; canonicalization removes it)")
 _unary("dropout", lambda x, a: x, "x at inference (kept from the source model; canonicalization removes it)")
@@ -96,7 +106,23 @@ _COMPARE = {
     "greater_equal": (np.greater_equal, "a >= b"),
     "logical_and": (np.logical_and, "a and b"),
     "logical_or": (np.logical_or, "a or b"),
+    "logical_xor": (np.logical_xor, "a xor b"),
 }
+
+
+def _shift(a: np.ndarray, b: np.ndarray, left: bool) -> np.ndarray:
+    """a << b or a >> b (arithmetic for signed a); a shift by a negative amount or by the width
+    or more shifts every bit out: 0, or -1 for a negative a shifted right."""
+    bits = a.dtype.itemsize * 8
+    out_of_range = (b < 0) | (b >= bits)
+    amount = np.where(out_of_range, 0, b).astype(a.dtype)
+    if left:
+        return np.where(out_of_range, 0, np.left_shift(a, amount)).astype(a.dtype)
+    return np.where(out_of_range, np.where(a < 0, -1, 0), np.right_shift(a, amount)).astype(a.dtype)
+
+
+_SHIFTS = {"shift_left": (lambda a, b: _shift(a, b, True), "a << b"),
+           "shift_right": (lambda a, b: _shift(a, b, False), "a >> b (arithmetic for signed a)")}
 
 
 def _binary_infer(result_dtype: str | None):
@@ -112,6 +138,9 @@ for _name, (_fn, _doc) in _ARITH.items():
     declare(_name, arity=2, infer=_binary_infer(None), doc=_doc + " (numpy broadcasting)",
             kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1]), dtype=xs[0].dtype),
             traits=_ARITH_TRAITS.get(_name, ELEMENTWISE))
+for _name, (_fn, _doc) in _SHIFTS.items():
+    declare(_name, arity=2, infer=_binary_infer(None), doc=_doc + " (integers; out-of-range amounts shift every bit out; numpy broadcasting)",
+            kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1]), dtype=xs[0].dtype), traits=ELEMENTWISE)
 for _name, (_fn, _doc) in _COMPARE.items():
     declare(_name, arity=2, infer=_binary_infer("bool"), doc=_doc + " (numpy broadcasting)",
             kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1])), traits=ELEMENTWISE)

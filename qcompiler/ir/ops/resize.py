@@ -8,6 +8,7 @@ An output pixel ``o`` of an axis resized from ``n`` to ``m`` reads input coordin
 - ``pytorch_half_pixel``: the same, and 0 where ``m == 1``
 - ``align_corners``: ``o * (n - 1) / (m - 1)`` (0 where ``m == 1``)
 - ``asymmetric``: ``o / scale`` (torch's ``nearest``)
+- ``tf_half_pixel_for_nn``: ``(o + 0.5) / scale`` (ONNX Resize-11, TensorFlow's nearest; nearest only)
 
 Nearest rounds ``x`` by ``nearest_mode`` and clamps it into the axis; linear clamps ``x`` into
 ``[0, n - 1]`` and blends the two neighbours. Nearest only copies values, so it runs on
@@ -19,25 +20,31 @@ import numpy as np
 from ..types import TensorType
 from .registry import Attr, Traits, declare
 
-COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
+COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn")
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
 
-def _attrs(nearest: bool) -> dict[str, Attr]:
+def _attrs(kind: str) -> dict[str, Attr]:
     attrs = {"size": Attr("ints", doc="output height and width"),
-             "coordinate_transformation_mode": Attr("str", "asymmetric" if nearest else "half_pixel")}
-    if nearest:
+             "coordinate_transformation_mode": Attr("str", "asymmetric" if kind == "nearest" else "half_pixel"),
+             "scales": Attr("floats", (), doc="the model's height and width scales, when it gave scales whose "
+                                             "sizes are fractional (the transform uses them, not size / input)")}
+    if kind == "nearest":
         attrs["nearest_mode"] = Attr("str", "floor")
+    if kind == "cubic":
+        attrs["cubic_coeff_a"] = Attr("float", -0.75)
+        attrs["exclude_outside"] = Attr("bool", False)
     return attrs
 
 
 def _infer(name: str):
     def infer(types, attrs):
         x = types[0]
-        if x.rank != 4 or len(attrs["size"]) != 2 or min(attrs["size"]) < 1:
-            raise TypeError(f"{name}: needs an NCHW input and a positive [height, width], got {x} and "
-                            f"{list(attrs['size'])}")
-        if attrs["coordinate_transformation_mode"] not in COORDINATE_MODES:
+        if x.rank != 4 or len(attrs["size"]) != 2 or min(attrs["size"]) < 1 or len(attrs["scales"]) not in (0, 2):
+            raise TypeError(f"{name}: needs an NCHW input, a positive [height, width] and 0 or 2 scales, got {x}, "
+                            f"{list(attrs['size'])} and {list(attrs['scales'])}")
+        if attrs["coordinate_transformation_mode"] not in COORDINATE_MODES or (
+                attrs["coordinate_transformation_mode"] == "tf_half_pixel_for_nn" and "nearest_mode" not in attrs):
             raise TypeError(f"{name}: coordinate_transformation_mode must be one of {', '.join(COORDINATE_MODES)}")
         if attrs.get("nearest_mode", "floor") not in NEAREST_MODES:
             raise TypeError(f"{name}: nearest_mode must be one of {', '.join(NEAREST_MODES)}")
@@ -45,20 +52,24 @@ def _infer(name: str):
     return infer
 
 
-def source_coordinates(n: int, m: int, mode: str) -> np.ndarray:
-    """The input coordinate each of ``m`` output positions reads, for an axis of ``n``."""
+def source_coordinates(n: int, m: int, mode: str, scale: float | None = None) -> np.ndarray:
+    """The input coordinate each of ``m`` output positions reads, for an axis of ``n``; ``scale``
+    the model's own when it gave one (else ``m / n``)."""
     o = np.arange(m, dtype=np.float64)
-    scale = m / n
+    scale = scale or m / n
     if mode == "align_corners":
-        return o * (n - 1) / (m - 1) if m > 1 else np.zeros(m)
+        width = scale * n  # ONNX: the unrounded output width
+        return o * (n - 1) / (width - 1) if width > 1 else np.zeros(m)
     if mode == "asymmetric":
         return o / scale
+    if mode == "tf_half_pixel_for_nn":
+        return (o + 0.5) / scale
     x = (o + 0.5) / scale - 0.5
     return np.zeros(m) if mode == "pytorch_half_pixel" and m == 1 else x
 
 
-def nearest_indices(n: int, m: int, mode: str, rounding: str) -> np.ndarray:
-    x = source_coordinates(n, m, mode)
+def nearest_indices(n: int, m: int, mode: str, rounding: str, scale: float | None = None) -> np.ndarray:
+    x = source_coordinates(n, m, mode, scale)
     if rounding == "floor":
         i = np.floor(x)
     elif rounding == "ceil":
@@ -70,35 +81,86 @@ def nearest_indices(n: int, m: int, mode: str, rounding: str) -> np.ndarray:
     return np.clip(i, 0, n - 1).astype(np.int64)
 
 
+def _cubic(d: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel at distance ``d`` (ONNX's coefficient ``a``, -0.75 as torch)."""
+    d = np.abs(d)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+
+def interpolation_matrix(n: int, m: int, attrs: dict, axis: int) -> np.ndarray:
+    """The [m, n] matrix that resizes one axis (0: height, 1: width) by linear or cubic
+    interpolation: row o holds the weights of the input positions output o blends. Outside
+    taps read the edge, or (cubic ``exclude_outside``) drop out with the rest renormalized."""
+    scale = attrs["scales"][axis] if attrs["scales"] else None
+    x = source_coordinates(n, m, attrs["coordinate_transformation_mode"], scale)
+    matrix = np.zeros((m, n))
+    rows = np.arange(m)[:, None]
+    if "cubic_coeff_a" not in attrs:  # linear: the two neighbours of x clamped into the axis
+        x = np.clip(x, 0, n - 1)
+        low = np.floor(x).astype(np.int64)
+        high = np.minimum(low + 1, n - 1)
+        np.add.at(matrix, (rows, np.stack([low, high], 1)), np.stack([1 - (x - low), x - low], 1))
+        return matrix
+    base = np.floor(x)
+    taps = base[:, None] + np.arange(-1, 3)[None, :]
+    weights = _cubic(x[:, None] - taps, attrs["cubic_coeff_a"])
+    if attrs["exclude_outside"]:
+        weights = np.where((taps < 0) | (taps >= n), 0.0, weights)
+        weights /= weights.sum(1, keepdims=True)
+    np.add.at(matrix, (rows, np.clip(taps, 0, n - 1).astype(np.int64)), weights)
+    return matrix
+
+
+def _scale(attrs: dict, axis: int) -> float | None:
+    return attrs["scales"][axis] if attrs["scales"] else None
+
+
 def _nearest_kernel(xs, attrs):
     x = xs[0]
     mode, rounding = attrs["coordinate_transformation_mode"], attrs["nearest_mode"]
-    rows = nearest_indices(x.shape[2], attrs["size"][0], mode, rounding)
-    cols = nearest_indices(x.shape[3], attrs["size"][1], mode, rounding)
+    rows = nearest_indices(x.shape[2], attrs["size"][0], mode, rounding, _scale(attrs, 0))
+    cols = nearest_indices(x.shape[3], attrs["size"][1], mode, rounding, _scale(attrs, 1))
     return x[:, :, rows][:, :, :, cols]
 
 
-def _linear_axis(x: np.ndarray, axis: int, m: int, mode: str) -> np.ndarray:
-    n = x.shape[axis]
-    pos = np.clip(source_coordinates(n, m, mode), 0, n - 1)
-    low = np.floor(pos).astype(np.int64)
-    high = np.minimum(low + 1, n - 1)
-    shape = [1] * x.ndim
-    shape[axis] = m
-    weight = (pos - low).reshape(shape)
-    return np.take(x, low, axis=axis) * (1 - weight) + np.take(x, high, axis=axis) * weight
+def _interpolating_kernel(xs, attrs):
+    x = xs[0]
+    rows = interpolation_matrix(x.shape[2], attrs["size"][0], attrs, 0)
+    cols = interpolation_matrix(x.shape[3], attrs["size"][1], attrs, 1)
+    return np.einsum("oh,nchw,pw->ncop", rows, x.astype(np.float64), cols).astype(x.dtype)
 
 
-def _linear_kernel(xs, attrs):
-    x = xs[0].astype(np.float64)
-    mode = attrs["coordinate_transformation_mode"]
-    y = _linear_axis(_linear_axis(x, 2, attrs["size"][0], mode), 3, attrs["size"][1], mode)
-    return y.astype(xs[0].dtype)
-
-
-declare("resize_nearest", arity=1, attrs=_attrs(nearest=True), infer=_infer("resize_nearest"), kernel=_nearest_kernel,
+declare("resize_nearest", arity=1, attrs=_attrs("nearest"), infer=_infer("resize_nearest"), kernel=_nearest_kernel,
         traits=Traits("resize", quant="same_as_input", config_type="resize", on_grid=True, spatial_rank=2),
         doc="nearest-neighbour resize of an NCHW image to `size` (ONNX Resize mode=nearest)")
-declare("resize_linear", arity=1, attrs=_attrs(nearest=False), infer=_infer("resize_linear"), kernel=_linear_kernel,
+declare("resize_linear", arity=1, attrs=_attrs("linear"), infer=_infer("resize_linear"), kernel=_interpolating_kernel,
         traits=Traits("resize", spatial_rank=2),
         doc="bilinear resize of an NCHW image to `size` (ONNX Resize mode=linear; torch bilinear)")
+declare("resize_cubic", arity=1, attrs=_attrs("cubic"), infer=_infer("resize_cubic"), kernel=_interpolating_kernel,
+        traits=Traits("resize", spatial_rank=2),
+        doc="bicubic resize of an NCHW image to `size` (ONNX Resize mode=cubic; torch bicubic with a=-0.75)")
+
+
+GRID_SAMPLE_MODES = ("bilinear", "nearest", "bicubic")
+GRID_PADDING_MODES = ("zeros", "border", "reflection")
+
+
+def _grid_sample_infer(types, attrs):
+    x, grid = types
+    if x.rank != 4 or grid.rank != 4 or grid.shape[0] != x.shape[0] or grid.shape[3] != 2:
+        raise TypeError(f"grid_sample: needs an NCHW input and an [N, H_out, W_out, 2] grid, got {x} and {grid}")
+    if attrs["mode"] not in GRID_SAMPLE_MODES or attrs["padding_mode"] not in GRID_PADDING_MODES:
+        raise TypeError(f"grid_sample: mode must be one of {', '.join(GRID_SAMPLE_MODES)} and padding_mode one of "
+                        f"{', '.join(GRID_PADDING_MODES)}")
+    return [TensorType((*x.shape[:2], *grid.shape[1:3]), x.dtype)]
+
+
+declare("grid_sample", arity=2, infer=_grid_sample_infer,
+        attrs={"mode": Attr("str", "bilinear"), "padding_mode": Attr("str", "zeros"),
+               "align_corners": Attr("bool", False)},
+        kernel=None,  # qcompiler.torch_kernels: torch's grid_sample, whose conventions ONNX GridSample shares
+        traits=Traits("resize"),
+        doc="sample an NCHW image at the (x, y) points of a grid in [-1, 1] (ONNX GridSample, torch's "
+            "grid_sample; bicubic with A = -0.75)")

@@ -132,6 +132,63 @@ declare("gather_elements", arity=2, attrs={"axis": Attr("int", 0)}, infer=_gathe
         doc="torch.gather / ONNX GatherElements: out[i][j] = data[i][idx[i][j]] on `axis`")
 
 
+_SCATTER_REDUCTIONS = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
+def _scatter_elements_infer(types, attrs):
+    data, idx, updates = types
+    _check_indices(idx, "scatter_elements")
+    norm_axis(attrs["axis"], data.rank, "scatter_elements")
+    if idx.shape != updates.shape or idx.rank != data.rank:
+        raise TypeError(f"scatter_elements: indices {idx} and updates {updates} must have one shape, of data's rank")
+    return [TensorType(data.shape, same_dtype([data, updates], "scatter_elements"))]
+
+
+def _scatter_elements_kernel(xs, attrs):
+    """out = data; out[i][idx[i][j]] = updates[i][j] on ``axis`` (combined by ``reduction``)."""
+    data, idx, updates = xs
+    axis = attrs["axis"] % data.ndim
+    where = list(np.indices(idx.shape, sparse=True))
+    where[axis] = wrapped_indices(idx, data.shape[axis])
+    out = data.copy()
+    if attrs["reduction"] == "none":
+        out[tuple(where)] = updates
+    else:
+        _SCATTER_REDUCTIONS[attrs["reduction"]].at(out, tuple(where), updates)
+    return out
+
+
+_REDUCTION = Attr("str", "none", "none (replace), add, mul, max or min")
+declare("scatter_elements", arity=3, attrs={"axis": Attr("int", 0), "reduction": _REDUCTION},
+        infer=_scatter_elements_infer, kernel=_scatter_elements_kernel, traits=INDEX,
+        doc="ONNX ScatterElements / torch.scatter: data with updates written at `indices` along `axis`")
+
+
+def _scatter_nd_infer(types, attrs):
+    data, idx, updates = types
+    _check_indices(idx, "scatter_nd")
+    depth = idx.shape[-1] if idx.rank else 0
+    if not 1 <= depth <= data.rank or updates.shape != idx.shape[:-1] + data.shape[depth:]:
+        raise TypeError(f"scatter_nd: indices {idx} and updates {updates} do not fit data {data}")
+    return [TensorType(data.shape, same_dtype([data, updates], "scatter_nd"))]
+
+
+def _scatter_nd_kernel(xs, attrs):
+    """out = data; out[idx[..., :]] = updates[...] for each index tuple, in order."""
+    data, idx, updates = xs
+    depth = idx.shape[-1]
+    out = data.copy()
+    tuples = np.stack([wrapped_indices(idx[..., k], data.shape[k]) for k in range(depth)], -1).reshape(-1, depth)
+    combine = _SCATTER_REDUCTIONS.get(attrs["reduction"])
+    for at, update in zip(map(tuple, tuples), updates.reshape((-1,) + data.shape[depth:])):
+        out[at] = update if combine is None else combine(out[at], update)
+    return out
+
+
+declare("scatter_nd", arity=3, attrs={"reduction": _REDUCTION}, infer=_scatter_nd_infer, kernel=_scatter_nd_kernel,
+        traits=INDEX, doc="ONNX ScatterND: data with update slices written at the index tuples of `indices`")
+
+
 def _index_infer(types, attrs):
     data, idxs = types[0], types[1:]
     for t in idxs:
