@@ -92,9 +92,15 @@ class _Inserter:
         existing = qparams_of(self.graph, v)
         if existing is not None:
             return existing
-        if v.dtype not in FLOAT or v.range is None:
+        if v.dtype not in FLOAT:
             return None
-        lo, hi = v.range
+        if v.is_constant:  # an operand known at compile time (LRN's bias): its own values are its range
+            values = self.graph.constant_array(v)
+            lo, hi = min(0.0, float(values.min(initial=0.0))), max(0.0, float(values.max(initial=0.0)))
+        elif v.range is None:
+            return None
+        else:
+            lo, hi = v.range
         if max(abs(lo), abs(hi)) > self.config.max_abs_range:
             return None
         return choose_qparams(lo, hi, self.config.activation_dtype)
@@ -102,8 +108,10 @@ class _Inserter:
     def why_not(self, v: Value) -> str:
         if v.dtype not in FLOAT:
             return f"%{v.name} is {v.dtype}, not float"
-        if v.range is None:
+        if v.range is None and not v.is_constant:
             return f"%{v.name} has no calibrated range"
+        if v.is_constant:
+            return f"constant %{v.name} has values beyond max_abs_range (a mask?)"
         return f"%{v.name} has range {v.range[0]:.3g}..{v.range[1]:.3g}, beyond max_abs_range (a mask?)"
 
     def _pair(self, v: Value, params: Params, source: str, before: Node | None) -> Value:
@@ -117,14 +125,26 @@ class _Inserter:
         return dq
 
     def input(self, v: Value, params: Params, user: Node) -> Value:
-        """``v`` as seen through quantize/dequantize with ``params`` (reusing pairs)."""
+        """``v`` as seen through quantize/dequantize with ``params`` (reusing pairs); a
+        constant is quantized now, and only its dequantize is a node."""
         current = qparams_of(self.graph, v)
         if current is not None and _same(current, params):
             return v
         key = (id(v), float(params[0]), int(params[1]))
         if key not in self.cache:
-            self.cache[key] = self._pair(v, params, user.source, before=user)
+            self.cache[key] = self._constant(v, params, user) if v.is_constant else \
+                self._pair(v, params, user.source, before=user)
         return self.cache[key]
+
+    def _constant(self, v: Value, params: Params, user: Node) -> Value:
+        g = self.graph
+        zero_point = np.asarray(params[1])
+        info = np.iinfo(zero_point.dtype)
+        q = np.clip(np.rint(g.constant_array(v).astype(np.float64) / np.float64(np.float32(params[0]))) + int(zero_point),
+                    info.min, info.max).astype(zero_point.dtype)
+        operands = [g.add_constant(f"{v.name}.quantized", q), g.add_constant(f"{v.name}.scale", np.asarray(params[0], np.float32)),
+                    g.add_constant(f"{v.name}.zero_point", zero_point)]
+        return g.add_node("dequantize", operands, {"axis": 0}, meta={"source": user.source}, before=user).output
 
     def output(self, node: Node, params: Params) -> None:
         """Quantize-dequantize ``node``'s result right after it; later readers see the pair."""
@@ -190,7 +210,7 @@ class InsertQDQ(QuantScheme, Pass):
         else:  # own_params (add; reduce_mean: a mean gets its own, finer scale), shared_params (concat)
             acts = list(range(len(node.inputs)))
         for i in acts:
-            if node.inputs[i].is_constant:
+            if node.inputs[i].is_constant and traits.quant != "own_params":  # an add quantizes its constant
                 ins.skip(node, f"operand {i} is a constant")
                 return False
             if ins.params(node.inputs[i]) is None:

@@ -342,3 +342,31 @@ def test_opt_config_fills_the_pipeline_options_it_leaves_at_defaults(tmp_path, d
     assert weights and all(out.constant_array(n.inputs[1]).ndim == 1 for n in weights)  # per channel
     assert {n.outputs[0].producer.op for n in weights} == {"dequantize"}
     assert not any(n.op == "linear" and n.inputs[1].producer is not None for n in out.nodes)  # linear left float
+
+
+def test_an_add_of_a_constant_is_quantized_with_the_constant_s_own_range():
+    """conv -> + constant (a learned per-position offset, LRN's bias) -> conv: the add runs as
+    add_int on the constant quantized by its own values (ONNX Runtime does the same); before, it
+    stayed float with a quantize/dequantize pair around it. Checked against the float model and,
+    built, against the interpreter."""
+    class Offset(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+            self.offset = torch.nn.Parameter(torch.randn(1, 8, 6, 6) * 0.5)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x) + self.offset + 1.0))
+
+    torch.manual_seed(0)
+    model, rng = Offset().eval(), np.random.default_rng(0)
+    batches = [rng.standard_normal((1, 3, 6, 6)).astype(np.float32) for _ in range(4)]
+    compiled = qcompiler.compile(model, (torch.from_numpy(batches[0]),), calibration=batches[:3], target="llvm")
+    counts = compiled.graph.op_counts()
+    assert counts.get("add_int", 0) >= 1 and "add" not in counts, counts
+    assert compiled.report()["kept_float"] == []
+    x = batches[3]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert sqnr_db(compiled(x), want) > 30
+    np.testing.assert_array_equal(compiled(x), compiled.graph(x)[0])

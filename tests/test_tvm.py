@@ -236,3 +236,22 @@ def test_int8_kernel_modules_implement_the_protocol_and_requantizes_are_matched_
     reader = graph.add_node("relu", [products[0].output])  # a second reader: the epilogue cannot take it
     graph.set_outputs(graph.outputs + [reader.output])
     assert id(products[0]) not in absorbable_requantizes(graph) and id(products[1]) in absorbable_requantizes(graph)
+
+
+def test_a_wide_join_is_not_fused_with_its_operands_tails():
+    """An unrolled recurrence concatenates every step's output: fused, all the steps' elementwise
+    tails became one function whose scheduling grew quadratically with the sequence (minutes at
+    24 steps). A join of more than WIDE_JOIN operands stays its own kernel; results unchanged."""
+    from qcompiler.targets.tvm.build import WIDE_JOIN, lower
+
+    steps = WIDE_JOIN + 2
+    lines = [f"  %{i} = relu(%x{i}) : f32[1,4]" for i in range(steps)]
+    text = ("func @main(" + ", ".join(f"%x{i}: f32[1,4]" for i in range(steps)) + ") -> f32[1,40] {\n"
+            + "\n".join(lines) + "\n  %y = concat(" + ", ".join(f"%{i}" for i in range(steps))
+            + ") {axis=1} : f32[1,40]\n  return %y\n}\n")
+    graph = qcompiler.parse_graph(text)
+    names = [gv.name_hint for gv in lower(graph, LLVM).functions]
+    joins = [n for n in names if "concatenate" in n]
+    assert joins and all(n.startswith("concatenate") for n in joins), names
+    rng = np.random.default_rng(0)
+    check(graph, [rng.standard_normal((1, 4)).astype(np.float32) for _ in range(steps)])

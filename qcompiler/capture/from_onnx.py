@@ -31,7 +31,7 @@ _CONVERTERS: dict[str, Converter] = {}
 converts = registrar(_CONVERTERS)
 _SHAPE_ONLY = {"Shape", "Size", "EyeLike"}  # depend on the static shape of their input, never its values
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
-_STATIC_OPERANDS = {"LSTM": (1, 2, 3, 4), "GRU": (1, 2, 3, 4), "TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "ReduceL1": (1,),
+_STATIC_OPERANDS = {"LSTM": (1, 2, 3, 4), "GRU": (1, 2, 3, 4), "RNN": (1, 2, 3, 4), "TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "ReduceL1": (1,),
                     "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "OneHot": (1,), "ConstantOfShape": (0,), "ReduceMean": (1,),
                     "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
@@ -990,7 +990,7 @@ def _reduce_composite(ctx, node, inputs):
     return ctx.reshape(y, [d for i, d in enumerate(x.shape) if i not in {a % x.type.rank for a in axes}])
 
 
-@converts("LSTM", "GRU")
+@converts("LSTM", "GRU", "RNN")
 def _recurrent(ctx, node, inputs):
     return recurrent.unroll(ctx, node, inputs, _attr)
 

@@ -1,10 +1,11 @@
-"""ONNX LSTM and GRU, unrolled at import over their static sequence length into the ops the rest
+"""ONNX LSTM, GRU and RNN, unrolled at import over their static sequence length into the ops the rest
 of qcompiler already has: one ``linear`` for every step's input projection at once, one
 ``linear`` per step for the recurrence, then the gates elementwise. The weights are constants
 of ``linear``s, so the default flow quantizes them (int8 per channel) like any other layer, and
 every target runs the result. (BiLSTM + CTC text recognizers are the typical users.)
 
-ONNX's equations, gate order i, o, f, c for LSTM and z, r, h for GRU, layout 0 (``[T, B, I]``)
+ONNX's equations, gate order i, o, f, c for LSTM and z, r, h for GRU (RNN: one, its activation
+Tanh, Relu or Sigmoid), layout 0 (``[T, B, I]``)
 or 1 (``[B, T, I]``); reverse runs the sequence backwards, bidirectional both ways.
 Peepholes, cell clipping, non-default activations, input_forget and sequence_lens shorter than
 the sequence are refused with the node named."""
@@ -27,10 +28,12 @@ def _check(ctx, node, inputs, attr, gates: int) -> tuple[int, int]:
         raise QCompilerError(f"{what}: cell clipping is not supported")
     if attr(node, "input_forget", 0):
         raise QCompilerError(f"{what}: input_forget is not supported")
-    default = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]}[node.op]
+    default = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}[node.op]
     acts = [a.decode() if isinstance(a, bytes) else a for a in (attr(node, "activations", None) or [])]
     directions = 2 if _direction(node, attr) == "bidirectional" else 1
-    if acts and acts != default * directions:
+    if node.op == "RNN" and set(acts) <= set(RNN_ACTIVATIONS) and len(acts) in (0, directions):
+        pass
+    elif acts and acts != default * directions:
         raise QCompilerError(f"{what}: activations {acts} are not supported (only the defaults {default})")
     if len(inputs) > 7 and inputs[7] is not None and node.op == "LSTM":
         peep = inputs[7]
@@ -40,6 +43,9 @@ def _check(ctx, node, inputs, attr, gates: int) -> tuple[int, int]:
         raise QCompilerError(f"{what}: input must be rank 3, got {x.type}")
     hidden = int(w.shape[1]) // gates
     return directions, hidden
+
+
+RNN_ACTIVATIONS = {"Tanh": "tanh", "Relu": "relu", "Sigmoid": "sigmoid"}
 
 
 def _direction(node, attr) -> str:
@@ -55,9 +61,10 @@ def _initial(ctx, v: Value | None, d: int, batch: int, hidden: int, dtype) -> Va
 
 
 def unroll(ctx, node: Any, inputs: list[Value | None], attr) -> list[Value]:
-    """``[Y, Y_h, Y_c]`` (LSTM) or ``[Y, Y_h]`` (GRU) of an ONNX LSTM/GRU node."""
+    """``[Y, Y_h, Y_c]`` (LSTM) or ``[Y, Y_h]`` (GRU, RNN) of an ONNX LSTM/GRU/RNN node."""
     lstm = node.op == "LSTM"
-    gates = 4 if lstm else 3
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[node.op]
+    activations = [a.decode() if isinstance(a, bytes) else a for a in (attr(node, "activations", None) or [])]
     directions, hidden = _check(ctx, node, inputs, attr, gates)
     x = inputs[0]
     layout = attr(node, "layout", 0)
@@ -79,7 +86,7 @@ def unroll(ctx, node: Any, inputs: list[Value | None], attr) -> list[Value]:
         backwards = reverse or d == 1
         wb, rb = b[d, :gates * hidden], b[d, gates * hidden:]
         # every step's input projection in one product; for LSTM (and GRU's z, r) both biases go here
-        in_bias = wb + rb if lstm else np.concatenate([wb[:2 * hidden] + rb[:2 * hidden], wb[2 * hidden:]])
+        in_bias = np.concatenate([wb[:2 * hidden] + rb[:2 * hidden], wb[2 * hidden:]]) if node.op == "GRU" else wb + rb
         projected = ctx.reshape(ctx.emit1("linear", [flat, ctx.const(w[d], "W"), ctx.const(in_bias.astype(dtype), "Wb")]),
                                 (steps, batch, gates * hidden))
         h = _initial(ctx, inputs[5] if len(inputs) > 5 else None, d, batch, hidden, dtype)
@@ -91,6 +98,9 @@ def unroll(ctx, node: Any, inputs: list[Value | None], attr) -> list[Value]:
                               (batch, gates * hidden))
             if lstm:
                 h, c = _lstm_step(ctx, x_t, h, c, recurrent, hidden)
+            elif node.op == "RNN":  # h' = f(x W^T + h R^T + b)
+                act = RNN_ACTIVATIONS[activations[d] if activations else "Tanh"]
+                h = ctx.emit1(act, [ctx.emit1("add", [x_t, ctx.emit1("linear", [h, recurrent])])])
             else:
                 h = _gru_step(ctx, x_t, h, recurrent, ctx.const(rb[2 * hidden:].astype(dtype), "Rbh"), hidden,
                               before_reset)

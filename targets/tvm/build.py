@@ -60,8 +60,24 @@ def make_target(kind: str, arch: str | None = None, num_cores: int | None = None
     raise QCompilerError(f"unknown TVM target '{kind}' (llvm or cuda)")
 
 
-FUSE = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-        relax.transform.FuseOps(), relax.transform.FuseTIR()]
+WIDE_JOIN = 8  # operands
+
+
+@tvm.transform.module_pass(opt_level=0, name="qcompiler.KeepWideJoinsUnfused")
+def _keep_wide_joins_unfused(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """A concatenation of more than ``WIDE_JOIN`` tensors (an unrolled recurrence's outputs) is
+    marked opaque, so FuseOps does not pull every operand's elementwise tail into one function:
+    that function grows with the sequence and its scheduling is quadratic in its size (minutes
+    for a BiLSTM of 24 steps), while the join itself is a copy."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("concatenate") \
+                and len(func.params) > WIDE_JOIN + 1:
+            mod[gv] = func.with_attr("op_pattern", 8)  # kOpaque
+    return mod
+
+
+FUSE = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), _keep_wide_joins_unfused,
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
 def _schedule(target: Target) -> tvm.transform.Pass:

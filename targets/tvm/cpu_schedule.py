@@ -50,9 +50,8 @@ def _split_strip(sch: Schedule, loop, extent: int) -> tuple:
     return tuple(sch.split(loop, [None, _strip(extent)]))
 
 
-def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool, in_registers: bool = False) -> "tvm.tirx.PrimFunc":
-    sch = Schedule(func)
-    _inline_elementwise(sch)
+def _schedule(inlined: Schedule, vectorize: bool, in_registers: bool = False) -> "tvm.tirx.PrimFunc":
+    sch = inlined.copy()
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root):
         loops = sch.get_loops(block)
@@ -95,15 +94,17 @@ def _schedule(func: "tvm.tirx.PrimFunc", vectorize: bool, in_registers: bool = F
 def default_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
     """``func`` as :func:`parallelize_cpu` schedules it."""
     try:
-        Schedule(func).get_sblock("root")
+        inlined = Schedule(func)
+        inlined.get_sblock("root")
     except Exception:  # noqa: BLE001  no root block: nothing to schedule
         return func
+    _inline_elementwise(inlined)  # once: each form below starts from a copy (inlining is quadratic in blocks)
     for vectorize, in_registers in ((True, True), (True, False)):
         try:
-            return _schedule(func, vectorize, in_registers)
+            return _schedule(inlined, vectorize, in_registers)
         except Exception:  # noqa: BLE001  a block this form cannot take: try the simpler one
             pass
-    return _schedule(func, vectorize=False)
+    return _schedule(inlined, vectorize=False)
 
 
 @tvm.transform.module_pass(opt_level=0, name="qcompiler.ParallelizeCPU")
