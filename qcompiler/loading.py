@@ -94,32 +94,28 @@ def load_calibration(spec: str, graph: Graph, mean: Sequence[float] | None = Non
     return calibration_set(graph, load_data(spec, graph, mean, std))
 
 
-def parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
-    """``["x=1,3,224,224"]`` -> ``{"x": [1, 3, 224, 224]}``."""
-    shapes: dict[str, list[int]] = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = [int(d) for d in dims.split(",")]
-        except ValueError:
-            raise ModelLoadError(f"--input-shape {item!r}: expected NAME=D0,D1,...") from None
-    return shapes
-
-
-def parse_values(items: Sequence[str]) -> dict[str, list[float]]:
-    """``["shape=2,-1"]`` -> ``{"shape": [2.0, -1.0]}``: the importer casts them to the input's type."""
-    values: dict[str, list[float]] = {}
+def _assignments(items: Sequence[str], option: str, form: str, number: type) -> dict[str, list]:
+    """``NAME=A,B,...`` items of a repeatable option, each list read with ``number``."""
+    parsed: dict[str, list] = {}
     for item in items:
         name, sep, numbers = item.partition("=")
         try:
             if not sep or not name:
                 raise ValueError
-            values[name] = [float(v) for v in numbers.split(",")] if numbers else []
+            parsed[name] = [number(v) for v in numbers.split(",")] if numbers else []
         except ValueError:
-            raise ModelLoadError(f"--input-value {item!r}: expected NAME=V0,V1,...") from None
-    return values
+            raise ModelLoadError(f"{option} {item!r}: expected {form}") from None
+    return parsed
+
+
+def parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
+    """``["x=1,3,224,224"]`` -> ``{"x": [1, 3, 224, 224]}``."""
+    return _assignments(items, "--input-shape", "NAME=D0,D1,...", int)
+
+
+def parse_values(items: Sequence[str]) -> dict[str, list[float]]:
+    """``["shape=2,-1"]`` -> ``{"shape": [2.0, -1.0]}``: the importer casts them to the input's type."""
+    return _assignments(items, "--input-value", "NAME=V0,V1,...", float)
 
 
 def load_batches(path: str | os.PathLike, graph: Graph) -> list[list]:

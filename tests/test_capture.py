@@ -153,7 +153,7 @@ def test_interpolate_by_fractional_factors_matches_pytorch_on_both_paths_and_tvm
     from tests.test_tvm import run_llvm
 
     torch.manual_seed(0)
-    for factor, shape in ((0.6, (7, 9)), (1.7, (5, 11)), (0.35, (5, 6)), (2.5, (3, 4))):
+    for factor, shape in ((0.6, (7, 9)), (1.7, (5, 11)), (0.35, (5, 6))):
         model, x = _Interpolate(mode, factor, align), torch.randn(1, 2, *shape)
         want = model(x).numpy()
         graph = from_torch(model, (x,))

@@ -39,16 +39,17 @@ def test_node_case(suite, tc):
 
 
 # ONNX ops whose conversion builds new IR (composites, new ops): each one's first passing case in
-# the wheel's suite (given the values of shape inputs where it needs them) also goes through TVM
-# and through ONNX export, against the stored outputs
+# the wheel's suite (given the values of shape inputs where it needs them), and the named cases,
+# also go through TVM and through ONNX export, against the stored outputs
 THROUGH_TARGETS = ("Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "BitShift", "Celu", "Clip", "Cosh",
                    "DepthToSpace", "EyeLike", "GridSample", "Hardmax", "InstanceNormalization",
                    "MeanVarianceNormalization", "NegativeLogLikelihoodLoss", "OneHot", "ReverseSequence", "Round",
                    "Scatter", "ScatterElements", "ScatterND", "Shrink", "Sinh", "SoftmaxCrossEntropyLoss", "Softsign",
                    "SpaceToDepth", "Tan", "ThresholdedRelu", "Trilu", "Xor")
-RESIZES = ("test_resize_downsample_scales_cubic", "test_resize_downsample_scales_linear",
-           "test_resize_downsample_scales_nearest", "test_resize_upsample_sizes_cubic",
-           "test_resize_downsample_sizes_nearest_tf_half_pixel_for_nn", "test_resize_upsample_scales_cubic_align_corners")
+NAMED_CASES = ("test_resize_downsample_scales_cubic", "test_resize_downsample_scales_linear",
+               "test_resize_downsample_sizes_nearest_tf_half_pixel_for_nn",
+               "test_resize_upsample_scales_cubic_align_corners",
+               "test_attention_23_boolmask_fullymasked_row_nan_robustness_expanded")  # TVM gave NaN
 
 
 def _through_targets() -> list:
@@ -58,7 +59,7 @@ def _through_targets() -> list:
             continue
         for op in sorted({n.op_type for n in tc.model.graph.node} & set(THROUGH_TARGETS) - set(chosen)):
             chosen[op] = tc
-        if tc.name in RESIZES:
+        if tc.name in NAMED_CASES:
             chosen[tc.name] = tc
     return [pytest.param(tc, id=f"{key}-{tc.name}" if key != tc.name else key) for key, tc in sorted(chosen.items())]
 

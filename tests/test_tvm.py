@@ -255,3 +255,14 @@ def test_a_wide_join_is_not_fused_with_its_operands_tails():
     assert joins and all(n.startswith("concatenate") for n in joins), names
     rng = np.random.default_rng(0)
     check(graph, [rng.standard_normal((1, 4)).astype(np.float32) for _ in range(steps)])
+
+
+@pytest.mark.parametrize("op, bound", [("reduce_max", -np.inf), ("reduce_min", np.inf)])
+def test_a_float_max_over_nothing_but_infinities_is_that_infinity(op, bound):
+    """TOPI's max starts at the lowest finite float: a fully masked row gave -3.4e38, ONNX's
+    masked-attention guard (row max == -inf) missed it, and the build returned NaN."""
+    graph = qcompiler.parse_graph(f"func @main(%x: f32[3,4]) -> f32[3,1] {{\n"
+                                  f"  %y = {op}(%x) {{axes=[1], keepdims=true}} : f32[3,1]\n  return %y\n}}\n")
+    x = np.array([[1, 2, 3, 4], [bound] * 4, [bound, bound, 5, bound]], np.float32)
+    np.testing.assert_array_equal(run_llvm(graph, [x])[0], graph(x)[0])
+    assert graph(x)[0][1, 0] == bound

@@ -45,10 +45,17 @@ class _Exporter:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
         self.count = 0
+        self.used = set(graph.constants) | {v.name for v in graph.inputs}  # names a made-up one must avoid
 
     def name(self, hint: str) -> str:
-        self.count += 1
-        return f"{hint}_{self.count}"
+        """A fresh name: ``hint_N``, never one of the graph's own constants or inputs (a folded
+        constant may be called ``identity_3`` too)."""
+        while True:
+            self.count += 1
+            name = f"{hint}_{self.count}"
+            if name not in self.used:
+                self.used.add(name)
+                return name
 
     def const(self, array: Any, hint: str = "c") -> str:
         name = self.name(hint)

@@ -570,7 +570,15 @@ def _reduce(low, node, xs):
     if node.op == "reduce_mean" and x.dtype not in ("f32", "f64", "f16"):
         mean = low.emit(R.mean(low.cast(xs[0], "float64"), axis=axes, keepdims=node.attrs["keepdims"]))
         return low.cast(round_half_even(low, mean), TVM_DTYPE[x.dtype])
-    return low.emit(_REDUCE[node.op](xs[0], axis=axes, keepdims=node.attrs["keepdims"]))
+    y = low.emit(_REDUCE[node.op](xs[0], axis=axes, keepdims=node.attrs["keepdims"]))
+    if node.op in ("reduce_max", "reduce_min") and x.dtype in ("f32", "f64", "f16"):
+        # TOPI starts a max at the lowest finite float (a min at the highest): over nothing but
+        # -inf it returns that, not -inf, and ONNX's masked-attention guard (row max == -inf) fails
+        bound = low.scalar(float("-inf") if node.op == "reduce_max" else float("inf"), TVM_DTYPE[x.dtype])
+        beyond = low.emit(R.max(low.cast(low.emit(R.not_equal(xs[0], bound)), "int8"), axis=axes,
+                                keepdims=node.attrs["keepdims"]))
+        y = low.emit(R.where(low.cast(beyond, "bool"), y, bound))
+    return y
 
 
 @lowers("argmax")
