@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Graph, Node, Value
-from qcompiler.ir.ops import traits_of
+from qcompiler.ir.ops import get_op, traits_of
 from qcompiler.ir.ops.quant import choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantScheme
@@ -137,12 +137,11 @@ class _Inserter:
         return self.cache[key]
 
     def _constant(self, v: Value, params: Params, user: Node) -> Value:
+        """The constant quantized by the quantize op's own kernel; a dequantize reads it."""
         g = self.graph
-        zero_point = np.asarray(params[1])
-        info = np.iinfo(zero_point.dtype)
-        q = np.clip(np.rint(g.constant_array(v).astype(np.float64) / np.float64(np.float32(params[0]))) + int(zero_point),
-                    info.min, info.max).astype(zero_point.dtype)
-        operands = [g.add_constant(f"{v.name}.quantized", q), g.add_constant(f"{v.name}.scale", np.asarray(params[0], np.float32)),
+        scale, zero_point = np.asarray(params[0], np.float32), np.asarray(params[1])
+        q = get_op("quantize").run([g.constant_array(v), scale, zero_point], {"axis": 0})[0]
+        operands = [g.add_constant(f"{v.name}.quantized", q), g.add_constant(f"{v.name}.scale", scale),
                     g.add_constant(f"{v.name}.zero_point", zero_point)]
         return g.add_node("dequantize", operands, {"axis": 0}, meta={"source": user.source}, before=user).output
 

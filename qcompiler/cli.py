@@ -7,9 +7,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import artifact
 from .errors import QCompilerError
+
+if TYPE_CHECKING:
+    from .ir import Graph
 
 
 def _refuse_overwriting(output: str | os.PathLike | None, *inputs: str | os.PathLike | None) -> None:
@@ -39,11 +43,17 @@ def _phase_log(args: argparse.Namespace):
     return PhaseLog(None if quiet else lambda line: print(f"qcompiler: {line}", file=sys.stderr, flush=True))
 
 
-def _cmd_import(args: argparse.Namespace) -> int:
-    from .ir import print_graph, save
+def _load_model(args: argparse.Namespace, spec: str | None = None) -> "Graph":
+    """The model a command names (or ``spec``), with its --input-shape and --input-value."""
     from .loading import load_model, parse_shapes, parse_values
 
-    graph = load_model(args.model, parse_shapes(args.input_shape), parse_values(args.input_value))
+    return load_model(spec or args.model, parse_shapes(args.input_shape), parse_values(args.input_value))
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .ir import print_graph, save
+
+    graph = _load_model(args)
     if args.output:
         out = Path(args.output)
         _refuse_overwriting(out, args.model)
@@ -59,9 +69,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .loading import load_model, parse_shapes, parse_values
-
-    graph = load_model(args.model, parse_shapes(args.input_shape), parse_values(args.input_value))
+    graph = _load_model(args)
     params = sum(a.size for a in graph.constants.values())
     if args.json:
         import json
@@ -86,10 +94,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .inspection import as_dict, plan
-    from .loading import load_model, parse_shapes, parse_values
     from .quant_config import QuantConfig
 
-    graph = load_model(args.model, parse_shapes(args.input_shape), parse_values(args.input_value))
+    graph = _load_model(args)
     layers = plan(graph, QuantConfig.load(args.config) if args.config else None)
     if args.json:
         print(json.dumps(as_dict(graph, layers), indent=2))
@@ -116,7 +123,6 @@ def _cmd_opt(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .ir import print_graph, save
-    from .loading import load_model, parse_shapes, parse_values
     from .pass_manager import Instruments, run_pipeline
     from .pipeline import parse_pipeline, registered_passes
 
@@ -138,7 +144,7 @@ def _cmd_opt(args: argparse.Namespace) -> int:
                                  f"({', '.join(sorted(named))})")
     out = Path(args.output) if args.output else None
     _refuse_overwriting(out, args.model, args.calibration, args.config)
-    graph = load_model(args.model, parse_shapes(args.input_shape), parse_values(args.input_value))
+    graph = _load_model(args)
     inst = Instruments(print_before=frozenset(args.print_ir_before), print_after=frozenset(args.print_ir_after),
                        print_after_all=args.print_ir_after_all, print_after_change=args.print_ir_after_change,
                        dump_dir=Path(args.dump_dir) if args.dump_dir else None, verify_each=args.verify_each,
@@ -178,14 +184,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .compare import compare, render_table, to_json, worst
-    from .loading import load_batches, load_calibration, load_model, parse_shapes, parse_values
+    from .loading import load_batches, load_calibration
     from .quant_config import QuantConfig
     from .quantize import quantize
 
-    graph = load_model(args.model, parse_shapes(args.input_shape), parse_values(args.input_value))
+    graph = _load_model(args)
     config = QuantConfig.load(args.config) if args.config else QuantConfig()
     if args.quantized:
-        float_graph, quant_graph = graph, load_model(args.quantized, parse_shapes(args.input_shape), parse_values(args.input_value))
+        float_graph, quant_graph = graph, _load_model(args, args.quantized)
         if not args.inputs:
             raise QCompilerError("compare with a quantized model needs --inputs")
     else:
@@ -232,7 +238,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     from .compiled import _fidelity
     from .compiled import compile as compile_model
-    from .loading import load_calibration, load_data, load_labels, load_model, parse_shapes, parse_values
+    from .loading import load_calibration, load_data, load_labels
     from .quant_config import QuantConfig
 
     console = Console(stderr=True)
@@ -252,7 +258,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise QCompilerError(f"{out}: {refusal}; refusing to replace it (choose another output folder)")
     log = _phase_log(args)
     log.phase("capture", args.model)
-    graph = load_model(args.model, parse_shapes(args.input_shape), parse_values(args.input_value))
+    graph = _load_model(args)
     config = QuantConfig.load(args.config) if args.config else None
     given = [flag for flag, value in (("--calibration", args.calibration), ("--synthetic", args.synthetic),
                                       ("--ranges", args.ranges)) if value]
@@ -463,11 +469,10 @@ def _against_golden(outputs: dict, path: str, atol: float) -> dict[str, dict]:
 def _cmd_show(args: argparse.Namespace) -> int:
     import json
 
-    from .loading import load_model, parse_shapes, parse_values
     from .show import render_html
 
     _refuse_overwriting(args.output, args.model, args.compare)
-    graph = load_model(args.model, parse_shapes(args.input_shape), parse_values(args.input_value))
+    graph = _load_model(args)
     errors = None
     if args.compare:
         try:
@@ -542,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", help="model.onnx, model.qir, or package.module:function")
+        input_args(p)
+
+    def input_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                        help="fix a dynamic ONNX input's shape (repeatable)")
         p.add_argument("--input-value", action="append", default=[], metavar="NAME=V0,V1,...",
@@ -554,10 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import)
     p = _command(sub, "opt", help="run a pass pipeline over a model, with IR printing, dumps, timing, bisect")
     p.add_argument("model", nargs="?", help="model.onnx, model.qir, or package.module:function")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
-                   help="fix a dynamic ONNX input's shape (repeatable)")
-    p.add_argument("--input-value", action="append", default=[], metavar="NAME=V0,V1,...",
-                   help="fix the value of an ONNX input that gives a shape, axes or sizes (repeatable)")
+    input_args(p)
     p.add_argument("-p", "--pipeline", help="e.g. 'fold-constants,fold-batchnorm,eliminate-dead-code'")
     p.add_argument("-o", "--output", help="write the result here (IR text + .npz); default: print it")
     p.add_argument("--print-ir-before", action="append", default=[], metavar="PASS",

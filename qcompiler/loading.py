@@ -102,7 +102,7 @@ def _assignments(items: Sequence[str], option: str, form: str, number: type) -> 
         try:
             if not sep or not name:
                 raise ValueError
-            parsed[name] = [number(v) for v in numbers.split(",")] if numbers else []
+            parsed[name] = [number(v) for v in numbers.split(",")]
         except ValueError:
             raise ModelLoadError(f"{option} {item!r}: expected {form}") from None
     return parsed

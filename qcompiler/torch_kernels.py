@@ -71,8 +71,9 @@ def _adaptive_avg_pool2d(xs, attrs):
 
 
 def _grid_sample(xs, attrs):
-    y = F.grid_sample(_t(xs[0]), _t(xs[1]).to(_t(xs[0]).dtype), mode=attrs["mode"],
-                      padding_mode=attrs["padding_mode"], align_corners=attrs["align_corners"])
+    x = _t(xs[0])
+    y = F.grid_sample(x, _t(xs[1]).to(x.dtype), mode=attrs["mode"], padding_mode=attrs["padding_mode"],
+                      align_corners=attrs["align_corners"])
     return y.numpy()
 
 

@@ -104,12 +104,22 @@ def _array(value):
 OUTCOMES = ("pass", "pass-with-values", "unsupported")  # what a case may be; wrong and crash never
 
 
-def _run(tc, graph, data_sets) -> tuple[str, str] | None:
+def _run(graph, data_sets) -> tuple[str, str] | None:
     for inputs, outputs in data_sets:
         gots = graph(*inputs)
         if len(gots) != len(outputs) or not all(close(g, w) for g, w in zip(gots, outputs)):
             return "wrong", "outputs differ from the stored ones"
     return None
+
+
+def _given_values(tc, bindable: list[str], inputs: list) -> tuple[Any, list]:
+    """The case's graph with the inputs named in ``bindable`` fixed to their values in
+    ``inputs`` (one data set's), and the data set's other inputs."""
+    import qcompiler
+
+    given = dict(zip([i.name for i in tc.model.graph.input], inputs))
+    graph = qcompiler.from_onnx(tc.model, input_values={n: given.pop(n) for n in bindable})
+    return graph, list(given.values())
 
 
 def first_data_set_graph(tc) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
@@ -123,9 +133,7 @@ def first_data_set_graph(tc) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
     except qcompiler.UnsupportedOpError as e:
         if not e.bindable:
             raise
-        given = dict(zip([i.name for i in tc.model.graph.input], inputs))
-        graph = qcompiler.from_onnx(tc.model, input_values={n: given.pop(n) for n in e.bindable})
-        return graph, list(given.values()), outputs
+        return (*_given_values(tc, e.bindable, inputs), outputs)
 
 
 def outcome(tc) -> tuple[str, str]:
@@ -140,15 +148,13 @@ def outcome(tc) -> tuple[str, str]:
     data_sets = [([_array(a) for a in inputs], [_array(a) for a in outputs]) for inputs, outputs in tc.data_sets or []]
     try:
         try:
-            return _run(tc, qcompiler.from_onnx(tc.model), data_sets) or ("pass", "")
+            return _run(qcompiler.from_onnx(tc.model), data_sets) or ("pass", "")
         except qcompiler.UnsupportedOpError as e:
             if not e.bindable or not data_sets:
                 raise
-            names = [i.name for i in tc.model.graph.input]
             for inputs, outputs in data_sets:
-                given = dict(zip(names, inputs))
-                graph = qcompiler.from_onnx(tc.model, input_values={n: given[n] for n in e.bindable})
-                failed = _run(tc, graph, [([given[n] for n in names if n not in e.bindable], outputs)])
+                graph, rest = _given_values(tc, e.bindable, inputs)
+                failed = _run(graph, [(rest, outputs)])
                 if failed:
                     return failed
             return "pass-with-values", f"given {', '.join(e.bindable)}"

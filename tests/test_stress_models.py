@@ -556,3 +556,27 @@ def test_a_shape_given_as_an_input_is_fixed_by_its_value(tmp_path):
     assert refused.returncode != 0 and "--input-value" in refused.stderr and "Traceback" not in refused.stderr
     imported = cli_in_process("import", str(tmp_path / "m.onnx"), "--input-value", "shape=3,-1")
     assert imported.returncode == 0 and "f32[3,4]" in imported.stdout and "%shape" not in imported.stdout
+
+
+def test_tf_half_pixel_nearest_by_a_fractional_scale_matches_through_every_target():
+    """Resize-11's tf_half_pixel_for_nn with scales whose sizes are fractional: the transform
+    uses the given scale in the interpreter, the TVM build and the ONNX export (two Gathers)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompiler.targets.onnx import export
+
+    model = _onnx_model([helper.make_node("Resize", ["x", "roi", "scales"], ["y"], name="up", mode="nearest",
+                                          coordinate_transformation_mode="tf_half_pixel_for_nn")],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+                        [numpy_helper.from_array(np.zeros(0, np.float32), "roi"),
+                         numpy_helper.from_array(np.array([1, 1, 0.7, 1.3], np.float32), "scales")], opset=11)
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    # (onnx.reference dropped this mode) rows: (o + 0.5) / 0.7 = 0.71, 2.14, 3.57 for floor(3.5) = 3
+    # outputs, rounded half down: 1, 2, 4; columns: (o + 0.5) / 1.3 for 6 outputs: 0, 1, 2, 3, 3, 4
+    want = x[:, :, [1, 2, 4]][:, :, :, [0, 1, 2, 3, 3, 4]]
+    graph = qcompiler.from_onnx(model)
+    np.testing.assert_array_equal(graph(x)[0], want)
+    np.testing.assert_array_equal(qcompiler.compile(graph, target="llvm")(x), want)
+    np.testing.assert_array_equal(ReferenceEvaluator(export.to_onnx(graph)).run(None, {"x": x})[0], want)

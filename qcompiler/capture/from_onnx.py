@@ -22,8 +22,8 @@ from ..ir import Graph, TensorType, Value, dtype_name
 from ..ir.types import MAX_CONSTANT_BYTES
 from ..ir.verify import verify_graph
 from ..registrar import registrar
-from . import recurrent
 from ..ir.ops.resize import COORDINATE_MODES
+from . import recurrent
 from .builder import AVG_POOL, CONV, CONV_INT, MAX_POOL, GraphBuilder, resolve_shape
 
 Converter = Callable[["_Ctx", Any, list["Value | None"]], "list[Value] | Value"]
@@ -136,15 +136,15 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
                 bindable.update(behind)
             elif key not in _CONVERTERS:
                 unsupported.setdefault(key, []).append(label)
-            elif dynamic := [node.inputs[i].name for i in _QUANT_PARAM_OPERANDS.get(key, ())
-                             if i < len(node.inputs) and node.inputs[i].name in depends]:
-                unsupported.setdefault(f"{key} (quantization parameters computed at run time)", []).append(label)
-                bindable.update(*(depends[name] for name in dynamic))
-            elif dynamic := [node.inputs[i].name for i in _STATIC_OPERANDS.get(key, ())
-                             if i < len(node.inputs) and node.inputs[i].name in depends]:
-                # static shapes: a shape/axes/bounds operand computed from an input is dynamic
-                unsupported.setdefault(f"{key} (run-time shape operand)", []).append(label)
-                bindable.update(*(depends[name] for name in dynamic))
+            else:  # static shapes: a shape/axes/bounds operand computed from an input is dynamic
+                for positions, what in ((_QUANT_PARAM_OPERANDS, "quantization parameters computed at run time"),
+                                        (_STATIC_OPERANDS, "run-time shape operand")):
+                    dynamic = [node.inputs[i].name for i in positions.get(key, ())
+                               if i < len(node.inputs) and node.inputs[i].name in depends]
+                    if dynamic:
+                        unsupported.setdefault(f"{key} ({what})", []).append(label)
+                        bindable.update(*(depends[name] for name in dynamic))
+                        break
 
     scan(gsg.nodes)
     if opset < OLDEST_READ_OPSET:

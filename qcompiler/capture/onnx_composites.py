@@ -21,10 +21,7 @@ def _lrn(ctx, node, inputs):
     alpha, beta, bias = (float(_attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
     n, c, *spatial = x.shape
     squares = ctx.emit1("mul", [x, x])
-    positions = 1
-    for d in spatial:
-        positions *= d
-    stacked = ctx.reshape(squares, [n, 1, c, positions])  # channels as a spatial axis of a 2-D pool
+    stacked = ctx.reshape(squares, [n, 1, c, math.prod(spatial)])  # channels as a spatial axis of a 2-D pool
     down, up = (size - 1) // 2, size - 1 - (size - 1) // 2
     mean = ctx.emit1("avg_pool2d", [stacked], {"kernel": [size, 1], "strides": [1, 1], "dilations": [1, 1],
                                                 "pads": [down, 0, up, 0], "count_include_pad": True})
@@ -36,6 +33,12 @@ def _lrn(ctx, node, inputs):
 
 def _scalar(ctx, value: float, like):
     return ctx.scalar_like(value, like.type)
+
+
+def _positions(ctx, count: int, axis: int, rank: int):
+    """0, 1, ..., count - 1 along ``axis`` of a rank-``rank`` constant (1 on every other axis)."""
+    return ctx.const(np.arange(count, dtype=np.int64).reshape([-1 if i == axis else 1 for i in range(rank)]),
+                     "positions")
 
 
 @converts("BitShift")
@@ -87,8 +90,7 @@ def _hardmax(ctx, node, inputs):
     seen = x if ctx.opset >= 13 else ctx.reshape(x, [math.prod(x.shape[:axis]), math.prod(x.shape[axis:])])
     axis = axis if ctx.opset >= 13 else 1
     first = ctx.emit1("argmax", [seen], {"axis": axis, "keepdims": True})
-    positions = np.arange(seen.shape[axis], dtype=np.int64).reshape([-1 if i == axis else 1 for i in range(seen.type.rank)])
-    hit = ctx.emit1("equal", [first, ctx.const(positions, "positions")])
+    hit = ctx.emit1("equal", [first, _positions(ctx, seen.shape[axis], axis, seen.type.rank)])
     return ctx.reshape(ctx.cast(hit, x.dtype), x.shape)
 
 
@@ -162,8 +164,7 @@ def _one_hot(ctx, node, inputs):
     idx = ctx.emit1("where", [ctx.emit1("less", [idx, ctx.scalar_like(0, idx.type)]),
                               ctx.emit1("add", [idx, ctx.scalar_like(depth, idx.type)]), idx])
     idx = ctx.reshape(idx, indices.shape[:axis] + (1,) + indices.shape[axis:])
-    positions = np.arange(depth, dtype=np.int64).reshape([-1 if i == axis else 1 for i in range(rank)])
-    hit = ctx.emit1("equal", [idx, ctx.const(positions, "positions")])
+    hit = ctx.emit1("equal", [idx, _positions(ctx, depth, axis, rank)])
     off, on = (ctx.reshape(ctx.emit1("slice", [values], {"starts": [i], "ends": [i + 1], "axes": [0], "steps": [1]}), [])
                for i in (0, 1))
     return ctx.emit1("where", [hit, on, off])

@@ -29,11 +29,10 @@ def _check(ctx, node, inputs, attr, gates: int) -> tuple[int, int]:
     if attr(node, "input_forget", 0):
         raise QCompilerError(f"{what}: input_forget is not supported")
     default = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}[node.op]
-    acts = [a.decode() if isinstance(a, bytes) else a for a in (attr(node, "activations", None) or [])]
+    acts = _activations(node, attr)
     directions = 2 if _direction(node, attr) == "bidirectional" else 1
-    if node.op == "RNN" and set(acts) <= set(RNN_ACTIVATIONS) and len(acts) in (0, directions):
-        pass
-    elif acts and acts != default * directions:
+    rnn_choice = node.op == "RNN" and set(acts) <= set(RNN_ACTIVATIONS) and len(acts) in (0, directions)
+    if acts and acts != default * directions and not rnn_choice:
         raise QCompilerError(f"{what}: activations {acts} are not supported (only the defaults {default})")
     if len(inputs) > 7 and inputs[7] is not None and node.op == "LSTM":
         peep = inputs[7]
@@ -46,6 +45,10 @@ def _check(ctx, node, inputs, attr, gates: int) -> tuple[int, int]:
 
 
 RNN_ACTIVATIONS = {"Tanh": "tanh", "Relu": "relu", "Sigmoid": "sigmoid"}
+
+
+def _activations(node, attr) -> list[str]:
+    return [a.decode() if isinstance(a, bytes) else a for a in (attr(node, "activations", None) or [])]
 
 
 def _direction(node, attr) -> str:
@@ -64,7 +67,7 @@ def unroll(ctx, node: Any, inputs: list[Value | None], attr) -> list[Value]:
     """``[Y, Y_h, Y_c]`` (LSTM) or ``[Y, Y_h]`` (GRU, RNN) of an ONNX LSTM/GRU/RNN node."""
     lstm = node.op == "LSTM"
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[node.op]
-    activations = [a.decode() if isinstance(a, bytes) else a for a in (attr(node, "activations", None) or [])]
+    activations = _activations(node, attr)
     directions, hidden = _check(ctx, node, inputs, attr, gates)
     x = inputs[0]
     layout = attr(node, "layout", 0)

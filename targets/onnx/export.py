@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.ops import ops_where
-from qcompiler.ir.ops.resize import nearest_indices
+from qcompiler.ir.ops.resize import given_scale, nearest_indices
 from qcompiler.registrar import registrar
 
 OPSET = 20
@@ -323,8 +323,9 @@ def _topk(ex, node, xs):
 def _resize(ex, node, xs):
     x = node.inputs[0]
     if node.attrs["coordinate_transformation_mode"] == "tf_half_pixel_for_nn":  # gone from Resize since opset 13
-        rows, cols = (nearest_indices(n, m, "tf_half_pixel_for_nn", node.attrs["nearest_mode"])
-                      for n, m in zip(x.shape[2:], node.attrs["size"]))
+        rows, cols = (nearest_indices(n, m, "tf_half_pixel_for_nn", node.attrs["nearest_mode"],
+                                      given_scale(node.attrs, axis))
+                      for axis, (n, m) in enumerate(zip(x.shape[2:], node.attrs["size"])))
         return ex.add1("Gather", [ex.add1("Gather", [xs[0], ex.const(rows, "rows")], axis=2), ex.const(cols, "cols")],
                        axis=3)
     attrs = {"mode": node.op.removeprefix("resize_"),

@@ -15,7 +15,7 @@ from tvm import relax, topi
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.ops import traits_of
-from qcompiler.ir.ops.resize import interpolation_matrix, nearest_indices
+from qcompiler.ir.ops.resize import given_scale, interpolation_matrix, nearest_indices
 from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
@@ -285,13 +285,15 @@ def _resize(low, node, xs):
     own plan: gathers of its indices (nearest) or products with its interpolation matrices."""
     nearest = "nearest_mode" in node.attrs
     x = node.inputs[0]
-    mode, scales = node.attrs["coordinate_transformation_mode"], node.attrs["scales"] or (None, None)
+    mode = node.attrs["coordinate_transformation_mode"]
     (n, m), (w, p) = ((x.shape[2], node.attrs["size"][0]), (x.shape[3], node.attrs["size"][1]))
     reference_plan = node.attrs["scales"] or node.op == "resize_cubic" or (mode == "align_corners" and 1 in (m, p))
     if nearest and reference_plan:
         rounding = node.attrs["nearest_mode"]
-        rows = low.emit(R.take(xs[0], low.const(nearest_indices(n, m, mode, rounding, scales[0])), axis=2))
-        return low.emit(R.take(rows, low.const(nearest_indices(w, p, mode, rounding, scales[1])), axis=3))
+        rows = low.emit(R.take(xs[0], low.const(nearest_indices(n, m, mode, rounding, given_scale(node.attrs, 0))),
+                               axis=2))
+        return low.emit(R.take(rows, low.const(nearest_indices(w, p, mode, rounding, given_scale(node.attrs, 1))),
+                               axis=3))
     if reference_plan:
         dtype = TVM_DTYPE[x.dtype]
         rows = low.const(interpolation_matrix(n, m, node.attrs, 0).astype(dtype))

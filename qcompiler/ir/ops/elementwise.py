@@ -89,27 +89,6 @@ def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where((a < 0) != (b < 0), -q, q).astype(a.dtype)
 
 
-_ARITH = {
-    "add": (np.add, "a + b"),
-    "sub": (np.subtract, "a - b"),
-    "mul": (np.multiply, "a * b"),
-    "div": (lambda a, b: _int_div(a, b) if a.dtype.kind in "iu" else a / b, "a / b (integers truncate toward zero)"),
-    "pow": (np.power, "a ^ b"),
-    "maximum": (np.maximum, "max(a, b)"),
-    "minimum": (np.minimum, "min(a, b)"),
-}
-_COMPARE = {
-    "equal": (np.equal, "a == b"),
-    "less": (np.less, "a < b"),
-    "less_equal": (np.less_equal, "a <= b"),
-    "greater": (np.greater, "a > b"),
-    "greater_equal": (np.greater_equal, "a >= b"),
-    "logical_and": (np.logical_and, "a and b"),
-    "logical_or": (np.logical_or, "a or b"),
-    "logical_xor": (np.logical_xor, "a xor b"),
-}
-
-
 def _shift(a: np.ndarray, b: np.ndarray, left: bool) -> np.ndarray:
     """a << b or a >> b (arithmetic for signed a); a shift by a negative amount or by the width
     or more shifts every bit out: 0, or -1 for a negative a shifted right."""
@@ -121,8 +100,28 @@ def _shift(a: np.ndarray, b: np.ndarray, left: bool) -> np.ndarray:
     return np.where(out_of_range, np.where(a < 0, -1, 0), np.right_shift(a, amount)).astype(a.dtype)
 
 
-_SHIFTS = {"shift_left": (lambda a, b: _shift(a, b, True), "a << b"),
-           "shift_right": (lambda a, b: _shift(a, b, False), "a >> b (arithmetic for signed a)")}
+_ARITH = {
+    "add": (np.add, "a + b"),
+    "sub": (np.subtract, "a - b"),
+    "mul": (np.multiply, "a * b"),
+    "div": (lambda a, b: _int_div(a, b) if a.dtype.kind in "iu" else a / b, "a / b (integers truncate toward zero)"),
+    "pow": (np.power, "a ^ b"),
+    "maximum": (np.maximum, "max(a, b)"),
+    "minimum": (np.minimum, "min(a, b)"),
+    "shift_left": (lambda a, b: _shift(a, b, True), "a << b (integers; out-of-range amounts shift every bit out)"),
+    "shift_right": (lambda a, b: _shift(a, b, False),
+                    "a >> b (integers, arithmetic for signed a; out-of-range amounts shift every bit out)"),
+}
+_COMPARE = {
+    "equal": (np.equal, "a == b"),
+    "less": (np.less, "a < b"),
+    "less_equal": (np.less_equal, "a <= b"),
+    "greater": (np.greater, "a > b"),
+    "greater_equal": (np.greater_equal, "a >= b"),
+    "logical_and": (np.logical_and, "a and b"),
+    "logical_or": (np.logical_or, "a or b"),
+    "logical_xor": (np.logical_xor, "a xor b"),
+}
 
 
 def _binary_infer(result_dtype: str | None):
@@ -138,9 +137,6 @@ for _name, (_fn, _doc) in _ARITH.items():
     declare(_name, arity=2, infer=_binary_infer(None), doc=_doc + " (numpy broadcasting)",
             kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1]), dtype=xs[0].dtype),
             traits=_ARITH_TRAITS.get(_name, ELEMENTWISE))
-for _name, (_fn, _doc) in _SHIFTS.items():
-    declare(_name, arity=2, infer=_binary_infer(None), doc=_doc + " (integers; out-of-range amounts shift every bit out; numpy broadcasting)",
-            kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1]), dtype=xs[0].dtype), traits=ELEMENTWISE)
 for _name, (_fn, _doc) in _COMPARE.items():
     declare(_name, arity=2, infer=_binary_infer("bool"), doc=_doc + " (numpy broadcasting)",
             kernel=lambda xs, a, fn=_fn: np.asarray(fn(xs[0], xs[1])), traits=ELEMENTWISE)

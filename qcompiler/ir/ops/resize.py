@@ -81,6 +81,11 @@ def nearest_indices(n: int, m: int, mode: str, rounding: str, scale: float | Non
     return np.clip(i, 0, n - 1).astype(np.int64)
 
 
+def given_scale(attrs: dict, axis: int) -> float | None:
+    """The model's own scale for ``axis`` (0: height, 1: width), or None: ``size / input`` then."""
+    return attrs["scales"][axis] if attrs["scales"] else None
+
+
 def _cubic(d: np.ndarray, a: float) -> np.ndarray:
     """Keys' cubic convolution kernel at distance ``d`` (ONNX's coefficient ``a``, -0.75 as torch)."""
     d = np.abs(d)
@@ -93,8 +98,7 @@ def interpolation_matrix(n: int, m: int, attrs: dict, axis: int) -> np.ndarray:
     """The [m, n] matrix that resizes one axis (0: height, 1: width) by linear or cubic
     interpolation: row o holds the weights of the input positions output o blends. Outside
     taps read the edge, or (cubic ``exclude_outside``) drop out with the rest renormalized."""
-    scale = attrs["scales"][axis] if attrs["scales"] else None
-    x = source_coordinates(n, m, attrs["coordinate_transformation_mode"], scale)
+    x = source_coordinates(n, m, attrs["coordinate_transformation_mode"], given_scale(attrs, axis))
     matrix = np.zeros((m, n))
     rows = np.arange(m)[:, None]
     if "cubic_coeff_a" not in attrs:  # linear: the two neighbours of x clamped into the axis
@@ -113,15 +117,11 @@ def interpolation_matrix(n: int, m: int, attrs: dict, axis: int) -> np.ndarray:
     return matrix
 
 
-def _scale(attrs: dict, axis: int) -> float | None:
-    return attrs["scales"][axis] if attrs["scales"] else None
-
-
 def _nearest_kernel(xs, attrs):
     x = xs[0]
     mode, rounding = attrs["coordinate_transformation_mode"], attrs["nearest_mode"]
-    rows = nearest_indices(x.shape[2], attrs["size"][0], mode, rounding, _scale(attrs, 0))
-    cols = nearest_indices(x.shape[3], attrs["size"][1], mode, rounding, _scale(attrs, 1))
+    rows = nearest_indices(x.shape[2], attrs["size"][0], mode, rounding, given_scale(attrs, 0))
+    cols = nearest_indices(x.shape[3], attrs["size"][1], mode, rounding, given_scale(attrs, 1))
     return x[:, :, rows][:, :, :, cols]
 
 
