@@ -1,11 +1,13 @@
 """Quantization fidelity, qcompiler vs ONNX Runtime's quantize_static (QDQ, per-channel int8
-weights, uint8 activations, MinMax calibration) on the same calibration data, in one run.
+weights, uint8 activations, MinMax calibration) and OpenVINO + NNCF int8 (default preset; where
+``pip install qcompiler[openvino]`` put them) on the same calibration data, in one run.
 
-    .venv/bin/python bench/quant_accuracy.py [--skip-fashion]
+    .venv/bin/python bench/quant_accuracy.py [--skip-fashion] [--target-sqnr DB]
 
-Prints, per model: the float metric, qcompiler int8, ONNX Runtime int8 (accuracy for the
+Prints, per model: the float metric, qcompiler int8, the peers' int8 (accuracy for the
 classifiers, mean cosine to the float embeddings for MiniLM, output SQNR for the random-weight
-CNNs on real photos). Not part of `make test`."""
+CNNs on real photos). ``--target-sqnr`` adds a column: qcompiler with the precision search at
+that target. Not part of `make test`."""
 from __future__ import annotations
 
 import argparse
@@ -27,9 +29,25 @@ from qcompiler.examples import peers, zoo  # noqa: E402
 from qcompiler.compare import sqnr_db  # noqa: E402
 
 
-def ort_int8(model: torch.nn.Module, example: tuple, names: list[str], calibration: list[tuple], tmp: Path):
+def peer_int8(model: torch.nn.Module, example: tuple, names: list[str], calibration: list[tuple], tmp: Path):
+    """The peers' int8 models as callables: ONNX Runtime's, and NNCF's (None where not installed)."""
     float_path = peers.export_onnx(model, example, names, tmp / "float.onnx")
-    return peers.session(peers.onnxruntime_int8(float_path, names, calibration, tmp / "int8.onnx"), names)
+    ort = peers.session(peers.onnxruntime_int8(float_path, names, calibration, tmp / "int8.onnx"), names)
+    try:
+        nncf = peers.openvino_nncf_int8(float_path, names, calibration)
+    except ImportError:
+        nncf = None
+    return ort, nncf
+
+
+def ours(graph, calibration: list[tuple], target: float | None) -> list:
+    """qcompiler's integer graphs: the default config, and with the precision search at ``target``."""
+    configs = [qcompiler.QuantConfig()] + ([qcompiler.QuantConfig(target_output_sqnr_db=target)] if target else [])
+    return [qcompiler.quantize(graph, calibration, config).graph for config in configs]
+
+
+def cells(metric, runs: list) -> list[str]:
+    return [("n/a" if run is None else metric(run)) for run in runs]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -39,6 +57,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-fashion", action="store_true")
+    parser.add_argument("--target-sqnr", type=float, metavar="DB")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -52,19 +71,17 @@ def main() -> None:
             example = (torch.from_numpy(x_test[:batch]),)
             cal = [(x_train[i:i + batch],) for i in range(0, 8 * batch, batch)]
             graph = from_torch(model, example)
-            result = qcompiler.quantize(graph, cal)
-            peer = ort_int8(model, example, ["x"], cal, tmp)
+            runs = [lambda x, g=g: g(x)[0] for g in ours(graph, cal, args.target_sqnr)]
+            runs += peer_int8(model, example, ["x"], cal, tmp)
             chunks = range(0, len(x_test) - batch + 1, batch)
             with torch.no_grad():
                 f = np.concatenate([model(torch.from_numpy(x_test[i:i + batch])).numpy() for i in chunks])
-            q = np.concatenate([result.graph(x_test[i:i + batch])[0] for i in chunks])
-            o = np.concatenate([peer(x_test[i:i + batch]) for i in chunks])
-            labels = y_test[:len(f)]
-            rows.append((name, "top-1 accuracy", f"{zoo.accuracy(f, labels):.4f}", f"{zoo.accuracy(q, labels):.4f}",
-                         f"{zoo.accuracy(o, labels):.4f}"))
-            agree = f.argmax(-1)  # fidelity: how often int8 predicts what the float model predicts
-            rows.append((name, "top-1 agreement with float", "1.0000", f"{zoo.accuracy(q, agree):.4f}",
-                         f"{zoo.accuracy(o, agree):.4f}"))
+            outs = [None if r is None else np.concatenate([r(x_test[i:i + batch]) for i in chunks]) for r in runs]
+            labels, agree = y_test[:len(f)], f.argmax(-1)  # agreement: how often int8 predicts what float does
+            rows.append((name, "top-1 accuracy", f"{zoo.accuracy(f, labels):.4f}",
+                         *cells(lambda o: f"{zoo.accuracy(o, labels):.4f}", outs)))
+            rows.append((name, "top-1 agreement with float", "1.0000",
+                         *cells(lambda o: f"{zoo.accuracy(o, agree):.4f}", outs)))
 
         with console.status("digits CNN..."):
             model, data = zoo.train_digits_cnn()
@@ -80,13 +97,12 @@ def main() -> None:
             cal_ids, cal_mask = zoo.tokenize(tokenizer, zoo.CALIBRATION_SENTENCES, 128)
             cal = [(cal_ids.numpy(), cal_mask.numpy())]
             graph = from_torch(encoder, (ids, mask))
-            result = qcompiler.quantize(graph, cal)
-            peer = ort_int8(encoder, (ids, mask), ["input_ids", "attention_mask"], cal, tmp)
+            runs = [lambda *x, g=g: g(*x)[0] for g in ours(graph, cal, args.target_sqnr)]
+            runs += peer_int8(encoder, (ids, mask), ["input_ids", "attention_mask"], cal, tmp)
             with torch.no_grad():
                 f = encoder(ids, mask).numpy()
             rows.append(("all-MiniLM-L6-v2 (8 sentences)", "mean cosine to float", "1.0000",
-                         f"{cosine(f, result.graph(ids.numpy(), mask.numpy())[0]):.4f}",
-                         f"{cosine(f, peer(ids.numpy(), mask.numpy())):.4f}"))
+                         *cells(lambda r: f"{cosine(f, r(ids.numpy(), mask.numpy())):.4f}", runs)))
 
         for name in ("resnet18", "mobilenet_v2"):
             with console.status(f"{name}..."):
@@ -94,15 +110,16 @@ def main() -> None:
                 cal = [(x,) for x in zoo.photo_crops(8, seed=0)]
                 evaluation = zoo.photo_crops(4, seed=1)
                 graph = from_torch(model, (torch.from_numpy(evaluation[0]),))
-                result = qcompiler.quantize(graph, cal)
-                peer = ort_int8(model, (torch.from_numpy(evaluation[0]),), ["x"], cal, tmp)
-                ours = np.median([sqnr_db(graph(x)[0], result.graph(x)[0]) for x in evaluation])
-                theirs = np.median([sqnr_db(graph(x)[0], peer(x)) for x in evaluation])
+                runs = [lambda x, g=g: g(x)[0] for g in ours(graph, cal, args.target_sqnr)]
+                runs += peer_int8(model, (torch.from_numpy(evaluation[0]),), ["x"], cal, tmp)
                 rows.append((f"{name} (random weights, real photos)", "output SQNR dB (median)", "inf",
-                             f"{ours:.1f}", f"{theirs:.1f}"))
+                             *cells(lambda r: f"{np.median([sqnr_db(graph(x)[0], r(x)) for x in evaluation]):.1f}",
+                                    runs)))
 
-    table = Table(title="int8 fidelity: qcompiler vs ONNX Runtime quantize_static (same calibration data)")
-    for col in ("model", "metric", "float", "qcompiler int8", "ONNX Runtime int8"):
+    table = Table(title="int8 fidelity: qcompiler vs its peers (same calibration data)")
+    columns = ["model", "metric", "float", "qcompiler int8"]
+    columns += [f"qcompiler int8, target {args.target_sqnr:g} dB"] if args.target_sqnr else []
+    for col in columns + ["ONNX Runtime int8", "OpenVINO NNCF int8"]:
         table.add_column(col)
     for row in rows:
         table.add_row(*row)

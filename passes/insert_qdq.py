@@ -8,7 +8,9 @@ graph will compute, in float, which is what `compare` measures and `lower-intege
 - conv/linear/matmul: activation inputs and the result get per-tensor parameters; constant
   weights become int8 constants (symmetric, per output channel by default) behind a dequantize.
 - add: each input and the result get their own parameters.
-- concat: inputs and result share one scale (the union of their ranges), so it stays a copy.
+- concat: inputs and result share one scale (the union of their ranges), so it stays a copy;
+  when an operand's range is far narrower than the union (boxes joined with scores) the
+  join stays float instead (``JOIN_SPREAD``).
 - max/avg pooling, relu: the result reuses the input's parameters (exact for max/relu; a local
   average stays on the input's grid up to rounding).
 - reduce_mean (global average pooling): the mean has a much narrower range than its input, so
@@ -160,6 +162,28 @@ class _Inserter:
         self.report.append({"node": node.describe(), "handle": str(node.handle), "reason": reason})
 
 
+JOIN_SPREAD = 16.0  # a join stays float when an operand spans less than 1/16 of the shared range
+
+
+def _crushed_operand(node: Node, lo: float, hi: float) -> str | None:
+    """Why one shared grid would crush an operand of the join ``node``, or None.
+
+    A concat is a copy only when its operands share one scale, the union of their ranges. An
+    operand spanning 1/k of that union keeps 255/k levels: a detector joining box coordinates
+    (0..320) and class scores (0..1) would round every score to 0 or 1.25. Below
+    ``JOIN_SPREAD`` the join stays float (each operand keeps its own int8 producer's grid);
+    the local SQNR of the whole join, dominated by the wide operand, would never show it."""
+    union = max(hi, 0.0) - min(lo, 0.0)
+    for v in node.inputs:
+        span = max(v.range[1], 0.0) - min(v.range[0], 0.0)
+        if 0 < span and span * JOIN_SPREAD < union:  # an all-zero operand is exact on any grid
+            levels = 255.0 * span / union
+            return (f"operand %{v.name} spans {v.range[0]:.3g}..{v.range[1]:.3g}, {union / span:.3g}x "
+                    f"less than the join's {lo:.3g}..{hi:.3g}: one int8 grid would leave it {levels:.1f} levels, "
+                    f"so the join stays float")
+    return None
+
+
 def _same(a: Params, b: Params) -> bool:
     return float(a[0]) == float(b[0]) and int(a[1]) == int(b[1]) and np.asarray(a[1]).dtype == np.asarray(b[1]).dtype
 
@@ -225,6 +249,10 @@ class InsertQDQ(QuantScheme, Pass):
             lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
             if max(-lo, hi) > self.max_abs_range:
                 ins.skip(node, f"concat range {lo:.3g}..{hi:.3g} beyond max_abs_range")
+                return False
+            crushed = _crushed_operand(node, lo, hi)
+            if crushed is not None:
+                ins.skip(node, crushed)
                 return False
             out_params = choose_qparams(lo, hi, self.activation_dtype)
         else:

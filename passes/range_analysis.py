@@ -14,6 +14,7 @@ from qcompiler.calibration_record import calibrated_values
 from qcompiler.interpreter import run
 from qcompiler.ir import Graph, Value
 from qcompiler.pipeline import Pass, PassContext, register
+from qcompiler.progress import progress_bar
 
 from .observers import Histogram, MinMax, MovingAverageMinMax, entropy_range, mse_range, percentile_range
 
@@ -28,18 +29,13 @@ def sweep(graph: Graph, batches: CalibrationSet, values: list[Value], update, pr
             if id(v) in wanted:
                 update(v, a)
 
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)  # stdout may carry a report (--json); bars only on a terminal
-    with Progress(transient=True, console=console, disable=not progress or not console.is_terminal) as bar:
-        task = bar.add_task(label, total=batches.count)
+    with progress_bar(label, batches.count, progress) as advance:
         for batch in batches:
             for v, a in zip(graph.inputs, batch):
                 if id(v) in wanted:
                     update(v, a)
             run(graph, batch, observer=observer)
-            bar.advance(task)
+            advance()
 
 
 @register

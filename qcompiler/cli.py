@@ -4,6 +4,8 @@ unless they name it as the output."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -72,7 +74,6 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     graph = _load_model(args)
     params = sum(a.size for a in graph.constants.values())
     if args.json:
-        import json
 
         print(json.dumps({"nodes": len(graph.nodes), "ops": graph.op_counts(), "constants": len(graph.constants),
                           "constant_elements": int(params)}, indent=2))
@@ -88,7 +89,6 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    import json
 
     from rich.console import Console
     from rich.table import Table
@@ -183,14 +183,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from .compare import compare, render_table, to_json, worst
+    from .compare import compare, render_search, render_table, to_json, worst
     from .loading import load_batches, load_calibration
     from .quant_config import QuantConfig
     from .quantize import quantize
 
     graph = _load_model(args)
     config = QuantConfig.load(args.config) if args.config else QuantConfig()
+    if args.target_sqnr is not None:
+        config = dataclasses.replace(config, target_output_sqnr_db=args.target_sqnr)
+    search = None
     if args.quantized:
+        if args.target_sqnr is not None:
+            raise QCompilerError("--target-sqnr searches while quantizing: it cannot apply to a given quantized model")
         float_graph, quant_graph = graph, _load_model(args, args.quantized)
         if not args.inputs:
             raise QCompilerError("compare with a quantized model needs --inputs")
@@ -201,6 +206,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         calibration = load_calibration(args.calibration, graph) if args.calibration else _synthetic(args, graph, 8)
         result = quantize(graph, calibration, config, lower=False, progress=not args.json)
         float_graph, quant_graph = result.float_graph, result.qdq_graph
+        search = result.report.get("precision_search")
     if args.inputs:
         batch = load_batches(args.inputs, float_graph)[0]
     elif args.calibration:
@@ -209,12 +215,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         batch = _synthetic(args, float_graph, 1)[0]
     layers = compare(float_graph, quant_graph, batch)
     if args.json:
-        print(to_json(layers))
+        print(to_json(layers) if search is None else json.dumps({"layers": json.loads(to_json(layers)),
+                                                                "precision_search": search}, indent=2))
     else:
         Console().print(render_table(worst(layers, args.top)))
         outputs = [e for e in layers if e.handle in {v.producer.handle for v in float_graph.outputs if v.producer}]
         for e in outputs:
             print(f"output {e.source or e.op}: SQNR {e.sqnr_db:.1f} dB, cosine {e.cosine:.5f}")
+        if search is not None:
+            Console().print(render_search(search))
     return 0
 
 
@@ -232,7 +241,6 @@ def _accuracy(scores, labels) -> float:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    import json
 
     from rich.console import Console
 
@@ -256,10 +264,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     refusal = artifact.why_not_replaceable(out)
     if refusal:  # checked before minutes of compiling, and again when saving
         raise QCompilerError(f"{out}: {refusal}; refusing to replace it (choose another output folder)")
+    if args.target_sqnr is not None and not (args.calibration or args.synthetic):
+        raise QCompilerError("--target-sqnr measures the outputs on calibration data: it needs --calibration (or "
+                             "--synthetic); a --ranges record already holds the layers an earlier search kept float")
     log = _phase_log(args)
     log.phase("capture", args.model)
     graph = _load_model(args)
     config = QuantConfig.load(args.config) if args.config else None
+    if args.target_sqnr is not None:
+        config = dataclasses.replace(config or QuantConfig(), target_output_sqnr_db=args.target_sqnr)
     given = [flag for flag, value in (("--calibration", args.calibration), ("--synthetic", args.synthetic),
                                       ("--ranges", args.ranges)) if value]
     if len(given) > 1:
@@ -329,7 +342,6 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def target_label(report: dict) -> str:
     """``llvm (znver3, 2 cores)``, ``cuda (sm_80)``: the target as a person reads it (the full
     TVM target stays in the JSON report)."""
-    import json
 
     target = report["target"]
     try:
@@ -367,6 +379,12 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
         table.add_row("int8 kernels", report["int8_kernels"]["kernels"] or "[yellow]generic (slow)[/]")
     table.add_row("ops", f"{report['ops']['integer']} integer of {report['ops']['total']}")
     table.add_row("kept float", str(len(report["kept_float"])))
+    if "precision_search" in report:
+        found = report["precision_search"]
+        colour = "green" if found["met"] else "yellow"
+        table.add_row("precision search", f"[{colour}]output SQNR {found['before_db']:.1f} -> "
+                                          f"{found['after_db']:.1f} dB[/] (target {found['target_output_sqnr_db']:g}), "
+                                          f"{len(found['promoted'])} kept float for it")
     size = report["size_bytes"]
     table.add_row("weights", f"{size['float'] / 1e6:.2f} MB -> {size['compiled'] / 1e6:.2f} MB")
     if "accuracy" in report:
@@ -427,7 +445,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         np.savez(args.output, **stacked)
     golden = _against_golden(stacked, args.expect_outputs, args.atol) if args.expect_outputs else {}
     if args.json:
-        import json
 
         print(json.dumps({"digest": model.digest, "batches": len(batches), "written": args.output,
                           "outputs": {name: {"shape": list(a.shape[1:]), "dtype": str(a.dtype), **golden.get(name, {})}
@@ -467,7 +484,6 @@ def _against_golden(outputs: dict, path: str, atol: float) -> dict[str, dict]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    import json
 
     from .show import render_html
 
@@ -594,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help=".npz with the batch to compare on (default: the first calibration batch)")
     p.add_argument("--config", help="QuantConfig as JSON (or YAML)")
     p.add_argument("--top", type=int, default=15, help="rows in the table of worst layers")
+    p.add_argument("--target-sqnr", type=float, metavar="DB",
+                   help="run the precision search: the layers whose float form brings every output (and each of its "
+                        "channel groups) to this SQNR, with what each gained (--json: an object with 'layers' and "
+                        "'precision_search')")
     p.add_argument("--json", action="store_true",
                    help="print every layer's numbers as JSON on stdout (for `show --compare`), not the table")
     _synthetic_args(p, "calibration and comparison inputs")
@@ -626,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                    help="gate: fail (exit 3) when accuracy drops by more than this many percentage points")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="gate: fail (exit 3) when output SQNR is lower")
+    p.add_argument("--target-sqnr", type=float, metavar="DB",
+                   help="precision search: keep the fewest layers float that bring every output (and each of its "
+                        "channel groups) to this SQNR on the calibration data (QuantConfig.target_output_sqnr_db)")
     p.add_argument("--image-mean", type=float, nargs=3, metavar="M", help="normalize calibration/eval images")
     p.add_argument("--image-std", type=float, nargs=3, metavar="S",
                    help="divide calibration/eval images by this per channel (after the mean); run applies it too")

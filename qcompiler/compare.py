@@ -191,3 +191,19 @@ def render_table(layers: Sequence[LayerError], title: str = "worst layers by cum
         table.add_row(str(e.handle), e.op, e.source, f"{e.sqnr_db:.1f}", f"{e.cosine:.4f}", f"{e.max_abs:.3g}",
                       "" if e.local_sqnr_db is None else f"{e.local_sqnr_db:.1f}")
     return table
+
+
+def render_search(search: dict):
+    """The precision search's report (``report()["precision_search"]``) as a table: each layer
+    kept float, in the order chosen, what it gained at the outputs and what it costs."""
+    from rich.table import Table
+
+    state = "met" if search["met"] else "NOT met"
+    table = Table(title=f"precision search: worst output group {search['before_db']:.1f} -> "
+                        f"{search['after_db']:.1f} dB, target {search['target_output_sqnr_db']:g} dB {state} "
+                        f"({search['layers_measured']} layers measured)")
+    for col in ("kept float", "gain dB", "cost (MACs)"):
+        table.add_column(col, justify="left" if col == "kept float" else "right")
+    for p in search["promoted"]:
+        table.add_row(p["node"], f"{p['gain_db']:.1f}", f"{p['cost']:,}")
+    return table

@@ -429,6 +429,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         report["note"] = ("float model: no calibration data was given" if batches is None else
                           "nothing was quantized: see passes.kept_float / not_quantized")
     report["kept_float"] = report["passes"].get("kept_float", [])
+    if "precision_search" in report["passes"]:
+        report["precision_search"] = report["passes"]["precision_search"]
     report["ops"] = {"integer": integer_ops, "total": len(compiled_graph.nodes), "by_op": compiled_graph.op_counts()}
     report["size_bytes"]["compiled"] = model_size_bytes(compiled_graph)
     report["pass_timings_ms"] = [{"pass": r.name, "ms": round(r.seconds * 1e3, 2), "changed": r.changed}

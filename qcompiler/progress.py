@@ -5,7 +5,8 @@ the caller's ``emit`` sends them (the CLI: stderr, unless ``--quiet``)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # the phase each pass belongs to; passes not listed are float optimizations
@@ -33,3 +34,16 @@ class PhaseLog:
     def done(self, what: str = "done") -> None:
         self.current = None
         self.phase(what)
+
+
+@contextmanager
+def progress_bar(label: str, total: int | None, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A transient rich bar on stderr (stdout may carry a report: --json), shown only on a
+    terminal; yields the function that advances it by one."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    with Progress(transient=True, console=console, disable=not enabled or not console.is_terminal) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)

@@ -128,6 +128,9 @@ class QuantConfig:
     # sensitivity fallback: a layer whose error when quantized alone (local SQNR on the first
     # calibration batch) is below this stays float; None turns the fallback off
     min_layer_sqnr_db: float | None = 20.0
+    # precision search: layers are kept float, the most helpful first, until every float output
+    # (and each of its channel groups) reaches this SQNR on the first calibration batch; None: off
+    target_output_sqnr_db: float | None = None
     bias_correction: bool = True  # shift biases by the mean error quantization adds (bias-correction pass)
 
     def __post_init__(self) -> None:

@@ -114,26 +114,57 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
 def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any, inst: Instruments,
                           ctx: PassContext) -> tuple[Graph, CalibrationRecord]:
     """Calibrate and insert quantize/dequantize pairs; with ``min_layer_sqnr_db``, layers that
-    lose too much even when quantized alone are kept float (and calibrated again without them)."""
+    lose too much even when quantized alone are kept float; with ``target_output_sqnr_db``, the
+    precision search keeps more float until the outputs meet it. Each decision recalibrates
+    without the layers kept float (bias correction depends on them)."""
     from .compare import compare
+    from .interpreter import run
+    from .precision_search import output_sqnr_db
 
-    def calibrated(exclude: dict[str, str]) -> tuple[Graph, CalibrationRecord]:
+    def calibrated(exclude: dict[str, str]) -> tuple[Graph, Graph, CalibrationRecord]:
         graph = run_pipeline(float_graph.copy(), calibrate_stages(config, tuple(exclude)), inst, ctx)
         record = CalibrationRecord.measure(float_graph, graph, calibrate_stages(config).split(",")[0],
                                            config.activation_dtype, exclude)  # before insert-qdq rewrites it
-        return run_pipeline(graph, insert_stage(config, tuple(exclude)), inst, ctx), record
+        return graph.copy(), run_pipeline(graph, insert_stage(config, tuple(exclude)), inst, ctx), record
 
-    qdq, record = calibrated({})
+    exclude: dict[str, str] = {}
+    ranged, qdq, record = calibrated(exclude)
     if config.min_layer_sqnr_db is not None:
         names = {n.handle: n.outputs[0].name for n in float_graph.nodes}
         weak = [e for e in compare(float_graph, qdq, batches.first())
                 if e.local_sqnr_db is not None and e.local_sqnr_db < config.min_layer_sqnr_db]
         if weak:
+            exclude = {names[e.handle]: f"local SQNR {e.local_sqnr_db:.1f} dB < min_layer_sqnr_db "
+                                        f"{config.min_layer_sqnr_db:g}" for e in weak}
             ctx.report["not_quantized"] = []
-            qdq, record = calibrated({names[e.handle]: f"local SQNR {e.local_sqnr_db:.1f} dB < min_layer_sqnr_db "
-                                                      f"{config.min_layer_sqnr_db:g}" for e in weak})
-            _explain_exclusions(float_graph, record.exclude, ctx)
+            ranged, qdq, record = calibrated(exclude)
+    if config.target_output_sqnr_db is not None:
+        found = _search_precision(float_graph, ranged, config, batches, tuple(exclude), inst, ctx)
+        if found.promoted:
+            exclude |= {p.name: found.reason(p) for p in found.promoted}
+            ctx.report["not_quantized"] = []
+            ranged, qdq, record = calibrated(exclude)
+            found.after_db = output_sqnr_db(run(float_graph, batches.first()), run(qdq, batches.first()))
+            ctx.report["precision_search"] = found.report()  # measured on what ships (recalibrated)
+    if exclude:
+        _explain_exclusions(float_graph, record.exclude, ctx)
     return qdq, record
+
+
+def _search_precision(float_graph: Graph, ranged: Graph, config: QuantConfig, batches: Any, kept: tuple[str, ...],
+                      inst: Instruments, ctx: PassContext) -> Any:
+    """The precision search (``precision_search.search``) on the calibrated graph ``ranged``;
+    its result goes into the report as ``precision_search``."""
+    from .precision_search import search
+
+    quiet = Instruments(emit=lambda s: None)
+
+    def insert(exclude: tuple[str, ...]) -> Graph:
+        return run_pipeline(ranged.copy(), insert_stage(config, exclude), quiet, PassContext())
+
+    found = search(float_graph, insert, batches.first(), config.target_output_sqnr_db, kept, ctx.progress)
+    ctx.report["precision_search"] = found.report()
+    return found
 
 
 def _explain_exclusions(float_graph: Graph, reasons: dict[str, str], ctx: PassContext) -> None:

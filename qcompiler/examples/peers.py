@@ -1,6 +1,7 @@
-"""The peer the demo and benchmarks measure against: ONNX Runtime's static int8 quantization
-(QDQ, per-channel QInt8 weights, QUInt8 activations: its fastest form on x86), calibrated on
-the same batches qcompiler sees."""
+"""The peers the demo and benchmarks measure against, calibrated on the same batches qcompiler
+sees: ONNX Runtime's static int8 quantization (QDQ, per-channel QInt8 weights, QUInt8
+activations: its fastest form on x86) and, where ``openvino`` and ``nncf`` are installed
+(``pip install qcompiler[openvino]``), OpenVINO with NNCF's post-training int8 (default preset)."""
 from __future__ import annotations
 
 import contextlib
@@ -43,3 +44,19 @@ def session(path: Path, names: Sequence[str]) -> Any:
     options.intra_op_num_threads = os.cpu_count() or 1
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda *xs: sess.run(None, dict(zip(names, xs)))[0]
+
+
+def openvino_nncf_int8(float_path: Path, names: Sequence[str], calibration: Sequence[Sequence[np.ndarray]]) -> Any:
+    """NNCF's ``quantize`` (default preset, every calibration batch) of the ONNX model, compiled
+    by OpenVINO for this CPU, called like a model: ``run(*arrays) -> first output``. Raises
+    ImportError where openvino or nncf is missing."""
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(float_path))
+    dataset = nncf.Dataset([dict(zip(names, batch)) for batch in calibration])
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF prints progress bars
+        quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
+    compiled = core.compile_model(quantized, "CPU")
+    return lambda *xs: next(iter(compiled(dict(zip(names, xs))).values()))

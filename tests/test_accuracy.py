@@ -1,0 +1,172 @@
+"""Accuracy where a per-layer view misses the loss: outputs judged as the user reads them.
+
+Each test builds the float model, quantizes it with the default config (no exclusions by
+hand) and checks the quantized model against the float one on what the output means."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qcompiler
+
+
+class _JoinedBoxesAndScores(torch.nn.Module):
+    """A detector head as real ones end: box coordinates (0..320 px) and class scores (0..1)
+    joined in one tensor, [N, anchors, 4 + classes]."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1, stride=2), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU())
+        self.box = torch.nn.Conv2d(32, 4, 1)
+        self.cls = torch.nn.Conv2d(32, classes, 1)
+
+    def forward(self, x):
+        f = self.backbone(x)
+        joined = torch.cat([torch.sigmoid(self.box(f)) * 320.0, torch.sigmoid(self.cls(f))], 1)
+        return joined.flatten(2).transpose(1, 2)
+
+
+def _kept_detections(reference: np.ndarray, got: np.ndarray, threshold: float = 0.5) -> float:
+    """The share of anchors whose best float score is above ``threshold`` that stay above it
+    with the same class."""
+    ref_scores, got_scores = reference[..., 4:], got[..., 4:]
+    above = ref_scores.max(-1) > threshold
+    kept = (got_scores.max(-1) > threshold) & (got_scores.argmax(-1) == ref_scores.argmax(-1))
+    return float(kept[above].mean())
+
+
+@pytest.mark.parametrize("target", ["reference", "llvm"])
+def test_a_joined_box_and_score_output_keeps_its_scores(target):
+    """Before: the join shared one uint8 grid over 0..320 (1.25 per step) and every score became
+    0 or 1.25 (ONNX Runtime's static flow does the same), while each layer's local SQNR looked
+    fine. The join now stays float, reported with why."""
+    torch.manual_seed(0)
+    model = _JoinedBoxesAndScores().eval()
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(4)]
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    compiled = qcompiler.compile(model, (torch.from_numpy(x),), calibration=calibration, target=target)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    got = np.asarray(compiled(x))
+    assert (reference[..., 4:].max(-1) > 0.5).sum() >= 20  # the check has anchors to judge
+    assert _kept_detections(reference, got) >= 0.9
+    np.testing.assert_allclose(got[..., :4], reference[..., :4], atol=0.02 * 320)  # int8 convs before the sigmoid
+    joins = [e for e in compiled.report()["kept_float"] if e["node"].startswith("concat")]
+    assert len(joins) == 1 and "one int8 grid would leave it" in joins[0]["reason"], compiled.report()["kept_float"]
+    convs = compiled.graph.op_counts().get("conv2d_int", 0) if target == "reference" else None
+    assert convs in (None, 4)
+
+
+def test_output_sqnr_judges_each_channel_group_of_an_output():
+    """Scores lost next to boxes: the whole tensor's SQNR stays high, the scores' group is judged
+    on its own."""
+    from qcompiler.compare import sqnr_db
+    from qcompiler.precision_search import channel_groups, output_sqnr_db
+
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([rng.uniform(0, 320, (2, 50, 4)), rng.uniform(0, 1, (2, 50, 3))], -1)
+    got = reference.copy()
+    got[..., 4:] = 0.0  # every score rounded away
+    assert sqnr_db(reference, got) > 40
+    groups = channel_groups(reference, 2)
+    assert sorted(map(sorted, groups)) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert output_sqnr_db([reference], [got]) == pytest.approx(sqnr_db(reference[..., 4:], got[..., 4:]))
+    assert output_sqnr_db([reference], [got]) < 1
+    assert channel_groups(rng.standard_normal((4, 10)), 1)[0].size == 10  # similar channels: one group
+
+
+def test_the_precision_search_finds_a_loss_only_the_output_shows(monkeypatch):
+    """With the join rule off, the crushed scores show nowhere but at the output: the search
+    keeps the join float and reports what that bought."""
+    import qcompiler.passes.insert_qdq as insert_qdq
+
+    monkeypatch.setattr(insert_qdq, "JOIN_SPREAD", float("inf"))
+    torch.manual_seed(0)
+    model = _JoinedBoxesAndScores().eval()
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(4)]
+    x = torch.from_numpy(calibration[0])
+    plain = qcompiler.compile(model, (x,), calibration=calibration, target="reference")
+    with torch.no_grad():
+        reference = model(x).numpy()
+    assert _kept_detections(reference, np.asarray(plain(calibration[0]))) < 0.5  # the loss is real
+    config = qcompiler.QuantConfig(target_output_sqnr_db=30.0)
+    compiled = qcompiler.compile(model, (x,), calibration=calibration, target="reference", config=config)
+    found = compiled.report()["precision_search"]
+    assert found["met"] and found["before_db"] < 30 <= found["after_db"]
+    assert [p["node"].split()[0] for p in found["promoted"]] == ["concat"]
+    assert found["promoted"][0]["gain_db"] > 0 and found["promoted"][0]["cost"] > 0
+    assert _kept_detections(reference, np.asarray(compiled(calibration[0]))) >= 0.9
+    reasons = [e["reason"] for e in compiled.report()["kept_float"] if e["node"].startswith("concat")]
+    assert len(reasons) == 1 and "target_output_sqnr_db 30" in reasons[0]
+
+
+class _WideOutputChannels(torch.nn.Module):
+    """An MLP whose last layer's outputs differ 100-fold between channels (a regression head
+    next to logits): per-tensor int8 on that output crushes the small channels, which the
+    layer's local SQNR (the large channel's) never shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(16, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)
+        with torch.no_grad():
+            self.c.weight[0] *= 100.0
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_the_precision_search_meets_the_target_keeping_few_layers_float():
+    from qcompiler.compare import sqnr_db
+
+    torch.manual_seed(0)
+    model = _WideOutputChannels().eval()
+    rng = np.random.default_rng(1)
+    calibration = [rng.standard_normal((16, 16)).astype(np.float32) for _ in range(4)]
+    x = torch.from_numpy(calibration[0])
+    with torch.no_grad():
+        reference = model(x).numpy()
+    base = qcompiler.compile(model, (x,), calibration=calibration, target="reference")
+    small = sqnr_db(reference[:, 1:], np.asarray(base(calibration[0]))[:, 1:])
+    assert small < 20 < sqnr_db(reference, np.asarray(base(calibration[0])))  # only the small channels lose
+    config = qcompiler.QuantConfig(target_output_sqnr_db=25.0)
+    compiled = qcompiler.compile(model, (x,), calibration=calibration, target="reference", config=config)
+    found = compiled.report()["precision_search"]
+    assert found["before_db"] < 25 and found["met"]
+    assert [p["node"] for p in found["promoted"]] == ["linear 'c' (%4)"] and found["layers_measured"] == 3
+    got = np.asarray(compiled(calibration[0]))
+    # what the search measured is what ships (up to the integer graph's rounding)
+    assert min(sqnr_db(reference[:, 1:], got[:, 1:]), sqnr_db(reference, got)) == pytest.approx(found["after_db"],
+                                                                                                abs=0.5)
+    assert compiled.graph.op_counts().get("linear_int") == 2
+
+
+def test_target_sqnr_from_the_cli(tmp_path):
+    import json
+
+    from tests.conftest import cli_in_process, export_onnx
+
+    torch.manual_seed(0)
+    model = _WideOutputChannels().eval()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((4, 16, 16)).astype(np.float32))
+    path = export_onnx(model, (torch.zeros(16, 16),), tmp_path / "m.onnx", ["x"])
+    done = cli_in_process("compile", path, "--calibration", str(tmp_path / "cal.npz"), "--target", "reference",
+                          "--target-sqnr", "25", "-o", str(tmp_path / "art"), "--json")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)["precision_search"]
+    assert found["met"] and [p["node"].split()[0] for p in found["promoted"]] == ["linear"]
+    compared = cli_in_process("compare", path, "--calibration", str(tmp_path / "cal.npz"), "--target-sqnr", "25",
+                              "--json")
+    assert compared.returncode == 0, compared.stderr
+    report = json.loads(compared.stdout)
+    assert report["precision_search"] == found  # the same search, as a debugging table
+    assert {e["op"] for e in report["layers"]} >= {"linear"}
+    assert cli_in_process("compare", path, "--calibration", str(tmp_path / "cal.npz"), "--target-sqnr",
+                          "25").returncode == 0
+    refused = cli_in_process("compile", path, "--target-sqnr", "25", "-o", str(tmp_path / "art3"))
+    assert refused.returncode != 0 and "--target-sqnr" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "art3").exists()
