@@ -40,6 +40,7 @@ def _sole_quantize_user(graph: Graph, v: Value) -> Node | None:
 
 
 NOT_LOWERED = "not_lowered"  # node.meta key: why a rule left a quantized node in float (reported)
+MODEL_OUTPUT = "model_output"  # node.meta key: the dequantized accumulator of a layer whose result is an output
 
 
 def _multiplier(node: Node, real: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -101,7 +102,8 @@ def lower_compute(graph: Graph, node: Node) -> bool:
         return False
     q = _sole_quantize_user(graph, node.output)
     x_params = qparams_of(graph, node.inputs[0])
-    if q is None or x_params is None:
+    to_float = q is None and node.output in graph.outputs  # a model output: the accumulator, dequantized
+    if (q is None and not to_float) or x_params is None:
         return False
     if traits.channel_axis is None:  # matmul: the right operand per tensor, a weight or a run-time value
         b_params = qparams_of(graph, node.inputs[1])
@@ -121,9 +123,12 @@ def lower_compute(graph: Graph, node: Node) -> bool:
             node.meta[NOT_LOWERED] = "its bias does not fit int32 at the accumulator's scale (s_x * s_w)"
             return False
     acc_scale = np.float64(x_params[0]) * w_scale
-    y_scale, y_zp = _q_params(graph, q)
     act = node.attrs["activation"]
-    if act in INTEGER_CLAMPS:
+    if to_float:
+        y_scale = y_zp = None
+    else:
+        y_scale, y_zp = _q_params(graph, q)
+    if act in INTEGER_CLAMPS and not to_float:
         fixed_point = _multiplier(node, acc_scale / np.float64(y_scale))
         if fixed_point is None:
             return False
@@ -136,7 +141,7 @@ def lower_compute(graph: Graph, node: Node) -> bool:
     acc = graph.add_node(op, [x_q, x_zp, w, w_zp] + ([bias] if bias is not None else []), int_attrs,
                          meta={"source": node.source}, before=node).output
     axis = traits.channel_axis if traits.channel_axis is not None else -1
-    if act in INTEGER_CLAMPS:
+    if act in INTEGER_CLAMPS and not to_float:
         info = np.iinfo(np.asarray(y_zp).dtype)
         lo, hi = int(info.min), int(info.max)
         if act == "relu":
@@ -157,9 +162,14 @@ def lower_compute(graph: Graph, node: Node) -> bool:
                                                            np.zeros(s.shape, np.int32))],
                               {"axis": axis % acc.type.rank}, meta={"source": node.source}, before=node).output
         fused = {k: v for k, v in node.attrs.items() if k in ("activation", "activation_args")}
-        activated = _apply_activation(graph, real, fused, node)
-        q.inputs[0] = activated
-        q.meta = dict(node.meta)
+        activated = real if act == "none" else _apply_activation(graph, real, fused, node)
+        if to_float:
+            activated.producer.meta = dict(node.meta)  # it stands for the original result
+            real.producer.meta[MODEL_OUTPUT] = True  # an int8 layer whose result is the model's: not kept float
+            graph.replace_all_uses(node.output, activated)
+        else:
+            q.inputs[0] = activated
+            q.meta = dict(node.meta)
     graph.replace_all_uses(node.output, acc)  # nothing else reads it; keeps the graph consistent
     graph.remove_node(node)
     return True
@@ -168,6 +178,8 @@ def lower_compute(graph: Graph, node: Node) -> bool:
 def _apply_activation(graph: Graph, x: Value, fused: dict, before: Node) -> Value:
     act = fused["activation"]
     attrs = {"approximate": "tanh"} if act == "gelu_tanh" else {}
+    if act == "clip":
+        attrs = dict(zip(("min", "max"), fused["activation_args"]))
     op = "gelu" if act.startswith("gelu") else act
     return graph.add_node(op, [x], attrs, meta={"source": before.source}, before=before).output
 
@@ -309,7 +321,7 @@ class LowerInteger(Pass):
                 reason = reasons.get(str(node.handle)) or node.meta.get(NOT_LOWERED) or \
                     "quantized operands did not form a lowerable dequantize -> op -> quantize sandwich"
                 kept.append({"node": node.describe(), "handle": str(node.handle), "reason": reason})
-            elif node.op == "dequantize" and node.inputs[0].dtype == "i32":
+            elif node.op == "dequantize" and node.inputs[0].dtype == "i32" and not node.meta.get(MODEL_OUTPUT):
                 kept.append({"node": node.describe(), "handle": str(node.handle),
                              "reason": "fused activation has no integer form; applied in float after the "
                                        "integer accumulation"})

@@ -370,6 +370,8 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
     they can be copied."""
     from rich.table import Table
 
+    from .compare import format_db
+
     table = Table(title=f"qcompiler compile -> {out}")
     table.add_column("")
     table.add_column("")
@@ -382,9 +384,10 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
     if "precision_search" in report:
         found = report["precision_search"]
         colour = "green" if found["met"] else "yellow"
-        table.add_row("precision search", f"[{colour}]output SQNR {found['before_db']:.1f} -> "
-                                          f"{found['after_db']:.1f} dB[/] (target {found['target_output_sqnr_db']:g}), "
-                                          f"{len(found['promoted'])} kept float for it")
+        table.add_row("precision search", f"[{colour}]output SQNR {format_db(found['before_db'])} -> "
+                                          f"{format_db(found['after_db'])}[/] (target "
+                                          f"{found['target_output_sqnr_db']:g} dB), "
+                                          f"{sum(len(p['nodes']) for p in found['promoted'])} kept float for it")
     size = report["size_bytes"]
     table.add_row("weights", f"{size['float'] / 1e6:.2f} MB -> {size['compiled'] / 1e6:.2f} MB")
     if "accuracy" in report:

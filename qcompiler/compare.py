@@ -88,7 +88,8 @@ def _record(graph: Graph, inputs: list[np.ndarray], dequantize: bool) -> dict[in
         return None
 
     def observer(node: Node, outs: list[np.ndarray]) -> None:
-        if node.op in ("quantize", "dequantize") or "handle" not in node.meta:
+        # a dequantize with a layer's handle is that layer's result (a model output's accumulator)
+        if node.op == "quantize" or "handle" not in node.meta:
             return
         arrays = [real(out, a) for out, a in zip(node.outputs, outs)]
         if arrays[0] is not None:
@@ -199,11 +200,16 @@ def render_search(search: dict):
     from rich.table import Table
 
     state = "met" if search["met"] else "NOT met"
-    table = Table(title=f"precision search: worst output group {search['before_db']:.1f} -> "
-                        f"{search['after_db']:.1f} dB, target {search['target_output_sqnr_db']:g} dB {state} "
+    table = Table(title=f"precision search: worst output group {format_db(search['before_db'])} -> "
+                        f"{format_db(search['after_db'])}, target {search['target_output_sqnr_db']:g} dB {state} "
                         f"({search['layers_measured']} layers measured)")
-    for col in ("kept float", "gain dB", "cost (MACs)"):
+    for col in ("kept float", "gain", "cost (MACs)"):
         table.add_column(col, justify="left" if col == "kept float" else "right")
     for p in search["promoted"]:
-        table.add_row(p["node"], f"{p['gain_db']:.1f}", f"{p['cost']:,}")
+        table.add_row("\n".join(p["nodes"]), format_db(p["gain_db"]), f"{p['cost']:,}")
     return table
+
+
+def format_db(db: float | None) -> str:
+    """An SQNR from a report: None is no error at all."""
+    return "exact" if db is None else f"{db:.1f} dB"

@@ -141,7 +141,7 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any,
     if config.target_output_sqnr_db is not None:
         found = _search_precision(float_graph, ranged, config, batches, tuple(exclude), inst, ctx)
         if found.promoted:
-            exclude |= {p.name: found.reason(p) for p in found.promoted}
+            exclude |= found.reasons()
             ctx.report["not_quantized"] = []
             ranged, qdq, record = calibrated(exclude)
             found.after_db = output_sqnr_db(run(float_graph, batches.first()), run(qdq, batches.first()))

@@ -107,11 +107,32 @@ def test_insert_qdq_then_lower_integer_in_text():
     want = graph(x)[0]
     ctx = PassContext()
     run_pipeline(graph, "insert-qdq", context=ctx)
-    assert [n.op for n in graph.nodes] == ["quantize", "dequantize", "dequantize", "linear", "quantize", "dequantize"]
+    # the linear's result is the model's output: it keeps the accumulator's precision (no quantize)
+    assert [n.op for n in graph.nodes] == ["quantize", "dequantize", "dequantize", "linear"]
     assert "const @w.quantized : i8[3,4] = [32, -64, 16, 127, 127, 127, -127, 0, -32, 48, 95, -127]" in str(graph)
     qdq = graph(x)[0]
     run_pipeline(graph, "lower-integer", context=ctx)
-    assert [n.op for n in graph.nodes] == ["quantize", "linear_int", "requantize", "dequantize"]
+    assert [n.op for n in graph.nodes] == ["quantize", "linear_int", "dequantize", "relu"]
+    assert graph.nodes[3].handle == 0  # the fused relu, in float on the dequantized accumulator, stands for it
+    # exact int32 sums scaled once; the bias rounds to the accumulator's step s_x * s_w (at most 4/255 * 2/127)
+    assert np.abs(graph(x)[0] - qdq).max() <= 0.5 * (4 / 255) * (2 / 127) + 1e-6
+    assert np.abs(qdq - want).max() < 0.1
+    assert ctx.report["kept_float"] == []
+
+
+def test_an_inner_layer_requantizes_with_its_relu_as_the_clamp():
+    """The same linear read by another op: its result is quantized, the relu a requantize clamp."""
+    graph = parse_graph(CALIBRATED.replace("  return %0", "  %1 = reshape(%0) {shape=[6]} : f32[6] loc(#1)\n"
+                                                         "  return %1").replace("-> f32[2,3]", "-> f32[6]"))
+    x = np.array([[-1.0, 0.5, 2.0, 3.0], [0.25, -0.75, 1.0, 0.0]], np.float32)
+    want = graph(x)[0]
+    ctx = PassContext()
+    run_pipeline(graph, "insert-qdq", context=ctx)
+    assert [n.op for n in graph.nodes] == ["quantize", "dequantize", "dequantize", "linear", "quantize", "dequantize",
+                                          "reshape"]
+    qdq = graph(x)[0]
+    run_pipeline(graph, "lower-integer", context=ctx)
+    assert [n.op for n in graph.nodes] == ["quantize", "linear_int", "requantize", "dequantize", "reshape"]
     requant = graph.nodes[2]
     assert requant.attrs["min"] == 0 and requant.handle == 0  # fused relu as clamp; keeps the linear's handle
     out_scale = 6.0 / 255

@@ -107,8 +107,8 @@ def test_multi_output_split_then_join_quantizes_everywhere(tmp_path):
     compiled = qcompiler.compile(path, calibration=_calibration((1, 3, 8, 8)), target="onnx")
     assert compiled.report()["kept_float"] == []
     x = _calibration((1, 3, 8, 8), 1, seed=3)[0]
-    assert np.abs(compiled(x) - compiled.graph(x)[0]).max() <= 2 * float(
-        compiled.graph.constant_array(compiled.graph.outputs[0].producer.inputs[1]))
+    reference = compiled.graph(x)[0]  # the head's result is not quantized: float rounding apart, the same
+    assert np.abs(compiled(x) - reference).max() <= 1e-4 * np.abs(reference).max()
 
 
 @pytest.mark.parametrize("width", [144, 320, 17 * 16])

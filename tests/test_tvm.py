@@ -56,8 +56,8 @@ def test_resnet18_integer_graph_is_bit_exact():
     model = zoo.resnet18()
     x = zoo.photo_crops(1, seed=1)[0]
     result = qcompiler.quantize(from_torch(model, (torch.from_numpy(x),)), zoo.photo_crops(2, seed=0))
-    out = result.graph.outputs[0].producer
-    assert out.op == "dequantize" and out.inputs[0].dtype == "u8"  # integer all the way to the logits
+    out = result.graph.outputs[0].producer  # integer all the way to the logits' int32 accumulator
+    assert out.op == "dequantize" and out.inputs[0].dtype == "i32" and out.inputs[0].producer.op == "linear_int"
     check(result.graph, [x])
 
 
@@ -226,13 +226,17 @@ def test_int8_kernel_modules_implement_the_protocol_and_requantizes_are_matched_
     for name, module in INT8_KERNELS.items():
         assert isinstance(module, Int8Kernels), name
     torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 4)).eval()
     batches = [np.random.default_rng(i).standard_normal((4, 8)).astype(np.float32) for i in range(3)]
     graph = qcompiler.quantize(qcompiler.from_torch(mlp, (torch.randn(4, 8),)), batches).graph
     matched = absorbable_requantizes(graph)
-    products = [n for n in graph.nodes if n.op == "linear_int"]
+    *inner, last = [n for n in graph.nodes if n.op == "linear_int"]
+    products = inner
     assert len(products) == 2 and all(matched[id(n)].op == "requantize" for n in products)
     assert all(matched[id(n)].inputs[0] is n.output for n in products)
+    # the model's output: its accumulator is dequantized, not requantized
+    assert id(last) not in matched and graph.users_of(last.output)[0].op == "dequantize"
     reader = graph.add_node("relu", [products[0].output])  # a second reader: the epilogue cannot take it
     graph.set_outputs(graph.outputs + [reader.output])
     assert id(products[0]) not in absorbable_requantizes(graph) and id(products[1]) in absorbable_requantizes(graph)

@@ -36,27 +36,50 @@ def onnxruntime_int8(float_path: Path, names: Sequence[str], calibration: Sequen
     return int8_path
 
 
-def session(path: Path, names: Sequence[str]) -> Any:
-    """A CPU session over all cores, called like a model: ``run(*arrays) -> first output``."""
+def session(path: Path, names: Sequence[str], simulated: bool = False) -> Any:
+    """A CPU session over all cores, called like a model: ``run(*arrays) -> first output``.
+    ``simulated``: basic graph optimizations only, so a QDQ model runs as dequantize -> float op
+    -> quantize (what its quantization algorithm decided, without int8 kernels that saturate
+    u8 x s8 pairs on CPUs without VNNI)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
+    if simulated:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda *xs: sess.run(None, dict(zip(names, xs)))[0]
 
 
-def openvino_nncf_int8(float_path: Path, names: Sequence[str], calibration: Sequence[Sequence[np.ndarray]]) -> Any:
-    """NNCF's ``quantize`` (default preset, every calibration batch) of the ONNX model, compiled
-    by OpenVINO for this CPU, called like a model: ``run(*arrays) -> first output``. Raises
-    ImportError where openvino or nncf is missing."""
+def _nncf_quantize(model: Any, names: Sequence[str], calibration: Sequence[Sequence[np.ndarray]],
+                   transformer: bool) -> Any:
+    """NNCF's ``quantize`` with its default preset on every calibration batch (``transformer``:
+    its transformer model type), for an OpenVINO or ONNX model."""
     import nncf
+
+    dataset = nncf.Dataset([dict(zip(names, batch)) for batch in calibration])
+    kind = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF prints progress bars
+        return nncf.quantize(model, dataset, subset_size=len(calibration), **kind)
+
+
+def openvino_nncf_int8(float_path: Path, names: Sequence[str], calibration: Sequence[Sequence[np.ndarray]],
+                       transformer: bool = False) -> Any:
+    """NNCF's int8 of the ONNX model compiled by OpenVINO for this CPU, called like a model:
+    ``run(*arrays) -> first output``. Raises ImportError where openvino or nncf is missing."""
     import openvino as ov
 
     core = ov.Core()
-    model = core.read_model(str(float_path))
-    dataset = nncf.Dataset([dict(zip(names, batch)) for batch in calibration])
-    with contextlib.redirect_stdout(io.StringIO()):  # NNCF prints progress bars
-        quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
+    quantized = _nncf_quantize(core.read_model(str(float_path)), names, calibration, transformer)
     compiled = core.compile_model(quantized, "CPU")
     return lambda *xs: next(iter(compiled(dict(zip(names, xs))).values()))
+
+
+def nncf_onnx_int8(float_path: Path, names: Sequence[str], calibration: Sequence[Sequence[np.ndarray]],
+                   int8_path: Path, transformer: bool = False) -> Path:
+    """NNCF's int8 decisions written as a QDQ ONNX model (its ONNX backend), to run simulated
+    (``session(..., simulated=True)``): the algorithm's fidelity on any CPU."""
+    import onnx
+
+    onnx.save(_nncf_quantize(onnx.load(str(float_path)), names, calibration, transformer), str(int8_path))
+    return int8_path
