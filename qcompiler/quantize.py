@@ -7,7 +7,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .calibration import calibration_set
 from .calibration_record import CalibrationRecord
@@ -16,6 +16,9 @@ from .ir import Graph
 from .pass_manager import Instruments, PassRecord, run_pipeline
 from .pipeline import PassContext, parse_pipeline_given, print_pipeline, registered_passes
 from .quant_config import QuantConfig
+
+if TYPE_CHECKING:
+    from .precision_search import SearchResult
 
 
 def calibrate_stages(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
@@ -152,7 +155,7 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any,
 
 
 def _search_precision(float_graph: Graph, ranged: Graph, config: QuantConfig, batches: Any, kept: tuple[str, ...],
-                      inst: Instruments, ctx: PassContext) -> Any:
+                      inst: Instruments, ctx: PassContext) -> SearchResult:
     """The precision search (``precision_search.search``) on the calibrated graph ``ranged``;
     its result goes into the report as ``precision_search``."""
     from .precision_search import search
