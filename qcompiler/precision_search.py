@@ -28,6 +28,7 @@ from .ir.ops import traits_of
 from .progress import progress_bar
 
 GROUP_GAP = 10.0
+DUST = 1e-6  # a channel group this much quieter than its output is dead (zero after a relu, subnormal)
 FLOOR_DB = -100.0  # an output with inf/nan where float has numbers counts as this (gains stay finite)
 
 
@@ -62,11 +63,19 @@ def output_sqnr_db(references: Sequence[np.ndarray], outputs: Sequence[np.ndarra
         if ref.dtype.kind != "f" or ref.size == 0:
             continue
         worst = min(worst, sqnr_db(ref, got))
+        dust = DUST * _rms(ref)
         for axis in sorted({1, ref.ndim - 1}) if ref.ndim >= 2 else ():
             groups = channel_groups(ref, axis)
             for group in groups if len(groups) > 1 else ():
-                worst = min(worst, sqnr_db(np.take(ref, group, axis), np.take(got, group, axis)))
+                part = np.take(ref, group, axis)
+                if _rms(part) > dust:  # dead channels carry no signal to keep: the whole output judges them
+                    worst = min(worst, sqnr_db(part, np.take(got, group, axis)))
     return max(worst, FLOOR_DB)
+
+
+def _rms(a: np.ndarray) -> float:
+    a = a.astype(np.float64)
+    return float(np.sqrt(np.mean(np.where(np.isfinite(a), a, 0.0) ** 2))) if a.size else 0.0
 
 
 def _cost(node: Node) -> int:

@@ -81,6 +81,11 @@ def test_output_sqnr_judges_each_channel_group_of_an_output():
     logits[0, :3] = [1e-6, -1e-4, 1e-2]  # neighbours 100x apart, yet no structure
     assert [g.size for g in channel_groups(logits, 1)] == [1000]
     assert output_sqnr_db([logits], [logits + 1e-3]) == pytest.approx(sqnr_db(logits, logits + 1e-3))
+    # a dead output channel (zero in float, a rounding's worth in int8) is not a group of its own to "fix"
+    dead = rng.standard_normal((8, 6))
+    dead[:, 2] = 0.0
+    noisy = dead + 1e-4
+    assert output_sqnr_db([dead], [noisy]) == pytest.approx(sqnr_db(dead, noisy))
 
 
 def test_the_precision_search_finds_a_loss_only_the_output_shows(monkeypatch):
