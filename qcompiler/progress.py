@@ -11,7 +11,17 @@ from typing import Any
 
 # the phase each pass belongs to; passes not listed are float optimizations
 PASS_PHASES = {"range-analysis": "calibrate", "bias-correction": "calibrate", "smooth-quant": "calibrate",
-               "insert-qdq": "quantize", "lower-integer": "quantize"}
+               "insert-qdq": "quantize", "lower-integer": "quantize", "precision-search": "search precision"}
+
+
+class Step:
+    """A step of the flow that is not a pass (the precision search), announced like one."""
+
+    def __init__(self, name: str, detail: str):
+        self.name, self.detail = name, detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class PhaseLog:

@@ -159,12 +159,15 @@ def _search_precision(float_graph: Graph, ranged: Graph, config: QuantConfig, ba
     """The precision search (``precision_search.search``) on the calibrated graph ``ranged``;
     its result goes into the report as ``precision_search``."""
     from .precision_search import search
+    from .progress import Step
 
     quiet = Instruments(emit=lambda s: None)
 
     def insert(exclude: tuple[str, ...]) -> Graph:
         return run_pipeline(ranged.copy(), insert_stage(config, exclude), quiet, PassContext())
 
+    if inst.on_pass is not None:
+        inst.on_pass(Step("precision-search", f"target {config.target_output_sqnr_db:g} dB at the outputs"))
     found = search(float_graph, insert, batches.first(), config.target_output_sqnr_db, kept, ctx.progress)
     ctx.report["precision_search"] = found.report()
     return found
