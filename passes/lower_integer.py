@@ -124,11 +124,9 @@ def lower_compute(graph: Graph, node: Node) -> bool:
             return False
     acc_scale = np.float64(x_params[0]) * w_scale
     act = node.attrs["activation"]
-    if to_float:
-        y_scale = y_zp = None
-    else:
+    requantized = act in INTEGER_CLAMPS and not to_float  # else: the accumulator dequantized, activated in float
+    if requantized:
         y_scale, y_zp = _q_params(graph, q)
-    if act in INTEGER_CLAMPS and not to_float:
         fixed_point = _multiplier(node, acc_scale / np.float64(y_scale))
         if fixed_point is None:
             return False
@@ -141,7 +139,7 @@ def lower_compute(graph: Graph, node: Node) -> bool:
     acc = graph.add_node(op, [x_q, x_zp, w, w_zp] + ([bias] if bias is not None else []), int_attrs,
                          meta={"source": node.source}, before=node).output
     axis = traits.channel_axis if traits.channel_axis is not None else -1
-    if act in INTEGER_CLAMPS and not to_float:
+    if requantized:
         info = np.iinfo(np.asarray(y_zp).dtype)
         lo, hi = int(info.min), int(info.max)
         if act == "relu":

@@ -74,7 +74,6 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     graph = _load_model(args)
     params = sum(a.size for a in graph.constants.values())
     if args.json:
-
         print(json.dumps({"nodes": len(graph.nodes), "ops": graph.op_counts(), "constants": len(graph.constants),
                           "constant_elements": int(params)}, indent=2))
         return 0
@@ -89,7 +88,6 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-
     from rich.console import Console
     from rich.table import Table
 
@@ -180,7 +178,6 @@ def _cmd_opt(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-
     from rich.console import Console
 
     from .compare import compare, render_search, render_table, to_json, worst
@@ -241,7 +238,6 @@ def _accuracy(scores, labels) -> float:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-
     from rich.console import Console
 
     from .compiled import _fidelity
@@ -448,7 +444,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         np.savez(args.output, **stacked)
     golden = _against_golden(stacked, args.expect_outputs, args.atol) if args.expect_outputs else {}
     if args.json:
-
         print(json.dumps({"digest": model.digest, "batches": len(batches), "written": args.output,
                           "outputs": {name: {"shape": list(a.shape[1:]), "dtype": str(a.dtype), **golden.get(name, {})}
                                       for name, a in stacked.items()}}, indent=2))
@@ -487,7 +482,6 @@ def _against_golden(outputs: dict, path: str, atol: float) -> dict[str, dict]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-
     from .show import render_html
 
     _refuse_overwriting(args.output, args.model, args.compare)

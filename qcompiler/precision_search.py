@@ -133,6 +133,11 @@ class SearchResult:
     after_db: float
     layers_measured: int = 0
     promoted: list[Promotion] = field(default_factory=list)
+    references: list[np.ndarray] = field(default_factory=list, repr=False)  # the float outputs it judged against
+
+    def remeasure(self, qdq: Graph, batch: Sequence[np.ndarray]) -> None:
+        """``after_db`` of the graph that ships (recalibrated without the layers kept float)."""
+        self.after_db = output_sqnr_db(self.references, run(qdq, batch))
 
     @property
     def met(self) -> bool:
@@ -167,7 +172,7 @@ def search(float_graph: Graph, insert: Callable[[tuple[str, ...]], Graph], batch
         return output_sqnr_db(references, run(insert(exclude), batch))
 
     before = measure(kept)
-    result = SearchResult(target_db, before, before)
+    result = SearchResult(target_db, before, before, references=references)
     if result.met:
         return result
     layers = {names[n.handle]: n for n in quantized_layers(insert(kept)) if n.handle in names}

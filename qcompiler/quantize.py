@@ -121,14 +121,14 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any,
     precision search keeps more float until the outputs meet it. Each decision recalibrates
     without the layers kept float (bias correction depends on them)."""
     from .compare import compare
-    from .interpreter import run
-    from .precision_search import output_sqnr_db
 
-    def calibrated(exclude: dict[str, str]) -> tuple[Graph, Graph, CalibrationRecord]:
+    def calibrated(exclude: dict[str, str]) -> tuple[Graph | None, Graph, CalibrationRecord]:
+        """The calibrated graph (kept for the precision search only), the QDQ graph, the record."""
         graph = run_pipeline(float_graph.copy(), calibrate_stages(config, tuple(exclude)), inst, ctx)
         record = CalibrationRecord.measure(float_graph, graph, calibrate_stages(config).split(",")[0],
                                            config.activation_dtype, exclude)  # before insert-qdq rewrites it
-        return graph.copy(), run_pipeline(graph, insert_stage(config, tuple(exclude)), inst, ctx), record
+        ranged = graph.copy() if config.target_output_sqnr_db is not None else None
+        return ranged, run_pipeline(graph, insert_stage(config, tuple(exclude)), inst, ctx), record
 
     exclude: dict[str, str] = {}
     ranged, qdq, record = calibrated(exclude)
@@ -147,7 +147,7 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any,
             exclude |= found.reasons()
             ctx.report["not_quantized"] = []
             ranged, qdq, record = calibrated(exclude)
-            found.after_db = output_sqnr_db(run(float_graph, batches.first()), run(qdq, batches.first()))
+            found.remeasure(qdq, batches.first())
             ctx.report["precision_search"] = found.report()  # measured on what ships (recalibrated)
     if exclude:
         _explain_exclusions(float_graph, record.exclude, ctx)
