@@ -253,6 +253,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         _refuse_overwriting(out, given)
         if given and Path(given).exists() and Path(given).resolve().is_relative_to(out.resolve()):
             raise QCompilerError(f"{out}: holds the input {given}; the artifact goes to its own folder")
+    if args.rpc_tracker and not args.tune:
+        raise QCompilerError("--rpc-tracker measures tuning candidates: it applies with --tune")
+    _rpc_of(args)  # a malformed address is refused before minutes of compiling
     if args.cpu is not None:  # a typo in the CPU name is found before minutes of compiling
         from .targets.tvm import make_target
 
@@ -282,7 +285,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     compiled = compile_model(graph, calibration=calibration, target=args.target, config=config,
                              pipeline=args.pipeline, tune=args.tune, tuning_db=args.tuning_db,
                              tuning_trials=args.tuning_trials, progress=not args.json and not args.quiet,
-                             cpu=args.cpu, log=log, ranges=args.ranges)
+                             cpu=args.cpu, log=log, ranges=args.ranges, rpc=_rpc_of(args))
     report = compiled.report()
     gate: dict = {}
     gate_requested = args.max_accuracy_drop is not None or args.min_sqnr is not None
@@ -377,6 +380,13 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
         table.add_row("int8 kernels", report["int8_kernels"]["kernels"] or "[yellow]generic (slow)[/]")
     table.add_row("ops", f"{report['ops']['integer']} integer of {report['ops']['total']}")
     table.add_row("kept float", str(len(report["kept_float"])))
+    if report.get("tuning", {}).get("trials"):
+        tuning = report["tuning"]
+        place = tuning["measured_on"]
+        where = "here" if place == "local" else \
+            f"{len(place['servers'])} server(s) of key '{place['key']}' at tracker {place['tracker']}"
+        table.add_row("tuning", f"{tuning['trials']} candidates for {tuning['tasks_tuned']} kernels measured on "
+                                f"{where}; {tuning['kernels_from_database']} kernels use a tuned schedule")
     if "precision_search" in report:
         found = report["precision_search"]
         colour = "green" if found["met"] else "yellow"
@@ -521,6 +531,79 @@ def _version() -> str:
             f"onnxruntime {of('onnxruntime')})")
 
 
+def _rpc_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help=f"TVM's RPC tracker: {what} (with --rpc-key)")
+    p.add_argument("--rpc-key", metavar="KEY", help="the key the tracker's servers registered under (rpc_server --key)")
+
+
+def _rpc_of(args: argparse.Namespace):
+    """The :class:`RPC` address of --rpc-tracker and --rpc-key (both or neither)."""
+    from .rpc import RPC
+
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise QCompilerError("--rpc-tracker and --rpc-key go together: the tracker's address and the servers' key")
+    return RPC(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import bench
+    from .compiled import read_artifact
+    from .loading import load_data
+
+    rpc = _rpc_of(args)
+    if args.inputs and args.synthetic:
+        raise QCompilerError("--inputs and --synthetic: give one (without either, bench uses synthetic inputs)")
+    graph = read_artifact(Path(args.artifact), args.expect_digest)[3]
+    inputs = load_data(args.inputs, graph)[0] if args.inputs else _synthetic(args, graph, 1)[0]
+    result = bench(args.artifact, inputs, iterations=args.iterations, warmup=args.warmup, rpc=rpc,
+                   expect_digest=args.expect_digest)
+    summary = result.to_dict()
+    beyond = {name: d for name, d in summary["max_abs_diff_vs_reference"].items()
+              if args.atol is not None and not d <= args.atol}
+    if args.json:
+        print(json.dumps({**summary, "inputs": args.inputs or f"synthetic (seed {args.seed})"}, indent=2))
+    else:
+        _print_bench(summary, args, rpc)
+    if beyond:
+        print(f"qcompiler: outputs differ from the reference interpreter beyond --atol {args.atol:g}: "
+              + ", ".join(f"{name} (max |difference| {d:.3g})" for name, d in beyond.items()), file=sys.stderr)
+        return GATE_FAILED
+    return 0
+
+
+def _print_bench(summary: dict, args: argparse.Namespace, rpc) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    latency = summary["latency_ms"]
+    table = Table(title=f"qcompiler bench {args.artifact}")
+    table.add_column("")
+    table.add_column("")
+    table.add_row("ran on", "this machine" if rpc is None else f"a server of {rpc}")
+    table.add_row("target", summary["target"])
+    table.add_row("timed", f"{summary['iterations']} calls after {args.warmup} warm-up: {summary['timed']}")
+    table.add_row("latency", f"min {latency['min']:.3f} ms, median {latency['median']:.3f} ms, "
+                             f"p90 {latency['p90']:.3f} ms")
+    rate = summary["throughput"]
+    table.add_row("throughput", f"{rate['calls_per_s']:.1f} calls/s" +
+                  (f" = {rate['samples_per_s']:.1f} samples/s (batch {summary['batch']})" if rate["samples_per_s"]
+                   else ""))
+    for name, d in summary["max_abs_diff_vs_reference"].items():
+        table.add_row(f"output {name}", "bit-exact with the reference interpreter" if d == 0 else
+                      f"max |difference| from the reference interpreter {d:.3g}")
+    console.print(table)
+    if summary["profile"]:
+        kernels = Table(title=f"per-kernel profile (each kernel alone; top {args.top})")
+        for column in ("kernel", "calls", "ms", "share"):
+            kernels.add_column(column, justify="left" if column == "kernel" else "right")
+        for k in summary["profile"][:args.top]:
+            kernels.add_row(k["kernel"], str(k["calls"]), f"{k['ms']:.3f}", f"{100 * k['share']:.1f} %")
+        console.print(kernels)
+    elif summary["profile_note"]:
+        console.print(summary["profile_note"], highlight=False)
+
+
 def _synthetic(args: argparse.Namespace, graph, count: int) -> list[list]:
     from .loading import parse_val_range, synthetic_batches
 
@@ -539,6 +622,14 @@ def _synthetic_args(p: argparse.ArgumentParser, what: str) -> None:
 def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
     """A subcommand whose --help ends with the exit codes."""
     return sub.add_parser(name, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def _positive(text: str) -> int:
+    """A whole number >= 1 (argparse's ``type``)."""
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _count(text: str) -> int:
@@ -639,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tuning records: reused when present, added to with --tune (a directory)")
     p.add_argument("--tuning-trials", type=int, default=DEFAULT_TUNING_TRIALS, metavar="N",
                    help=f"measured candidates over all tuned kernels (default {DEFAULT_TUNING_TRIALS})")
+    _rpc_args(p, "--tune measures candidates on the servers registered there (builds them here)")
     p.add_argument("--eval", help=".npz with inputs (and 'labels' for --max-accuracy-drop) to check the build on")
     p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                    help="gate: fail (exit 3) when accuracy drops by more than this many percentage points")
@@ -667,6 +759,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print what ran (outputs' shapes and dtypes) as JSON on stdout")
     _synthetic_args(p, "inputs (one batch)")
     p.set_defaults(func=_cmd_run)
+    p = _command(sub, "bench", help="latency and throughput of an artifact, here or on a device behind an RPC "
+                                    "tracker, checked against the reference interpreter (as trtexec)")
+    p.add_argument("artifact", help="an artifact folder written by `qcompiler compile` (loading runs its code)")
+    p.add_argument("--inputs", help=".npz with one array per input, or a folder (default: synthetic inputs)")
+    p.add_argument("--iterations", type=_positive, default=100, metavar="N", help="timed calls (default 100)")
+    p.add_argument("--warmup", type=_count, default=10, metavar="N", help="untimed calls first (default 10)")
+    _rpc_args(p, "run the artifact on a server registered there instead of here")
+    p.add_argument("--expect-digest", metavar="sha256:HEX", help="refuse the artifact unless its digest is this one")
+    p.add_argument("--atol", type=float, metavar="X",
+                   help="gate: exit 3 when an output differs from the reference interpreter by more than X")
+    p.add_argument("--top", type=int, default=10, help="rows of the per-kernel profile (default 10)")
+    p.add_argument("--json", action="store_true", help="print every number (and the whole profile) as JSON")
+    _synthetic_args(p, "inputs (the default without --inputs)")
+    p.set_defaults(func=_cmd_bench)
     p = _command(sub, "show", help="the graph as a self-contained HTML picture")
     model_args(p)
     p.add_argument("-o", "--output", default="graph.html", help="the HTML file to write (default graph.html)")

@@ -31,6 +31,7 @@ from .ir.ops.tensor import wrapped_indices
 from .ir.text import NpzWeights
 from .progress import PhaseLog
 from .quant_config import QuantConfig
+from .rpc import RPC
 
 TARGETS = ("llvm", "cuda", "reference", "onnx")
 DEFAULT_TUNING_TRIALS = 256  # measured candidates over all of a model's tuned kernels
@@ -148,6 +149,23 @@ class CompiledModel:
         arrays = check_inputs(self.graph, [to_numpy(x) for x in inputs])
         return [{"kernel": k.name, "calls": k.calls, "ms": k.ms} for k in kernel_times(self._executable, arrays, repeat)]
 
+    def latencies(self, *inputs: Any, iterations: int = 100, warmup: int = 10
+                  ) -> tuple[list[float], list[np.ndarray]]:
+        """Seconds of each of ``iterations`` calls on ``inputs`` (after ``warmup`` calls) and the
+        outputs. A TVM build times the model alone, its inputs already on the device (TVM's time
+        evaluator); the other targets time the Python call."""
+        arrays = check_inputs(self.graph, [to_numpy(x) for x in inputs])
+        if hasattr(self._runner, "latencies"):
+            return self._runner.latencies(arrays, iterations, warmup)
+        for _ in range(warmup):
+            self._runner(arrays)
+        seconds = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            outputs = self._runner(arrays)
+            seconds.append(time.perf_counter() - start)
+        return seconds, list(outputs)
+
     def annotate(self, entries: dict[str, Any]) -> None:
         """Add results measured after compiling (accuracy on eval data, gate outcome) to the report."""
         self._report.update(entries)
@@ -198,20 +216,8 @@ def load(directory: str | os.PathLike, expect_digest: str | None = None) -> Comp
     pins the artifact itself, so a folder whose files were swapped together with their
     checksums is refused before any of its code is loaded."""
     directory = Path(directory)
-    manifest, files, digest = artifact.read_checked(directory, expect_digest)
+    manifest, files, digest, graph, report = read_artifact(directory, expect_digest)
     target = manifest["target"]
-    if "graph.qir" not in files:
-        raise ModelLoadError(f"{directory}: the manifest lists no graph.qir")
-    weights = NpzWeights(io.BytesIO(files["graph.npz"])) if "graph.npz" in files else {}
-    try:
-        text = files["graph.qir"].decode()
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{directory / 'graph.qir'}: not IR text") from None
-    graph = parse_graph(text, weights, filename=str(directory / "graph.qir"))
-    try:
-        report = json.loads(files["report.json"]) if "report.json" in files else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelLoadError(f"{directory / 'report.json'}: corrupt report") from None
     config = QuantConfig.from_dict(manifest["quant_config"]) if manifest.get("quant_config") else None
     library = None
     if target == "reference":
@@ -241,6 +247,26 @@ def load(directory: str | os.PathLike, expect_digest: str | None = None) -> Comp
     model.digest = digest
     model.preprocessing = dict(manifest.get("preprocessing") or {})
     return model
+
+
+def read_artifact(directory: Path, expect_digest: str | None = None
+                  ) -> tuple[dict[str, Any], dict[str, bytes], str, Graph, dict[str, Any]]:
+    """An artifact's checked files, digest, IR and report, without loading its native code (which
+    may be for another machine: ``qcompiler bench`` runs it on a remote one)."""
+    manifest, files, digest = artifact.read_checked(directory, expect_digest)
+    if "graph.qir" not in files:
+        raise ModelLoadError(f"{directory}: the manifest lists no graph.qir")
+    weights = NpzWeights(io.BytesIO(files["graph.npz"])) if "graph.npz" in files else {}
+    try:
+        text = files["graph.qir"].decode()
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{directory / 'graph.qir'}: not IR text") from None
+    graph = parse_graph(text, weights, filename=str(directory / "graph.qir"))
+    try:
+        report = json.loads(files["report.json"]) if "report.json" in files else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelLoadError(f"{directory / 'report.json'}: corrupt report") from None
+    return manifest, files, digest, graph, report
 
 
 def _load_library(data: bytes, where: Path) -> Any:
@@ -353,7 +379,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
             tuning_db: str | os.PathLike | None = None, tuning_trials: int = DEFAULT_TUNING_TRIALS,
             progress: bool = False, cpu: str | None = None,
             log: Callable[[str], None] | PhaseLog | None = None,
-            ranges: str | os.PathLike | None = None) -> CompiledModel:
+            ranges: str | os.PathLike | None = None, rpc: RPC | None = None) -> CompiledModel:
     """Capture, quantize (when ``calibration`` is given) and build ``model`` for ``target``
     (``llvm``: this CPU through TVM, or the CPU LLVM calls ``cpu``; ``cuda``; ``reference``: the
     interpreter). A build for another CPU runs here only if this one has every instruction set
@@ -366,7 +392,10 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
 
     ``tune=True`` tunes the kernels the hand-written schedules do not cover with MetaSchedule
     (``tuning_trials`` measured candidates in all) into ``tuning_db`` (a directory; a temporary
-    one when not given); ``tuning_db`` alone applies the records already there."""
+    one when not given); ``tuning_db`` alone applies the records already there. With ``rpc``
+    (:class:`qcompiler.RPC`: a tracker and a key) the candidates are built here and measured on
+    the servers registered under the key, as many at once as there are: tune for the machines the
+    build ships to (an ``llvm`` build for their ``cpu``, or ``cuda`` on GPU servers)."""
     from .pass_manager import Instruments, run_pipeline
     from .passes import DEFAULT_FLOAT_PIPELINE
     from .pipeline import PassContext
@@ -376,8 +405,14 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         raise QCompilerError(f"unknown target '{target}' (one of {', '.join(TARGETS)})")
     if (tune or tuning_db is not None) and target not in ("llvm", "cuda"):
         raise QCompilerError(f"tuning applies to TVM targets (llvm, cuda), not '{target}'")
-    if tune and target == "cuda":
-        raise QCompilerError("tuning for cuda is not supported yet: tune on the CPU target, or build cuda untuned")
+    if rpc is not None and not tune:
+        raise QCompilerError("rpc measures tuning candidates: it applies with tune=True (--tune)")
+    if tune and target == "cuda" and rpc is None:
+        from .targets.tvm import device_for
+
+        if not device_for("cuda").exist:
+            raise QCompilerError("tuning for cuda measures candidates on a GPU and this machine has none: give "
+                                 "rpc= (--rpc-tracker, --rpc-key) a tracker key whose servers have one")
     if cpu is not None and target != "llvm":
         raise QCompilerError(f"cpu applies to the llvm target, not '{target}'")
     if ranges is not None and pipeline is not None:
@@ -462,7 +497,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
             if temporary:
                 tuning_db = stack.enter_context(tempfile.TemporaryDirectory(prefix="qcompiler-tuning-"))
             executable = build(compiled_graph, tvm_target, tuning_db=tuning_db, tune_trials=tuning_trials if tune else 0,
-                               progress=progress, report=report)
+                               progress=progress, report=report, rpc=rpc)
             if temporary:
                 report["tuning"]["database"] = None  # records used for this build only: pass tuning_db to keep them
         report["build_seconds"] = round(time.perf_counter() - build_started, 2)

@@ -10,7 +10,8 @@ from .errors import QCompilerError
 EXTRAS = {
     "onnxruntime": ("onnxruntime",),  # the onnx target, make demo's peer
     "tune": ("psutil", "cloudpickle"),  # MetaSchedule's worker pools
-    "bench": ("onnxruntime", "onnxscript"),  # the peers: ONNX Runtime's quantizer on torch's ONNX export
+    "bench": ("onnxruntime", "onnxscript"),
+    "rpc": ("tornado",),  # TVM's RPC tracker (python -m tvm.exec.rpc_tracker); clients need only "tune"  # the peers: ONNX Runtime's quantizer on torch's ONNX export
 }
 
 

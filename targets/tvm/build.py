@@ -24,6 +24,7 @@ from tvm.target import Target
 
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
+from qcompiler.rpc import RPC
 
 from .index_check import raise_input_error
 from .relax_lower import to_relax
@@ -56,7 +57,9 @@ def make_target(kind: str, arch: str | None = None, num_cores: int | None = None
             dev = tvm.cuda(0)
             arch = f"sm_{dev.compute_version.replace('.', '')}" if dev.exist else "sm_80"
         host = {"kind": "llvm", "mcpu": host_cpu()}
-        return Target({"kind": "cuda", "arch": arch}, host=Target(host))
+        # limits every GPU since sm_30 has; MetaSchedule's CUDA rules need them spelled out
+        return Target({"kind": "cuda", "arch": arch, "max_threads_per_block": 1024, "thread_warp_size": 32,
+                       "max_shared_memory_per_block": 49152}, host=Target(host))
     raise QCompilerError(f"unknown TVM target '{kind}' (llvm or cuda)")
 
 
@@ -139,22 +142,24 @@ def _without_schedule_rule_hints(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def build(graph: Graph, target: Target, tuning_db: str | os.PathLike | None = None, tune_trials: int = 0,
-          progress: bool = False, report: dict | None = None) -> "relax.VMExecutable":
+          progress: bool = False, report: dict | None = None, rpc: RPC | None = None) -> "relax.VMExecutable":
     """Build ``graph``; with ``tune_trials`` > 0 first tune its remaining kernels into
-    ``tuning_db`` (MetaSchedule), and with ``tuning_db`` apply the schedules recorded there.
-    ``report`` (when given) receives what tuning did."""
+    ``tuning_db`` (MetaSchedule; candidates measured on the servers of ``rpc`` when given), and
+    with ``tuning_db`` apply the schedules recorded there. ``report`` (when given) receives what
+    tuning did."""
     mod = lower(graph, target)
     if tuning_db is not None:
         from . import tuning
 
         database = tuning.open_database(tuning_db)
-        summary = tuning.tune(mod, target, database, Path(tuning_db) / "logs", tune_trials, progress) \
+        summary = tuning.tune(mod, target, database, Path(tuning_db) / "logs", tune_trials, progress, rpc) \
             if tune_trials > 0 else {}
         scheduled_before = _scheduled(mod)
-        mod, set_aside = tuning.apply_database(mod, target, database, tuning_db, decide=tune_trials > 0)
+        mod, set_aside = tuning.apply_database(mod, target, database, tuning_db, decide=tune_trials > 0, rpc=rpc)
         if report is not None:
             report["tuning"] = {"database": str(tuning_db), "tasks_tuned": summary.get("tasks", 0),
-                                "trials": summary.get("trials", 0),
+                                "trials": summary.get("trials", 0), "failed": summary.get("failed", 0),
+                                "measured_on": summary.get("measured_on"),
                                 "kernels_from_database": len(_scheduled(mod) - scheduled_before),
                                 "records_slower_than_default": set_aside}
     with target:
@@ -224,6 +229,15 @@ class TVMRunner:
         if self.num_outputs == 1:
             return [result.numpy()]
         return [result[i].numpy() for i in range(self.num_outputs)]
+
+    def latencies(self, arrays: Sequence[np.ndarray], iterations: int, warmup: int
+                  ) -> tuple[list[float], list[np.ndarray]]:
+        """Seconds per call of the model alone (inputs already on the device) and its outputs."""
+        from .profile import latencies
+        from .remote import to_device
+
+        return latencies(self._vm(), self.device, to_device(list(arrays), self.device), iterations, warmup,
+                         self.num_outputs)
 
 
 def device_for(kind: str):

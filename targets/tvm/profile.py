@@ -45,3 +45,17 @@ def kernel_times(executable: Any, inputs: Sequence[np.ndarray], repeat: int = 5)
         timer = module.time_evaluator(name, device, number=3, repeat=repeat)
         totals.setdefault(name, []).append(float(np.min(timer(*call_args).results)) * 1e3)
     return sorted((KernelTime(name, len(ms), sum(ms)) for name, ms in totals.items()), key=lambda k: -k.ms)
+
+
+def latencies(vm: Any, device: Any, args: Sequence[Any], iterations: int, warmup: int,
+              num_outputs: int) -> tuple[list[float], list[np.ndarray]]:
+    """Seconds of each of ``iterations`` calls of ``vm``'s ``main`` (after ``warmup`` calls), and
+    its outputs. The stateful calls (inputs set once, on the device) work the same on a VM here and
+    on one across RPC, and time the model, not the copies of its inputs."""
+    vm.set_input("main", *args)
+    for _ in range(max(warmup, 1)):
+        vm.invoke_stateful("main")
+    result = vm.get_outputs("main")
+    outputs = [result.numpy()] if num_outputs == 1 else [result[i].numpy() for i in range(num_outputs)]
+    timer = vm.time_evaluator("invoke_stateful", device, number=1, repeat=iterations)
+    return [float(s) for s in timer("main").results], outputs

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import tvm_ffi
 from tvm.target import Target
 
 from qcompiler.errors import QCompilerError
+from qcompiler.rpc import RPC
 
 BUILD_TIMEOUT_S = 180
 RUN_TIMEOUT_S = 60
@@ -98,25 +100,36 @@ def _builder_initializer() -> Any:
 
 @contextlib.contextmanager
 def _quiet_meta_schedule():
-    """MetaSchedule logs every round's table at INFO; keep its files, not the console noise."""
+    """MetaSchedule logs every round's table at INFO; keep its files, not the console noise.
+
+    Its logger set-up lists the handlers already on its logger by name, and fails on one without
+    a name (pytest's capture handlers end up there after a first tuning in a process): those are
+    set aside while it tunes and put back after."""
     logger = logging.getLogger("tvm.s_tir.meta_schedule")
     level = logger.level
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
     logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
         logger.setLevel(level)
+        for handler in unnamed:
+            logger.addHandler(handler)
 
 
 def tune(mod: tvm.IRModule, target: Target, database: Any, log_dir: str | os.PathLike, trials: int,
-         progress: bool = False) -> dict[str, int]:
+         progress: bool = False, rpc: RPC | None = None) -> dict[str, Any]:
     """Tune the pending tasks of ``mod`` (a fused Relax module) with ``trials`` measured
     candidates in all, recording into ``database`` (from :func:`open_database`); MetaSchedule's
-    logs go to ``log_dir``."""
+    logs go to ``log_dir``. Candidates are built here and measured on this machine, or on the
+    servers of ``rpc`` (as many at once as are registered)."""
     from tvm.s_tir import meta_schedule as ms
 
     tasks = pending_tasks(mod, target, database)
-    summary = {"tasks": len(tasks), "trials": 0}
+    runner, measured_on = _runner(rpc) if tasks and trials > 0 else (None, _place(rpc))
+    summary: dict[str, Any] = {"tasks": len(tasks), "trials": 0, "measured_on": measured_on}
     if not tasks or trials <= 0:
         return summary
     if importlib.util.find_spec("xgboost") is not None:
@@ -125,7 +138,8 @@ def tune(mod: tvm.IRModule, target: Target, database: Any, log_dir: str | os.Pat
         cost_model, strategy = "random", "replay-trace"
     # the plain LLVM rules: the VNNI rule set would import tvm.s_tir.tensor_intrin (~30 s, and its
     # broken dot_16x4_vnni); the int8 products are the hand-written kernels' job
-    space = ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+    rules = "cuda" if target.kind.name == "cuda" else "llvm"
+    space = ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=rules, mutator_probs=rules)
     with _quiet_meta_schedule(), _progress(progress, trials, len(tasks)) as counter:
         with _without_tensor_intrinsics():
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -134,10 +148,32 @@ def tune(mod: tvm.IRModule, target: Target, database: Any, log_dir: str | os.Pat
             tasks=contexts, task_weights=weights, work_dir=str(log_dir), max_trials_global=trials,
             num_trials_per_iter=TRIALS_PER_ITERATION, database=database, cost_model=cost_model,
             builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, initializer=_builder_initializer()),
-            runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S),
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter])
+            runner=runner, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter])
     summary["trials"] = counter.count
+    summary["failed"] = counter.failed
+    if counter.count and counter.failed == counter.count:
+        where = "this machine" if rpc is None else f"the servers of {rpc}"
+        raise QCompilerError(f"tuning: none of the {counter.count} candidates ran on {where}: {counter.first_error}")
     return summary
+
+
+def _place(rpc: RPC | None) -> str | dict[str, Any]:
+    return "local" if rpc is None else {"tracker": rpc.tracker, "key": rpc.key}
+
+
+def _runner(rpc: RPC | None) -> tuple[Any, str | dict[str, Any]]:
+    """MetaSchedule's runner: here, or on every server registered under the key (checked first,
+    so that a wrong address fails in one line before any candidate is built)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S), "local"
+    from . import remote
+
+    hosts = remote.servers(rpc)
+    config = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
+                                 session_priority=rpc.priority, session_timeout_sec=int(rpc.session_timeout_s))
+    return ms.runner.RPCRunner(config, max_workers=len(hosts)), {**_place(rpc), "servers": hosts}
 
 
 @contextlib.contextmanager
@@ -156,10 +192,17 @@ def _progress(show: bool, trials: int, tasks: int):
     class Counter(ms.measure_callback.PyMeasureCallback):
         def __init__(self) -> None:
             self.count = 0
+            self.failed = 0  # candidates that did not build or run (a bad schedule, a lost server)
+            self.first_error = ""
             self.task = bar.add_task("tune", total=trials)
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
             self.count += len(measure_candidates)
+            for built, ran in zip(builder_results, runner_results):
+                error = built.error_msg or ran.error_msg
+                if error:
+                    self.failed += 1
+                    self.first_error = self.first_error or (error.strip().splitlines() or [""])[-1]
             bar.update(self.task, completed=min(self.count, trials))
 
     with bar:
@@ -170,17 +213,18 @@ DEFAULT_WINS = "qcompiler_default_wins.json"  # beside MetaSchedule's files in t
 
 
 def apply_database(mod: tvm.IRModule, target: Target, database: Any, directory: str | os.PathLike,
-                   decide: bool = False) -> tuple[tvm.IRModule, int]:
+                   decide: bool = False, rpc: RPC | None = None) -> tuple[tvm.IRModule, int]:
     """``mod`` with the functions ``database`` holds a record for replaced by their best schedule
     (marked scheduled, so the default schedule leaves them alone), except those whose default
     schedule is at least as fast; and how many records were set aside for that.
 
     Which are is decided once, right after tuning (``decide``): on the CPU each kernel with a
-    record not yet decided is timed here against its default schedule (alone, on zero-filled
-    arguments), and the outcome kept in ``directory``'s :data:`DEFAULT_WINS` file. MetaSchedule
-    measures candidates in a worker process, and its best for a small fused kernel can lose to
-    the default in a real run (ResNet-18 with AMX: 2.6 ms untuned, 3.2 ms with every record
-    applied). Later builds read the file, so that a database gives the same build every time."""
+    record not yet decided is timed against its default schedule (alone, on zero-filled
+    arguments; here, or on a server of ``rpc`` when tuning measured there), and the outcome kept
+    in ``directory``'s :data:`DEFAULT_WINS` file. MetaSchedule measures candidates in a worker
+    process, and its best for a small fused kernel can lose to the default in a real run
+    (ResNet-18 with AMX: 2.6 ms untuned, 3.2 ms with every record applied). Later builds read the
+    file, so that a database gives the same build every time."""
     from tvm import relax
 
     from .cpu_schedule import default_schedule
@@ -194,11 +238,11 @@ def apply_database(mod: tvm.IRModule, target: Target, database: Any, directory: 
     decided = json.loads(path.read_text()) if path.exists() else {"default_wins": [], "record_wins": []}
     if decide and target.kind.name == "llvm":
         known = set(decided["default_wins"]) | set(decided["record_wins"])
-        for gv, before in replaced:
-            key = str(tvm_ffi.structural_hash(before))
-            if key not in known:
-                wins = _seconds(default_schedule(before), target) <= _seconds(tuned[gv], target)
-                decided["default_wins" if wins else "record_wins"].append(key)
+        undecided = [(gv, before) for gv, before in replaced if str(tvm_ffi.structural_hash(before)) not in known]
+        with _kernel_timer(target, rpc if undecided else None) as seconds:
+            for gv, before in undecided:
+                wins = seconds(default_schedule(before)) <= seconds(tuned[gv])
+                decided["default_wins" if wins else "record_wins"].append(str(tvm_ffi.structural_hash(before)))
         path.write_text(json.dumps(decided, indent=1))
     default_wins = set(decided["default_wins"])
     set_aside = 0
@@ -209,14 +253,28 @@ def apply_database(mod: tvm.IRModule, target: Target, database: Any, directory: 
     return tuned, set_aside
 
 
-def _seconds(func: tvm.tirx.PrimFunc, target: Target) -> float:
-    """Median time of ``func`` alone on zero-filled arguments (zeros: any index is in bounds)."""
+@contextlib.contextmanager
+def _kernel_timer(target: Target, rpc: RPC | None):
+    """A function giving the median time of a CPU kernel alone on zero-filled arguments (zeros:
+    any index is in bounds), on this machine or on one server of ``rpc`` (one session for all)."""
     import numpy as np
-
-    executable = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     from tvm.s_tir import meta_schedule as ms
 
-    args = [tvm.runtime.tensor(np.zeros([int(d) for d in info.shape], info.dtype))
-            for info in ms.arg_info.ArgInfo.from_prim_func(func)]
-    timer = executable.mod.time_evaluator("main", tvm.cpu(), number=5, repeat=7, min_repeat_ms=5)
-    return float(np.median(timer(*args).results))
+    from . import remote
+
+    def timer(dev: Any, load: Any):
+        def seconds(func: tvm.tirx.PrimFunc) -> float:
+            executable = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+            args = [np.zeros([int(d) for d in info.shape], info.dtype)
+                    for info in ms.arg_info.ArgInfo.from_prim_func(func)]
+            evaluate = load(executable).time_evaluator("main", dev, number=5, repeat=7, min_repeat_ms=5)
+            return float(np.median(evaluate(*remote.to_device(args, dev)).results))
+        return seconds
+
+    if rpc is None:
+        yield timer(tvm.cpu(), lambda executable: executable.mod)
+        return
+    with remote.session(rpc) as session:
+        names = itertools.count()
+        yield timer(remote.device(session, "llvm", rpc),
+                    lambda executable: remote.upload(session, executable, f"kernel{next(names)}.so"))
