@@ -12,7 +12,7 @@ from .errors import (InputError, ModelLoadError, ParseError, QCompilerError, Uns
                      VerificationError)
 from .interpreter import run
 from .ir import Graph, Node, TensorType, Value, load_graph, parse_graph, print_graph, save, verify_graph
-from .quant_config import CalibrationConfig, QuantConfig
+from .quant_config import CalibrationConfig, LowRank, QuantConfig
 from .rpc import RPC
 
 __version__ = "0.1.0"
@@ -32,7 +32,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'qcompiler' has no attribute {name!r}")
 
 
-__all__ = ["CompiledModel", "compile", "load", "CalibrationConfig", "LayerError", "QuantConfig", "QuantizeResult", "RPC",
+__all__ = ["CompiledModel", "compile", "load", "CalibrationConfig", "LayerError", "LowRank", "QuantConfig", "QuantizeResult", "RPC",
            "compare", "quantize", "Graph", "InputError", "ModelLoadError", "Node", "ParseError", "QCompilerError",
            "TensorType", "UnsupportedOpError", "Value", "VerificationError", "from_onnx", "from_torch", "load_graph",
            "parse_graph", "print_graph", "run", "save", "verify_graph"]

@@ -50,6 +50,7 @@ class CalibrationSet:
             self._source = iter(data)
             self._spool = tempfile.TemporaryDirectory(prefix="qcompiler-calibration-")
             self._spooled = 0
+            self._read = 0  # batches taken from the source (each may split into several)
         elif callable(data):
             self._fresh = data
         else:
@@ -81,7 +82,7 @@ class CalibrationSet:
             raise QCompilerError(f"the calibration function returned {type(fresh).__name__}, not an iterable "
                                  f"of batches") from None
         for i, raw in enumerate(iterator):
-            yield self._check(i, raw)
+            yield from self._check(i, raw)
 
     def _replay(self) -> Iterator[Batch]:
         """What is spooled, then on from the source (spooling as it goes)."""
@@ -89,18 +90,20 @@ class CalibrationSet:
         while True:
             if i < self._spooled:
                 yield self._load(i)
+                i += 1
             elif self._source is not None:
                 try:
                     raw = next(self._source)
                 except StopIteration:
                     self._source = None
                     return
-                batch = self._check(i, raw)
-                self._store(i, batch)
-                yield batch
+                for batch in self._check(self._read, raw):
+                    self._store(i, batch)
+                    yield batch
+                    i += 1
+                self._read += 1
             else:
                 return
-            i += 1
 
     def _store(self, i: int, batch: Batch) -> None:
         folder = Path(self._spool.name)
@@ -112,7 +115,10 @@ class CalibrationSet:
         folder = Path(self._spool.name)
         return [np.load(folder / f"{i}_{j}.npy", allow_pickle=False) for j in range(len(self.graph.inputs))]
 
-    def _check(self, i: int, batch: Any) -> Batch:
+    def _check(self, i: int, batch: Any) -> list[Batch]:
+        """Raw batch ``i`` as checked batches of the model's batch size: one whose arrays hold k
+        times the model's leading axis (the same k for every input) is split into k batches, so
+        a model captured with one example calibrates on batches of any size, mixed."""
         graph = self.graph
         if isinstance(batch, dict):
             missing = [v.name for v in graph.inputs if v.name not in batch]
@@ -121,15 +127,42 @@ class CalibrationSet:
             batch = [batch[v.name] for v in graph.inputs]
         elif not isinstance(batch, (list, tuple)):
             batch = [batch]
+        arrays = [to_numpy(b) for b in batch]
+        chunks = _splits(graph, arrays)
+        for a, v in zip(arrays, graph.inputs):
+            if chunks == 1 and a.ndim == len(v.shape) >= 2 and tuple(a.shape[1:]) == tuple(v.shape[1:]) \
+                    and a.shape[0] != v.shape[0]:
+                raise QCompilerError(f"calibration batch {i}: input %{v.name} holds {a.shape[0]} samples and the "
+                                     f"model was captured for batches of {v.shape[0]}: give {v.shape[0]} or a "
+                                     f"multiple of it (split into batches of {v.shape[0]}), the same for every "
+                                     f"input")
         try:
-            arrays = check_inputs(graph, [to_numpy(b) for b in batch])
+            checked = [check_inputs(graph, [a[k * v.shape[0]:(k + 1) * v.shape[0]] if chunks > 1 else a
+                                            for a, v in zip(arrays, graph.inputs)]) for k in range(chunks)]
         except QCompilerError as e:
             raise type(e)(f"calibration batch {i}: {e}") from None
-        for value, a in zip(graph.inputs, arrays):
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                what = "NaN" if np.isnan(a).any() else "inf"
-                raise QCompilerError(f"calibration batch {i}, input %{value.name}: contains {what}")
-        return arrays
+        for arrays in checked:
+            for value, a in zip(graph.inputs, arrays):
+                if a.dtype.kind == "f" and not np.isfinite(a).all():
+                    what = "NaN" if np.isnan(a).any() else "inf"
+                    raise QCompilerError(f"calibration batch {i}, input %{value.name}: contains {what}")
+        return checked
+
+
+def _splits(graph: Graph, arrays: list[np.ndarray]) -> int:
+    """k when every array is k (> 1) of the model's batches stacked along the leading axis; else 1
+    (and ``check_inputs`` says what does not fit). Inputs of rank 1 are never split: their one
+    axis is the data itself more often than a batch."""
+    if len(arrays) != len(graph.inputs):
+        return 1
+    ks = set()
+    for a, v in zip(arrays, graph.inputs):
+        shape = getattr(a, "shape", None)
+        if shape is None or len(shape) != len(v.shape) or len(v.shape) < 2 or not v.shape[0] \
+                or tuple(shape[1:]) != tuple(v.shape[1:]) or shape[0] % v.shape[0]:
+            return 1
+        ks.add(shape[0] // v.shape[0])
+    return ks.pop() if len(ks) == 1 and min(ks) > 1 else 1
 
 
 def calibration_set(graph: Graph, data: Any) -> CalibrationSet:

@@ -380,6 +380,13 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
         table.add_row("int8 kernels", report["int8_kernels"]["kernels"] or "[yellow]generic (slow)[/]")
     table.add_row("ops", f"{report['ops']['integer']} integer of {report['ops']['total']}")
     table.add_row("kept float", str(len(report["kept_float"])))
+    if "low_rank" in report:
+        factored = report["low_rank"]["layers"]
+        table.add_row("low-rank", f"{len(factored)} layers factored at energy {report['low_rank']['energy']:g}: "
+                                  f"{sum(e['params_before'] for e in factored)} -> "
+                                  f"{sum(e['params_after'] for e in factored)} weights"
+                                  + (f"; {len(report['low_rank']['left_alone'])} left alone (no saving)"
+                                     if report["low_rank"]["left_alone"] else ""))
     if report.get("tuning", {}).get("trials"):
         tuning = report["tuning"]
         place = tuning["measured_on"]

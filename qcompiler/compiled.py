@@ -449,7 +449,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         # ONNX has no integer-lowered ops: the ONNX target ships the QDQ graph
         result = quantize(graph, batches, config, progress=progress, lower=target != "onnx", on_pass=phases.for_pass,
                           ranges=ranges)
-        compiled_graph, reference, used, timings = result.graph, result.float_graph, result.pipeline, result.timings
+        # the model as given is the reference: what float passes lose on purpose (low-rank) is the build's cost
+        compiled_graph, reference, used, timings = result.graph, graph, result.pipeline, result.timings
         report["passes"] = result.report
         record = result.calibration
     else:
@@ -464,8 +465,9 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         report["note"] = ("float model: no calibration data was given" if batches is None else
                           "nothing was quantized: see passes.kept_float / not_quantized")
     report["kept_float"] = report["passes"].get("kept_float", [])
-    if "precision_search" in report["passes"]:
-        report["precision_search"] = report["passes"]["precision_search"]
+    for key in ("precision_search", "low_rank"):
+        if key in report["passes"]:
+            report[key] = report["passes"][key]
     report["ops"] = {"integer": integer_ops, "total": len(compiled_graph.nodes), "by_op": compiled_graph.op_counts()}
     report["size_bytes"]["compiled"] = model_size_bytes(compiled_graph)
     report["pass_timings_ms"] = [{"pass": r.name, "ms": round(r.seconds * 1e3, 2), "changed": r.changed}
@@ -489,6 +491,10 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         from .targets.tvm.build import missing_cpu_features
 
         tvm_target = make_target(target, arch=cpu)
+        if tune and rpc is None and target == "llvm" and missing_cpu_features(str(tvm_target)):
+            raise QCompilerError(f"tuning measures candidates where they run, and this machine lacks "
+                                 f"{', '.join(missing_cpu_features(str(tvm_target)))} of CPU '{cpu}': tune "
+                                 f"through rpc= (--rpc-tracker, --rpc-key) on machines of that CPU")
         report["target_spec"] = str(tvm_target)
         report["int8_kernels"] = _int8_kernels_report(tvm_target, report["quantized"])
         build_started = time.perf_counter()

@@ -117,6 +117,20 @@ class QuantScheme:
 
 
 @dataclass(frozen=True)
+class LowRank:
+    """Quantized low-rank factorization (the ``factorize-low-rank`` pass): each linear or
+    convolution whose two factors keeping ``energy`` of its weight's squared singular values cost
+    fewer weights and multiply-adds than it is replaced by them, before calibration."""
+
+    energy: float = 0.95
+
+    def __post_init__(self) -> None:
+        _check_types(self, "low_rank")
+        if not 0.0 < self.energy <= 1.0:
+            raise QCompilerError(f"low_rank.energy must be in (0, 1], got {self.energy}")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     weight_dtype: str = "i8"
     per_channel: bool = True  # weights per output channel (False: per tensor)
@@ -132,6 +146,7 @@ class QuantConfig:
     # (and each of its channel groups) reaches this SQNR on the first calibration batch; None: off
     target_output_sqnr_db: float | None = None
     bias_correction: bool = True  # shift biases by the mean error quantization adds (bias-correction pass)
+    low_rank: LowRank | None = None  # factor nearly low-rank weights into two thinner layers first
 
     def __post_init__(self) -> None:
         if isinstance(self.op_types, list):
@@ -139,6 +154,9 @@ class QuantConfig:
         if isinstance(self.exclude, list):
             object.__setattr__(self, "exclude", tuple(self.exclude))
         _check_types(self, "QuantConfig")
+        if self.low_rank is not None and not isinstance(self.low_rank, LowRank):
+            raise QCompilerError(f"QuantConfig.low_rank must be a LowRank (JSON: {{\"energy\": 0.95}}) or null, "
+                                 f"got {self.low_rank!r}")
         if self.weight_dtype != "i8":
             raise QCompilerError(f"weight_dtype '{self.weight_dtype}' is not supported (i8)")
         try:
@@ -168,6 +186,11 @@ class QuantConfig:
             if not isinstance(cal, dict) or set(cal) - cal_fields:
                 raise QCompilerError(f"{where}: 'calibration' takes keys {', '.join(sorted(cal_fields))}")
             data["calibration"] = CalibrationConfig(**cal)
+        if isinstance(data.get("low_rank"), dict):
+            low_rank_fields = {f.name for f in dataclasses.fields(LowRank)}
+            if set(data["low_rank"]) - low_rank_fields:
+                raise QCompilerError(f"{where}: 'low_rank' takes keys {', '.join(sorted(low_rank_fields))}")
+            data["low_rank"] = LowRank(**data["low_rank"])
         try:
             return QuantConfig(**data)
         except TypeError as e:

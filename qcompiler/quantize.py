@@ -51,13 +51,22 @@ def with_config(pipeline: str, config: QuantConfig) -> str:
     return print_pipeline(out)
 
 
+def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
+    """The float passes (``float_pipeline``, or the default ones), then the low-rank factorization
+    when ``config`` asks for it: the float model that is calibrated and quantized."""
+    from .passes import DEFAULT_FLOAT_PIPELINE
+
+    floats = float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE
+    if config.low_rank is not None:
+        floats = ",".join(s for s in (floats, f"factorize-low-rank{{energy={config.low_rank.energy}}}") if s)
+    return floats
+
+
 def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,
                           exclude: tuple[str, ...] = (), ranges: str | None = None) -> str:
     """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with.
     ``ranges``: a calibration record's path, applied instead of calibrating."""
-    from .passes import DEFAULT_FLOAT_PIPELINE
-
-    floats = float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE
+    floats = float_stages(config, float_pipeline)
     calibrate = calibrate_stages(config, exclude) if ranges is None else f"apply-calibration{{path={ranges}}}"
     stages = [floats, calibrate, insert_stage(config, exclude)]
     if lower:
@@ -84,8 +93,6 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
     (see ``qcompiler.calibration`` for what they may be), or, instead of data, with ``ranges``:
     a calibration record saved from an earlier run (``result.calibration.save(path)``) on the
     same model. ``on_pass`` is told of each pass before it runs (``PhaseLog.for_pass``)."""
-    from .passes import DEFAULT_FLOAT_PIPELINE
-
     config = config or QuantConfig()
     if (calibration is None) == (ranges is None):
         raise QCompilerError("quantizing needs calibration data or a saved calibration record (ranges=...): "
@@ -93,8 +100,7 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
     batches = calibration_set(graph, calibration) if calibration is not None else None
     ctx = PassContext(calibration=batches, progress=progress)
     inst = Instruments(emit=lambda s: None, on_pass=on_pass)
-    float_graph = run_pipeline(graph.copy(), float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE,
-                               inst, ctx)
+    float_graph = run_pipeline(graph.copy(), float_stages(config, float_pipeline), inst, ctx)
     if ranges is not None:
         record = CalibrationRecord.load(ranges)
         if record.activation_dtype != config.activation_dtype:

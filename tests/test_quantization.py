@@ -230,6 +230,23 @@ def test_nan_in_calibration_names_batch_and_input(digits):
         qcompiler.quantize(graph, [x_train[:4], bad])
 
 
+def test_calibration_batches_of_any_size_split_into_the_models_batch(digits):
+    """A model captured with one example calibrates on batches of 32 and 7 (mixed), from a list
+    or a one-shot generator: the same ranges as the 39 samples given one by one."""
+    model, (x_train, _, x_test, _) = digits
+    graph = from_torch(model, (torch.from_numpy(x_test[:1]),))
+    config = QuantConfig(min_layer_sqnr_db=None)
+    one_by_one = qcompiler.quantize(graph, [x_train[i:i + 1] for i in range(39)], config).calibration.ranges
+    assert qcompiler.quantize(graph, [x_train[:32], torch.from_numpy(x_train[32:39])], config).calibration.ranges \
+        == one_by_one
+    assert qcompiler.quantize(graph, (b for b in [x_train[:7], x_train[7:39]]), config).calibration.ranges \
+        == one_by_one
+    eight = from_torch(model, (torch.from_numpy(x_test[:8]),))
+    with pytest.raises(QCompilerError, match=r"calibration batch 1: input %x holds 12 samples and the model was "
+                                             r"captured for batches of 8: give 8 or a multiple of it"):
+        qcompiler.quantize(eight, [x_train[:16], x_train[16:28]])
+
+
 def test_quant_config_json_round_trip_and_errors(tmp_path):
     config = QuantConfig(activation_dtype="i8", exclude=("head.*",), calibration=CalibrationConfig("percentile", 99.9))
     path = tmp_path / "q.json"

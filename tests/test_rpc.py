@@ -21,6 +21,7 @@ import torch
 import qcompiler
 from qcompiler.errors import QCompilerError
 from qcompiler.rpc import RPC
+from tests.conftest import cli_in_process
 
 KEY = "qcompiler-test"
 REGISTER_TIMEOUT_S = 120
@@ -127,7 +128,7 @@ def test_the_compile_summary_says_where_candidates_were_measured(fleet, tuned_re
 
 
 def _bench_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qcompiler", "bench", *args], capture_output=True, text=True)
+    return cli_in_process("bench", *args)
 
 
 @pytest.fixture(scope="module")
@@ -216,11 +217,11 @@ def test_rpc_errors_are_one_line(fleet, digits_int8, artifact):
 def test_cli_compile_refuses_rpc_without_tune_before_compiling(fleet, tmp_path):
     """(The README's "Tuning on a fleet" runs the whole CLI flow through a tracker.)"""
     address, _ = fleet
-    base = [sys.executable, "-m", "qcompiler", "compile", "no-such-model.onnx", "-o", str(tmp_path / "out")]
+    base = ["compile", "no-such-model.onnx", "-o", str(tmp_path / "out")]
     for extra, message in [(["--rpc-tracker", address.tracker, "--rpc-key", KEY], "it applies with --tune"),
                            (["--tune", "--rpc-tracker", "nonsense", "--rpc-key", KEY], "expected HOST:PORT"),
                            (["--tune", "--rpc-key", KEY], "--rpc-tracker and --rpc-key go together")]:
-        refused = subprocess.run([*base, *extra], capture_output=True, text=True)
+        refused = cli_in_process(*base, *extra)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
@@ -259,6 +260,18 @@ def test_cuda_tuning_builds_here_and_says_when_no_candidate_ran(fleet, digits_in
         pytest.skip("no nvcc on this machine: TVM compiles CUDA candidates with it")
     address, _ = fleet
     model, example, calibration = digits_int8
-    with pytest.raises(QCompilerError, match=f"none of the 2 candidates ran on the servers of key '{KEY}'"):
-        qcompiler.compile(model, example, calibration=calibration, target="cuda", tune=True, tuning_trials=2,
+    with pytest.raises(QCompilerError, match=rf"none of the 1 candidate\(s\) ran on the servers of key '{KEY}'"):
+        qcompiler.compile(model, example, calibration=calibration, target="cuda", tune=True, tuning_trials=1,
                           tuning_db=tmp_path / "db", rpc=address)
+
+
+def test_tuning_for_a_cpu_this_machine_lacks_needs_a_fleet(digits_int8, monkeypatch):
+    """Candidates for another CPU cannot be measured here (they would die on an illegal
+    instruction): without rpc that is refused before anything is built."""
+    import importlib
+
+    model, example, calibration = digits_int8
+    build_module = importlib.import_module("qcompiler.targets.tvm.build")
+    monkeypatch.setattr(build_module, "missing_cpu_features", lambda spec: ["amx-int8"])
+    with pytest.raises(QCompilerError, match="this machine lacks amx-int8 of CPU 'sapphirerapids': tune through rpc="):
+        qcompiler.compile(model, example, calibration=calibration, tune=True, cpu="sapphirerapids")

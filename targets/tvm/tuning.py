@@ -153,7 +153,7 @@ def tune(mod: tvm.IRModule, target: Target, database: Any, log_dir: str | os.Pat
     summary["failed"] = counter.failed
     if counter.count and counter.failed == counter.count:
         where = "this machine" if rpc is None else f"the servers of {rpc}"
-        raise QCompilerError(f"tuning: none of the {counter.count} candidates ran on {where}: {counter.first_error}")
+        raise QCompilerError(f"tuning: none of the {counter.count} candidate(s) ran on {where}: {counter.first_error}")
     return summary
 
 
