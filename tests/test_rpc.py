@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def _free_port() -> int:
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "TVM_NUM_THREADS": "1"})
+                            env={**os.environ, "TVM_NUM_THREADS": "1"}, start_new_session=True)
 
 
 def _wait_for_servers(address: RPC, count: int, processes: list[subprocess.Popen], logs: list[Path]) -> None:
@@ -73,8 +74,8 @@ def fleet(tmp_path_factory):
         _wait_for_servers(address, 2, processes, logs)
         yield address, logs[1:]
     finally:
-        for process in processes:
-            process.terminate()
+        for process in processes:  # TVM runs each tracker and server in a child process: end the whole group
+            os.killpg(process.pid, signal.SIGTERM)
         for process in processes:
             process.wait(timeout=30)
 
