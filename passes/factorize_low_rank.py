@@ -25,7 +25,7 @@ from qcompiler.ir.ops import traits_of
 from qcompiler.pipeline import Pass, PassContext, register
 
 
-def _factorable(graph: Graph, node: Node) -> bool:
+def _factorable(node: Node) -> bool:
     traits = traits_of(node.op)
     if traits.family not in ("linear", "conv") or not node.inputs[1].is_constant:
         return False
@@ -92,7 +92,7 @@ class FactorizeLowRank(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         if not 0.0 < self.energy <= 1.0:
             raise ValueError(f"factorize-low-rank: energy {self.energy} must be in (0, 1]")
-        considered = [_factor(graph, node, self.energy) for node in list(graph.nodes) if _factorable(graph, node)]
+        considered = [_factor(graph, node, self.energy) for node in list(graph.nodes) if _factorable(node)]
         done = [entry for entry in considered if entry.pop("factored")]
         ctx.report["low_rank"] = {"energy": self.energy, "layers": done,
                                   "left_alone": [e for e in considered if e not in done]}

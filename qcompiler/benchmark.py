@@ -10,6 +10,7 @@ process that owns the VM, which over RPC is the server, so a remote run has none
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import QCompilerError
+from .ir import Graph
 from .rpc import RPC
 
 
@@ -47,19 +49,25 @@ class Benchmark:
                 "profile_note": self.profile_note}
 
 
-def bench(directory: str | os.PathLike, inputs: list[np.ndarray], iterations: int = 100, warmup: int = 10,
-          rpc: RPC | None = None, expect_digest: str | None = None) -> Benchmark:
-    """Time the artifact in ``directory`` on ``inputs`` (one array per model input): here, or on a
-    server of ``rpc``."""
+def bench(directory: str | os.PathLike, inputs: list[np.ndarray] | Callable[[Graph], list[np.ndarray]],
+          iterations: int = 100, warmup: int = 10, rpc: RPC | None = None,
+          expect_digest: str | None = None) -> Benchmark:
+    """Time the artifact in ``directory`` on ``inputs`` (one array per model input, or a function
+    of the artifact's graph giving them): here, or on a server of ``rpc``. The artifact is read
+    and checked once."""
     from .compiled import LIBRARY, load, read_artifact
     from .interpreter import check_inputs
 
     if iterations < 1:
         raise QCompilerError(f"iterations must be at least 1, got {iterations}")
     directory = Path(directory)
-    manifest, files, _, graph, _ = read_artifact(directory, expect_digest)
-    target = manifest["target"]
-    inputs = check_inputs(graph, inputs)
+    if rpc is None:
+        model = load(directory, expect_digest)
+        target, graph = model.target, model.graph
+    else:
+        manifest, files, _, graph, _ = read_artifact(directory, expect_digest)
+        target = manifest["target"]
+    inputs = check_inputs(graph, inputs(graph) if callable(inputs) else inputs)
     expected = graph(*inputs)
     expected = expected if isinstance(expected, (list, tuple)) else [expected]
     batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else None
@@ -76,7 +84,6 @@ def bench(directory: str | os.PathLike, inputs: list[np.ndarray], iterations: in
         timed = "the model on the remote device, inputs already there (TVM time evaluator)"
         note = "no per-kernel profile over RPC: the Relax VM's instrument runs in the server's process"
     else:
-        model = load(directory, expect_digest)
         where = "local"
         seconds, outputs = model.latencies(*inputs, iterations=iterations, warmup=warmup)
         timed = ("the model on the device, inputs already there (TVM time evaluator)" if target in ("llvm", "cuda")

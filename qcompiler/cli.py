@@ -255,7 +255,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             raise QCompilerError(f"{out}: holds the input {given}; the artifact goes to its own folder")
     if args.rpc_tracker and not args.tune:
         raise QCompilerError("--rpc-tracker measures tuning candidates: it applies with --tune")
-    _rpc_of(args)  # a malformed address is refused before minutes of compiling
+    rpc = _rpc_of(args)  # a malformed address is refused before minutes of compiling
     if args.cpu is not None:  # a typo in the CPU name is found before minutes of compiling
         from .targets.tvm import make_target
 
@@ -285,7 +285,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     compiled = compile_model(graph, calibration=calibration, target=args.target, config=config,
                              pipeline=args.pipeline, tune=args.tune, tuning_db=args.tuning_db,
                              tuning_trials=args.tuning_trials, progress=not args.json and not args.quiet,
-                             cpu=args.cpu, log=log, ranges=args.ranges, rpc=_rpc_of(args))
+                             cpu=args.cpu, log=log, ranges=args.ranges, rpc=rpc)
     report = compiled.report()
     gate: dict = {}
     gate_requested = args.max_accuracy_drop is not None or args.min_sqnr is not None
@@ -554,14 +554,15 @@ def _rpc_of(args: argparse.Namespace):
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark import bench
-    from .compiled import read_artifact
     from .loading import load_data
 
     rpc = _rpc_of(args)
     if args.inputs and args.synthetic:
         raise QCompilerError("--inputs and --synthetic: give one (without either, bench uses synthetic inputs)")
-    graph = read_artifact(Path(args.artifact), args.expect_digest)[3]
-    inputs = load_data(args.inputs, graph)[0] if args.inputs else _synthetic(args, graph, 1)[0]
+
+    def inputs(graph) -> list:
+        return load_data(args.inputs, graph)[0] if args.inputs else _synthetic(args, graph, 1)[0]
+
     result = bench(args.artifact, inputs, iterations=args.iterations, warmup=args.warmup, rpc=rpc,
                    expect_digest=args.expect_digest)
     summary = result.to_dict()

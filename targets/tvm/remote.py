@@ -37,9 +37,10 @@ def connect(address: RPC) -> Any:
                              f"`python -m tvm.exec.rpc_tracker --port {address.port}`") from None
 
 
-def servers(address: RPC) -> list[str]:
-    """``HOST:PORT`` of each server registered under ``address.key``; an error when there is none."""
-    summary = connect(address).summary()
+def servers(address: RPC, tracker: Any = None) -> list[str]:
+    """``HOST:PORT`` of each server registered under ``address.key`` (asking ``tracker``, a
+    session from :func:`connect`, or a new one); an error when there is none."""
+    summary = (tracker or connect(address)).summary()
     found = [f"{info['addr'][0]}:{info['addr'][1]}" for info in summary.get("server_info", [])
              if info.get("key") == f"server:{address.key}"]
     if not found:
@@ -54,8 +55,8 @@ def servers(address: RPC) -> list[str]:
 def session(address: RPC) -> Iterator[Any]:
     """A session on a free server of ``address.key`` (waits for one while all are busy; refused at
     once when none is registered), closed on exit."""
-    servers(address)
     tracker = connect(address)
+    servers(address, tracker)
     try:
         remote = tracker.request(address.key, priority=address.priority,
                                  session_timeout=address.session_timeout_s)
