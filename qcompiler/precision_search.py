@@ -38,7 +38,7 @@ def channel_groups(reference: np.ndarray, axis: int) -> list[np.ndarray]:
     either side (recursively). Box coordinates (150..180) and scores (0.2..0.6) split; the
     logits of one sample (|x| from 1e-5 to 10, a continuum) stay one group."""
     moved = np.moveaxis(reference.astype(np.float64), axis, 0).reshape(reference.shape[axis], -1)
-    rms = np.sqrt(np.mean(np.where(np.isfinite(moved), moved, 0.0) ** 2, axis=1))
+    rms = _rms(moved, axis=1)
     logs = np.log10(np.maximum(rms, max(float(rms.max(initial=0.0)), 1e-30) * 1e-12))
     order = np.argsort(logs, kind="stable")
 
@@ -73,9 +73,14 @@ def output_sqnr_db(references: Sequence[np.ndarray], outputs: Sequence[np.ndarra
     return max(worst, FLOOR_DB)
 
 
-def _rms(a: np.ndarray) -> float:
+def _rms(a: np.ndarray, axis: int | None = None) -> Any:
+    """Root mean square in float64, non-finite entries counted as 0 (of all of ``a``, a float;
+    along ``axis``, an array)."""
     a = a.astype(np.float64)
-    return float(np.sqrt(np.mean(np.where(np.isfinite(a), a, 0.0) ** 2))) if a.size else 0.0
+    if axis is None and not a.size:
+        return 0.0
+    rms = np.sqrt(np.mean(np.where(np.isfinite(a), a, 0.0) ** 2, axis=axis))
+    return float(rms) if axis is None else rms
 
 
 def _cost(node: Node) -> int:
