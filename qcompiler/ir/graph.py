@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .packing import Int4Groups
 from .types import TensorType
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class Graph:
         self._uses: dict[int, list[Node]] = {}  # id(value) -> the nodes reading it, kept as edits happen
         self.outputs: list[Value] = []
         self.constants: dict[str, np.ndarray] = {}
+        self.storage: dict[str, Int4Groups] = {}  # constants stored packed (``ir.packing``)
         self._const_values: dict[str, Value] = {}
         self._names: set[str] = set()
         self._counter = itertools.count()
@@ -174,16 +176,23 @@ class Graph:
         self.inputs.append(value)
         return value
 
-    def add_constant(self, name: str, array: np.ndarray, *, unique: bool = True) -> Value:
+    def add_constant(self, name: str, array: np.ndarray, *, unique: bool = True,
+                     storage: Int4Groups | None = None) -> Value:
         """Register ``array`` under ``name`` (made unique unless ``unique=False``, which
-        replaces an existing constant of that name) and return its value."""
+        replaces an existing constant of that name) and return its value. ``storage``: how the
+        array is stored (an int8 weight that holds 4-bit values per group); it must fit."""
         array = np.asarray(array)
+        if storage is not None and storage.multipliers(array) is None:
+            raise ValueError(f"constant @{name} ({array.dtype}{list(array.shape)}) does not fit storage {storage}")
         if unique:
             base, i = name, 0
             while name in self.constants:
                 i += 1
                 name = f"{base}_{i}"
         self.constants[name] = array
+        self.storage.pop(name, None)
+        if storage is not None:
+            self.storage[name] = storage
         value = Value(name, TensorType.of(array), is_constant=True)
         self._const_values[name] = value
         return value
@@ -193,6 +202,11 @@ class Graph:
 
     def constant_array(self, value: Value) -> np.ndarray:
         return self.constants[value.name]
+
+    def constant_nbytes(self, name: str) -> int:
+        """Bytes the constant takes stored (packed where it is)."""
+        array = self.constants[name]
+        return self.storage[name].nbytes(array) if name in self.storage else int(array.nbytes)
 
     def add_node(self, op: str, inputs: Sequence[Value], attrs: dict[str, Any] | None = None, *,
                  name: str | None = None, output_names: Sequence[str] | None = None,
@@ -312,6 +326,7 @@ class Graph:
         for k in dead:
             del self.constants[k]
             del self._const_values[k]
+            self.storage.pop(k, None)
         return len(dead)
 
     def op_counts(self) -> dict[str, int]:

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import ParseError, QCompilerError
 from ..files import atomic_write
 from .graph import Graph, Node, Value
+from .packing import MULTIPLIERS, NIBBLES, parse_storage
 from .ops import get_op
 from .types import DTYPES, MAX_CONSTANT_BYTES, TensorType, dtype_name
 
@@ -105,6 +106,8 @@ def print_graph(graph: Graph, elide_above: int | None = INLINE_LIMIT) -> str:
     lines = [f"func {_name('@', graph.name)}({params}) -> {result_text} {{"]
     for name, array in graph.constants.items():
         line = f"  const {_name('@', name)} : {TensorType.of(array)}"
+        if name in graph.storage:
+            line += f' stored "{graph.storage[name]}"'
         if elide_above is None or array.size <= elide_above:
             line += " = [" + ", ".join(_element(x) for x in array.reshape(-1)) + "]"
         lines.append(line)
@@ -317,7 +320,20 @@ class _Parser:
             raise self.error(f"constant @{name} is declared twice", tok)
         self.expect("punct", ":")
         ctype = self.parse_type()
-        if self.accept("punct", "="):
+        storage = None
+        if self.accept("ident", "stored"):
+            where = self.expect("string")
+            try:
+                storage = parse_storage(json.loads(where.text))
+            except ValueError as e:
+                raise self.error(f"constant @{name}: {e}", where) from None
+        if storage is not None and name not in self.constants and name + NIBBLES in self.constants:
+            try:
+                array = storage.unpack(np.asarray(self.constants[name + NIBBLES]),
+                                       np.asarray(self.constants[name + MULTIPLIERS]), ctype.shape)
+            except (KeyError, ValueError) as e:
+                raise self.error(f"constant @{name} stored {storage}: {e}", tok) from None
+        elif self.accept("punct", "="):
             flat = self.parse_list()
             if len(flat) != ctype.size:
                 raise self.error(f"constant @{name} has {len(flat)} values for type {ctype}", tok)
@@ -331,7 +347,10 @@ class _Parser:
                 raise self.error(f"constant @{name}: data is {TensorType.of(array)}, text says {ctype}", tok)
         else:
             raise self.error(f"constant @{name} has no data (load the .npz saved beside the IR)", tok)
-        self.graph.add_constant(name, array, unique=False)
+        try:
+            self.graph.add_constant(name, array, unique=False, storage=storage)
+        except ValueError as e:
+            raise self.error(str(e), tok) from None
 
     def parse_node(self) -> None:
         assert self.graph is not None
@@ -410,7 +429,14 @@ def save(graph: Graph, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix == ".npz":
         raise QCompilerError(f"{path}: the IR text needs its own suffix (e.g. .qir); .npz holds its weights")
-    elided = {k: v for k, v in graph.constants.items() if v.size > INLINE_LIMIT}
+    elided = {}
+    for k, v in graph.constants.items():
+        if v.size <= INLINE_LIMIT:
+            continue  # printed inline
+        if k in graph.storage:
+            elided[k + NIBBLES], elided[k + MULTIPLIERS] = graph.storage[k].pack(v)
+        else:
+            elided[k] = v
     atomic_write(path, lambda f: f.write(print_graph(graph).encode()))
     if elided:
         atomic_write(weights_path(path), lambda f: np.savez(f, **elided))
@@ -451,6 +477,9 @@ class NpzWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.members
 
     def __iter__(self):
         return iter(self.members)
