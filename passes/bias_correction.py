@@ -14,29 +14,20 @@ import numpy as np
 
 from qcompiler.calibration import calibration_set
 from qcompiler.calibration_record import set_corrected_bias
-from qcompiler.interpreter import run
-from qcompiler.ir import Graph, Node
+from qcompiler.interpreter import values_of
+from qcompiler.ir import Graph
 from qcompiler.ir.ops import get_op, traits_of
 from qcompiler.ir.ops.quant import choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantScheme
 
-from .insert_qdq import bias_scale_floor, quantize_weight
-
+from .insert_qdq import layer_weight
 
 
 def _fake_quant(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
     scale, zp = choose_qparams(lo, hi, dtype)
     q = get_op("quantize").run([x, np.asarray(scale), np.asarray(zp)], {"axis": 0})[0]
     return get_op("dequantize").run([q, np.asarray(scale), np.asarray(zp)], {"axis": 0})[0]
-
-
-def _quantized_weight(graph: Graph, node: Node, config: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
-    """The weight as insert-qdq will quantize it (same dead channels, same bias floor)."""
-    x_scale = choose_qparams(*node.inputs[0].range, config.activation_dtype)[0]
-    bias = graph.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].is_constant else None
-    w = graph.constant_array(node.inputs[1])
-    return quantize_weight(w, config.per_channel, bias_scale_floor(bias, x_scale, w.shape[0]))
 
 
 @register
@@ -57,8 +48,7 @@ class BiasCorrection(QuantScheme, Pass):
                   and max(abs(r) for r in n.inputs[0].range) <= self.max_abs_range]
         if not layers:
             return False
-        wanted = {id(n.inputs[0]) for n in layers}
-        weights = {id(n): _quantized_weight(graph, n, self) for n in layers}
+        weights = {id(n): layer_weight(graph, n, self) for n in layers}
         fq_weights = {}
         for n in layers:
             wq, scale = weights[id(n)]
@@ -67,14 +57,7 @@ class BiasCorrection(QuantScheme, Pass):
         sums = {id(n): np.zeros(n.inputs[1].shape[0]) for n in layers}
         counts = {id(n): 0 for n in layers}
         for batch in calibration_set(graph, ctx.calibration):
-            seen = {id(v): a for v, a in zip(graph.inputs, batch) if id(v) in wanted}
-
-            def observer(node: Node, outs: list[np.ndarray]) -> None:
-                for v, a in zip(node.outputs, outs):
-                    if id(v) in wanted:
-                        seen[id(v)] = a
-
-            run(graph, batch, observer=observer)
+            seen = values_of(graph, batch, [n.inputs[0] for n in layers])
             for n in layers:
                 x = seen[id(n.inputs[0])]
                 attrs = {**n.attrs, "activation": "none", "activation_args": ()}

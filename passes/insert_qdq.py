@@ -29,6 +29,7 @@ import numpy as np
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.ops import get_op, traits_of
 from qcompiler.ir.ops.quant import choose_qparams
+from qcompiler.ir.packing import M_MAX, Q_MAX, Int4Groups
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantScheme
 
@@ -52,9 +53,10 @@ DEAD_CHANNEL_RATIO = 2.0 ** -20  # a channel this much smaller than the largest 
 BIAS_LIMIT = 2.0 ** 30  # |int32 bias| at most this, leaving the accumulator's sum room below 2^31
 
 
-def quantize_weight(w: np.ndarray, per_channel: bool,
-                    min_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 over [-127, 127] per output channel (axis 0) or per tensor.
+def quantize_weight(w: np.ndarray, per_channel: bool, min_scale: np.ndarray | None = None,
+                    groups: Int4Groups | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 over [-127, 127] per output channel (axis 0) or per tensor; with ``groups``,
+    4-bit values per group of the channel (:func:`int4_group_values`) on a channel scale.
 
     Real weights hold dead channels (after batch-norm folding, 1e-12 down to subnormal 1e-40):
     a channel whose largest weight is under ``DEAD_CHANNEL_RATIO`` of the tensor's largest
@@ -66,18 +68,56 @@ def quantize_weight(w: np.ndarray, per_channel: bool,
     channels = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     amax = np.abs(channels).max(axis=1).astype(np.float64) if channels.size else np.zeros(len(channels))
     top = float(amax.max()) if amax.size else 0.0
+    levels = float(Q_MAX * M_MAX) if groups is not None else 127.0
     if top < np.finfo(np.float32).tiny:  # the whole tensor is (sub)normal dust
         dead, scale = np.ones_like(amax, bool), np.ones_like(amax)
     else:
         dead = amax < top * DEAD_CHANNEL_RATIO
-        scale = np.where(dead, top / 127.0, amax / 127.0)
+        scale = np.where(dead, top / levels, amax / levels)
     if min_scale is not None:
         floor = np.asarray(min_scale, np.float64)
         scale = np.maximum(scale, floor if per_channel else floor.max(initial=0.0))
     scale = scale.astype(np.float32)
-    q = np.where(dead[:, None], 0.0, np.rint(channels / scale[:, None].astype(np.float64)))
-    q = np.clip(q, -127, 127).astype(np.int8).reshape(w.shape)
+    if groups is not None:
+        q = int4_group_values(channels, scale, groups.group_size)
+    else:
+        q = np.clip(np.rint(channels / scale[:, None].astype(np.float64)), -127, 127)
+    q = np.where(dead[:, None], 0, q).astype(np.int8).reshape(w.shape)
     return q, (scale if per_channel else scale.reshape(()))
+
+
+def int4_group_values(rows: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
+    """``q * m`` per element (see :func:`int4_grid`), exact in int8."""
+    q, m = int4_grid(rows, scale, group_size)
+    return q * m
+
+
+def int4_grid(rows: np.ndarray, scale: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(q, m) per element of ``rows`` [channels, inputs]: each group of ``group_size`` consecutive
+    weights of a row gets the integer multiple ``m`` in [1, 18] of the row's scale (its group
+    scale, exact in int8 since 7 * 18 < 128) and 4-bit values ``q`` in [-7, 7] on it. ``m`` is the
+    one among the three just covering the group's range and the two below it (clipping a few
+    outliers for a finer grid) with the least squared error: a search over 3 candidates, as MSE
+    range setting does."""
+    count, cols = rows.shape
+    groups = -(-cols // group_size)
+    padded = np.zeros((count, groups * group_size), np.float64)
+    padded[:, :cols] = rows
+    grouped = padded.reshape(count, groups, group_size)
+    unit = scale.astype(np.float64)[:, None, None]
+    cover = np.clip(np.ceil(np.abs(grouped).max(axis=2, keepdims=True) / (Q_MAX * unit) - 1e-9), 1, M_MAX)
+    best_q = best_m = best_err = None
+    for step in (0, 1, 2):
+        m = np.clip(cover - step, 1, M_MAX)
+        q = np.clip(np.rint(grouped / (unit * m)), -Q_MAX, Q_MAX)
+        err = ((grouped - q * m * unit) ** 2).sum(axis=2, keepdims=True)
+        if best_err is None:
+            best_q, best_m, best_err = q, m, err
+        else:
+            better = err < best_err
+            best_q, best_m, best_err = np.where(better, q, best_q), np.where(better, m, best_m), np.minimum(err, best_err)
+    best_m = np.broadcast_to(best_m, grouped.shape)
+    return best_q.reshape(count, -1)[:, :cols], best_m.reshape(count, -1)[:, :cols]
 
 
 def bias_scale_floor(bias: np.ndarray | None, x_scale: float, channels: int) -> np.ndarray | None:
@@ -86,6 +126,36 @@ def bias_scale_floor(bias: np.ndarray | None, x_scale: float, channels: int) -> 
     if bias is None:
         return None
     return np.broadcast_to(np.abs(bias.astype(np.float64)) / (float(x_scale) * BIAS_LIMIT), (channels,))
+
+
+def layer_weight(graph: Graph, node: Node, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
+    """``node``'s constant weight quantized as insert-qdq quantizes it under ``scheme`` (same dead
+    channels, same bias floor from its input's calibrated range, same int4 groups)."""
+    x_scale = choose_qparams(*node.inputs[0].range, scheme.activation_dtype)[0]
+    slot = traits_of(node.op).bias_slot
+    bias = graph.constant_array(node.inputs[slot]) \
+        if slot is not None and len(node.inputs) > slot and node.inputs[slot].is_constant else None
+    w = graph.constant_array(node.inputs[traits_of(node.op).weight_slot])
+    return quantize_weight(w, scheme.per_channel and traits_of(node.op).channel_axis is not None,
+                           bias_scale_floor(bias, x_scale, w.shape[0]), scheme.int4_groups(node))
+
+
+def attach_quantized_weight(graph: Graph, node: Node, slot: int, q: np.ndarray, scale: np.ndarray,
+                            groups: Int4Groups | None) -> None:
+    """``node`` reads its weight as ``dequantize(q, scale, 0)`` along axis 0, ``q`` stored as
+    ``groups`` says (4-bit) or as int8."""
+    w = node.inputs[slot]
+    operands = [graph.add_constant(f"{w.name}.quantized", q, storage=groups),
+                graph.add_constant(f"{w.name}.scale", scale),
+                graph.add_constant(f"{w.name}.zero_point", np.zeros(scale.shape, np.int8))]
+    node.inputs[slot] = graph.add_node("dequantize", operands, {"axis": 0}, meta={"source": node.source},
+                                       before=node).output
+
+
+def is_quantized_weight(v: Value) -> bool:
+    """``v`` is an int8 constant behind a dequantize: a weight already quantized (by gptq)."""
+    dq = v.producer
+    return dq is not None and dq.op == "dequantize" and dq.inputs[0].is_constant and dq.inputs[0].dtype == "i8"
 
 
 class _Inserter:
@@ -269,7 +339,7 @@ class InsertQDQ(QuantScheme, Pass):
         for i in acts:
             params = out_params if traits.quant == "shared_params" else ins.params(node.inputs[i])
             node.inputs[i] = ins.input(node.inputs[i], params, node)
-        if weight_slot is not None:
+        if weight_slot is not None and not is_quantized_weight(node.inputs[weight_slot]):  # gptq's are
             w = node.inputs[weight_slot]
             if not w.is_constant or w.dtype not in FLOAT:
                 ins.skip(node, "weight is not a float constant")
@@ -279,12 +349,9 @@ class InsertQDQ(QuantScheme, Pass):
             bias = graph.constant_array(node.inputs[slot]) \
                 if slot is not None and len(node.inputs) > slot and node.inputs[slot].is_constant else None
             floor = bias_scale_floor(bias, x_scale, w.shape[0])
-            wq, scale = quantize_weight(graph.constant_array(w), per_channel, floor)
-            q = graph.add_constant(f"{w.name}.quantized", wq)
-            s = graph.add_constant(f"{w.name}.scale", scale)
-            z = graph.add_constant(f"{w.name}.zero_point", np.zeros(scale.shape, np.int8))
-            node.inputs[weight_slot] = graph.add_node("dequantize", [q, s, z], {"axis": 0},
-                                                      meta={"source": node.source}, before=node).output
+            groups = self.int4_groups(node)
+            wq, scale = quantize_weight(graph.constant_array(w), per_channel, floor, groups)
+            attach_quantized_weight(graph, node, weight_slot, wq, scale, groups)
         if out_params is not None:
             ins.output(node, out_params)
         return True

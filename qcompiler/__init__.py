@@ -23,6 +23,10 @@ _LAZY = {"from_onnx": "capture", "from_torch": "capture", "CompiledModel": "comp
 
 
 def __getattr__(name: str):
+    if name == "qat":  # a submodule that imports torch: qcompiler.qat.prepare(...) without importing it first
+        import importlib
+
+        return importlib.import_module(".qat", __name__)
     if name in _LAZY:
         import importlib
 

@@ -87,7 +87,8 @@ def quantization_parameters(graph: Graph) -> dict[str, dict[str, Any]]:
 
 
 def model_size_bytes(graph: Graph) -> int:
-    return int(sum(a.nbytes for a in graph.constants.values()))
+    """Bytes of the graph's constants as stored (4-bit weights packed)."""
+    return sum(graph.constant_nbytes(name) for name in graph.constants)
 
 
 class CompiledModel:
@@ -328,6 +329,23 @@ def _reference_runner(graph: Graph):
 
 
 # ---- compile -------------------------------------------------------------------------------------
+def _prepared(model: Any, example_inputs: Any, calibration: Any, ranges: Any, pipeline: Any) -> Any:
+    """``model`` when it is a ``qcompiler.qat.prepare`` result (checked against the other
+    arguments), else None."""
+    if type(model).__name__ != "QATModel" or not hasattr(model, "trained_qdq_graph"):
+        return None
+    if calibration is not None or ranges is not None or pipeline is not None:
+        raise QCompilerError("a model prepared for quantization-aware training carries its learned ranges: compile "
+                             "it without calibration, ranges or pipeline")
+    if example_inputs is not None:
+        shapes = [tuple(np.shape(to_numpy(x))) for x in example_inputs]
+        expected = [v.shape for v in model.captured.inputs]
+        if shapes != expected:
+            raise QCompilerError(f"the prepared model was captured at input shapes {expected}; compile it with "
+                                 f"example inputs of those shapes, got {shapes}")
+    return model
+
+
 def _capture(model: Any, example_inputs: Any) -> Graph:
     from .capture import from_onnx
 
@@ -427,10 +445,21 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     started = time.perf_counter()
     phases = log if isinstance(log, PhaseLog) else PhaseLog(log)
     phases.phase("capture")
-    graph = _capture(model, example_inputs)
+    prepared = _prepared(model, example_inputs, calibration, ranges, pipeline)
+    graph = prepared.captured if prepared is not None else _capture(model, example_inputs)
     report: dict[str, Any] = {"target": target, "size_bytes": {"float": model_size_bytes(graph)}}
     batches, record = None, None
-    if calibration is not None:
+    if prepared is not None:
+        from .pass_manager import Instruments, run_pipeline
+
+        # trained with quantization in the loop: its weights and scales are the quantization
+        config, reference = prepared.config, prepared.trained_qdq_graph()
+        inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)
+        compiled_graph = reference if target == "onnx" else run_pipeline(reference.copy(), "lower-integer", inst)
+        used = prepared.pipeline + ("" if target == "onnx" else ",lower-integer")
+        timings, report["passes"] = inst.records, {}
+        report["qat"] = {"layers": len(prepared.weights), "learned_scales": len(prepared.scales)}
+    elif calibration is not None:
         from .calibration import calibration_set
 
         batches = calibration_set(graph, calibration)
@@ -444,6 +473,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         compiled_graph = run_pipeline(graph.copy(), used, inst, ctx)
         report["passes"] = ctx.report
         timings = inst.records
+    if prepared is not None:
+        pass
     elif batches is not None or ranges is not None:
         config = config or QuantConfig()
         # ONNX has no integer-lowered ops: the ONNX target ships the QDQ graph
@@ -465,7 +496,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         report["note"] = ("float model: no calibration data was given" if batches is None else
                           "nothing was quantized: see passes.kept_float / not_quantized")
     report["kept_float"] = report["passes"].get("kept_float", [])
-    for key in ("precision_search", "low_rank"):
+    for key in ("precision_search", "int8_weight_search", "int8_weights", "gptq", "low_rank"):
         if key in report["passes"]:
             report[key] = report["passes"][key]
     report["ops"] = {"integer": integer_ops, "total": len(compiled_graph.nodes), "by_op": compiled_graph.op_counts()}
@@ -519,6 +550,9 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     if batches is not None and runnable:
         phases.phase("check", "output fidelity on the first calibration batch")
         report["fidelity"] = _fidelity(reference, compiled, batches.first())
+    elif prepared is not None and runnable:
+        phases.phase("check", "output fidelity against the prepared model on the example inputs")
+        report["fidelity"] = _fidelity(reference, compiled, [to_numpy(x) for x in example_inputs])
     report["compile_seconds"] = round(time.perf_counter() - started, 2)
     phases.done()
     return compiled

@@ -77,6 +77,22 @@ def run(graph: Graph, inputs: Sequence[Any], observer: Observer | None = None) -
     return [read(v) for v in graph.outputs]
 
 
+def values_of(graph: Graph, inputs: Sequence[Any], wanted: Sequence[Value]) -> dict[int, np.ndarray]:
+    """The arrays of the ``wanted`` values (graph inputs or node results) when ``graph`` runs on
+    ``inputs``, by ``id(value)``: what a pass that studies some layers' inputs needs of a run."""
+    ids = {id(v) for v in wanted}
+    arrays = check_inputs(graph, inputs)
+    seen = {id(v): a for v, a in zip(graph.inputs, arrays) if id(v) in ids}
+
+    def observer(node: Node, outs: list[np.ndarray]) -> None:
+        for v, a in zip(node.outputs, outs):
+            if id(v) in ids:
+                seen[id(v)] = a
+
+    run(graph, arrays, observer=observer)
+    return seen
+
+
 def _load_torch_kernels() -> None:
     from . import torch_kernels  # noqa: F401  (installs them; imports torch, so only when first needed)
 

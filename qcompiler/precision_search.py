@@ -139,6 +139,8 @@ class SearchResult:
     layers_measured: int = 0
     promoted: list[Promotion] = field(default_factory=list)
     references: list[np.ndarray] = field(default_factory=list, repr=False)  # the float outputs it judged against
+    action: str = "keeping it float"  # what a promotion does (an i4 config's first search: int8 weights)
+    bisected: bool = False  # the promotions are a prefix found by bisection (``_bisect``)
 
     def remeasure(self, qdq: Graph, batch: Sequence[np.ndarray]) -> None:
         """``after_db`` of the graph that ships (recalibrated without the layers kept float)."""
@@ -156,20 +158,24 @@ class SearchResult:
         return {"target_output_sqnr_db": self.target_db, "before_db": db(self.before_db),
                 "after_db": db(self.after_db), "met": self.met, "layers_measured": self.layers_measured,
                 "promoted": [{"nodes": p.nodes, "gain_db": db(p.gain_db), "cost": p.cost}
-                             for p in self.promoted]}
+                             for p in self.promoted],
+                **({"bisected": True} if self.bisected else {})}
 
     def reasons(self) -> dict[str, str]:
         """Each layer kept float by the search (by float output name), with why."""
-        return {name: f"output SQNR {self.before_db:.1f} dB < target_output_sqnr_db {self.target_db:g}: keeping it "
-                      f"float gained {p.gain_db:.1f} dB" for p in self.promoted for name in p.names}
+        return {name: f"output SQNR {self.before_db:.1f} dB < target_output_sqnr_db {self.target_db:g}: {self.action} "
+                      f"gained {p.gain_db:.1f} dB" for p in self.promoted for name in p.names}
 
 
 def search(float_graph: Graph, insert: Callable[[tuple[str, ...]], Graph], batch: Sequence[np.ndarray],
-           target_db: float, kept: tuple[str, ...] = (), progress: bool = False) -> SearchResult:
-    """Layers (by float output name) to keep float, besides ``kept``, to meet ``target_db``.
+           target_db: float, kept: tuple[str, ...] = (), progress: bool = False,
+           action: str = "keeping it float", eligible: Callable[[Graph, Node], bool] | None = None) -> SearchResult:
+    """Layers (by float output name) to promote, besides ``kept``, to meet ``target_db``.
 
-    ``insert(exclude)`` returns the QDQ graph with ``exclude`` kept float; its layers carry the
-    float graph's debug handles."""
+    ``insert(promoted)`` returns the QDQ graph with ``promoted`` in the higher precision (kept
+    float; or, for an i4 config's first search, given int8 weights); its layers carry the float
+    graph's debug handles. ``action`` says what a promotion does, in the reasons; ``eligible(qdq,
+    layer)``: which quantized layers a promotion can change (default: all)."""
     references = run(float_graph, batch)
     names = {n.handle: n.outputs[0].name for n in float_graph.nodes}
 
@@ -177,13 +183,16 @@ def search(float_graph: Graph, insert: Callable[[tuple[str, ...]], Graph], batch
         return output_sqnr_db(references, run(insert(exclude), batch))
 
     before = measure(kept)
-    result = SearchResult(target_db, before, before, references=references)
+    result = SearchResult(target_db, before, before, references=references, action=action)
     if result.met:
         return result
-    layers = {names[n.handle]: n for n in quantized_layers(insert(kept)) if n.handle in names}
+    qdq = insert(kept)
+    layers = {names[n.handle]: n for n in quantized_layers(qdq) if n.handle in names
+              and (eligible is None or eligible(qdq, n))}
     units = candidate_units(layers)
     gains = {}
-    with progress_bar("precision search: each layer's effect at the outputs", len(units), progress) as advance:
+    with progress_bar(f"precision search ({action}): each layer's effect at the outputs", len(units),
+                      progress) as advance:
         for unit in units:
             gains[unit] = measure(kept + unit) - before
             advance()
@@ -192,8 +201,9 @@ def search(float_graph: Graph, insert: Callable[[tuple[str, ...]], Graph], batch
     def cost(unit: tuple[str, ...]) -> int:
         return sum(_cost(layers[name]) for name in unit)
 
+    order = sorted(gains, key=lambda u: (-gains[u], cost(u)))
     chosen: tuple[str, ...] = ()
-    for unit in sorted((u for u in gains if gains[u] > 0), key=lambda u: (-gains[u], cost(u))):
+    for unit in (u for u in order if gains[u] > 0):
         new = tuple(name for name in unit if name not in chosen and name not in kept)
         if not new:
             continue
@@ -204,5 +214,36 @@ def search(float_graph: Graph, insert: Callable[[tuple[str, ...]], Graph], batch
         result.promoted.append(Promotion(new, [layers[n].describe() for n in new], now - result.after_db, cost(new)))
         result.after_db = now
         if result.met:
-            break
+            return result
+    _bisect(result, order, gains, kept, measure, layers, cost)
     return result
+
+
+def _bisect(result: SearchResult, order: list[tuple[str, ...]], gains: dict[tuple[str, ...], float],
+            kept: tuple[str, ...], measure: Callable[[tuple[str, ...]], float], layers: dict[str, Node],
+            cost: Callable[[tuple[str, ...]], int]) -> None:
+    """When promoting one unit at a time stalls (an error spread thinly over many layers, as 4-bit
+    weights spread it: each promotion alone gains a tenth of a dB), the shortest prefix of all
+    units in order of gain that meets the target, by bisection (about log2(units) measurements;
+    the whole list if even that falls short: the most this precision can give)."""
+    def prefix(k: int) -> tuple[str, ...]:
+        names: list[str] = []
+        for unit in order[:k]:
+            names += [n for n in unit if n not in names and n not in kept]
+        return tuple(names)
+
+    best = len(order)
+    best_db = measure(kept + prefix(best))
+    if best_db <= result.after_db:
+        return
+    lo = 0  # prefix(best) meets the target (or is everything); prefix(lo) does not
+    if best_db >= result.target_db:
+        while best - lo > 1:
+            mid = (lo + best) // 2
+            now = measure(kept + prefix(mid))
+            if now >= result.target_db:
+                best, best_db = mid, now
+            else:
+                lo = mid
+    result.promoted = [Promotion((n,), [layers[n].describe()], gains.get((n,), 0.0), cost((n,))) for n in prefix(best)]
+    result.after_db, result.bisected = best_db, True

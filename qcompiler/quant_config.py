@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QCompilerError
-from .ir.ops import all_ops
+from .ir import Node
+from .ir.ops import all_ops, traits_of
+from .ir.packing import Int4Groups
 
 CALIBRATION_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 
@@ -85,6 +87,7 @@ class CalibrationConfig:
         return ",".join(opts)
 
 
+WEIGHT_DTYPES = ("i8", "i4")
 DEFAULT_OP_TYPES = ("conv", "linear", "matmul", "add", "concat", "pool", "relu", "resize")
 
 
@@ -99,10 +102,19 @@ class QuantScheme:
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     exclude: tuple[str, ...] = ()  # node source names, value names or fnmatch patterns kept float
     max_abs_range: float = 1e4  # activations calibrated beyond this (attention masks) stay float
+    weight_dtype: str = "i8"  # "i4": 4-bit weights per group (conv and linear; see ir.packing)
+    weight_group_size: int = 32  # i4: consecutive input weights of an output channel sharing a scale
+    int8_weights: tuple[str, ...] = ()  # i4: layers (names or patterns) whose weights stay int8
 
     def check_scheme(self) -> None:
         if self.activation_dtype not in ("u8", "i8"):
             raise QCompilerError(f"activation_dtype '{self.activation_dtype}' must be 'u8' or 'i8'")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise QCompilerError(f"weight_dtype '{self.weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+        if self.weight_dtype == "i4" and not self.per_channel:
+            raise QCompilerError("weight_dtype 'i4' is per group of an output channel: it needs per_channel=true")
+        if not 1 <= self.weight_group_size <= 4096:
+            raise QCompilerError(f"weight_group_size must be in 1..4096, got {self.weight_group_size}")
         unknown = set(self.op_types) - set(OP_TYPES)
         if unknown:
             raise QCompilerError(f"unknown op types {sorted(unknown)} (known: {', '.join(OP_TYPES)})")
@@ -113,7 +125,20 @@ class QuantScheme:
         return any(op in OP_TYPES[t] for t in self.op_types)
 
     def excluded(self, *names: str) -> bool:
-        return any(fnmatch.fnmatchcase(n, pattern) for n in names if n for pattern in self.exclude)
+        return _matches(names, self.exclude)
+
+    def int4_groups(self, node: Node) -> Int4Groups | None:
+        """How ``node``'s weight is stored: 4-bit groups under ``weight_dtype="i4"`` for a layer
+        with output channels (conv, linear) not named in ``int8_weights``; None: int8."""
+        if self.weight_dtype != "i4" or traits_of(node.op).channel_axis is None:
+            return None
+        if _matches((node.source, *(v.name for v in node.outputs)), self.int8_weights):
+            return None
+        return Int4Groups(self.weight_group_size)
+
+
+def _matches(names: tuple[str, ...], patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names if n for pattern in patterns)
 
 
 @dataclass(frozen=True)
@@ -132,7 +157,8 @@ class LowRank:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    weight_dtype: str = "i8"
+    weight_dtype: str = "i8"  # "i4": 4-bit weights per group for conv and linear, int8 elsewhere
+    weight_group_size: int = 32  # i4: consecutive input weights of an output channel sharing a scale
     per_channel: bool = True  # weights per output channel (False: per tensor)
     activation_dtype: str = "u8"  # "u8": asymmetric uint8; "i8": symmetric int8
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
@@ -146,6 +172,7 @@ class QuantConfig:
     # (and each of its channel groups) reaches this SQNR on the first calibration batch; None: off
     target_output_sqnr_db: float | None = None
     bias_correction: bool = True  # shift biases by the mean error quantization adds (bias-correction pass)
+    gptq: bool = False  # round linear weights compensating each column's error on calibration inputs (gptq pass)
     low_rank: LowRank | None = None  # factor nearly low-rank weights into two thinner layers first
 
     def __post_init__(self) -> None:
@@ -157,18 +184,17 @@ class QuantConfig:
         if self.low_rank is not None and not isinstance(self.low_rank, LowRank):
             raise QCompilerError(f"QuantConfig.low_rank must be a LowRank (JSON: {{\"energy\": 0.95}}) or null, "
                                  f"got {self.low_rank!r}")
-        if self.weight_dtype != "i8":
-            raise QCompilerError(f"weight_dtype '{self.weight_dtype}' is not supported (i8)")
         try:
             self.scheme().check_scheme()
         except QCompilerError as e:
             raise QCompilerError(f"QuantConfig: {e}") from None
 
-    def scheme(self, exclude: tuple[str, ...] = ()) -> QuantScheme:
+    def scheme(self, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> QuantScheme:
         """The options of insert-qdq and bias-correction this config stands for; ``exclude``:
-        more layers kept float (the sensitivity check's)."""
+        more layers kept float, ``int8_weights``: layers of an i4 config kept at int8 weights
+        (the sensitivity check's)."""
         return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + tuple(exclude),
-                           self.max_abs_range)
+                           self.max_abs_range, self.weight_dtype, self.weight_group_size, tuple(int8_weights))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

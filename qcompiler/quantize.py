@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .calibration import calibration_set
 from .calibration_record import CalibrationRecord
 from .errors import QCompilerError
@@ -21,21 +23,39 @@ if TYPE_CHECKING:
     from .precision_search import SearchResult
 
 
-def calibrate_stages(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
+def calibrate_stages(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> str:
     """range-analysis and (as ``config`` says) bias-correction, with every option ``config``
-    sets written out. ``exclude``: layers kept float (the sensitivity check's)."""
+    sets written out. ``exclude``: layers kept float, ``int8_weights``: layers of an i4 config
+    kept at int8 weights (the sensitivity check's)."""
+    stages = [range_stage(config), gptq_stage(config, exclude, int8_weights), bias_stage(config, exclude, int8_weights)]
+    return ",".join(s for s in stages if s)
+
+
+def range_stage(config: QuantConfig) -> str:
+    """range-analysis with ``config``'s calibration options."""
     calibrate = config.calibration.pipeline_options()
     if config.activation_dtype != "u8":
         calibrate += f",activation_dtype={config.activation_dtype}"
-    stages = [f"range-analysis{{{calibrate}}}"]
-    if config.bias_correction:
-        stages.append(str(registered_passes()["bias-correction"](**dataclasses.asdict(config.scheme(exclude)))))
-    return ",".join(stages)
+    return f"range-analysis{{{calibrate}}}"
 
 
-def insert_stage(config: QuantConfig, exclude: tuple[str, ...] = ()) -> str:
-    """insert-qdq with ``config``'s scheme; ``exclude`` as for ``calibrate_stages``."""
-    return str(registered_passes()["insert-qdq"](**dataclasses.asdict(config.scheme(exclude))))
+def gptq_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> str:
+    """gptq with ``config``'s scheme, or "" when ``config`` does not ask for it."""
+    if not config.gptq:
+        return ""
+    return str(registered_passes()["gptq"](**dataclasses.asdict(config.scheme(exclude, int8_weights))))
+
+
+def bias_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> str:
+    """bias-correction with ``config``'s scheme, or "" when ``config`` turns it off."""
+    if not config.bias_correction:
+        return ""
+    return str(registered_passes()["bias-correction"](**dataclasses.asdict(config.scheme(exclude, int8_weights))))
+
+
+def insert_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> str:
+    """insert-qdq with ``config``'s scheme; ``exclude`` and ``int8_weights`` as for ``calibrate_stages``."""
+    return str(registered_passes()["insert-qdq"](**dataclasses.asdict(config.scheme(exclude, int8_weights))))
 
 
 def with_config(pipeline: str, config: QuantConfig) -> str:
@@ -63,12 +83,14 @@ def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
 
 
 def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,
-                          exclude: tuple[str, ...] = (), ranges: str | None = None) -> str:
+                          exclude: tuple[str, ...] = (), ranges: str | None = None,
+                          int8_weights: tuple[str, ...] = ()) -> str:
     """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with.
     ``ranges``: a calibration record's path, applied instead of calibrating."""
     floats = float_stages(config, float_pipeline)
-    calibrate = calibrate_stages(config, exclude) if ranges is None else f"apply-calibration{{path={ranges}}}"
-    stages = [floats, calibrate, insert_stage(config, exclude)]
+    calibrate = calibrate_stages(config, exclude, int8_weights) if ranges is None \
+        else f"apply-calibration{{path={ranges}}}"
+    stages = [floats, calibrate, insert_stage(config, exclude, int8_weights)]
     if lower:
         stages.append("lower-integer")
     return ",".join(s for s in stages if s)
@@ -94,6 +116,9 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
     a calibration record saved from an earlier run (``result.calibration.save(path)``) on the
     same model. ``on_pass`` is told of each pass before it runs (``PhaseLog.for_pass``)."""
     config = config or QuantConfig()
+    if ranges is not None and config.gptq:
+        raise QCompilerError("gptq rounds weights on calibration data, which a calibration record does not carry: "
+                             "give the calibration data, or turn gptq off")
     if (calibration is None) == (ranges is None):
         raise QCompilerError("quantizing needs calibration data or a saved calibration record (ranges=...): "
                              + ("neither was given" if ranges is None else "give one, not both"))
@@ -106,53 +131,79 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
         if record.activation_dtype != config.activation_dtype:
             raise QCompilerError(f"{ranges}: calibrated for {record.activation_dtype} activations, and the config "
                                  f"asks for {config.activation_dtype}; recalibrate")
-        exclude = tuple(record.exclude)
-        qdq = run_pipeline(float_graph.copy(), f"apply-calibration{{path={ranges}}},{insert_stage(config, exclude)}",
-                           inst, ctx)
+        exclude, int8_weights = tuple(record.exclude), tuple(record.int8_weights)
+        qdq = run_pipeline(float_graph.copy(), f"apply-calibration{{path={ranges}}},"
+                           f"{insert_stage(config, exclude, int8_weights)}", inst, ctx)
         _explain_exclusions(float_graph, record.exclude, ctx)
     else:
         qdq, record = _calibrate_and_insert(float_graph, config, batches, inst, ctx)
-        exclude = tuple(record.exclude)
+        exclude, int8_weights = tuple(record.exclude), tuple(record.int8_weights)
+    if record.int8_weights:
+        ctx.report["int8_weights"] = [{"layer": k, "reason": why} for k, why in record.int8_weights.items()]
     final = run_pipeline(qdq.copy(), "lower-integer", inst, ctx) if lower else qdq
     for result in {id(g): g for g in (float_graph, qdq, final)}.values():
         result.name_outputs([v.name for v in graph.outputs])  # rewrites replace output values; names stay
-    pipeline = quantization_pipeline(config, float_pipeline, lower, exclude, None if ranges is None else str(ranges))
+    pipeline = quantization_pipeline(config, float_pipeline, lower, exclude, None if ranges is None else str(ranges),
+                                     int8_weights)
     return QuantizeResult(final, qdq, float_graph, pipeline, ctx.report, inst.records, record)
 
 
 def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any, inst: Instruments,
                           ctx: PassContext) -> tuple[Graph, CalibrationRecord]:
     """Calibrate and insert quantize/dequantize pairs; with ``min_layer_sqnr_db``, layers that
-    lose too much even when quantized alone are kept float; with ``target_output_sqnr_db``, the
-    precision search keeps more float until the outputs meet it. Each decision recalibrates
-    without the layers kept float (bias correction depends on them)."""
+    lose too much even when quantized alone take the next precision up (int4 weights -> int8
+    weights -> float); with ``target_output_sqnr_db``, the precision search keeps more float
+    until the outputs meet it. Each decision recalibrates (bias correction depends on it)."""
     from .compare import compare
 
-    def calibrated(exclude: dict[str, str]) -> tuple[Graph | None, Graph, CalibrationRecord]:
-        """The calibrated graph (kept for the precision search only), the QDQ graph, the record."""
-        graph = run_pipeline(float_graph.copy(), calibrate_stages(config, tuple(exclude)), inst, ctx)
-        record = CalibrationRecord.measure(float_graph, graph, calibrate_stages(config).split(",")[0],
-                                           config.activation_dtype, exclude)  # before insert-qdq rewrites it
-        ranged = graph.copy() if config.target_output_sqnr_db is not None else None
-        return ranged, run_pipeline(graph, insert_stage(config, tuple(exclude)), inst, ctx), record
-
     exclude: dict[str, str] = {}
-    ranged, qdq, record = calibrated(exclude)
+    int8_weights: dict[str, str] = {}
+
+    def calibrated() -> tuple[Graph | None, Graph, CalibrationRecord]:
+        """The graph with ranges only (kept for the precision search), the QDQ graph, the record."""
+        kept, int8 = tuple(exclude), tuple(int8_weights)
+        graph = run_pipeline(float_graph.copy(), range_stage(config), inst, ctx)
+        ranged = graph.copy() if config.target_output_sqnr_db is not None else None
+        later = ",".join(s for s in (gptq_stage(config, kept, int8), bias_stage(config, kept, int8)) if s)
+        if later:
+            graph = run_pipeline(graph, later, inst, ctx)
+        record = CalibrationRecord.measure(float_graph, graph, range_stage(config), config.activation_dtype, exclude,
+                                           int8_weights)  # before insert-qdq rewrites it
+        ctx.report["not_quantized"] = []
+        return ranged, run_pipeline(graph, insert_stage(config, kept, int8), inst, ctx), record
+
+    ranged, qdq, record = calibrated()
     if config.min_layer_sqnr_db is not None:
-        names = {n.handle: n.outputs[0].name for n in float_graph.nodes}
-        weak = [e for e in compare(float_graph, qdq, batches.first())
-                if e.local_sqnr_db is not None and e.local_sqnr_db < config.min_layer_sqnr_db]
-        if weak:
-            exclude = {names[e.handle]: f"local SQNR {e.local_sqnr_db:.1f} dB < min_layer_sqnr_db "
-                                        f"{config.min_layer_sqnr_db:g}" for e in weak}
-            ctx.report["not_quantized"] = []
-            ranged, qdq, record = calibrated(exclude)
+        floor = config.min_layer_sqnr_db
+        nodes = {n.handle: n for n in float_graph.nodes}
+        int4_layers = {n.outputs[0].name for n in float_graph.nodes if config.scheme().int4_groups(n) is not None}
+        for _ in range(2):  # at most one step up per layer per round: int4 -> int8 -> float
+            weak = [(nodes[e.handle].outputs[0].name, e.local_sqnr_db) for e in compare(float_graph, qdq, batches.first())
+                    if e.local_sqnr_db is not None and e.local_sqnr_db < floor and e.handle in nodes]
+            if not weak:
+                break
+            for name, sqnr in weak:
+                if name in int4_layers and name not in int8_weights:
+                    int8_weights[name] = f"local SQNR {sqnr:.1f} dB with int4 weights < min_layer_sqnr_db {floor:g}"
+                else:
+                    exclude[name] = f"local SQNR {sqnr:.1f} dB < min_layer_sqnr_db {floor:g}"
+            ranged, qdq, record = calibrated()
+            if not int8_weights:
+                break  # an int8 config decides in one round
+    if config.target_output_sqnr_db is not None and config.weight_dtype == "i4":  # int8 weights before float
+        found = _search_precision(float_graph, ranged, record, config, batches, tuple(exclude), tuple(int8_weights),
+                                  inst, ctx, int8_search=True)
+        if found.promoted:
+            int8_weights |= found.reasons()
+            ranged, qdq, record = calibrated()
+            found.remeasure(qdq, batches.first())
+            ctx.report["int8_weight_search"] = found.report()
     if config.target_output_sqnr_db is not None:
-        found = _search_precision(float_graph, ranged, config, batches, tuple(exclude), inst, ctx)
+        found = _search_precision(float_graph, ranged, record, config, batches, tuple(exclude), tuple(int8_weights),
+                                  inst, ctx)
         if found.promoted:
             exclude |= found.reasons()
-            ctx.report["not_quantized"] = []
-            ranged, qdq, record = calibrated(exclude)
+            ranged, qdq, record = calibrated()
             found.remeasure(qdq, batches.first())
             ctx.report["precision_search"] = found.report()  # measured on what ships (recalibrated)
     if exclude:
@@ -160,23 +211,50 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any,
     return qdq, record
 
 
-def _search_precision(float_graph: Graph, ranged: Graph, config: QuantConfig, batches: Any, kept: tuple[str, ...],
-                      inst: Instruments, ctx: PassContext) -> SearchResult:
-    """The precision search (``precision_search.search``) on the calibrated graph ``ranged``;
-    its result goes into the report as ``precision_search``."""
+def _search_precision(float_graph: Graph, ranged: Graph, record: CalibrationRecord, config: QuantConfig, batches: Any,
+                      kept: tuple[str, ...], int8_weights: tuple[str, ...], inst: Instruments, ctx: PassContext,
+                      int8_search: bool = False) -> SearchResult:
+    """The precision search (``precision_search.search``) on ``ranged`` (the graph with ranges):
+    which layers to keep float or, with ``int8_search``, which of an i4 config's layers to give
+    int8 weights; its result goes into the report (``precision_search`` / ``int8_weight_search``).
+
+    Bias correction measures each layer quantized alone, so a layer's corrected bias depends on
+    its own precision only: every choice the search measures takes the record's biases (the
+    current precisions), int8-weight ones for layers it moves to int8, the float bias for
+    layers it keeps float."""
+    from .calibration_record import set_corrected_bias
     from .precision_search import search
     from .progress import Step
 
     quiet = Instruments(emit=lambda s: None)
+    int8_biases = record.biases
+    if int8_search and config.bias_correction:
+        graph = run_pipeline(ranged.copy(), bias_stage(config, kept, ("*",)), quiet, PassContext(calibration=batches))
+        int8_biases = CalibrationRecord.measure(float_graph, graph, "", config.activation_dtype, {}).biases
 
-    def insert(exclude: tuple[str, ...]) -> Graph:
-        return run_pipeline(ranged.copy(), insert_stage(config, exclude), quiet, PassContext())
+    def insert(promoted: tuple[str, ...]) -> Graph:
+        exclude, int8 = (kept, int8_weights + promoted) if int8_search else (kept + promoted, int8_weights)
+        graph = ranged.copy()
+        for node in graph.nodes:
+            name = node.outputs[0].name if node.outputs else None
+            biases = int8_biases if name in promoted and int8_search else record.biases
+            if name in biases and name not in exclude:
+                set_corrected_bias(graph, node, np.asarray(biases[name]))
+        return run_pipeline(graph, insert_stage(config, exclude, int8), quiet, PassContext())
 
+    action = "int8 weights" if int8_search else "keeping it float"
     if inst.on_pass is not None:
-        inst.on_pass(Step("precision-search", f"target {config.target_output_sqnr_db:g} dB at the outputs"))
-    found = search(float_graph, insert, batches.first(), config.target_output_sqnr_db, kept, ctx.progress)
-    ctx.report["precision_search"] = found.report()
+        inst.on_pass(Step("precision-search", f"target {config.target_output_sqnr_db:g} dB at the outputs ({action})"))
+    found = search(float_graph, insert, batches.first(), config.target_output_sqnr_db, (), ctx.progress, action,
+                   _has_int4_weight if int8_search else None)
+    ctx.report["int8_weight_search" if int8_search else "precision_search"] = found.report()
     return found
+
+
+def _has_int4_weight(qdq: Graph, node: Any) -> bool:
+    """``node`` reads a weight stored 4-bit (what an int8-weight promotion changes)."""
+    return any(v.producer is not None and v.producer.op == "dequantize" and v.producer.inputs[0].name in qdq.storage
+               for v in node.inputs)
 
 
 def _explain_exclusions(float_graph: Graph, reasons: dict[str, str], ctx: PassContext) -> None:

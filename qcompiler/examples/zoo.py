@@ -188,6 +188,15 @@ def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch: i
     return model.eval()
 
 
+def fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 2, batch: int = 40, lr: float = 1e-4,
+              seed: int = 0) -> nn.Module:
+    """A few epochs of Adam on cross-entropy at a small learning rate: quantization-aware
+    training of a ``qcompiler.qat.prepare`` module (its batch must keep the captured one's
+    leading reshapes: any size works)."""
+    torch.manual_seed(seed)
+    return _train(model, x, y, epochs, batch, lr)
+
+
 def train_digits_cnn(epochs: int = 12, seed: int = 0) -> tuple[DigitsCNN, tuple[np.ndarray, ...]]:
     """Train ``DigitsCNN`` (a few seconds on two cores); returns the model and the data split."""
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""IR -> ONNX (opset 20), for deployment where TVM is not used: the QDQ graph exports as
+"""IR -> ONNX (opset 20; 21 with 4-bit weights), for deployment where TVM is not used: the QDQ graph exports as
 QuantizeLinear/DequantizeLinear around float ops, which ONNX Runtime and TensorRT turn into
 their own int8 kernels. Fused activations become separate nodes again; integer-only ops
 (``*_int``, requantize) have no ONNX form: export the QDQ graph, not the lowered one."""
@@ -19,6 +19,7 @@ from qcompiler.ir.ops.resize import given_scale, nearest_indices
 from qcompiler.registrar import registrar
 
 OPSET = 20
+INT4_OPSET = 21  # blocked DequantizeLinear and INT4 tensors, for 4-bit weights
 Emitter = Callable[["_Exporter", Node, list[str]], "str | list[str]"]
 _RULES: dict[str, Emitter] = {}
 exports = registrar(_RULES)
@@ -79,7 +80,8 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     ex = _Exporter(graph)
     names: dict[int, str] = {id(v): v.name for v in graph.inputs}
     for cname, array in graph.constants.items():
-        ex.initializers[cname] = numpy_helper.from_array(array, cname)
+        if cname not in graph.storage:  # 4-bit weights are written by their dequantize
+            ex.initializers[cname] = numpy_helper.from_array(array, cname)
         names[id(graph.constant_value(cname))] = cname
     for node in graph.nodes:
         out = _RULES[node.op](ex, node, [names[id(v)] for v in node.inputs])
@@ -93,7 +95,8 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
         outputs.append(helper.make_tensor_value_info(out_name, _elem(v), list(v.shape)))
     inputs = [helper.make_tensor_value_info(v.name, _elem(v), list(v.shape)) for v in graph.inputs]
     model = helper.make_model(helper.make_graph(ex.nodes, graph.name, inputs, outputs, list(ex.initializers.values())),
-                              opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qcompiler")
+                              opset_imports=[helper.make_opsetid("", INT4_OPSET if graph.storage else OPSET)],
+                              producer_name="qcompiler")
     model.ir_version = 9
     onnx.checker.check_model(model)
     return model
@@ -351,5 +354,28 @@ def _grid_sample(ex, node, xs):
 
 @exports("quantize", "dequantize")
 def _qdq(ex, node, xs):
-    axis = node.attrs["axis"] % max(node.inputs[0].type.rank, 1)
+    w = node.inputs[0]
+    if node.op == "dequantize" and w.is_constant and w.name in ex.graph.storage:
+        return _int4_weight(ex, node)
+    axis = node.attrs["axis"] % max(w.type.rank, 1)
     return ex.add1("QuantizeLinear" if node.op == "quantize" else "DequantizeLinear", xs, axis=axis)
+
+
+def _int4_weight(ex: _Exporter, node: Node) -> str:
+    """A 4-bit weight (``ir.packing``) as an INT4 initializer [out, in...] flattened to two
+    dims, dequantized in blocks of the group size along the second (opset 21), reshaped back:
+    the group scale is the channel scale times the group's multiplier."""
+    g = ex.graph
+    w, groups = g.constant_array(node.inputs[0]), g.storage[node.inputs[0].name]
+    multipliers = groups.multipliers(w).astype(np.float32)
+    rows = w.reshape(w.shape[0], -1).astype(np.int32)
+    q = rows // np.repeat(multipliers.astype(np.int32), groups.group_size, axis=1)[:, :rows.shape[1]]
+    channel_scale = np.broadcast_to(g.constant_array(node.inputs[1]).astype(np.float32), (w.shape[0],))
+    name = ex.name(node.inputs[0].name)
+    ex.initializers[name] = helper.make_tensor(name, onnx.TensorProto.INT4, list(q.shape), q.reshape(-1).tolist())
+    zero = ex.name("zero_point")
+    ex.initializers[zero] = helper.make_tensor(zero, onnx.TensorProto.INT4, list(multipliers.shape),
+                                               [0] * multipliers.size)
+    scale = ex.const((channel_scale[:, None] * multipliers).astype(np.float32), "scale")
+    y = ex.add1("DequantizeLinear", [name, scale, zero], axis=1, block_size=groups.group_size)
+    return ex.add1("Reshape", [y, ex.const(np.asarray(w.shape, np.int64), "shape")]) if w.ndim != 2 else y

@@ -1,0 +1,352 @@
+"""Quantization-aware training: ``prepare`` turns a model into a torch module that computes what
+its quantized build will compute, trainable with an ordinary torch loop; ``qcompiler.compile``
+builds the trained module with what it learned (no calibration).
+
+What the prepared module runs is qcompiler's own QDQ graph (capture, float passes with batch
+norm folded at its current statistics, calibration, insert-qdq), executed with torch ops:
+
+- weights are float parameters, quantized in every forward exactly as insert-qdq quantizes them
+  (its own function: per-channel scales from the current weights, dead channels, the int32 bias
+  floor, 4-bit groups), with straight-through gradients;
+- every activation quantize/dequantize pair is a fake quantization with a learnable scale (LSQ,
+  Esser et al. 2020: gradients through the rounding for the scale, straight through inside the
+  range for the input) and its calibrated zero point; pairs insert-qdq ties (a pool or relu on
+  its input's grid, a concat's operands) share one scale, so the build keeps them on one grid;
+- rounding is round half to even, in float32, as the quantize kernel does.
+
+The build replaces the QDQ graph's weights, biases and scales with the trained ones and lowers
+it (lower-integer); its outputs differ from the prepared module's only by the integer
+requantization's rounding (fixed-point multipliers, int32 bias): within a quantization step."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import QCompilerError
+from .ir import Graph, Node, Value
+from .ir.ops import traits_of
+from .quant_config import QuantConfig
+
+TorchOp = Callable[[list[torch.Tensor], dict[str, Any], Node], torch.Tensor]
+_OPS: dict[str, TorchOp] = {}
+
+
+def _op(*names: str) -> Callable[[TorchOp], TorchOp]:
+    def register(fn: TorchOp) -> TorchOp:
+        for name in names:
+            _OPS[name] = fn
+        return fn
+    return register
+
+
+def _activation(y: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+    act = attrs.get("activation", "none")
+    if act == "none":
+        return y
+    if act == "relu":
+        return F.relu(y)
+    if act == "clip":
+        lo, hi = attrs["activation_args"]
+        return torch.clamp(y, lo, hi)
+    if act in ("gelu", "gelu_tanh"):
+        return F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+    if act in ("sigmoid", "tanh"):
+        return getattr(torch, act)(y)
+    raise QCompilerError(f"qat: fused activation '{act}' has no torch form yet")
+
+
+@_op("conv2d")
+def _conv2d(xs, a, node):
+    top, left, bottom, right = a["pads"]
+    x = F.pad(xs[0], (left, right, top, bottom)) if any(a["pads"]) else xs[0]
+    y = F.conv2d(x, xs[1], xs[2] if len(xs) > 2 else None, stride=tuple(a["strides"]), dilation=tuple(a["dilations"]),
+                 groups=a["groups"])
+    return _activation(y, a)
+
+
+@_op("linear")
+def _linear(xs, a, node):
+    return _activation(F.linear(xs[0], xs[1], xs[2] if len(xs) > 2 else None), a)
+
+
+@_op("matmul")
+def _matmul(xs, a, node):
+    return _activation(torch.matmul(xs[0], xs[1]), a)
+
+
+@_op("add", "sub", "mul", "div")
+def _arith(xs, a, node):
+    return {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[node.op](xs[0], xs[1])
+
+
+@_op("relu", "sigmoid", "tanh")
+def _unary(xs, a, node):
+    return getattr(torch, node.op)(xs[0])
+
+
+@_op("gelu")
+def _gelu(xs, a, node):
+    return F.gelu(xs[0], approximate=a["approximate"])
+
+
+@_op("max_pool2d")
+def _max_pool(xs, a, node):
+    top, left, bottom, right = a["pads"]
+    x = F.pad(xs[0], (left, right, top, bottom), value=-math.inf) if any(a["pads"]) else xs[0]
+    return F.max_pool2d(x, tuple(a["kernel"]), tuple(a["strides"]), dilation=tuple(a["dilations"]),
+                        ceil_mode=a["ceil_mode"])
+
+
+@_op("reduce_mean")
+def _mean(xs, a, node):
+    return torch.mean(xs[0], dim=tuple(a["axes"]) or None, keepdim=a["keepdims"])
+
+
+@_op("reshape")
+def _reshape(xs, a, node):
+    """The captured shape, with its leading (batch) dimension following the input's when the
+    capture's batch led both: the prepared module trains on any batch size."""
+    shape = list(a["shape"])
+    captured = node.inputs[0].shape
+    if shape and captured and shape[0] == captured[0]:
+        shape[0] = xs[0].shape[0]
+    return xs[0].reshape(shape)
+
+
+@_op("transpose")
+def _transpose(xs, a, node):
+    return xs[0].permute(*a["perm"])
+
+
+@_op("concat")
+def _concat(xs, a, node):
+    return torch.cat(xs, dim=a["axis"])
+
+
+@_op("softmax")
+def _softmax(xs, a, node):
+    return torch.softmax(xs[0], dim=a["axis"])
+
+
+class _FakeQuant(torch.autograd.Function):
+    """saturate(round_half_even(x / s) + z) - z, times s, in float32 (the quantize and dequantize
+    kernels' arithmetic). Backward (LSQ): x straight through inside the range; the scale gets
+    round(x/s) - x/s inside and the clamped level outside, scaled by 1/sqrt(n * q_max)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point: int, qmin: int, qmax: int):
+        level = torch.round(x / scale) + zero_point
+        ctx.save_for_backward(x, scale, level)
+        ctx.zero_point, ctx.qmin, ctx.qmax = zero_point, qmin, qmax
+        return (torch.clamp(level, qmin, qmax) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, level = ctx.saved_tensors
+        inside = (level >= ctx.qmin) & (level <= ctx.qmax)
+        local = torch.where(inside, (level - ctx.zero_point) - x / scale,
+                            torch.clamp(level, ctx.qmin, ctx.qmax) - ctx.zero_point)
+        grad_scale = (grad * local).sum() / math.sqrt(x.numel() * max(ctx.qmax, 1))
+        return grad * inside, grad_scale.reshape(scale.shape), None, None, None
+
+
+def _activation_pairs(graph: Graph) -> list[Node]:
+    """The quantize nodes of activation pairs (a run-time value quantized, then dequantized)."""
+    return [n for n in graph.nodes if n.op == "quantize" and not n.inputs[0].is_constant]
+
+
+def _ties(graph: Graph, pairs: list[Node]) -> list[int]:
+    """For each pair, the index of the pair whose scale it shares: insert-qdq ties a pool's or
+    relu's result to its input's grid and a concat's operands to its own (union-find)."""
+    index = {id(q): i for i, q in enumerate(pairs)}
+    parent = list(range(len(pairs)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def pair_of(v: Value) -> int | None:
+        dq = v.producer
+        q = dq.inputs[0].producer if dq is not None and dq.op == "dequantize" else None
+        return index.get(id(q)) if q is not None else None
+
+    consumers = graph.users()
+    for node in graph.nodes:
+        if traits_of(node.op).quant not in ("same_as_input", "shared_params"):
+            continue
+        members = [pair_of(v) for v in node.inputs]
+        out_pairs = [index[id(u)] for u in consumers.get(node.outputs[0], []) if id(u) in index]
+        members = [m for m in members + out_pairs if m is not None]
+        same = [m for m in members if _same_params(graph, pairs[m], pairs[members[0]])]
+        for m in same[1:]:
+            parent[find(m)] = find(same[0])
+    return [find(i) for i in range(len(pairs))]
+
+
+def _same_params(graph: Graph, a: Node, b: Node) -> bool:
+    return all(np.array_equal(graph.constant_array(a.inputs[i]), graph.constant_array(b.inputs[i])) for i in (1, 2))
+
+
+class QATModel(torch.nn.Module):
+    """The prepared module (see the module docstring). ``weights``/``biases``: the quantized
+    layers' float parameters; ``scales``: one learnable scale per group of tied activation pairs."""
+
+    def __init__(self, captured: Graph, float_graph: Graph, qdq: Graph, config: QuantConfig, pipeline: str):
+        super().__init__()
+        from .passes.insert_qdq import is_quantized_weight
+
+        self.captured, self.qdq, self.config, self.pipeline = captured, qdq, config, pipeline
+        missing = sorted({n.op for n in qdq.nodes} - set(_OPS) - {"quantize", "dequantize"})
+        if missing:
+            raise QCompilerError(f"qat: op(s) {', '.join(missing)} have no torch form yet (the prepared module runs "
+                                 f"the QDQ graph with torch ops)")
+        self._layers = [n for n in qdq.nodes if traits_of(n.op).quant == "weighted" and traits_of(n.op).weight_slot
+                        is not None and is_quantized_weight(n.inputs[traits_of(n.op).weight_slot])]
+        floats = {n.handle: n for n in float_graph.nodes}
+        self.weights = torch.nn.ParameterList()
+        self.biases = torch.nn.ParameterList()
+        self._has_bias = []
+        for node in self._layers:  # training starts from the float weights, quantized in each forward
+            original = floats[node.handle].inputs[traits_of(node.op).weight_slot]
+            self.weights.append(torch.nn.Parameter(torch.from_numpy(float_graph.constant_array(original).copy())))
+            bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].is_constant else None
+            self._has_bias.append(bias is not None)
+            if bias is not None:
+                self.biases.append(torch.nn.Parameter(torch.from_numpy(qdq.constant_array(bias).copy())))
+        self._pairs = _activation_pairs(qdq)
+        quantized = {id(q.outputs[0]) for q in self._pairs}
+        for n in qdq.nodes:
+            if n.op == "dequantize" and not n.inputs[0].is_constant and id(n.inputs[0]) not in quantized:
+                raise QCompilerError(f"qat: {n.describe()} dequantizes a value no quantize in the graph made "
+                                     f"(an imported integer input): not trainable")
+        ties = _ties(qdq, self._pairs)
+        groups = sorted(set(ties))
+        self._scale_of = [groups.index(t) for t in ties]
+        self.scales = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.tensor(float(qdq.constant_array(self._pairs[g].inputs[1])), dtype=torch.float32))
+            for g in groups)
+        self._constants = {id(n.outputs[0]): torch.from_numpy(_run_const(qdq, n)) for n in qdq.nodes
+                           if n.op == "dequantize" and n.inputs[0].is_constant}
+
+    def _bias(self, layer: int) -> torch.nn.Parameter | None:
+        return self.biases[sum(self._has_bias[:layer])] if self._has_bias[layer] else None
+
+    def _scale(self, pair: int) -> torch.Tensor:
+        return torch.clamp(self.scales[self._scale_of[pair]], min=1e-12)
+
+    def _quantized_weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each layer's weight quantized now as insert-qdq quantizes it (int8 values, scale): its
+        own function, with the current bias and input scale (the int32 bias floor reads both)."""
+        from .passes.insert_qdq import bias_scale_floor, quantize_weight
+
+        scheme = self.config.scheme()
+        pair_index = {id(q): i for i, q in enumerate(self._pairs)}
+        out = []
+        for i, node in enumerate(self._layers):
+            w = self.weights[i].detach().numpy()
+            bias = self._bias(i)
+            dq = node.inputs[0].producer
+            q = dq.inputs[0].producer if dq is not None and dq.op == "dequantize" else None
+            x_scale = float(self._scale(pair_index[id(q)]).detach()) if id(q) in pair_index else 1.0
+            floor = bias_scale_floor(bias.detach().numpy() if bias is not None else None, x_scale, w.shape[0])
+            per_channel = scheme.per_channel and traits_of(node.op).channel_axis is not None
+            out.append(quantize_weight(w, per_channel, floor, scheme.int4_groups(node)))
+        return out
+
+    def forward(self, *inputs: Any) -> Any:
+        graph = self.qdq
+        if len(inputs) != len(graph.inputs):
+            raise QCompilerError(f"the prepared model takes {len(graph.inputs)} input(s), got {len(inputs)}")
+        env: dict[int, torch.Tensor] = {id(v): torch.as_tensor(x) for v, x in zip(graph.inputs, inputs)}
+        env.update(self._constants)
+        layer_index = {id(n): i for i, n in enumerate(self._layers)}
+        pair_index = {id(q): i for i, q in enumerate(self._pairs)}
+        weights = self._quantized_weights()
+
+        def read(v: Value) -> torch.Tensor:
+            return torch.from_numpy(graph.constant_array(v)) if v.is_constant else env[id(v)]
+
+        for node in graph.nodes:
+            if node.op == "quantize" or id(node.outputs[0]) in self._constants:
+                continue  # a pair is computed by its dequantize; constants were dequantized once
+            if node.op == "dequantize":
+                q = node.inputs[0].producer
+                zp = graph.constant_array(q.inputs[2])
+                info = np.iinfo(zp.dtype)
+                env[id(node.outputs[0])] = _FakeQuant.apply(read(q.inputs[0]), self._scale(pair_index[id(q)]),
+                                                            int(zp), int(info.min), int(info.max))
+                continue
+            xs = [read(v) for v in node.inputs]
+            if id(node) in layer_index:
+                i = layer_index[id(node)]
+                q, scale = weights[i]
+                exact = torch.from_numpy((q.astype(np.float32) * _per_row(scale, q.ndim)).astype(np.float32))
+                w = self.weights[i]
+                xs[traits_of(node.op).weight_slot] = w + (exact - w).detach()  # straight-through
+                if self._has_bias[i]:
+                    xs[2] = self._bias(i)
+            env[id(node.outputs[0])] = _OPS[node.op](xs, node.attrs, node)
+        outs = [read(v) for v in graph.outputs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def trained_qdq_graph(self) -> Graph:
+        """The QDQ graph with the trained weights (quantized as the forward quantizes them), biases
+        and activation scales: what ``qcompiler.compile`` lowers."""
+        from .pass_manager import Instruments, run_pipeline
+        from .passes.insert_qdq import attach_quantized_weight
+
+        graph = self.qdq.copy()
+        position = {id(n): i for i, n in enumerate(self.qdq.nodes)}
+        layers = [graph.nodes[position[id(n)]] for n in self._layers]
+        pairs = [graph.nodes[position[id(q)]] for q in self._pairs]
+        for i, (node, (q, scale)) in enumerate(zip(layers, self._quantized_weights())):
+            attach_quantized_weight(graph, node, traits_of(node.op).weight_slot, q, scale,
+                                    self.config.scheme().int4_groups(node))
+            if self._has_bias[i]:
+                node.inputs[2] = graph.add_constant(f"{node.inputs[2].name}.trained",
+                                                    self._bias(i).detach().numpy().astype(np.float32))
+        for p, quantize in enumerate(pairs):
+            scale = graph.add_constant(f"{quantize.inputs[1].name}.trained",
+                                       np.asarray(self._scale(p).detach().numpy(), np.float32))
+            for user in graph.users_of(quantize.outputs[0]):
+                if user.op == "dequantize":
+                    user.inputs[1] = scale
+            quantize.inputs[1] = scale
+        run_pipeline(graph, "eliminate-dead-code", Instruments(emit=lambda s: None))
+        graph.remove_unused_constants()
+        return graph
+
+
+def _run_const(graph: Graph, node: Node) -> np.ndarray:
+    """A node of constants, evaluated (a dequantized constant operand)."""
+    from .ir.ops import get_op
+
+    return get_op(node.op).run([graph.constant_array(v) for v in node.inputs], node.attrs)[0]
+
+
+def _per_row(scale: np.ndarray, ndim: int) -> np.ndarray:
+    return scale.reshape((-1,) + (1,) * (ndim - 1)) if scale.ndim else scale
+
+
+def prepare(model: torch.nn.Module, example_inputs: Sequence[Any], calibration: Any,
+            config: QuantConfig | None = None) -> QATModel:
+    """A torch module computing what ``model``'s quantized build computes, to fine-tune with an
+    ordinary training loop; ``qcompiler.compile(prepared, example_inputs, target=...)`` builds it
+    with what it learned. ``calibration`` sets the starting ranges (as for ``compile``)."""
+    from .capture import from_torch
+    from .quantize import quantize
+
+    config = config or QuantConfig()
+    if config.gptq:
+        raise QCompilerError("qat: gptq rounds weights once at build time; training rounds them every step: "
+                             "turn one off")
+    captured = from_torch(model, tuple(example_inputs))
+    result = quantize(captured, calibration, config, lower=False)
+    return QATModel(captured, result.float_graph, result.qdq_graph, config, result.pipeline)

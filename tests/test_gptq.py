@@ -1,0 +1,87 @@
+"""gptq: the rounding against a brute-force check of its identity, the output error it removes on
+held-out data (int8 and int4), the grid it keeps (insert-qdq's own), its place in the pipeline,
+the llvm build bit-exact with the interpreter, and its errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qcompiler
+from qcompiler import QuantConfig, from_torch
+from qcompiler.compare import sqnr_db
+from qcompiler.errors import QCompilerError
+from qcompiler.ir.packing import Int4Groups
+from qcompiler.passes.gptq import gptq_round, output_error
+from qcompiler.quantize import quantize
+
+rng = np.random.default_rng(0)
+
+
+def test_rounding_never_does_worse_than_nearest_on_its_inputs():
+    """On the inputs whose X^T X it is given, the output error tr(E H E^T) of GPTQ's levels is at
+    most rounding to nearest's, and far under it when the inputs are correlated."""
+    mix = rng.standard_normal((48, 48))
+    x = rng.standard_normal((2000, 48)) @ mix
+    gram = x.T @ x
+    w = rng.standard_normal((32, 48))
+    step = np.full(w.shape, 0.25)
+    limit = np.full(w.shape, 127)
+    levels = gptq_round(w, step, limit, gram, damping=0.0)
+    assert np.array_equal(levels, np.rint(levels)) and np.abs(levels).max() <= 127
+    nearest = np.rint(w / step)
+    ours, theirs = output_error(w, levels * step, gram), output_error(w, nearest * step, gram)
+    assert ours < 0.6 * theirs
+    direct = float(((x @ (w - levels * step).T) ** 2).sum())
+    assert ours == pytest.approx(direct, rel=1e-6)  # the error it minimizes is the output's
+    unseen = gram.copy()
+    unseen[:, 3] = unseen[3, :] = 0  # an input never seen: its column is left at 0
+    assert not gptq_round(w, step, limit, unseen, 0.01)[:, 3].any()
+
+
+def _model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    data = np.random.default_rng(1)
+    mix = data.standard_normal((128, 128)).astype(np.float32) / 8  # correlated inputs, as real features are
+    batches = [data.standard_normal((64, 128)).astype(np.float32) @ mix for _ in range(17)]
+    return model, batches[:16], batches[16]
+
+
+@pytest.mark.parametrize("weight_dtype, gain_db", [("i4", 1.0), ("i8", 0.1)])
+def test_gptq_lowers_the_output_error_on_held_out_data(weight_dtype, gain_db):
+    model, calibration, held_out = _model_and_data()
+    graph = from_torch(model, (torch.from_numpy(calibration[0]),))
+    reference = graph(held_out)[0]
+
+    def build(gptq: bool):
+        return quantize(graph, calibration, QuantConfig(weight_dtype=weight_dtype, gptq=gptq, min_layer_sqnr_db=None))
+
+    nearest, rounded = build(False), build(True)
+    assert sqnr_db(reference, rounded.graph(held_out)[0]) >= sqnr_db(reference, nearest.graph(held_out)[0]) + gain_db
+    layers = rounded.report["gptq"]["layers"]
+    assert len(layers) == 2 and all(0 < e["error_vs_nearest"] < 0.8 for e in layers)
+    stage = "gptq" if weight_dtype == "i8" else "gptq{weight_dtype=i4}"
+    assert f"range-analysis{{method=minmax}},{stage},bias-correction" in rounded.pipeline
+    # insert-qdq's grid: the same channel scales as rounding to nearest, 4-bit values where asked
+    scales = sorted(n for n in rounded.qdq_graph.constants if n.endswith(".scale") and "weight" in n)
+    for name in scales:
+        np.testing.assert_array_equal(rounded.qdq_graph.constants[name], nearest.qdq_graph.constants[name])
+    packed = [n for n in rounded.graph.constants if n in rounded.graph.storage]
+    assert len(packed) == (2 if weight_dtype == "i4" else 0)
+    assert all(rounded.graph.storage[n] == Int4Groups(32) for n in packed)
+
+
+def test_gptq_build_is_bit_exact_and_reports_it(tmp_path):
+    model, calibration, held_out = _model_and_data()
+    config = QuantConfig(weight_dtype="i4", gptq=True)
+    example = (torch.from_numpy(calibration[0]),)
+    llvm = qcompiler.compile(model, example, calibration=calibration, config=config)
+    reference = qcompiler.compile(model, example, calibration=calibration, config=config, target="reference")
+    np.testing.assert_array_equal(llvm(held_out), reference(held_out))
+    assert len(llvm.report()["gptq"]["layers"]) == 2
+    result = quantize(from_torch(model, example), calibration, config)
+    result.calibration.save(tmp_path / "ranges.json")
+    with pytest.raises(QCompilerError, match="gptq rounds weights on calibration data"):
+        quantize(from_torch(model, example), None, config, ranges=tmp_path / "ranges.json")
