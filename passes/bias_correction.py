@@ -63,7 +63,7 @@ class BiasCorrection(QuantScheme, Pass):
                 attrs = {**n.attrs, "activation": "none", "activation_args": ()}
                 op = get_op(n.op)
                 exact = op.run([x, graph.constant_array(n.inputs[1])], attrs)[0].astype(np.float64)
-                xq = _fake_quant(x, *n.inputs[0].range, self.activation_dtype)
+                xq = x if self.is_weight_only(n) else _fake_quant(x, *n.inputs[0].range, self.activation_dtype)
                 approx = op.run([xq, fq_weights[id(n)]], attrs)[0].astype(np.float64)
                 axis = traits_of(n.op).channel_axis % exact.ndim
                 diff = np.moveaxis(exact - approx, axis, 0).reshape(exact.shape[axis], -1)

@@ -131,13 +131,16 @@ def bias_scale_floor(bias: np.ndarray | None, x_scale: float, channels: int) -> 
 def layer_weight(graph: Graph, node: Node, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
     """``node``'s constant weight quantized as insert-qdq quantizes it under ``scheme`` (same dead
     channels, same bias floor from its input's calibrated range, same int4 groups)."""
-    x_scale = choose_qparams(*node.inputs[0].range, scheme.activation_dtype)[0]
-    slot = traits_of(node.op).bias_slot
-    bias = graph.constant_array(node.inputs[slot]) \
-        if slot is not None and len(node.inputs) > slot and node.inputs[slot].is_constant else None
     w = graph.constant_array(node.inputs[traits_of(node.op).weight_slot])
-    return quantize_weight(w, scheme.per_channel and traits_of(node.op).channel_axis is not None,
-                           bias_scale_floor(bias, x_scale, w.shape[0]), scheme.int4_groups(node))
+    floor = None  # a weight-only layer's bias stays float: no int32 to fit
+    if not scheme.is_weight_only(node):
+        x_scale = choose_qparams(*node.inputs[0].range, scheme.activation_dtype)[0]
+        slot = traits_of(node.op).bias_slot
+        bias = graph.constant_array(node.inputs[slot]) \
+            if slot is not None and len(node.inputs) > slot and node.inputs[slot].is_constant else None
+        floor = bias_scale_floor(bias, x_scale, w.shape[0])
+    return quantize_weight(w, scheme.per_channel and traits_of(node.op).channel_axis is not None, floor,
+                           scheme.int4_groups(node))
 
 
 def attach_quantized_weight(graph: Graph, node: Node, slot: int, q: np.ndarray, scale: np.ndarray,
@@ -287,10 +290,28 @@ class InsertQDQ(QuantScheme, Pass):
             if self.excluded(*names):
                 ins.skip(node, "excluded by QuantConfig.exclude")
                 continue
+            if self.is_weight_only(node):
+                changed |= self._quantize_weight_only(graph, node, ins)
+                continue
             changed |= self._quantize(graph, node, ins)
         if changed:
             graph.remove_unused_constants()
         return changed
+
+    def _quantize_weight_only(self, graph: Graph, node: Node, ins: _Inserter) -> bool:
+        """Weights quantized (int8/int4), activations and result float: a layer whose activations
+        int8 cannot carry still ships its weights small (as ONNX Runtime's MatMulNBits does)."""
+        traits = traits_of(node.op)
+        slot = traits.weight_slot
+        if traits.quant != "weighted" or traits.channel_axis is None or not node.inputs[slot].is_constant \
+                or node.inputs[slot].dtype not in FLOAT:
+            ins.skip(node, "kept float (weight-only applies to conv and linear weights)")
+            return False
+        q, scale = layer_weight(graph, node, self)
+        groups = self.int4_groups(node)
+        attach_quantized_weight(graph, node, slot, q, scale, groups)
+        ins.skip(node, f"weight-only: weights {'int4' if groups else 'int8'}, activations float")
+        return True
 
     def _quantize(self, graph: Graph, node: Node, ins: _Inserter) -> bool:
         traits = traits_of(node.op)

@@ -198,11 +198,13 @@ class QATModel(torch.nn.Module):
     """The prepared module (see the module docstring). ``weights``/``biases``: the quantized
     layers' float parameters; ``scales``: one learnable scale per group of tied activation pairs."""
 
-    def __init__(self, captured: Graph, float_graph: Graph, qdq: Graph, config: QuantConfig, pipeline: str):
+    def __init__(self, captured: Graph, float_graph: Graph, qdq: Graph, config: QuantConfig, pipeline: str,
+                 scheme: Any):
         super().__init__()
         from .passes.insert_qdq import is_quantized_weight
 
         self.captured, self.qdq, self.config, self.pipeline = captured, qdq, config, pipeline
+        self.scheme = scheme  # the config's, with the sensitivity check's decisions (int8 weights, weight-only)
         missing = sorted({n.op for n in qdq.nodes} - set(_OPS) - {"quantize", "dequantize"})
         if missing:
             raise QCompilerError(f"qat: op(s) {', '.join(missing)} have no torch form yet (the prepared module runs "
@@ -246,7 +248,7 @@ class QATModel(torch.nn.Module):
         own function, with the current bias and input scale (the int32 bias floor reads both)."""
         from .passes.insert_qdq import bias_scale_floor, quantize_weight
 
-        scheme = self.config.scheme()
+        scheme = self.scheme
         pair_index = {id(q): i for i, q in enumerate(self._pairs)}
         out = []
         for i, node in enumerate(self._layers):
@@ -255,7 +257,8 @@ class QATModel(torch.nn.Module):
             dq = node.inputs[0].producer
             q = dq.inputs[0].producer if dq is not None and dq.op == "dequantize" else None
             x_scale = float(self._scale(pair_index[id(q)]).detach()) if id(q) in pair_index else 1.0
-            floor = bias_scale_floor(bias.detach().numpy() if bias is not None else None, x_scale, w.shape[0])
+            floor = None if scheme.is_weight_only(node) else \
+                bias_scale_floor(bias.detach().numpy() if bias is not None else None, x_scale, w.shape[0])
             per_channel = scheme.per_channel and traits_of(node.op).channel_axis is not None
             out.append(quantize_weight(w, per_channel, floor, scheme.int4_groups(node)))
         return out
@@ -308,7 +311,7 @@ class QATModel(torch.nn.Module):
         pairs = [graph.nodes[position[id(q)]] for q in self._pairs]
         for i, (node, (q, scale)) in enumerate(zip(layers, self._quantized_weights())):
             attach_quantized_weight(graph, node, traits_of(node.op).weight_slot, q, scale,
-                                    self.config.scheme().int4_groups(node))
+                                    self.scheme.int4_groups(node))
             if self._has_bias[i]:
                 node.inputs[2] = graph.add_constant(f"{node.inputs[2].name}.trained",
                                                     self._bias(i).detach().numpy().astype(np.float32))
@@ -349,4 +352,6 @@ def prepare(model: torch.nn.Module, example_inputs: Sequence[Any], calibration: 
                              "turn one off")
     captured = from_torch(model, tuple(example_inputs))
     result = quantize(captured, calibration, config, lower=False)
-    return QATModel(captured, result.float_graph, result.qdq_graph, config, result.pipeline)
+    record = result.calibration
+    scheme = config.scheme(tuple(record.exclude), tuple(record.int8_weights))
+    return QATModel(captured, result.float_graph, result.qdq_graph, config, result.pipeline, scheme)

@@ -105,6 +105,7 @@ class QuantScheme:
     weight_dtype: str = "i8"  # "i4": 4-bit weights per group (conv and linear; see ir.packing)
     weight_group_size: int = 32  # i4: consecutive input weights of an output channel sharing a scale
     int8_weights: tuple[str, ...] = ()  # i4: layers (names or patterns) whose weights stay int8
+    weight_only: tuple[str, ...] = ()  # layers whose weights are quantized and activations left float
 
     def check_scheme(self) -> None:
         if self.activation_dtype not in ("u8", "i8"):
@@ -126,6 +127,9 @@ class QuantScheme:
 
     def excluded(self, *names: str) -> bool:
         return _matches(names, self.exclude)
+
+    def is_weight_only(self, node: Node) -> bool:
+        return _matches((node.source, *(v.name for v in node.outputs)), self.weight_only)
 
     def int4_groups(self, node: Node) -> Int4Groups | None:
         """How ``node``'s weight is stored: 4-bit groups under ``weight_dtype="i4"`` for a layer
@@ -174,6 +178,9 @@ class QuantConfig:
     bias_correction: bool = True  # shift biases by the mean error quantization adds (bias-correction pass)
     gptq: bool = False  # round linear weights compensating each column's error on calibration inputs (gptq pass)
     low_rank: LowRank | None = None  # factor nearly low-rank weights into two thinner layers first
+    # a layer the sensitivity check or the precision search keeps float keeps its quantized weights
+    # (int8 or int4) with float activations (weight-only quantization) instead of all float
+    weight_only_fallback: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.op_types, list):
@@ -191,10 +198,12 @@ class QuantConfig:
 
     def scheme(self, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> QuantScheme:
         """The options of insert-qdq and bias-correction this config stands for; ``exclude``:
-        more layers kept float, ``int8_weights``: layers of an i4 config kept at int8 weights
-        (the sensitivity check's)."""
-        return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + tuple(exclude),
-                           self.max_abs_range, self.weight_dtype, self.weight_group_size, tuple(int8_weights))
+        more layers kept float (weight-only with ``weight_only_fallback``), ``int8_weights``:
+        layers of an i4 config kept at int8 weights (the sensitivity check's)."""
+        kept, weight_only = ((), tuple(exclude)) if self.weight_only_fallback else (tuple(exclude), ())
+        return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + kept,
+                           self.max_abs_range, self.weight_dtype, self.weight_group_size, tuple(int8_weights),
+                           weight_only)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -177,18 +177,30 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any,
         floor = config.min_layer_sqnr_db
         nodes = {n.handle: n for n in float_graph.nodes}
         int4_layers = {n.outputs[0].name for n in float_graph.nodes if config.scheme().int4_groups(n) is not None}
-        for _ in range(2):  # at most one step up per layer per round: int4 -> int8 -> float
+        step: dict[str, int] = {}  # each weak layer's place on its ladder (_ladder)
+        for _ in range(3):
             weak = [(nodes[e.handle].outputs[0].name, e.local_sqnr_db) for e in compare(float_graph, qdq, batches.first())
                     if e.local_sqnr_db is not None and e.local_sqnr_db < floor and e.handle in nodes]
-            if not weak:
-                break
+            moved = False
             for name, sqnr in weak:
-                if name in int4_layers and name not in int8_weights:
-                    int8_weights[name] = f"local SQNR {sqnr:.1f} dB with int4 weights < min_layer_sqnr_db {floor:g}"
-                else:
-                    exclude[name] = f"local SQNR {sqnr:.1f} dB < min_layer_sqnr_db {floor:g}"
+                ladder = _ladder(name in int4_layers, config.weight_only_fallback)
+                here = step.get(name, 0)
+                if here + 1 >= len(ladder):
+                    continue
+                step[name], moved = here + 1, True
+                was, (kept, int8) = _LADDER_WORDS[ladder[here]] if name in int4_layers else "", ladder[here + 1]
+                reason = f"local SQNR {sqnr:.1f} dB{was} < min_layer_sqnr_db {floor:g}"
+                exclude.pop(name, None)
+                int8_weights.pop(name, None)
+                if kept:
+                    exclude[name] = reason + (": weight-only (weights quantized, activations float)"
+                                              if config.weight_only_fallback else "")
+                if int8:
+                    int8_weights[name] = reason
+            if not moved:
+                break
             ranged, qdq, record = calibrated()
-            if not int8_weights:
+            if config.weight_dtype != "i4":
                 break  # an int8 config decides in one round
     if config.target_output_sqnr_db is not None and config.weight_dtype == "i4":  # int8 weights before float
         found = _search_precision(float_graph, ranged, record, config, batches, tuple(exclude), tuple(int8_weights),
@@ -242,13 +254,28 @@ def _search_precision(float_graph: Graph, ranged: Graph, record: CalibrationReco
                 set_corrected_bias(graph, node, np.asarray(biases[name]))
         return run_pipeline(graph, insert_stage(config, exclude, int8), quiet, PassContext())
 
-    action = "int8 weights" if int8_search else "keeping it float"
+    action = "int8 weights" if int8_search else "weight-only" if config.weight_only_fallback else "keeping it float"
     if inst.on_pass is not None:
         inst.on_pass(Step("precision-search", f"target {config.target_output_sqnr_db:g} dB at the outputs ({action})"))
     found = search(float_graph, insert, batches.first(), config.target_output_sqnr_db, (), ctx.progress, action,
                    _has_int4_weight if int8_search else None)
     ctx.report["int8_weight_search" if int8_search else "precision_search"] = found.report()
     return found
+
+
+_LADDER_WORDS = {(False, False): " with int4 weights", (False, True): " with int8 weights",
+                 (True, False): " weight-only with int4 weights", (True, True): " weight-only with int8 weights"}
+
+
+def _ladder(int4: bool, weight_only: bool) -> list[tuple[bool, bool]]:
+    """The precisions a layer the sensitivity check finds weak climbs, one per round, as
+    (kept float or weight-only, int8 weights): 4-bit weights -> int8 weights -> weight-only with
+    4-bit weights (its activations were at fault, not its weights) -> weight-only with int8
+    weights; without ``weight_only``, int8 weights -> float. Other layers: quantized -> float
+    (or weight-only)."""
+    if not int4:
+        return [(False, False), (True, False)]
+    return [(False, False), (False, True)] + ([(True, False), (True, True)] if weight_only else [(True, True)])
 
 
 def _has_int4_weight(qdq: Graph, node: Any) -> bool:
