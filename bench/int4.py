@@ -8,8 +8,9 @@ the same calibration data.
   GPTQ, and after two epochs of quantization-aware training (``qcompiler.qat``).
 - all-MiniLM-L6-v2: mean cosine of the sentence embeddings to float on zoo.SENTENCES; qcompiler
   int4 with the default sensitivity floor and with an output target (int4 layers that miss it
-  take int8 weights first), each with and without GPTQ. ONNX Runtime's MatMulNBits keeps
-  activations float.
+  take int8 weights first), with GPTQ, and with the weight-only fallback (layers whose
+  activations int8 cannot carry keep 4-bit or int8 weights with float activations). ONNX
+  Runtime's MatMulNBits quantizes every MatMul's weights and keeps all activations float.
 
 Bytes are what each ships: qcompiler's ``size_bytes.compiled`` (4-bit weights packed with their
 group multipliers, int8 elsewhere, int32 biases, scales, and what stays float), ONNX Runtime's
@@ -103,16 +104,22 @@ def minilm(table: Table, folder: Path) -> None:
     float_bytes = sum(p.numel() * 4 for p in encoder.parameters())
     _row(table, name, "float", float_bytes, float_bytes, 1.0)
     graph = qcompiler.from_torch(encoder, (ids, mask))
+    int4 = {"weight_dtype": "i4", "gptq": True}
     for label, config in (("qcompiler int8", qcompiler.QuantConfig()),
                           ("qcompiler int4 g32", qcompiler.QuantConfig(weight_dtype="i4")),
-                          ("qcompiler int4 g32 + GPTQ", qcompiler.QuantConfig(weight_dtype="i4", gptq=True)),
-                          ("qcompiler int4 g32, target 17 dB",
-                           qcompiler.QuantConfig(weight_dtype="i4", target_output_sqnr_db=17.0)),
+                          ("qcompiler int4 g32 + GPTQ", qcompiler.QuantConfig(**int4)),
                           ("qcompiler int4 g32 + GPTQ, target 17 dB",
-                           qcompiler.QuantConfig(weight_dtype="i4", gptq=True, target_output_sqnr_db=17.0))):
+                           qcompiler.QuantConfig(**int4, target_output_sqnr_db=17.0)),
+                          ("qcompiler int4 g32 + GPTQ, weight-only fallback",
+                           qcompiler.QuantConfig(**int4, weight_only_fallback=True)),
+                          ("qcompiler int4 g32 + GPTQ, weight-only fallback, target 17 dB",
+                           qcompiler.QuantConfig(**int4, weight_only_fallback=True, target_output_sqnr_db=17.0))):
         result = qcompiler.quantize(graph, calibration, config)
         report = result.report
-        note = f"{len(report.get('int8_weights', []))} int8-weight, {len(report.get('not_quantized', []))} float ops"
+        kept = report.get("kept_float", [])
+        weight_only = sum("weight-only" in e["reason"] for e in kept)
+        note = (f"{len(report.get('int8_weights', []))} layers int8 weights, {weight_only} weight-only, "
+                f"{len(kept) - weight_only} float ops")
         _row(table, name, label, model_size_bytes(result.graph), float_bytes,
              _cosine(reference, result.graph(*inputs)[0]), note)
     float_path = peers.export_onnx(encoder, (ids, mask), ["input_ids", "attention_mask"], folder / "minilm.onnx")
@@ -133,7 +140,7 @@ def main() -> None:
         digits(table, Path(folder))
         if not args.skip_minilm:
             minilm(table, Path(folder))
-    Console().print(table)
+    Console(width=220).print(table)
 
 
 if __name__ == "__main__":

@@ -31,17 +31,11 @@ from .errors import QCompilerError
 from .ir import Graph, Node, Value
 from .ir.ops import traits_of
 from .quant_config import QuantConfig
+from .registrar import registrar
 
 TorchOp = Callable[[list[torch.Tensor], dict[str, Any], Node], torch.Tensor]
 _OPS: dict[str, TorchOp] = {}
-
-
-def _op(*names: str) -> Callable[[TorchOp], TorchOp]:
-    def register(fn: TorchOp) -> TorchOp:
-        for name in names:
-            _OPS[name] = fn
-        return fn
-    return register
+_op = registrar(_OPS)
 
 
 def _activation(y: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:

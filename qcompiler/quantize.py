@@ -151,9 +151,10 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
 def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any, inst: Instruments,
                           ctx: PassContext) -> tuple[Graph, CalibrationRecord]:
     """Calibrate and insert quantize/dequantize pairs; with ``min_layer_sqnr_db``, layers that
-    lose too much even when quantized alone take the next precision up (int4 weights -> int8
-    weights -> float); with ``target_output_sqnr_db``, the precision search keeps more float
-    until the outputs meet it. Each decision recalibrates (bias correction depends on it)."""
+    lose too much even when quantized alone climb their ladder (``_ladder``: int4 weights ->
+    int8 weights -> weight-only or float) one step a round; with ``target_output_sqnr_db``, the
+    precision search gives int4 layers int8 weights, then keeps more float (or weight-only) until
+    the outputs meet it. Each decision recalibrates (bias correction depends on it)."""
     from .compare import compare
 
     exclude: dict[str, str] = {}
@@ -188,14 +189,15 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any,
                 if here + 1 >= len(ladder):
                     continue
                 step[name], moved = here + 1, True
-                was, (kept, int8) = _LADDER_WORDS[ladder[here]] if name in int4_layers else "", ladder[here + 1]
+                was = _LADDER_WORDS[ladder[here]] if name in int4_layers else ""
+                to_float, to_int8 = ladder[here + 1]
                 reason = f"local SQNR {sqnr:.1f} dB{was} < min_layer_sqnr_db {floor:g}"
                 exclude.pop(name, None)
                 int8_weights.pop(name, None)
-                if kept:
+                if to_float:
                     exclude[name] = reason + (": weight-only (weights quantized, activations float)"
                                               if config.weight_only_fallback else "")
-                if int8:
+                if to_int8:
                     int8_weights[name] = reason
             if not moved:
                 break
