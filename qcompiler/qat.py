@@ -105,11 +105,7 @@ def _mean(xs, a, node):
 def _reshape(xs, a, node):
     """The captured shape, with its leading (batch) dimension following the input's when the
     capture's batch led both: the prepared module trains on any batch size."""
-    shape = list(a["shape"])
-    captured = node.inputs[0].shape
-    if shape and captured and shape[0] == captured[0]:
-        shape[0] = xs[0].shape[0]
-    return xs[0].reshape(shape)
+    return xs[0].reshape(_batch_led(a["shape"], node.inputs[0].shape, xs[0]))
 
 
 @_op("transpose")
@@ -125,6 +121,81 @@ def _concat(xs, a, node):
 @_op("softmax")
 def _softmax(xs, a, node):
     return torch.softmax(xs[0], dim=a["axis"])
+
+
+@_op("layer_norm")
+def _layer_norm(xs, a, node):
+    axes = tuple(range(a["axis"] % xs[0].ndim, xs[0].ndim))
+    mean = xs[0].mean(dim=axes, keepdim=True)
+    var = ((xs[0] - mean) ** 2).mean(dim=axes, keepdim=True)
+    y = (xs[0] - mean) / torch.sqrt(var + a["epsilon"])
+    if len(xs) > 1:
+        y = y * xs[1]
+    return y + xs[2] if len(xs) > 2 else y
+
+
+@_op("reduce_sum", "reduce_max")
+def _reduce(xs, a, node):
+    dims = tuple(a["axes"]) or tuple(range(xs[0].ndim))
+    if node.op == "reduce_sum":
+        return torch.sum(xs[0], dim=dims, keepdim=a["keepdims"])
+    return torch.amax(xs[0], dim=dims, keepdim=a["keepdims"])
+
+
+@_op("clip")
+def _clip(xs, a, node):
+    return torch.clamp(xs[0], a["min"], a["max"])
+
+
+@_op("sqrt", "exp", "neg", "abs", "erf")
+def _elementwise(xs, a, node):
+    return getattr(torch, node.op)(xs[0])
+
+
+@_op("where")
+def _where(xs, a, node):
+    return torch.where(xs[0], xs[1], xs[2])
+
+
+@_op("logical_and", "logical_or")
+def _logical(xs, a, node):
+    return getattr(torch, node.op)(xs[0], xs[1])
+
+
+@_op("cast")
+def _cast(xs, a, node):
+    dtype = torch.from_numpy(np.zeros(0, node.outputs[0].type.np_dtype)).dtype
+    x = xs[0]
+    if x.is_floating_point() and not dtype.is_floating_point and dtype != torch.bool:
+        x = torch.trunc(x)  # float -> int truncates toward zero, as the kernel does
+    return x.to(dtype)
+
+
+@_op("gather")
+def _gather(xs, a, node):
+    data, idx = xs
+    axis = a["axis"] % data.ndim
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx).long()
+    return torch.index_select(data, axis, idx.reshape(-1)).reshape(
+        data.shape[:axis] + idx.shape + data.shape[axis + 1:])
+
+
+@_op("split")
+def _split(xs, a, node):
+    return list(torch.split(xs[0], list(a["sizes"]), dim=a["axis"]))
+
+
+@_op("expand")
+def _expand(xs, a, node):
+    return xs[0].expand(*_batch_led(a["shape"], node.inputs[0].shape, xs[0]))  # a broadcast 1 stays captured
+
+
+def _batch_led(shape: Sequence[int], captured: tuple[int, ...], x: torch.Tensor) -> list[int]:
+    """``shape`` with its leading dimension following ``x``'s when the capture's batch led both."""
+    shape = list(shape)
+    if shape and x.ndim and captured and x.shape[0] != captured[0] and shape[0] == captured[0]:
+        shape[0] = x.shape[0]
+    return shape
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -289,7 +360,9 @@ class QATModel(torch.nn.Module):
                 xs[traits_of(node.op).weight_slot] = w + (exact - w).detach()  # straight-through
                 if self._has_bias[i]:
                     xs[2] = self._bias(i)
-            env[id(node.outputs[0])] = _OPS[node.op](xs, node.attrs, node)
+            results = _OPS[node.op](xs, node.attrs, node)
+            for v, t in zip(node.outputs, results if isinstance(results, (list, tuple)) else [results]):
+                env[id(v)] = t
         outs = [read(v) for v in graph.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
