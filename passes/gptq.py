@@ -32,10 +32,18 @@ from .insert_qdq import FLOAT, attach_quantized_weight, int4_grid, layer_weight
 BLOCK = 128  # columns rounded together before their errors update the rest (one matrix product)
 
 
-def gptq_round(w: np.ndarray, step: np.ndarray, limit: np.ndarray, gram: np.ndarray, damping: float) -> np.ndarray:
+def gptq_round(w: np.ndarray, step: np.ndarray, limit: np.ndarray, gram: np.ndarray, damping: float,
+               act_order: bool = True) -> np.ndarray:
     """Integer levels for ``w`` [out, in] on the grid ``step`` [out, in] within +-``limit``,
     compensating each column's error on the later ones through the inverse of ``gram`` (X^T X,
-    damped by ``damping`` of its mean diagonal; inputs never seen keep their column at 0)."""
+    damped by ``damping`` of its mean diagonal; inputs never seen keep their column at 0).
+    ``act_order``: columns of the most active inputs first (largest diagonal of X^T X), while
+    the most columns are left to absorb their errors (AutoGPTQ's desc_act); the grid is per
+    element, so the order changes nothing else."""
+    if act_order:
+        order = np.argsort(-np.diag(gram), kind="stable")
+        levels = gptq_round(w[:, order], step[:, order], limit[:, order], gram[np.ix_(order, order)], damping, False)
+        return levels[:, np.argsort(order)]
     w = w.astype(np.float64).copy()
     gram = gram.astype(np.float64).copy()
     unseen = np.diag(gram) == 0

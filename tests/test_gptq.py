@@ -28,7 +28,7 @@ def test_rounding_never_does_worse_than_nearest_on_its_inputs():
     w = rng.standard_normal((32, 48))
     step = np.full(w.shape, 0.25)
     limit = np.full(w.shape, 127)
-    levels = gptq_round(w, step, limit, gram, damping=0.0)
+    levels = gptq_round(w, step, limit, gram, damping=0.0, act_order=False)
     assert np.array_equal(levels, np.rint(levels)) and np.abs(levels).max() <= 127
     nearest = np.rint(w / step)
     ours, theirs = output_error(w, levels * step, gram), output_error(w, nearest * step, gram)
@@ -38,6 +38,21 @@ def test_rounding_never_does_worse_than_nearest_on_its_inputs():
     unseen = gram.copy()
     unseen[:, 3] = unseen[3, :] = 0  # an input never seen: its column is left at 0
     assert not gptq_round(w, step, limit, unseen, 0.01)[:, 3].any()
+
+
+def test_act_order_helps_when_inputs_differ_in_scale():
+    """Inputs whose scales span orders of magnitude (as transformer features do): rounding the
+    most active columns first leaves less error, on the calibration rows and on others."""
+    data = np.random.default_rng(3)
+    mix = data.standard_normal((96, 96)) * np.exp(data.standard_normal(96))[None, :]
+    seen, other = data.standard_normal((1000, 96)) @ mix, data.standard_normal((4000, 96)) @ mix
+    w = data.standard_normal((48, 96))
+    step, limit = np.full(w.shape, 0.3), np.full(w.shape, 7)
+    gram = seen.T @ seen
+    natural = gptq_round(w, step, limit, gram, 0.01, act_order=False) * step
+    ordered = gptq_round(w, step, limit, gram, 0.01) * step
+    for rows in (seen, other):
+        assert output_error(w, ordered, rows.T @ rows) < 0.8 * output_error(w, natural, rows.T @ rows)
 
 
 def _model_and_data():
