@@ -387,6 +387,19 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
                                   f"{sum(e['params_after'] for e in factored)} weights"
                                   + (f"; {len(report['low_rank']['left_alone'])} left alone (no saving)"
                                      if report["low_rank"]["left_alone"] else ""))
+    if report.get("int4_weights"):
+        table.add_row("4-bit weights", f"{report['int4_weights']} layers"
+                      + (f"; {len(report['int8_weights'])} kept int8 weights" if report.get("int8_weights") else ""))
+    if "gptq" in report:
+        ratios = sorted(e["error_vs_nearest"] for e in report["gptq"]["layers"])
+        table.add_row("gptq", f"{len(ratios)} linears rounded; output error {ratios[len(ratios) // 2]:.2f}x "
+                              f"rounding to nearest's (median, on the calibration rows)")
+    if "int8_weight_search" in report:
+        found = report["int8_weight_search"]
+        table.add_row("int8-weight search", f"output SQNR {format_db(found['before_db'])} -> "
+                                            f"{format_db(found['after_db'])} (target {found['target_output_sqnr_db']:g} "
+                                            f"dB), {sum(len(p['nodes']) for p in found['promoted'])} layers given int8 "
+                                            f"weights")
     if report.get("tuning", {}).get("trials"):
         tuning = report["tuning"]
         place = tuning["measured_on"]

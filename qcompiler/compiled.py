@@ -501,6 +501,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
             report[key] = report["passes"][key]
     report["ops"] = {"integer": integer_ops, "total": len(compiled_graph.nodes), "by_op": compiled_graph.op_counts()}
     report["size_bytes"]["compiled"] = model_size_bytes(compiled_graph)
+    if compiled_graph.storage:
+        report["int4_weights"] = len(compiled_graph.storage)
     report["pass_timings_ms"] = [{"pass": r.name, "ms": round(r.seconds * 1e3, 2), "changed": r.changed}
                                  for r in timings]
     report["pipeline"] = used

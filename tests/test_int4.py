@@ -5,6 +5,7 @@ size and accuracy bar; layers int4 cannot carry take int8 weights before float."
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -229,12 +230,17 @@ def test_cli_config_json_builds_int4(digits, tmp_path):
     onnx_path = tmp_path / "digits.onnx"
     torch.onnx.export(model, (torch.from_numpy(x_test[:4]),), str(onnx_path), input_names=["image"], dynamo=False)
     np.savez(tmp_path / "cal.npz", image=x_train[:64])
-    (tmp_path / "config.json").write_text(json.dumps({"weight_dtype": "i4", "weight_group_size": 16}))
+    (tmp_path / "config.json").write_text(json.dumps({"weight_dtype": "i4", "weight_group_size": 16, "gptq": True,
+                                                      "target_output_sqnr_db": 30.0}))
     done = cli_in_process("compile", str(onnx_path), "--calibration", str(tmp_path / "cal.npz"), "--config",
                           str(tmp_path / "config.json"), "-o", str(tmp_path / "art"), "--target", "reference")
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["quant_config"]["weight_dtype"] == "i4" and "weight_group_size=16" in manifest["pipeline"]
+    assert "gptq{weight_dtype=i4,weight_group_size=16," in manifest["pipeline"]  # then the int8-weight layers
+    summary = " ".join((done.stdout + done.stderr).split())
+    assert "gptq │ 2 linears rounded" in summary and "int8-weight search │ output SQNR" in summary
+    assert re.search(r"4-bit weights │ \d+ layers; \d+ kept int8 weights", summary)
     (tmp_path / "bad.json").write_text(json.dumps({"weight_dtype": "i2"}))
     bad = cli_in_process("compile", str(onnx_path), "--calibration", str(tmp_path / "cal.npz"), "--config",
                          str(tmp_path / "bad.json"), "-o", str(tmp_path / "art2"))
