@@ -449,9 +449,11 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     graph = prepared.captured if prepared is not None else _capture(model, example_inputs)
     report: dict[str, Any] = {"target": target, "size_bytes": {"float": model_size_bytes(graph)}}
     batches, record = None, None
-    if prepared is not None:
-        from .pass_manager import Instruments, run_pipeline
+    if calibration is not None:  # a prepared model was refused with calibration above
+        from .calibration import calibration_set
 
+        batches = calibration_set(graph, calibration)
+    if prepared is not None:
         # trained with quantization in the loop: its weights and scales are the quantization
         config, reference = prepared.config, prepared.trained_qdq_graph()
         inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)
@@ -459,11 +461,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         used = prepared.pipeline + ("" if target == "onnx" else ",lower-integer")
         timings, report["passes"] = inst.records, {}
         report["qat"] = {"layers": len(prepared.weights), "learned_scales": len(prepared.scales)}
-    elif calibration is not None:
-        from .calibration import calibration_set
-
-        batches = calibration_set(graph, calibration)
-    if pipeline is not None:
+    elif pipeline is not None:
         from .quantize import with_config
 
         used = with_config(pipeline, config) if config is not None else pipeline
@@ -473,8 +471,6 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         compiled_graph = run_pipeline(graph.copy(), used, inst, ctx)
         report["passes"] = ctx.report
         timings = inst.records
-    if prepared is not None:
-        pass
     elif batches is not None or ranges is not None:
         config = config or QuantConfig()
         # ONNX has no integer-lowered ops: the ONNX target ships the QDQ graph

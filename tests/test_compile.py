@@ -77,6 +77,18 @@ def test_reference_and_float_builds_are_reported(digits):
         qcompiler.compile(model, example, target="tpu")
 
 
+def test_a_given_pipeline_with_calibration_is_the_build(digits):
+    """compile(pipeline=..., calibration=...) runs that pipeline on the data and nothing else: here
+    quantize/dequantize pairs without integer lowering, as the pipeline says."""
+    model, (x_train, _, x_test, _) = digits
+    pipeline = "canonicalize,fold-batchnorm,fuse-activations,range-analysis{method=minmax},insert-qdq"
+    compiled = qcompiler.compile(model, (torch.from_numpy(x_test[:40]),), calibration=[x_train[:40]],
+                                 pipeline=pipeline, target="reference")
+    assert compiled.pipeline == pipeline and compiled.report()["pipeline"] == pipeline
+    ops = compiled.graph.op_counts()
+    assert ops.get("quantize", 0) > 0 and not any(op.endswith("_int") for op in ops)
+
+
 def test_broken_artifacts_fail_clearly(digits_files, tmp_path):
     tmp, onnx_path = digits_files
     art = tmp_path / "art"
