@@ -56,7 +56,7 @@ BIAS_LIMIT = 2.0 ** 30  # |int32 bias| at most this, leaving the accumulator's s
 def quantize_weight(w: np.ndarray, per_channel: bool, min_scale: np.ndarray | None = None,
                     groups: Int4Groups | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 over [-127, 127] per output channel (axis 0) or per tensor; with ``groups``,
-    4-bit values per group of the channel (:func:`int4_group_values`) on a channel scale.
+    4-bit values times group multipliers (:func:`int4_grid`) on a channel scale.
 
     Real weights hold dead channels (after batch-norm folding, 1e-12 down to subnormal 1e-40):
     a channel whose largest weight is under ``DEAD_CHANNEL_RATIO`` of the tensor's largest
@@ -79,17 +79,12 @@ def quantize_weight(w: np.ndarray, per_channel: bool, min_scale: np.ndarray | No
         scale = np.maximum(scale, floor if per_channel else floor.max(initial=0.0))
     scale = scale.astype(np.float32)
     if groups is not None:
-        q = int4_group_values(channels, scale, groups.group_size)
+        values, multipliers = int4_grid(channels, scale, groups.group_size)
+        q = values * multipliers
     else:
         q = np.clip(np.rint(channels / scale[:, None].astype(np.float64)), -127, 127)
     q = np.where(dead[:, None], 0, q).astype(np.int8).reshape(w.shape)
     return q, (scale if per_channel else scale.reshape(()))
-
-
-def int4_group_values(rows: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
-    """``q * m`` per element (see :func:`int4_grid`), exact in int8."""
-    q, m = int4_grid(rows, scale, group_size)
-    return q * m
 
 
 def int4_grid(rows: np.ndarray, scale: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,19 +123,28 @@ def bias_scale_floor(bias: np.ndarray | None, x_scale: float, channels: int) -> 
     return np.broadcast_to(np.abs(bias.astype(np.float64)) / (float(x_scale) * BIAS_LIMIT), (channels,))
 
 
-def layer_weight(graph: Graph, node: Node, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
-    """``node``'s constant weight quantized as insert-qdq quantizes it under ``scheme`` (same dead
-    channels, same bias floor from its input's calibrated range, same int4 groups)."""
-    w = graph.constant_array(node.inputs[traits_of(node.op).weight_slot])
-    floor = None  # a weight-only layer's bias stays float: no int32 to fit
-    if not scheme.is_weight_only(node):
-        x_scale = choose_qparams(*node.inputs[0].range, scheme.activation_dtype)[0]
-        slot = traits_of(node.op).bias_slot
-        bias = graph.constant_array(node.inputs[slot]) \
-            if slot is not None and len(node.inputs) > slot and node.inputs[slot].is_constant else None
-        floor = bias_scale_floor(bias, x_scale, w.shape[0])
-    return quantize_weight(w, scheme.per_channel and traits_of(node.op).channel_axis is not None, floor,
-                           scheme.int4_groups(node))
+def layer_weight(graph: Graph, node: Node, scheme: QuantScheme,
+                 x_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``node``'s constant weight quantized as insert-qdq quantizes it under ``scheme``, with its
+    constant bias and its input's scale (``x_scale``, else from the input's calibrated range)."""
+    traits = traits_of(node.op)
+    slot = traits.bias_slot
+    bias = graph.constant_array(node.inputs[slot]) \
+        if slot is not None and len(node.inputs) > slot and node.inputs[slot].is_constant else None
+    if x_scale is None and not scheme.is_weight_only(node):
+        x_scale = float(choose_qparams(*node.inputs[0].range, scheme.activation_dtype)[0])
+    return quantize_layer_weight(node, graph.constant_array(node.inputs[traits.weight_slot]), bias, x_scale, scheme)
+
+
+def quantize_layer_weight(node: Node, w: np.ndarray, bias: np.ndarray | None, x_scale: float | None,
+                          scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
+    """The weight ``w`` of ``node`` quantized under ``scheme``: per channel where the layer has
+    output channels, same dead channels, 4-bit groups where the scheme says, and the int32 bias
+    floor from ``bias`` and ``x_scale`` (none for a weight-only layer: its bias stays float).
+    insert-qdq, bias correction, gptq and the QAT module all quantize through here."""
+    per_channel = scheme.per_channel and traits_of(node.op).channel_axis is not None
+    floor = None if scheme.is_weight_only(node) else bias_scale_floor(bias, x_scale, w.shape[0])
+    return quantize_weight(w, per_channel, floor, scheme.int4_groups(node))
 
 
 def attach_quantized_weight(graph: Graph, node: Node, slot: int, q: np.ndarray, scale: np.ndarray,
@@ -365,14 +369,8 @@ class InsertQDQ(QuantScheme, Pass):
             if not w.is_constant or w.dtype not in FLOAT:
                 ins.skip(node, "weight is not a float constant")
                 return True
-            per_channel = self.per_channel and traits.channel_axis is not None
-            slot = traits.bias_slot
-            bias = graph.constant_array(node.inputs[slot]) \
-                if slot is not None and len(node.inputs) > slot and node.inputs[slot].is_constant else None
-            floor = bias_scale_floor(bias, x_scale, w.shape[0])
-            groups = self.int4_groups(node)
-            wq, scale = quantize_weight(graph.constant_array(w), per_channel, floor, groups)
-            attach_quantized_weight(graph, node, weight_slot, wq, scale, groups)
+            wq, scale = layer_weight(graph, node, self, x_scale)
+            attach_quantized_weight(graph, node, weight_slot, wq, scale, self.int4_groups(node))
         if out_params is not None:
             ins.output(node, out_params)
         return True

@@ -311,21 +311,18 @@ class QATModel(torch.nn.Module):
     def _quantized_weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each layer's weight quantized now as insert-qdq quantizes it (int8 values, scale): its
         own function, with the current bias and input scale (the int32 bias floor reads both)."""
-        from .passes.insert_qdq import bias_scale_floor, quantize_weight
+        from .passes.insert_qdq import quantize_layer_weight
 
-        scheme = self.scheme
         pair_index = {id(q): i for i, q in enumerate(self._pairs)}
         out = []
         for i, node in enumerate(self._layers):
-            w = self.weights[i].detach().numpy()
             bias = self._bias(i)
             dq = node.inputs[0].producer
             q = dq.inputs[0].producer if dq is not None and dq.op == "dequantize" else None
             x_scale = float(self._scale(pair_index[id(q)]).detach()) if id(q) in pair_index else 1.0
-            floor = None if scheme.is_weight_only(node) else \
-                bias_scale_floor(bias.detach().numpy() if bias is not None else None, x_scale, w.shape[0])
-            per_channel = scheme.per_channel and traits_of(node.op).channel_axis is not None
-            out.append(quantize_weight(w, per_channel, floor, scheme.int4_groups(node)))
+            out.append(quantize_layer_weight(node, self.weights[i].detach().numpy(),
+                                             bias.detach().numpy() if bias is not None else None, x_scale,
+                                             self.scheme))
         return out
 
     def forward(self, *inputs: Any) -> Any:
