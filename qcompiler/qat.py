@@ -12,7 +12,13 @@ norm folded at its current statistics, calibration, insert-qdq), executed with t
   Esser et al. 2020: gradients through the rounding for the scale, straight through inside the
   range for the input) and its calibrated zero point; pairs insert-qdq ties (a pool or relu on
   its input's grid, a concat's operands) share one scale, so the build keeps them on one grid;
-- rounding is round half to even, in float32, as the quantize kernel does.
+- rounding is round half to even, in float32, as the quantize kernel does;
+- a batch norm that was folded into a conv or linear stays live for the first ``bn_steps``
+  training steps (Jacob et al. 2018, sec. 3.2): the layer's weight is the unfolded one times
+  gamma / sqrt(running_var + eps), quantized; its output is divided back by that factor and
+  normalized with the batch's own statistics, which also update the running ones. From then on
+  (and always in eval mode) the statistics are frozen and the layer computes the folded
+  weight and bias from them, exactly what the build folds.
 
 The build replaces the QDQ graph's weights, biases and scales with the trained ones and lowers
 it (lower-integer); its outputs differ from the prepared module's only by the integer
@@ -259,16 +265,83 @@ def _same_params(graph: Graph, a: Node, b: Node) -> bool:
     return all(np.array_equal(graph.constant_array(a.inputs[i]), graph.constant_array(b.inputs[i])) for i in (1, 2))
 
 
+class _LiveBatchNorm(torch.nn.Module):
+    """A batch norm folded into a layer, kept apart while its statistics train: gamma and beta
+    learnable, running mean and variance updated from each training batch (torch's momentum and
+    unbiased variance) until frozen."""
+
+    def __init__(self, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.from_numpy(gamma.astype(np.float32)))
+        self.beta = torch.nn.Parameter(torch.from_numpy(beta.astype(np.float32)))
+        self.register_buffer("running_mean", torch.from_numpy(mean.astype(np.float32)))
+        self.register_buffer("running_var", torch.from_numpy(var.astype(np.float32)))
+        self.eps, self.momentum = float(eps), 0.1
+
+    def factor(self) -> torch.Tensor:
+        """gamma / sqrt(running_var + eps), in float64: what folding multiplies the weight's rows by."""
+        return self.gamma.double() / torch.sqrt(self.running_var.double() + self.eps)
+
+    def fold(self, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded weight and bias: fold-batchnorm's identity and arithmetic (float64, then
+        float32), with the running statistics."""
+        s = self.factor()
+        return (w.double() * _per_row(s, w.ndim)).float(), ((b.double() - self.running_mean.double()) * s
+                                                             + self.beta.double()).float()
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        """y normalized with its batch statistics (channels on axis 1), which also update the
+        running ones."""
+        dims = [d for d in range(y.ndim) if d != 1]
+        mean, var = y.mean(dim=dims), y.var(dim=dims, unbiased=False)
+        with torch.no_grad():
+            n = y.numel() // y.shape[1]
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * n / max(n - 1, 1))
+        shape = [1, -1] + [1] * (y.ndim - 2)
+        return (y - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + self.eps) * self.gamma.reshape(shape) \
+            + self.beta.reshape(shape)
+
+
+def _folded_batch_norm(captured: Graph, node: Node, folded_weight: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, _LiveBatchNorm] | None:
+    """The unfolded weight and bias of ``node`` and the batch norm fold-batchnorm folded into it,
+    when the captured graph has that layer feeding a batch norm of constants and folding them
+    gives ``folded_weight`` back (no other pass changed the weight), else None."""
+    layer = next((n for n in captured.nodes if n.meta.get("handle") == node.handle and n.op == node.op), None)
+    if layer is None or layer.attrs.get("activation", "none") != "none":
+        return None
+    readers = captured.users_of(layer.outputs[0])
+    if len(readers) != 1 or readers[0].op != "batch_norm" or not all(v.is_constant for v in readers[0].inputs[1:]) \
+            or not all(v.is_constant for v in layer.inputs[1:]):
+        return None
+    bn = readers[0]
+    w = captured.constant_array(layer.inputs[1]).astype(np.float32)
+    b = captured.constant_array(layer.inputs[2]).astype(np.float32) if len(layer.inputs) > 2 else \
+        np.zeros(w.shape[0], np.float32)
+    live = _LiveBatchNorm(*(captured.constant_array(v) for v in bn.inputs[1:]), bn.attrs["epsilon"])
+    with torch.no_grad():
+        again = live.fold(torch.from_numpy(w), torch.from_numpy(b))[0].numpy()
+    if again.shape != folded_weight.shape or not np.allclose(again, folded_weight, rtol=1e-4,
+                                                             atol=1e-6 * max(np.abs(folded_weight).max(), 1e-30)):
+        return None
+    return w, b, live
+
+
 class QATModel(torch.nn.Module):
     """The prepared module (see the module docstring). ``weights``/``biases``: the quantized
-    layers' float parameters; ``scales``: one learnable scale per group of tied activation pairs."""
+    layers' float parameters (unfolded where a batch norm is live); ``batch_norms``: those live
+    batch norms, by layer index; ``scales``: one learnable scale per group of tied activation
+    pairs; ``steps``: training forwards so far (batch norms freeze at ``bn_steps``)."""
 
     def __init__(self, captured: Graph, float_graph: Graph, qdq: Graph, config: QuantConfig, pipeline: str,
-                 scheme: Any):
+                 scheme: Any, bn_steps: int = 0):
         super().__init__()
         from .passes.insert_qdq import is_quantized_weight
 
         self.captured, self.qdq, self.config, self.pipeline = captured, qdq, config, pipeline
+        self.bn_steps = int(bn_steps)
+        self.register_buffer("steps", torch.tensor(0))
         self.scheme = scheme  # the config's, with the sensitivity check's decisions (int8 weights, weight-only)
         missing = sorted({n.op for n in qdq.nodes} - set(_OPS) - {"quantize", "dequantize"})
         if missing:
@@ -279,14 +352,24 @@ class QATModel(torch.nn.Module):
         floats = {n.handle: n for n in float_graph.nodes}
         self.weights = torch.nn.ParameterList()
         self.biases = torch.nn.ParameterList()
+        self.batch_norms = torch.nn.ModuleDict()
         self._has_bias = []
-        for node in self._layers:  # training starts from the float weights, quantized in each forward
-            original = floats[node.handle].inputs[traits_of(node.op).weight_slot]
-            self.weights.append(torch.nn.Parameter(torch.from_numpy(float_graph.constant_array(original).copy())))
+        for i, node in enumerate(self._layers):  # training starts from the float weights, quantized each forward
+            weight = float_graph.constant_array(floats[node.handle].inputs[traits_of(node.op).weight_slot]).copy()
             bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].is_constant else None
+            live = _folded_batch_norm(captured, node, weight) if self.bn_steps > 0 and bias is not None \
+                else None
+            if live is not None:
+                weight, unfolded_bias, bn = live
+                with torch.no_grad():  # what quantization added to the folded bias (bias correction)
+                    folded = bn.fold(torch.from_numpy(weight), torch.from_numpy(unfolded_bias))[1]
+                bn.register_buffer("bias_correction", torch.from_numpy(qdq.constant_array(bias)) - folded)
+                self.batch_norms[str(i)] = bn
+            self.weights.append(torch.nn.Parameter(torch.from_numpy(weight)))
             self._has_bias.append(bias is not None)
             if bias is not None:
-                self.biases.append(torch.nn.Parameter(torch.from_numpy(qdq.constant_array(bias).copy())))
+                self.biases.append(torch.nn.Parameter(torch.from_numpy(
+                    unfolded_bias if live is not None else qdq.constant_array(bias).copy())))
         self._pairs = _activation_pairs(qdq)
         quantized = {id(q.outputs[0]) for q in self._pairs}
         for n in qdq.nodes:
@@ -305,6 +388,21 @@ class QATModel(torch.nn.Module):
     def _bias(self, layer: int) -> torch.nn.Parameter | None:
         return self.biases[sum(self._has_bias[:layer])] if self._has_bias[layer] else None
 
+    def _layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's float weight and bias as the build folds them (through its live batch
+        norm's running statistics, if any)."""
+        w, b = self.weights[layer], self._bias(layer)
+        if str(layer) not in self.batch_norms:
+            return w, b
+        bn = self.batch_norms[str(layer)]
+        w, b = bn.fold(w, b)
+        return w, b + bn.bias_correction
+
+    @property
+    def batch_norms_live(self) -> bool:
+        """Whether training forwards normalize with batch statistics now (before ``bn_steps``)."""
+        return self.training and len(self.batch_norms) > 0 and int(self.steps) < self.bn_steps
+
     def _scale(self, pair: int) -> torch.Tensor:
         return torch.clamp(self.scales[self._scale_of[pair]], min=1e-12)
 
@@ -316,11 +414,11 @@ class QATModel(torch.nn.Module):
         pair_index = {id(q): i for i, q in enumerate(self._pairs)}
         out = []
         for i, node in enumerate(self._layers):
-            bias = self._bias(i)
+            _, bias = self._layer(i)
             dq = node.inputs[0].producer
             q = dq.inputs[0].producer if dq is not None and dq.op == "dequantize" else None
             x_scale = float(self._scale(pair_index[id(q)]).detach()) if id(q) in pair_index else 1.0
-            out.append(quantize_layer_weight(node, self.weights[i].detach().numpy(),
+            out.append(quantize_layer_weight(node, self._layer(i)[0].detach().numpy(),
                                              bias.detach().numpy() if bias is not None else None, x_scale,
                                              self.scheme))
         return out
@@ -334,6 +432,9 @@ class QATModel(torch.nn.Module):
         layer_index = {id(n): i for i, n in enumerate(self._layers)}
         pair_index = {id(q): i for i, q in enumerate(self._pairs)}
         weights = self._quantized_weights()
+        live = self.batch_norms_live
+        if self.training:
+            self.steps += 1
 
         def read(v: Value) -> torch.Tensor:
             return torch.from_numpy(graph.constant_array(v)) if v.is_constant else env[id(v)]
@@ -353,15 +454,31 @@ class QATModel(torch.nn.Module):
                 i = layer_index[id(node)]
                 q, scale = weights[i]
                 exact = torch.from_numpy((q.astype(np.float32) * _per_row(scale, q.ndim)).astype(np.float32))
-                w = self.weights[i]
+                w, b = self._layer(i)
                 xs[traits_of(node.op).weight_slot] = w + (exact - w).detach()  # straight-through
                 if self._has_bias[i]:
-                    xs[2] = self._bias(i)
+                    xs[2] = b
+                if live and str(i) in self.batch_norms:
+                    env[id(node.outputs[0])] = self._batch_statistics_layer(node, i, xs)
+                    continue
             results = _OPS[node.op](xs, node.attrs, node)
             for v, t in zip(node.outputs, results if isinstance(results, (list, tuple)) else [results]):
                 env[id(v)] = t
         outs = [read(v) for v in graph.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _batch_statistics_layer(self, node: Node, layer: int, xs: list[torch.Tensor]) -> torch.Tensor:
+        """A layer with its live batch norm in training: the quantized folded weight's product
+        divided back by the folding factor (the unfolded layer, quantized), plus the unfolded
+        bias, normalized with the batch's statistics, then the fused activation."""
+        bn = self.batch_norms[str(layer)]
+        factor = bn.factor().float()
+        factor = torch.where(factor.abs() > 1e-30, factor, torch.ones_like(factor))  # a dead channel's product is 0
+        plain = {**node.attrs, "activation": "none"}
+        y = _OPS[node.op](xs[:2], plain, node)
+        shape = [1, -1] + [1] * (y.ndim - 2)
+        y = y / factor.reshape(shape) + self._bias(layer).reshape(shape)
+        return _activation(bn.normalize(y), node.attrs)
 
     def trained_qdq_graph(self) -> Graph:
         """The QDQ graph with the trained weights (quantized as the forward quantizes them), biases
@@ -378,7 +495,7 @@ class QATModel(torch.nn.Module):
                                     self.scheme.int4_groups(node))
             if self._has_bias[i]:
                 node.inputs[2] = graph.add_constant(f"{node.inputs[2].name}.trained",
-                                                    self._bias(i).detach().numpy().astype(np.float32))
+                                                    self._layer(i)[1].detach().numpy().astype(np.float32))
         for p, quantize in enumerate(pairs):
             scale = graph.add_constant(f"{quantize.inputs[1].name}.trained",
                                        np.asarray(self._scale(p).detach().numpy(), np.float32))
@@ -403,10 +520,16 @@ def _per_row(scale: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def prepare(model: torch.nn.Module, example_inputs: Sequence[Any], calibration: Any,
-            config: QuantConfig | None = None) -> QATModel:
+            config: QuantConfig | None = None, bn_steps: int = 0) -> QATModel:
     """A torch module computing what ``model``'s quantized build computes, to fine-tune with an
     ordinary training loop; ``qcompiler.compile(prepared, example_inputs, target=...)`` builds it
-    with what it learned. ``calibration`` sets the starting ranges (as for ``compile``)."""
+    with what it learned. ``calibration`` sets the starting ranges (as for ``compile``).
+    ``bn_steps``: for that many training forwards, batch norms folded into a conv or linear
+    normalize with the batch's statistics and update their running ones (the data the model
+    is fine-tuned on may not be the data it was trained on); then, and in eval mode, they are
+    frozen and folded. 0: frozen from the start."""
+    if bn_steps < 0:
+        raise QCompilerError(f"qat: bn_steps must be >= 0, got {bn_steps}")
     from .capture import from_torch
     from .quantize import quantize
 
@@ -418,4 +541,4 @@ def prepare(model: torch.nn.Module, example_inputs: Sequence[Any], calibration: 
     result = quantize(captured, calibration, config, lower=False)
     record = result.calibration
     scheme = config.scheme(tuple(record.exclude), tuple(record.int8_weights))
-    return QATModel(captured, result.float_graph, result.qdq_graph, config, result.pipeline, scheme)
+    return QATModel(captured, result.float_graph, result.qdq_graph, config, result.pipeline, scheme, bn_steps)

@@ -103,6 +103,61 @@ def test_errors_are_one_line(digits, digits_qat):
         qcompiler.qat.prepare(odd, (torch.from_numpy(x),), [x])
 
 
+def _brighter(x: np.ndarray) -> np.ndarray:
+    return (0.8 * x + 0.5).astype(np.float32)  # data unlike the training data: stale batch-norm statistics
+
+
+def test_batch_norms_train_their_statistics_for_bn_steps_then_freeze(digits):
+    """With ``bn_steps`` the folded batch norms normalize with each batch's statistics and update
+    their running ones for that many steps, then freeze: fine-tuned on brighter digits, the
+    running means move to the conv outputs' true means, the module beats the frozen one, and the
+    build (folding the learned statistics) agrees with the module in eval mode."""
+    model, (x_train, y_train, x_test, y_test) = digits
+    calibration = [x_train[i:i + BATCH] for i in range(0, 8 * BATCH, BATCH)]
+    example = (torch.from_numpy(x_test[:BATCH]),)
+    config = QuantConfig(weight_dtype="i4")
+    live = qcompiler.qat.prepare(model, example, calibration, config, bn_steps=20)
+    frozen = qcompiler.qat.prepare(model, example, calibration, config)
+    assert sorted(live.batch_norms) == ["0", "1"] and not frozen.batch_norms  # the two conv+bn layers
+    with torch.no_grad():  # in eval mode (frozen, folded) both compute the same QDQ graph
+        np.testing.assert_array_equal(live.eval()(example[0]).numpy(), frozen.eval()(example[0]).numpy())
+    conv = model.features[0]
+    with torch.no_grad():
+        true_mean = conv(torch.from_numpy(_brighter(x_train))).mean(dim=(0, 2, 3)).numpy()
+    start = live.batch_norms["0"].running_mean.numpy().copy()
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(live.parameters(), lr=1e-4)
+    x, y = torch.from_numpy(_brighter(x_train)), torch.from_numpy(y_train)
+    snapshot = None
+    live.train()
+    for step in range(30):
+        batch = slice((step * BATCH) % 1200, (step * BATCH) % 1200 + BATCH)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(live(x[batch]), y[batch]).backward()
+        optimizer.step()
+        if step + 1 == 20:
+            snapshot = [bn.running_var.clone() for bn in live.batch_norms.values()]
+            assert not live.batch_norms_live
+    assert int(live.steps) == 30
+    assert all(torch.equal(a, bn.running_var) for a, bn in zip(snapshot, live.batch_norms.values()))  # frozen
+    moved = live.batch_norms["0"].running_mean.numpy()
+    assert np.abs(moved - true_mean).max() < 0.3 * np.abs(start - true_mean).max()
+    zoo.fine_tune(frozen, _brighter(x_train), y_train, epochs=1, batch=BATCH)
+    live.eval()
+    with torch.no_grad():
+        shifted = torch.from_numpy(_brighter(x_test))
+        accuracy = {name: float((m(shifted).numpy().argmax(1) == y_test).mean()) for name, m in
+                    (("live", live), ("frozen", frozen))}
+        trained = live(shifted[:BATCH]).numpy()
+    assert accuracy["live"] > accuracy["frozen"], accuracy
+    built = qcompiler.compile(live, example, target="reference")
+    logits = np.asarray(built(_brighter(x_test[:BATCH])))
+    assert (logits.argmax(1) == trained.argmax(1)).mean() >= 0.975
+    assert np.abs(logits - trained).max() <= 0.02 * (trained.max() - trained.min())
+    with pytest.raises(QCompilerError, match="bn_steps must be >= 0"):
+        qcompiler.qat.prepare(model, example, calibration, config, bn_steps=-1)
+
+
 class _TinyEncoder(nn.Module):
     """An embedding, one attention block with layer norm and a gelu feed-forward, a mean over the
     tokens and a classifier: the ops a transformer brings to the torch side."""
