@@ -180,16 +180,19 @@ def _cmd_opt(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .compare import compare, render_search, render_table, to_json, worst
+    from .compare import (compare, first_divergence, pass_divergence, passes_to_json, render_passes, render_search,
+                          render_table, to_json, worst)
     from .loading import load_batches, load_calibration
     from .quant_config import QuantConfig
     from .quantize import quantize
 
     graph = _load_model(args)
     config = QuantConfig.load(args.config) if args.config else QuantConfig()
-    if args.target_sqnr is not None:
+    if args.target_sqnr is not None and not args.passes:  # with --passes the target marks a pass; no search
         config = dataclasses.replace(config, target_output_sqnr_db=args.target_sqnr)
     search = None
+    if args.passes and args.quantized:
+        raise QCompilerError("--passes replays the quantization pipeline on MODEL: it takes no quantized model")
     if args.quantized:
         if args.target_sqnr is not None:
             raise QCompilerError("--target-sqnr searches while quantizing: it cannot apply to a given quantized model")
@@ -210,6 +213,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         batch = load_calibration(args.calibration, float_graph).first()
     else:
         batch = _synthetic(args, float_graph, 1)[0]
+    if args.passes:  # the output after each pass of the pipeline that made the quantized model
+        lowered = result.pipeline if "lower-integer" in result.pipeline else f"{result.pipeline},lower-integer"
+        steps = pass_divergence(graph, lowered, batch, calibration)
+        culprit = first_divergence(steps, args.target_sqnr)
+        if args.json:
+            print(json.dumps(passes_to_json(steps, culprit), indent=2))
+        else:
+            Console().print(render_passes(steps, culprit))
+            print(f"first pass below {args.target_sqnr:g} dB: {culprit.name if culprit else 'none'}"
+                  if args.target_sqnr is not None else
+                  f"the pass that lost the most: {culprit.name if culprit else 'none (exact)'}")
+        return 0
     layers = compare(float_graph, quant_graph, batch)
     if args.json:
         print(to_json(layers) if search is None else json.dumps({"layers": json.loads(to_json(layers)),
@@ -723,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the precision search: the layers whose float form brings every output (and each of its "
                         "channel groups) to this SQNR, with what each gained (--json: an object with 'layers' and "
                         "'precision_search')")
+    p.add_argument("--passes", action="store_true",
+                   help="replay the quantization pipeline pass by pass and print the outputs' SQNR after each: the "
+                        "first pass below --target-sqnr (or the one that lost the most)")
     p.add_argument("--json", action="store_true",
                    help="print every layer's numbers as JSON on stdout (for `show --compare`), not the table")
     _synthetic_args(p, "calibration and comparison inputs")

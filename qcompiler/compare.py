@@ -6,7 +6,10 @@
   same quantize/dequantize as in the quantized graph, its quantized weights, its output
   quantized — against the float layer. Local needs the QDQ form of the graph (after
   insert-qdq); for a lowered graph only cumulative numbers are given.
-Metrics: SQNR in dB (signal power over error power), cosine similarity, max abs error."""
+Metrics: SQNR in dB (signal power over error power), cosine similarity, max abs error.
+
+``pass_divergence`` is the other axis: the model's outputs after each pass of a pipeline, which
+finds the first pass whose output diverges (a wrong rewrite, or the step that loses accuracy)."""
 from __future__ import annotations
 
 import json
@@ -169,6 +172,88 @@ def compare(float_graph: Graph, quant_graph: Graph, inputs: Sequence[Any]) -> li
             entry.local_sqnr_db, entry.local_cosine, _ = _metrics(ref, local[handle])
         layers.append(entry)
     return layers
+
+
+@dataclass
+class PassStep:
+    """The outputs after one pass: the worst output's SQNR against the model as given, and what
+    this pass changed it by (None: exact; -inf/inf as for ``_metrics``)."""
+    index: int
+    name: str
+    changed: bool
+    sqnr_db: float
+    drop_db: float
+
+
+def pass_divergence(graph: Graph, pipeline: str, inputs: Sequence[Any], calibration: Any = None) -> list[PassStep]:
+    """Replay ``pipeline`` on a copy of ``graph`` (with ``calibration`` for the passes that read
+    data) and, after each pass, run the graph on ``inputs``: each pass's worst output SQNR
+    against ``graph``'s own outputs, and the drop from the pass before."""
+    from .calibration import calibration_set
+    from .pass_manager import Instruments, run_pipeline
+    from .pipeline import PassContext
+
+    arrays = check_inputs(graph, list(inputs))
+    reference = run(graph, arrays)
+    steps: list[PassStep] = []
+
+    def observe(p: Any, after: Graph, changed: bool) -> None:
+        outputs = run(after, arrays)
+        worst_db = min((_metrics(r, o)[0] for r, o in zip(reference, outputs)), default=math.inf)
+        before = steps[-1].sqnr_db if steps else math.inf
+        drop = 0.0 if worst_db == before else before - worst_db  # inf: the first error, or a NaN
+        steps.append(PassStep(len(steps) + 1, str(p), changed, worst_db, drop))
+
+    run_pipeline(graph.copy(), pipeline, Instruments(emit=lambda s: None, after_pass=observe),
+                 PassContext(calibration=calibration_set(graph, calibration) if calibration is not None else None))
+    return steps
+
+
+def first_divergence(steps: Sequence[PassStep], target_db: float | None) -> PassStep | None:
+    """The first pass after which the outputs fall below ``target_db``, or (no target) the pass
+    that lost the most; None when no pass changed the outputs."""
+    if target_db is not None:
+        return next((s for s in steps if s.sqnr_db < target_db), None)
+    def noise(db: float) -> float:  # error power over signal power
+        return 10 ** (-db / 10) if db != -math.inf else math.inf
+
+    gains = [(noise(s.sqnr_db) - noise(steps[i - 1].sqnr_db if i else math.inf), s) for i, s in enumerate(steps)]
+    lossy = [(g, s) for g, s in gains if g > 0]
+    return max(lossy, key=lambda gs: gs[0])[1] if lossy else None
+
+
+def render_passes(steps: Sequence[PassStep], culprit: PassStep | None):
+    """The pass-by-pass table, the culprit's row marked."""
+    from rich.table import Table
+
+    table = Table(title="outputs after each pass (worst output's SQNR against the model as given)")
+    for col in ("#", "pass", "changed", "output SQNR", "drop", ""):
+        table.add_column(col, justify="left" if col in ("pass", "") else "right")
+    for s in steps:
+        table.add_row(str(s.index), s.name, "yes" if s.changed else "", _db(s.sqnr_db),
+                      _drop(s),
+                      "<- first divergence" if s is culprit else "")
+    return table
+
+
+def _drop(step: PassStep) -> str:
+    if not step.drop_db:
+        return ""
+    if step.sqnr_db == -math.inf:
+        return "all (inf/nan)"
+    return f"{step.drop_db:.1f} dB" if math.isfinite(step.drop_db) else "first error"
+
+
+def _db(db: float) -> str:
+    return "exact" if db == math.inf else f"{db:.1f} dB"
+
+
+def passes_to_json(steps: Sequence[PassStep], culprit: PassStep | None) -> dict[str, Any]:
+    def finite(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {"passes": [{**asdict(s), "sqnr_db": finite(s.sqnr_db), "drop_db": finite(s.drop_db)} for s in steps],
+            "first_divergence": culprit.name if culprit else None}
 
 
 def worst(layers: Sequence[LayerError], top: int = 10) -> list[LayerError]:

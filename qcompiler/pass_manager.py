@@ -43,6 +43,7 @@ class Instruments:
     reproducer_dir: Path | None = None
     emit: Callable[[str], None] = print
     on_pass: Callable[[Pass], None] | None = None  # told of each pass before it runs (progress lines)
+    after_pass: Callable[[Pass, Graph, bool], None] | None = None  # each pass, the graph after it, whether it changed
     records: list[PassRecord] = field(default_factory=list)
 
 
@@ -75,6 +76,8 @@ def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], instruments: Inst
         except Exception as e:
             raise _failure(p, passes, index, before, inst, e) from e
         inst.records.append(PassRecord(index, str(p), changed, time.perf_counter() - start))
+        if inst.after_pass is not None:
+            inst.after_pass(p, graph, changed)
         if p.name in inst.print_after or inst.print_after_all or (inst.print_after_change and changed):
             inst.emit(f"// ----- IR after {p}{'' if changed else ' (unchanged)'} -----\n{print_graph(graph)}")
         if inst.dump_dir is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from qcompiler import load_graph
+from qcompiler.pipeline import Pass, register
 from qcompiler.examples import zoo
 from tests.conftest import cli_in_process as _main, export_onnx
 
@@ -121,6 +123,57 @@ def test_compare_cli_table_and_json(tmp_path, digits):
     np.savez(wrong, image=x_train[:5, :, :4])
     bad = _run("compare", path, "--calibration", str(wrong))
     assert bad.returncode == 2 and "does not fit input %image" in bad.stderr
+
+
+@register
+class _DoublesFirstWeight(Pass):
+    name = "test-double-first-weight"
+    summary = "test only: a wrong rewrite (the first conv/linear weight times two)"
+
+    def run(self, graph, ctx):
+        node = next(n for n in graph.nodes if n.op in ("conv2d", "linear"))
+        node.inputs[1] = graph.add_constant("doubled", 2 * graph.constant_array(node.inputs[1]))
+        return True
+
+
+def test_compare_passes_finds_the_first_diverging_pass(tmp_path, digits):
+    """``compare --passes`` replays the quantization pipeline and measures the outputs after each
+    pass: the float passes are exact, the error appears where quantization does, and the last
+    row is the lowered model's own error; a wrong rewrite slipped into a pipeline is named."""
+    import json
+
+    import numpy as np
+
+    from qcompiler.compare import first_divergence, pass_divergence, sqnr_db
+    from qcompiler.quantize import quantize
+
+    model, (x_train, _, x_test, _) = digits
+    path = export_onnx(model, (torch.from_numpy(x_test[:16]),), tmp_path / "d.onnx", ["image"])
+    np.savez(tmp_path / "cal.npz", image=x_train[:64])
+    common = ("compare", path, "--calibration", str(tmp_path / "cal.npz"), "--passes")
+    table = _main(*common)
+    assert table.returncode == 0, table.stderr
+    assert "outputs after each pass" in table.stdout and "the pass that lost the most: insert-qdq" in table.stdout
+    found = json.loads(_main(*common, "--json").stdout)
+    names = [p["name"] for p in found["passes"]]
+    assert names[-2:] == ["insert-qdq", "lower-integer"] and "range-analysis" in names
+    assert all(p["sqnr_db"] is None for p in found["passes"][:names.index("range-analysis") + 1])  # float: exact
+    from qcompiler import from_onnx
+
+    graph = from_onnx(path)
+    batch = x_train[:16]
+    lowered = quantize(graph, [x_train[i:i + 16] for i in range(0, 64, 16)]).graph
+    assert found["passes"][-1]["sqnr_db"] == pytest.approx(sqnr_db(graph(batch)[0], lowered(batch)[0]), abs=1e-3)
+    below = _main(*common, "--target-sqnr", "60")
+    assert below.returncode == 0 and "first pass below 60 dB: " in below.stdout
+    steps = pass_divergence(graph, "canonicalize,fold-constants,test-double-first-weight,fuse-activations", [batch])
+    assert [s.name for s in steps] == ["canonicalize", "fold-constants", "test-double-first-weight",
+                                       "fuse-activations"]
+    culprit = first_divergence(steps, 40.0)
+    assert culprit is not None and culprit.name == "test-double-first-weight" and culprit.sqnr_db < 40
+    assert first_divergence(steps, None) is culprit
+    bad = _main("compare", path, str(tmp_path / "d.onnx"), "--inputs", str(tmp_path / "cal.npz"), "--passes")
+    assert bad.returncode == 2 and "--passes replays the quantization pipeline" in bad.stderr
 
 
 def test_version_and_exit_codes_in_every_help():
