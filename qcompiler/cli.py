@@ -46,10 +46,18 @@ def _phase_log(args: argparse.Namespace):
 
 
 def _load_model(args: argparse.Namespace, spec: str | None = None) -> "Graph":
-    """The model a command names (or ``spec``), with its --input-shape and --input-value."""
-    from .loading import load_model, parse_shapes, parse_values
+    """The model a command names (or ``spec``), with its --input-shape and --input-value (a
+    dynamic batch's ``MIN:MAX`` pinned at MIN: data is read in batches of that size)."""
+    from .batching import from_input_shapes, shapes_at
+    from .loading import is_dynamic, load_model, parse_shapes, parse_values
 
-    return load_model(spec or args.model, parse_shapes(args.input_shape), parse_values(args.input_value))
+    shapes = parse_shapes(args.input_shape)
+    if is_dynamic(shapes):
+        if args.func is not _cmd_compile:
+            raise QCompilerError("a MIN:MAX batch in --input-shape applies to compile (other commands take one shape)")
+        declared = from_input_shapes(shapes, list(shapes), None)  # a range outside dimension 0 is refused here
+        shapes = shapes_at(shapes, declared.min)
+    return load_model(spec or args.model, shapes, parse_values(args.input_value))
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -257,7 +265,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     from .compiled import _fidelity
     from .compiled import compile as compile_model
-    from .loading import load_calibration, load_data, load_labels
+    from .loading import is_dynamic, load_calibration, load_data, load_labels, parse_shapes
     from .quant_config import QuantConfig
 
     console = Console(stderr=True)
@@ -297,7 +305,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise QCompilerError("a gate (--max-accuracy-drop / --min-sqnr) needs --eval or --calibration data")
     if args.save_ranges and calibration is None:
         raise QCompilerError("--save-ranges records what calibration decides: it needs --calibration (or --synthetic)")
-    compiled = compile_model(graph, calibration=calibration, target=args.target, config=config,
+    shapes = parse_shapes(args.input_shape)
+    dynamic = {"input_shapes": shapes} if is_dynamic(shapes) else {}
+    if dynamic and (args.input_value or not args.model.endswith(".onnx")):
+        raise QCompilerError("a MIN:MAX batch in --input-shape applies to an ONNX model without --input-value")
+    compiled = compile_model(args.model if dynamic else graph, calibration=calibration, target=args.target,
+                             config=config, **dynamic,
                              pipeline=args.pipeline, tune=args.tune, tuning_db=args.tuning_db,
                              tuning_trials=args.tuning_trials, progress=not args.json and not args.quiet,
                              cpu=args.cpu, log=log, ranges=args.ranges, rpc=rpc)
@@ -394,6 +407,12 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
     if "int8_kernels" in report and report["quantized"]:
         table.add_row("int8 kernels", report["int8_kernels"]["kernels"] or "[yellow]generic (slow)[/]")
     table.add_row("ops", f"{report['ops']['integer']} integer of {report['ops']['total']}")
+    if "batch" in report:
+        b = report["batch"]
+        table.add_row("batch", f"any of {b['min']}..{b['max']} ('{b['name']}'): built at "
+                               f"{', '.join(map(str, b['buckets']))}, padded up to the next"
+                      + ("" if b["per_sample_exact"] is None else
+                         "; per sample exact" if b["per_sample_exact"] else "; per sample within float rounding"))
     table.add_row("kept float", str(len(report["kept_float"])))
     if "low_rank" in report:
         factored = report["low_rank"]["layers"]
@@ -482,9 +501,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         images = Path(args.inputs).is_dir()  # the artifact's image normalization applies to image folders
         prep = model.preprocessing if images else {}
         batches = load_data(args.inputs, model.graph, prep.get("image_mean"), prep.get("image_std"))
+    spec = getattr(model, "spec", None)  # a dynamic batch: samples run together, up to its max at a time
+    if spec is not None:
+        batches = _regrouped(batches, spec)
     outputs = [model(*batch) for batch in batches]
     names = [v.name for v in model.graph.outputs]
-    stacked = {name: np.stack([o if len(names) == 1 else o[i] for o in outputs]) for i, name in enumerate(names)}
+    join = np.concatenate if spec is not None else np.stack  # dynamic: one array of all samples' outputs
+    stacked = {name: join([o if len(names) == 1 else o[i] for o in outputs]) for i, name in enumerate(names)}
     if args.output:
         np.savez(args.output, **stacked)
     golden = _against_golden(stacked, args.expect_outputs, args.atol) if args.expect_outputs else {}
@@ -495,7 +518,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         for name, array in stacked.items():
             check = golden.get(name)
-            print(f"{name}: {len(batches)} batch(es) of {list(array.shape[1:])} {array.dtype}" +
+            count = f"{len(array)} sample(s)" if spec is not None else f"{len(batches)} batch(es)"
+            print(f"{name}: {count} of {list(array.shape[1:])} {array.dtype}" +
                   (f"; max |difference| from {args.expect_outputs}: {check['max_abs_difference']:.3g} "
                    f"({'within' if check['matches'] else 'BEYOND'} --atol {args.atol:g})" if check else ""))
     failed = [name for name, check in golden.items() if not check["matches"]]
@@ -503,6 +527,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"qcompiler: outputs differ from {args.expect_outputs}: {', '.join(failed)}", file=sys.stderr)
         return GATE_FAILED
     return 0
+
+
+def _regrouped(batches: list[list], spec) -> list[list]:
+    """Batches of the smallest bucket joined into batches of up to the range's maximum."""
+    import numpy as np
+
+    step = max(spec.max // spec.min, 1)
+    return [[np.concatenate([b[p] for b in batches[i:i + step]]) if p in spec.inputs else a
+             for p, a in enumerate(batches[i])] for i in range(0, len(batches), step)]
 
 
 def _against_golden(outputs: dict, path: str, atol: float) -> dict[str, dict]:
@@ -691,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def input_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
-                       help="fix a dynamic ONNX input's shape (repeatable)")
+                       help="fix a dynamic ONNX input's shape (repeatable); for compile, D0 may be MIN:MAX: a "
+                            "dynamic batch (one build per bucket, any batch in range at run time)")
         p.add_argument("--input-value", action="append", default=[], metavar="NAME=V0,V1,...",
                        help="fix the value of an ONNX input that gives a shape, axes or sizes: it becomes a "
                             "constant and is no longer an input (repeatable)")

@@ -191,16 +191,82 @@ class CompiledModel:
         """Write the artifact (see ``qcompiler.artifact``: atomic, never over a folder that is not
         an artifact); its digest is ``self.digest`` afterwards."""
         def fill(staging: Path) -> dict[str, Any]:
-            save_graph(self.graph, staging / "graph.qir")
-            if self.target == "onnx":
-                (staging / ONNX_FILE).write_bytes(self._executable)
-            elif self._library is not None:  # a loaded artifact: the library it was loaded from
-                (staging / LIBRARY).write_bytes(self._library)
-            elif self._executable is not None:
-                from .targets.tvm import export
-
-                export(self._executable, staging / LIBRARY)
+            self._write_build(staging, "")
             # timings vary run to run; the artifact keeps only what the same inputs reproduce
+            stable = {k: v for k, v in self._report.items() if k not in VOLATILE_REPORT_KEYS}
+            (staging / "report.json").write_text(json.dumps(stable, indent=2, sort_keys=True))
+            return self.manifest()
+
+        self.digest = artifact.write(directory, fill)
+        return Path(directory)
+
+    def _write_build(self, staging: Path, tag: str) -> None:
+        """The IR and the library into ``staging``, their names marked with ``tag`` (a batch
+        bucket's ``.bN``; empty for the model's own)."""
+        save_graph(self.graph, staging / f"graph{tag}.qir")
+        library = staging / LIBRARY.replace(".so", f"{tag}.so")
+        if self.target == "onnx":
+            (staging / ONNX_FILE).write_bytes(self._executable)
+        elif self._library is not None:  # a loaded artifact: the library it was loaded from
+            library.write_bytes(self._library)
+        elif self._executable is not None:
+            from .targets.tvm import export
+
+            export(self._executable, library)
+
+
+class BatchedModel(CompiledModel):
+    """A model compiled for a dynamic batch (``qcompiler.batching``): one build per bucket; a
+    call runs on the smallest bucket holding its batch, padded, and returns its own samples'
+    outputs. ``graph``, ``report`` and the rest are the first bucket's, with ``report()["batch"]``."""
+
+    def __init__(self, spec: Any, builds: dict[int, CompiledModel], report: dict[str, Any]):
+        first = builds[spec.buckets[0]]
+        super().__init__(first.graph, first.target, first.pipeline, first._runner, report, first.config,
+                         first._executable)
+        self._library = first._library
+        self.calibration, self.preprocessing = first.calibration, first.preprocessing
+        self.spec, self.builds = spec, builds
+
+    def _bucket(self, arrays: list[np.ndarray]) -> tuple[CompiledModel, list[np.ndarray], int]:
+        from .batching import batch_of, pad_to
+
+        names = [v.name for v in self.graph.inputs]
+        if len(arrays) != len(names):
+            raise InputError(f"the model takes {len(names)} input(s), got {len(arrays)}")
+        n = batch_of(self.spec, arrays, names)
+        build = self.builds[self.spec.bucket_for(n)]
+        size = self.spec.bucket_for(n)
+        return build, [pad_to(a, size) if p in self.spec.inputs else a for p, a in enumerate(arrays)], n
+
+    def run_arrays(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The outputs for ``arrays`` (any batch in range), each cut to the call's own samples."""
+        build, padded, n = self._bucket(arrays)
+        outputs = build(*padded)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        size = padded[self.spec.inputs[0]].shape[0]
+        return [o[:o.shape[0] // size * n] for o in outputs]
+
+    def __call__(self, *inputs: Any) -> Any:
+        outputs = self.run_arrays([to_numpy(x) for x in inputs])
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def latencies(self, *inputs: Any, iterations: int = 100, warmup: int = 10
+                  ) -> tuple[list[float], list[np.ndarray]]:
+        build, padded, _ = self._bucket([to_numpy(x) for x in inputs])
+        return build.latencies(*padded, iterations=iterations, warmup=warmup)
+
+    def profile(self, *inputs: Any, repeat: int = 5) -> list[dict[str, Any]]:
+        build, padded, _ = self._bucket([to_numpy(x) for x in inputs])
+        return build.profile(*padded, repeat=repeat)
+
+    def manifest(self) -> dict[str, Any]:
+        return {**super().manifest(), "batch": self.spec.to_dict()}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        def fill(staging: Path) -> dict[str, Any]:
+            for size, build in self.builds.items():
+                build._write_build(staging, "" if size == self.spec.buckets[0] else f".b{size}")
             stable = {k: v for k, v in self._report.items() if k not in VOLATILE_REPORT_KEYS}
             (staging / "report.json").write_text(json.dumps(stable, indent=2, sort_keys=True))
             return self.manifest()
@@ -218,6 +284,27 @@ def load(directory: str | os.PathLike, expect_digest: str | None = None) -> Comp
     checksums is refused before any of its code is loaded."""
     directory = Path(directory)
     manifest, files, digest, graph, report = read_artifact(directory, expect_digest)
+    model = _loaded_build(directory, manifest, files, graph, report, LIBRARY)
+    if manifest.get("batch"):
+        from .batching import BatchRange
+
+        try:
+            spec = BatchRange.from_dict(manifest["batch"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{directory}: malformed 'batch' in the manifest") from None
+        builds = {spec.buckets[0]: model}
+        for size in spec.buckets[1:]:
+            bucket_graph = _graph_of(directory, files, f"graph.b{size}")
+            builds[size] = _loaded_build(directory, manifest, files, bucket_graph, report, f"model.b{size}.so")
+        model = BatchedModel(spec, builds, report)
+    model.digest = digest
+    model.preprocessing = dict(manifest.get("preprocessing") or {})
+    return model
+
+
+def _loaded_build(directory: Path, manifest: dict[str, Any], files: dict[str, bytes], graph: Graph,
+                  report: dict[str, Any], library_name: str) -> CompiledModel:
+    """One build of an artifact (its IR and, for TVM targets, ``library_name``), ready to run."""
     target = manifest["target"]
     config = QuantConfig.from_dict(manifest["quant_config"]) if manifest.get("quant_config") else None
     library = None
@@ -232,22 +319,32 @@ def load(directory: str | os.PathLike, expect_digest: str | None = None) -> Comp
         from .targets.tvm import TVMRunner, device_for
         from .targets.tvm.build import missing_cpu_features
 
-        if LIBRARY not in files:
-            raise ModelLoadError(f"{directory}: the manifest lists no {LIBRARY} for target {target}")
+        if library_name not in files:
+            raise ModelLoadError(f"{directory}: the manifest lists no {library_name} for target {target}")
         missing = missing_cpu_features(report["target_spec"]) if "target_spec" in report else []
         if missing:
             raise ModelLoadError(f"{directory}: built for a CPU with {', '.join(missing)}, which this machine (or "
                                  f"this process) lacks: compile the model again here")
-        library = files[LIBRARY]
-        executable = _load_library(library, directory / LIBRARY)
+        library = files[library_name]
+        executable = _load_library(library, directory / library_name)
         runner = TVMRunner(executable, device_for(target), len(graph.outputs))
     else:
         raise ModelLoadError(f"{directory}: unknown target {target!r} in the manifest")
     model = CompiledModel(graph, target, manifest["pipeline"], runner, report, config, executable)
     model._library = library
-    model.digest = digest
-    model.preprocessing = dict(manifest.get("preprocessing") or {})
     return model
+
+
+def _graph_of(directory: Path, files: dict[str, bytes], stem: str) -> Graph:
+    """The IR ``stem.qir`` (+ ``stem.npz``) of a checked artifact."""
+    if f"{stem}.qir" not in files:
+        raise ModelLoadError(f"{directory}: the manifest lists no {stem}.qir")
+    weights = NpzWeights(io.BytesIO(files[f"{stem}.npz"])) if f"{stem}.npz" in files else {}
+    try:
+        text = files[f"{stem}.qir"].decode()
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{directory / (stem + '.qir')}: not IR text") from None
+    return parse_graph(text, weights, filename=str(directory / f"{stem}.qir"))
 
 
 def read_artifact(directory: Path, expect_digest: str | None = None
@@ -255,14 +352,7 @@ def read_artifact(directory: Path, expect_digest: str | None = None
     """An artifact's checked files, digest, IR and report, without loading its native code (which
     may be for another machine: ``qcompiler bench`` runs it on a remote one)."""
     manifest, files, digest = artifact.read_checked(directory, expect_digest)
-    if "graph.qir" not in files:
-        raise ModelLoadError(f"{directory}: the manifest lists no graph.qir")
-    weights = NpzWeights(io.BytesIO(files["graph.npz"])) if "graph.npz" in files else {}
-    try:
-        text = files["graph.qir"].decode()
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{directory / 'graph.qir'}: not IR text") from None
-    graph = parse_graph(text, weights, filename=str(directory / "graph.qir"))
+    graph = _graph_of(directory, files, "graph")
     try:
         report = json.loads(files["report.json"]) if "report.json" in files else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -346,15 +436,20 @@ def _prepared(model: Any, example_inputs: Any, calibration: Any, ranges: Any, pi
     return model
 
 
-def _capture(model: Any, example_inputs: Any) -> Graph:
+def _capture(model: Any, example_inputs: Any, input_shapes: dict[str, Sequence[Any]] | None = None) -> Graph:
     from .capture import from_onnx
 
+    is_onnx = (isinstance(model, (str, os.PathLike)) and not str(model).endswith((".qir", ".txt", ".mlir"))) \
+        or type(model).__name__ == "ModelProto"
+    if input_shapes is not None and not is_onnx:
+        raise QCompilerError("input_shapes applies to ONNX models (a torch module takes its shapes from "
+                             "example_inputs, and dynamic_shapes)")
     if isinstance(model, Graph):
         return model
     if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto":
-        if isinstance(model, (str, os.PathLike)) and str(model).endswith((".qir", ".txt", ".mlir")):
+        if not is_onnx:
             return load_graph(model)
-        return from_onnx(model)
+        return from_onnx(model, input_shapes)
     import torch
 
     from .capture import from_torch
@@ -365,6 +460,105 @@ def _capture(model: Any, example_inputs: Any) -> Graph:
         return from_torch(model, example_inputs)
     raise QCompilerError(f"cannot compile a {type(model).__name__}: pass a torch.nn.Module, an ONNX file or "
                          f"ModelProto, or a qcompiler Graph")
+
+
+def _batch_range(model: Any, example_inputs: Any, dynamic_shapes: Any, input_shapes: Any,
+                 batch_buckets: Sequence[int] | None) -> Any:
+    """The declared dynamic batch (``batching.BatchRange``), or None for a static build."""
+    from . import batching
+
+    if dynamic_shapes is not None:
+        if type(model).__name__ == "QATModel" or not hasattr(model, "forward") or example_inputs is None:
+            raise QCompilerError("dynamic_shapes applies to a torch module with example_inputs (for an ONNX file "
+                                 "give input_shapes with a (min, max) batch)")
+        return batching.from_dynamic_shapes(dynamic_shapes, model, list(example_inputs), batch_buckets)
+    if input_shapes is not None:
+        from .capture.from_onnx import input_names
+
+        spec = batching.from_input_shapes(input_shapes, input_names(model), batch_buckets)
+        if spec is not None:
+            return spec
+    if batch_buckets is not None:
+        raise QCompilerError("batch_buckets applies to a dynamic batch (dynamic_shapes, or a (min, max) in "
+                             "input_shapes)")
+    return None
+
+
+def _compile_buckets(spec: Any, model: Any, example_inputs: Any, input_shapes: Any, **options: Any) -> CompiledModel:
+    """One build per bucket of ``spec`` (see ``qcompiler.batching``): the smallest calibrated
+    (or from ``ranges``), the others from its calibration record; then the per-sample check."""
+    from . import batching
+    from .capture import from_onnx
+    from .pass_manager import Instruments, run_pipeline
+    from .quantize import float_stages
+
+    started = time.perf_counter()
+    examples = [to_numpy(x) for x in example_inputs] if example_inputs is not None else None
+
+    def capture_at(size: int) -> Graph:
+        if examples is not None:
+            import torch
+
+            return _capture(model, [torch.from_numpy(np.ascontiguousarray(x))
+                                    for x in batching.examples_at(examples, spec.inputs, size)])
+        return from_onnx(model, batching.shapes_at(input_shapes, size))
+
+    calibration, ranges = options.pop("calibration"), options.pop("ranges")
+    smallest = spec.buckets[0]  # calibrated there: batches of any multiple of it split into its size
+    graphs = {smallest: capture_at(smallest)}
+    builds = {smallest: compile(graphs[smallest], calibration=calibration, ranges=ranges, **options)}
+    record = builds[smallest].calibration
+    config = options["config"] or QuantConfig()
+    for size in spec.buckets[1:]:
+        graphs[size] = capture_at(size)
+        why = batching.same_model(graphs[smallest], graphs[size])
+        if why is not None:
+            raise QCompilerError(f"dynamic batch: the model captured at batch {size} is not the one at batch "
+                                 f"{smallest}: {why}")
+        if record is None and (calibration is not None or ranges is not None):
+            raise QCompilerError("dynamic batch: the calibrated build kept no calibration record to replay on the "
+                                 "other batch sizes")
+        path = None
+        if record is not None:
+            float_graph = run_pipeline(graphs[size].copy(), float_stages(config, None), Instruments(emit=lambda s: None))
+            path = batching.record_for(record, float_graph, f"batch {size}")
+        builds[size] = compile(graphs[size], ranges=path, **options)
+    ordered = {size: builds[size] for size in spec.buckets}
+    report = builds[smallest].report()
+    if all(b.runs_here for b in ordered.values()):
+        probe_source = examples if examples is not None else (
+            list(calibration_set_first(graphs[smallest], calibration)) if calibration is not None else
+            _synthetic_inputs(graphs[smallest]))
+        probe = batching.probe_inputs(probe_source, spec.inputs, batching.PROBE_SAMPLES)
+        exact = batching.check_per_sample(
+            spec, lambda size, arrays: _as_list(ordered[size](*arrays)), probe)
+    else:
+        exact = None
+    report["batch"] = {**spec.to_dict(), "calibrated_at": smallest, "per_sample_exact": exact,
+                       "dispatch": "a call runs on the smallest bucket that holds its batch, padded with copies of "
+                                   "its last sample; the padding's outputs are dropped"}
+    report["compile_seconds"] = round(time.perf_counter() - started, 2)
+    model_out = BatchedModel(spec, ordered, report)
+    model_out.calibration = record
+    return model_out
+
+
+def calibration_set_first(graph: Graph, calibration: Any) -> list[np.ndarray]:
+    from .calibration import calibration_set
+
+    return calibration_set(graph, calibration).first()
+
+
+def _synthetic_inputs(graph: Graph) -> list[np.ndarray]:
+    """Standard-normal floats and zero integers of the graph's input shapes (the per-sample check
+    of a float build without data)."""
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(v.shape).astype(v.type.np_dtype) if v.type.np_dtype.kind == "f"
+            else np.zeros(v.shape, v.type.np_dtype) for v in graph.inputs]
+
+
+def _as_list(outputs: Any) -> list[np.ndarray]:
+    return list(outputs) if isinstance(outputs, list) else [outputs]
 
 
 def _fidelity(reference: Graph, compiled: CompiledModel, batch: Sequence[np.ndarray]) -> dict[str, float]:
@@ -397,7 +591,9 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
             tuning_db: str | os.PathLike | None = None, tuning_trials: int = DEFAULT_TUNING_TRIALS,
             progress: bool = False, cpu: str | None = None,
             log: Callable[[str], None] | PhaseLog | None = None,
-            ranges: str | os.PathLike | None = None, rpc: RPC | None = None) -> CompiledModel:
+            ranges: str | os.PathLike | None = None, rpc: RPC | None = None, dynamic_shapes: Any = None,
+            input_shapes: dict[str, Sequence[Any]] | None = None,
+            batch_buckets: Sequence[int] | None = None) -> CompiledModel:
     """Capture, quantize (when ``calibration`` is given) and build ``model`` for ``target``
     (``llvm``: this CPU through TVM, or the CPU LLVM calls ``cpu``; ``cuda``; ``reference``: the
     interpreter). A build for another CPU runs here only if this one has every instruction set
@@ -413,7 +609,12 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     one when not given); ``tuning_db`` alone applies the records already there. With ``rpc``
     (:class:`qcompiler.RPC`: a tracker and a key) the candidates are built here and measured on
     the servers registered under the key, as many at once as there are: tune for the machines the
-    build ships to (an ``llvm`` build for their ``cpu``, or ``cuda`` on GPU servers)."""
+    build ships to (an ``llvm`` build for their ``cpu``, or ``cuda`` on GPU servers).
+
+    A dynamic batch (``qcompiler.batching``): ``dynamic_shapes={"x": {0: torch.export.Dim("batch",
+    min=1, max=32)}}`` for a torch module, ``input_shapes={"x": [(1, 32), 3, 224, 224]}`` for an
+    ONNX file (whose dims ``input_shapes`` also pins); the model is built at ``batch_buckets``
+    (default: the range's ends and the powers of 4 between) and takes any batch in range."""
     from .pass_manager import Instruments, run_pipeline
     from .passes import DEFAULT_FLOAT_PIPELINE
     from .pipeline import PassContext
@@ -442,11 +643,19 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         require("tune", "tune=True (--tune)")
     if target == "onnx":
         require("onnxruntime", "the onnx target")
+    spec = _batch_range(model, example_inputs, dynamic_shapes, input_shapes, batch_buckets)
+    if spec is not None:
+        if target == "onnx" or pipeline is not None or _prepared(model, example_inputs, calibration, ranges, None):
+            raise QCompilerError("a dynamic batch applies to the default flow (with or without calibration) for the "
+                                 "llvm, cuda and reference targets: not to the onnx target, a pipeline or a QAT model")
+        return _compile_buckets(spec, model, example_inputs, input_shapes, calibration=calibration, target=target,
+                                config=config, tune=tune, tuning_db=tuning_db, tuning_trials=tuning_trials,
+                                progress=progress, cpu=cpu, log=log, ranges=ranges, rpc=rpc)
     started = time.perf_counter()
     phases = log if isinstance(log, PhaseLog) else PhaseLog(log)
     phases.phase("capture")
     prepared = _prepared(model, example_inputs, calibration, ranges, pipeline)
-    graph = prepared.captured if prepared is not None else _capture(model, example_inputs)
+    graph = prepared.captured if prepared is not None else _capture(model, example_inputs, input_shapes)
     report: dict[str, Any] = {"target": target, "size_bytes": {"float": model_size_bytes(graph)}}
     batches, record = None, None
     if calibration is not None:  # a prepared model was refused with calibration above

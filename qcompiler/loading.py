@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelLoadError, QCompilerError
 from .ir import Graph, load_graph
@@ -108,9 +109,19 @@ def _assignments(items: Sequence[str], option: str, form: str, number: type) -> 
     return parsed
 
 
-def parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
-    """``["x=1,3,224,224"]`` -> ``{"x": [1, 3, 224, 224]}``."""
-    return _assignments(items, "--input-shape", "NAME=D0,D1,...", int)
+def parse_shapes(items: Sequence[str]) -> dict[str, list[int | tuple[int, int]]]:
+    """``["x=1,3,224,224"]`` -> ``{"x": [1, 3, 224, 224]}``; a ``MIN:MAX`` dimension (the
+    leading one: a dynamic batch) becomes ``(MIN, MAX)``."""
+    return _assignments(items, "--input-shape", "NAME=D0,D1,... (D0 may be MIN:MAX)", _dimension)
+
+
+def _dimension(text: str) -> int | tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    return (int(lo), int(hi)) if sep else int(text)
+
+
+def is_dynamic(shapes: Mapping[str, Sequence[Any]]) -> bool:
+    return any(isinstance(d, tuple) for shape in shapes.values() for d in shape)
 
 
 def parse_values(items: Sequence[str]) -> dict[str, list[float]]:

@@ -74,6 +74,13 @@ def _load(model: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.ModelProto
     return proto, str(path)
 
 
+def input_names(model: "str | os.PathLike | onnx.ModelProto") -> list[str]:
+    """The model's data inputs (initializers excluded), in order: what ``input_shapes`` names."""
+    proto, _ = _load(model)
+    weights = {t.name for t in proto.graph.initializer}
+    return [v.name for v in proto.graph.input if v.name not in weights]
+
+
 def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
               input_shapes: Mapping[str, Sequence[int]] | None = None, *, name: str = "main",
               input_values: Mapping[str, Any] | None = None) -> Graph:
