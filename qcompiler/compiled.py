@@ -191,7 +191,7 @@ class CompiledModel:
         """Write the artifact (see ``qcompiler.artifact``: atomic, never over a folder that is not
         an artifact); its digest is ``self.digest`` afterwards."""
         def fill(staging: Path) -> dict[str, Any]:
-            self._write_build(staging, "")
+            self._write_builds(staging)
             # timings vary run to run; the artifact keeps only what the same inputs reproduce
             stable = {k: v for k, v in self._report.items() if k not in VOLATILE_REPORT_KEYS}
             (staging / "report.json").write_text(json.dumps(stable, indent=2, sort_keys=True))
@@ -199,6 +199,9 @@ class CompiledModel:
 
         self.digest = artifact.write(directory, fill)
         return Path(directory)
+
+    def _write_builds(self, staging: Path) -> None:
+        self._write_build(staging, "")
 
     def _write_build(self, staging: Path, tag: str) -> None:
         """The IR and the library into ``staging``, their names marked with ``tag`` (a batch
@@ -235,9 +238,8 @@ class BatchedModel(CompiledModel):
         if len(arrays) != len(names):
             raise InputError(f"the model takes {len(names)} input(s), got {len(arrays)}")
         n = batch_of(self.spec, arrays, names)
-        build = self.builds[self.spec.bucket_for(n)]
         size = self.spec.bucket_for(n)
-        return build, [pad_to(a, size) if p in self.spec.inputs else a for p, a in enumerate(arrays)], n
+        return self.builds[size], [pad_to(a, size) if p in self.spec.inputs else a for p, a in enumerate(arrays)], n
 
     def run_arrays(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """The outputs for ``arrays`` (any batch in range), each cut to the call's own samples."""
@@ -263,16 +265,9 @@ class BatchedModel(CompiledModel):
     def manifest(self) -> dict[str, Any]:
         return {**super().manifest(), "batch": self.spec.to_dict()}
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        def fill(staging: Path) -> dict[str, Any]:
-            for size, build in self.builds.items():
-                build._write_build(staging, "" if size == self.spec.buckets[0] else f".b{size}")
-            stable = {k: v for k, v in self._report.items() if k not in VOLATILE_REPORT_KEYS}
-            (staging / "report.json").write_text(json.dumps(stable, indent=2, sort_keys=True))
-            return self.manifest()
-
-        self.digest = artifact.write(directory, fill)
-        return Path(directory)
+    def _write_builds(self, staging: Path) -> None:
+        for size, build in self.builds.items():
+            build._write_build(staging, "" if size == self.spec.buckets[0] else f".b{size}")
 
 
 def load(directory: str | os.PathLike, expect_digest: str | None = None) -> CompiledModel:
