@@ -132,11 +132,14 @@ def activation(low: Lowerer, x: relax.Expr, act: str, args: tuple, dtype: str) -
                                    low.emit(R.add(erf, low.scalar(1.0, dtype)))))
     if act == "gelu_tanh":
         return low.emit(R.nn.gelu_tanh(x))
-    if act in ("hardswish", "hardsigmoid"):
-        alpha, beta = (1 / 6, 0.5) if act == "hardswish" else args
-        hs = low.emit(R.clip(low.emit(R.add(low.emit(R.multiply(x, low.scalar(alpha, dtype))),
-                                            low.scalar(beta, dtype))), 0.0, 1.0))
-        return low.emit(R.multiply(x, hs)) if act == "hardswish" else hs
+    if act == "hardswish":  # x * clip(x / 6 + 0.5, 0, 1): the interpreter's arithmetic, rounding for rounding
+        hs = low.emit(R.clip(low.emit(R.add(low.emit(R.divide(x, low.scalar(6.0, dtype))), low.scalar(0.5, dtype))),
+                             0.0, 1.0))
+        return low.emit(R.multiply(x, hs))
+    if act == "hardsigmoid":
+        alpha, beta = args
+        return low.emit(R.clip(low.emit(R.add(low.emit(R.multiply(x, low.scalar(alpha, dtype))),
+                                              low.scalar(beta, dtype))), 0.0, 1.0))
     raise QCompilerError(f"activation '{act}' has no Relax lowering")
 
 
