@@ -575,9 +575,8 @@ def _int8_kernels_report(tvm_target: Any, quantized: bool) -> dict[str, Any]:
     entry: dict[str, Any] = {"kernels": kernels}
     if quantized and kernels is None:
         entry["warning"] = ("this target has no int8 dot-product instruction qcompiler has kernels for "
-                            "(x86 AVX-512 VNNI, CUDA sm_61+): integer convolutions and linears run on generic "
-                            "integer kernels, exact but much slower (ResNet-18: about 18x); the float build "
-                            "may be faster here")
+                            "(x86 AVX-512 VNNI or AVX2, CUDA sm_61+): integer convolutions and linears run on "
+                            "generic integer kernels, exact but much slower; the float build may be faster here")
     return entry
 
 

@@ -181,7 +181,7 @@ def test_demo_prints_the_comparison_table():
     for row in ("PyTorch fp32", "qcompiler int8", "ONNX Runtime int8"):
         assert row in done.stdout
     assert re.search(r"qcompiler int8.*\d+\.\d+%.*KiB.*ms", done.stdout)
-    assert re.search(r"int8 kernels\s+for\s+this\s+CPU:\s+(amx|vnni|none)", done.stdout)  # rich may wrap lines
+    assert re.search(r"int8 kernels\s+for\s+this\s+CPU:\s+(amx|vnni|avx2|none)", done.stdout)  # rich may wrap lines
 
 
 def test_onnx_target_exports_a_qdq_model_onnxruntime_runs(digits, tmp_path):

@@ -201,13 +201,14 @@ def test_max_pool_kernel_matches(dtype, shape, kernel, stride, pad, ceil):
 
 
 def test_report_warns_where_the_target_has_no_int8_kernels():
-    """A quantized build for a CPU without VNNI (AVX2 only) is exact but slow: the report says so."""
+    """A quantized build for a CPU without VNNI or AVX2 (x86-64 v1) is exact but slow: the
+    report says so."""
     from qcompiler.compiled import _int8_kernels_report
 
-    haswell = make_target("llvm", arch="haswell")
-    assert int8_kernels(haswell) is None
-    assert "generic integer kernels" in _int8_kernels_report(haswell, quantized=True)["warning"]
-    assert "warning" not in _int8_kernels_report(haswell, quantized=False)
+    baseline = make_target("llvm", arch="x86-64")
+    assert int8_kernels(baseline) is None
+    assert "generic integer kernels" in _int8_kernels_report(baseline, quantized=True)["warning"]
+    assert "warning" not in _int8_kernels_report(baseline, quantized=False)
     assert _int8_kernels_report(make_target("cuda", "sm_80"), quantized=True) == {"kernels": "dp4a"}
 
 

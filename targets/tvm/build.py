@@ -99,15 +99,17 @@ def _schedule(target: Target) -> tvm.transform.Pass:
 
 def int8_kernels(target: Target) -> str | None:
     """The hand-scheduled int8 kernels ``target`` can run: x86 AMX (with VNNI and VBMI), VNNI
-    (with VBMI or not), CUDA dp4a (sm_61+), or none."""
+    (with VBMI or not), AVX2 (``vpmaddwd``), CUDA dp4a (sm_61+), or none."""
     from .cuda_int8 import supports_dp4a
     from .x86_amx import supports_amx
-    from .x86_int8 import supports_vbmi, supports_vnni
+    from .x86_int8 import supports_avx2, supports_vbmi, supports_vnni
 
     if supports_amx(target):
         return "amx"
     if supports_vnni(target):
         return "vnni-vbmi" if supports_vbmi(target) else "vnni"
+    if supports_avx2(target):
+        return "avx2"
     return "dp4a" if supports_dp4a(target) else None
 
 

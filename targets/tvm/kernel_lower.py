@@ -10,7 +10,9 @@ u8 by s8. A convolution is that product over its input padded with ``z`` (contri
 ``(z - z) * w = 0``): read directly in 4-channel blocks (``conv_direct_u8s8``), or, for output
 rows narrower than 14, flattened across rows (``conv_flat_u8s8``); dilated ones through an
 im2col matrix; depthwise convolutions along output rows (``vpermb`` windows where the CPU has
-AVX-512 VBMI).
+AVX-512 VBMI). On AVX2 without VNNI (``"avx2"``) the same products run on ``vpmaddwd``
+(``x86_int8.AVX2_DOT``): linears, attention products and im2col convolutions (the direct and
+flat kernels read VNNI's 4-channel blocks), depthwise convolutions on the int16 kernel.
 
 When the accumulator's only reader is a ``requantize`` with constant parameters, the kernel
 does it in its epilogue and the ``requantize`` node lowers to that result. Results are
@@ -20,16 +22,18 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, te, tirx
 
-from qcompiler.ir import Node
+from qcompiler.ir import Node, Value
+from qcompiler.ir.packing import Int4Groups
 from qcompiler.ir.types import DTYPES
 
 from . import cpu_float, cpu_pool, layout
 from .lowering import ConvGeometry, Fused, Lowerer
 from .int_arith import Requantize
 from .tiling import LANES, MAX_ACCUMULATORS, padded
-from .x86_int8 import (GROUP, MAX_SLIDING_STRIDE, FlatGeometry, as_unsigned, batch_matmul_u8s8, conv_direct_u8s8,
-                       conv_flat_u8s8, conv_u8s8, dense_u8s8, depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed,
-                       pack_dense_weight, pack_sliding_weight, to_blocked_flat, to_blocked_phases, window_load)
+from .x86_int8 import (AVX2_DOT, GROUP, MAX_SLIDING_STRIDE, VNNI_DOT, WORD, DotProduct, FlatGeometry, as_unsigned,
+                       batch_matmul_u8s8, conv_direct_u8s8, conv_flat_u8s8, conv_u8s8, dense_u8s4, dense_u8s8,
+                       depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_int4, pack_dense_weight,
+                       pack_sliding_weight, to_blocked_flat, to_blocked_phases, window_load)
 
 
 R = relax.op
@@ -116,6 +120,17 @@ def result_dtype(requant: Requantize | None) -> str:
     return requant.dtype if requant else "int32"
 
 
+def dot_product(low: Lowerer) -> DotProduct:
+    """The instruction this target's kernels sum products with."""
+    return AVX2_DOT if low.int8_variant == "avx2" else VNNI_DOT
+
+
+def _four_bit_groups(low: Lowerer, weight: Value) -> Int4Groups | None:
+    """How ``weight`` is stored when it is 4-bit in groups a pair of inputs never straddles."""
+    storage = low.graph.storage.get(weight.name)
+    return storage if storage is not None and storage.group_size % 2 == 0 else None
+
+
 def _dense_columns(n: int) -> int:
     """Output columns of a VNNI dense product, padded to its register blocks (1 or 2 x 16 lanes)."""
     return padded(n, 2 * LANES if n > LANES else LANES)
@@ -144,13 +159,20 @@ def linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused
     if bias is None:
         return None
     n, k = w2d.shape
+    dot = dot_product(low)
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    n_padded, k_padded = _dense_columns(n), padded(k, GROUP)
+    four_bit = _four_bit_groups(low, node.inputs[2]) if dot is AVX2_DOT else None
+    n_padded, k_padded = _dense_columns(n), padded(k, four_bit.group_size if four_bit else dot.group)
     a = unsigned_rows(low, low.emit(R.reshape(xs[0], (rows, k))), k, k_padded, signed)
     args, requant, req = epilogue_args(low, node, bias, n, n_padded, -1)
-    weight = low.const(pack_dense_weight(w2d, n_padded, k_padded))
-    y = call_kernel(low, dense_u8s8(rows, n, n_padded, k_padded, requant), "vnni_dense", [a, weight, *args],
-                    (rows, n), result_dtype(requant))
+    if four_bit:  # kept 4-bit in the library, unpacked in the register
+        codes, multipliers = pack_dense_int4(w2d, four_bit.multipliers(w2d), four_bit.group_size, n_padded, k_padded)
+        func = dense_u8s4(rows, n, n_padded, k_padded, four_bit.group_size, requant)
+        weights, name = [low.const(codes), low.const(multipliers)], "avx2_dense_4bit"
+    else:
+        func = dense_u8s8(rows, n, n_padded, k_padded, requant, dot)
+        weights, name = [low.const(pack_dense_weight(w2d, n_padded, k_padded, dot.group))], f"{dot.name}_dense"
+    y = call_kernel(low, func, name, [a, *weights, *args], (rows, n), result_dtype(requant))
     return kernel_result(low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
 
 
@@ -175,18 +197,20 @@ def matmul(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused
     za, a_signed = activation_zero_point(low, node)
     b_unsigned = b.dtype == "u8"
     zb = int(low.array(node.inputs[3])) - (128 if b_unsigned else 0)
-    n_padded, k_padded = _dense_columns(n), padded(k, GROUP)
+    dot = dot_product(low)
+    group = dot.group
+    n_padded, k_padded = _dense_columns(n), padded(k, group)
 
     def b_signed(t: te.Tensor, kk, j) -> tirx.PrimExpr:
         return t[kk, j].astype("int32") - (128 if b_unsigned else 0)
 
-    def b_packed(t: te.Tensor) -> te.Tensor:  # [batch, N'/16, K'/4, 16, 4] int8
+    def b_packed(t: te.Tensor) -> te.Tensor:  # [batch, N'/16, K'/g, 16, g] int8
         def element(bi, jb, kb, ji, ki):
-            kk, j = kb * GROUP + ki, jb * LANES + ji
+            kk, j = kb * group + ki, jb * LANES + ji
             inside = tirx.all(kk < k, j < n)
             return tirx.if_then_else(inside, b_signed(t[bi], tirx.min(kk, k - 1), tirx.min(j, n - 1)),
                                      0).astype("int8")
-        return te.compute((batch, n_padded // LANES, k_padded // GROUP, LANES, GROUP), element, name="b_s8")
+        return te.compute((batch, n_padded // LANES, k_padded // group, LANES, group), element, name="b_s8")
 
     def column_term(t: te.Tensor) -> te.Tensor:  # -za' sum_k b' + K za' zb'
         r = te.reduce_axis((0, k), name="k")
@@ -206,7 +230,7 @@ def matmul(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused
                 low.bb.emit_te(column_term, b_items, primfunc_name_hint="col_term"),
                 low.bb.emit_te(row_term, a_rows, primfunc_name_hint="row_term")]
     args, requant, req = epilogue_args(low, node, np.zeros(n, np.int32), n, n_padded, -1)
-    y = call_kernel(low, batch_matmul_u8s8(batch, m, n, n_padded, k_padded, requant), "vnni_matmul",
+    y = call_kernel(low, batch_matmul_u8s8(batch, m, n, n_padded, k_padded, requant, dot), f"{dot.name}_matmul",
                     [*operands, *args], (batch * m, n), result_dtype(requant))
     return kernel_result(low.emit(R.reshape(y, tuple(node.output.shape))), req)
 
@@ -220,59 +244,62 @@ def conv2d(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused
         return None
     if g.groups != 1:
         return _depthwise(low, node, g, xs, zp, w2d, bias)
+    dot = dot_product(low)
     if g.dilations == (1, 1):
         if g.ow >= DIRECT_MIN_WIDTH:
-            return _direct_conv2d(low, node, g, xs, zp, signed, bias)
-        flat = _flat_conv2d(low, node, g, xs, zp, signed, bias)
+            return _direct_conv2d(low, node, g, xs, zp, signed, bias, dot)
+        flat = None if dot is AVX2_DOT else _flat_conv2d(low, node, g, xs, zp, signed, bias)  # VNNI blocks only
         if flat is not None:
             return flat
-    k_padded = padded(w2d.shape[1], GROUP)
+    k_padded = padded(w2d.shape[1], dot.group)
     im2col = im2col_packed(g.batch, g.channels, g.height, g.width, (g.kh, g.kw), g.strides, g.dilations, g.pads,
-                           zp, signed)
-    a = call_kernel(low, im2col, "vnni_im2col", [xs[0]],
-                    (g.batch, padded(g.oh * g.ow, LANES) // LANES, k_padded // GROUP, LANES, GROUP), "uint8")
-    weight = np.zeros((g.out_channels, k_padded), np.int8)
+                           zp, signed, dot.group)
+    a = call_kernel(low, im2col, f"{dot.name}_im2col", [xs[0]],
+                    (g.batch, padded(g.oh * g.ow, LANES) // LANES, k_padded // dot.group, LANES, dot.group), "uint8")
+    weight = np.zeros((g.out_channels, k_padded), dot.conv_weight)
     weight[:, :w2d.shape[1]] = w2d
     args, requant, req = epilogue_args(low, node, bias, g.out_channels, g.out_channels, 1)
-    y = call_kernel(low, conv_u8s8(g.batch, g.out_channels, g.oh * g.ow, k_padded, requant), "vnni_conv2d",
+    y = call_kernel(low, conv_u8s8(g.batch, g.out_channels, g.oh * g.ow, k_padded, requant, dot), f"{dot.name}_conv2d",
                     [a, low.const(weight), *args], (g.batch, g.out_channels, g.oh * g.ow),
                     result_dtype(requant))
     return kernel_result(low.emit(R.reshape(y, (g.batch, g.out_channels, g.oh, g.ow))), req)
 
 
 def _direct_conv2d(low: Lowerer, node: Node, g: ConvGeometry, xs: list[relax.Expr], zp: int, signed: bool,
-                   bias: np.ndarray) -> relax.Expr | Fused:
-    """The input once re-laid out (padded with the zero point, NCHW4c, column phases), then
-    the direct kernel: one pass over the input instead of an im2col copy of kh*kw times it."""
-    stride = g.strides[1]
+                   bias: np.ndarray, dot: DotProduct) -> relax.Expr | Fused:
+    """The input once re-laid out (padded with the zero point, channel blocks, column phases),
+    then the direct kernel: one pass over the input instead of an im2col copy of kh*kw times it."""
+    stride, group = g.strides[1], dot.group
     top, left, bottom, right = cpu_float.conv_input_padding(g.width, g.pads, g.ow, g.kw, stride)
-    blocks = padded(g.channels, GROUP) // GROUP
+    blocks = padded(g.channels, group) // group
     padded_h, padded_w = g.height + top + bottom, g.width + left + right
-    layout = to_blocked_phases(g.batch, g.channels, g.height, g.width, (top, left, bottom, right), stride, zp, signed)
-    x = _blocked_input(low, layout, xs[0], (g.batch, blocks, padded_h, stride, padded_w // stride))
+    layout = to_blocked_phases(g.batch, g.channels, g.height, g.width, (top, left, bottom, right), stride, zp, signed,
+                               group)
+    x = _blocked_input(low, layout, xs[0], (g.batch, blocks, padded_h, stride, padded_w // stride), group=group)
     args, requant, req = epilogue_args(low, node, bias, g.out_channels, g.out_channels, 1)
     func = conv_direct_u8s8(g.batch, blocks, (padded_h, padded_w), g.out_channels, (g.kh, g.kw), g.strides,
-                            (g.oh, g.ow), requant)
-    weight = low.const(_packed_conv_weight(low.array(node.inputs[2]), blocks))
-    y = call_kernel(low, func, "vnni_conv2d_direct", [x, weight, *args], (g.batch, g.out_channels, g.oh, g.ow),
-                    result_dtype(requant))
+                            (g.oh, g.ow), requant, dot)
+    weight = low.const(_packed_conv_weight(low.array(node.inputs[2]), blocks, group, dot.conv_weight))
+    y = call_kernel(low, func, f"{dot.name}_conv2d_direct", [x, weight, *args],
+                    (g.batch, g.out_channels, g.oh, g.ow), result_dtype(requant))
     return kernel_result(y, req)
 
 
 def _blocked_input(low: Lowerer, layout, x: relax.Expr, shape: tuple[int, ...],
-                  words_shape: tuple[int, ...] = ()) -> relax.Expr:
-    """The layout kernel's uint32 words (4 channel bytes each; ``words_shape``, by default
-    ``shape``), viewed as the bytes the convolution kernels read: ``shape + (4,)``."""
-    words = call_kernel(low, layout, "vnni_conv2d_input", [x], words_shape or shape, "uint32")
-    return low.emit(R.memory.view(words, shape=shape + (GROUP,), dtype="uint8"))
+                   words_shape: tuple[int, ...] = (), group: int = GROUP) -> relax.Expr:
+    """The layout kernel's words (``group`` channel bytes each; ``words_shape``, by default
+    ``shape``), viewed as the bytes the convolution kernels read: ``shape + (group,)``."""
+    name = "vnni_conv2d_input" if group == GROUP else "avx2_conv2d_input"
+    words = call_kernel(low, layout, name, [x], words_shape or shape, WORD[group])
+    return low.emit(R.memory.view(words, shape=shape + (group,), dtype="uint8"))
 
 
-def _packed_conv_weight(w: np.ndarray, blocks: int) -> np.ndarray:
-    """``[O, C, kh, kw]`` -> ``[O, C'/4, kh, kw, 4]`` (the extra channels zero)."""
+def _packed_conv_weight(w: np.ndarray, blocks: int, group: int = GROUP, dtype: str = "int8") -> np.ndarray:
+    """``[O, C, kh, kw]`` -> ``[O, C'/g, kh, kw, g]`` (the extra channels zero)."""
     out_channels, channels, kh, kw = w.shape
-    packed = np.zeros((out_channels, blocks * GROUP, kh, kw), np.int8)
+    packed = np.zeros((out_channels, blocks * group, kh, kw), dtype)
     packed[:, :channels] = w
-    return np.ascontiguousarray(packed.reshape(out_channels, blocks, GROUP, kh, kw).transpose(0, 1, 3, 4, 2))
+    return np.ascontiguousarray(packed.reshape(out_channels, blocks, group, kh, kw).transpose(0, 1, 3, 4, 2))
 
 
 def _flat_conv2d(low: Lowerer, node: Node, g: ConvGeometry, xs: list[relax.Expr], zp: int, signed: bool,

@@ -28,9 +28,10 @@ TVM_DTYPE = {name: np.dtype(dt).name for name, dt in DTYPES.items()}
 Lowering = Callable[[Lowerer, Node, list[relax.Expr]], "relax.Expr | list[relax.Expr] | Fused"]
 _RULES: dict[str, Lowering] = {}
 # each implements lowering.Int8Kernels; "vnni-vbmi": VNNI with vpermb (the
-# sliding depthwise kernel); "amx": AMX where it pays, VNNI with vpermb elsewhere
+# sliding depthwise kernel); "amx": AMX where it pays, VNNI with vpermb elsewhere; "avx2": the
+# VNNI kernels' vpmaddwd form
 INT8_KERNELS: dict[str, Int8Kernels] = {"vnni": kernel_lower, "vnni-vbmi": kernel_lower, "amx": amx_lower,
-                                        "dp4a": cuda_lower}
+                                        "avx2": kernel_lower, "dp4a": cuda_lower}
 
 
 lowers = registrar(_RULES)

@@ -52,24 +52,25 @@ def pick(extent: int, choices: tuple[int, ...]) -> int:
 MAX_ACCUMULATORS = 28  # of 32 vector registers: the rest hold the streamed operand and the broadcast
 
 
-def row_tile(channels: int, strips: int) -> tuple[int, int]:
+def row_tile(channels: int, strips: int, max_accumulators: int = MAX_ACCUMULATORS) -> tuple[int, int]:
     """(output channels, 16-wide strips) per register tile of a convolution over output rows:
     the pair that divides both extents, fits the registers, and reuses loads best (each strip
     load feeds ``rows`` instructions, each broadcast weight ``strips`` of them)."""
-    options = [(r, s) for r in range(1, MAX_ACCUMULATORS + 1) if channels % r == 0 for s in range(1, strips + 1)
-               if strips % s == 0 and r * s <= MAX_ACCUMULATORS]
+    options = [(r, s) for r in range(1, max_accumulators + 1) if channels % r == 0 for s in range(1, strips + 1)
+               if strips % s == 0 and r * s <= max_accumulators]
     return max(options, key=lambda rs: (rs[0] * rs[1] / (rs[0] + rs[1]), rs[1]))
 
 
-def tile_dense(sch, m: int, n_padded: int, k_group: int | None = None) -> tuple:
+def tile_dense(sch, m: int, n_padded: int, k_group: int | None = None,
+               row_choices: tuple[int, ...] = (4, 6, 8, 7, 5, 3, 2, 1), block_choices: tuple[int, ...] = (2, 1)) -> tuple:
     """Block ``C`` over loops ``[i, j, k]`` (``j`` the 16-lane axis) in register tiles of
-    ``rows x 16*blocks`` accumulators, the whole reduction inside a tile, tiles in parallel; with
-    ``k_group``, ``k`` is split so that the innermost ``k_group`` go with the lanes (a dot-product
-    instruction). Returns the block, its epilogue, the reduction loop to decompose at, and the
-    lane loop (to vectorize or tensorize)."""
+    ``rows x 16*blocks`` accumulators (the first of the choices dividing the extents), the whole
+    reduction inside a tile, tiles in parallel; with ``k_group``, ``k`` is split so that the
+    innermost ``k_group`` go with the lanes (a dot-product instruction). Returns the block, its
+    epilogue, the reduction loop to decompose at, and the lane loop (to vectorize or tensorize)."""
     block = sch.get_sblock("C")
     i, j, k = sch.get_loops(block)
-    rows, blocks = pick(m, (4, 6, 8, 7, 5, 3, 2, 1)), pick(n_padded // LANES, (2, 1))
+    rows, blocks = pick(m, row_choices), pick(n_padded // LANES, block_choices)
     i_outer, i_inner = sch.split(i, [None, rows])
     j_outer, j_mid, j_inner = sch.split(j, [None, blocks, LANES])
     k_inner = []
@@ -82,7 +83,8 @@ def tile_dense(sch, m: int, n_padded: int, k_group: int | None = None) -> tuple:
     return block, accumulate_in_registers(sch, block, tile, (i_inner, j_mid)), k, j_inner
 
 
-def tile_rows(sch, out_channels: int, out_width_padded: int, inner_reductions: int = 0) -> tuple:
+def tile_rows(sch, out_channels: int, out_width_padded: int, inner_reductions: int = 0,
+              max_accumulators: int = MAX_ACCUMULATORS) -> tuple:
     """Block ``C`` of a convolution over loops ``[b, o, y, x, *reductions]`` (``x`` the output row,
     padded to 16-wide strips) in register tiles of :func:`row_tile` channels times strips, all
     reductions inside a tile except the last ``inner_reductions``, which go with the lanes.
@@ -90,7 +92,7 @@ def tile_rows(sch, out_channels: int, out_width_padded: int, inner_reductions: i
     block = sch.get_sblock("C")
     b, o, y, x, *reductions = sch.get_loops(block)
     outer, inner = reductions[:len(reductions) - inner_reductions], reductions[len(reductions) - inner_reductions:]
-    rows, strips = row_tile(out_channels, out_width_padded // LANES)
+    rows, strips = row_tile(out_channels, out_width_padded // LANES, max_accumulators)
     o_outer, o_inner = sch.split(o, [None, rows])
     x_outer, x_mid, x_inner = sch.split(x, [None, strips, LANES])
     sch.reorder(b, o_outer, y, x_outer, *outer, o_inner, x_mid, x_inner, *inner)
