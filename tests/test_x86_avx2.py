@@ -103,30 +103,52 @@ def _four_bit_linear(x_shape, features: int, group: int, seed: int = 0) -> tuple
     return graph, inputs
 
 
-@needs_avx2
-@pytest.mark.parametrize("x_shape,features,group", [((6, 64), 48, 32), ((9, 70), 20, 16), ((4, 40), 16, 8)])
-def test_four_bit_dense_unpacks_in_the_register_bit_exact(x_shape, features, group):
-    """A last group shorter than the others (70 = 4 x 16 + 6), groups of 8 (four pairs)."""
+ICELAKE = make_target("llvm", arch="icelake-server")
+
+
+@pytest.mark.parametrize("variant,group,kernel", [("avx2", 32, "avx2_dense_4bit"), ("vnni", 32, "vnni_dense_4bit"),
+                                                  ("vnni-vbmi", 8, "vnni_dense_4bit"), ("amx", 32, "vnni_dense_4bit"),
+                                                  ("vnni", 6, "avx2_dense_4bit")])
+def test_four_bit_linears_take_a_4_bit_kernel_on_every_x86_variant(variant, group, kernel):
+    """Every x86 build keeps 4-bit weights 4-bit: VNNI (AMX too: its size rules would take this
+    32-row linear otherwise) unpacks 4 inputs to a byte each, AVX2 (and VNNI for groups that
+    are not a multiple of 4) pairs of inputs."""
+    graph, _ = _four_bit_linear((32, 60), 48, group)
+    kernels = {gv.name_hint.rstrip("0123456789") for gv in to_relax(graph, int8_kernels=variant).functions}
+    assert kernel in kernels and not any(k.endswith("_dense") for k in kernels)
+
+
+@pytest.mark.parametrize("target", [pytest.param(HASWELL, marks=needs_avx2, id="haswell"),
+                                    pytest.param(ICELAKE, id="icelake", marks=pytest.mark.skipif(
+                                        bool(missing_cpu_features(str(ICELAKE))), reason="this CPU lacks VNNI"))])
+@pytest.mark.parametrize("x_shape,features,group", [((6, 64), 48, 32), ((9, 70), 20, 16), ((4, 40), 16, 8),
+                                                    ((3, 2, 36), 40, 12), ((5, 30), 24, 6)])
+def test_four_bit_dense_unpacks_in_the_register_bit_exact(x_shape, features, group, target):
+    """Last groups shorter than the others (70 = 4 x 16 + 6, 36 = 3 x 12), groups of 8 and 12,
+    6 (a multiple of 2, not of 4: AVX2's kernel on VNNI too), 2 x 3 rows; built for an AVX2
+    CPU and for a VNNI one."""
     graph, inputs = _four_bit_linear(x_shape, features, group)
-    assert "avx2_dense_4bit" in _kernels(graph) and "avx2_dense" not in _kernels(graph)
-    assert_bit_exact(graph, inputs, HASWELL)
+    assert_bit_exact(graph, inputs, target)
 
 
-def _library_bytes(model: torch.nn.Module, example: torch.Tensor, config: qcompiler.QuantConfig) -> int:
-    compiled = qcompiler.compile(model, (example,), calibration=[example], config=config, cpu="haswell")
+def _library_bytes(model: torch.nn.Module, example: torch.Tensor, config: qcompiler.QuantConfig,
+                   cpu: str) -> int:
+    compiled = qcompiler.compile(model, (example,), calibration=[example], config=config, cpu=cpu)
     with tempfile.TemporaryDirectory() as folder:
         compiled.save(folder)
         return os.path.getsize(os.path.join(folder, "model.so"))
 
 
-def test_the_library_holds_8_bit_and_4_bit_weights_not_int32():
-    """A 1M-weight MLP: int8 weights take 1 MB in the shared library (they were folded into 4 MB
-    of int32 by the generic integer path); 4-bit ones save half a byte per weight (less one
-    multiplier byte per group of 32)."""
+@pytest.mark.parametrize("cpu", ["haswell", "icelake-server"])
+def test_the_library_holds_8_bit_and_4_bit_weights_not_int32(cpu):
+    """A 1M-weight MLP: int8 weights take 1 MB in the shared library (on AVX2 they were folded
+    into 4 MB of int32 by the generic integer path); 4-bit ones save half a byte per weight
+    (less one multiplier byte per group of 32), on an AVX2 CPU and on a VNNI one."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512)).eval()
     weights = 2 * 512 * 1024
-    int8 = _library_bytes(model, torch.randn(4, 512), qcompiler.QuantConfig())
-    int4 = _library_bytes(model, torch.randn(4, 512), qcompiler.QuantConfig(weight_dtype="i4", weight_group_size=32))
+    int8 = _library_bytes(model, torch.randn(4, 512), qcompiler.QuantConfig(), cpu)
+    int4 = _library_bytes(model, torch.randn(4, 512), qcompiler.QuantConfig(weight_dtype="i4", weight_group_size=32),
+                          cpu)
     assert weights < int8 < 1.25 * weights
     assert int8 - int4 > 0.45 * weights

@@ -69,9 +69,30 @@ def openvino_nncf_int8(float_path: Path, names: Sequence[str], calibration: Sequ
     ``run(*arrays) -> first output``. Raises ImportError where openvino or nncf is missing."""
     import openvino as ov
 
+    return openvino_session(_nncf_quantize(ov.Core().read_model(str(float_path)), names, calibration, transformer),
+                            names)
+
+
+def save_openvino_nncf_int8(float_path: Path, names: Sequence[str], calibration: Sequence[Sequence[np.ndarray]],
+                            xml_path: Path, transformer: bool = False) -> Path:
+    """NNCF's int8 of the ONNX model saved as OpenVINO IR (``.xml`` + ``.bin``), for a fresh
+    process to compile (:func:`openvino_session`)."""
+    import openvino as ov
+
+    ov.save_model(_nncf_quantize(ov.Core().read_model(str(float_path)), names, calibration, transformer),
+                  str(xml_path))
+    return xml_path
+
+
+def openvino_session(model: Any, names: Sequence[str]) -> Any:
+    """``model`` (an OpenVINO model, or the path of an ONNX or IR file) compiled by OpenVINO for
+    this CPU with its default precision (bf16 where AMX has it, int8 where the model is
+    quantized) on all cores, called like a model: ``run(*arrays) -> first output``."""
+    import openvino as ov
+
     core = ov.Core()
-    quantized = _nncf_quantize(core.read_model(str(float_path)), names, calibration, transformer)
-    compiled = core.compile_model(quantized, "CPU")
+    compiled = core.compile_model(model if not isinstance(model, Path) else str(model), "CPU",
+                                  {"INFERENCE_NUM_THREADS": os.cpu_count() or 1})
     return lambda *xs: next(iter(compiled(dict(zip(names, xs))).values()))
 
 

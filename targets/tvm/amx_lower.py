@@ -84,7 +84,8 @@ def linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused
     w2d = low.array(node.inputs[2])
     n, k = w2d.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if rows < x86_amx.TILE or n < x86_amx.BLOCK or not x86_amx.addressable(rows * (k + 64), rows * n):
+    small = rows < x86_amx.TILE or n < x86_amx.BLOCK or not x86_amx.addressable(rows * (k + 64), rows * n)
+    if small or kernel_lower.four_bit_groups(low, node.inputs[2]):  # 4-bit weights stay 4-bit: no AMX form
         return kernel_lower.linear(low, node, xs)
     zp, signed = activation_zero_point(low, node)
     bias = folded_bias(low, node, w2d, zp)

@@ -31,9 +31,10 @@ from .lowering import ConvGeometry, Fused, Lowerer
 from .int_arith import Requantize
 from .tiling import LANES, MAX_ACCUMULATORS, padded
 from .x86_int8 import (AVX2_DOT, GROUP, MAX_SLIDING_STRIDE, VNNI_DOT, WORD, DotProduct, FlatGeometry, as_unsigned,
-                       batch_matmul_u8s8, conv_direct_u8s8, conv_flat_u8s8, conv_u8s8, dense_u8s4, dense_u8s8,
-                       depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_int4, pack_dense_weight,
-                       pack_sliding_weight, to_blocked_flat, to_blocked_phases, window_load)
+                       batch_matmul_u8s8, conv_direct_u8s8, conv_flat_u8s8, conv_u8s8, dense_u8s4, dense_u8s4_vnni,
+                       dense_u8s8, depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_int4,
+                       pack_dense_int4_vnni, pack_dense_weight, pack_sliding_weight, to_blocked_flat,
+                       to_blocked_phases, window_load)
 
 
 R = relax.op
@@ -125,7 +126,7 @@ def dot_product(low: Lowerer) -> DotProduct:
     return AVX2_DOT if low.int8_variant == "avx2" else VNNI_DOT
 
 
-def _four_bit_groups(low: Lowerer, weight: Value) -> Int4Groups | None:
+def four_bit_groups(low: Lowerer, weight: Value) -> Int4Groups | None:
     """How ``weight`` is stored when it is 4-bit in groups a pair of inputs never straddles."""
     storage = low.graph.storage.get(weight.name)
     return storage if storage is not None and storage.group_size % 2 == 0 else None
@@ -161,14 +162,19 @@ def linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused
     n, k = w2d.shape
     dot = dot_product(low)
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    four_bit = _four_bit_groups(low, node.inputs[2]) if dot is AVX2_DOT else None
+    four_bit = four_bit_groups(low, node.inputs[2])
     n_padded, k_padded = _dense_columns(n), padded(k, four_bit.group_size if four_bit else dot.group)
     a = unsigned_rows(low, low.emit(R.reshape(xs[0], (rows, k))), k, k_padded, signed)
     args, requant, req = epilogue_args(low, node, bias, n, n_padded, -1)
     if four_bit:  # kept 4-bit in the library, unpacked in the register
-        codes, multipliers = pack_dense_int4(w2d, four_bit.multipliers(w2d), four_bit.group_size, n_padded, k_padded)
-        func = dense_u8s4(rows, n, n_padded, k_padded, four_bit.group_size, requant)
-        weights, name = [low.const(codes), low.const(multipliers)], "avx2_dense_4bit"
+        g = four_bit.group_size
+        if dot is VNNI_DOT and g % GROUP == 0:
+            codes, multipliers = pack_dense_int4_vnni(w2d, four_bit.multipliers(w2d), g, n_padded, k_padded)
+            func, name = dense_u8s4_vnni(rows, n, n_padded, k_padded, g, requant), "vnni_dense_4bit"
+        else:  # AVX2's kernel (every x86 variant has AVX2): groups of an even size
+            codes, multipliers = pack_dense_int4(w2d, four_bit.multipliers(w2d), g, n_padded, k_padded)
+            func, name = dense_u8s4(rows, n, n_padded, k_padded, g, requant), "avx2_dense_4bit"
+        weights = [low.const(codes), low.const(multipliers)]
     else:
         func = dense_u8s8(rows, n, n_padded, k_padded, requant, dot)
         weights, name = [low.const(pack_dense_weight(w2d, n_padded, k_padded, dot.group))], f"{dot.name}_dense"

@@ -44,6 +44,7 @@ from .tiling import (LANES, MAX_ACCUMULATORS, accumulate_in_registers, finalize,
 
 GROUP = 4  # bytes summed into each int32 lane
 LANES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8"  # C[16] += A[4] (broadcast) . B[16, 4]
+NIBBLES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8.u4"  # the same, B 4-bit codes in [0, 15]
 LANES_ARE_ROWS = "qcompiler.vnni_16x4.broadcast_s8"  # C[16] += A[16, 4] . B[4] (broadcast)
 PAIRS_ARE_COLUMNS = "qcompiler.avx2_16x2.broadcast_u8"  # C[16] += A[2] (broadcast) . B[16, 2]
 PAIRS_ARE_ROWS = "qcompiler.avx2_16x2.broadcast_s8"  # C[16] += A[16, 2] . B[2] (broadcast)
@@ -156,6 +157,7 @@ def register_intrinsics() -> None:
             c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], dtype="int32x16"), _broadcast4(a, "uint8"),
                                                      b.vload([0, 0], dtype="int8x64"))
 
+
     @T.prim_func(s_tir=True)
     def rows_impl(a: T.Buffer((16, 4), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
                   c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
@@ -167,7 +169,40 @@ def register_intrinsics() -> None:
 
     TensorIntrin.register(LANES_ARE_COLUMNS, _columns_desc(4), columns_impl, override=True)
     TensorIntrin.register(LANES_ARE_ROWS, _rows_desc(4, "int8"), rows_impl, override=True)
+    _register_vnni_nibble_intrinsic()
     _register_pair_intrinsics()
+
+
+def _register_vnni_nibble_intrinsic() -> None:
+    """:data:`LANES_ARE_COLUMNS` on 4-bit codes (``dense_u8s4_vnni``): 32 bytes hold a block's
+    64 codes, column ``j``'s in the low nibbles of bytes ``(j, 0..3)`` and column ``j + 8``'s in
+    their high nibbles; the block is the two halves of nibbles side by side, in the register."""
+    from tvm.s_tir import TensorIntrin
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((8, 4), "uint8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:8, 0:4])
+            T.writes(c[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.bitwise_and(
+                        T.shift_right(T.cast(b[vi % 8, vk], "int32"), vi // 8 * 4), 15)
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((8, 4), "uint8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:8, 0:4])
+            T.writes(c[0:16])
+            c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], dtype="int32x16"), _broadcast4(a, "uint8"), T.reinterpret(
+                T.Shuffle([T.bitwise_and(b.vload([0, 0], "uint8x32"), T.Broadcast(T.uint8(15), 32)),
+                           T.shift_right(b.vload([0, 0], "uint8x32"), T.Broadcast(T.uint8(4), 32))], list(range(64))),
+                dtype="int8x64"))
+
+    TensorIntrin.register(NIBBLES_ARE_COLUMNS, desc, impl, override=True)
 
 
 def _pmaddwd(pairs, other_pairs):
@@ -304,22 +339,101 @@ def _scheduled_dense(func: tvm.tirx.PrimFunc, rows: int, n_padded: int, dot: Dot
     return finalize(sch, epilogue)
 
 
-def pack_dense_int4(w: np.ndarray, multipliers: np.ndarray, group_size: int, n_padded: int,
-                    k_padded: int) -> tuple[np.ndarray, np.ndarray]:
+def _int4_codes(w: np.ndarray, multipliers: np.ndarray, group_size: int, n_padded: int,
+                k_padded: int) -> tuple[np.ndarray, np.ndarray]:
     """A 4-bit weight ``[N, K]`` (int8 values ``q * m``, ``m`` per row and group of ``group_size``
-    inputs: ``ir.packing``) -> ``dense_u8s4``'s operands: codes ``[N'/16, K'/2, 16]`` uint8 (byte
-    ``(j, k/2)`` holds ``q + 8`` of inputs ``k`` and ``k + 1`` of column ``j``, low nibble first)
-    and multipliers ``[N'/16, K'/G, 16]`` uint8; padding has code 8 (``q = 0``) and multiplier 1."""
+    inputs: ``ir.packing``) as codes ``q + 8`` ``[N', K']`` and multipliers ``[N', K'/G]``, both
+    uint8; padding has code 8 (``q = 0``) and multiplier 1."""
     n, k = w.shape
     m = np.ones((n_padded, k_padded // group_size), np.int32)
     m[:n, :multipliers.shape[1]] = multipliers
     q = np.zeros((n_padded, k_padded), np.int32)
     q[:n, :k] = w
     q //= np.repeat(m, group_size, axis=1)
-    codes = (q + 8).astype(np.uint8)
-    pairs = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return (np.ascontiguousarray(pairs.reshape(n_padded // LANES, LANES, -1).transpose(0, 2, 1)),
-            np.ascontiguousarray(m.astype(np.uint8).reshape(n_padded // LANES, LANES, -1).transpose(0, 2, 1)))
+    return (q + 8).astype(np.uint8), m.astype(np.uint8)
+
+
+def _lanes_last(x: np.ndarray) -> np.ndarray:
+    """``[N', X]`` -> ``[N'/16, X, 16]``: 16 consecutive columns' values side by side."""
+    return np.ascontiguousarray(x.reshape(x.shape[0] // LANES, LANES, -1).transpose(0, 2, 1))
+
+
+def pack_dense_int4(w: np.ndarray, multipliers: np.ndarray, group_size: int, n_padded: int,
+                    k_padded: int) -> tuple[np.ndarray, np.ndarray]:
+    """``dense_u8s4``'s operands (:func:`_int4_codes`): codes ``[N'/16, K'/2, 16]`` (byte
+    ``(j, k/2)`` holds the codes of inputs ``k`` and ``k + 1`` of column ``j``, low nibble
+    first) and multipliers ``[N'/16, K'/G, 16]``."""
+    codes, m = _int4_codes(w, multipliers, group_size, n_padded, k_padded)
+    return _lanes_last(codes[:, 0::2] | (codes[:, 1::2] << 4)), _lanes_last(m)
+
+
+def pack_dense_int4_vnni(w: np.ndarray, multipliers: np.ndarray, group_size: int, n_padded: int,
+                         k_padded: int) -> tuple[np.ndarray, np.ndarray]:
+    """``dense_u8s4_vnni``'s operands (:func:`_int4_codes`): codes ``[N'/16, K'/4, 8, 4]``, the
+    64 codes of a ``vpdpbusd`` block (16 columns x 4 inputs) in 32 bytes: byte ``(j, t)`` holds
+    column ``j``'s code of input ``t`` in its low nibble and column ``j + 8``'s in its high one
+    (so the block unpacks as two 32-byte halves); multipliers ``[N'/16, K'/G, 16]``."""
+    codes, m = _int4_codes(w, multipliers, group_size, n_padded, k_padded)
+    blocks = codes.reshape(n_padded // LANES, 2, 8, k_padded // GROUP, GROUP).transpose(0, 3, 1, 2, 4)
+    return np.ascontiguousarray(blocks[:, :, 0] | (blocks[:, :, 1] << 4)), _lanes_last(m)
+
+
+@functools.cache
+def dense_u8s4_vnni(m: int, n: int, n_padded: int, k_padded: int, group_size: int,
+                    requant: Requantize | None) -> tvm.tirx.PrimFunc:
+    """:func:`dense_u8s8` on VNNI with a 4-bit weight (:func:`pack_dense_int4_vnni`), unpacked to
+    bytes in the register and the group multipliers applied per group, on the accumulators:
+    ``out[i, j] = epilogue(sum_g mult[j, g] * (D[i, j, g] - 8 S[i, g]))``, where
+    ``D = sum_{k in g} A[i, k] code[j, k]`` (one ``vpdpbusd`` per 4 inputs; codes ``q + 8`` are
+    in [0, 15], valid signed bytes) and ``S = sum_{k in g} A[i, k]`` (so ``D - 8 S`` is
+    ``sum A q``, exact: padded inputs have code 8 and cancel whatever ``A`` holds there).
+    ``group_size`` a multiple of 4; arguments ``A, codes, multipliers, bias[, multiplier, shift],
+    out``."""
+    from tvm.s_tir import Schedule
+
+    register_intrinsics()
+    steps = group_size // GROUP
+    a = te.placeholder((m, k_padded), "uint8", name="A")
+    codes = te.placeholder((n_padded // LANES, k_padded // GROUP, 8, GROUP), "uint8", name="W")
+    mult = te.placeholder((n_padded // LANES, k_padded // group_size, LANES), "uint8", name="M")
+    params = int_arith.epilogue_inputs(n_padded, requant)
+    r = te.reduce_axis((0, group_size), name="r")
+    d = te.compute((m, k_padded // group_size, n_padded), lambda i, g, j: te.sum(
+        a[i, g * group_size + r].astype("int32") * tirx.bitwise_and(tirx.shift_right(
+            codes[j // LANES, g * steps + r // GROUP, j % 8, r % GROUP].astype("int32"), j % LANES // 8 * 4), 15),
+        axis=r), name="D")
+    rs = te.reduce_axis((0, group_size), name="rs")
+    row_sums = te.compute((m, k_padded // group_size), lambda i, g: te.sum(
+        a[i, g * group_size + rs].astype("int32"), axis=rs), name="S")
+    kg = te.reduce_axis((0, k_padded // group_size), name="kg")
+    c = te.compute((m, n_padded), lambda i, j: te.sum(
+        mult[j // LANES, kg, j % LANES].astype("int32") * (d[i, kg, j] - 8 * row_sums[i, kg]), axis=kg), name="C")
+    out = te.compute((m, n), lambda i, j: int_arith.epilogue(c[i, j], j, params, requant), name="out")
+    sch = Schedule(te.create_prim_func([a, codes, mult, *params, out]))
+    sch.parallel(sch.get_loops(sch.get_sblock("S"))[0])
+    block = sch.get_sblock("C")
+    i, j, g = sch.get_loops(block)
+    rows, blocks = pick(m, VNNI_DOT.dense_rows), pick(n_padded // LANES, VNNI_DOT.dense_blocks)
+    i_outer, i_inner = sch.split(i, [None, rows])
+    j_outer, j_mid, j_inner = sch.split(j, [None, blocks, LANES])
+    sch.reorder(j_outer, i_outer, g, i_inner, j_mid, j_inner)
+    tile = sch.fuse(j_outer, i_outer)
+    sch.parallel(tile)
+    group = sch.get_sblock("D")
+    sch.compute_at(group, g, preserve_unit_loops=True)
+    sch.set_scope(group, 0, "local")
+    *_, di, _, dj, dr = sch.get_loops(group)
+    d_mid, d_lanes = sch.split(dj, [None, LANES])
+    step, element = sch.split(dr, [None, GROUP])
+    sch.reorder(step, di, d_mid, d_lanes, element)
+    sch.unroll(di)
+    sch.unroll(d_mid)
+    sch.decompose_reduction(group, step)
+    sch.tensorize(d_lanes, NIBBLES_ARE_COLUMNS)
+    epilogue = accumulate_in_registers(sch, block, tile, (i_inner, j_mid))
+    sch.vectorize(j_inner)
+    sch.decompose_reduction(block, g)
+    return finalize(sch, epilogue)
 
 
 @functools.cache
