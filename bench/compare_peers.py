@@ -5,11 +5,11 @@ its default precision on the float model, bf16 where AMX has it; NNCF's int8; an
 model), qcompiler fp32 and int8 (TVM, untuned; with --tune-trials also tuned). Each runtime's
 output SQNR against PyTorch fp32 is printed beside its latency; latencies are medians over
 ``--rounds`` processes (each the median of its own repeated runs), with ratios to the fastest
-peer and to ONNX Runtime int8. A last row times qcompiler int8 in the process that compiled it
-(where torch has run): what a compile-then-run user sees.
+peer and to ONNX Runtime int8. A last row times qcompiler int8 in a process that has just
+compiled it (torch has run there): what a compile-then-run user sees.
 
     .venv/bin/python bench/compare_peers.py [--models resnet18 mobilenet_v2 minilm] [--batches 1 8]
-        [--rounds 3] [--tune-trials N]
+        [--rounds 3] [--tune-trials N] [--cpu haswell --onednn-isa AVX2]
 
 Run with nothing else busy on the cores: each measurement checks the load average and is
 repeated once when the machine was busy. Not part of `make test`."""
@@ -50,8 +50,9 @@ RUNTIMES = {
     "qcompiler fp32": "qc-fp32",
     "qcompiler int8": "qc-int8",
     "qcompiler int8 (tuned)": "qc-int8-tuned",
+    "qcompiler int8, compiled in the process it runs in": "qc-int8-compiled-here",
 }
-QCOMPILER = {"qc-fp32", "qc-int8", "qc-int8-tuned"}
+QCOMPILER = {"qc-fp32", "qc-int8", "qc-int8-tuned", "qc-int8-compiled-here"}
 
 
 def measure(fn, inputs, seconds: float = 3.0, max_runs: int = 50) -> tuple[float, float]:
@@ -106,13 +107,12 @@ def cases(models, batches):
                    calibration)
 
 
-def prepare(case, directory: Path, tune_trials: int, console: Console) -> tuple[dict[str, str], float]:
+def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: Console) -> dict[str, str]:
     """Every runtime's model written to ``directory`` (ONNX, OpenVINO IR, qcompiler artifacts)
-    for the workers; returns the notes per runtime (compile times, why one is missing) and
-    qcompiler int8's latency in this, the compiling, process."""
+    for the workers; returns the notes per runtime (compile times, why one is missing)."""
     label, name, batch, model, example, names, calibration = case
     np.savez(directory / "inputs.npz", *[e.numpy() for e in example])
-    (directory / "case.json").write_text(json.dumps({"model": name, "batch": batch, "names": names}))
+    (directory / "case.json").write_text(json.dumps({"model": name, "batch": batch, "names": names, "cpu": cpu}))
     notes: dict[str, str] = {}
     if importlib.util.find_spec("torchao") is None:
         notes["pt2e"] = "unavailable: torchao not installed"
@@ -131,26 +131,26 @@ def prepare(case, directory: Path, tune_trials: int, console: Console) -> tuple[
                                    "tuning_trials": tune_trials}
     else:
         notes["qc-int8-tuned"] = "skip"
-    in_process = math.nan
     for kind, options in builds.items():
         with console.status(f"{label}: compiling {kind}..."):
             start = time.perf_counter()
-            compiled = qcompiler.compile(model, example, **options)
+            compiled = qcompiler.compile(model, example, cpu=cpu, **options)
             notes[kind] = f"compile {time.perf_counter() - start:.0f} s"
             compiled.save(directory / kind)
         if kind == "qc-int8":
-            in_process = measure(compiled, [e.numpy() for e in example])[0]
             notes[kind] += f"; {compiled.report()['int8_kernels']['kernels'] or 'generic'} kernels"
-    return notes, in_process
+    return notes
 
 
 def runner(kind: str, directory: Path):
     """The runtime ``kind`` of the case in ``directory``, called like a model on numpy arrays."""
     spec = json.loads((directory / "case.json").read_text())
     names = spec["names"]
-    if kind in ("torch", "pt2e"):
+    if kind in ("torch", "pt2e", "qc-int8-compiled-here"):
         torch.set_num_threads(os.cpu_count() or 2)
-        _, _, _, model, example, _, _ = next(cases([spec["model"]], [spec["batch"]]))
+        _, _, _, model, example, _, calibration = next(cases([spec["model"]], [spec["batch"]]))
+        if kind == "qc-int8-compiled-here":
+            return qcompiler.compile(model, example, calibration=calibration, cpu=spec["cpu"])
         if kind == "pt2e":
             pt2e, why = pt2e_int8(model, example)
             if pt2e is None:
@@ -193,9 +193,10 @@ def worker(kind: str, directory: Path, seconds: float) -> None:
     print(json.dumps({"median": median, "min": minimum}))
 
 
-def in_fresh_process(kind: str, directory: Path, seconds: float) -> tuple[float | None, str]:
+def in_fresh_process(kind: str, directory: Path, seconds: float, onednn_isa: str | None) -> tuple[float | None, str]:
+    env = {**os.environ, **({"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {})}
     done = subprocess.run([sys.executable, __file__, "--worker", kind, str(directory), "--seconds", str(seconds)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         return None, f"failed: {lines[-1][:80] if lines else done.returncode}"
@@ -213,6 +214,10 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per runtime (interleaved)")
     parser.add_argument("--seconds", type=float, default=2.0, help="timed runs per process, at least 5")
+    parser.add_argument("--cpu", help="build qcompiler for this CPU (e.g. haswell: the AVX2 kernels) instead of the host")
+    parser.add_argument("--onednn-isa", metavar="ISA",
+                        help="ONEDNN_MAX_CPU_ISA for the PyTorch and OpenVINO processes (e.g. AVX2, with --cpu "
+                             "haswell); ONNX Runtime has no such limit and uses what the host has")
     parser.add_argument("--tune-trials", type=int, default=0, metavar="N",
                         help="also build int8 with tune=True and N MetaSchedule trials (records kept in "
                              "bench/tuning/<model>); 0: skip the tuned row")
@@ -230,7 +235,10 @@ def main() -> None:
         label = case[0]
         with tempfile.TemporaryDirectory() as d:
             directory = Path(d)
-            notes, in_process = prepare(case, directory, args.tune_trials, console)
+            notes = prepare(case, directory, args.tune_trials, args.cpu, console)
+            if args.onednn_isa:
+                for kind in ("ort-fp32", "ort-int8"):
+                    notes.setdefault(kind, "host ISA (no limit)")
             kinds = [k for k in RUNTIMES.values() if notes.get(k) != "skip"]
             times: dict[str, list[float]] = {k: [] for k in kinds}
             for round_ in range(args.rounds):
@@ -238,7 +246,7 @@ def main() -> None:
                     if notes.get(kind, "").startswith(("failed", "unavailable")):
                         continue
                     with console.status(f"{label}: {kind}, process {round_ + 1}/{args.rounds}"):
-                        median, why = in_fresh_process(kind, directory, args.seconds)
+                        median, why = in_fresh_process(kind, directory, args.seconds, args.onednn_isa)
                     if median is None:
                         notes[kind] = why
                     else:
@@ -248,7 +256,8 @@ def main() -> None:
             fidelity = {k: sqnr_db(reference, np.load(directory / f"out-{k}.npy"))
                         for k in kinds if (directory / f"out-{k}.npy").exists()}
         medians = {k: statistics.median(v) for k, v in times.items() if v}
-        peer_best = min((m for k, m in medians.items() if k not in QCOMPILER), default=math.nan)
+        uncapped = {"ort-fp32", "ort-int8"} if args.onednn_isa else set()  # not comparable: the host's ISA
+        peer_best = min((m for k, m in medians.items() if k not in QCOMPILER | uncapped), default=math.nan)
         ort_int8 = medians.get("ort-int8", math.nan)
         table = Table(title=f"{label} (medians of {args.rounds} fresh processes, ms)")
         for col in ("runtime", "median ms", "x best peer", "x ORT int8", "SQNR vs fp32", "note"):
@@ -263,8 +272,6 @@ def main() -> None:
             table.add_row(tag, f"{medians[kind]:.2f}", f"{medians[kind] / peer_best:.2f}",
                           f"{medians[kind] / ort_int8:.2f}", "exact" if db == math.inf else f"{db:.1f} dB",
                           notes.get(kind, ""))
-        table.add_row("qcompiler int8, in the compiling process", f"{in_process:.2f}", f"{in_process / peer_best:.2f}",
-                      f"{in_process / ort_int8:.2f}", "", "one process, after torch ran")
         console.print(table)
 
 

@@ -39,7 +39,7 @@ def _conv_kernel(rank: int):
 def _conv_transpose_kernel(rank: int):
     """The full transposed convolution (no padding), extended by output_padding at the end and
     cropped by pads, plus the bias: ONNX's semantics, asymmetric pads included."""
-    conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d}[rank]
+    conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[rank]
 
     def kernel(xs, attrs):
         y = conv(_t(xs[0]), _t(xs[1]), None, stride=attrs["strides"], dilation=attrs["dilations"],
@@ -82,6 +82,7 @@ set_kernel("conv2d", _conv_kernel(2))
 set_kernel("conv3d", _conv_kernel(3))
 set_kernel("conv_transpose1d", _conv_transpose_kernel(1))
 set_kernel("conv_transpose2d", _conv_transpose_kernel(2))
+set_kernel("conv_transpose3d", _conv_transpose_kernel(3))
 set_kernel("adaptive_avg_pool2d", _adaptive_avg_pool2d)
 set_kernel("gelu", _gelu)
 set_kernel("erf", _erf)

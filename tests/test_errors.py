@@ -20,17 +20,17 @@ def test_unsupported_onnx_ops_are_all_listed_with_node_names(tmp_path):
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="ok"),
              helper.make_node("Unique", ["a"], ["b"], name="u1"),
              helper.make_node("Unique", ["b"], ["c"], name="u2"),
-             helper.make_node("Det", ["c"], ["y"], name="det")]
+             helper.make_node("NonZero", ["c"], ["y"], name="nz")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [2, "n"])])
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(UnsupportedOpError) as info:
         from_onnx(path)
     text = _one_line(info.value)
-    assert "Det (e.g. node 'det')" in text and "Unique (e.g. node 'u1', 2 nodes)" in text
+    assert "NonZero (e.g. node 'nz')" in text and "Unique (e.g. node 'u1', 2 nodes)" in text
     assert str(path) in text
-    assert info.value.unsupported == {"Det": ["det"], "Unique": ["u1", "u2"]}
+    assert info.value.unsupported == {"NonZero": ["nz"], "Unique": ["u1", "u2"]}
 
 
 def test_unsupported_torch_ops_are_all_listed_before_anything_runs():

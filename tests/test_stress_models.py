@@ -349,7 +349,7 @@ def test_cubic_and_fractional_resizes_match_the_onnx_reference(mode, scale):
 
 @pytest.mark.parametrize("attrs, why", [({"antialias": 1}, "antialias is not supported"),
                                         ({"coordinate_transformation_mode": "tf_crop_and_resize"},
-                                         "coordinate_transformation_mode")])
+                                         "tf_crop_and_resize needs a roi")])
 def test_resizes_qcompiler_cannot_do_are_one_clear_error(attrs, why):
     with pytest.raises(qcompiler.QCompilerError, match=f"Resize 'up': .*{why}"):
         qcompiler.from_onnx(_resize_model("linear", [1.0, 1.0, 2.0, 2.0], **attrs))

@@ -14,6 +14,7 @@ from ..ir.ops import get_op
 
 # the IR op for each spatial rank (names spelled out: grep finds every use of an op)
 CONV = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
+CONV_TRANSPOSE = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
 CONV_INT = {1: "conv1d_int", 2: "conv2d_int", 3: "conv3d_int"}
 MAX_POOL = {1: "max_pool1d", 2: "max_pool2d", 3: "max_pool3d"}
 AVG_POOL = {1: "avg_pool1d", 2: "avg_pool2d", 3: "avg_pool3d"}

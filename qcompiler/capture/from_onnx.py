@@ -24,23 +24,35 @@ from ..ir.verify import verify_graph
 from ..registrar import registrar
 from ..ir.ops.resize import COORDINATE_MODES
 from . import recurrent
-from .builder import AVG_POOL, CONV, CONV_INT, MAX_POOL, GraphBuilder, resolve_shape
+from .builder import AVG_POOL, CONV, CONV_INT, CONV_TRANSPOSE, MAX_POOL, GraphBuilder, resolve_shape
 
 Converter = Callable[["_Ctx", Any, list["Value | None"]], "list[Value] | Value"]
 _CONVERTERS: dict[str, Converter] = {}
 converts = registrar(_CONVERTERS)
-_SHAPE_ONLY = {"Shape", "Size", "EyeLike"}  # depend on the static shape of their input, never its values
+# depend on the static shape (or sequence length, or presence) of their input, never its values
+_SHAPE_ONLY = {"Shape", "Size", "EyeLike", "SequenceLength", "OptionalHasElement"}
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
 _STATIC_OPERANDS = {"LSTM": (1, 2, 3, 4), "GRU": (1, 2, 3, 4), "RNN": (1, 2, 3, 4), "TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "ReduceL1": (1,),
                     "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "OneHot": (1,), "ConstantOfShape": (0,), "ReduceMean": (1,),
-                    "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
+                    "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
+                    "Compress": (1,), "MaxUnpool": (2,), "DFT": (1, 2), "STFT": (1, 3),
+                    "Dropout": (2,),
+                    "SequenceAt": (1,), "SequenceInsert": (2,), "SequenceErase": (1,), "SplitToSequence": (1,)}
 
+# ops whose subgraphs are inlined or unrolled at import, and how many leading operands decide
+# what runs (If's condition, Loop's trip count and condition): those must be known then
+_CONTROL_FLOW = {"If": 1, "Loop": 2, "Scan": 0, "SequenceMap": 0}
+# operands needed at import along with a static one, when it is computed: a training_mode that is
+# known only once given makes Dropout read its ratio
+_STATIC_ALONG = {("Dropout", 2): (1,)}
 # quantization parameters (by position) that integer kernels need at import
 _QUANT_PARAM_OPERANDS = {"ConvInteger": (2, 3), "MatMulInteger": (2, 3), "QLinearConv": (1, 2, 4, 5, 6, 7),
                          "QLinearMatMul": (1, 2, 4, 5, 6, 7)}
 # ops whose result is a shape-defining constant (a range, a window): evaluated at import, so
 # their operands must be known then
+# operator sets a model may import without the ONNX one (its nodes then are those sets' only)
+_DOMAINS_WITHOUT_ONNX = {"ai.onnx.preview.training", "com.microsoft"}
 _IMPORT_TIME_ONLY = {"Range", "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix"}
 
 
@@ -82,9 +94,11 @@ def input_names(model: "str | os.PathLike | onnx.ModelProto") -> list[str]:
 
 
 def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
-              input_shapes: Mapping[str, Sequence[int]] | None = None, *, name: str = "main",
+              input_shapes: Mapping[str, Any] | None = None, *, name: str = "main",
               input_values: Mapping[str, Any] | None = None) -> Graph:
-    """Import an ONNX model. Dynamic input dimensions must be fixed with ``input_shapes``.
+    """Import an ONNX model. Dynamic input dimensions must be fixed with ``input_shapes``; a
+    sequence input is given as its elements' shapes (``[[2, 3], [2, 3]]``: two elements, inputs
+    ``name.0`` and ``name.1``), an optional input as its shape or None (no value).
     ``input_values`` fixes the value of inputs that give a shape, axes, sizes or a trip count
     (what static shapes need known): each becomes a constant and is no longer an input."""
     import onnx_graphsurgeon as gs
@@ -97,16 +111,14 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         raise ModelLoadError(f"{where}: invalid ONNX model: {(str(e).strip().splitlines() or [''])[0]}") from None
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     newest = onnx.defs.onnx_opset_version()
+    domains = sorted({o.domain for o in proto.opset_import})
+    if opset == 0 and set(domains) <= _DOMAINS_WITHOUT_ONNX:  # read with the newest ONNX ops' meanings
+        opset = onnx.defs.onnx_opset_version()
     if opset == 0:
-        domains = sorted({o.domain for o in proto.opset_import})
         raise ModelLoadError(f"{where}: imports no ONNX operator set, only {domains}: not supported")
     if not 1 <= opset <= newest:
         raise ModelLoadError(f"{where}: ONNX opset {opset} is not supported (1 to {newest})")
-    for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
-        for v in values:
-            if v.type.WhichOneof("value") not in ("tensor_type", None):
-                raise UnsupportedOpError(where, {f"{kind} of {v.type.WhichOneof('value').replace('_type', '')} type "
-                                                 f"(tensors only)": [v.name]})
+    structured = {v.name: v for v in proto.graph.input if value_kind(v.type) != ("tensor",)}  # sequences, optionals
     if input_values:
         proto = _bind_inputs(proto, input_values, where)
     if proto.functions:
@@ -132,12 +144,15 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
             depends.update((t.name, behind) for t in node.outputs)
             key = _key(node)
             label = node.name or node.outputs[0].name
-            if key == "If":
-                if node.inputs[0].name in depends:
-                    unsupported.setdefault("If (condition computed from the inputs)", []).append(label)
-                    bindable.update(depends[node.inputs[0].name])
-                for branch in node.subgraphs():  # both: which one runs is known once converting
-                    scan(branch.nodes)
+            if key in _CONTROL_FLOW:
+                decided = [t.name for t in node.inputs[:_CONTROL_FLOW[key]] if t.name in depends]
+                if decided:  # what decides the branch or the step count
+                    what = "condition" if key == "If" else "trip count or condition"
+                    unsupported.setdefault(f"{key} ({what} computed from the inputs)", []).append(label)
+                    bindable.update(*(depends[name] for name in decided))
+                for body in node.subgraphs():  # If: both branches (which one runs is known once converting)
+                    depends.update((t.name, behind) for t in body.inputs if key != "Loop" or t is not body.inputs[0])
+                    scan(body.nodes)
             elif key in _IMPORT_TIME_ONLY:  # evaluated at import by the ONNX reference, once its inputs are known
                 unsupported.setdefault(f"{key} (operands computed at run time)", []).append(label)
                 bindable.update(behind)
@@ -146,8 +161,10 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
             else:  # static shapes: a shape/axes/bounds operand computed from an input is dynamic
                 for positions, what in ((_QUANT_PARAM_OPERANDS, "quantization parameters computed at run time"),
                                         (_STATIC_OPERANDS, "run-time shape operand")):
-                    dynamic = [node.inputs[i].name for i in positions.get(key, ())
-                               if i < len(node.inputs) and node.inputs[i].name in depends]
+                    computed = [i for i in positions.get(key, ())
+                                if i < len(node.inputs) and node.inputs[i].name in depends]
+                    dynamic = [node.inputs[j].name for i in computed for j in (i, *_STATIC_ALONG.get((key, i), ()))
+                               if node.inputs[j].name in depends]
                     if dynamic:
                         unsupported.setdefault(f"{key} ({what})", []).append(label)
                         bindable.update(*(depends[name] for name in dynamic))
@@ -160,6 +177,10 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         raise UnsupportedOpError(where, unsupported, sorted(bindable))
 
     for tensor in gsg.inputs:
+        if tensor.name in structured:
+            env[tensor.name] = structured_input(graph, structured[tensor.name], input_shapes.pop(tensor.name, missing()),
+                                                where)
+            continue
         shape = input_shapes.pop(tensor.name, tensor.shape)
         if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
             raise ModelLoadError(f"{where}: input '{tensor.name}' has dynamic shape {list(shape or [])}; "
@@ -195,6 +216,12 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
             try:
                 if _key(node) == "If":
                     result = inline_if(node, inputs)
+                elif _key(node) in ("Scan", "Loop"):
+                    result = (unroll_scan if node.op == "Scan" else unroll_loop)(ctx, node, inputs, run_body)
+                elif _key(node) == "SequenceMap":
+                    result = map_sequences(ctx, node, inputs, run_body)
+                elif _key(node) == "Identity" and not isinstance(inputs[0], Value):  # a sequence or optional
+                    result = [inputs[0]]
                 elif _key(node) in _CONVERTERS:
                     result = _CONVERTERS[_key(node)](ctx, node, inputs)
                 else:
@@ -215,24 +242,31 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         """An If whose condition is known once shapes are fixed: the branch it takes, converted in
         place (its reads of outer values resolve by name), its outputs the If's."""
         cond = ctx.const_input(inputs[0], node, "condition (data-dependent control flow is not supported)")
-        branch = node.attrs["then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"]
+        return run_body(node.attrs["then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"], [])
+
+    def run_body(body: Any, values: Sequence[Value]) -> list[Value]:
+        """Convert a subgraph in place, its inputs bound to ``values`` (its reads of outer values
+        resolve by name): an If's branch, one step of an unrolled Scan or Loop."""
+        env.update((t.name, v) for t, v in zip(body.inputs, values))
         source = ctx.source
-        convert(branch.nodes)
+        convert(body.nodes)
         ctx.source = source
-        return [operand(t) for t in branch.outputs]
+        return [operand(t) for t in body.outputs]
 
     convert(gsg.nodes)
 
-    outputs = []
+    outputs, names = [], []
     for tensor in gsg.outputs:
-        v = operand(tensor)
-        if v is None:
+        value = operand(tensor)
+        if value is None:
             raise ModelLoadError(f"{where}: graph output '{tensor.name}' is never produced")
-        if v.is_constant or v in graph.inputs or v in outputs:  # outputs must be node results
-            v = graph.add_node("identity", [v], meta={"source": tensor.name}).output
-        outputs.append(v)
+        for name, v in flattened_outputs(tensor.name, value, where):  # a sequence: one output per element
+            if v.is_constant or v in graph.inputs or v in outputs:  # outputs must be node results
+                v = graph.add_node("identity", [v], meta={"source": name}).output
+            outputs.append(v)
+            names.append(name)
     graph.set_outputs(outputs)
-    _name_outputs(graph, [t.name for t in gsg.outputs])
+    _name_outputs(graph, names)
     graph.remove_unused_constants()
     verify_graph(graph, where=where)
     return graph
@@ -400,8 +434,8 @@ def _isinf(ctx, node, inputs):
 def _resize(ctx, node, inputs):
     """Resize (opset 10+) and Upsample (7-9) of the two spatial axes of an NCHW image, nearest,
     linear or cubic. Sizes come from ``sizes`` or from ``scales`` (rounded down, the transform
-    then using the scales themselves); a resize of N or C, antialias and tf_crop_and_resize are
-    refused with the node named."""
+    then using the scales themselves); tf_crop_and_resize samples the ``roi`` (nearest, linear);
+    a resize of N or C and antialias are refused with the node named."""
     x = inputs[0]
     mode = _attr(node, "mode", "nearest")
     mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode.decode() if isinstance(mode, bytes) else mode, mode)
@@ -456,6 +490,21 @@ def _resize(ctx, node, inputs):
         transform = "asymmetric"
     else:
         transform = _attr(node, "coordinate_transformation_mode", "half_pixel")
+        if transform == "tf_crop_and_resize":
+            from .onnx_indexing import crop_and_resize
+
+            roi = np.asarray(ctx.const_input(inputs[1], node, "roi") if inputs[1] is not None else [],
+                             np.float64).reshape(-1)
+            if roi.size != 2 * (len(axes) if axes is not None else 4):
+                raise QCompilerError(f"{what}: tf_crop_and_resize needs a roi of starts and ends per resized axis, "
+                                     f"got {roi.size} values")
+            if axes is not None:  # the roi names only these axes: the others are whole
+                full = np.array([0.0] * 4 + [1.0] * 4)
+                for i, a in enumerate(a % 4 for a in axes):
+                    full[a], full[a + 4] = roi[i], roi[i + len(axes)]
+                roi = full
+            return crop_and_resize(ctx, x, roi, out[2:], mode, _attr(node, "nearest_mode", "round_prefer_floor"),
+                                   float(_attr(node, "extrapolation_value", 0.0)))
         if transform not in COORDINATE_MODES:
             raise QCompilerError(f"{what}: coordinate_transformation_mode '{transform}' is not supported "
                                  f"({', '.join(COORDINATE_MODES)})")
@@ -636,10 +685,12 @@ def _conv(ctx, node, inputs):
 @converts("ConvTranspose")
 def _conv_transpose(ctx, node, inputs):
     """ONNX ConvTranspose; ``output_shape`` and SAME auto-padding become explicit pads (total
-    padding s (in - 1) + output_padding + d (k - 1) + 1 - out, split as the spec says)."""
+    padding s (in - 1) + output_padding + d (k - 1) + 1 - out, split as the spec says). An
+    ``output_shape`` beyond the full result makes negative pads: zeros added around the full
+    result (the bias then covers them too, as in the spec's arithmetic)."""
     x, w = inputs[0], inputs[1]
     rank = w.type.rank - 2
-    if rank not in (1, 2):
+    if rank not in CONV_TRANSPOSE:
         raise QCompilerError(f"ConvTranspose '{node.name}': {rank}-D transposed convolution is not supported")
     strides = list(_attr(node, "strides", [1] * rank))
     dilations = list(_attr(node, "dilations", [1] * rank))
@@ -652,24 +703,31 @@ def _conv_transpose(ctx, node, inputs):
         begins, ends = [], []
         for i in range(rank):
             total = strides[i] * (x.shape[2 + i] - 1) + out_pad[i] + dilations[i] * (w.shape[2 + i] - 1) + 1 - wanted[i]
-            if total < 0:
-                raise QCompilerError(f"ConvTranspose '{node.name}': output_shape {wanted} is larger than it can make")
             small, big = total // 2, total - total // 2
             begins.append(small if auto == "SAME_UPPER" else big)  # the spec: the larger half first unless SAME_UPPER
             ends.append(big if auto == "SAME_UPPER" else small)
         pads = begins + ends
     else:
         pads = list(_attr(node, "pads", [0] * (2 * rank))) if auto != "VALID" else [0] * (2 * rank)
-    operands = [x, w] + ([inputs[2]] if len(inputs) > 2 and inputs[2] is not None else [])
-    name = {1: "conv_transpose1d", 2: "conv_transpose2d"}[rank]
-    return ctx.emit1(name, operands, {"strides": strides, "pads": pads, "dilations": dilations,
-                                      "groups": _attr(node, "group", 1), "output_padding": out_pad})
+    bias = inputs[2] if len(inputs) > 2 else None
+    grow = [max(-p, 0) for p in pads]
+    attrs = {"strides": strides, "pads": [max(p, 0) for p in pads], "dilations": dilations,
+             "groups": _attr(node, "group", 1), "output_padding": out_pad}
+    if not any(grow):
+        return ctx.emit1(CONV_TRANSPOSE[rank], [x, w] + ([bias] if bias is not None else []), attrs)
+    y = ctx.emit1("pad", [ctx.emit1(CONV_TRANSPOSE[rank], [x, w], attrs)],
+                  {"pads": [0, 0] + grow[:rank] + [0, 0] + grow[rank:]})
+    return y if bias is None else ctx.emit1("add", [y, ctx.reshape(bias, [-1] + [1] * rank)])
 
 
 @converts("BatchNormalization")
 def _batch_norm(ctx, node, inputs):
+    if _attr(node, "training_mode", 0) and ctx.opset >= 14:
+        from .onnx_training import batch_norm_training
+
+        return batch_norm_training(ctx, node, inputs)
     if _attr(node, "training_mode", 0) or (ctx.opset < 7 and not _attr(node, "is_test", 1)):
-        raise QCompilerError(f"BatchNormalization '{node.name}' in training mode")
+        raise QCompilerError(f"BatchNormalization '{node.name}' in training mode (before opset 14) is not supported")
     return ctx.emit1("batch_norm", inputs[:5], {"epsilon": _attr(node, "epsilon", 1e-5)})
 
 
@@ -686,9 +744,12 @@ def _pool(ctx, node, inputs):
                              "pads": _auto_pads(node, x.shape[2:], kernel, strides, dilations),
                              "ceil_mode": bool(_attr(node, "ceil_mode", 0))}
     if node.op == "MaxPool":
-        if _attr(node, "storage_order", 0):
-            raise QCompilerError(f"MaxPool '{node.name}': storage_order=1 is not supported")
-        return ctx.emit1(MAX_POOL[rank], [x], attrs)
+        pooled = ctx.emit1(MAX_POOL[rank], [x], attrs)
+        if len(node.outputs) < 2 or not node.outputs[1].name:
+            return pooled
+        from .onnx_indexing import max_pool_indices
+
+        return [pooled, max_pool_indices(ctx, x, pooled, attrs, int(_attr(node, "storage_order", 0)))]
     if any(d != 1 for d in dilations):
         raise QCompilerError(f"AveragePool '{node.name}': dilations are not supported")
     attrs["count_include_pad"] = bool(_attr(node, "count_include_pad", 0))
@@ -871,15 +932,18 @@ def _gather(ctx, node, inputs):
 
 @converts("GatherND")
 def _gather_nd(ctx, node, inputs):
-    """GatherND(data, idx) with idx [..., k] == data[idx[..., 0], ..., idx[..., k-1]] (advanced indexing)."""
+    """GatherND(data, idx) with idx [..., k] == data[idx[..., 0], ..., idx[..., k-1]] (advanced
+    indexing). With ``batch_dims`` b, the first b axes of both pair up: each index row is led by
+    its own batch coordinates (constants), which is plain indexing of data."""
     data, idx = inputs
-    if _attr(node, "batch_dims", 0):
-        raise QCompilerError(f"GatherND '{node.name}': batch_dims != 0 is not supported")
+    b = int(_attr(node, "batch_dims", 0))
     k = idx.shape[-1]
     last = idx.type.rank - 1
     columns = [ctx.reshape(ctx.emit1("slice", [idx], {"starts": [i], "ends": [i + 1], "axes": [last], "steps": [1]}),
                            idx.shape[:-1]) for i in range(k)]
-    return ctx.emit1("index", [data] + columns)
+    batch = [ctx.const(np.broadcast_to(np.arange(idx.shape[a], dtype=np.int64).reshape(
+        [-1 if j == a else 1 for j in range(last)]), idx.shape[:-1]), "batch_coordinates") for a in range(b)]
+    return ctx.emit1("index", [data] + batch + [ctx.cast(c, "i64") for c in columns])
 
 
 @converts("GatherElements")
@@ -1194,4 +1258,6 @@ def _quant(ctx, node, inputs):
     return ctx.emit(op, operands, {"axis": _attr(node, "axis", 1)}, fold=False)[0]
 
 
-from . import onnx_composites, onnx_qoperator  # noqa: E402,F401  register their converters
+from . import onnx_composites, onnx_detection, onnx_indexing, onnx_qoperator, onnx_signal, onnx_text, onnx_training  # noqa: E402,F401  register their converters
+from .onnx_loops import unroll_loop, unroll_scan  # noqa: E402
+from .onnx_sequences import flattened_outputs, map_sequences, missing, structured_input, value_kind  # noqa: E402

@@ -35,6 +35,19 @@ def _scalar(ctx, value: float, like):
     return ctx.scalar_like(value, like.type)
 
 
+class Arithmetic:
+    """Elementwise arithmetic on IR values, Python numbers becoming constants of ``like``'s dtype."""
+
+    def __init__(self, ctx, like):
+        self.ctx, self.like = ctx, like
+
+    def _v(self, a):
+        return a if hasattr(a, "type") else _scalar(self.ctx, float(a), self.like)
+
+    def __getattr__(self, op: str):  # add, sub, mul, div, sqrt, pow, where, greater, ...
+        return lambda *args: self.ctx.emit1(op, [self._v(a) for a in args])
+
+
 def _positions(ctx, count: int, axis: int, rank: int):
     """0, 1, ..., count - 1 along ``axis`` of a rank-``rank`` constant (1 on every other axis)."""
     return ctx.const(np.arange(count, dtype=np.int64).reshape([-1 if i == axis else 1 for i in range(rank)]),
@@ -252,3 +265,27 @@ def _grid_sample(ctx, node, inputs):
     return ctx.emit1("grid_sample", [x, ctx.cast(grid, x.dtype)],
                      {"mode": mode, "padding_mode": _attr(node, "padding_mode", "zeros"),
                       "align_corners": bool(_attr(node, "align_corners", 0))})
+
+
+MAX_DET_ORDER = 5  # Leibniz's formula has n! terms
+
+
+@converts("Det")
+def _det(ctx, node, inputs):
+    """Determinant of [..., n, n] by Leibniz's formula, sum over permutations p of
+    sign(p) * prod_i x[i, p(i)]: one gather of the n! products' entries, exact arithmetic
+    without pivoting (which would depend on the data), for n up to MAX_DET_ORDER."""
+    import itertools
+
+    x = inputs[0]
+    n = x.shape[-1]
+    if x.type.rank < 2 or x.shape[-2] != n or not 1 <= n <= MAX_DET_ORDER:
+        raise QCompilerError(f"Det '{node.name}': square matrices up to {MAX_DET_ORDER}x{MAX_DET_ORDER} are supported, "
+                             f"got {list(x.shape)}")
+    perms = np.asarray(list(itertools.permutations(range(n))), np.int64)  # [n!, n]
+    signs = np.asarray([np.linalg.det(np.eye(n)[p]) for p in perms]).round().astype(x.type.np_dtype)
+    flat = ctx.reshape(x, list(x.shape[:-2]) + [n * n])
+    entries = ctx.emit1("gather", [flat, ctx.const(np.arange(n) * n + perms, "leibniz")], {"axis": x.type.rank - 2})
+    products = ctx.emit1("reduce_prod", [entries], {"axes": [-1], "keepdims": False})
+    return ctx.emit1("reduce_sum", [ctx.emit1("mul", [products, ctx.const(signs, "signs")])],
+                     {"axes": [-1], "keepdims": False})

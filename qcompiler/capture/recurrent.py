@@ -7,7 +7,7 @@ every target runs the result. (BiLSTM + CTC text recognizers are the typical use
 ONNX's equations, gate order i, o, f, c for LSTM and z, r, h for GRU (RNN: one, its activation
 Tanh, Relu or Sigmoid), layout 0 (``[T, B, I]``)
 or 1 (``[B, T, I]``); reverse runs the sequence backwards, bidirectional both ways.
-Peepholes, cell clipping, non-default activations, input_forget and sequence_lens shorter than
+Cell clipping, non-default activations, input_forget and sequence_lens shorter than
 the sequence are refused with the node named."""
 from __future__ import annotations
 
@@ -34,10 +34,6 @@ def _check(ctx, node, inputs, attr, gates: int) -> tuple[int, int]:
     rnn_choice = node.op == "RNN" and set(acts) <= set(RNN_ACTIVATIONS) and len(acts) in (0, directions)
     if acts and acts != default * directions and not rnn_choice:
         raise QCompilerError(f"{what}: activations {acts} are not supported (only the defaults {default})")
-    if len(inputs) > 7 and inputs[7] is not None and node.op == "LSTM":
-        peep = inputs[7]
-        if not peep.is_constant or np.any(ctx.array(peep)):
-            raise QCompilerError(f"{what}: peepholes are not supported")
     if x.type.rank != 3:
         raise QCompilerError(f"{what}: input must be rank 3, got {x.type}")
     hidden = int(w.shape[1]) // gates
@@ -95,12 +91,13 @@ def unroll(ctx, node: Any, inputs: list[Value | None], attr) -> list[Value]:
         h = _initial(ctx, inputs[5] if len(inputs) > 5 else None, d, batch, hidden, dtype)
         c = _initial(ctx, inputs[6] if len(inputs) > 6 else None, d, batch, hidden, dtype) if lstm else None
         recurrent = ctx.const(r[d], "R")
+        peepholes = _peepholes(ctx, inputs[7], d, hidden) if lstm and len(inputs) > 7 and inputs[7] is not None else None
         outputs: list[Value] = [None] * steps  # type: ignore[list-item]
         for t in (range(steps - 1, -1, -1) if backwards else range(steps)):
             x_t = ctx.reshape(ctx.emit1("slice", [projected], {"starts": [t], "ends": [t + 1], "axes": [0], "steps": [1]}),
                               (batch, gates * hidden))
             if lstm:
-                h, c = _lstm_step(ctx, x_t, h, c, recurrent, hidden)
+                h, c = _lstm_step(ctx, x_t, h, c, recurrent, hidden, peepholes)
             elif node.op == "RNN":  # h' = f(x W^T + h R^T + b)
                 act = RNN_ACTIVATIONS[activations[d] if activations else "Tanh"]
                 h = ctx.emit1(act, [ctx.emit1("add", [x_t, ctx.emit1("linear", [h, recurrent])])])
@@ -127,13 +124,28 @@ def _gate(ctx, v: Value, index: int, hidden: int) -> Value:
                                     "steps": [1]})
 
 
-def _lstm_step(ctx, x_t: Value, h: Value, c: Value, recurrent: Value, hidden: int) -> tuple[Value, Value]:
-    """i, o, f = sigmoid, c~ = tanh of (x W^T + h R^T + b); c' = f c + i c~; h' = o tanh(c')."""
+def _peepholes(ctx, p: Value, d: int, hidden: int) -> list[Value] | None:
+    """Direction ``d``'s peephole weights [P_i, P_o, P_f], each [hidden]; None when all zero."""
+    if p.is_constant and not np.any(ctx.array(p)):
+        return None
+    row = ctx.reshape(ctx.emit1("slice", [p], {"starts": [d], "ends": [d + 1], "axes": [0], "steps": [1]}), (1, 3 * hidden))
+    return [ctx.reshape(_gate(ctx, row, k, hidden), (hidden,)) for k in range(3)]
+
+
+def _lstm_step(ctx, x_t: Value, h: Value, c: Value, recurrent: Value, hidden: int,
+               peepholes: list[Value] | None) -> tuple[Value, Value]:
+    """i, o, f = sigmoid, c~ = tanh of (x W^T + h R^T + b); c' = f c + i c~; h' = o tanh(c').
+    Peepholes add P_i c and P_f c to i's and f's arguments, and P_o c' to o's."""
     g = ctx.emit1("add", [x_t, ctx.emit1("linear", [h, recurrent])])
-    i, o, f = (ctx.emit1("sigmoid", [_gate(ctx, g, k, hidden)]) for k in (0, 1, 2))
-    candidate = ctx.emit1("tanh", [_gate(ctx, g, 3, hidden)])
-    c = ctx.emit1("add", [ctx.emit1("mul", [f, c]), ctx.emit1("mul", [i, candidate])])
-    return ctx.emit1("mul", [o, ctx.emit1("tanh", [c])]), c
+    pre = [_gate(ctx, g, k, hidden) for k in range(4)]  # i, o, f, c~
+    if peepholes is not None:
+        pre[0] = ctx.emit1("add", [pre[0], ctx.emit1("mul", [peepholes[0], c])])
+        pre[2] = ctx.emit1("add", [pre[2], ctx.emit1("mul", [peepholes[2], c])])
+    i, f = ctx.emit1("sigmoid", [pre[0]]), ctx.emit1("sigmoid", [pre[2]])
+    c = ctx.emit1("add", [ctx.emit1("mul", [f, c]), ctx.emit1("mul", [i, ctx.emit1("tanh", [pre[3]])])])
+    if peepholes is not None:
+        pre[1] = ctx.emit1("add", [pre[1], ctx.emit1("mul", [peepholes[1], c])])
+    return ctx.emit1("mul", [ctx.emit1("sigmoid", [pre[1]]), ctx.emit1("tanh", [c])]), c
 
 
 def _gru_step(ctx, x_t: Value, h: Value, recurrent: Value, rbh: Value, hidden: int, before_reset: bool) -> Value:

@@ -19,7 +19,7 @@ from ..errors import ModelLoadError, QCompilerError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, dtype_name
 from ..ir.verify import verify_graph
 from ..registrar import registrar
-from .builder import AVG_POOL, CONV, MAX_POOL, GraphBuilder
+from .builder import AVG_POOL, CONV, CONV_TRANSPOSE, MAX_POOL, GraphBuilder
 
 aten = torch.ops.aten
 Converter = Callable[["_Ctx", torch.fx.Node, list[Any]], Any]
@@ -409,7 +409,7 @@ def _conv(ctx, node, args):
                                               "groups": groups})
 
 
-@converts("conv_transpose1d", "conv_transpose2d")
+@converts("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def _conv_transpose(ctx, node, args):
     x, w = ctx.value(args[0]), ctx.value(args[1])
     return _emit_conv_transpose(ctx, x, w, _arg(node, args, 2, "bias", None), _arg(node, args, 3, "stride", 1),
@@ -420,12 +420,11 @@ def _conv_transpose(ctx, node, args):
 def _emit_conv_transpose(ctx, x: Value, w: Value, bias, stride, padding, output_padding, groups, dilation) -> Value:
     """torch's symmetric ``padding`` crops both ends of each axis."""
     rank = w.type.rank - 2
-    if rank not in (1, 2):
+    if rank not in CONV_TRANSPOSE:
         raise QCompilerError(f"transposed convolution with {rank} spatial dims is not supported")
     p = _window(padding, rank)
     inputs = [x, w] + ([ctx.value(bias)] if bias is not None else [])
-    name = {1: "conv_transpose1d", 2: "conv_transpose2d"}[rank]
-    return ctx.emit1(name, inputs, {"strides": _window(stride, rank), "pads": p + p,
+    return ctx.emit1(CONV_TRANSPOSE[rank], inputs, {"strides": _window(stride, rank), "pads": p + p,
                                     "dilations": _window(dilation, rank), "groups": int(groups),
                                     "output_padding": _window(output_padding, rank)})
 

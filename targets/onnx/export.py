@@ -303,7 +303,7 @@ def _argmax(ex, node, xs):
     return ex.add1("ArgMax", xs, axis=node.attrs["axis"], keepdims=int(node.attrs["keepdims"]))
 
 
-@exports("conv_transpose1d", "conv_transpose2d")
+@exports("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def _conv_transpose(ex, node, xs):
     w = node.inputs[1]
     return ex.add1("ConvTranspose", xs, kernel_shape=list(w.shape[2:]), strides=list(node.attrs["strides"]),

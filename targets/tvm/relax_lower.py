@@ -269,10 +269,10 @@ def _conv(low, node, xs):
     return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], TVM_DTYPE[node.output.dtype])
 
 
-@lowers("conv_transpose1d", "conv_transpose2d")
+@lowers("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def _conv_transpose(low, node, xs):
     rank = traits_of(node.op).spatial_rank
-    conv = {1: R.nn.conv1d_transpose, 2: R.nn.conv2d_transpose}[rank]
+    conv = {1: R.nn.conv1d_transpose, 2: R.nn.conv2d_transpose, 3: R.nn.conv3d_transpose}[rank]
     y = low.emit(conv(xs[0], xs[1], strides=node.attrs["strides"], padding=node.attrs["pads"],
                       output_padding=node.attrs["output_padding"], dilation=node.attrs["dilations"],
                       groups=node.attrs["groups"]))

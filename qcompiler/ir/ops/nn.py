@@ -190,6 +190,7 @@ def _declare_conv_transpose(name: str, rank: int) -> None:
 
 _declare_conv_transpose("conv_transpose1d", 1)
 _declare_conv_transpose("conv_transpose2d", 2)
+_declare_conv_transpose("conv_transpose3d", 3)
 _declare_conv("conv1d", "conv1d_int", 1)
 _declare_conv("conv2d", "conv2d_int", 2)
 _declare_conv("conv3d", "conv3d_int", 3)
