@@ -59,6 +59,17 @@ class GraphBuilder:
         shape = tuple(int(d) for d in shape)
         return v if v.shape == shape else self.emit1("reshape", [v], {"shape": shape})
 
+    def take(self, v: Value, axis: int, index: int) -> Value:
+        """v[..., index, ...] along ``axis``, that axis removed."""
+        part = self.emit1("slice", [v], {"starts": [index], "ends": [index + 1], "axes": [axis], "steps": [1]})
+        return self.reshape(part, v.shape[:axis] + v.shape[axis + 1:])
+
+    def stack(self, parts: Sequence[Value], axis: int) -> Value:
+        """Same-shaped values joined along a new ``axis``."""
+        shape = list(parts[0].shape)
+        shape.insert(axis, 1)
+        return self.emit1("concat", [self.reshape(p, shape) for p in parts], {"axis": axis})
+
     def scalar_like(self, value: float | int | bool, like: TensorType) -> Value:
         return self.const(np.asarray(value, dtype=like.np_dtype), "scalar")
 

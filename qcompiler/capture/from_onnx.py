@@ -49,10 +49,10 @@ _STATIC_ALONG = {("Dropout", 2): (1,)}
 # quantization parameters (by position) that integer kernels need at import
 _QUANT_PARAM_OPERANDS = {"ConvInteger": (2, 3), "MatMulInteger": (2, 3), "QLinearConv": (1, 2, 4, 5, 6, 7),
                          "QLinearMatMul": (1, 2, 4, 5, 6, 7)}
-# ops whose result is a shape-defining constant (a range, a window): evaluated at import, so
-# their operands must be known then
 # operator sets a model may import without the ONNX one (its nodes then are those sets' only)
 _DOMAINS_WITHOUT_ONNX = {"ai.onnx.preview.training", "com.microsoft"}
+# ops whose result is a shape-defining constant (a range, a window): evaluated at import, so
+# their operands must be known then
 _IMPORT_TIME_ONLY = {"Range", "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix"}
 
 
@@ -113,7 +113,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
     newest = onnx.defs.onnx_opset_version()
     domains = sorted({o.domain for o in proto.opset_import})
     if opset == 0 and set(domains) <= _DOMAINS_WITHOUT_ONNX:  # read with the newest ONNX ops' meanings
-        opset = onnx.defs.onnx_opset_version()
+        opset = newest
     if opset == 0:
         raise ModelLoadError(f"{where}: imports no ONNX operator set, only {domains}: not supported")
     if not 1 <= opset <= newest:
@@ -178,7 +178,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
 
     for tensor in gsg.inputs:
         if tensor.name in structured:
-            env[tensor.name] = structured_input(graph, structured[tensor.name], input_shapes.pop(tensor.name, missing()),
+            env[tensor.name] = structured_input(graph, structured[tensor.name], input_shapes.pop(tensor.name, MISSING),
                                                 where)
             continue
         shape = input_shapes.pop(tensor.name, tensor.shape)
@@ -939,8 +939,7 @@ def _gather_nd(ctx, node, inputs):
     b = int(_attr(node, "batch_dims", 0))
     k = idx.shape[-1]
     last = idx.type.rank - 1
-    columns = [ctx.reshape(ctx.emit1("slice", [idx], {"starts": [i], "ends": [i + 1], "axes": [last], "steps": [1]}),
-                           idx.shape[:-1]) for i in range(k)]
+    columns = [ctx.take(idx, last, i) for i in range(k)]
     batch = [ctx.const(np.broadcast_to(np.arange(idx.shape[a], dtype=np.int64).reshape(
         [-1 if j == a else 1 for j in range(last)]), idx.shape[:-1]), "batch_coordinates") for a in range(b)]
     return ctx.emit1("index", [data] + batch + [ctx.cast(c, "i64") for c in columns])
@@ -1260,4 +1259,4 @@ def _quant(ctx, node, inputs):
 
 from . import onnx_composites, onnx_detection, onnx_indexing, onnx_qoperator, onnx_signal, onnx_text, onnx_training  # noqa: E402,F401  register their converters
 from .onnx_loops import unroll_loop, unroll_scan  # noqa: E402
-from .onnx_sequences import flattened_outputs, map_sequences, missing, structured_input, value_kind  # noqa: E402
+from .onnx_sequences import MISSING, flattened_outputs, map_sequences, structured_input, value_kind  # noqa: E402

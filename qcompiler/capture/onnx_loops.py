@@ -17,19 +17,6 @@ RunBody = Callable[[Any, Sequence[Value]], list[Value]]  # (body graph, its inpu
 MAX_STEPS = 4096  # an unrolled loop is a copy of its body per step
 
 
-def _take(ctx, x: Value, axis: int, index: int) -> Value:
-    """x[..., index, ...] along ``axis``, that axis removed."""
-    part = ctx.emit1("slice", [x], {"starts": [index], "ends": [index + 1], "axes": [axis], "steps": [1]})
-    return ctx.reshape(part, x.shape[:axis] + x.shape[axis + 1:])
-
-
-def _stack(ctx, parts: list[Value], axis: int) -> Value:
-    """The per-step values joined along a new ``axis``."""
-    shape = list(parts[0].shape)
-    shape.insert(axis, 1)
-    return ctx.emit1("concat", [ctx.reshape(p, shape) for p in parts], {"axis": axis})
-
-
 def _scan_steps(ctx, node, body, states: list[Value], scanned: list[Value], run_body: RunBody,
                 in_axes: list[int], in_reverse: list[int], out_axes: list[int], out_reverse: list[int]):
     in_axes = [a % x.type.rank for x, a in zip(scanned, in_axes)]
@@ -41,14 +28,14 @@ def _scan_steps(ctx, node, body, states: list[Value], scanned: list[Value], run_
         raise QCompilerError(f"Scan '{node.name}': {count} steps (1 to {MAX_STEPS} can be unrolled)")
     collected: list[list[Value]] = []
     for t in range(count):
-        slices = [_take(ctx, x, a, count - 1 - t if r else t) for x, a, r in zip(scanned, in_axes, in_reverse)]
+        slices = [ctx.take(x, a, count - 1 - t if r else t) for x, a, r in zip(scanned, in_axes, in_reverse)]
         outs = run_body(body, states + slices)
         states, per_step = outs[:len(states)], outs[len(states):]
         collected.append(per_step)
     results = []
     for k in range(len(collected[0])):
         parts = [step[k] for step in collected]
-        results.append(_stack(ctx, parts[::-1] if out_reverse[k] else parts, out_axes[k] % (parts[0].type.rank + 1)))
+        results.append(ctx.stack(parts[::-1] if out_reverse[k] else parts, out_axes[k] % (parts[0].type.rank + 1)))
     return states, results
 
 
@@ -78,11 +65,11 @@ def unroll_scan(ctx, node, inputs: list[Value | None], run_body: RunBody) -> lis
     batches = inputs[0].shape[0] if n else inputs[n].shape[0]
     per_batch = []
     for b in range(batches):
-        states, results = _scan_steps(ctx, node, body, [_take(ctx, s, 0, b) for s in inputs[:n]],
-                                      [_take(ctx, x, 0, b) for x in inputs[n:]], run_body,
+        states, results = _scan_steps(ctx, node, body, [ctx.take(s, 0, b) for s in inputs[:n]],
+                                      [ctx.take(x, 0, b) for x in inputs[n:]], run_body,
                                       [0] * m, in_reverse, [0] * k, [0] * k)
         per_batch.append(states + results)
-    return [_stack(ctx, [outs[i] for outs in per_batch], 0) for i in range(n + k)]
+    return [ctx.stack([outs[i] for outs in per_batch], 0) for i in range(n + k)]
 
 
 def unroll_loop(ctx, node, inputs: list[Value | None], run_body: RunBody) -> list[Value]:
@@ -111,4 +98,4 @@ def unroll_loop(ctx, node, inputs: list[Value | None], run_body: RunBody) -> lis
     k = len(body.outputs) - 1 - len(states)
     if k and not collected:
         raise QCompilerError(f"Loop '{node.name}': runs no step, so its scan outputs have no known shape")
-    return states + [_stack(ctx, [s[i] for s in collected], 0) for i in range(k)]
+    return states + [ctx.stack([s[i] for s in collected], 0) for i in range(k)]

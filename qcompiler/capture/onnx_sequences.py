@@ -25,6 +25,7 @@ class _Empty:
 
 
 EMPTY = _Empty()
+MISSING = object()  # what ``structured_input`` is given when the user gave no shapes for the input
 
 
 def value_kind(type_proto: Any) -> tuple[str, ...]:
@@ -49,7 +50,7 @@ def structured_input(graph: Graph, proto_input: Any, given: Any, where: str) -> 
                              f"optionals of tensors)")
     dtype = dtype_name(onnx.helper.tensor_dtype_to_np_dtype(_element_dtype(proto_input.type)))
     example = "[[2, 3], [2, 3]]" if "sequence" in kind else "[2, 3] (or None: no value)"
-    if given is _MISSING:
+    if given is MISSING:
         raise ModelLoadError(f"{where}: input '{name}' is a {' of '.join(kind)}s: give its shape{'s' if 'sequence' in kind else ''} "
                              f"with input_shapes={{'{name}': {example}}} (static shapes)")
 
@@ -64,14 +65,6 @@ def structured_input(graph: Graph, proto_input: Any, given: Any, where: str) -> 
         return graph.add_input(label, TensorType(tuple(int(d) for d in given), dtype))
 
     return build(kind, given, name)
-
-
-_MISSING = object()
-
-
-def missing() -> object:
-    """What ``structured_input`` is given when the user gave no shapes for the input."""
-    return _MISSING
 
 
 def flattened_outputs(name: str, value: Any, where: str) -> list[tuple[str, Value]]:
@@ -164,10 +157,8 @@ def _concat_from_sequence(ctx, node, inputs):
         raise QCompilerError(f"ConcatFromSequence '{node.name}': the sequence is empty")
     rank = seq[0].type.rank
     if _attr(node, "new_axis", 0):
-        axis = int(_attr(node, "axis")) % (rank + 1)
-        seq = [ctx.reshape(v, v.shape[:axis] + (1,) + v.shape[axis:]) for v in seq]
-    else:
-        axis = int(_attr(node, "axis")) % rank
+        return ctx.stack(seq, int(_attr(node, "axis")) % (rank + 1))
+    axis = int(_attr(node, "axis")) % rank
     return ctx.emit1("concat", seq, {"axis": axis}) if len(seq) > 1 else ctx.emit1("identity", seq)
 
 

@@ -9,13 +9,6 @@ from ..errors import QCompilerError
 from .from_onnx import _attr, converts
 
 
-def _part(ctx, x, index: int):
-    """The real (0) or imaginary (1) part of a [..., 2] tensor, without its last axis."""
-    last = x.type.rank - 1
-    part = ctx.emit1("slice", [x], {"starts": [index], "ends": [index + 1], "axes": [last], "steps": [1]})
-    return ctx.reshape(part, x.shape[:-1])
-
-
 def _fit(ctx, x, length: int):
     """``x`` cut or zero-padded to ``length`` along its last axis (dft_length)."""
     n = x.shape[-1]
@@ -42,8 +35,7 @@ def dft_last_axis(ctx, real, imag, length: int, inverse: bool, onesided: bool):
         imag = _fit(ctx, imag, length)
         out_real = ctx.emit1("sub", [out_real, ctx.emit1("matmul", [imag, sin])])
         out_imag = ctx.emit1("add", [out_imag, ctx.emit1("matmul", [imag, cos])])
-    shape = list(out_real.shape) + [1]
-    return ctx.emit1("concat", [ctx.reshape(out_real, shape), ctx.reshape(out_imag, shape)], {"axis": len(shape) - 1})
+    return ctx.stack([out_real, out_imag], out_real.type.rank)
 
 
 def inverse_real_last_axis(ctx, real, imag, length: int):
@@ -98,7 +90,7 @@ def _dft(ctx, node, inputs):
     real_output = inverse and onesided
     length = _scalar_operand(ctx, node, inputs, 1, "dft_length") or (
         2 * (x.shape[axis] - 1) if real_output else x.shape[axis])
-    parts = [_moved(ctx, _part(ctx, x, i), axis, rank - 2) for i in range(x.shape[-1])]
+    parts = [_moved(ctx, ctx.take(x, x.type.rank - 1, i), axis, rank - 2) for i in range(x.shape[-1])]
     imag = parts[1] if len(parts) > 1 else None
     y = (inverse_real_last_axis(ctx, parts[0], imag, length) if real_output
          else dft_last_axis(ctx, parts[0], imag, length, inverse, onesided))
@@ -121,7 +113,7 @@ def _stft(ctx, node, inputs):
     frames = 1 + (signal.shape[1] - length) // step
     positions = np.arange(frames)[:, None] * step + np.arange(length)[None, :]
     framed = ctx.emit1("gather", [signal, ctx.const(positions.astype(np.int64), "stft_positions")], {"axis": 1})
-    parts = [_part(ctx, framed, i) for i in range(signal.shape[-1])]  # [batch, frames, length]
+    parts = [ctx.take(framed, framed.type.rank - 1, i) for i in range(signal.shape[-1])]  # [batch, frames, length]
     if window is not None:
         parts = [ctx.emit1("mul", [p, ctx.cast(window, p.dtype)]) for p in parts]
     onesided = bool(_attr(node, "onesided", 1))
