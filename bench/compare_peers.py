@@ -50,9 +50,10 @@ RUNTIMES = {
     "qcompiler fp32": "qc-fp32",
     "qcompiler int8": "qc-int8",
     "qcompiler int8 (tuned)": "qc-int8-tuned",
+    "qcompiler int8 + bf16/fp32 to a target SQNR": "qc-target",
     "qcompiler int8, compiled in the process it runs in": "qc-int8-compiled-here",
 }
-QCOMPILER = {"qc-fp32", "qc-int8", "qc-int8-tuned", "qc-int8-compiled-here"}
+QCOMPILER = {"qc-fp32", "qc-int8", "qc-int8-tuned", "qc-target", "qc-int8-compiled-here"}
 
 
 def measure(fn, inputs, seconds: float = 3.0, max_runs: int = 50) -> tuple[float, float]:
@@ -107,7 +108,8 @@ def cases(models, batches):
                    calibration)
 
 
-def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: Console) -> dict[str, str]:
+def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: Console,
+            target_sqnr: float | None = None) -> dict[str, str]:
     """Every runtime's model written to ``directory`` (ONNX, OpenVINO IR, qcompiler artifacts)
     for the workers; returns the notes per runtime (compile times, why one is missing)."""
     label, name, batch, model, example, names, calibration = case
@@ -131,6 +133,11 @@ def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: C
                                    "tuning_trials": tune_trials}
     else:
         notes["qc-int8-tuned"] = "skip"
+    if target_sqnr is not None:
+        builds["qc-target"] = {"calibration": calibration,
+                               "config": qcompiler.QuantConfig(target_output_sqnr_db=target_sqnr)}
+    else:
+        notes["qc-target"] = "skip"
     for kind, options in builds.items():
         with console.status(f"{label}: compiling {kind}..."):
             start = time.perf_counter()
@@ -139,6 +146,11 @@ def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: C
             compiled.save(directory / kind)
         if kind == "qc-int8":
             notes[kind] += f"; {compiled.report()['int8_kernels']['kernels'] or 'generic'} kernels"
+        if kind in ("qc-int8", "qc-target"):
+            kept = compiled.report()["kept_float"]
+            bf16 = sum(1 for e in kept if e.get("precision") == "bf16")
+            notes[kind] += f"; {bf16} layers bf16, {len(kept) - bf16} float" + (
+                f"; target {target_sqnr:g} dB" if kind == "qc-target" else "")
     return notes
 
 
@@ -221,6 +233,9 @@ def main() -> None:
     parser.add_argument("--tune-trials", type=int, default=0, metavar="N",
                         help="also build int8 with tune=True and N MetaSchedule trials (records kept in "
                              "bench/tuning/<model>); 0: skip the tuned row")
+    parser.add_argument("--target-sqnr", type=float, metavar="DB",
+                        help="also build with QuantConfig(target_output_sqnr_db=DB): layers int8 cannot carry go "
+                             "to bf16 (AMX-BF16) or fp32 until the output meets DB")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -235,7 +250,7 @@ def main() -> None:
         label = case[0]
         with tempfile.TemporaryDirectory() as d:
             directory = Path(d)
-            notes = prepare(case, directory, args.tune_trials, args.cpu, console)
+            notes = prepare(case, directory, args.tune_trials, args.cpu, console, args.target_sqnr)
             if args.onednn_isa:
                 for kind in ("ort-fp32", "ort-int8"):
                     notes.setdefault(kind, "host ISA (no limit)")

@@ -28,13 +28,14 @@ import numpy as np
 
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.ir.ops import get_op, traits_of
-from qcompiler.ir.ops.quant import choose_qparams
+from qcompiler.ir.ops.quant import choose_qparams, round_to_bf16
 from qcompiler.ir.packing import M_MAX, Q_MAX, Int4Groups
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantScheme
 
 FLOAT = ("f32", "f16", "f64")
 QUANTIZABLE = ("weighted", "own_params", "shared_params", "same_as_input")  # the roles insert-qdq acts on
+BF16_REASON = "bf16: operands rounded to bfloat16, accumulated in float32"
 Params = tuple[np.float32, np.integer]
 
 
@@ -169,6 +170,7 @@ class _Inserter:
     def __init__(self, graph: Graph, config: QuantScheme, report: list[dict[str, str]]):
         self.graph, self.config, self.report = graph, config, report
         self.cache: dict[tuple[int, float, int], Value] = {}
+        self.bf16_cache: dict[tuple[int, str], Value] = {}
 
     def params(self, v: Value) -> Params | None:
         existing = qparams_of(self.graph, v)
@@ -238,6 +240,19 @@ class _Inserter:
         q.inputs[0] = y
         self.cache[(id(y), float(params[0]), int(params[1]))] = dq
 
+    def rounded_bf16(self, v: Value, user: Node) -> Value:
+        """``v`` rounded to bfloat16 (one ``round_bf16`` node per value; a constant rounded now)."""
+        key = (id(v), "bf16")
+        if key not in self.bf16_cache:
+            g = self.graph
+            if v.is_constant:
+                self.bf16_cache[key] = g.add_constant(f"{v.name}.bf16", round_to_bf16(g.constant_array(v)))
+            else:
+                rounded = g.add_node("round_bf16", [v], {}, meta={"source": user.source}, before=user).output
+                rounded.range = v.range
+                self.bf16_cache[key] = rounded
+        return self.bf16_cache[key]
+
     def skip(self, node: Node, reason: str) -> None:
         self.report.append({"node": node.describe(), "handle": str(node.handle), "reason": reason})
 
@@ -291,6 +306,9 @@ class InsertQDQ(QuantScheme, Pass):
                 ins.skip(node, f"op type '{node.op}' is not in QuantConfig.op_types")
                 continue
             names = (node.source, *(v.name for v in node.outputs))
+            if self.runs_bf16(node):  # kept out of int8 (so also excluded), in bf16
+                changed |= self._round_bf16(graph, node, ins)
+                continue
             if self.excluded(*names):
                 ins.skip(node, "excluded by QuantConfig.exclude")
                 continue
@@ -315,6 +333,26 @@ class InsertQDQ(QuantScheme, Pass):
         groups = self.int4_groups(node)
         attach_quantized_weight(graph, node, slot, q, scale, groups)
         ins.skip(node, f"weight-only: weights {'int4' if groups else 'int8'}, activations float")
+        return True
+
+    def _round_bf16(self, graph: Graph, node: Node, ins: _Inserter) -> bool:
+        """A layer int8 cannot carry, in bfloat16: its float operands (not the bias) rounded to
+        bf16, weights now and activations by a ``round_bf16`` node, accumulated in float32 (the
+        arithmetic of AMX-BF16's ``tdpbf16ps``, which the TVM target runs it on). Other ops than
+        conv, linear and matmul gain nothing from it and stay float32."""
+        traits = traits_of(node.op)
+        if traits.quant != "weighted":
+            ins.skip(node, "kept float32 (bf16 applies to conv, linear and matmul)")
+            return False
+        operands = (0, traits.weight_slot)
+        for i in operands:
+            v = node.inputs[i]
+            if v.dtype != "f32":
+                ins.skip(node, f"kept float32: operand %{v.name} is {v.dtype}")
+                return False
+        for i in operands:
+            node.inputs[i] = ins.rounded_bf16(node.inputs[i], node)
+        ins.skip(node, BF16_REASON)
         return True
 
     def _quantize(self, graph: Graph, node: Node, ins: _Inserter) -> bool:

@@ -318,7 +318,9 @@ class LowerInteger(Pass):
             if traits_of(node.op).quant in COMPUTING and node.outputs[0].dtype in ("f32", "f16", "f64"):
                 reason = reasons.get(str(node.handle)) or node.meta.get(NOT_LOWERED) or \
                     "quantized operands did not form a lowerable dequantize -> op -> quantize sandwich"
-                kept.append({"node": node.describe(), "handle": str(node.handle), "reason": reason})
+                bf16 = any(v.producer is not None and v.producer.op == "round_bf16" for v in node.inputs)
+                kept.append({"node": node.describe(), "handle": str(node.handle), "reason": reason,
+                             "precision": "bf16" if bf16 else "fp32"})
             elif node.op == "dequantize" and node.inputs[0].dtype == "i32" and not node.meta.get(MODEL_OUTPUT):
                 kept.append({"node": node.describe(), "handle": str(node.handle),
                              "reason": "fused activation has no integer form; applied in float after the "

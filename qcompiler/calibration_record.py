@@ -66,10 +66,12 @@ class CalibrationRecord:
     biases: dict[str, list[float]]  # conv/linear output value name -> its corrected bias
     exclude: dict[str, str]  # layer (output value name) the sensitivity check kept float -> why
     int8_weights: dict[str, str] = field(default_factory=dict)  # i4 config: layers kept at int8 weights -> why
+    bf16: tuple[str, ...] = ()  # of exclude, the layers run in bfloat16 (the rest float32)
 
     @classmethod
     def measure(cls, float_graph: Graph, calibrated: Graph, calibration: str, activation_dtype: str,
-                exclude: dict[str, str], int8_weights: dict[str, str] | None = None) -> CalibrationRecord:
+                exclude: dict[str, str], int8_weights: dict[str, str] | None = None,
+                bf16: tuple[str, ...] = ()) -> CalibrationRecord:
         """The record of ``calibrated`` (``float_graph`` after range-analysis and bias-correction)."""
         ranges = {v.name: v.range for v in calibrated_values(calibrated) if v.range is not None}
         before = {n.handle: n for n in float_graph.nodes}
@@ -82,13 +84,13 @@ class CalibrationRecord:
             if len(old.inputs) <= slot or old.inputs[slot].name != n.inputs[slot].name:  # bias-correction's
                 biases[n.output.name] = [float(b) for b in calibrated.constant_array(n.inputs[slot]).ravel()]
         return cls(graph_digest(float_graph), calibration, activation_dtype, ranges, biases, dict(exclude),
-                   dict(int8_weights or {}))
+                   dict(int8_weights or {}), tuple(bf16))
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         body = {"format": FORMAT, "graph_digest": self.graph_digest, "calibration": self.calibration,
                 "activation_dtype": self.activation_dtype, "exclude": self.exclude,
-                "int8_weights": self.int8_weights,
+                "int8_weights": self.int8_weights, "bf16": list(self.bf16),
                 "ranges": {k: list(r) for k, r in self.ranges.items()}, "biases": self.biases}
         atomic_write(path, lambda f: f.write(json.dumps(body, indent=1).encode()))
         return path
@@ -107,7 +109,8 @@ class CalibrationRecord:
             biases = {str(k): [float(b) for b in bs] for k, bs in body["biases"].items()}
             return cls(str(body["graph_digest"]), str(body["calibration"]), str(body["activation_dtype"]),
                        ranges, biases, {str(k): str(why) for k, why in body["exclude"].items()},
-                       {str(k): str(why) for k, why in body.get("int8_weights", {}).items()})
+                       {str(k): str(why) for k, why in body.get("int8_weights", {}).items()},
+                       tuple(str(k) for k in body.get("bf16", [])))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise QCompilerError(f"{path}: malformed calibration record ({type(e).__name__}: {e})") from None
 

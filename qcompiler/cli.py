@@ -170,7 +170,7 @@ def _cmd_opt(args: argparse.Namespace) -> int:
                       progress=True)
     run_pipeline(graph, passes, inst, ctx)
     for entry in ctx.report.get("kept_float", []):
-        print(f"kept float: {entry['node']}: {entry['reason']}", file=sys.stderr)
+        print(f"{kept_label(entry)}: {entry['node']}: {entry['reason']}", file=sys.stderr)
     if args.timing:
         table = Table(title="pass timing")
         for col in ("#", "pass", "changed", "ms"):
@@ -198,6 +198,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     config = QuantConfig.load(args.config) if args.config else QuantConfig()
     if args.target_sqnr is not None and not args.passes:  # with --passes the target marks a pass; no search
         config = dataclasses.replace(config, target_output_sqnr_db=args.target_sqnr)
+    if args.float_precision is not None:
+        config = dataclasses.replace(config, float_precision=args.float_precision)
     search = None
     if args.passes and args.quantized:
         raise QCompilerError("--passes replays the quantization pipeline on MODEL: it takes no quantized model")
@@ -295,6 +297,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     config = QuantConfig.load(args.config) if args.config else None
     if args.target_sqnr is not None:
         config = dataclasses.replace(config or QuantConfig(), target_output_sqnr_db=args.target_sqnr)
+    if args.float_precision is not None:
+        config = dataclasses.replace(config or QuantConfig(), float_precision=args.float_precision)
     given = [flag for flag, value in (("--calibration", args.calibration), ("--synthetic", args.synthetic),
                                       ("--ranges", args.ranges)) if value]
     if len(given) > 1:
@@ -381,13 +385,19 @@ def target_label(report: dict) -> str:
     return f"llvm ({spec.get('mcpu', 'generic')}" + (f", {cores} cores)" if cores else ")")
 
 
-def kept_float_groups(kept: list[dict]) -> list[tuple[int, str]]:
-    """Ops kept float grouped by reason (numbers masked, so one cause is one line), most first."""
+def kept_label(entry: dict) -> str:
+    """How an op kept out of int8 runs: "kept bf16" or "kept float" (float32)."""
+    return "kept bf16" if entry.get("precision") == "bf16" else "kept float"
+
+
+def kept_float_groups(kept: list[dict]) -> list[tuple[int, str, str]]:
+    """Ops kept float grouped by precision and reason (numbers masked, so one cause is one
+    line), most first: (count, label, reason)."""
     import re
     from collections import Counter
 
-    counts = Counter(re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "…", e["reason"]) for e in kept)
-    return [(n, reason) for reason, n in counts.most_common()]
+    counts = Counter((kept_label(e), re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "…", e["reason"])) for e in kept)
+    return [(n, label, reason) for (label, reason), n in counts.most_common()]
 
 
 def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[str], digest: str | None,
@@ -413,7 +423,8 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
                                f"{', '.join(map(str, b['buckets']))}, padded up to the next"
                       + ("" if b["per_sample_exact"] is None else
                          "; per sample exact" if b["per_sample_exact"] else "; per sample within float rounding"))
-    table.add_row("kept float", str(len(report["kept_float"])))
+    bf16 = sum(1 for e in report["kept_float"] if e.get("precision") == "bf16")
+    table.add_row("kept float", str(len(report["kept_float"])) + (f" ({bf16} in bf16)" if bf16 else ""))
     if "low_rank" in report:
         factored = report["low_rank"]["layers"]
         table.add_row("low-rank", f"{len(factored)} layers factored at energy {report['low_rank']['energy']:g}: "
@@ -421,8 +432,8 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
                                   f"{sum(e['params_after'] for e in factored)} weights"
                                   + (f"; {len(report['low_rank']['left_alone'])} left alone (no saving)"
                                      if report["low_rank"]["left_alone"] else ""))
-    if report.get("int4_weights"):
-        table.add_row("4-bit weights", f"{report['int4_weights']} layers"
+    if report.get("int4_weights") or report.get("int8_weights"):  # an i4 build, even one the search moved to int8
+        table.add_row("4-bit weights", f"{report.get('int4_weights', 0)} layers"
                       + (f"; {len(report['int8_weights'])} kept int8 weights" if report.get("int8_weights") else ""))
     if "gptq" in report:
         ratios = sorted(e["error_vs_nearest"] for e in report["gptq"]["layers"])
@@ -447,7 +458,7 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
         table.add_row("precision search", f"[{colour}]output SQNR {format_db(found['before_db'])} -> "
                                           f"{format_db(found['after_db'])}[/] (target "
                                           f"{found['target_output_sqnr_db']:g} dB), "
-                                          f"{sum(len(p['nodes']) for p in found['promoted'])} kept float for it")
+                                          f"{sum(len(p['nodes']) for p in found['promoted'])} promoted for it ({found.get('action', 'kept float')})")
     size = report["size_bytes"]
     table.add_row("weights", f"{size['float'] / 1e6:.2f} MB -> {size['compiled'] / 1e6:.2f} MB")
     if "accuracy" in report:
@@ -466,10 +477,10 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
     console.print(table)
     if verbose:
         for entry in report["kept_float"]:
-            console.print(f"kept float: {entry['node']}: {entry['reason']}", highlight=False)
+            console.print(f"{kept_label(entry)}: {entry['node']}: {entry['reason']}", highlight=False)
     elif report["kept_float"]:
-        for count, reason in kept_float_groups(report["kept_float"]):
-            console.print(f"kept float: {count} x {reason}", highlight=False)
+        for count, label, reason in kept_float_groups(report["kept_float"]):
+            console.print(f"{label}: {count} x {reason}", highlight=False)
         console.print("(-v lists each op)", highlight=False)
     if "warning" in report.get("int8_kernels", {}):
         console.print(f"warning: {report['int8_kernels']['warning']}", highlight=False)
@@ -679,6 +690,12 @@ def _synthetic(args: argparse.Namespace, graph, count: int) -> list[list]:
     return synthetic_batches(graph, count, args.seed, parse_val_range(args.val_range))
 
 
+def _float_precision_arg(p: argparse.ArgumentParser, auto: str) -> None:
+    p.add_argument("--float-precision", choices=["auto", "bf16", "fp32"],
+                   help=f"precision of the conv/linear/matmul layers kept out of int8 (QuantConfig.float_precision; "
+                        f"default auto: bf16 or fp32 {auto})")
+
+
 def _synthetic_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--synthetic", action="store_true", help=f"random {what} instead of data (smoke runs; "
                                                             f"accuracy on them means nothing)")
@@ -772,6 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the precision search: the layers whose float form brings every output (and each of its "
                         "channel groups) to this SQNR, with what each gained (--json: an object with 'layers' and "
                         "'precision_search')")
+    _float_precision_arg(p, "as a build for this machine's CPU would")
     p.add_argument("--passes", action="store_true",
                    help="replay the quantization pipeline pass by pass and print the outputs' SQNR after each: the "
                         "first pass below --target-sqnr (or the one that lost the most)")
@@ -811,6 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sqnr", type=float, metavar="DB",
                    help="precision search: keep the fewest layers float that bring every output (and each of its "
                         "channel groups) to this SQNR on the calibration data (QuantConfig.target_output_sqnr_db)")
+    _float_precision_arg(p, "as the build's CPU has AMX-BF16 or not")
     p.add_argument("--image-mean", type=float, nargs=3, metavar="M", help="normalize calibration/eval images")
     p.add_argument("--image-std", type=float, nargs=3, metavar="S",
                    help="divide calibration/eval images by this per channel (after the mean); run applies it too")

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import artifact
 from .artifact import FORMAT_VERSION
+from .cpu_features import x86_without_vnni
 from .errors import InputError, ModelLoadError, QCompilerError
 from .extras import require
 from .interpreter import check_inputs, to_numpy
@@ -372,16 +373,6 @@ def _load_library(data: bytes, where: Path) -> Any:
 ORT_INDEX_ERRORS = ("out of range", "out of data bounds", "invalid index")  # how ONNX Runtime reports bad indices
 
 
-def x86_without_vnni() -> bool:
-    """An x86 CPU without an 8-bit dot-product instruction (AVX-512 VNNI or AVX-VNNI)."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
-
-
 def _onnxruntime_runner(model_bytes: bytes, graph: Graph):
     require("onnxruntime", "running an onnx-target model")
     import onnxruntime as ort
@@ -678,7 +669,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         config = config or QuantConfig()
         # ONNX has no integer-lowered ops: the ONNX target ships the QDQ graph
         result = quantize(graph, batches, config, progress=progress, lower=target != "onnx", on_pass=phases.for_pass,
-                          ranges=ranges)
+                          ranges=ranges, bf16_native=_bf16_native(target, cpu))
         # the model as given is the reference: what float passes lose on purpose (low-rank) is the build's cost
         compiled_graph, reference, used, timings = result.graph, graph, result.pipeline, result.timings
         report["passes"] = result.report
@@ -695,7 +686,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         report["note"] = ("float model: no calibration data was given" if batches is None else
                           "nothing was quantized: see passes.kept_float / not_quantized")
     report["kept_float"] = report["passes"].get("kept_float", [])
-    for key in ("precision_search", "int8_weight_search", "int8_weights", "gptq", "low_rank"):
+    for key in ("precision_search", "int8_weight_search", "float32_search", "float_precision", "int8_weights", "gptq",
+                "low_rank"):
         if key in report["passes"]:
             report[key] = report["passes"][key]
     report["ops"] = {"integer": integer_ops, "total": len(compiled_graph.nodes), "by_op": compiled_graph.op_counts()}
@@ -757,6 +749,17 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     report["compile_seconds"] = round(time.perf_counter() - started, 2)
     phases.done()
     return compiled
+
+
+def _bf16_native(target: str, cpu: str | None) -> bool:
+    """The build computes bf16 natively (an llvm target with AMX-BF16): where
+    ``float_precision="auto"`` puts the layers kept out of int8 in bf16."""
+    if target != "llvm":
+        return False
+    from .targets.tvm import make_target
+    from .targets.tvm.build import bf16_kernels
+
+    return bf16_kernels(make_target(target, arch=cpu)) is not None
 
 
 def _unavailable(reason: str):

@@ -95,10 +95,24 @@ def _cost(node: Node) -> int:
     return size * reduced
 
 
+def _reads(node: Node, op: str) -> bool:
+    return any(v.producer is not None and v.producer.op == op for v in node.inputs)
+
+
+def reads_dequantized(qdq: Graph, node: Node) -> bool:
+    """``node`` reads a dequantized value: a layer in int8."""
+    return _reads(node, "dequantize")
+
+
+def reads_bf16(qdq: Graph, node: Node) -> bool:
+    """``node`` reads a value rounded to bfloat16: a layer in bf16."""
+    return _reads(node, "round_bf16")
+
+
 def quantized_layers(qdq: Graph) -> list[Node]:
-    """The layers insert-qdq quantized: nodes reading a dequantized value."""
-    return [n for n in qdq.nodes if n.op not in ("quantize", "dequantize") and "handle" in n.meta
-            and any(v.producer is not None and v.producer.op == "dequantize" for v in n.inputs)]
+    """The layers insert-qdq quantized or put in bf16: nodes reading a dequantized or bf16 value."""
+    return [n for n in qdq.nodes if n.op not in ("quantize", "dequantize", "round_bf16") and "handle" in n.meta
+            and (reads_dequantized(qdq, n) or reads_bf16(qdq, n))]
 
 
 def _quantized_source(v: Any) -> Any:
@@ -155,7 +169,7 @@ class SearchResult:
         def db(x: float) -> float | None:
             return round(x, 2) if math.isfinite(x) else None
 
-        return {"target_output_sqnr_db": self.target_db, "before_db": db(self.before_db),
+        return {"target_output_sqnr_db": self.target_db, "action": self.action, "before_db": db(self.before_db),
                 "after_db": db(self.after_db), "met": self.met, "layers_measured": self.layers_measured,
                 "promoted": [{"nodes": p.nodes, "gain_db": db(p.gain_db), "cost": p.cost}
                              for p in self.promoted],
@@ -175,7 +189,7 @@ def search(float_graph: Graph, insert: Callable[[tuple[str, ...]], Graph], batch
     ``insert(promoted)`` returns the QDQ graph with ``promoted`` in the higher precision (kept
     float; or, for an i4 config's first search, given int8 weights); its layers carry the float
     graph's debug handles. ``action`` says what a promotion does, in the reasons; ``eligible(qdq,
-    layer)``: which quantized layers a promotion can change (default: all)."""
+    layer)``: which layers a promotion can change (default: those in int8)."""
     references = run(float_graph, batch)
     names = {n.handle: n.outputs[0].name for n in float_graph.nodes}
 
@@ -187,8 +201,8 @@ def search(float_graph: Graph, insert: Callable[[tuple[str, ...]], Graph], batch
     if result.met:
         return result
     qdq = insert(kept)
-    layers = {names[n.handle]: n for n in quantized_layers(qdq) if n.handle in names
-              and (eligible is None or eligible(qdq, n))}
+    eligible = eligible or reads_dequantized
+    layers = {names[n.handle]: n for n in quantized_layers(qdq) if n.handle in names and eligible(qdq, n)}
     units = candidate_units(layers)
     gains = {}
     with progress_bar(f"precision search ({action}): each layer's effect at the outputs", len(units),

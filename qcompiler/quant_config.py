@@ -88,6 +88,7 @@ class CalibrationConfig:
 
 
 WEIGHT_DTYPES = ("i8", "i4")
+FLOAT_PRECISIONS = ("auto", "bf16", "fp32")
 DEFAULT_OP_TYPES = ("conv", "linear", "matmul", "add", "concat", "pool", "relu", "resize")
 
 
@@ -106,6 +107,7 @@ class QuantScheme:
     weight_group_size: int = 32  # i4: consecutive input weights of an output channel sharing a scale
     int8_weights: tuple[str, ...] = ()  # i4: layers (names or patterns) whose weights stay int8
     weight_only: tuple[str, ...] = ()  # layers whose weights are quantized and activations left float
+    bf16: tuple[str, ...] = ()  # layers (conv, linear, matmul) run in bfloat16 instead of int8
 
     def check_scheme(self) -> None:
         if self.activation_dtype not in ("u8", "i8"):
@@ -130,6 +132,9 @@ class QuantScheme:
 
     def is_weight_only(self, node: Node) -> bool:
         return _matches(_names(node), self.weight_only)
+
+    def runs_bf16(self, node: Node) -> bool:
+        return _matches(_names(node), self.bf16)
 
     def int4_groups(self, node: Node) -> Int4Groups | None:
         """How ``node``'s weight is stored: 4-bit groups under ``weight_dtype="i4"`` for a layer
@@ -186,6 +191,10 @@ class QuantConfig:
     # a layer the sensitivity check or the precision search keeps float keeps its quantized weights
     # (int8 or int4) with float activations (weight-only quantization) instead of all float
     weight_only_fallback: bool = False
+    # the precision of conv, linear and matmul layers kept out of int8 (by the sensitivity check or
+    # the precision search): "bf16" (operands rounded to bfloat16, float32 accumulation: AMX-BF16's
+    # arithmetic), "fp32", or "auto": bf16 where the build's CPU has AMX-BF16, else fp32
+    float_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.op_types, list):
@@ -196,19 +205,34 @@ class QuantConfig:
         if self.low_rank is not None and not isinstance(self.low_rank, LowRank):
             raise QCompilerError(f"QuantConfig.low_rank must be a LowRank (JSON: {{\"energy\": 0.95}}) or null, "
                                  f"got {self.low_rank!r}")
+        if self.float_precision not in FLOAT_PRECISIONS:
+            raise QCompilerError(f"QuantConfig.float_precision '{self.float_precision}' is not one of "
+                                 f"{', '.join(FLOAT_PRECISIONS)}")
+        if self.float_precision == "bf16" and self.weight_only_fallback:
+            raise QCompilerError("QuantConfig: weight_only_fallback keeps weak layers' weights quantized with float "
+                                 "activations; float_precision 'bf16' runs them in bf16: choose one")
         try:
             self.scheme().check_scheme()
         except QCompilerError as e:
             raise QCompilerError(f"QuantConfig: {e}") from None
 
-    def scheme(self, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> QuantScheme:
+    def scheme(self, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = (),
+               bf16: tuple[str, ...] = ()) -> QuantScheme:
         """The options of insert-qdq and bias-correction this config stands for; ``exclude``:
         more layers kept float (weight-only with ``weight_only_fallback``), ``int8_weights``:
-        layers of an i4 config kept at int8 weights (the sensitivity check's)."""
+        layers of an i4 config kept at int8 weights (the sensitivity check's), ``bf16``: those of
+        ``exclude`` that run in bfloat16."""
         kept, weight_only = ((), tuple(exclude)) if self.weight_only_fallback else (tuple(exclude), ())
         return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + kept,
                            self.max_abs_range, self.weight_dtype, self.weight_group_size, tuple(int8_weights),
-                           weight_only)
+                           weight_only, tuple(bf16))
+
+    def resolved_float_precision(self, bf16_native: bool) -> str:
+        """"bf16" or "fp32": ``float_precision`` with "auto" decided by whether the build's CPU
+        computes bf16 natively (weight-only fallback keeps float32 activations)."""
+        if self.float_precision != "auto":
+            return self.float_precision
+        return "bf16" if bf16_native and not self.weight_only_fallback else "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

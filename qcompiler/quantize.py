@@ -53,9 +53,11 @@ def bias_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights:
     return str(registered_passes()["bias-correction"](**dataclasses.asdict(config.scheme(exclude, int8_weights))))
 
 
-def insert_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> str:
-    """insert-qdq with ``config``'s scheme; ``exclude`` and ``int8_weights`` as for ``calibrate_stages``."""
-    return str(registered_passes()["insert-qdq"](**dataclasses.asdict(config.scheme(exclude, int8_weights))))
+def insert_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = (),
+                 bf16: tuple[str, ...] = ()) -> str:
+    """insert-qdq with ``config``'s scheme; ``exclude`` and ``int8_weights`` as for ``calibrate_stages``,
+    ``bf16``: those of ``exclude`` that run in bfloat16."""
+    return str(registered_passes()["insert-qdq"](**dataclasses.asdict(config.scheme(exclude, int8_weights, bf16))))
 
 
 def with_config(pipeline: str, config: QuantConfig) -> str:
@@ -84,13 +86,13 @@ def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
 
 def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,
                           exclude: tuple[str, ...] = (), ranges: str | None = None,
-                          int8_weights: tuple[str, ...] = ()) -> str:
+                          int8_weights: tuple[str, ...] = (), bf16: tuple[str, ...] = ()) -> str:
     """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with.
     ``ranges``: a calibration record's path, applied instead of calibrating."""
     floats = float_stages(config, float_pipeline)
     calibrate = calibrate_stages(config, exclude, int8_weights) if ranges is None \
         else f"apply-calibration{{path={ranges}}}"
-    stages = [floats, calibrate, insert_stage(config, exclude, int8_weights)]
+    stages = [floats, calibrate, insert_stage(config, exclude, int8_weights, bf16)]
     if lower:
         stages.append("lower-integer")
     return ",".join(s for s in stages if s)
@@ -110,12 +112,17 @@ class QuantizeResult:
 def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None = None, *, lower: bool = True,
              float_pipeline: str | None = None, progress: bool = False,
              on_pass: Callable[[Any], None] | None = None,
-             ranges: str | os.PathLike | None = None) -> QuantizeResult:
+             ranges: str | os.PathLike | None = None, bf16_native: bool | None = None) -> QuantizeResult:
     """Quantize a copy of ``graph`` (which is left untouched) with ``calibration`` batches
     (see ``qcompiler.calibration`` for what they may be), or, instead of data, with ``ranges``:
     a calibration record saved from an earlier run (``result.calibration.save(path)``) on the
-    same model. ``on_pass`` is told of each pass before it runs (``PhaseLog.for_pass``)."""
+    same model. ``on_pass`` is told of each pass before it runs (``PhaseLog.for_pass``).
+    ``bf16_native``: whether the build's CPU computes bf16 natively, for ``float_precision="auto"``
+    (``compile`` says it of its target; default: this machine has AMX-BF16)."""
+    from .cpu_features import has_amx_bf16
+
     config = config or QuantConfig()
+    precision = config.resolved_float_precision(has_amx_bf16() if bf16_native is None else bf16_native)
     if ranges is not None and config.gptq:
         raise QCompilerError("gptq rounds weights on calibration data, which a calibration record does not carry: "
                              "give the calibration data, or turn gptq off")
@@ -131,47 +138,54 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
         if record.activation_dtype != config.activation_dtype:
             raise QCompilerError(f"{ranges}: calibrated for {record.activation_dtype} activations, and the config "
                                  f"asks for {config.activation_dtype}; recalibrate")
-        exclude, int8_weights = tuple(record.exclude), tuple(record.int8_weights)
+        exclude, int8_weights, bf16 = tuple(record.exclude), tuple(record.int8_weights), tuple(record.bf16)
         qdq = run_pipeline(float_graph.copy(), f"apply-calibration{{path={ranges}}},"
-                           f"{insert_stage(config, exclude, int8_weights)}", inst, ctx)
+                           f"{insert_stage(config, exclude, int8_weights, bf16)}", inst, ctx)
         _explain_exclusions(float_graph, record.exclude, ctx)
     else:
-        qdq, record = _calibrate_and_insert(float_graph, config, batches, inst, ctx)
-        exclude, int8_weights = tuple(record.exclude), tuple(record.int8_weights)
+        qdq, record = _calibrate_and_insert(float_graph, config, precision, batches, inst, ctx)
+        exclude, int8_weights, bf16 = tuple(record.exclude), tuple(record.int8_weights), tuple(record.bf16)
+    ctx.report["float_precision"] = {"config": config.float_precision, "resolved": precision,
+                                     "bf16_layers": list(bf16)}
     if record.int8_weights:
         ctx.report["int8_weights"] = [{"layer": k, "reason": why} for k, why in record.int8_weights.items()]
     final = run_pipeline(qdq.copy(), "lower-integer", inst, ctx) if lower else qdq
     for result in {id(g): g for g in (float_graph, qdq, final)}.values():
         result.name_outputs([v.name for v in graph.outputs])  # rewrites replace output values; names stay
     pipeline = quantization_pipeline(config, float_pipeline, lower, exclude, None if ranges is None else str(ranges),
-                                     int8_weights)
+                                     int8_weights, bf16)
     return QuantizeResult(final, qdq, float_graph, pipeline, ctx.report, inst.records, record)
 
 
-def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any, inst: Instruments,
+def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: str, batches: Any, inst: Instruments,
                           ctx: PassContext) -> tuple[Graph, CalibrationRecord]:
     """Calibrate and insert quantize/dequantize pairs; with ``min_layer_sqnr_db``, layers that
     lose too much even when quantized alone climb their ladder (``_ladder``: int4 weights ->
     int8 weights -> weight-only or float) one step a round; with ``target_output_sqnr_db``, the
     precision search gives int4 layers int8 weights, then keeps more float (or weight-only) until
-    the outputs meet it. Each decision recalibrates (bias correction depends on it)."""
+    the outputs meet it, and where float is bf16 (``precision``) and that falls short, a second
+    search moves bf16 layers to float32. Each decision recalibrates (bias correction depends on it)."""
     from .compare import compare
 
-    exclude: dict[str, str] = {}
+    exclude: dict[str, str] = {}  # layers kept out of int8 (in bf16 where precision is bf16) -> why
     int8_weights: dict[str, str] = {}
+    fp32: dict[str, str] = {}  # of exclude, the layers bf16 could not carry either (the second search's)
+
+    def bf16_layers() -> tuple[str, ...]:
+        return tuple(name for name in exclude if name not in fp32) if precision == "bf16" else ()
 
     def calibrated() -> tuple[Graph | None, Graph, CalibrationRecord]:
         """The graph with ranges only (kept for the precision search), the QDQ graph, the record."""
-        kept, int8 = tuple(exclude), tuple(int8_weights)
+        kept, int8, bf16 = tuple(exclude), tuple(int8_weights), bf16_layers()
         graph = run_pipeline(float_graph.copy(), range_stage(config), inst, ctx)
         ranged = graph.copy() if config.target_output_sqnr_db is not None else None
         later = ",".join(s for s in (gptq_stage(config, kept, int8), bias_stage(config, kept, int8)) if s)
         if later:
             graph = run_pipeline(graph, later, inst, ctx)
         record = CalibrationRecord.measure(float_graph, graph, range_stage(config), config.activation_dtype, exclude,
-                                           int8_weights)  # before insert-qdq rewrites it
+                                           int8_weights, bf16)  # before insert-qdq rewrites it
         ctx.report["not_quantized"] = []
-        return ranged, run_pipeline(graph, insert_stage(config, kept, int8), inst, ctx), record
+        return ranged, run_pipeline(graph, insert_stage(config, kept, int8, bf16), inst, ctx), record
 
     ranged, qdq, record = calibrated()
     if config.min_layer_sqnr_db is not None:
@@ -206,63 +220,86 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, batches: Any,
                 break  # an int8 config decides in one round
     if config.target_output_sqnr_db is not None and config.weight_dtype == "i4":  # int8 weights before float
         found = _search_precision(float_graph, ranged, record, config, batches, tuple(exclude), tuple(int8_weights),
-                                  inst, ctx, int8_search=True)
+                                  (), inst, ctx, "int8 weights")
         if found.promoted:
             int8_weights |= found.reasons()
             ranged, qdq, record = calibrated()
             found.remeasure(qdq, batches.first())
             ctx.report["int8_weight_search"] = found.report()
     if config.target_output_sqnr_db is not None:
+        action = "bf16" if precision == "bf16" else "weight-only" if config.weight_only_fallback else "keeping it float"
         found = _search_precision(float_graph, ranged, record, config, batches, tuple(exclude), tuple(int8_weights),
-                                  inst, ctx)
+                                  bf16_layers(), inst, ctx, action)
         if found.promoted:
             exclude |= found.reasons()
             ranged, qdq, record = calibrated()
             found.remeasure(qdq, batches.first())
             ctx.report["precision_search"] = found.report()  # measured on what ships (recalibrated)
+        if precision == "bf16" and not found.met and bf16_layers():
+            further = _search_precision(float_graph, ranged, record, config, batches, tuple(exclude),
+                                        tuple(int8_weights), bf16_layers(), inst, ctx, "float32")
+            if further.promoted:
+                fp32 |= further.reasons()
+                exclude |= further.reasons()
+                ranged, qdq, record = calibrated()
+                further.remeasure(qdq, batches.first())
+                ctx.report["float32_search"] = further.report()
     if exclude:
         _explain_exclusions(float_graph, record.exclude, ctx)
     return qdq, record
 
 
 def _search_precision(float_graph: Graph, ranged: Graph, record: CalibrationRecord, config: QuantConfig, batches: Any,
-                      kept: tuple[str, ...], int8_weights: tuple[str, ...], inst: Instruments, ctx: PassContext,
-                      int8_search: bool = False) -> SearchResult:
-    """The precision search (``precision_search.search``) on ``ranged`` (the graph with ranges):
-    which layers to keep float or, with ``int8_search``, which of an i4 config's layers to give
-    int8 weights; its result goes into the report (``precision_search`` / ``int8_weight_search``).
+                      kept: tuple[str, ...], int8_weights: tuple[str, ...], bf16: tuple[str, ...], inst: Instruments,
+                      ctx: PassContext, action: str) -> SearchResult:
+    """The precision search (``precision_search.search``) on ``ranged`` (the graph with ranges),
+    promoting layers by ``action``: "int8 weights" (an i4 config's layers), "bf16",
+    "keeping it float" or "weight-only" (int8 layers out of int8), "float32" (bf16 layers, of
+    ``bf16``, to float32); its result goes into the report under the search's key.
 
     Bias correction measures each layer quantized alone, so a layer's corrected bias depends on
     its own precision only: every choice the search measures takes the record's biases (the
     current precisions), int8-weight ones for layers it moves to int8, the float bias for
     layers it keeps float."""
     from .calibration_record import set_corrected_bias
-    from .precision_search import search
+    from .precision_search import reads_bf16, search
     from .progress import Step
 
     quiet = Instruments(emit=lambda s: None)
+    int8_search = action == "int8 weights"
     int8_biases = record.biases
     if int8_search and config.bias_correction:
         graph = run_pipeline(ranged.copy(), bias_stage(config, kept, ("*",)), quiet, PassContext(calibration=batches))
         int8_biases = CalibrationRecord.measure(float_graph, graph, "", config.activation_dtype, {}).biases
 
     def insert(promoted: tuple[str, ...]) -> Graph:
-        exclude, int8 = (kept, int8_weights + promoted) if int8_search else (kept + promoted, int8_weights)
+        exclude, int8, in_bf16 = kept + promoted, int8_weights, bf16
+        if int8_search:
+            exclude, int8 = kept, int8_weights + promoted
+        elif action == "bf16":
+            in_bf16 = bf16 + promoted
+        elif action == "float32":
+            exclude, in_bf16 = kept, tuple(name for name in bf16 if name not in promoted)
         graph = ranged.copy()
         for node in graph.nodes:
             name = node.outputs[0].name if node.outputs else None
             biases = int8_biases if name in promoted and int8_search else record.biases
             if name in biases and name not in exclude:
                 set_corrected_bias(graph, node, np.asarray(biases[name]))
-        return run_pipeline(graph, insert_stage(config, exclude, int8), quiet, PassContext())
+        return run_pipeline(graph, insert_stage(config, exclude, int8, in_bf16), quiet, PassContext())
 
-    action = "int8 weights" if int8_search else "weight-only" if config.weight_only_fallback else "keeping it float"
+    key = SEARCH_KEYS[action]
     if inst.on_pass is not None:
         inst.on_pass(Step("precision-search", f"target {config.target_output_sqnr_db:g} dB at the outputs ({action})"))
+    eligible = _has_int4_weight if int8_search else reads_bf16 if action == "float32" else None
     found = search(float_graph, insert, batches.first(), config.target_output_sqnr_db, (), ctx.progress, action,
-                   _has_int4_weight if int8_search else None)
-    ctx.report["int8_weight_search" if int8_search else "precision_search"] = found.report()
+                   eligible)
+    ctx.report[key] = found.report()
     return found
+
+
+SEARCH_KEYS = {"int8 weights": "int8_weight_search", "bf16": "precision_search", "keeping it float": "precision_search",
+               "weight-only": "precision_search", "float32": "float32_search"}  # the report's key of each search
 
 
 _LADDER_WORDS = {(False, False): " with int4 weights", (False, True): " with int8 weights",

@@ -160,7 +160,8 @@ def test_the_precision_search_meets_the_target_keeping_few_layers_float():
     assert compiled.graph.op_counts().get("linear_int", 0) >= 1  # not everything went back to float
 
 
-def test_target_sqnr_from_the_cli(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_target_sqnr_from_the_cli(tmp_path, precision):
     import json
 
     from tests.conftest import cli_in_process, export_onnx
@@ -169,14 +170,18 @@ def test_target_sqnr_from_the_cli(tmp_path):
     np.savez(tmp_path / "cal.npz", x=np.stack(calibration))
     path = export_onnx(model, (torch.zeros(16, 16),), tmp_path / "m.onnx", ["x"])
     done = cli_in_process("compile", path, "--calibration", str(tmp_path / "cal.npz"), "--target", "reference",
-                          "--target-sqnr", "35", "-o", str(tmp_path / "art"), "--json")
+                          "--target-sqnr", "35", "--float-precision", precision, "-o", str(tmp_path / "art"), "--json")
     assert done.returncode == 0, done.stderr
     assert "search precision: target 35 dB at the outputs" in done.stderr  # a CI log shows the long step
-    found = json.loads(done.stdout)["precision_search"]
-    assert found["met"] and found["before_db"] < 35 <= found["after_db"]
+    report = json.loads(done.stdout)
+    found = report["precision_search"]
+    assert found["met"] and found["before_db"] < 35 <= found["after_db"] and found["action"] == (
+        "bf16" if precision == "bf16" else "keeping it float")
+    promoted = {e["node"] for e in report["kept_float"] if "target_output_sqnr_db 35" in e["reason"]}
+    assert promoted and {e["precision"] for e in report["kept_float"] if e["node"] in promoted} == {precision}
     assert found["promoted"] and {n.split()[0] for p in found["promoted"] for n in p["nodes"]} == {"linear"}
     compared = cli_in_process("compare", path, "--calibration", str(tmp_path / "cal.npz"), "--target-sqnr", "35",
-                              "--json")
+                              "--float-precision", precision, "--json")
     assert compared.returncode == 0, compared.stderr
     report = json.loads(compared.stdout)
     assert report["precision_search"] == found  # the same search, as a debugging table

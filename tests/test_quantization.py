@@ -322,7 +322,8 @@ def test_layers_kept_float_by_the_sensitivity_check_keep_their_bias():
     graph = from_torch(mlp, (x,))
     rng = np.random.default_rng(0)
     calibration = [rng.standard_normal((4, 8)).astype(np.float32) for _ in range(4)]
-    result = qcompiler.quantize(graph, calibration, QuantConfig(min_layer_sqnr_db=1000.0))  # nothing is good enough
+    result = qcompiler.quantize(graph, calibration, QuantConfig(min_layer_sqnr_db=1000.0,  # nothing is good enough
+                                                                float_precision="fp32"))
     assert len(result.report["kept_float"]) == 2
     np.testing.assert_array_equal(result.graph(x.numpy())[0], result.float_graph(x.numpy())[0])
     assert "bias-correction{exclude=" in result.pipeline and "insert-qdq{exclude=" in result.pipeline

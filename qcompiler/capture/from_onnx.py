@@ -60,6 +60,7 @@ class _Ctx(GraphBuilder):
     def __init__(self, graph: Graph, opset: int):
         super().__init__(graph)
         self.opset = opset
+        self.bf16_values: set[int] = set()  # f32 values holding a Cast-to-bfloat16's result (see _cast)
 
     def const_input(self, v: Value | None, node: Any, what: str) -> np.ndarray | None:
         """An operand that must be known at import (shape, axes, pads, slice bounds)."""
@@ -213,6 +214,11 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         for node in nodes:
             ctx.source = node.name or node.outputs[0].name
             inputs = [operand(t) for t in node.inputs]
+            held = next((t.name for t, v in zip(node.inputs, inputs) if id(v) in ctx.bf16_values), None)
+            if held is not None and node.op != "Cast":
+                raise QCompilerError(f"{where}: {node.op} '{ctx.source}' reads the bfloat16 tensor '{held}': "
+                                     f"qcompiler has no bf16 tensors, only Casts of one (Cast to bf16 and back "
+                                     f"around a float op is a bf16 layer)")
             try:
                 if _key(node) == "If":
                     result = inline_if(node, inputs)
@@ -260,6 +266,9 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         value = operand(tensor)
         if value is None:
             raise ModelLoadError(f"{where}: graph output '{tensor.name}' is never produced")
+        if id(value) in ctx.bf16_values:
+            raise ModelLoadError(f"{where}: graph output '{tensor.name}' is bfloat16: qcompiler has no bf16 tensors "
+                                 f"(cast it to float32 in the model)")
         for name, v in flattened_outputs(tensor.name, value, where):  # a sequence: one output per element
             if v.is_constant or v in graph.inputs or v in outputs:  # outputs must be node results
                 v = graph.add_node("identity", [v], meta={"source": name}).output
@@ -637,10 +646,21 @@ def _where(ctx, node, inputs):
 
 @converts("Cast", "CastLike")
 def _cast(ctx, node, inputs):
+    """A Cast to bfloat16 is ``round_bf16`` (the IR has no bf16 tensors: its values are carried in
+    float32, exactly); the converter loop lets only Casts read such a value, and a Cast of it to
+    any type converts the float32 value, which is the bf16 value itself."""
     if node.op == "CastLike":
         to = inputs[1].dtype
     else:
         to_enum = _attr(node, "to")
+        if to_enum == onnx.TensorProto.BFLOAT16:
+            if inputs[0].dtype not in ("f32", "f16"):
+                raise QCompilerError(f"Cast '{node.name}': to bfloat16 from {inputs[0].dtype} is not supported "
+                                     f"(from float32 or float16)")
+            x = inputs[0] if inputs[0].dtype == "f32" else ctx.emit1("cast", [inputs[0]], {"to": "f32"})
+            rounded = x if id(x) in ctx.bf16_values else ctx.emit1("round_bf16", [x])
+            ctx.bf16_values.add(id(rounded))
+            return rounded
         try:
             to = dtype_name(onnx.helper.tensor_dtype_to_np_dtype(to_enum))
         except (ValueError, KeyError, TypeError):

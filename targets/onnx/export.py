@@ -180,6 +180,12 @@ def _cast(ex, node, xs):
     return ex.add1("Cast", xs, to=helper.np_dtype_to_tensor_dtype(node.output.type.np_dtype))
 
 
+@exports("round_bf16")
+def _round_bf16(ex, node, xs):
+    """A Cast to bfloat16 and back: ONNX's Cast rounds to nearest, ties to even (ONNX Runtime's too)."""
+    return ex.add1("Cast", [ex.add1("Cast", xs, to=onnx.TensorProto.BFLOAT16)], to=onnx.TensorProto.FLOAT)
+
+
 @exports("conv1d", "conv2d", "conv3d")
 def _conv(ex, node, xs):
     a = node.attrs

@@ -16,7 +16,7 @@ from tvm import relax
 
 from qcompiler.ir import Node
 
-from . import kernel_lower, x86_amx
+from . import bf16, kernel_lower, x86_amx
 from .lowering import ConvGeometry, Fused, Lowerer
 from .kernel_lower import (activation_zero_point, applies, call_kernel, epilogue_arrays, folded_bias,
                            kernel_result, matmul, matmul_applies, result_dtype, unsigned_rows)
@@ -24,7 +24,7 @@ from .x86_int8 import GROUP, FlatGeometry, to_blocked_flat
 
 
 R = relax.op
-__all__ = ["applies", "conv2d", "linear", "matmul", "matmul_applies"]
+__all__ = ["applies", "bf16_applies", "conv2d", "linear", "linear_bf16", "matmul", "matmul_applies"]
 
 
 def _params(low: Lowerer, node: Node, bias: np.ndarray, channels: int, channel_axis: int):
@@ -100,3 +100,36 @@ def linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused
     weight = low.const(x86_amx.pack_dense_weight(w2d, k_padded))
     y = call_kernel(low, func, "amx_dense", [a, weight, params], (1, rows, n), result_dtype(requant))
     return kernel_result(low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
+
+
+def bf16_applies(low: Lowerer, node: Node) -> bool:
+    """A linear the AMX-BF16 GEMM runs exactly: its activations rounded to bf16 by a
+    ``round_bf16`` node, its weight a constant of bf16 values, 16 rows and 32 columns or more."""
+    x, w = node.inputs[0], node.inputs[1]
+    if x.producer is None or x.producer.op != "round_bf16" or not w.is_constant or \
+            not all(b.is_constant for b in node.inputs[2:]):
+        return False
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    n, k = w.shape
+    weights = low.array(w)
+    return (rows >= x86_amx.TILE and n >= x86_amx.BLOCK and x86_amx.addressable(rows * (k + 64) * 2, rows * n)
+            and not np.any(np.ascontiguousarray(weights, np.float32).view(np.uint32) & 0xFFFF))
+
+
+def linear_bf16(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr:
+    """``x @ w.T + b`` over bf16 operands on AMX-BF16 tiles, accumulated in float32 (the IR's
+    result up to the order of the float32 sums; every product is exact)."""
+    x = node.inputs[0]
+    w2d = low.array(node.inputs[1])
+    n, k = w2d.shape
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    steps, per_step = x86_amx.k_chunks(-(-k // 2))
+    k_padded = steps * per_step * 2
+    a = low.bb.emit_te(bf16.bf16_rows, low.emit(R.reshape(xs[0], (rows, k))), k_padded, primfunc_name_hint="bf16_rows")
+    a = low.emit(R.memory.view(a, shape=(rows * k_padded * 2,), dtype="uint8"))
+    bias = low.array(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(n, np.float32)
+    params = low.const(np.asarray(bias, np.float32).reshape(1, n))
+    weight = low.const(x86_amx.pack_dense_weight_bf16(w2d, k_padded))
+    func = x86_amx.dense_bf16(rows, n, k_padded // 2, low.cores)
+    y = call_kernel(low, func, "amx_dense_bf16", [a, weight, params], (1, rows, n), "float32")
+    return low.emit(R.reshape(y, x.shape[:-1] + (n,)))

@@ -113,11 +113,20 @@ def int8_kernels(target: Target) -> str | None:
     return "dp4a" if supports_dp4a(target) else None
 
 
+def bf16_kernels(target: Target) -> str | None:
+    """The hand-scheduled bf16 kernels ``target`` can run: x86 AMX-BF16 (``tdpbf16ps``), or none
+    (a bf16 layer then runs its rounded operands through the float32 kernels: same result)."""
+    from .x86_amx import supports_amx_bf16
+
+    return "amx" if target.kind.name == "llvm" and supports_amx_bf16(target) else None
+
+
 def lower(graph: Graph, target: Target) -> tvm.IRModule:
     """The graph as a fused Relax module for ``target``, its hand-written kernels scheduled."""
     cpu = target.kind.name == "llvm"
     cores = int(target.attrs.get("num-cores", 1)) if cpu else 1
-    mod = to_relax(graph, int8_kernels=int8_kernels(target), cpu_kernels=cpu, cores=cores)
+    mod = to_relax(graph, int8_kernels=int8_kernels(target), cpu_kernels=cpu, cores=cores,
+                   bf16_kernels=bf16_kernels(target))
     with target:
         mod = tvm.transform.Sequential(FUSE)(mod)
     return _without_schedule_rule_hints(mod)

@@ -43,13 +43,15 @@ def absorbable_requantizes(graph: Graph) -> dict[int, Node]:
 class Lowerer:
     """One graph's lowering to Relax: ``bb`` (the block builder), ``graph``, ``int8_variant``
     (``vnni``, ``vnni-vbmi``, ``amx``, ``dp4a`` or None: which int8 kernels the target has),
-    ``cpu_kernels`` (the hand-written float CPU kernels apply), ``cores`` (the threads parallel
+    ``cpu_kernels`` (the hand-written float CPU kernels apply), ``bf16_variant`` (``amx`` or None:
+    the bf16 kernels), ``cores`` (the threads parallel
     loops are cut for), and ``requantize_after(node)`` (the requantize a kernel may absorb)."""
 
     def __init__(self, graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False, cores: int = 1,
-                 int8_modules: dict[str, Int8Kernels] | None = None):
+                 int8_modules: dict[str, Int8Kernels] | None = None, bf16_kernels: str | None = None):
         self.graph = graph
         self.int8_variant = int8_kernels
+        self.bf16_variant = bf16_kernels
         self.cpu_kernels = cpu_kernels
         self.cores = cores
         self.bb = relax.BlockBuilder()

@@ -19,7 +19,7 @@ from qcompiler.ir.ops.resize import given_scale, interpolation_matrix, nearest_i
 from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
-from . import amx_lower, cpu_softmax, cuda_lower, int_arith, kernel_lower
+from . import amx_lower, bf16, cpu_softmax, cuda_lower, int_arith, kernel_lower
 from .index_check import checked_indices
 from .lowering import Fused, Int8Kernels, Lowerer
 
@@ -48,20 +48,21 @@ def not_lowered() -> dict[str, str]:
 
 
 def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = False,
-             cores: int = 1) -> tvm.IRModule:
+             cores: int = 1, bf16_kernels: str | None = None) -> tvm.IRModule:
     """The graph as a Relax module with one function, ``main``, taking the graph's inputs.
     ``int8_kernels``: integer convolutions and linears use the x86 VNNI kernels (``"vnni"``, or
     ``"vnni-vbmi"`` where ``vpermb`` exists; ``kernel_lower``), AMX ones (``"amx"``,
     ``amx_lower``) or the CUDA dp4a GEMM (``"dp4a"``, ``cuda_lower``); ``cpu_kernels``: float
     convolutions and linears and max pooling use the hand-written CPU kernels (``kernel_lower``);
-    ``cores``: the threads the target runs."""
+    ``cores``: the threads the target runs; ``bf16_kernels``: linears over bf16 operands use the
+    AMX-BF16 GEMM (``"amx"``; ``amx_lower.linear_bf16``)."""
     missing = sorted({n.op for n in graph.nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
     empty = next((v for v in [*graph.inputs, *(o for n in graph.nodes for o in n.outputs)] if 0 in v.shape), None)
     if empty is not None:  # TVM's schedules divide by the extent
         raise QCompilerError(f"the TVM target cannot build tensors with no elements (%{empty.name}: {empty.type})")
-    low = Lowerer(graph, int8_kernels, cpu_kernels, cores, INT8_KERNELS)
+    low = Lowerer(graph, int8_kernels, cpu_kernels, cores, INT8_KERNELS, bf16_kernels)
     absorbed: dict[int, relax.Expr] = {}  # requantizes a kernel computed in its epilogue
     params = [relax.Var(v.name, relax.TensorType(v.shape, TVM_DTYPE[v.dtype])) for v in graph.inputs]
     env: dict[int, relax.Expr] = {id(v): p for v, p in zip(graph.inputs, params)}
@@ -357,6 +358,9 @@ def _adaptive(low, node, xs):
 
 @lowers("linear")
 def _linear(low, node, xs):
+    if low.bf16_variant == "amx" and amx_lower.bf16_applies(low, node):
+        y = amx_lower.linear_bf16(low, node, xs)
+        return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], "float32")
     if low.cpu_kernels and kernel_lower.float_applies(low, node):
         y, rest = kernel_lower.float_linear(low, node, xs)
         return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], "float32") if rest else y
@@ -615,6 +619,11 @@ def _axis_shaped(low: Lowerer, v: Value, x_rank: int, axis: int, dtype: str) -> 
 def _clip_cast(low: Lowerer, y: relax.Expr, lo: int, hi: int, dtype: str) -> relax.Expr:
     y = low.emit(R.maximum(low.emit(R.minimum(y, low.scalar(hi, "int64"))), low.scalar(lo, "int64")))
     return low.cast(y, dtype)
+
+
+@lowers("round_bf16")
+def _round_bf16(low, node, xs):
+    return low.bb.emit_te(bf16.round_bf16, xs[0], primfunc_name_hint="round_bf16")
 
 
 @lowers("quantize")

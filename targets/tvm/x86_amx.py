@@ -19,6 +19,10 @@ A convolution is ``out[o, p] = W[o, (tap, c)] . X[(tap, c), p]`` over the flat i
 weights (signed: ``tdpbsud``), B the input (unsigned). A linear is ``x[m, k] . w[k, n]``: A is
 the activations (unsigned: ``tdpbusd``), B the weights packed as ``[K/4, N, 4]``.
 
+:func:`dense_bf16` is the same GEMM over bfloat16 operands (AMX-BF16's ``tdpbf16ps``): a 4-byte
+group of K holds two bf16 values instead of four bytes, so the tiles and offsets are the int8
+linear's; the accumulators are float32 and the epilogue adds the bias.
+
 The tile shapes are loaded into the tile configuration (``ldtilecfg``) once per parallel chunk
 of tasks, as it costs a few hundred cycles. (No ``from __future__ import annotations`` here:
 TVMScript reads the kernel's buffer annotations as values.) A process must ask Linux for the tile state
@@ -37,6 +41,8 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from qcompiler.cpu_features import has_amx_bf16
+
 from . import int_arith
 from .int_arith import Requantize
 from .tiling import mark_opaque, opaque
@@ -47,6 +53,7 @@ BLOCK = 2 * TILE  # outputs per task along M and along N
 ROW_BYTES = 64  # bytes of a tile row
 MIN_CHANNELS = 16  # fewer input channels fill under a quarter of a tile product: see taps_in_k
 FEATURES = ("amx-tile", "amx-int8")
+BF16_FEATURE = "amx-bf16"  # tdpbf16ps: the bf16 GEMM (dense_bf16)
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
@@ -81,13 +88,15 @@ def host_attributes() -> list[str]:
     """LLVM attributes for this machine's AMX: on where usable, else explicitly off (an ``mcpu``
     such as sapphirerapids implies it, and without Linux's permission it faults)."""
     sign = "+" if amx_usable() else "-"
-    return [sign + f for f in FEATURES]
+    bf16 = "+" if amx_usable() and has_amx_bf16() else "-"
+    return [sign + f for f in FEATURES] + [bf16 + BF16_FEATURE]
 
 
 def without_amx(target: Target) -> Target:
     """``target`` with AMX turned off: the VNNI kernels then do all the int8 work."""
     spec = dict(target.export())
-    spec["mattr"] = [a for a in spec.get("mattr", ()) if a.lstrip("+-") not in FEATURES] + ["-" + f for f in FEATURES]
+    spec["mattr"] = [a for a in spec.get("mattr", ()) if a.lstrip("+-") not in (*FEATURES, BF16_FEATURE)] + \
+        ["-" + f for f in (*FEATURES, BF16_FEATURE)]
     return Target(spec)
 
 
@@ -95,6 +104,12 @@ def supports_amx(target: Target) -> bool:
     from tvm.target import codegen
 
     return supports_vbmi(target) and all(codegen.target_has_features(f, target) for f in FEATURES)
+
+
+def supports_amx_bf16(target: Target) -> bool:
+    from tvm.target import codegen
+
+    return supports_amx(target) and codegen.target_has_features(BF16_FEATURE, target)
 
 
 def addressable(*sizes: int) -> bool:
@@ -127,6 +142,7 @@ class Gemm:
     channel_axis: int
     requant: Requantize | None
     chunks: int  # parallel chunks of tasks (one tile configuration each)
+    bf16: bool = False  # bfloat16 operands (2 per 4 bytes: tdpbf16ps), float32 accumulators, result + bias
 
 
 def _intrin(name: str, *args) -> "tirx.PrimExpr":
@@ -137,7 +153,7 @@ def gemm(shape: Gemm, a_offset: Callable, b_offset: Callable) -> tvm.tirx.PrimFu
     """The kernel ``(A, B, params, out)``: ``A``, ``B`` flat byte buffers read at
     ``a_offset(b, m0, s)`` and ``b_offset(b, n0, s)`` (byte offsets of the tile starting at row
     ``m0`` / column ``n0`` for step ``s``; column ``n0 + 16`` is 64 bytes on), ``params``
-    ``[1 or 3, channels]`` (bias[, multiplier, shift]), ``out [batch, m, n]``."""
+    ``[1 or 3, channels]`` (bias[, multiplier, shift]; float32 for bf16), ``out [batch, m, n]``."""
     g = shape
     assert g.m >= TILE and g.n >= BLOCK, "the GEMM needs 16 rows and 32 columns"
     assert addressable(g.a_size, g.b_size, g.batch * g.m * g.n), "offsets are int32"
@@ -148,8 +164,11 @@ def gemm(shape: Gemm, a_offset: Callable, b_offset: Callable) -> tvm.tirx.PrimFu
     chunks = max(1, min(g.chunks, tasks))
     per_chunk = -(-tasks // chunks)
     channels = g.m if g.channel_axis == 1 else g.n
-    out_dtype = g.requant.dtype if g.requant else "int32"
-    product = "tdpbsud" if g.a_signed else "tdpbusd"
+    out_dtype = "float32" if g.bf16 else g.requant.dtype if g.requant else "int32"
+    acc_dtype = "float32" if g.bf16 else "int32"
+    product = "tdpbf16ps" if g.bf16 else "tdpbsud" if g.a_signed else "tdpbusd"
+    a_dtype = "int8" if g.a_signed else "uint8"
+    b_dtype = "uint8" if g.a_signed or g.bf16 else "int8"
     rows_of_b = g.kbytes // GROUP
     # tile configuration: palette 1; bytes per row (u16 at 16 + 2t) and rows (u8 at 48 + t):
     # tiles 0-3 the accumulators, 4-5 the A tiles, 6-7 the B tiles
@@ -161,17 +180,20 @@ def gemm(shape: Gemm, a_offset: Callable, b_offset: Callable) -> tvm.tirx.PrimFu
     config_words = [int(v) for v in config.view(np.uint64)]
 
     def epilogue(acc, m, n, params):
-        return int_arith.epilogue(acc, m if g.channel_axis == 1 else n, params, g.requant)
+        channel = m if g.channel_axis == 1 else n
+        if g.bf16:
+            return acc + params[0, channel]
+        return int_arith.epilogue(acc, channel, params, g.requant)
 
     @T.prim_func(private=True)
-    def kernel(A: T.Buffer((g.a_size,), "int8" if g.a_signed else "uint8"),
-               B: T.Buffer((g.b_size,), "uint8" if g.a_signed else "int8"),
-               params: T.Buffer((3 if g.requant else 1, channels), "int32"),
+    def kernel(A: T.Buffer((g.a_size,), a_dtype),
+               B: T.Buffer((g.b_size,), b_dtype),
+               params: T.Buffer((3 if g.requant else 1, channels), acc_dtype),
                out: T.Buffer((g.batch, g.m, g.n), out_dtype)):
         T.func_attr({"tir.noalias": True})
         for chunk in T.parallel(chunks):
             cfg = T.alloc_buffer((8,), "uint64", scope="local")
-            acc = T.alloc_buffer((block_m, BLOCK), "int32", scope="local")
+            acc = T.alloc_buffer((block_m, BLOCK), acc_dtype, scope="local")
             for w in T.unroll(8):
                 cfg[w] = T.uint64(0)
             cfg[0] = T.uint64(config_words[0])
@@ -270,6 +292,44 @@ def pack_dense_weight(w: np.ndarray, k_padded: int) -> np.ndarray:
     packed = np.zeros((n, k_padded), np.int8)
     packed[:, :k] = w
     return np.ascontiguousarray(packed.reshape(n, k_padded // GROUP, GROUP).transpose(1, 0, 2)).reshape(-1)
+
+
+@functools.cache
+def dense_bf16(rows: int, n: int, k_pairs: int, chunks: int) -> tvm.tirx.PrimFunc:
+    """``out[0, m, j] = sum_k x[m, k] w[k, j] + bias[j]`` in float32 over bfloat16 operands:
+    activations ``x [rows, K']`` (bf16 bit patterns as bytes, ``K' = 2 * k_pairs`` a whole
+    number of :func:`k_chunks` steps) and the weights of :func:`pack_dense_weight_bf16`. The
+    same tiles as :func:`dense`: a 4-byte group of K is two bf16 values instead of four bytes."""
+    steps, per_step = k_chunks(k_pairs)
+    assert steps * per_step == k_pairs, "pad K to whole tile products"
+    kbytes = per_step * GROUP
+    k_bytes = steps * kbytes
+
+    def a_offset(b, m0, s):
+        return m0 * k_bytes + s * kbytes
+
+    def b_offset(b, n0, s):
+        return s * per_step * n * GROUP + n0 * GROUP
+
+    shape = Gemm(1, rows, n, steps, kbytes, rows * k_bytes, k_bytes, False, k_bytes * n, n * GROUP, 2, None,
+                 chunks, bf16=True)
+    return gemm(shape, a_offset, b_offset)
+
+
+def bf16_bits(w: np.ndarray) -> np.ndarray:
+    """float32 values already rounded to bfloat16 -> their bf16 bit patterns (uint16)."""
+    bits = np.ascontiguousarray(w, np.float32).view(np.uint32)
+    assert not np.any(bits & 0xFFFF), "values not rounded to bfloat16"
+    return (bits >> 16).astype(np.uint16)
+
+
+def pack_dense_weight_bf16(w: np.ndarray, k_padded: int) -> np.ndarray:
+    """``[N, K]`` float32 (bf16 values) -> flat bytes of ``[K'/2, N, 2]`` bf16 (rows past K zero):
+    B's pair layout, any 16 columns one tile row of 64 bytes."""
+    n, k = w.shape
+    packed = np.zeros((n, k_padded), np.uint16)
+    packed[:, :k] = bf16_bits(w)
+    return np.ascontiguousarray(packed.reshape(n, k_padded // 2, 2).transpose(1, 0, 2)).view(np.uint8).reshape(-1)
 
 
 def taps_in_k(channels: int, kernel_width: int) -> bool:

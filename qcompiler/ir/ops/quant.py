@@ -79,6 +79,31 @@ declare("dequantize", arity=(2, 3), attrs={"axis": Attr("int", 1)}, infer=_dequa
         kernel=_dequantize_kernel, traits=CONVERSION, doc="(x - zero_point) * scale")
 
 
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 (ties to even), as float32: the upper 16 bits of the
+    rounded word. NaN stays NaN (quiet), infinities stay, values past bf16's largest become
+    infinities (the carry reaches the exponent), subnormals round like any other value."""
+    x = np.asarray(x, np.float32)
+    bits = x.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    rounded = np.where(np.isnan(x), (bits | np.uint32(0x00400000)) & np.uint32(0xFFFF0000), rounded)
+    return rounded.astype(np.uint32).view(np.float32).reshape(x.shape)
+
+
+def _round_bf16_infer(types, attrs):
+    if types[0].dtype != "f32":
+        raise TypeError(f"round_bf16: input must be f32, got {types[0].dtype}")
+    return [types[0]]
+
+
+# a layer run in bfloat16 reads its operands through this op (its weights rounded at insertion):
+# products of two bf16 values are exact in float32, so the layer's result is its float32
+# accumulation of exact products, whatever the kernel (AMX-BF16 tdpbf16ps, or float32 FMAs)
+declare("round_bf16", arity=1, infer=_round_bf16_infer, kernel=lambda xs, attrs: round_to_bf16(xs[0]),
+        traits=Traits("quant"), doc="x rounded to the nearest bfloat16 (ties to even), kept as f32: "
+                                   "the operand of a layer run in bf16")
+
+
 # ---- quantization arithmetic shared by passes, importers and kernels ---------------------------------
 def choose_qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, np.integer]:
     """Scale and zero point covering [lo, hi] (widened to include 0, so zero is exact):
