@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value, dtype_name
 from qcompiler.ir.ops import ops_where, traits_of
 from qcompiler.ir.ops.quant import ADD_INT_BITS, quantize_multiplier
@@ -300,16 +301,44 @@ def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
 
 
 RULES = [lower_compute, lower_add, lower_mean, lower_same_params, fold_quantize_dequantize]
+REQUANTIZE_FORMS = ("fixed", "float32")
+
+
+@matches("requantize")
+def requantize_in_float32(graph: Graph, node: Node) -> bool:
+    """requantize(x, m, s, z) == requantize_f32(x, float32(m * 2^-s), z), up to the float32
+    rounding of the scale and of the product (the fixed-point form rounds the product once,
+    exactly; the float32 form rounds it to 24 bits first). Both are exact definitions every
+    kernel reproduces bit for bit; the float32 one costs a conversion and a multiply per output
+    where the fixed-point one needs 64-bit products."""
+    if node.op != "requantize" or not (node.inputs[1].is_constant and node.inputs[2].is_constant):
+        return False
+    m = graph.constant_array(node.inputs[1]).astype(np.float64)
+    shift = graph.constant_array(node.inputs[2]).astype(np.float64)
+    scale = _const(graph, f"{node.output.name}.scale", np.asarray(m * 2.0 ** -shift, np.float32))
+    result = graph.add_node("requantize_f32", [node.inputs[0], scale, node.inputs[3]], dict(node.attrs),
+                            meta=dict(node.meta), before=node).output
+    graph.replace_all_uses(node.output, result)
+    graph.remove_node(node)
+    return True
 
 
 @register
 @dataclass(frozen=True)
 class LowerInteger(Pass):
+    """``requantize``: "float32" (:func:`requantize_in_float32`: the cheaper epilogue in the
+    kernels) or "fixed" (int32 multiplier and shift, int64 products, as gemmlowp). The rules
+    make the fixed-point form first; the float32 one is a rewrite of it."""
+
     name = "lower-integer"
-    summary = "turn dequantize -> op -> quantize sandwiches into integer ops with fixed-point requantize"
+    summary = "turn dequantize -> op -> quantize sandwiches into integer ops with a requantize (float32 or fixed-point)"
+    requantize: str = "float32"
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
-        hits = apply_rules(graph, RULES)
+        if self.requantize not in REQUANTIZE_FORMS:
+            raise QCompilerError(f"lower-integer: requantize '{self.requantize}' is not one of "
+                                 f"{', '.join(REQUANTIZE_FORMS)}")
+        hits = apply_rules(graph, RULES + ([requantize_in_float32] if self.requantize == "float32" else []))
         EliminateDeadCode().run(graph, ctx)
         ctx.report.setdefault("rule_hits", {}).update({f"lower-integer.{k}": v for k, v in hits.items()})
         reasons = {r["handle"]: r["reason"] for r in ctx.report.get("not_quantized", [])}

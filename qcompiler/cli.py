@@ -224,7 +224,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     else:
         batch = _synthetic(args, float_graph, 1)[0]
     if args.passes:  # the output after each pass of the pipeline that made the quantized model
-        lowered = result.pipeline if "lower-integer" in result.pipeline else f"{result.pipeline},lower-integer"
+        lowered = result.pipeline if "lower-integer" in result.pipeline else f"{result.pipeline},{config.lower_stage()}"
         steps = pass_divergence(graph, lowered, batch, calibration)
         culprit = first_divergence(steps, args.target_sqnr)
         if args.json:

@@ -651,8 +651,9 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         # trained with quantization in the loop: its weights and scales are the quantization
         config, reference = prepared.config, prepared.trained_qdq_graph()
         inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)
-        compiled_graph = reference if target == "onnx" else run_pipeline(reference.copy(), "lower-integer", inst)
-        used = prepared.pipeline + ("" if target == "onnx" else ",lower-integer")
+        lower = config.lower_stage()
+        compiled_graph = reference if target == "onnx" else run_pipeline(reference.copy(), lower, inst)
+        used = prepared.pipeline + ("" if target == "onnx" else f",{lower}")
         timings, report["passes"] = inst.records, {}
         report["qat"] = {"layers": len(prepared.weights), "learned_scales": len(prepared.scales)}
     elif pipeline is not None:
@@ -673,6 +674,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         # the model as given is the reference: what float passes lose on purpose (low-rank) is the build's cost
         compiled_graph, reference, used, timings = result.graph, graph, result.pipeline, result.timings
         report["passes"] = result.report
+        report["requantize"] = config.requantize
         record = result.calibration
     else:
         inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)

@@ -195,6 +195,10 @@ class QuantConfig:
     # the precision search): "bf16" (operands rounded to bfloat16, float32 accumulation: AMX-BF16's
     # arithmetic), "fp32", or "auto": bf16 where the build's CPU has AMX-BF16, else fp32
     float_precision: str = "auto"
+    # how int8 results are rescaled: "float32" (one float32 multiply, rounded half to even: the
+    # cheaper epilogue) or "fixed" (int32 multiplier and shift, 64-bit products, as gemmlowp);
+    # both are exact definitions the interpreter and every kernel compute bit for bit
+    requantize: str = "float32"
 
     def __post_init__(self) -> None:
         if isinstance(self.op_types, list):
@@ -208,6 +212,8 @@ class QuantConfig:
         if self.float_precision not in FLOAT_PRECISIONS:
             raise QCompilerError(f"QuantConfig.float_precision '{self.float_precision}' is not one of "
                                  f"{', '.join(FLOAT_PRECISIONS)}")
+        if self.requantize not in ("fixed", "float32"):
+            raise QCompilerError(f"QuantConfig.requantize '{self.requantize}' is not one of fixed, float32")
         if self.float_precision == "bf16" and self.weight_only_fallback:
             raise QCompilerError("QuantConfig: weight_only_fallback keeps weak layers' weights quantized with float "
                                  "activations; float_precision 'bf16' runs them in bf16: choose one")
@@ -226,6 +232,10 @@ class QuantConfig:
         return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + kept,
                            self.max_abs_range, self.weight_dtype, self.weight_group_size, tuple(int8_weights),
                            weight_only, tuple(bf16))
+
+    def lower_stage(self) -> str:
+        """lower-integer with this config's requantization form."""
+        return "lower-integer" if self.requantize == "float32" else f"lower-integer{{requantize={self.requantize}}}"
 
     def resolved_float_precision(self, bf16_native: bool) -> str:
         """"bf16" or "fp32": ``float_precision`` with "auto" decided by whether the build's CPU

@@ -94,7 +94,7 @@ def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None
         else f"apply-calibration{{path={ranges}}}"
     stages = [floats, calibrate, insert_stage(config, exclude, int8_weights, bf16)]
     if lower:
-        stages.append("lower-integer")
+        stages.append(config.lower_stage())
     return ",".join(s for s in stages if s)
 
 
@@ -149,7 +149,7 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
                                      "bf16_layers": list(bf16)}
     if record.int8_weights:
         ctx.report["int8_weights"] = [{"layer": k, "reason": why} for k, why in record.int8_weights.items()]
-    final = run_pipeline(qdq.copy(), "lower-integer", inst, ctx) if lower else qdq
+    final = run_pipeline(qdq.copy(), config.lower_stage(), inst, ctx) if lower else qdq
     for result in {id(g): g for g in (float_graph, qdq, final)}.values():
         result.name_outputs([v.name for v in graph.outputs])  # rewrites replace output values; names stay
     pipeline = quantization_pipeline(config, float_pipeline, lower, exclude, None if ranges is None else str(ranges),

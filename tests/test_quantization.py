@@ -132,7 +132,7 @@ def test_an_inner_layer_requantizes_with_its_relu_as_the_clamp():
                                           "reshape"]
     qdq = graph(x)[0]
     run_pipeline(graph, "lower-integer", context=ctx)
-    assert [n.op for n in graph.nodes] == ["quantize", "linear_int", "requantize", "dequantize", "reshape"]
+    assert [n.op for n in graph.nodes] == ["quantize", "linear_int", "requantize_f32", "dequantize", "reshape"]
     requant = graph.nodes[2]
     assert requant.attrs["min"] == 0 and requant.handle == 0  # fused relu as clamp; keeps the linear's handle
     out_scale = 6.0 / 255

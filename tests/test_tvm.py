@@ -233,7 +233,7 @@ def test_int8_kernel_modules_implement_the_protocol_and_requantizes_are_matched_
     matched = absorbable_requantizes(graph)
     *inner, last = [n for n in graph.nodes if n.op == "linear_int"]
     products = inner
-    assert len(products) == 2 and all(matched[id(n)].op == "requantize" for n in products)
+    assert len(products) == 2 and all(matched[id(n)].op == "requantize_f32" for n in products)
     assert all(matched[id(n)].inputs[0] is n.output for n in products)
     # the model's output: its accumulator is dequantized, not requantized
     assert id(last) not in matched and graph.users_of(last.output)[0].op == "dequantize"

@@ -54,16 +54,32 @@ def requantize(acc: tirx.PrimExpr, input_zero_point: int, multiplier: tirx.PrimE
     return tirx.Let(v, product, saturate(rounding_shift(v, shift.astype("int64")) + zp_out, lo, hi, dtype))
 
 
+def requantize_f32(acc: tirx.PrimExpr, input_zero_point: int, scale: tirx.PrimExpr,
+                   output_zero_point: int | tirx.PrimExpr, lo: int, hi: int, dtype: str) -> tirx.PrimExpr:
+    """``requantize_f32``: clip(round_half_even(float32(acc - zp_in) * scale) + zp_out, lo, hi),
+    the IR's definition (``quant.requantize_f32_values``): one float32 product, rounded to
+    nearest even (``nearbyint``), clamped in float to the bounds less the zero point (exact:
+    they are small integers) before the conversion, so no out-of-range float reaches it."""
+    v = acc.astype("int32") if input_zero_point == 0 else acc.astype("int32") - tirx.const(input_zero_point, "int32")
+    zp = tirx.const(output_zero_point, "int32") if isinstance(output_zero_point, int) \
+        else output_zero_point.astype("int32")
+    rounded = tirx.nearbyint(v.astype("float32") * scale.astype("float32"))
+    bounded = tirx.max(tirx.min(rounded, (hi - zp).astype("float32")), (lo - zp).astype("float32"))
+    return (bounded.astype("int32") + zp).astype(dtype)
+
+
 @dataclass(frozen=True)
 class Requantize:
     """A ``requantize`` done in a kernel's epilogue, per output channel (multiplier and shift
     arrive as kernel arguments): ``clip(round_half_even((acc - zp_in) * mult / 2^shift) +
-    zp_out, lo, hi)``, in int64."""
+    zp_out, lo, hi)``, in int64; with ``float32``, ``requantize_f32`` (the float32 scale's bits
+    arrive in the multiplier's place, the shift unused)."""
     input_zero_point: int
     output_zero_point: int
     lo: int
     hi: int
     dtype: str  # uint8 or int8
+    float32: bool = False
 
 
 def wrapping_add(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -84,6 +100,9 @@ def epilogue(acc: tirx.PrimExpr, channel: tirx.PrimExpr, params: "list[te.Tensor
     v = wrapping_add(acc, param(0))
     if requant is None:
         return v
+    if requant.float32:
+        return requantize_f32(v, requant.input_zero_point, tirx.reinterpret("float32", param(1)),
+                              requant.output_zero_point, requant.lo, requant.hi, requant.dtype)
     return requantize(v, requant.input_zero_point, param(1), param(2), requant.output_zero_point, requant.lo,
                       requant.hi, requant.dtype)
 
@@ -112,6 +131,19 @@ def requantize_tensor(x: te.Tensor, multiplier: te.Tensor, shift: te.Tensor, axi
                           bind_product=False)  # a generic kernel: tuning may see it
 
     return te.compute(x.shape, element, name="requantize")
+
+
+def requantize_f32_tensor(x: te.Tensor, scale: te.Tensor, axis: int, input_zero_point: int,
+                          output_zero_point: int | te.Tensor, lo: int, hi: int, dtype: str) -> te.Tensor:
+    """``requantize_f32`` over a tensor, the scale per tensor (0-d) or along ``axis``."""
+    axis %= max(len(x.shape), 1)
+    zp = output_zero_point if isinstance(output_zero_point, int) else output_zero_point[()]
+
+    def element(*index):
+        at = [] if len(scale.shape) == 0 else [index[axis]]
+        return requantize_f32(x[index], input_zero_point, scale[tuple(at)], zp, lo, hi, dtype)
+
+    return te.compute(x.shape, element, name="requantize_f32")
 
 
 def add_int_tensor(a: te.Tensor, b: te.Tensor, out_shape: Sequence[int], attrs: dict, output_zero_point: int,

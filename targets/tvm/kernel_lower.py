@@ -86,11 +86,16 @@ def epilogue_arrays(low: Lowerer, node: Node, bias: np.ndarray, channels: int, p
     req = _absorbed_requantize(low, node, channel_axis)
     if req is None:
         return arrays, None, None
-    zp = req.inputs[3]
+    zp = req.inputs[-1]
     info = np.iinfo(DTYPES[zp.dtype])
+    float32 = req.op == "requantize_f32"
     requant = Requantize(req.attrs["input_zero_point"], int(low.array(zp)), max(int(info.min), req.attrs["min"]),
-                         min(int(info.max), req.attrs["max"]), np.dtype(DTYPES[zp.dtype]).name)
-    arrays += [per_channel(low.array(req.inputs[1])), per_channel(low.array(req.inputs[2]))]
+                         min(int(info.max), req.attrs["max"]), np.dtype(DTYPES[zp.dtype]).name, float32)
+    if float32:  # the scale's bits in the multiplier's row (the kernels take one int32 parameter array)
+        arrays += [per_channel(np.asarray(low.array(req.inputs[1]), np.float32).view(np.int32)),
+                   np.zeros(padded_channels, np.int32)]
+    else:
+        arrays += [per_channel(low.array(req.inputs[1])), per_channel(low.array(req.inputs[2]))]
     return arrays, requant, req
 
 

@@ -22,6 +22,7 @@ from tvm import relax
 from qcompiler.ir import Graph, Node, Value
 
 R = relax.op
+REQUANTIZES = ("requantize", "requantize_f32")  # the rescalings a kernel epilogue computes
 ACCUMULATING = ("conv2d_int", "linear_int", "matmul_int")  # whose int32 result a kernel epilogue can requantize
 
 
@@ -32,10 +33,10 @@ def absorbable_requantizes(graph: Graph) -> dict[int, Node]:
     found = {}
     for node in graph.nodes:
         readers = users.get(node.output, []) if node.op in ACCUMULATING else []
-        if len(readers) != 1 or readers[0].op != "requantize" or node.output in graph.outputs:
+        if len(readers) != 1 or readers[0].op not in REQUANTIZES or node.output in graph.outputs:
             continue
         req = readers[0]
-        if all(v.is_constant for v in req.inputs[1:4]):
+        if all(v.is_constant for v in req.inputs[1:]):
             found[id(node)] = req
     return found
 

@@ -727,6 +727,16 @@ def _requantize(low, node, xs):
                           TVM_DTYPE[node.output.dtype])
 
 
+@lowers("requantize_f32")
+def _requantize_f32(low, node, xs):
+    zp = node.inputs[2]
+    info = np.iinfo(DTYPES[node.output.dtype])
+    return low.bb.emit_te(int_arith.requantize_f32_tensor, xs[0], xs[1], node.attrs["axis"],
+                          node.attrs["input_zero_point"], int(low.array(zp)) if zp.is_constant else xs[2],
+                          max(int(info.min), node.attrs["min"]), min(int(info.max), node.attrs["max"]),
+                          TVM_DTYPE[node.output.dtype])
+
+
 @lowers("add_int")
 def _add_int(low, node, xs):
     zp = node.inputs[2]

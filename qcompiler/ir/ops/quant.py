@@ -266,6 +266,35 @@ def _requantize_kernel(xs, attrs):
     return np.clip(y, lo, hi).astype(zp.dtype)
 
 
+def _requantize_f32_infer(types, attrs):
+    x, scale, zp = types
+    if x.dtype not in ("i32", "u8", "i8"):
+        raise TypeError(f"requantize_f32: input must be i32/u8/i8, got {x.dtype}")
+    if scale.dtype != "f32" or scale.rank > 1:
+        raise TypeError("requantize_f32: scale must be an f32 scalar or per-channel vector")
+    if scale.rank == 1 and scale.shape[0] != x.shape[attrs["axis"] % x.rank]:
+        raise TypeError(f"requantize_f32: {scale.shape[0]} scales for axis {attrs['axis']} of {x}")
+    if zp.dtype not in ("u8", "i8") or zp.rank != 0:
+        raise TypeError("requantize_f32: output zero point must be a u8/i8 scalar")
+    return [TensorType(x.shape, zp.dtype)]
+
+
+def requantize_f32_values(v: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """round_half_even(float32(v) * scale) in float32 arithmetic, as int64: what every kernel
+    computes (int32 -> float32 rounds to nearest even past 2^24, the product is one float32
+    rounding, nothing is fused into it), so the result is bit-identical everywhere."""
+    return np.rint(v.astype(np.float32) * scale.astype(np.float32)).astype(np.int64)
+
+
+def _requantize_f32_kernel(xs, attrs):
+    x, scale, zp = xs
+    info = np.iinfo(zp.dtype)
+    v = x.astype(np.int64) - attrs["input_zero_point"]
+    y = requantize_f32_values(v, _axis_shape(scale, x.ndim, attrs["axis"])) + int(zp)
+    lo, hi = max(info.min, attrs["min"]), min(info.max, attrs["max"])
+    return np.clip(y, lo, hi).astype(zp.dtype)
+
+
 def _add_int_infer(types, attrs):
     a, b, zp = types
     if a.dtype not in ("u8", "i8") or b.dtype not in ("u8", "i8") or zp.dtype not in ("u8", "i8") or zp.rank:
@@ -321,6 +350,13 @@ declare("requantize", arity=4, attrs={"axis": Attr("int", 1), "input_zero_point"
         infer=_requantize_infer, kernel=_requantize_kernel, traits=INTEGER,
         doc="saturate(clamp(round_half_even((x - input_zero_point) * multiplier / 2^shift) + zero_point)): "
             "fixed-point rescaling, per tensor or per channel along `axis`")
+declare("requantize_f32", arity=3, attrs={"axis": Attr("int", 1), "input_zero_point": Attr("int", 0),
+                                          "scale": Attr("float", 0.0, "the real scale of the result (informational)"),
+                                          **_INT_BOUNDS},
+        infer=_requantize_f32_infer, kernel=_requantize_f32_kernel, traits=INTEGER,
+        doc="saturate(clamp(round_half_even(float32(x - input_zero_point) * scale) + zero_point)): rescaling in "
+            "float32 arithmetic (one rounding of the product, none fused), per tensor or per channel along `axis`; "
+            "lower-integer{requantize=float32} makes it instead of the fixed-point requantize")
 declare("add_int", arity=3, attrs={"a_zero_point": Attr("int"), "a_multiplier": Attr("int"), "a_shift": Attr("int"),
                                    "b_zero_point": Attr("int"), "b_multiplier": Attr("int"), "b_shift": Attr("int"),
                                    "scale": Attr("float", 0.0, "the real scale of the result (informational)"),
