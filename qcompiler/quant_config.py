@@ -182,6 +182,10 @@ class QuantConfig:
     # sensitivity fallback: a layer whose error when quantized alone (local SQNR on the first
     # calibration batch) is below this stays float; None turns the fallback off
     min_layer_sqnr_db: float | None = 20.0
+    # where the layers kept out of int8 run in bf16 (float_precision), the sensitivity floor of
+    # linears (which have a bf16 GEMM: cheap to rescue) rises to this if higher: a transformer's
+    # linears at 20-30 dB go to bf16; None: no rise
+    bf16_min_layer_sqnr_db: float | None = 30.0
     # precision search: layers are kept float, the most helpful first, until every float output
     # (and each of its channel groups) reaches this SQNR on the first calibration batch; None: off
     target_output_sqnr_db: float | None = None
@@ -232,6 +236,18 @@ class QuantConfig:
         return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + kept,
                            self.max_abs_range, self.weight_dtype, self.weight_group_size, tuple(int8_weights),
                            weight_only, tuple(bf16))
+
+    def sensitivity_floor(self, precision: str, op: str) -> tuple[float, str]:
+        """The sensitivity check's floor for a layer of ``op`` kept out of int8 in ``precision``
+        (the resolved float precision), and the field that set it; ``min_layer_sqnr_db`` must be
+        set. Only linears rise to ``bf16_min_layer_sqnr_db``: convolutions and attention matmuls
+        have no bf16 kernel yet, so bf16 costs them float32's time."""
+        assert self.min_layer_sqnr_db is not None
+        raised = self.bf16_min_layer_sqnr_db
+        if precision == "bf16" and traits_of(op).config_type == "linear" and raised is not None \
+                and raised > self.min_layer_sqnr_db:
+            return raised, "bf16_min_layer_sqnr_db"
+        return self.min_layer_sqnr_db, "min_layer_sqnr_db"
 
     def lower_stage(self) -> str:
         """lower-integer with this config's requantization form."""

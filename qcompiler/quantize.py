@@ -189,15 +189,17 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
 
     ranged, qdq, record = calibrated()
     if config.min_layer_sqnr_db is not None:
-        floor = config.min_layer_sqnr_db
         nodes = {n.handle: n for n in float_graph.nodes}
         int4_layers = {n.outputs[0].name for n in float_graph.nodes if config.scheme().int4_groups(n) is not None}
         step: dict[str, int] = {}  # each weak layer's place on its ladder (_ladder)
         for _ in range(3):
-            weak = [(nodes[e.handle].outputs[0].name, e.local_sqnr_db) for e in compare(float_graph, qdq, batches.first())
-                    if e.local_sqnr_db is not None and e.local_sqnr_db < floor and e.handle in nodes]
+            weak = [(nodes[e.handle].outputs[0].name, e.local_sqnr_db, *config.sensitivity_floor(precision,
+                                                                                                  nodes[e.handle].op))
+                    for e in compare(float_graph, qdq, batches.first())
+                    if e.local_sqnr_db is not None and e.handle in nodes]
+            weak = [w for w in weak if w[1] < w[2]]
             moved = False
-            for name, sqnr in weak:
+            for name, sqnr, floor, floor_name in weak:
                 ladder = _ladder(name in int4_layers, config.weight_only_fallback)
                 here = step.get(name, 0)
                 if here + 1 >= len(ladder):
@@ -205,7 +207,7 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
                 step[name], moved = here + 1, True
                 was = _LADDER_WORDS[ladder[here]] if name in int4_layers else ""
                 to_float, to_int8 = ladder[here + 1]
-                reason = f"local SQNR {sqnr:.1f} dB{was} < min_layer_sqnr_db {floor:g}"
+                reason = f"local SQNR {sqnr:.1f} dB{was} < {floor_name} {floor:g}"
                 exclude.pop(name, None)
                 int8_weights.pop(name, None)
                 if to_float:

@@ -269,3 +269,20 @@ def test_an_onnx_cast_pair_through_bfloat16_imports_as_a_bf16_operand(tmp_path):
     np.testing.assert_array_equal(g(x)[0], round_to_bf16(x))
     with pytest.raises(QCompilerError, match="Relu 'reader' reads the bfloat16 tensor 'h'"):
         qcompiler.from_onnx(model("Relu", TensorProto.BFLOAT16))
+
+
+def test_where_bf16_is_cheap_the_sensitivity_floor_rises():
+    """Keeping a linear out of int8 costs little in bf16: linears below bf16_min_layer_sqnr_db go
+    to bf16 (named in the reason); in float32 the floor stays min_layer_sqnr_db."""
+    mlp, calibration = _mlp_case()
+    graph = qcompiler.from_torch(mlp, (torch.from_numpy(calibration[0]),))
+    strict = QuantConfig(bf16_min_layer_sqnr_db=1000.0)  # every layer is below it
+    in_bf16 = qcompiler.quantize(graph, calibration, dataclasses.replace(strict, float_precision="bf16"))
+    assert [e["precision"] for e in in_bf16.report["kept_float"]] == ["bf16", "bf16"]
+    assert all("< bf16_min_layer_sqnr_db 1000" in e["reason"] for e in in_bf16.report["kept_float"])
+    in_fp32 = qcompiler.quantize(graph, calibration, dataclasses.replace(strict, float_precision="fp32"))
+    assert in_fp32.report["kept_float"] == [] and "linear_int" in in_fp32.graph.op_counts()
+    assert QuantConfig().sensitivity_floor("bf16", "linear") == (30.0, "bf16_min_layer_sqnr_db")
+    assert QuantConfig().sensitivity_floor("bf16", "conv2d") == (20.0, "min_layer_sqnr_db")  # no bf16 conv kernel
+    assert QuantConfig().sensitivity_floor("fp32", "linear") == (20.0, "min_layer_sqnr_db")
+    assert QuantConfig(bf16_min_layer_sqnr_db=None).sensitivity_floor("bf16", "linear")[0] == 20.0
