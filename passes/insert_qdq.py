@@ -170,7 +170,7 @@ class _Inserter:
     def __init__(self, graph: Graph, config: QuantScheme, report: list[dict[str, str]]):
         self.graph, self.config, self.report = graph, config, report
         self.cache: dict[tuple[int, float, int], Value] = {}
-        self.bf16_cache: dict[tuple[int, str], Value] = {}
+        self.bf16_cache: dict[int, Value] = {}  # id(value) -> the value rounded to bf16
 
     def params(self, v: Value) -> Params | None:
         existing = qparams_of(self.graph, v)
@@ -242,7 +242,7 @@ class _Inserter:
 
     def rounded_bf16(self, v: Value, user: Node) -> Value:
         """``v`` rounded to bfloat16 (one ``round_bf16`` node per value; a constant rounded now)."""
-        key = (id(v), "bf16")
+        key = id(v)
         if key not in self.bf16_cache:
             g = self.graph
             if v.is_constant:

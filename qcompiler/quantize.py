@@ -193,11 +193,13 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
         int4_layers = {n.outputs[0].name for n in float_graph.nodes if config.scheme().int4_groups(n) is not None}
         step: dict[str, int] = {}  # each weak layer's place on its ladder (_ladder)
         for _ in range(3):
-            weak = [(nodes[e.handle].outputs[0].name, e.local_sqnr_db, *config.sensitivity_floor(precision,
-                                                                                                  nodes[e.handle].op))
-                    for e in compare(float_graph, qdq, batches.first())
-                    if e.local_sqnr_db is not None and e.handle in nodes]
-            weak = [w for w in weak if w[1] < w[2]]
+            weak = []  # (layer, its local SQNR, the floor it is under, the field that set the floor)
+            for e in compare(float_graph, qdq, batches.first()):
+                if e.local_sqnr_db is None or e.handle not in nodes:
+                    continue
+                floor, floor_name = config.sensitivity_floor(precision, nodes[e.handle].op)
+                if e.local_sqnr_db < floor:
+                    weak.append((nodes[e.handle].outputs[0].name, e.local_sqnr_db, floor, floor_name))
             moved = False
             for name, sqnr, floor, floor_name in weak:
                 ladder = _ladder(name in int4_layers, config.weight_only_fallback)

@@ -130,6 +130,6 @@ def linear_bf16(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr:
     bias = low.array(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(n, np.float32)
     params = low.const(np.asarray(bias, np.float32).reshape(1, n))
     weight = low.const(x86_amx.pack_dense_weight_bf16(w2d, k_padded))
-    func = x86_amx.dense_bf16(rows, n, k_padded // 2, low.cores)
+    func = x86_amx.dense(rows, n, k_padded // 2, None, low.cores, bf16=True)
     y = call_kernel(low, func, "amx_dense_bf16", [a, weight, params], (1, rows, n), "float32")
     return low.emit(R.reshape(y, x.shape[:-1] + (n,)))

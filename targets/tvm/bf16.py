@@ -1,6 +1,6 @@
 """bfloat16 on the TVM target: the rounding the IR's ``round_bf16`` defines, bit for bit (ties
 to even on the float32 word, NaN kept quiet), and the bf16 operand rows of the AMX-BF16 GEMM
-(``x86_amx.dense_bf16``). Both are plain TE computes: TVM fuses them with their neighbours."""
+(``x86_amx.dense`` with ``bf16``). Both are plain TE computes: TVM fuses them with their neighbours."""
 from __future__ import annotations
 
 from tvm import te, tirx

@@ -19,7 +19,7 @@ A convolution is ``out[o, p] = W[o, (tap, c)] . X[(tap, c), p]`` over the flat i
 weights (signed: ``tdpbsud``), B the input (unsigned). A linear is ``x[m, k] . w[k, n]``: A is
 the activations (unsigned: ``tdpbusd``), B the weights packed as ``[K/4, N, 4]``.
 
-:func:`dense_bf16` is the same GEMM over bfloat16 operands (AMX-BF16's ``tdpbf16ps``): a 4-byte
+:func:`dense` with ``bf16`` is the same GEMM over bfloat16 operands (AMX-BF16's ``tdpbf16ps``): a 4-byte
 group of K holds two bf16 values instead of four bytes, so the tiles and offsets are the int8
 linear's; the accumulators are float32 and the epilogue adds the bias.
 
@@ -53,7 +53,7 @@ BLOCK = 2 * TILE  # outputs per task along M and along N
 ROW_BYTES = 64  # bytes of a tile row
 MIN_CHANNELS = 16  # fewer input channels fill under a quarter of a tile product: see taps_in_k
 FEATURES = ("amx-tile", "amx-int8")
-BF16_FEATURE = "amx-bf16"  # tdpbf16ps: the bf16 GEMM (dense_bf16)
+BF16_FEATURE = "amx-bf16"  # tdpbf16ps: the bf16 GEMM (dense with bf16)
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
@@ -265,10 +265,13 @@ def pack_conv_weight(w: np.ndarray, blocks: int) -> np.ndarray:
 
 
 @functools.cache
-def dense(rows: int, n: int, k_groups: int, requant: Requantize | None, chunks: int) -> tvm.tirx.PrimFunc:
-    """``out[0, m, j] = epilogue(sum_k x[m, k] w[k, j])`` for activations ``x [rows, K']`` (unsigned
-    bytes, ``K' = 4 * k_groups`` a whole number of :func:`k_chunks` steps) and the weights of
-    :func:`pack_dense_weight`."""
+def dense(rows: int, n: int, k_groups: int, requant: Requantize | None, chunks: int,
+          bf16: bool = False) -> tvm.tirx.PrimFunc:
+    """``out[0, m, j] = epilogue(sum_k x[m, k] w[k, j])`` for activations ``x [rows, K']``
+    (``K'`` bytes, ``k_groups`` 4-byte groups, a whole number of :func:`k_chunks` steps) and
+    the weights of :func:`pack_dense_weight`: unsigned bytes and int8 weights, or with ``bf16``
+    bfloat16 bit patterns (two per group) and :func:`pack_dense_weight_bf16`'s weights, summed
+    in float32 plus the bias (``requant`` None)."""
     steps, per_step = k_chunks(k_groups)
     assert steps * per_step == k_groups, "pad K to whole tile products"
     kbytes = per_step * GROUP
@@ -281,7 +284,7 @@ def dense(rows: int, n: int, k_groups: int, requant: Requantize | None, chunks: 
         return s * per_step * n * GROUP + n0 * GROUP
 
     shape = Gemm(1, rows, n, steps, kbytes, rows * k_padded, k_padded, False, k_padded * n, n * GROUP, 2, requant,
-                 chunks)
+                 chunks, bf16)
     return gemm(shape, a_offset, b_offset)
 
 
@@ -292,28 +295,6 @@ def pack_dense_weight(w: np.ndarray, k_padded: int) -> np.ndarray:
     packed = np.zeros((n, k_padded), np.int8)
     packed[:, :k] = w
     return np.ascontiguousarray(packed.reshape(n, k_padded // GROUP, GROUP).transpose(1, 0, 2)).reshape(-1)
-
-
-@functools.cache
-def dense_bf16(rows: int, n: int, k_pairs: int, chunks: int) -> tvm.tirx.PrimFunc:
-    """``out[0, m, j] = sum_k x[m, k] w[k, j] + bias[j]`` in float32 over bfloat16 operands:
-    activations ``x [rows, K']`` (bf16 bit patterns as bytes, ``K' = 2 * k_pairs`` a whole
-    number of :func:`k_chunks` steps) and the weights of :func:`pack_dense_weight_bf16`. The
-    same tiles as :func:`dense`: a 4-byte group of K is two bf16 values instead of four bytes."""
-    steps, per_step = k_chunks(k_pairs)
-    assert steps * per_step == k_pairs, "pad K to whole tile products"
-    kbytes = per_step * GROUP
-    k_bytes = steps * kbytes
-
-    def a_offset(b, m0, s):
-        return m0 * k_bytes + s * kbytes
-
-    def b_offset(b, n0, s):
-        return s * per_step * n * GROUP + n0 * GROUP
-
-    shape = Gemm(1, rows, n, steps, kbytes, rows * k_bytes, k_bytes, False, k_bytes * n, n * GROUP, 2, None,
-                 chunks, bf16=True)
-    return gemm(shape, a_offset, b_offset)
 
 
 def bf16_bits(w: np.ndarray) -> np.ndarray:

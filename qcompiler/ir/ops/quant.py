@@ -242,17 +242,23 @@ def _matmul_int_kernel(xs, attrs):
     return _exact_matmul(_centered(a, a_zp), _centered(b, b_zp, axis=-1)).astype(np.int32)
 
 
+def _rescaled_type(name: str, x: TensorType, factor: TensorType, zp: TensorType, axis: int, what: str) -> list:
+    """The result type of a requantize: ``x`` an i32/u8/i8 tensor, ``factor`` (its ``what``) a
+    scalar or one per channel along ``axis``, ``zp`` a u8/i8 scalar giving the result's type."""
+    if x.dtype not in ("i32", "u8", "i8"):
+        raise TypeError(f"{name}: input must be i32/u8/i8, got {x.dtype}")
+    if factor.rank == 1 and factor.shape[0] != x.shape[axis % x.rank]:
+        raise TypeError(f"{name}: {factor.shape[0]} {what} for axis {axis} of {x}")
+    if zp.dtype not in ("u8", "i8") or zp.rank != 0:
+        raise TypeError(f"{name}: output zero point must be a u8/i8 scalar")
+    return [TensorType(x.shape, zp.dtype)]
+
+
 def _requantize_infer(types, attrs):
     x, mult, shift, zp = types
-    if x.dtype not in ("i32", "u8", "i8"):
-        raise TypeError(f"requantize: input must be i32/u8/i8, got {x.dtype}")
     if mult.dtype != "i32" or shift.dtype != "i32" or mult.shape != shift.shape or mult.rank > 1:
         raise TypeError("requantize: multiplier and shift must be i32 scalars or per-channel vectors of one shape")
-    if mult.rank == 1 and mult.shape[0] != x.shape[attrs["axis"] % x.rank]:
-        raise TypeError(f"requantize: {mult.shape[0]} multipliers for axis {attrs['axis']} of {x}")
-    if zp.dtype not in ("u8", "i8") or zp.rank != 0:
-        raise TypeError("requantize: output zero point must be a u8/i8 scalar")
-    return [TensorType(x.shape, zp.dtype)]
+    return _rescaled_type("requantize", x, mult, zp, attrs["axis"], "multipliers")
 
 
 def _requantize_kernel(xs, attrs):
@@ -268,15 +274,9 @@ def _requantize_kernel(xs, attrs):
 
 def _requantize_f32_infer(types, attrs):
     x, scale, zp = types
-    if x.dtype not in ("i32", "u8", "i8"):
-        raise TypeError(f"requantize_f32: input must be i32/u8/i8, got {x.dtype}")
     if scale.dtype != "f32" or scale.rank > 1:
         raise TypeError("requantize_f32: scale must be an f32 scalar or per-channel vector")
-    if scale.rank == 1 and scale.shape[0] != x.shape[attrs["axis"] % x.rank]:
-        raise TypeError(f"requantize_f32: {scale.shape[0]} scales for axis {attrs['axis']} of {x}")
-    if zp.dtype not in ("u8", "i8") or zp.rank != 0:
-        raise TypeError("requantize_f32: output zero point must be a u8/i8 scalar")
-    return [TensorType(x.shape, zp.dtype)]
+    return _rescaled_type("requantize_f32", x, scale, zp, attrs["axis"], "scales")
 
 
 def requantize_f32_values(v: np.ndarray, scale: np.ndarray) -> np.ndarray:
