@@ -240,8 +240,9 @@ class QuantConfig:
     def sensitivity_floor(self, precision: str, op: str) -> tuple[float, str]:
         """The sensitivity check's floor for a layer of ``op`` kept out of int8 in ``precision``
         (the resolved float precision), and the field that set it; ``min_layer_sqnr_db`` must be
-        set. Only linears rise to ``bf16_min_layer_sqnr_db``: convolutions and attention matmuls
-        have no bf16 kernel yet, so bf16 costs them float32's time."""
+        set. Only linears rise to ``bf16_min_layer_sqnr_db``: every linear of 16 rows or more has
+        a bf16 kernel; depthwise convolutions, convolutions with few channels and attention
+        matmuls do not, and bf16 would cost them float32's time."""
         assert self.min_layer_sqnr_db is not None
         raised = self.bf16_min_layer_sqnr_db
         if precision == "bf16" and traits_of(op).config_type == "linear" and raised is not None \

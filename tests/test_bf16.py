@@ -286,3 +286,39 @@ def test_where_bf16_is_cheap_the_sensitivity_floor_rises():
     assert QuantConfig().sensitivity_floor("bf16", "conv2d") == (20.0, "min_layer_sqnr_db")  # no bf16 conv kernel
     assert QuantConfig().sensitivity_floor("fp32", "linear") == (20.0, "min_layer_sqnr_db")
     assert QuantConfig(bf16_min_layer_sqnr_db=None).sensitivity_floor("bf16", "linear")[0] == 20.0
+
+
+def _bf16_conv(x_shape, out_channels, kernel, strides, pads, activation="none", seed=0):
+    rng = np.random.default_rng(seed)
+    g = Graph("bf16_conv")
+    x = g.add_input("x", TensorType(x_shape, "f32"))
+    w = g.add_constant("w", round_to_bf16(rng.standard_normal((out_channels, x_shape[1]) + kernel).astype(np.float32)))
+    b = g.add_constant("b", rng.standard_normal(out_channels).astype(np.float32))
+    g.set_outputs([g.add_node("conv2d", [g.add_node("round_bf16", [x]).output, w, b],
+                              {"strides": strides, "pads": pads, "activation": activation}).output])
+    return g, rng.standard_normal(x_shape).astype(np.float32) * 3
+
+
+@needs_amx_bf16
+@pytest.mark.parametrize("x_shape,channels,kernel,strides,pads,activation", [
+    ((1, 64, 14, 14), 64, (3, 3), (1, 1), (1, 1, 1, 1), "relu"),  # ResNet's 3x3: K 576 = 18 tile pairs
+    ((2, 48, 16, 16), 40, (1, 1), (2, 2), (0, 0, 0, 0), "none"),  # batch 2, 2 x 2 phase planes, M blocks overlapping
+    ((1, 18, 12, 12), 32, (5, 5), (1, 1), (2, 1, 2, 1), "none"),  # odd channel pairs (9), asymmetric pads
+])
+def test_the_amx_bf16_convolution_sums_exact_products(x_shape, channels, kernel, strides, pads, activation):
+    g, x = _bf16_conv(x_shape, channels, kernel, strides, pads, activation)
+    assert _kernels(g, "amx") == {"amx_conv2d_bf16", "amx_conv2d_bf16_input"}
+    got = TVMRunner(build(g, LLVM), device_for("llvm"), 1)([x])[0]
+    conv = g.nodes[1]
+    xr = torch.from_numpy(round_to_bf16(x)).double()
+    w = torch.from_numpy(g.constant_array(conv.inputs[1])).double()
+    bias = torch.from_numpy(g.constant_array(conv.inputs[2])).double()
+    left, top, right, bottom = pads[1], pads[0], pads[3], pads[2]
+    padded = torch.nn.functional.pad(xr, (left, right, top, bottom))
+    exact = torch.nn.functional.conv2d(padded, w, bias, stride=strides).numpy()
+    magnitude = torch.nn.functional.conv2d(padded.abs(), w.abs(), bias.abs(), stride=strides).numpy()
+    if activation == "relu":
+        exact = np.maximum(exact, 0.0)
+    bound = (np.prod(w.shape[1:]) + 2) * 2.0 ** -24 * magnitude
+    assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / (magnitude + 1e-30))
+    assert np.all(np.abs(g(x)[0] - exact) <= bound)

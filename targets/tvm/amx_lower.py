@@ -24,7 +24,8 @@ from .x86_int8 import GROUP, FlatGeometry, to_blocked_flat
 
 
 R = relax.op
-__all__ = ["applies", "bf16_applies", "conv2d", "linear", "linear_bf16", "matmul", "matmul_applies"]
+__all__ = ["applies", "bf16_applies", "conv2d", "conv2d_bf16", "conv2d_bf16_applies", "linear", "linear_bf16", "matmul",
+           "matmul_applies"]
 
 
 def _params(low: Lowerer, node: Node, bias: np.ndarray, channels: int, channel_axis: int):
@@ -102,18 +103,67 @@ def linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused
     return kernel_result(low.emit(R.reshape(y, x.shape[:-1] + (n,))), req)
 
 
-def bf16_applies(low: Lowerer, node: Node) -> bool:
-    """A linear the AMX-BF16 GEMM runs exactly: its activations rounded to bf16 by a
-    ``round_bf16`` node, its weight a constant of bf16 values, 16 rows and 32 columns or more."""
+def _bf16_operands(low: Lowerer, node: Node) -> bool:
+    """The layer's activation is rounded to bf16 by a ``round_bf16`` node, its weight a constant
+    of bf16 values, its bias (if any) a constant: what the AMX-BF16 GEMM computes exactly."""
     x, w = node.inputs[0], node.inputs[1]
     if x.producer is None or x.producer.op != "round_bf16" or not w.is_constant or \
             not all(b.is_constant for b in node.inputs[2:]):
         return False
+    return not np.any(np.ascontiguousarray(low.array(w), np.float32).view(np.uint32) & 0xFFFF)
+
+
+def bf16_applies(low: Lowerer, node: Node) -> bool:
+    """A linear over bf16 operands (:func:`_bf16_operands`) of 16 rows and 32 columns or more."""
+    x, w = node.inputs[0], node.inputs[1]
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     n, k = w.shape
-    weights = low.array(w)
     return (rows >= x86_amx.TILE and n >= x86_amx.BLOCK and x86_amx.addressable(rows * (k + 64) * 2, rows * n)
-            and not np.any(np.ascontiguousarray(weights, np.float32).view(np.uint32) & 0xFFFF))
+            and _bf16_operands(low, node))
+
+
+def _bias_params(low: Lowerer, node: Node, channels: int) -> relax.Expr:
+    """The float epilogue's one parameter row: the bias (zeros without one)."""
+    bias = low.array(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(channels, np.float32)
+    return low.const(np.asarray(bias, np.float32).reshape(1, channels))
+
+
+def conv2d_bf16_applies(low: Lowerer, node: Node) -> bool:
+    """A convolution over bf16 operands that the AMX convolution takes: not grouped or dilated,
+    16 input and output channels or more, 32 positions or more."""
+    if node.op != "conv2d" or not _bf16_operands(low, node):
+        return False
+    g = ConvGeometry.of(node)
+    geometry = FlatGeometry.of(g.width, g.pads, (g.kh, g.kw), g.strides, (g.oh, g.ow))
+    pairs = -(-g.channels // 2)
+    planes = g.batch * pairs * g.strides[0] * g.strides[1] * geometry.length
+    return (g.groups == 1 and g.dilations == (1, 1) and g.out_channels >= x86_amx.TILE
+            and g.channels >= x86_amx.MIN_CHANNELS and g.oh * geometry.row >= x86_amx.BLOCK
+            and x86_amx.addressable(planes * GROUP * 2, g.batch * g.out_channels * g.oh * geometry.row))
+
+
+def conv2d_bf16(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr:
+    """The AMX convolution with ``tdpbf16ps``: the input laid out as ``bf16.to_pair_flat`` (two
+    bf16 channels per 4-byte group), the weights as ``x86_amx.pack_conv_weight``'s bf16 rows,
+    float32 accumulators plus the bias; columns past the output width dropped after."""
+    g = ConvGeometry.of(node)
+    geometry = FlatGeometry.of(g.width, g.pads, (g.kh, g.kw), g.strides, (g.oh, g.ow))
+    steps, per_step = x86_amx.k_chunks(-(-g.channels // 2))
+    pairs = steps * per_step
+    rows = geometry.length // geometry.row
+    planes = (g.batch, pairs, *g.strides, rows, geometry.row)
+    layout = bf16.to_pair_flat(g.batch, g.channels, g.height, g.width, g.pads, g.strides, rows, geometry.row, pairs)
+    words = call_kernel(low, layout, "amx_conv2d_bf16_input", [xs[0]], planes, "uint32")
+    weight = low.const(x86_amx.pack_conv_weight(low.array(node.inputs[1]), pairs))
+    func = x86_amx.conv(g.batch, pairs, geometry, g.out_channels, (g.kh, g.kw), g.strides, g.oh, None, low.cores,
+                        bf16=True)
+    y = call_kernel(low, func, "amx_conv2d_bf16", [weight, _bytes(low, words, planes), _bias_params(low, node,
+                                                                                                  g.out_channels)],
+                    (g.batch, g.out_channels, g.oh * geometry.row), "float32")
+    y = low.emit(R.reshape(y, (g.batch, g.out_channels, g.oh, geometry.row)))
+    if geometry.row != g.ow:
+        y = low.emit(R.strided_slice(y, axes=[3], begin=[0], end=[g.ow]))
+    return y
 
 
 def linear_bf16(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr:
@@ -127,8 +177,7 @@ def linear_bf16(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr:
     k_padded = steps * per_step * 2
     a = low.bb.emit_te(bf16.bf16_rows, low.emit(R.reshape(xs[0], (rows, k))), k_padded, primfunc_name_hint="bf16_rows")
     a = low.emit(R.memory.view(a, shape=(rows * k_padded * 2,), dtype="uint8"))
-    bias = low.array(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(n, np.float32)
-    params = low.const(np.asarray(bias, np.float32).reshape(1, n))
+    params = _bias_params(low, node, n)
     weight = low.const(x86_amx.pack_dense_weight_bf16(w2d, k_padded))
     func = x86_amx.dense(rows, n, k_padded // 2, None, low.cores, bf16=True)
     y = call_kernel(low, func, "amx_dense_bf16", [a, weight, params], (1, rows, n), "float32")

@@ -258,6 +258,9 @@ _POOLS = {"max_pool1d": R.nn.max_pool1d, "max_pool2d": R.nn.max_pool2d, "max_poo
 
 @lowers("conv1d", "conv2d", "conv3d")
 def _conv(low, node, xs):
+    if low.bf16_variant == "amx" and amx_lower.conv2d_bf16_applies(low, node):
+        y = amx_lower.conv2d_bf16(low, node, xs)
+        return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], "float32")
     if low.cpu_kernels and node.op == "conv2d" and kernel_lower.float_applies(low, node):
         y, rest = kernel_lower.float_conv2d(low, node, xs)
         return activation(low, y, node.attrs["activation"], node.attrs["activation_args"], "float32") if rest else y

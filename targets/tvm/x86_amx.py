@@ -231,7 +231,8 @@ def gemm(shape: Gemm, a_offset: Callable, b_offset: Callable) -> tvm.tirx.PrimFu
 
 @functools.cache
 def conv(batch: int, blocks: int, geometry: FlatGeometry, out_channels: int, kernel: tuple[int, int],
-         strides: tuple[int, int], out_height: int, requant: Requantize | None, chunks: int) -> tvm.tirx.PrimFunc:
+         strides: tuple[int, int], out_height: int, requant: Requantize | None, chunks: int,
+         bf16: bool = False) -> tvm.tirx.PrimFunc:
     """``out[b, o, p] = epilogue(sum W[o, i, j, c] X[b, c, i % sh, j % sw, p + (i // sh) * row + j // sw])``
     for ``p < out_height * row`` over the input of ``x86_int8.to_blocked_flat`` (``blocks`` 4-channel
     blocks, a whole number of :func:`k_chunks` steps) and the weights of :func:`pack_conv_weight`;
@@ -252,16 +253,19 @@ def conv(batch: int, blocks: int, geometry: FlatGeometry, out_channels: int, ker
                 + (n0 + i // sh * row + j // sw) * GROUP)
 
     shape = Gemm(batch, out_channels, out_height * row, kh * kw * steps, kbytes, out_channels * a_stride, a_stride, True,
-                 batch * blocks * sh * sw * plane, sh * sw * plane, 1, requant, chunks)
+                 batch * blocks * sh * sw * plane, sh * sw * plane, 1, requant, chunks, bf16)
     return gemm(shape, a_offset, b_offset)
 
 
 def pack_conv_weight(w: np.ndarray, blocks: int) -> np.ndarray:
-    """``[O, C, kh, kw]`` -> flat ``[O, kh, kw, 4 * blocks]`` (channels past C zero): A's rows."""
+    """``[O, C, kh, kw]`` -> flat ``[O, kh, kw, 4 * blocks]`` (channels past C zero): A's rows;
+    float32 weights of bf16 values -> the bytes of ``[O, kh, kw, 2 * blocks]`` bf16 (a block is
+    then two channels), as int8 for the kernel's A buffer."""
     out_channels, channels, kh, kw = w.shape
-    packed = np.zeros((out_channels, kh, kw, blocks * GROUP), np.int8)
-    packed[..., :channels] = w.transpose(0, 2, 3, 1)
-    return packed.reshape(-1)
+    bf16 = w.dtype == np.float32
+    packed = np.zeros((out_channels, kh, kw, blocks * (2 if bf16 else GROUP)), np.uint16 if bf16 else np.int8)
+    packed[..., :channels] = bf16_bits(w.transpose(0, 2, 3, 1)) if bf16 else w.transpose(0, 2, 3, 1)
+    return packed.view(np.int8).reshape(-1)
 
 
 @functools.cache
