@@ -417,6 +417,10 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
     if "int8_kernels" in report and report["quantized"]:
         table.add_row("int8 kernels", report["int8_kernels"]["kernels"] or "[yellow]generic (slow)[/]")
     table.add_row("ops", f"{report['ops']['integer']} integer of {report['ops']['total']}")
+    if report["quantized"] and "requantize" in report:
+        out_of_int8 = report.get("float_precision", {}).get("resolved", "fp32")
+        table.add_row("precision", f"int8 (requantized in {report['requantize']}); layers kept out of int8: "
+                                   f"{out_of_int8}")
     if "batch" in report:
         b = report["batch"]
         table.add_row("batch", f"any of {b['min']}..{b['max']} ('{b['name']}'): built at "

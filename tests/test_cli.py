@@ -388,6 +388,14 @@ def test_compile_summary_is_readable_and_copyable(tmp_path):
 
     assert parse_pipeline(pipeline.removeprefix("pipeline: "))
     assert "kept float: 2 x excluded by QuantConfig.exclude" in done.stderr and "(-v lists each op)" in done.stderr
+    from qcompiler.compiled import _bf16_native
+
+    assert "precision │" not in done.stderr  # nothing quantized: no precision to state
+    quantized = _main("compile", path, "--calibration", str(tmp_path / "cal.npz"), "-q", "-o", str(tmp_path / "c"),
+                      "--target", "llvm")
+    precision = "bf16" if _bf16_native("llvm", None) else "fp32"  # what auto resolves to for this CPU
+    summary = " ".join(quantized.stderr.split())
+    assert f"precision │ int8 (requantized in float32); layers kept out of int8: {precision}" in summary
     verbose = _main(*args, "-o", str(tmp_path / "b"), "--target", "reference", "-v")
     assert verbose.returncode == 0 and "kept float: conv2d 'node_Conv" in verbose.stderr and "reference (the interpreter)" in verbose.stderr
 
