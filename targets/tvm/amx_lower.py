@@ -178,7 +178,7 @@ def linear_bf16(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr:
     a = low.bb.emit_te(bf16.bf16_rows, low.emit(R.reshape(xs[0], (rows, k))), k_padded, primfunc_name_hint="bf16_rows")
     a = low.emit(R.memory.view(a, shape=(rows * k_padded * 2,), dtype="uint8"))
     params = _bias_params(low, node, n)
-    weight = low.const(x86_amx.pack_dense_weight_bf16(w2d, k_padded))
+    weight = low.const(x86_amx.pack_dense_weight(w2d, k_padded))
     func = x86_amx.dense(rows, n, k_padded // 2, None, low.cores, bf16=True)
     y = call_kernel(low, func, "amx_dense_bf16", [a, weight, params], (1, rows, n), "float32")
     return low.emit(R.reshape(y, x.shape[:-1] + (n,)))

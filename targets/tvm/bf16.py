@@ -22,6 +22,11 @@ def _rounded_word(v: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Select(v != v, nan, up & tirx.const(_ROUNDED, "uint32"))
 
 
+def _bits(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The bf16 bit pattern (in a uint32's low half) of the float32 ``v`` rounded to bf16."""
+    return _rounded_word(v) >> tirx.const(16, "uint32")
+
+
 def round_bf16(x: te.Tensor) -> te.Tensor:
     """``x`` (float32) rounded to the nearest bfloat16, as float32."""
     return te.compute(x.shape, lambda *i: tirx.reinterpret("float32", _rounded_word(x(*i))), name="round_bf16")
@@ -32,15 +37,9 @@ def bf16_rows(x: te.Tensor, k_padded: int) -> te.Tensor:
     rows, k = x.shape
 
     def bits(i, j):
-        word = _rounded_word(x[i, tirx.min(j, k - 1)]) >> tirx.const(16, "uint32")
-        return tirx.if_then_else(j < k, word.astype("uint16"), tirx.const(0, "uint16"))
+        return tirx.if_then_else(j < k, _bits(x[i, tirx.min(j, k - 1)]).astype("uint16"), tirx.const(0, "uint16"))
 
     return te.compute((rows, k_padded), bits, name="bf16_rows")
-
-
-def _bits(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The bf16 bit pattern (in a uint32's low half) of the float32 ``v`` rounded to bf16."""
-    return _rounded_word(v) >> tirx.const(16, "uint32")
 
 
 @functools.cache

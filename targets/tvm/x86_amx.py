@@ -41,7 +41,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from qcompiler.cpu_features import has_amx_bf16
+from qcompiler.cpu_features import cpu_flags, has_amx_bf16
 
 from . import int_arith
 from .int_arith import Requantize
@@ -61,14 +61,7 @@ _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 def amx_usable() -> bool:
     """Whether this process may run AMX instructions: the CPU has them and Linux granted the
     tile state (asked for here, once per process; harmless where it is granted already)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    if not {"amx_tile", "amx_int8"} <= set(flags):
+    if not sys.platform.startswith("linux") or not {"amx_tile", "amx_int8"} <= cpu_flags():
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
@@ -274,7 +267,7 @@ def dense(rows: int, n: int, k_groups: int, requant: Requantize | None, chunks: 
     """``out[0, m, j] = epilogue(sum_k x[m, k] w[k, j])`` for activations ``x [rows, K']``
     (``K'`` bytes, ``k_groups`` 4-byte groups, a whole number of :func:`k_chunks` steps) and
     the weights of :func:`pack_dense_weight`: unsigned bytes and int8 weights, or with ``bf16``
-    bfloat16 bit patterns (two per group) and :func:`pack_dense_weight_bf16`'s weights, summed
+    bfloat16 bit patterns (two per group) and float32 weights packed as bf16, summed
     in float32 plus the bias (``requant`` None)."""
     steps, per_step = k_chunks(k_groups)
     assert steps * per_step == k_groups, "pad K to whole tile products"
@@ -294,11 +287,15 @@ def dense(rows: int, n: int, k_groups: int, requant: Requantize | None, chunks: 
 
 def pack_dense_weight(w: np.ndarray, k_padded: int) -> np.ndarray:
     """``[N, K]`` -> flat ``[K'/4, N, 4]`` (rows past K zero): B's VNNI layout, any 16 columns
-    one tile."""
+    one tile; float32 weights of bf16 values -> the bytes of ``[K'/2, N, 2]`` bf16 (a 4-byte
+    group is then two values)."""
     n, k = w.shape
-    packed = np.zeros((n, k_padded), np.int8)
-    packed[:, :k] = w
-    return np.ascontiguousarray(packed.reshape(n, k_padded // GROUP, GROUP).transpose(1, 0, 2)).reshape(-1)
+    bf16 = w.dtype == np.float32
+    per_group = 2 if bf16 else GROUP
+    packed = np.zeros((n, k_padded), np.uint16 if bf16 else np.int8)
+    packed[:, :k] = bf16_bits(w) if bf16 else w
+    grouped = packed.reshape(n, k_padded // per_group, per_group).transpose(1, 0, 2)
+    return np.ascontiguousarray(grouped).view(np.uint8 if bf16 else np.int8).reshape(-1)
 
 
 def bf16_bits(w: np.ndarray) -> np.ndarray:
@@ -306,15 +303,6 @@ def bf16_bits(w: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(w, np.float32).view(np.uint32)
     assert not np.any(bits & 0xFFFF), "values not rounded to bfloat16"
     return (bits >> 16).astype(np.uint16)
-
-
-def pack_dense_weight_bf16(w: np.ndarray, k_padded: int) -> np.ndarray:
-    """``[N, K]`` float32 (bf16 values) -> flat bytes of ``[K'/2, N, 2]`` bf16 (rows past K zero):
-    B's pair layout, any 16 columns one tile row of 64 bytes."""
-    n, k = w.shape
-    packed = np.zeros((n, k_padded), np.uint16)
-    packed[:, :k] = bf16_bits(w)
-    return np.ascontiguousarray(packed.reshape(n, k_padded // 2, 2).transpose(1, 0, 2)).view(np.uint8).reshape(-1)
 
 
 def taps_in_k(channels: int, kernel_width: int) -> bool:
