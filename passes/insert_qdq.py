@@ -18,7 +18,8 @@ graph will compute, in float, which is what `compare` measures and `lower-intege
   average stays on the input's grid up to rounding).
 - reduce_mean (global average pooling): the mean has a much narrower range than its input, so
   it gets its own parameters.
-A value whose calibrated range exceeds ``max_abs_range`` (attention masks filled with -1e30)
+A value whose calibrated range exceeds ``max_abs_range``, or that is computed from a constant
+beyond it (attention masks filled with -1e30 or -inf, whether or not calibration saw padding)
 is left in float with the op that reads it; every op left in float is reported."""
 from __future__ import annotations
 
@@ -171,6 +172,7 @@ class _Inserter:
         self.graph, self.config, self.report = graph, config, report
         self.cache: dict[tuple[int, float, int], Value] = {}
         self.bf16_cache: dict[int, Value] = {}  # id(value) -> the value rounded to bf16
+        self.largest: dict[str, float] = {}  # constant name -> its largest magnitude
 
     def params(self, v: Value) -> Params | None:
         existing = qparams_of(self.graph, v)
@@ -178,16 +180,36 @@ class _Inserter:
             return existing
         if v.dtype not in FLOAT:
             return None
-        if v.is_constant:  # an operand known at compile time (LRN's bias): its own values are its range
-            values = self.graph.constant_array(v)
+        if v.is_constant:  # an operand known at compile time (LRN's bias): its own values are its range,
+            values = self.graph.constant_array(v)  # or a calibrated one that covers them
             lo, hi = min(0.0, float(values.min(initial=0.0))), max(0.0, float(values.max(initial=0.0)))
-        elif v.range is None:
+            if v.range is not None:
+                lo, hi = min(lo, v.range[0]), max(hi, v.range[1])
+        elif v.range is None or self._masked(v):
             return None
         else:
             lo, hi = v.range
         if max(abs(lo), abs(hi)) > self.config.max_abs_range:
             return None
         return choose_qparams(lo, hi, self.config.activation_dtype)
+
+    def _masked(self, v: Value) -> bool:
+        """``v`` is computed from a constant beyond ``max_abs_range`` (a ``where`` filling with
+        -inf or -1e30): a mask, whatever range calibration saw (data without padding never shows
+        the fill value, and run-time padding would be clamped onto the grid: attention leaking
+        onto padding)."""
+        producer = v.producer
+        while producer is not None and traits_of(producer.op).family == "layout" and producer.inputs \
+                and not producer.inputs[0].is_constant:  # through reshapes and transposes of the mask
+            producer = producer.inputs[0].producer
+        return producer is not None and any(i.is_constant and i.dtype in FLOAT and i.type.size and
+                                            not self._largest(i) <= self.config.max_abs_range
+                                            for i in producer.inputs)
+
+    def _largest(self, constant: Value) -> float:
+        if constant.name not in self.largest:
+            self.largest[constant.name] = float(np.max(np.abs(self.graph.constant_array(constant))))
+        return self.largest[constant.name]
 
     def why_not(self, v: Value) -> str:
         if v.dtype not in FLOAT:
@@ -196,6 +218,8 @@ class _Inserter:
             return f"%{v.name} has no calibrated range"
         if v.is_constant:
             return f"constant %{v.name} has values beyond max_abs_range (a mask?)"
+        if self._masked(v):
+            return f"%{v.name} is filled from a constant beyond max_abs_range (a mask)"
         return f"%{v.name} has range {v.range[0]:.3g}..{v.range[1]:.3g}, beyond max_abs_range (a mask?)"
 
     def _pair(self, v: Value, params: Params, source: str, before: Node | None) -> Value:

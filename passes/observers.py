@@ -8,17 +8,34 @@ from __future__ import annotations
 import numpy as np
 
 
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def extent(x: np.ndarray) -> tuple[float, float] | None:
+    """The min and max of ``x`` without its NaNs, an infinity standing as the float32 extreme:
+    a tensor that holds -inf (an attention mask) has a range no int8 grid can carry."""
+    if np.all(np.isfinite(x)):
+        return (float(x.min()), float(x.max())) if x.size else None
+    finite = x[np.isfinite(x)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (np.inf, -np.inf)
+    if np.any(np.isneginf(x)):
+        lo, hi = -FLT_MAX, max(hi, -FLT_MAX)
+    if np.any(np.isposinf(x)):
+        lo, hi = min(lo, FLT_MAX), FLT_MAX
+    return (lo, hi) if lo <= hi else None
+
+
 class MinMax:
-    """Exact running min and max."""
+    """Exact running min and max (see ``extent``)."""
 
     def __init__(self) -> None:
         self.lo, self.hi = np.inf, -np.inf
 
     def update(self, x: np.ndarray) -> None:
-        finite = x[np.isfinite(x)] if not np.all(np.isfinite(x)) else x
-        if finite.size:
-            self.lo = min(self.lo, float(finite.min()))
-            self.hi = max(self.hi, float(finite.max()))
+        seen = extent(x)
+        if seen is not None:
+            self.lo = min(self.lo, seen[0])
+            self.hi = max(self.hi, seen[1])
 
     def result(self) -> tuple[float, float]:
         return (self.lo, self.hi) if self.lo <= self.hi else (0.0, 0.0)
@@ -33,10 +50,10 @@ class MovingAverageMinMax:
         self.hi: float | None = None
 
     def update(self, x: np.ndarray) -> None:
-        finite = x[np.isfinite(x)]
-        if not finite.size:
+        seen = extent(x)
+        if seen is None:
             return
-        lo, hi = float(finite.min()), float(finite.max())
+        lo, hi = seen
         if self.lo is None or self.hi is None:
             self.lo, self.hi = lo, hi
         else:

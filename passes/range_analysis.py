@@ -16,7 +16,7 @@ from qcompiler.ir import Graph, Value
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.progress import progress_bar
 
-from .observers import Histogram, MinMax, MovingAverageMinMax, entropy_range, mse_range, percentile_range
+from .observers import FLT_MAX, Histogram, MinMax, MovingAverageMinMax, entropy_range, mse_range, percentile_range
 
 
 def sweep(graph: Graph, batches: CalibrationSet, values: list[Value], update, progress: bool,
@@ -62,12 +62,14 @@ class RangeAnalysis(Pass):
         sweep(graph, batches, values, lambda v, a: observers[id(v)].update(a), ctx.progress, "calibrating")
         ranges = {id(v): observers[id(v)].result() for v in values}
         if self.method in ("percentile", "entropy", "mse"):
-            hists = {id(v): Histogram(*ranges[id(v)], self.bins) for v in values}
-            sweep(graph, batches, values, lambda v, a: hists[id(v)].update(a), ctx.progress,
+            # a value that holds an infinity (a mask) keeps its min-max range: no clipping makes it quantizable
+            clipped = [v for v in values if max(abs(ranges[id(v)][0]), abs(ranges[id(v)][1])) < FLT_MAX]
+            hists = {id(v): Histogram(*ranges[id(v)], self.bins) for v in clipped}
+            sweep(graph, batches, clipped, lambda v, a: hists[id(v)].update(a), ctx.progress,
                    f"calibrating ({self.method} histograms)")
             levels = 256
             symmetric = self.activation_dtype == "i8"
-            for v in values:
+            for v in clipped:
                 h = hists[id(v)]
                 if self.method == "percentile":
                     ranges[id(v)] = percentile_range(h, self.percentile)

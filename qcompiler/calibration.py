@@ -32,13 +32,13 @@ Batch = list[np.ndarray]
 class CalibrationSet:
     """Checked, re-iterable calibration batches for ``graph`` (see the module docstring)."""
 
-    def __init__(self, graph: Graph, data: Any):
+    def __init__(self, graph: Graph, data: Any, pad: Callable[[Batch], Batch] | None = None):
         if data is None:
             raise QCompilerError("range-analysis needs calibration data (calibration=... / --calibration)")
         if isinstance(data, (str, bytes, PathLike)):
             raise QCompilerError(f"calibration data {data!r} is a path: pass batches (arrays), or read the file "
                                  f"with qcompiler.loading.load_data")
-        self.graph = graph
+        self.graph, self._pad = graph, pad  # pad: brings a batch to the graph's sequence length
         if isinstance(data, (np.ndarray, dict)) or hasattr(data, "detach"):
             data = [data]  # one batch
         self._fresh: Callable[[], Iterable[Any]] | None = None
@@ -128,6 +128,8 @@ class CalibrationSet:
         elif not isinstance(batch, (list, tuple)):
             batch = [batch]
         arrays = [to_numpy(b) for b in batch]
+        if self._pad is not None and len(arrays) == len(graph.inputs):
+            arrays = self._pad(arrays)
         chunks = _splits(graph, arrays)
         for a, v in zip(arrays, graph.inputs):
             if chunks == 1 and a.ndim == len(v.shape) >= 2 and tuple(a.shape[1:]) == tuple(v.shape[1:]) \

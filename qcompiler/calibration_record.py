@@ -62,7 +62,7 @@ class CalibrationRecord:
     graph_digest: str  # of the float graph it was calibrated on
     calibration: str  # the range-analysis pass that measured the ranges
     activation_dtype: str
-    ranges: dict[str, tuple[float, float]]  # value name -> calibrated [min, max]
+    ranges: dict[str, tuple[float, float]]  # value name (a constant's: "@name") -> calibrated [min, max]
     biases: dict[str, list[float]]  # conv/linear output value name -> its corrected bias
     exclude: dict[str, str]  # layer (output value name) the sensitivity check kept float -> why
     int8_weights: dict[str, str] = field(default_factory=dict)  # i4 config: layers kept at int8 weights -> why
@@ -122,6 +122,9 @@ class CalibrationRecord:
                                  f"weights): its graph digest differs; recalibrate with --save-ranges")
         for v in calibrated_values(graph):
             v.range = self.ranges.get(v.name)
+        for key, r in self.ranges.items():  # "@name": a constant's range (a grid shared with a longer bucket)
+            if key.startswith("@") and key[1:] in graph.constants:
+                graph.constant_value(key[1:]).range = r
         producers = {n.output.name: n for n in graph.nodes if len(n.outputs) == 1}
         for name, values in self.biases.items():
             set_corrected_bias(graph, producers[name], np.asarray(values))

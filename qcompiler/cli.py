@@ -47,16 +47,19 @@ def _phase_log(args: argparse.Namespace):
 
 def _load_model(args: argparse.Namespace, spec: str | None = None) -> "Graph":
     """The model a command names (or ``spec``), with its --input-shape and --input-value (a
-    dynamic batch's ``MIN:MAX`` pinned at MIN: data is read in batches of that size)."""
+    dynamic batch's ``MIN:MAX`` pinned at MIN: data is read in batches of that size; a dynamic
+    sequence's at MAX)."""
     from .batching import from_input_shapes, shapes_at
     from .loading import is_dynamic, load_model, parse_shapes, parse_values
 
     shapes = parse_shapes(args.input_shape)
     if is_dynamic(shapes):
         if args.func is not _cmd_compile:
-            raise QCompilerError("a MIN:MAX batch in --input-shape applies to compile (other commands take one shape)")
-        declared = from_input_shapes(shapes, list(shapes), None)  # a range outside dimension 0 is refused here
-        shapes = shapes_at(shapes, declared.min)
+            raise QCompilerError("a MIN:MAX dimension in --input-shape applies to compile (other commands take one "
+                                 "shape)")
+        dims = from_input_shapes(shapes, list(shapes))
+        # data is read at the smallest batch and the longest sequence (shorter sequences are padded)
+        shapes = shapes_at(shapes, dims, tuple(d.min if d.is_batch else d.max for d in dims))
     return load_model(spec or args.model, shapes, parse_values(args.input_value))
 
 
@@ -312,7 +315,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.input_shape)
     dynamic = {"input_shapes": shapes} if is_dynamic(shapes) else {}
     if dynamic and (args.input_value or not args.model.endswith(".onnx")):
-        raise QCompilerError("a MIN:MAX batch in --input-shape applies to an ONNX model without --input-value")
+        raise QCompilerError("a MIN:MAX dimension in --input-shape applies to an ONNX model without --input-value")
     compiled = compile_model(args.model if dynamic else graph, calibration=calibration, target=args.target,
                              config=config, **dynamic,
                              pipeline=args.pipeline, tune=args.tune, tuning_db=args.tuning_db,
@@ -421,12 +424,14 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
         out_of_int8 = report.get("float_precision", {}).get("resolved", "fp32")
         table.add_row("precision", f"int8 (requantized in {report['requantize']}); layers kept out of int8: "
                                    f"{out_of_int8}")
-    if "batch" in report:
-        b = report["batch"]
-        table.add_row("batch", f"any of {b['min']}..{b['max']} ('{b['name']}'): built at "
-                               f"{', '.join(map(str, b['buckets']))}, padded up to the next"
-                      + ("" if b["per_sample_exact"] is None else
-                         "; per sample exact" if b["per_sample_exact"] else "; per sample within float rounding"))
+    for d in report.get("dynamic", {}).get("dims", []):
+        kind = "batch" if d["axis"] == 0 else "sequence"
+        checked = d.get("per_sample_exact", d.get("padding_max_relative_error"))
+        table.add_row(kind, f"any of {d['min']}..{d['max']} ('{d['name']}'): built at "
+                            f"{', '.join(map(str, d['buckets']))}, padded up to the next"
+                      + ("" if checked is None else
+                         f"; padding changes real positions by {checked:.1g} (relative)" if kind == "sequence" else
+                         "; per sample exact" if checked else "; per sample within float rounding"))
     bf16 = sum(1 for e in report["kept_float"] if e.get("precision") == "bf16")
     table.add_row("kept float", str(len(report["kept_float"])) + (f" ({bf16} in bf16)" if bf16 else ""))
     if "low_rank" in report:
@@ -515,8 +520,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         images = Path(args.inputs).is_dir()  # the artifact's image normalization applies to image folders
         prep = model.preprocessing if images else {}
-        batches = load_data(args.inputs, model.graph, prep.get("image_mean"), prep.get("image_std"))
-    spec = getattr(model, "spec", None)  # a dynamic batch: samples run together, up to its max at a time
+        # a dynamic sequence's data is read at its longest bucket (the Python API takes any length)
+        batches = load_data(args.inputs, _longest_bucket_graph(model), prep.get("image_mean"), prep.get("image_std"))
+    dims = getattr(model, "dims", ())
+    spec = next((d for d in dims if d.is_batch), None)  # a dynamic batch: samples run together, up to its max
     if spec is not None:
         batches = _regrouped(batches, spec)
     outputs = [model(*batch) for batch in batches]
@@ -542,6 +549,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"qcompiler: outputs differ from {args.expect_outputs}: {', '.join(failed)}", file=sys.stderr)
         return GATE_FAILED
     return 0
+
+
+def _longest_bucket_graph(model) -> "Graph":
+    dims = getattr(model, "dims", ())
+    if not any(not d.is_batch for d in dims):
+        return model.graph
+    return model.builds[tuple(d.buckets[0] if d.is_batch else d.buckets[-1] for d in dims)].graph
 
 
 def _regrouped(batches: list[list], spec) -> list[list]:
@@ -745,8 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def input_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
-                       help="fix a dynamic ONNX input's shape (repeatable); for compile, D0 may be MIN:MAX: a "
-                            "dynamic batch (one build per bucket, any batch in range at run time)")
+                       help="fix a dynamic ONNX input's shape (repeatable); for compile, a dimension may be MIN:MAX: "
+                            "D0 a dynamic batch, another a dynamic sequence (one build per bucket, any size in "
+                            "range at run time; data is read at the longest sequence)")
         p.add_argument("--input-value", action="append", default=[], metavar="NAME=V0,V1,...",
                        help="fix the value of an ONNX input that gives a shape, axes or sizes: it becomes a "
                             "constant and is no longer an input (repeatable)")

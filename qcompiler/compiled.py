@@ -8,6 +8,7 @@ How it is written and checked (atomically, never over a user's folder) is ``arti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -219,36 +220,39 @@ class CompiledModel:
             export(self._executable, library)
 
 
-class BatchedModel(CompiledModel):
-    """A model compiled for a dynamic batch (``qcompiler.batching``): one build per bucket; a
-    call runs on the smallest bucket holding its batch, padded, and returns its own samples'
-    outputs. ``graph``, ``report`` and the rest are the first bucket's, with ``report()["batch"]``."""
+class BucketedModel(CompiledModel):
+    """A model compiled for dynamic shapes (``qcompiler.batching``): one build per bucket; a
+    call runs on the smallest bucket holding its batch and sequence, padded, and returns its own
+    samples' and positions' outputs. ``graph``, ``report`` and the rest are the first bucket's,
+    with ``report()["dynamic"]``."""
 
-    def __init__(self, spec: Any, builds: dict[int, CompiledModel], report: dict[str, Any]):
-        first = builds[spec.buckets[0]]
+    def __init__(self, dims: Any, builds: dict[tuple[int, ...], CompiledModel], report: dict[str, Any]):
+        from .batching import grid
+
+        first = builds[grid(dims)[0]]
         super().__init__(first.graph, first.target, first.pipeline, first._runner, report, first.config,
                          first._executable)
         self._library = first._library
         self.calibration, self.preprocessing = first.calibration, first.preprocessing
-        self.spec, self.builds = spec, builds
+        self.dims, self.builds = dims, builds
 
-    def _bucket(self, arrays: list[np.ndarray]) -> tuple[CompiledModel, list[np.ndarray], int]:
-        from .batching import batch_of, pad_to
+    def _bucket(self, arrays: list[np.ndarray]) -> tuple[CompiledModel, list[np.ndarray], tuple, tuple]:
+        from .batching import resized, sizes_of
 
         names = [v.name for v in self.graph.inputs]
         if len(arrays) != len(names):
             raise InputError(f"the model takes {len(names)} input(s), got {len(arrays)}")
-        n = batch_of(self.spec, arrays, names)
-        size = self.spec.bucket_for(n)
-        return self.builds[size], [pad_to(a, size) if p in self.spec.inputs else a for p, a in enumerate(arrays)], n
+        sizes = sizes_of(self.dims, arrays, names)
+        key = tuple(d.bucket_for(n) for d, n in zip(self.dims, sizes))
+        return self.builds[key], resized(arrays, self.dims, key), key, sizes
 
     def run_arrays(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """The outputs for ``arrays`` (any batch in range), each cut to the call's own samples."""
-        build, padded, n = self._bucket(arrays)
+        """The outputs for ``arrays`` (any shape in range), cut to the call's own samples and positions."""
+        from .batching import cut
+
+        build, padded, key, sizes = self._bucket(arrays)
         outputs = build(*padded)
-        outputs = outputs if isinstance(outputs, list) else [outputs]
-        size = padded[self.spec.inputs[0]].shape[0]
-        return [o[:o.shape[0] // size * n] for o in outputs]
+        return cut(self.dims, key, sizes, outputs if isinstance(outputs, list) else [outputs])
 
     def __call__(self, *inputs: Any) -> Any:
         outputs = self.run_arrays([to_numpy(x) for x in inputs])
@@ -256,19 +260,21 @@ class BatchedModel(CompiledModel):
 
     def latencies(self, *inputs: Any, iterations: int = 100, warmup: int = 10
                   ) -> tuple[list[float], list[np.ndarray]]:
-        build, padded, _ = self._bucket([to_numpy(x) for x in inputs])
+        build, padded, _, _ = self._bucket([to_numpy(x) for x in inputs])
         return build.latencies(*padded, iterations=iterations, warmup=warmup)
 
     def profile(self, *inputs: Any, repeat: int = 5) -> list[dict[str, Any]]:
-        build, padded, _ = self._bucket([to_numpy(x) for x in inputs])
+        build, padded, _, _ = self._bucket([to_numpy(x) for x in inputs])
         return build.profile(*padded, repeat=repeat)
 
     def manifest(self) -> dict[str, Any]:
-        return {**super().manifest(), "batch": self.spec.to_dict()}
+        return {**super().manifest(), "dynamic": [d.to_dict() for d in self.dims]}
 
     def _write_builds(self, staging: Path) -> None:
-        for size, build in self.builds.items():
-            build._write_build(staging, "" if size == self.spec.buckets[0] else f".b{size}")
+        from .batching import tag
+
+        for key, build in self.builds.items():
+            build._write_build(staging, tag(self.dims, key))
 
 
 def load(directory: str | os.PathLike, expect_digest: str | None = None) -> CompiledModel:
@@ -281,18 +287,20 @@ def load(directory: str | os.PathLike, expect_digest: str | None = None) -> Comp
     directory = Path(directory)
     manifest, files, digest, graph, report = read_artifact(directory, expect_digest)
     model = _loaded_build(directory, manifest, files, graph, report, LIBRARY)
-    if manifest.get("batch"):
-        from .batching import BatchRange
+    declared = manifest.get("dynamic") or ([manifest["batch"]] if manifest.get("batch") else [])  # older: batch only
+    if declared:
+        from .batching import DimRange, grid, tag
 
         try:
-            spec = BatchRange.from_dict(manifest["batch"])
+            dims = tuple(DimRange.from_dict(d) for d in declared)
         except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(f"{directory}: malformed 'batch' in the manifest") from None
-        builds = {spec.buckets[0]: model}
-        for size in spec.buckets[1:]:
-            bucket_graph = _graph_of(directory, files, f"graph.b{size}")
-            builds[size] = _loaded_build(directory, manifest, files, bucket_graph, report, f"model.b{size}.so")
-        model = BatchedModel(spec, builds, report)
+            raise ModelLoadError(f"{directory}: malformed 'dynamic' in the manifest") from None
+        builds = {}
+        for key in grid(dims):
+            mark = tag(dims, key)
+            builds[key] = model if not mark else _loaded_build(
+                directory, manifest, files, _graph_of(directory, files, f"graph{mark}"), report, f"model{mark}.so")
+        model = BucketedModel(dims, builds, report)
     model.digest = digest
     model.preprocessing = dict(manifest.get("preprocessing") or {})
     return model
@@ -448,85 +456,123 @@ def _capture(model: Any, example_inputs: Any, input_shapes: dict[str, Sequence[A
                          f"ModelProto, or a qcompiler Graph")
 
 
-def _batch_range(model: Any, example_inputs: Any, dynamic_shapes: Any, input_shapes: Any,
-                 batch_buckets: Sequence[int] | None) -> Any:
-    """The declared dynamic batch (``batching.BatchRange``), or None for a static build."""
+def _dynamic_dims(model: Any, example_inputs: Any, dynamic_shapes: Any, input_shapes: Any,
+                  batch_buckets: Sequence[int] | None, sequence_buckets: Sequence[int] | None) -> Any:
+    """The declared dynamic dimensions (``batching.Dims``): empty for a static build."""
     from . import batching
 
     if dynamic_shapes is not None:
         if type(model).__name__ == "QATModel" or not hasattr(model, "forward") or example_inputs is None:
             raise QCompilerError("dynamic_shapes applies to a torch module with example_inputs (for an ONNX file "
-                                 "give input_shapes with a (min, max) batch)")
-        return batching.from_dynamic_shapes(dynamic_shapes, model, list(example_inputs), batch_buckets)
+                                 "give input_shapes with (min, max) dimensions)")
+        return batching.from_dynamic_shapes(dynamic_shapes, model, list(example_inputs), batch_buckets,
+                                            sequence_buckets)
     if input_shapes is not None:
         from .capture.from_onnx import input_names
 
-        spec = batching.from_input_shapes(input_shapes, input_names(model), batch_buckets)
-        if spec is not None:
-            return spec
-    if batch_buckets is not None:
-        raise QCompilerError("batch_buckets applies to a dynamic batch (dynamic_shapes, or a (min, max) in "
-                             "input_shapes)")
-    return None
+        return batching.from_input_shapes(input_shapes, input_names(model), batch_buckets, sequence_buckets)
+    if batch_buckets is not None or sequence_buckets is not None:
+        raise QCompilerError("batch_buckets / sequence_buckets apply to a dynamic dimension (dynamic_shapes, or a "
+                             "(min, max) in input_shapes)")
+    return ()
 
 
-def _compile_buckets(spec: Any, model: Any, example_inputs: Any, input_shapes: Any, **options: Any) -> CompiledModel:
-    """One build per bucket of ``spec`` (see ``qcompiler.batching``): the smallest calibrated
-    (or from ``ranges``), the others from its calibration record; then the per-sample check."""
+def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: Any, **options: Any) -> CompiledModel:
+    """One build per bucket of ``dims`` (see ``qcompiler.batching``): one calibrated (or from
+    ``ranges``) at the smallest batch and the longest sequence, the others from its calibration
+    record; then the per-sample and padding checks."""
     from . import batching
+    from .calibration import CalibrationSet
     from .capture import from_onnx
     from .pass_manager import Instruments, run_pipeline
     from .quantize import float_stages
 
     started = time.perf_counter()
     examples = [to_numpy(x) for x in example_inputs] if example_inputs is not None else None
+    phases = options["log"] if isinstance(options["log"], PhaseLog) else PhaseLog(options["log"])
+    options["log"] = phases
 
-    def capture_at(size: int) -> Graph:
+    def capture_at(key: tuple[int, ...]) -> Graph:
         if examples is not None:
             import torch
 
             return _capture(model, [torch.from_numpy(np.ascontiguousarray(x))
-                                    for x in batching.examples_at(examples, spec.inputs, size)])
-        return from_onnx(model, batching.shapes_at(input_shapes, size))
+                                    for x in batching.resized(examples, dims, key, cycle_batch=True)])
+        return from_onnx(model, batching.shapes_at(input_shapes, dims, key))
 
+    def float_graph_of(key: tuple[int, ...]) -> Graph:
+        return run_pipeline(graphs[key].copy(), float_stages(options["config"] or QuantConfig(), None),
+                            Instruments(emit=lambda s: None))
+
+    keys = batching.grid(dims)
+    # calibrated at the smallest batch (batches of any multiple of it split into its size) and the
+    # longest sequence (calibration data padded up to it: every length the data has is seen)
+    calibrated = tuple(d.buckets[0] if d.is_batch else d.buckets[-1] for d in dims)
+    keys.remove(calibrated)
     calibration, ranges = options.pop("calibration"), options.pop("ranges")
-    smallest = spec.buckets[0]  # calibrated there: batches of any multiple of it split into its size
-    graphs = {smallest: capture_at(smallest)}
-    builds = {smallest: compile(graphs[smallest], calibration=calibration, ranges=ranges, **options)}
-    record = builds[smallest].calibration
-    config = options["config"] or QuantConfig()
-    for size in spec.buckets[1:]:
-        graphs[size] = capture_at(size)
-        why = batching.same_model(graphs[smallest], graphs[size])
+    graphs = {calibrated: capture_at(calibrated)}
+    if calibration is not None and any(not d.is_batch for d in dims):
+        calibration = CalibrationSet(graphs[calibrated], calibration, pad=batching.sequence_padder(dims))
+    phases.phase("bucket", f"{_bucket_label(dims, calibrated)} (calibrated), then {len(keys)} more")
+    builds = {calibrated: compile(graphs[calibrated], calibration=calibration, ranges=ranges, **options)}
+    record = builds[calibrated].calibration
+    if record is None and (calibration is not None or ranges is not None) and keys:
+        raise QCompilerError("dynamic shapes: the calibrated build kept no calibration record to replay on the "
+                             "other buckets")
+    calibrated_float = float_graph_of(calibrated) if record is not None and keys else None
+    for key in keys:
+        phases.phase("bucket", _bucket_label(dims, key))
+        graphs[key] = capture_at(key)
+        why = batching.same_model(graphs[calibrated], graphs[key])
         if why is not None:
-            raise QCompilerError(f"dynamic batch: the model captured at batch {size} is not the one at batch "
-                                 f"{smallest}: {why}")
-        if record is None and (calibration is not None or ranges is not None):
-            raise QCompilerError("dynamic batch: the calibrated build kept no calibration record to replay on the "
-                                 "other batch sizes")
+            raise QCompilerError(f"dynamic shapes: the model captured at {_bucket_label(dims, key)} is not the one "
+                                 f"at {_bucket_label(dims, calibrated)}: {why}")
         path = None
         if record is not None:
-            float_graph = run_pipeline(graphs[size].copy(), float_stages(config, None), Instruments(emit=lambda s: None))
-            path = batching.record_for(record, float_graph, f"batch {size}")
-        builds[size] = compile(graphs[size], ranges=path, **options)
-    ordered = {size: builds[size] for size in spec.buckets}
-    report = builds[smallest].report()
+            path = batching.record_for(record, float_graph_of(key), _bucket_label(dims, key), calibrated_float)
+        builds[key] = compile(graphs[key], ranges=path, **options)
+    dims = _with_output_axes(dims, graphs)
+    ordered = {key: builds[key] for key in batching.grid(dims)}
+    report = builds[calibrated].report()
+    entries = [d.to_dict() for d in dims]
     if all(b.runs_here for b in ordered.values()):
+        phases.phase("check", "each sample alone against padded buckets")
         probe_source = examples if examples is not None else (
-            list(calibration_set_first(graphs[smallest], calibration)) if calibration is not None else
-            _synthetic_inputs(graphs[smallest]))
-        probe = batching.probe_inputs(probe_source, spec.inputs, batching.PROBE_SAMPLES)
-        exact = batching.check_per_sample(
-            spec, lambda size, arrays: _as_list(ordered[size](*arrays)), probe)
-    else:
-        exact = None
-    report["batch"] = {**spec.to_dict(), "calibrated_at": smallest, "per_sample_exact": exact,
-                       "dispatch": "a call runs on the smallest bucket that holds its batch, padded with copies of "
-                                   "its last sample; the padding's outputs are dropped"}
+            list(calibration_set_first(graphs[calibrated], calibration)) if calibration is not None else
+            _synthetic_inputs(graphs[calibrated]))
+        run = lambda key, arrays: _as_list(ordered[key](*arrays))  # noqa: E731
+        for d, entry in zip(dims, entries):
+            if d.is_batch:
+                probe = batching.probe_inputs(probe_source, d.inputs, batching.PROBE_SAMPLES)
+                entry["per_sample_exact"] = batching.check_per_sample(dims, run, probe)
+            else:
+                entry["padding_max_relative_error"] = batching.check_padding(dims, run, list(probe_source))
+    report["dynamic"] = {"dims": entries, "calibrated_at": list(calibrated), "buckets": len(ordered),
+                         "dispatch": "a call runs on the smallest bucket that holds it: a batch padded with copies of "
+                                     "its last sample, a sequence with zeros; the padding's outputs are dropped"}
     report["compile_seconds"] = round(time.perf_counter() - started, 2)
-    model_out = BatchedModel(spec, ordered, report)
+    model_out = BucketedModel(dims, ordered, report)
     model_out.calibration = record
     return model_out
+
+
+def _bucket_label(dims: Any, key: tuple[int, ...]) -> str:
+    return ", ".join(f"{d.kind} {size}" for d, size in zip(dims, key))
+
+
+def _with_output_axes(dims: Any, graphs: dict[tuple[int, ...], Graph]) -> Any:
+    """The sequence's output axes, from the captures at its shortest and longest buckets."""
+    from . import batching
+
+    base = batching.grid(dims)[0]
+    out = []
+    for i, d in enumerate(dims):
+        if not d.is_batch:
+            long = base[:i] + (d.buckets[-1],) + base[i + 1:]
+            d = dataclasses.replace(d, outputs=batching.output_axes(d, graphs[base], graphs[long],
+                                                                    (base[i], long[i])))
+        out.append(d)
+    return tuple(out)
 
 
 def calibration_set_first(graph: Graph, calibration: Any) -> list[np.ndarray]:
@@ -578,7 +624,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
             log: Callable[[str], None] | PhaseLog | None = None,
             ranges: str | os.PathLike | None = None, rpc: RPC | None = None, dynamic_shapes: Any = None,
             input_shapes: dict[str, Sequence[Any]] | None = None,
-            batch_buckets: Sequence[int] | None = None) -> CompiledModel:
+            batch_buckets: Sequence[int] | None = None,
+            sequence_buckets: Sequence[int] | None = None) -> CompiledModel:
     """Capture, quantize (when ``calibration`` is given) and build ``model`` for ``target``
     (``llvm``: this CPU through TVM, or the CPU LLVM calls ``cpu``; ``cuda``; ``reference``: the
     interpreter). A build for another CPU runs here only if this one has every instruction set
@@ -596,10 +643,12 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     the servers registered under the key, as many at once as there are: tune for the machines the
     build ships to (an ``llvm`` build for their ``cpu``, or ``cuda`` on GPU servers).
 
-    A dynamic batch (``qcompiler.batching``): ``dynamic_shapes={"x": {0: torch.export.Dim("batch",
+    Dynamic shapes (``qcompiler.batching``): ``dynamic_shapes={"x": {0: torch.export.Dim("batch",
     min=1, max=32)}}`` for a torch module, ``input_shapes={"x": [(1, 32), 3, 224, 224]}`` for an
-    ONNX file (whose dims ``input_shapes`` also pins); the model is built at ``batch_buckets``
-    (default: the range's ends and the powers of 4 between) and takes any batch in range."""
+    ONNX file (whose dims ``input_shapes`` also pins); a range in another dimension is a sequence
+    (``{"ids": [1, (8, 128)], "mask": [1, (8, 128)]}``). The model is built at ``batch_buckets``
+    (default: the range's ends and the powers of 4 between) times ``sequence_buckets`` (the
+    powers of 2) and takes any shape in range."""
     from .pass_manager import Instruments, run_pipeline
     from .passes import DEFAULT_FLOAT_PIPELINE
     from .pipeline import PassContext
@@ -628,12 +677,12 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         require("tune", "tune=True (--tune)")
     if target == "onnx":
         require("onnxruntime", "the onnx target")
-    spec = _batch_range(model, example_inputs, dynamic_shapes, input_shapes, batch_buckets)
-    if spec is not None:
+    dims = _dynamic_dims(model, example_inputs, dynamic_shapes, input_shapes, batch_buckets, sequence_buckets)
+    if dims:
         if target == "onnx" or pipeline is not None or _prepared(model, example_inputs, calibration, ranges, None):
-            raise QCompilerError("a dynamic batch applies to the default flow (with or without calibration) for the "
+            raise QCompilerError("dynamic shapes apply to the default flow (with or without calibration) for the "
                                  "llvm, cuda and reference targets: not to the onnx target, a pipeline or a QAT model")
-        return _compile_buckets(spec, model, example_inputs, input_shapes, calibration=calibration, target=target,
+        return _compile_buckets(dims, model, example_inputs, input_shapes, calibration=calibration, target=target,
                                 config=config, tune=tune, tuning_db=tuning_db, tuning_trials=tuning_trials,
                                 progress=progress, cpu=cpu, log=log, ranges=ranges, rpc=rpc)
     started = time.perf_counter()

@@ -111,8 +111,8 @@ def _assignments(items: Sequence[str], option: str, form: str, number: type) -> 
 
 def parse_shapes(items: Sequence[str]) -> dict[str, list[int | tuple[int, int]]]:
     """``["x=1,3,224,224"]`` -> ``{"x": [1, 3, 224, 224]}``; a ``MIN:MAX`` dimension (the
-    leading one: a dynamic batch) becomes ``(MIN, MAX)``."""
-    return _assignments(items, "--input-shape", "NAME=D0,D1,... (D0 may be MIN:MAX)", _dimension)
+    leading one: a dynamic batch; another: a dynamic sequence) becomes ``(MIN, MAX)``."""
+    return _assignments(items, "--input-shape", "NAME=D0,D1,... (a dimension may be MIN:MAX)", _dimension)
 
 
 def _dimension(text: str) -> int | tuple[int, int]:

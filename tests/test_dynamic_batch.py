@@ -37,7 +37,8 @@ def test_any_batch_in_range_gives_each_sample_what_it_gets_alone(digits, digits_
     model, (_, _, x_test, _) = digits
     compiled, calibration, _ = digits_dynamic
     report = compiled.report()
-    assert report["batch"]["buckets"] == list(BUCKETS) and report["batch"]["per_sample_exact"] is True
+    (dim,) = report["dynamic"]["dims"]
+    assert dim["buckets"] == list(BUCKETS) and dim["per_sample_exact"] is True
     assert report["quantized"] and report["ops"]["integer"] >= 4
     static = qcompiler.compile(model, (torch.from_numpy(x_test[:1]),), calibration=calibration)  # batch 1, same data
     reference = qcompiler.compile(model, (torch.from_numpy(x_test[:1]),), calibration=calibration, target="reference")
@@ -88,8 +89,8 @@ def test_onnx_with_a_symbolic_batch_from_python_and_the_cli(digits, tmp_path):
     loaded = qcompiler.load(tmp_path / "art")
     np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["y"],
                                   np.concatenate([np.asarray(loaded(x_test[i:i + 1])) for i in range(5)]))
-    bad = cli_in_process("compile", str(path), "--input-shape", "x=1:16,1,8:9,8", "-o", str(tmp_path / "b"))
-    assert bad.returncode == 2 and "only the leading (batch) dimension can be dynamic" in bad.stderr
+    bad = cli_in_process("compile", str(path), "--input-shape", "x=1:16,1,8:9,8:9", "-o", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "at most two dynamic dimensions" in bad.stderr
 
 
 class _BatchCentered(nn.Module):
@@ -106,15 +107,18 @@ class _BatchCentered(nn.Module):
 def test_declarations_and_models_that_cannot_be_padded_are_refused_in_one_line(digits):
     model, (x_train, _, x_test, _) = digits
     example = (torch.from_numpy(x_test[:2]),)
-    with pytest.raises(QCompilerError, match="only the leading \\(batch\\) dimension can be dynamic"):
-        qcompiler.compile(model, example, dynamic_shapes={"x": {2: torch.export.Dim("h", min=4, max=8)}})
+    with pytest.raises(QCompilerError, match="at most two dynamic dimensions"):
+        qcompiler.compile(model, example, dynamic_shapes={"x": {2: torch.export.Dim("h", min=4, max=8),
+                                                                3: torch.export.Dim("w", min=4, max=8)}})
+    with pytest.raises(QCompilerError, match="input 0 has 4 dimensions, not a dimension 5"):
+        qcompiler.compile(model, example, dynamic_shapes={"x": {5: torch.export.Dim("h", min=4, max=8)}})
     with pytest.raises(QCompilerError, match="not inputs of DigitsCNN.forward"):
         qcompiler.compile(model, example, dynamic_shapes={"images": {0: BATCH}})
-    with pytest.raises(QCompilerError, match="must lie in 1..32 and include both ends"):
+    with pytest.raises(QCompilerError, match="must lie in 1..32, include both ends"):
         qcompiler.compile(model, example, dynamic_shapes={"x": {0: BATCH}}, batch_buckets=(2, 32))
     with pytest.raises(QCompilerError, match="not to the onnx target"):
         qcompiler.compile(model, example, calibration=[x_train[:8]], target="onnx", dynamic_shapes={"x": {0: BATCH}})
-    with pytest.raises(QCompilerError, match="batch_buckets applies to a dynamic batch"):
+    with pytest.raises(QCompilerError, match="batch_buckets / sequence_buckets apply to a dynamic dimension"):
         qcompiler.compile(model, example, batch_buckets=(1, 4))
     x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
     with pytest.raises(QCompilerError, match="mixes the samples of a batch"):
@@ -134,7 +138,7 @@ def test_input_shapes_of_numbers_pin_a_static_build(tmp_path):
     model = nn.Sequential(nn.Linear(6, 3)).eval()
     path = export_onnx(model, (torch.zeros(2, 6),), tmp_path / "s.onnx", ["x"])
     compiled = qcompiler.compile(path, input_shapes={"x": [2, 6]}, target="reference")
-    assert "batch" not in compiled.report()
+    assert "dynamic" not in compiled.report()
     with torch.no_grad():
         want = model(torch.ones(2, 6)).numpy()
     np.testing.assert_allclose(np.asarray(compiled(np.ones((2, 6), np.float32))), want, rtol=1e-5)

@@ -411,3 +411,50 @@ def test_an_add_of_a_constant_is_quantized_with_the_constant_s_own_range():
         want = model(torch.from_numpy(x)).numpy()
     assert sqnr_db(compiled(x), want) > 30
     np.testing.assert_array_equal(compiled(x), compiled.graph(x)[0])
+
+
+class _MaskedAttention(torch.nn.Module):
+    """Attention over keys as exporters write it: a bias of 0 where the mask is on and ``fill``
+    where it is off (``where`` of two constants), added to the scores before the softmax."""
+
+    def __init__(self, fill: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.fill = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), fill
+
+    def forward(self, x, mask):
+        bias = torch.zeros(mask.shape).masked_fill(~mask, self.fill)[:, None, :]
+        return torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) + bias, dim=-1)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), -1e30])
+def test_an_attention_mask_stays_off_the_int8_grid_whatever_calibration_saw(fill):
+    """Calibrated on unpadded data only (the mask all on), a build run on padded data must give
+    the padding exactly zero attention: the filled scores are a mask, never clamped onto a grid."""
+    model = _MaskedAttention(fill).eval()
+    x = torch.from_numpy(rng.standard_normal((1, 6, 8)).astype(np.float32))
+    on = torch.ones(1, 6, dtype=torch.bool)
+    calibration = [(rng.standard_normal((1, 6, 8)).astype(np.float32), on.numpy()) for _ in range(4)]
+    compiled = qcompiler.compile(model, (x, on), calibration=calibration, target="reference")
+    mask = on.clone()
+    mask[0, 4:] = False
+    got = np.asarray(compiled(x.numpy(), mask.numpy()))
+    with torch.no_grad():
+        want = model(x, mask).numpy()
+    assert compiled.report()["quantized"]
+    np.testing.assert_array_equal(got[..., 4:], 0.0)
+    np.testing.assert_allclose(got, want, atol=0.1)
+    reasons = " ".join(e["reason"] for e in compiled.report()["kept_float"])
+    assert "a mask" in reasons
+
+
+def test_min_max_observers_keep_an_infinity_as_the_float32_extreme():
+    from qcompiler.passes.observers import FLT_MAX, MinMax, MovingAverageMinMax, extent
+
+    a = np.array([0.5, -np.inf, np.nan, 2.0], np.float32)
+    assert extent(a) == (-FLT_MAX, 2.0) and extent(np.array([np.inf], np.float32)) == (FLT_MAX, FLT_MAX)
+    assert extent(np.array([np.nan], np.float32)) is None and extent(np.array([1.0, 3.0])) == (1.0, 3.0)
+    for observer in (MinMax(), MovingAverageMinMax(0.5)):
+        observer.update(np.array([1.0, 2.0], np.float32))
+        observer.update(a)
+        assert observer.result()[0] <= -FLT_MAX / 2 and observer.result()[1] >= 2.0

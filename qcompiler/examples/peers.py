@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 
-def export_onnx(model: torch.nn.Module, example: tuple, names: Sequence[str], path: Path) -> Path:
+def export_onnx(model: torch.nn.Module, example: tuple, names: Sequence[str], path: Path,
+                dynamic_axes: dict[str, dict[int, str]] | None = None) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates its steps
-        torch.onnx.export(model, example, str(path), input_names=list(names), verbose=False)
+        torch.onnx.export(model, example, str(path), input_names=list(names), verbose=False,
+                          **({"dynamic_axes": dynamic_axes, "dynamo": False} if dynamic_axes else {}))
     return path
 
 

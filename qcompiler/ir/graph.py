@@ -24,7 +24,9 @@ EVALUATOR: "Callable[[Graph, list[Any]], list[np.ndarray]] | None" = None
 
 class Value:
     """One SSA value: a graph input, a constant, or one output of a node. ``range`` is the
-    calibrated [min, max] of a float activation (set by range analysis, printed in the IR)."""
+    calibrated [min, max] of a float activation (set by range analysis, printed in the IR); on
+    a constant, the range it is quantized over when that is wider than its own values (a
+    position table cut to a shorter sequence shares the full table's grid)."""
 
     __slots__ = ("name", "type", "producer", "is_constant", "range")
 

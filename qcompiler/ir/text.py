@@ -105,7 +105,9 @@ def print_graph(graph: Graph, elide_above: int | None = INLINE_LIMIT) -> str:
     result_text = results[0] if len(results) == 1 else "(" + ", ".join(results) + ")"
     lines = [f"func {_name('@', graph.name)}({params}) -> {result_text} {{"]
     for name, array in graph.constants.items():
-        line = f"  const {_name('@', name)} : {TensorType.of(array)}"
+        calibrated = graph.constant_value(name).range  # a constant quantized over more than its values
+        line = f"  const {_name('@', name)} : {TensorType.of(array)}" + (
+            f" range({_scalar(calibrated[0])}, {_scalar(calibrated[1])})" if calibrated is not None else "")
         if name in graph.storage:
             line += f' stored "{graph.storage[name]}"'
         if elide_above is None or array.size <= elide_above:
@@ -320,6 +322,7 @@ class _Parser:
             raise self.error(f"constant @{name} is declared twice", tok)
         self.expect("punct", ":")
         ctype = self.parse_type()
+        calibrated = self.parse_range()
         storage = None
         if self.accept("ident", "stored"):
             where = self.expect("string")
@@ -348,7 +351,7 @@ class _Parser:
         else:
             raise self.error(f"constant @{name} has no data (load the .npz saved beside the IR)", tok)
         try:
-            self.graph.add_constant(name, array, unique=False, storage=storage)
+            self.graph.add_constant(name, array, unique=False, storage=storage).range = calibrated
         except ValueError as e:
             raise self.error(str(e), tok) from None
 
