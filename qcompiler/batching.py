@@ -142,11 +142,17 @@ def _dims(declared: Mapping[tuple[int, int], tuple[str, int, int]], batch_bucket
             raise QCompilerError(f"{where}: sequence '{name}' is dimension {sorted(axes)} of different inputs: "
                                  f"padding needs it at one dimension in every input")
         lo, hi = ranges[name]
-        if factor == 2 and hi > 2 ** 20:
-            raise QCompilerError(f"dynamic dimension '{name}' needs a max (Dim('{name}', min=..., max=N))")
         dims.append(DimRange(name, lo, hi, tuple(p for p, _ in uses), _checked(name, lo, hi, buckets, factor),
                              axes.pop()))
     return tuple(dims)
+
+
+def _finite(bound: Any) -> int | None:
+    """A Dim's bound as an int; None where torch left it unbounded (its infinity)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
 
 
 def from_dynamic_shapes(dynamic_shapes: Any, model: Any, example_inputs: Sequence[Any],
@@ -177,12 +183,13 @@ def from_dynamic_shapes(dynamic_shapes: Any, model: Any, example_inputs: Sequenc
             rank = len(example_inputs[position].shape)
             if not 0 <= int(axis) < rank:
                 raise QCompilerError(f"dynamic_shapes: input {position} has {rank} dimensions, not a dimension {axis}")
-            declared[(position, int(axis))] = (dim.__name__, max(int(dim.min), 1), int(dim.max))
+            hi = _finite(dim.max)
+            if hi is None or hi > 2 ** 20:
+                raise QCompilerError(f"dynamic dimension '{dim.__name__}' needs a max "
+                                     f"(Dim('{dim.__name__}', min=1, max=N))")
+            declared[(position, int(axis))] = (dim.__name__, max(_finite(dim.min) or 1, 1), hi)
     if not declared:
         raise QCompilerError("dynamic_shapes declares no dynamic dimension")
-    batch = [d for (_, a), d in declared.items() if a == 0]
-    if batch and batch[0][2] > 2 ** 20:
-        raise QCompilerError(f"dynamic batch '{batch[0][0]}' needs a max (Dim('{batch[0][0]}', min=1, max=N))")
     return _dims(declared, batch_buckets, sequence_buckets, "dynamic_shapes")
 
 

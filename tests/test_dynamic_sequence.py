@@ -191,6 +191,9 @@ def test_models_that_see_the_padding_and_bad_declarations_are_refused_in_one_lin
         qcompiler.compile(model, example, dynamic_shapes={"input_ids": {0: torch.export.Dim("b", min=1, max=2)},
                                                           "attention_mask": {0: torch.export.Dim("b", min=1, max=2)}},
                           sequence_buckets=(8, 32))
+    with pytest.raises(QCompilerError, match=r"dynamic dimension 'open' needs a max"):
+        qcompiler.compile(model, example, dynamic_shapes={"input_ids": {1: torch.export.Dim("open")},
+                                                          "attention_mask": {1: torch.export.Dim("open")}})
     with pytest.raises(QCompilerError, match=r"buckets \[9, 16\] of 'seq' must lie in 8..32, and end at 32"):
         qcompiler.compile(model, example, dynamic_shapes={"input_ids": {1: SEQ}, "attention_mask": {1: SEQ}},
                           sequence_buckets=(9, 16))
