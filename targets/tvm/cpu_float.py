@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from .tiling import LANES, finalize, padded, tile_dense, tile_rows
+from .tiling import DENSE_ROWS, LANES, finalize, padded, tile_dense, tile_rows
 
 Clamp = tuple[float, float] | None  # (lo, hi) of a fused ReLU/clip, or none
 
@@ -41,9 +41,11 @@ def pack_dense_weight(w: np.ndarray, n_padded: int) -> np.ndarray:
 
 
 @functools.cache
-def dense_f32(m: int, n: int, n_padded: int, k: int, clamp: Clamp = None) -> tvm.tirx.PrimFunc:
+def dense_f32(m: int, n: int, n_padded: int, k: int, clamp: Clamp = None,
+              row_choices: tuple[int, ...] = DENSE_ROWS) -> tvm.tirx.PrimFunc:
     """``out[m, n] = clamp(A[m, k] . W[n, k] + bias[n])`` with ``W`` packed by
-    :func:`pack_dense_weight`; arguments ``A, W, bias, out``."""
+    :func:`pack_dense_weight`; arguments ``A, W, bias, out``. ``row_choices``: the register
+    tile's rows (``tiling.DENSE_ROWS`` for AVX-512's 32 registers)."""
     from tvm.s_tir import Schedule
 
     a = te.placeholder((m, k), "float32", name="A")
@@ -53,7 +55,7 @@ def dense_f32(m: int, n: int, n_padded: int, k: int, clamp: Clamp = None) -> tvm
     c = te.compute((m, n_padded), lambda i, j: te.sum(a[i, r] * w[j // LANES, r, j % LANES], axis=r), name="C")
     out = te.compute((m, n), lambda i, j: _clamped(c[i, j] + bias[j], clamp), name="out")
     sch = Schedule(te.create_prim_func([a, w, bias, out]))
-    block, epilogue, reduction, lanes = tile_dense(sch, m, n_padded)
+    block, epilogue, reduction, lanes = tile_dense(sch, m, n_padded, row_choices=row_choices)
     sch.vectorize(lanes)
     sch.decompose_reduction(block, reduction)
     return finalize(sch, epilogue)

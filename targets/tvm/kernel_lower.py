@@ -29,7 +29,7 @@ from qcompiler.ir.types import DTYPES
 from . import cpu_float, cpu_pool, layout
 from .lowering import ConvGeometry, Fused, Lowerer
 from .int_arith import Requantize
-from .tiling import LANES, MAX_ACCUMULATORS, padded
+from .tiling import DENSE_ROWS, LANES, MAX_ACCUMULATORS, NARROW_DENSE_ROWS, padded
 from .x86_int8 import (AVX2_DOT, GROUP, MAX_SLIDING_STRIDE, VNNI_DOT, WORD, DotProduct, FlatGeometry, as_unsigned,
                        batch_matmul_u8s8, conv_direct_u8s8, conv_flat_u8s8, conv_u8s8, dense_u8s4, dense_u8s4_vnni,
                        dense_u8s8, depthwise_sliding_u8s8, depthwise_u8s8, im2col_packed, pack_dense_int4,
@@ -432,7 +432,8 @@ def float_linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> tuple[relax.
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     n_padded = _dense_columns(n)
     clamp, rest = _clamp(node)
-    y = call_kernel(low, cpu_float.dense_f32(rows, n, n_padded, k, clamp), "cpu_dense_float",
+    tile_rows = DENSE_ROWS if low.int8_variant in ("amx", "vnni", "vnni-vbmi") else NARROW_DENSE_ROWS
+    y = call_kernel(low, cpu_float.dense_f32(rows, n, n_padded, k, clamp, tile_rows), "cpu_dense_float",
                     [low.emit(R.reshape(xs[0], (rows, k))), low.const(cpu_float.pack_dense_weight(w, n_padded)),
                      _float_bias(low, node, n, n_padded)], (rows, n), "float32")
     return low.emit(R.reshape(y, x.shape[:-1] + (n,))), rest

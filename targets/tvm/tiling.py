@@ -50,6 +50,12 @@ def pick(extent: int, choices: tuple[int, ...]) -> int:
 
 
 MAX_ACCUMULATORS = 28  # of 32 vector registers: the rest hold the streamed operand and the broadcast
+# rows of a dense register tile (the first dividing M), times 2 vectors of 16 columns: 16 of the
+# 32 registers accumulate; 8 rows over 4 took a linear of MiniLM's (128 x 384 x 1536) from 355
+# to 420-455 GFLOP/s in float32 and from 1.19 to 1.65 int8 TOP/s with VNNI on a 2-core AVX-512
+# EPYC (bench/RESULTS.md), fewer broadcasts per FMA and more latency hidden
+DENSE_ROWS = (8, 6, 4, 7, 5, 3, 2, 1)
+NARROW_DENSE_ROWS = (4, 6, 8, 7, 5, 3, 2, 1)  # without AVX-512 a 16-lane vector takes two of 16 registers
 
 
 def row_tile(channels: int, strips: int, max_accumulators: int = MAX_ACCUMULATORS) -> tuple[int, int]:
@@ -62,7 +68,7 @@ def row_tile(channels: int, strips: int, max_accumulators: int = MAX_ACCUMULATOR
 
 
 def tile_dense(sch, m: int, n_padded: int, k_group: int | None = None,
-               row_choices: tuple[int, ...] = (4, 6, 8, 7, 5, 3, 2, 1), block_choices: tuple[int, ...] = (2, 1)) -> tuple:
+               row_choices: tuple[int, ...] = DENSE_ROWS, block_choices: tuple[int, ...] = (2, 1)) -> tuple:
     """Block ``C`` over loops ``[i, j, k]`` (``j`` the 16-lane axis) in register tiles of
     ``rows x 16*blocks`` accumulators (the first of the choices dividing the extents), the whole
     reduction inside a tile, tiles in parallel; with ``k_group``, ``k`` is split so that the

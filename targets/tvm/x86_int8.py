@@ -39,7 +39,7 @@ from tvm.target import Target
 from . import int_arith
 from .int_arith import Requantize, as_unsigned
 from .layout import flat_phases, padded_phases
-from .tiling import (LANES, MAX_ACCUMULATORS, accumulate_in_registers, finalize, im2col_element, opaque, padded, pick, row_tile,
+from .tiling import (DENSE_ROWS, LANES, MAX_ACCUMULATORS, accumulate_in_registers, finalize, im2col_element, opaque, padded, pick, row_tile,
                      tile_dense, tile_rows, tile_window_rows)
 
 GROUP = 4  # bytes summed into each int32 lane
@@ -82,7 +82,7 @@ class DotProduct:
 
 
 # 32 zmm registers for VNNI; AVX2 has 16 ymm, and a 16-lane int32 vector takes two of them
-VNNI_DOT = DotProduct("vnni", 4, LANES_ARE_COLUMNS, LANES_ARE_ROWS, (4, 6, 8, 7, 5, 3, 2, 1), (2, 1),
+VNNI_DOT = DotProduct("vnni", 4, LANES_ARE_COLUMNS, LANES_ARE_ROWS, DENSE_ROWS, (2, 1),
                       (8, 6, 4, 7, 5, 3, 2, 1), (2, 4, 3, 1), "int8", MAX_ACCUMULATORS)
 AVX2_DOT = DotProduct("avx2", 2, PAIRS_ARE_COLUMNS, PAIRS_ARE_ROWS, (6, 4, 5, 3, 2, 1), (1,), (6, 4, 5, 3, 2, 1),
                       (1,), "int16", 6)
