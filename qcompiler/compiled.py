@@ -223,8 +223,8 @@ class CompiledModel:
 class BucketedModel(CompiledModel):
     """A model compiled for dynamic shapes (``qcompiler.batching``): one build per bucket; a
     call runs on the smallest bucket holding its batch and sequence, padded, and returns its own
-    samples' and positions' outputs. ``graph``, ``report`` and the rest are the first bucket's,
-    with ``report()["dynamic"]``."""
+    samples' and positions' outputs. ``graph`` and the rest are the first bucket's; the report
+    is the calibrated bucket's, with ``report()["dynamic"]``."""
 
     def __init__(self, dims: Any, builds: dict[tuple[int, ...], CompiledModel], report: dict[str, Any]):
         from .batching import grid
@@ -536,7 +536,7 @@ def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: A
     report = builds[calibrated].report()
     entries = [d.to_dict() for d in dims]
     if all(b.runs_here for b in ordered.values()):
-        phases.phase("check", "each sample alone against padded buckets")
+        phases.phase("check", "padded buckets against unpadded runs (per sample, per position)")
         probe_source = examples if examples is not None else (
             list(calibration_set_first(graphs[calibrated], calibration)) if calibration is not None else
             _synthetic_inputs(graphs[calibrated]))
