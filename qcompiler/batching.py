@@ -81,6 +81,12 @@ def grid(dims: Dims) -> list[Key]:
     return list(itertools.product(*(d.buckets for d in dims)))
 
 
+def calibrated_key(dims: Dims) -> Key:
+    """The bucket calibration runs on: the smallest batch (batches of any multiple of it split
+    into its size) and the longest sequence (data of any length padded up to it)."""
+    return tuple(d.buckets[0] if d.is_batch else d.buckets[-1] for d in dims)
+
+
 def tag(dims: Dims, key: Key) -> str:
     """A bucket's file-name mark: ``.b8``, ``.s64``, ``.b8.s64``; empty for the first bucket."""
     if key == grid(dims)[0]:
@@ -100,11 +106,12 @@ def default_buckets(lo: int, hi: int, factor: int = 4) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def _checked(name: str, lo: int, hi: int, buckets: Sequence[int] | None, factor: int) -> tuple[int, ...]:
+def _checked(name: str, lo: int, hi: int, buckets: Sequence[int] | None, batch: bool) -> tuple[int, ...]:
+    """The buckets of a batch (powers of 4 by default; it calibrates at its first bucket, so that
+    starts at the minimum) or of a sequence (powers of 2; it calibrates at its last)."""
     if not 1 <= lo <= hi:
         raise QCompilerError(f"dynamic dimension '{name}': the range must satisfy 1 <= min <= max, got {lo}..{hi}")
-    chosen = tuple(sorted(set(int(b) for b in buckets))) if buckets else default_buckets(lo, hi, factor)
-    batch = factor == 4  # a batch calibrates at its first bucket: it starts at the minimum
+    chosen = tuple(sorted(set(int(b) for b in buckets))) if buckets else default_buckets(lo, hi, 4 if batch else 2)
     if chosen[-1] != hi or any(not lo <= b <= hi for b in chosen) or (batch and chosen[0] != lo):
         raise QCompilerError(f"buckets {list(chosen)} of '{name}' must lie in {lo}..{hi}, "
                              + ("include both ends" if batch else
@@ -130,11 +137,10 @@ def _dims(declared: Mapping[tuple[int, int], tuple[str, int, int]], batch_bucket
                              f"has it) and one sequence (one other dimension, the same in every input that has "
                              f"it); got {sorted(by_name)}")
     dims = []
-    for names, buckets, factor in ((batch, batch_buckets, 4), (sequence, sequence_buckets, 2)):
+    for names, buckets, kind in ((batch, batch_buckets, "batch"), (sequence, sequence_buckets, "sequence")):
         if not names:
             if buckets is not None:
-                raise QCompilerError(f"{where}: {'batch' if factor == 4 else 'sequence'}_buckets given, but no "
-                                     f"{'batch' if factor == 4 else 'sequence'} dimension is dynamic")
+                raise QCompilerError(f"{where}: {kind}_buckets given, but no {kind} dimension is dynamic")
             continue
         name, uses = names[0], by_name[names[0]]
         axes = {a for _, a in uses}
@@ -142,7 +148,7 @@ def _dims(declared: Mapping[tuple[int, int], tuple[str, int, int]], batch_bucket
             raise QCompilerError(f"{where}: sequence '{name}' is dimension {sorted(axes)} of different inputs: "
                                  f"padding needs it at one dimension in every input")
         lo, hi = ranges[name]
-        dims.append(DimRange(name, lo, hi, tuple(p for p, _ in uses), _checked(name, lo, hi, buckets, factor),
+        dims.append(DimRange(name, lo, hi, tuple(p for p, _ in uses), _checked(name, lo, hi, buckets, kind == "batch"),
                              axes.pop()))
     return tuple(dims)
 

@@ -49,7 +49,7 @@ def _load_model(args: argparse.Namespace, spec: str | None = None) -> "Graph":
     """The model a command names (or ``spec``), with its --input-shape and --input-value (a
     dynamic batch's ``MIN:MAX`` pinned at MIN: data is read in batches of that size; a dynamic
     sequence's at MAX)."""
-    from .batching import from_input_shapes, shapes_at
+    from .batching import calibrated_key, from_input_shapes, shapes_at
     from .loading import is_dynamic, load_model, parse_shapes, parse_values
 
     shapes = parse_shapes(args.input_shape)
@@ -58,8 +58,8 @@ def _load_model(args: argparse.Namespace, spec: str | None = None) -> "Graph":
             raise QCompilerError("a MIN:MAX dimension in --input-shape applies to compile (other commands take one "
                                  "shape)")
         dims = from_input_shapes(shapes, list(shapes))
-        # data is read at the smallest batch and the longest sequence (shorter sequences are padded)
-        shapes = shapes_at(shapes, dims, tuple(d.min if d.is_batch else d.max for d in dims))
+        # data is read where calibration runs: the smallest batch, the longest sequence
+        shapes = shapes_at(shapes, dims, calibrated_key(dims))
     return load_model(spec or args.model, shapes, parse_values(args.input_value))
 
 
@@ -552,10 +552,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _longest_bucket_graph(model) -> "Graph":
+    from .batching import calibrated_key
+
     dims = getattr(model, "dims", ())
-    if not any(not d.is_batch for d in dims):
-        return model.graph
-    return model.builds[tuple(d.buckets[0] if d.is_batch else d.buckets[-1] for d in dims)].graph
+    return model.builds[calibrated_key(dims)].graph if any(not d.is_batch for d in dims) else model.graph
 
 
 def _regrouped(batches: list[list], spec) -> list[list]:

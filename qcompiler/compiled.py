@@ -505,9 +505,7 @@ def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: A
                             Instruments(emit=lambda s: None))
 
     keys = batching.grid(dims)
-    # calibrated at the smallest batch (batches of any multiple of it split into its size) and the
-    # longest sequence (calibration data padded up to it: every length the data has is seen)
-    calibrated = tuple(d.buckets[0] if d.is_batch else d.buckets[-1] for d in dims)
+    calibrated = batching.calibrated_key(dims)
     keys.remove(calibrated)
     calibration, ranges = options.pop("calibration"), options.pop("ranges")
     graphs = {calibrated: capture_at(calibrated)}
