@@ -9,7 +9,7 @@ peer and to ONNX Runtime int8. A last row times qcompiler int8 in a process that
 compiled it (torch has run there): what a compile-then-run user sees.
 
     .venv/bin/python bench/compare_peers.py [--models resnet18 mobilenet_v2 minilm] [--batches 1 8]
-        [--rounds 3] [--tune-trials N] [--cpu haswell --onednn-isa AVX2]
+        [--rounds 3] [--tune-trials N] [--cpu haswell --onednn-isa AVX2] [--static-too]
 
 Run with nothing else busy on the cores: each measurement checks the load average and is
 repeated once when the machine was busy. Not part of `make test`."""
@@ -49,11 +49,12 @@ RUNTIMES = {
     "OpenVINO int8 (ORT's QDQ model)": "ov-qdq",
     "qcompiler fp32": "qc-fp32",
     "qcompiler int8": "qc-int8",
+    "qcompiler int8, static scales only (dynamic_linears off)": "qc-static",
     "qcompiler int8 (tuned)": "qc-int8-tuned",
     "qcompiler int8 + bf16/fp32 to a target SQNR": "qc-target",
     "qcompiler int8, compiled in the process it runs in": "qc-int8-compiled-here",
 }
-QCOMPILER = {"qc-fp32", "qc-int8", "qc-int8-tuned", "qc-target", "qc-int8-compiled-here"}
+QCOMPILER = {"qc-fp32", "qc-int8", "qc-static", "qc-int8-tuned", "qc-target", "qc-int8-compiled-here"}
 
 
 def measure(fn, inputs, seconds: float = 3.0, max_runs: int = 50) -> tuple[float, float]:
@@ -109,7 +110,7 @@ def cases(models, batches):
 
 
 def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: Console,
-            target_sqnr: float | None = None) -> dict[str, str]:
+            target_sqnr: float | None = None, static_too: bool = False) -> dict[str, str]:
     """Every runtime's model written to ``directory`` (ONNX, OpenVINO IR, qcompiler artifacts)
     for the workers; returns the notes per runtime (compile times, why one is missing)."""
     label, name, batch, model, example, names, calibration = case
@@ -133,6 +134,10 @@ def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: C
                                    "tuning_trials": tune_trials}
     else:
         notes["qc-int8-tuned"] = "skip"
+    if static_too:
+        builds["qc-static"] = {"calibration": calibration, "config": qcompiler.QuantConfig(dynamic_linears="off")}
+    else:
+        notes["qc-static"] = "skip"
     if target_sqnr is not None:
         builds["qc-target"] = {"calibration": calibration,
                                "config": qcompiler.QuantConfig(target_output_sqnr_db=target_sqnr)}
@@ -146,10 +151,12 @@ def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: C
             compiled.save(directory / kind)
         if kind == "qc-int8":
             notes[kind] += f"; {compiled.report()['int8_kernels']['kernels'] or 'generic'} kernels"
-        if kind in ("qc-int8", "qc-target"):
+        if kind in ("qc-int8", "qc-static", "qc-target"):
             kept = compiled.report()["kept_float"]
             bf16 = sum(1 for e in kept if e.get("precision") == "bf16")
-            notes[kind] += f"; {bf16} layers bf16, {len(kept) - bf16} float" + (
+            per_token = len(compiled.report().get("dynamic_linears", []))
+            notes[kind] += (f"; {per_token} per-token" if per_token else "") + \
+                f"; {bf16} layers bf16, {len(kept) - bf16} float" + (
                 f"; target {target_sqnr:g} dB" if kind == "qc-target" else "")
     return notes
 
@@ -236,6 +243,8 @@ def main() -> None:
     parser.add_argument("--target-sqnr", type=float, metavar="DB",
                         help="also build with QuantConfig(target_output_sqnr_db=DB): layers int8 cannot carry go "
                              "to bf16 (AMX-BF16) or fp32 until the output meets DB")
+    parser.add_argument("--static-too", action="store_true",
+                        help="also build int8 with dynamic_linears='off' (static activation scales only)")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -250,7 +259,7 @@ def main() -> None:
         label = case[0]
         with tempfile.TemporaryDirectory() as d:
             directory = Path(d)
-            notes = prepare(case, directory, args.tune_trials, args.cpu, console, args.target_sqnr)
+            notes = prepare(case, directory, args.tune_trials, args.cpu, console, args.target_sqnr, args.static_too)
             if args.onednn_isa:
                 for kind in ("ort-fp32", "ort-int8"):
                     notes.setdefault(kind, "host ISA (no limit)")

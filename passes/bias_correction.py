@@ -17,7 +17,7 @@ from qcompiler.calibration_record import set_corrected_bias
 from qcompiler.interpreter import values_of
 from qcompiler.ir import Graph
 from qcompiler.ir.ops import get_op, traits_of
-from qcompiler.ir.ops.quant import choose_qparams
+from qcompiler.ir.ops.quant import ROW_ZERO_POINT, choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantScheme
 
@@ -28,6 +28,16 @@ def _fake_quant(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
     scale, zp = choose_qparams(lo, hi, dtype)
     q = get_op("quantize").run([x, np.asarray(scale), np.asarray(zp)], {"axis": 0})[0]
     return get_op("dequantize").run([q, np.asarray(scale), np.asarray(zp)], {"axis": 0})[0]
+
+
+def _fake_quant_rows(x: np.ndarray) -> np.ndarray:
+    codes, scales = get_op("quantize_rows").run([x.astype(np.float32)], {})
+    return get_op("dequantize_rows").run([codes, scales], {"zero_point": ROW_ZERO_POINT})[0]
+
+
+def _per_token(scheme: QuantScheme, node) -> bool:
+    """``node`` gets per-token activation scales from insert-qdq (a linear it names in ``dynamic``)."""
+    return scheme.runs_dynamic(node) and traits_of(node.op).config_type == "linear"
 
 
 @register
@@ -63,7 +73,8 @@ class BiasCorrection(QuantScheme, Pass):
                 attrs = {**n.attrs, "activation": "none", "activation_args": ()}
                 op = get_op(n.op)
                 exact = op.run([x, graph.constant_array(n.inputs[1])], attrs)[0].astype(np.float64)
-                xq = x if self.is_weight_only(n) else _fake_quant(x, *n.inputs[0].range, self.activation_dtype)
+                xq = x if self.is_weight_only(n) else _fake_quant_rows(x) if _per_token(self, n) \
+                    else _fake_quant(x, *n.inputs[0].range, self.activation_dtype)
                 approx = op.run([xq, fq_weights[id(n)]], attrs)[0].astype(np.float64)
                 axis = traits_of(n.op).channel_axis % exact.ndim
                 diff = np.moveaxis(exact - approx, axis, 0).reshape(exact.shape[axis], -1)

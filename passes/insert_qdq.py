@@ -170,7 +170,7 @@ def is_quantized_weight(v: Value) -> bool:
 class _Inserter:
     def __init__(self, graph: Graph, config: QuantScheme, report: list[dict[str, str]]):
         self.graph, self.config, self.report = graph, config, report
-        self.cache: dict[tuple[int, float, int], Value] = {}
+        self.cache: dict[tuple, Value] = {}  # (id, scale, zero point) or ("rows", id) -> the dequantized value
         self.bf16_cache: dict[int, Value] = {}  # id(value) -> the value rounded to bf16
         self.largest: dict[str, float] = {}  # constant name -> its largest magnitude
 
@@ -264,6 +264,18 @@ class _Inserter:
         q.inputs[0] = y
         self.cache[(id(y), float(params[0]), int(params[1]))] = dq
 
+    def rows_quantized(self, v: Value, user: Node) -> Value:
+        """``v`` through ``quantize_rows`` and ``dequantize_rows`` (one pair per value: the
+        query, key and value projections read one)."""
+        key = ("rows", id(v))
+        if key not in self.cache:
+            meta = {"source": user.source}
+            codes, scales = self.graph.add_node("quantize_rows", [v], {}, meta=dict(meta), before=user).outputs
+            dq = self.graph.add_node("dequantize_rows", [codes, scales], {}, meta=dict(meta), before=user).output
+            dq.range = v.range
+            self.cache[key] = dq
+        return self.cache[key]
+
     def rounded_bf16(self, v: Value, user: Node) -> Value:
         """``v`` rounded to bfloat16 (one ``round_bf16`` node per value; a constant rounded now)."""
         key = id(v)
@@ -339,6 +351,9 @@ class InsertQDQ(QuantScheme, Pass):
             if self.is_weight_only(node):
                 changed |= self._quantize_weight_only(graph, node, ins)
                 continue
+            if self.runs_dynamic(node) and self._quantize_dynamic(graph, node, ins):
+                changed = True
+                continue
             changed |= self._quantize(graph, node, ins)
         if changed:
             graph.remove_unused_constants()
@@ -357,6 +372,22 @@ class InsertQDQ(QuantScheme, Pass):
         groups = self.int4_groups(node)
         attach_quantized_weight(graph, node, slot, q, scale, groups)
         ins.skip(node, f"weight-only: weights {'int4' if groups else 'int8'}, activations float")
+        return True
+
+    def _quantize_dynamic(self, graph: Graph, node: Node, ins: _Inserter) -> bool:
+        """A linear whose activations are quantized per token at run time: ``quantize_rows``
+        (symmetric int8 codes, one scale per row) and ``dequantize_rows`` in front of it, its
+        weight per output channel as any int8 layer's, its bias and result float (no static
+        range can hold a scale that changes with each input). False (left to the static path)
+        for anything but a linear over a float activation and a float constant weight."""
+        traits = traits_of(node.op)
+        x, w = node.inputs[0], node.inputs[traits.weight_slot] if traits.weight_slot is not None else None
+        if traits.config_type != "linear" or w is None or not w.is_constant or w.dtype not in FLOAT \
+                or x.dtype != "f32" or x.is_constant:
+            return False
+        node.inputs[0] = ins.rows_quantized(x, node)
+        q, scale = quantize_layer_weight(node, graph.constant_array(w), None, None, self)
+        attach_quantized_weight(graph, node, traits.weight_slot, q, scale, self.int4_groups(node))
         return True
 
     def _round_bf16(self, graph: Graph, node: Node, ins: _Inserter) -> bool:

@@ -183,6 +183,46 @@ def _apply_activation(graph: Graph, x: Value, fused: dict, before: Node) -> Valu
     return graph.add_node(op, [x], attrs, meta={"source": before.source}, before=before).output
 
 
+@matches("linear")
+def lower_dynamic_linear(graph: Graph, node: Node) -> bool:
+    """linear(dequantize_rows(q, s), dq(w)) + b == dequantize_rows(linear_int(q, 128, w), s, s_w, b):
+    with codes q = x/s + 128 per row and w = w_q s_w per column, sum_k (q - 128) s w_q s_w
+    = s s_w sum_k (q - 128) w_q, the integer product scaled by row and column in float32."""
+    if node.op != "linear":
+        return False
+    rows = node.inputs[0].producer
+    if rows is None or rows.op != "dequantize_rows" or len(rows.inputs) != 2:
+        return False
+    weight = _weight(graph, node.inputs[1])
+    if weight is None:
+        return False
+    w, w_zp, w_scale = weight
+    bias = None
+    if len(node.inputs) > 2:
+        b = node.inputs[2]
+        if not b.is_constant:
+            node.meta[NOT_LOWERED] = "its bias is not a constant (a dynamic layer adds it in float after the product)"
+            return False
+        bias = graph.constant_array(b).astype(np.float32).reshape(-1)
+    codes, row_scale = rows.inputs
+    channels = w.shape[0]
+    acc = graph.add_node("linear_int", [codes, _const(graph, f"{codes.name}.zero_point",
+                                                       np.uint8(rows.attrs["zero_point"])), w, w_zp],
+                         {}, meta={"source": node.source}, before=node).output
+    col = _const(graph, f"{acc.name}.column_scale", np.broadcast_to(w_scale, (channels,)).astype(np.float32))
+    extra = [col] + ([_const(graph, f"{acc.name}.bias", bias)] if bias is not None else [])
+    act = node.attrs["activation"]
+    real = graph.add_node("dequantize_rows", [acc, row_scale, *extra], {"zero_point": 0},
+                          meta=dict(node.meta) if act == "none" else {"source": node.source}, before=node).output
+    if act != "none":
+        real = _apply_activation(graph, real, {k: v for k, v in node.attrs.items()
+                                               if k in ("activation", "activation_args")}, node)
+        real.producer.meta = dict(node.meta)
+    graph.replace_all_uses(node.output, real)
+    graph.remove_node(node)
+    return True
+
+
 @matches("add")
 def lower_add(graph: Graph, node: Node) -> bool:
     """q(dq(a) + dq(b)) == add_int(a, b): s_a (a - z_a) + s_b (b - z_b) rescaled to s_y in
@@ -300,7 +340,7 @@ def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
     return True
 
 
-RULES = [lower_compute, lower_add, lower_mean, lower_same_params, fold_quantize_dequantize]
+RULES = [lower_compute, lower_dynamic_linear, lower_add, lower_mean, lower_same_params, fold_quantize_dequantize]
 REQUANTIZE_FORMS = ("fixed", "float32")
 
 

@@ -67,11 +67,12 @@ class CalibrationRecord:
     exclude: dict[str, str]  # layer (output value name) the sensitivity check kept float -> why
     int8_weights: dict[str, str] = field(default_factory=dict)  # i4 config: layers kept at int8 weights -> why
     bf16: tuple[str, ...] = ()  # of exclude, the layers run in bfloat16 (the rest float32)
+    dynamic: dict[str, str] = field(default_factory=dict)  # linears given per-token scales -> why
 
     @classmethod
     def measure(cls, float_graph: Graph, calibrated: Graph, calibration: str, activation_dtype: str,
                 exclude: dict[str, str], int8_weights: dict[str, str] | None = None,
-                bf16: tuple[str, ...] = ()) -> CalibrationRecord:
+                bf16: tuple[str, ...] = (), dynamic: dict[str, str] | None = None) -> CalibrationRecord:
         """The record of ``calibrated`` (``float_graph`` after range-analysis and bias-correction)."""
         ranges = {v.name: v.range for v in calibrated_values(calibrated) if v.range is not None}
         before = {n.handle: n for n in float_graph.nodes}
@@ -84,13 +85,13 @@ class CalibrationRecord:
             if len(old.inputs) <= slot or old.inputs[slot].name != n.inputs[slot].name:  # bias-correction's
                 biases[n.output.name] = [float(b) for b in calibrated.constant_array(n.inputs[slot]).ravel()]
         return cls(graph_digest(float_graph), calibration, activation_dtype, ranges, biases, dict(exclude),
-                   dict(int8_weights or {}), tuple(bf16))
+                   dict(int8_weights or {}), tuple(bf16), dict(dynamic or {}))
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         body = {"format": FORMAT, "graph_digest": self.graph_digest, "calibration": self.calibration,
                 "activation_dtype": self.activation_dtype, "exclude": self.exclude,
-                "int8_weights": self.int8_weights, "bf16": list(self.bf16),
+                "int8_weights": self.int8_weights, "bf16": list(self.bf16), "dynamic": self.dynamic,
                 "ranges": {k: list(r) for k, r in self.ranges.items()}, "biases": self.biases}
         atomic_write(path, lambda f: f.write(json.dumps(body, indent=1).encode()))
         return path
@@ -110,7 +111,8 @@ class CalibrationRecord:
             return cls(str(body["graph_digest"]), str(body["calibration"]), str(body["activation_dtype"]),
                        ranges, biases, {str(k): str(why) for k, why in body["exclude"].items()},
                        {str(k): str(why) for k, why in body.get("int8_weights", {}).items()},
-                       tuple(str(k) for k in body.get("bf16", [])))
+                       tuple(str(k) for k in body.get("bf16", [])),
+                       {str(k): str(why) for k, why in body.get("dynamic", {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise QCompilerError(f"{path}: malformed calibration record ({type(e).__name__}: {e})") from None
 

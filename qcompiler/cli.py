@@ -201,8 +201,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     config = QuantConfig.load(args.config) if args.config else QuantConfig()
     if args.target_sqnr is not None and not args.passes:  # with --passes the target marks a pass; no search
         config = dataclasses.replace(config, target_output_sqnr_db=args.target_sqnr)
-    if args.float_precision is not None:
-        config = dataclasses.replace(config, float_precision=args.float_precision)
+    config = _precision_options(args, config)
     search = None
     if args.passes and args.quantized:
         raise QCompilerError("--passes replays the quantization pipeline on MODEL: it takes no quantized model")
@@ -300,8 +299,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     config = QuantConfig.load(args.config) if args.config else None
     if args.target_sqnr is not None:
         config = dataclasses.replace(config or QuantConfig(), target_output_sqnr_db=args.target_sqnr)
-    if args.float_precision is not None:
-        config = dataclasses.replace(config or QuantConfig(), float_precision=args.float_precision)
+    config = _precision_options(args, config)
     given = [flag for flag, value in (("--calibration", args.calibration), ("--synthetic", args.synthetic),
                                       ("--ranges", args.ranges)) if value]
     if len(given) > 1:
@@ -434,6 +432,9 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
                          "; per sample exact" if checked else "; per sample within float rounding"))
     bf16 = sum(1 for e in report["kept_float"] if e.get("precision") == "bf16")
     table.add_row("kept float", str(len(report["kept_float"])) + (f" ({bf16} in bf16)" if bf16 else ""))
+    if report.get("dynamic_linears"):
+        table.add_row("per-token int8", f"{len(report['dynamic_linears'])} linears (activation scales computed at "
+                                        f"run time, one per row)")
     if "low_rank" in report:
         factored = report["low_rank"]["layers"]
         table.add_row("low-rank", f"{len(factored)} layers factored at energy {report['low_rank']['energy']:g}: "
@@ -709,9 +710,24 @@ def _synthetic(args: argparse.Namespace, graph, count: int) -> list[list]:
 
 
 def _float_precision_arg(p: argparse.ArgumentParser, auto: str) -> None:
+    from .quant_config import DYNAMIC_LINEARS
+
     p.add_argument("--float-precision", choices=["auto", "bf16", "fp32"],
                    help=f"precision of the conv/linear/matmul layers kept out of int8 (QuantConfig.float_precision; "
                         f"default auto: bf16 or fp32 {auto})")
+    p.add_argument("--dynamic-linears", choices=list(DYNAMIC_LINEARS),
+                   help="per-token int8 activation scales computed at run time for linears (QuantConfig."
+                        "dynamic_linears): 'fallback' for those a static scale cannot carry, 'all', 'off'; default "
+                        "auto: fallback where the layers kept out of int8 would run fp32")
+
+
+def _precision_options(args: argparse.Namespace, config):
+    """``config`` (None: the default) with the precision flags given on the command line."""
+    from .quant_config import QuantConfig
+
+    changes = {k: v for k, v in (("float_precision", args.float_precision),
+                                 ("dynamic_linears", args.dynamic_linears)) if v is not None}
+    return dataclasses.replace(config or QuantConfig(), **changes) if changes else config
 
 
 def _synthetic_args(p: argparse.ArgumentParser, what: str) -> None:

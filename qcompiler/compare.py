@@ -119,6 +119,11 @@ def _local(float_graph: Graph, quant_graph: Graph, float_values: dict[int, list[
         if v.is_constant:
             return quant_graph.constant_array(v)
         dq = v.producer
+        if dq is not None and dq.op == "dequantize_rows" and dq.inputs[0].producer is not None:
+            rows = dq.inputs[0].producer  # per-token scales: quantize_rows of the float input
+            x = float_of(rows.inputs[0])
+            return None if x is None else get_op("dequantize_rows").run(get_op(rows.op).run([x], rows.attrs),
+                                                                        dq.attrs)[0]
         if dq is not None and dq.op == "dequantize":
             src = dq.inputs[0]
             consts = [quant_graph.constant_array(c) for c in dq.inputs[1:] if c.is_constant]
@@ -136,9 +141,9 @@ def _local(float_graph: Graph, quant_graph: Graph, float_values: dict[int, list[
 
     users = quant_graph.users()
     for node in quant_graph.nodes:
-        if node.op in ("quantize", "dequantize") or node.handle not in float_values:
+        if node.op in ("quantize", "dequantize", "quantize_rows", "dequantize_rows") or node.handle not in float_values:
             continue
-        if not any(v.producer is not None and v.producer.op == "dequantize" for v in node.inputs):
+        if not any(v.producer is not None and v.producer.op in ("dequantize", "dequantize_rows") for v in node.inputs):
             continue  # not a quantized layer
         arrays = [operand(v) for v in node.inputs]
         if any(a is None for a in arrays):

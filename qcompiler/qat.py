@@ -25,6 +25,8 @@ it (lower-integer); its outputs differ from the prepared module's only by the in
 requantization's rounding (fixed-point multipliers, int32 bias): within a quantization step."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -537,6 +539,10 @@ def prepare(model: torch.nn.Module, example_inputs: Sequence[Any], calibration: 
     if config.gptq:
         raise QCompilerError("qat: gptq rounds weights once at build time; training rounds them every step: "
                              "turn one off")
+    if config.dynamic_linears in ("fallback", "all"):
+        raise QCompilerError("qat: per-token dynamic linears have no activation scale to learn: use "
+                             "dynamic_linears 'off' (or 'auto', which QAT treats as 'off')")
+    config = dataclasses.replace(config, dynamic_linears="off")  # training learns static scales
     captured = from_torch(model, tuple(example_inputs))
     result = quantize(captured, calibration, config, lower=False)
     record = result.calibration

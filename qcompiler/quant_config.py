@@ -88,6 +88,7 @@ class CalibrationConfig:
 
 
 WEIGHT_DTYPES = ("i8", "i4")
+DYNAMIC_LINEARS = ("auto", "off", "fallback", "all")
 FLOAT_PRECISIONS = ("auto", "bf16", "fp32")
 DEFAULT_OP_TYPES = ("conv", "linear", "matmul", "add", "concat", "pool", "relu", "resize")
 
@@ -108,6 +109,7 @@ class QuantScheme:
     int8_weights: tuple[str, ...] = ()  # i4: layers (names or patterns) whose weights stay int8
     weight_only: tuple[str, ...] = ()  # layers whose weights are quantized and activations left float
     bf16: tuple[str, ...] = ()  # layers (conv, linear, matmul) run in bfloat16 instead of int8
+    dynamic: tuple[str, ...] = ()  # linears whose activations get per-token scales at run time (quantize_rows)
 
     def check_scheme(self) -> None:
         if self.activation_dtype not in ("u8", "i8"):
@@ -135,6 +137,9 @@ class QuantScheme:
 
     def runs_bf16(self, node: Node) -> bool:
         return _matches(_names(node), self.bf16)
+
+    def runs_dynamic(self, node: Node) -> bool:
+        return _matches(_names(node), self.dynamic)
 
     def int4_groups(self, node: Node) -> Int4Groups | None:
         """How ``node``'s weight is stored: 4-bit groups under ``weight_dtype="i4"`` for a layer
@@ -203,6 +208,12 @@ class QuantConfig:
     # cheaper epilogue) or "fixed" (int32 multiplier and shift, 64-bit products, as gemmlowp);
     # both are exact definitions the interpreter and every kernel compute bit for bit
     requantize: str = "float32"
+    # per-token dynamic int8 for linears (activation scales computed at run time, one per row):
+    # "fallback": a linear the sensitivity check finds weak with a static scale tries it before
+    # leaving int8; "all": every linear; "off": never; "auto": "fallback" where layers out of
+    # int8 would run float32 (no native bf16: per-token int8 is ~4x cheaper), "off" where they
+    # run bf16 (as cheap on AMX, and more exact)
+    dynamic_linears: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.op_types, list):
@@ -216,6 +227,9 @@ class QuantConfig:
         if self.float_precision not in FLOAT_PRECISIONS:
             raise QCompilerError(f"QuantConfig.float_precision '{self.float_precision}' is not one of "
                                  f"{', '.join(FLOAT_PRECISIONS)}")
+        if self.dynamic_linears not in DYNAMIC_LINEARS:
+            raise QCompilerError(f"QuantConfig.dynamic_linears '{self.dynamic_linears}' is not one of "
+                                 f"{', '.join(DYNAMIC_LINEARS)}")
         if self.requantize not in ("fixed", "float32"):
             raise QCompilerError(f"QuantConfig.requantize '{self.requantize}' is not one of fixed, float32")
         if self.float_precision == "bf16" and self.weight_only_fallback:
@@ -227,15 +241,16 @@ class QuantConfig:
             raise QCompilerError(f"QuantConfig: {e}") from None
 
     def scheme(self, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = (),
-               bf16: tuple[str, ...] = ()) -> QuantScheme:
+               bf16: tuple[str, ...] = (), dynamic: tuple[str, ...] = ()) -> QuantScheme:
         """The options of insert-qdq and bias-correction this config stands for; ``exclude``:
         more layers kept float (weight-only with ``weight_only_fallback``), ``int8_weights``:
         layers of an i4 config kept at int8 weights (the sensitivity check's), ``bf16``: those of
-        ``exclude`` that run in bfloat16."""
+        ``exclude`` that run in bfloat16, ``dynamic``: linears with per-token activation scales
+        (every linear under ``dynamic_linears="all"``)."""
         kept, weight_only = ((), tuple(exclude)) if self.weight_only_fallback else (tuple(exclude), ())
         return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + kept,
                            self.max_abs_range, self.weight_dtype, self.weight_group_size, tuple(int8_weights),
-                           weight_only, tuple(bf16))
+                           weight_only, tuple(bf16), ("*",) if self.dynamic_linears == "all" else tuple(dynamic))
 
     def sensitivity_floor(self, precision: str, op: str) -> tuple[float, str]:
         """The sensitivity check's floor for a layer of ``op`` kept out of int8 in ``precision``
@@ -249,6 +264,11 @@ class QuantConfig:
                 and raised > self.min_layer_sqnr_db:
             return raised, "bf16_min_layer_sqnr_db"
         return self.min_layer_sqnr_db, "min_layer_sqnr_db"
+
+    def per_token_fallback(self, precision: str) -> bool:
+        """Whether the sensitivity check tries per-token scales on a weak linear, given the
+        resolved float precision (``dynamic_linears``)."""
+        return self.dynamic_linears == "fallback" or (self.dynamic_linears == "auto" and precision == "fp32")
 
     def lower_stage(self) -> str:
         """lower-integer with this config's requantization form."""

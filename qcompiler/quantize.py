@@ -23,11 +23,13 @@ if TYPE_CHECKING:
     from .precision_search import SearchResult
 
 
-def calibrate_stages(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> str:
+def calibrate_stages(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = (),
+                     dynamic: tuple[str, ...] = ()) -> str:
     """range-analysis and (as ``config`` says) bias-correction, with every option ``config``
     sets written out. ``exclude``: layers kept float, ``int8_weights``: layers of an i4 config
-    kept at int8 weights (the sensitivity check's)."""
-    stages = [range_stage(config), gptq_stage(config, exclude, int8_weights), bias_stage(config, exclude, int8_weights)]
+    kept at int8 weights (the sensitivity check's), ``dynamic``: linears with per-token scales."""
+    stages = [range_stage(config), gptq_stage(config, exclude, int8_weights),
+              bias_stage(config, exclude, int8_weights, dynamic)]
     return ",".join(s for s in stages if s)
 
 
@@ -46,18 +48,21 @@ def gptq_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights:
     return str(registered_passes()["gptq"](**dataclasses.asdict(config.scheme(exclude, int8_weights))))
 
 
-def bias_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> str:
+def bias_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = (),
+               dynamic: tuple[str, ...] = ()) -> str:
     """bias-correction with ``config``'s scheme, or "" when ``config`` turns it off."""
     if not config.bias_correction:
         return ""
-    return str(registered_passes()["bias-correction"](**dataclasses.asdict(config.scheme(exclude, int8_weights))))
+    scheme = config.scheme(exclude, int8_weights, dynamic=dynamic)
+    return str(registered_passes()["bias-correction"](**dataclasses.asdict(scheme)))
 
 
 def insert_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = (),
-                 bf16: tuple[str, ...] = ()) -> str:
-    """insert-qdq with ``config``'s scheme; ``exclude`` and ``int8_weights`` as for ``calibrate_stages``,
-    ``bf16``: those of ``exclude`` that run in bfloat16."""
-    return str(registered_passes()["insert-qdq"](**dataclasses.asdict(config.scheme(exclude, int8_weights, bf16))))
+                 bf16: tuple[str, ...] = (), dynamic: tuple[str, ...] = ()) -> str:
+    """insert-qdq with ``config``'s scheme; ``exclude``, ``int8_weights`` and ``dynamic`` as for
+    ``calibrate_stages``, ``bf16``: those of ``exclude`` that run in bfloat16."""
+    scheme = config.scheme(exclude, int8_weights, bf16, dynamic)
+    return str(registered_passes()["insert-qdq"](**dataclasses.asdict(scheme)))
 
 
 def with_config(pipeline: str, config: QuantConfig) -> str:
@@ -86,13 +91,14 @@ def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
 
 def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,
                           exclude: tuple[str, ...] = (), ranges: str | None = None,
-                          int8_weights: tuple[str, ...] = (), bf16: tuple[str, ...] = ()) -> str:
+                          int8_weights: tuple[str, ...] = (), bf16: tuple[str, ...] = (),
+                          dynamic: tuple[str, ...] = ()) -> str:
     """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with.
     ``ranges``: a calibration record's path, applied instead of calibrating."""
     floats = float_stages(config, float_pipeline)
-    calibrate = calibrate_stages(config, exclude, int8_weights) if ranges is None \
+    calibrate = calibrate_stages(config, exclude, int8_weights, dynamic) if ranges is None \
         else f"apply-calibration{{path={ranges}}}"
-    stages = [floats, calibrate, insert_stage(config, exclude, int8_weights, bf16)]
+    stages = [floats, calibrate, insert_stage(config, exclude, int8_weights, bf16, dynamic)]
     if lower:
         stages.append(config.lower_stage())
     return ",".join(s for s in stages if s)
@@ -139,21 +145,24 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
             raise QCompilerError(f"{ranges}: calibrated for {record.activation_dtype} activations, and the config "
                                  f"asks for {config.activation_dtype}; recalibrate")
         exclude, int8_weights, bf16 = tuple(record.exclude), tuple(record.int8_weights), tuple(record.bf16)
+        dynamic = tuple(record.dynamic)
         qdq = run_pipeline(float_graph.copy(), f"apply-calibration{{path={ranges}}},"
-                           f"{insert_stage(config, exclude, int8_weights, bf16)}", inst, ctx)
+                           f"{insert_stage(config, exclude, int8_weights, bf16, dynamic)}", inst, ctx)
         _explain_exclusions(float_graph, record.exclude, ctx)
     else:
         qdq, record = _calibrate_and_insert(float_graph, config, precision, batches, inst, ctx)
         exclude, int8_weights, bf16 = tuple(record.exclude), tuple(record.int8_weights), tuple(record.bf16)
+        dynamic = tuple(record.dynamic)
     ctx.report["float_precision"] = {"config": config.float_precision, "resolved": precision,
                                      "bf16_layers": list(bf16)}
+    ctx.report["dynamic_linears"] = _dynamic_report(qdq, record.dynamic, config)
     if record.int8_weights:
         ctx.report["int8_weights"] = [{"layer": k, "reason": why} for k, why in record.int8_weights.items()]
     final = run_pipeline(qdq.copy(), config.lower_stage(), inst, ctx) if lower else qdq
     for result in {id(g): g for g in (float_graph, qdq, final)}.values():
         result.name_outputs([v.name for v in graph.outputs])  # rewrites replace output values; names stay
     pipeline = quantization_pipeline(config, float_pipeline, lower, exclude, None if ranges is None else str(ranges),
-                                     int8_weights, bf16)
+                                     int8_weights, bf16, dynamic)
     return QuantizeResult(final, qdq, float_graph, pipeline, ctx.report, inst.records, record)
 
 
@@ -169,6 +178,7 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
 
     exclude: dict[str, str] = {}  # layers kept out of int8 (in bf16 where precision is bf16) -> why
     int8_weights: dict[str, str] = {}
+    dynamic: dict[str, str] = {}  # linears given per-token activation scales -> why
     fp32: dict[str, str] = {}  # of exclude, the layers bf16 could not carry either (the second search's)
 
     def bf16_layers() -> tuple[str, ...]:
@@ -176,23 +186,24 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
 
     def calibrated() -> tuple[Graph | None, Graph, CalibrationRecord]:
         """The graph with ranges only (kept for the precision search), the QDQ graph, the record."""
-        kept, int8, bf16 = tuple(exclude), tuple(int8_weights), bf16_layers()
+        kept, int8, bf16, per_token = tuple(exclude), tuple(int8_weights), bf16_layers(), tuple(dynamic)
         graph = run_pipeline(float_graph.copy(), range_stage(config), inst, ctx)
         ranged = graph.copy() if config.target_output_sqnr_db is not None else None
-        later = ",".join(s for s in (gptq_stage(config, kept, int8), bias_stage(config, kept, int8)) if s)
+        later = ",".join(s for s in (gptq_stage(config, kept, int8), bias_stage(config, kept, int8, per_token)) if s)
         if later:
             graph = run_pipeline(graph, later, inst, ctx)
         record = CalibrationRecord.measure(float_graph, graph, range_stage(config), config.activation_dtype, exclude,
-                                           int8_weights, bf16)  # before insert-qdq rewrites it
+                                           int8_weights, bf16, dynamic)  # before insert-qdq rewrites it
         ctx.report["not_quantized"] = []
-        return ranged, run_pipeline(graph, insert_stage(config, kept, int8, bf16), inst, ctx), record
+        return ranged, run_pipeline(graph, insert_stage(config, kept, int8, bf16, per_token), inst, ctx), record
 
     ranged, qdq, record = calibrated()
     if config.min_layer_sqnr_db is not None:
         nodes = {n.handle: n for n in float_graph.nodes}
         int4_layers = {n.outputs[0].name for n in float_graph.nodes if config.scheme().int4_groups(n) is not None}
         step: dict[str, int] = {}  # each weak layer's place on its ladder (_ladder)
-        for _ in range(3):
+        per_token_eligible = _per_token_eligible(float_graph, config) if config.per_token_fallback(precision) else set()
+        for _ in range(4):
             weak = []  # (layer, its local SQNR, the floor it is under, the field that set the floor)
             for e in compare(float_graph, qdq, batches.first()):
                 if e.local_sqnr_db is None or e.handle not in nodes:
@@ -200,18 +211,24 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
                 floor, floor_name = config.sensitivity_floor(precision, nodes[e.handle].op)
                 if e.local_sqnr_db < floor:
                     weak.append((nodes[e.handle].outputs[0].name, e.local_sqnr_db, floor, floor_name))
-            moved = False
+            moved = per_token_tried = False
             for name, sqnr, floor, floor_name in weak:
-                ladder = _ladder(name in int4_layers, config.weight_only_fallback)
+                ladder = _ladder(name in int4_layers, config.weight_only_fallback, name in per_token_eligible)
                 here = step.get(name, 0)
                 if here + 1 >= len(ladder):
                     continue
                 step[name], moved = here + 1, True
-                was = _LADDER_WORDS[ladder[here]] if name in int4_layers else ""
-                to_float, to_int8 = ladder[here + 1]
+                was = _LADDER_WORDS[ladder[here]] if name in int4_layers else \
+                    " with per-token scales" if ladder[here] == PER_TOKEN else ""
                 reason = f"local SQNR {sqnr:.1f} dB{was} < {floor_name} {floor:g}"
                 exclude.pop(name, None)
                 int8_weights.pop(name, None)
+                dynamic.pop(name, None)
+                if ladder[here + 1] == PER_TOKEN:
+                    dynamic[name] = reason + " with a static scale: per-token scales at run time"
+                    per_token_tried = True
+                    continue
+                to_float, to_int8 = ladder[here + 1]
                 if to_float:
                     exclude[name] = reason + (": weight-only (weights quantized, activations float)"
                                               if config.weight_only_fallback else "")
@@ -220,8 +237,8 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
             if not moved:
                 break
             ranged, qdq, record = calibrated()
-            if config.weight_dtype != "i4":
-                break  # an int8 config decides in one round
+            if config.weight_dtype != "i4" and not per_token_tried:
+                break  # an int8 config decides in one round, and a second after trying per-token scales
     if config.target_output_sqnr_db is not None and config.weight_dtype == "i4":  # int8 weights before float
         found = _search_precision(float_graph, ranged, record, config, batches, tuple(exclude), tuple(int8_weights),
                                   (), inst, ctx, "int8 weights")
@@ -290,7 +307,8 @@ def _search_precision(float_graph: Graph, ranged: Graph, record: CalibrationReco
             biases = int8_biases if name in promoted and int8_search else record.biases
             if name in biases and name not in exclude:
                 set_corrected_bias(graph, node, np.asarray(biases[name]))
-        return run_pipeline(graph, insert_stage(config, exclude, int8, in_bf16), quiet, PassContext())
+        return run_pipeline(graph, insert_stage(config, exclude, int8, in_bf16, tuple(record.dynamic)), quiet,
+                            PassContext())
 
     key = SEARCH_KEYS[action]
     if inst.on_pass is not None:
@@ -310,15 +328,41 @@ _LADDER_WORDS = {(False, False): " with int4 weights", (False, True): " with int
                  (True, False): " weight-only with int4 weights", (True, True): " weight-only with int8 weights"}
 
 
-def _ladder(int4: bool, weight_only: bool) -> list[tuple[bool, bool]]:
+PER_TOKEN = "per-token"  # a step of _ladder: int8 with per-token activation scales (a linear)
+
+
+def _ladder(int4: bool, weight_only: bool, per_token: bool = False) -> list[tuple[bool, bool] | str]:
     """The precisions a layer the sensitivity check finds weak climbs, one per round, as
-    (kept float or weight-only, int8 weights): 4-bit weights -> int8 weights -> weight-only with
-    4-bit weights (its activations were at fault, not its weights) -> weight-only with int8
-    weights; without ``weight_only``, int8 weights -> float. Other layers: quantized -> float
-    (or weight-only)."""
+    (kept float or weight-only, int8 weights), or ``PER_TOKEN``: 4-bit weights -> int8 weights ->
+    weight-only with 4-bit weights (its activations were at fault, not its weights) ->
+    weight-only with int8 weights; without ``weight_only``, int8 weights -> float. Other layers:
+    quantized -> (``per_token``: per-token activation scales ->) float (or weight-only)."""
     if not int4:
-        return [(False, False), (True, False)]
+        return [(False, False)] + ([PER_TOKEN] if per_token else []) + [(True, False)]
     return [(False, False), (False, True)] + ([(True, False), (True, True)] if weight_only else [(True, True)])
+
+
+def _per_token_eligible(float_graph: Graph, config: QuantConfig) -> set[str]:
+    """The layers the ladder may give per-token scales: linears with a constant weight over a
+    float activation, in an int8-weight config."""
+    from .ir.ops import traits_of
+
+    if config.weight_dtype != "i8":
+        return set()
+    return {n.outputs[0].name for n in float_graph.nodes if traits_of(n.op).config_type == "linear"
+            and n.inputs[1].is_constant and not n.inputs[0].is_constant and n.inputs[0].dtype == "f32"}
+
+
+def _dynamic_report(qdq: Graph, reasons: dict[str, str], config: QuantConfig) -> list[dict[str, str]]:
+    """The linears that got per-token activation scales, each with why."""
+    layers = []
+    for node in qdq.nodes:
+        rows = node.inputs[0].producer if node.inputs else None
+        if node.op == "linear" and rows is not None and rows.op == "dequantize_rows":
+            why = reasons.get(node.outputs[0].name, "QuantConfig.dynamic_linears is 'all'"
+                              if config.dynamic_linears == "all" else "QuantConfig's dynamic layers")
+            layers.append({"node": node.describe(), "handle": str(node.handle), "reason": why})
+    return layers
 
 
 def _has_int4_weight(qdq: Graph, node: Any) -> bool:

@@ -367,6 +367,34 @@ def _qdq(ex, node, xs):
     return ex.add1("QuantizeLinear" if node.op == "quantize" else "DequantizeLinear", xs, axis=axis)
 
 
+@exports("quantize_rows")
+def _quantize_rows(ex, node, xs):
+    """Per-token codes in plain ONNX ops (``quant.row_scales``; Round is half to even): no ONNX
+    runtime fuses them into an int8 kernel, but the model computes what qcompiler's does."""
+    f32 = np.float32
+    amax = ex.add1("ReduceMax", [ex.add1("Abs", xs), ex.const(np.asarray([-1], np.int64), "axes")], keepdims=1)
+    levels, zero = ex.const(np.asarray(127.0, f32), "levels"), ex.const(np.asarray(0.0, f32), "zero")
+    positive = ex.add1("Greater", [amax, zero])
+    scale = ex.add1("Div", [amax, levels])
+    scale = ex.add1("Where", [ex.add1("Greater", [scale, zero]), scale, ex.const(np.asarray(1.0, f32), "one")])
+    factor = ex.add1("Min", [ex.add1("Div", [levels, amax]), ex.const(np.asarray(np.finfo(f32).max, f32), "largest")])
+    factor = ex.add1("Where", [positive, factor, zero])
+    codes = ex.add1("Clip", [ex.add1("Round", [ex.add1("Mul", [xs[0], factor])]),
+                             ex.const(np.asarray(-127.0, f32), "low"), levels])
+    codes = ex.add1("Add", [codes, ex.const(np.asarray(128.0, f32), "zero_point")])
+    return [ex.add1("Cast", [codes], to=onnx.TensorProto.UINT8), scale]
+
+
+@exports("dequantize_rows")
+def _dequantize_rows(ex, node, xs):
+    y = ex.add1("Cast", [xs[0]], to=onnx.TensorProto.FLOAT)
+    if node.attrs["zero_point"]:
+        y = ex.add1("Sub", [y, ex.const(np.asarray(node.attrs["zero_point"], np.float32), "zero_point")])
+    for operand in xs[1:]:  # row scales, column scales, bias
+        y = ex.add1("Add" if operand is xs[-1] and len(xs) == 4 else "Mul", [y, operand])
+    return y
+
+
 def _int4_weight(ex: _Exporter, node: Node) -> str:
     """A 4-bit weight (``ir.packing``) as an INT4 initializer [out, in...] flattened to two
     dims, dequantized in blocks of the group size along the second (opset 21), reshaped back:

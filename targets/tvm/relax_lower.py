@@ -19,7 +19,7 @@ from qcompiler.ir.ops.resize import given_scale, interpolation_matrix, nearest_i
 from qcompiler.ir.types import DTYPES
 from qcompiler.registrar import registrar
 
-from . import amx_lower, bf16, cpu_softmax, cuda_lower, int_arith, kernel_lower
+from . import amx_lower, bf16, cpu_softmax, cuda_lower, dynamic_quant, int_arith, kernel_lower
 from .index_check import checked_indices
 from .lowering import Fused, Int8Kernels, Lowerer
 
@@ -652,6 +652,36 @@ def _quantize(low, node, xs):
     q = low.cast(round_half_even(low, low.cast(scaled, "float64")), "int64")
     q = low.emit(R.add(q, low.cast(z, "int64"))) if z is not None else q
     return _clip_cast(low, q, int(info.min), int(info.max), TVM_DTYPE[zp_dtype])
+
+
+def _as_rows(low: Lowerer, v: Value, x: relax.Expr) -> tuple[relax.Expr, int, int]:
+    """``x`` (the value ``v``) viewed as ``[rows, last axis]``."""
+    last = v.shape[-1]
+    rows = int(np.prod(v.shape[:-1], dtype=np.int64))
+    return low.emit(R.reshape(x, (rows, last))), rows, last
+
+
+@lowers("quantize_rows")
+def _quantize_rows(low, node, xs):
+    x, rows, length = _as_rows(low, node.inputs[0], xs[0])
+    if low.cpu_kernels:
+        func = low.bb.add_func(dynamic_quant.quantize_rows_cpu(rows, length), "quantize_rows")
+        both = low.emit(relax.call_tir(func, [x], [relax.TensorType((rows, length), "uint8"),
+                                                   relax.TensorType((rows, 1), "float32")]))
+    else:
+        both = low.bb.emit_te(dynamic_quant.quantize_rows, x, primfunc_name_hint="quantize_rows")
+    codes, scales = node.outputs
+    return [low.emit(R.reshape(low.emit(relax.TupleGetItem(both, 0)), codes.shape)),
+            low.emit(R.reshape(low.emit(relax.TupleGetItem(both, 1)), scales.shape))]
+
+
+@lowers("dequantize_rows")
+def _dequantize_rows(low, node, xs):
+    x, rows, _ = _as_rows(low, node.inputs[0], xs[0])
+    row = low.emit(R.reshape(xs[1], (rows, 1)))
+    y = low.bb.emit_te(dynamic_quant.dequantize_rows, x, row, node.attrs["zero_point"], *xs[2:],
+                       primfunc_name_hint="dequantize_rows")
+    return low.emit(R.reshape(y, node.output.shape))
 
 
 @lowers("dequantize")

@@ -104,6 +104,70 @@ declare("round_bf16", arity=1, infer=_round_bf16_infer, kernel=lambda xs, attrs:
                                    "the operand of a layer run in bf16")
 
 
+# ---- per-token (dynamic) quantization --------------------------------------------------------------
+ROW_ZERO_POINT = 128  # quantize_rows' codes: symmetric int8 stored as u8 + 128, VNNI's and AMX's unsigned operand
+ROW_LEVELS = 127.0
+
+
+def row_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (last axis) of ``x``: the scale ``max|x| / 127`` (1 for a row of zeros) and the
+    factor codes are made with, ``127 / max|x|`` (0 for a row of zeros, at most float32's
+    largest: a row of subnormals must not give infinity times zero), both float32 divisions."""
+    amax = np.max(np.abs(x.astype(np.float32)), axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", over="ignore"):
+        s = (amax / np.float32(ROW_LEVELS)).astype(np.float32)
+        inv = np.where(amax > 0, np.float32(ROW_LEVELS) / amax, np.float32(0)).astype(np.float32)
+    return np.where(s > 0, s, np.float32(1.0)).astype(np.float32), np.minimum(inv, np.finfo(np.float32).max)
+
+
+def _quantize_rows_infer(types, attrs):
+    x = types[0]
+    if x.dtype != "f32" or x.rank < 1:
+        raise TypeError(f"quantize_rows: input must be f32 of rank 1 or more, got {x}")
+    return [TensorType(x.shape, "u8"), TensorType(x.shape[:-1] + (1,), "f32")]
+
+
+def _quantize_rows_kernel(xs, attrs):
+    x = xs[0].astype(np.float32)
+    s, inv = row_scales(x)
+    q = np.clip(np.rint(x * inv), -ROW_LEVELS, ROW_LEVELS) + ROW_ZERO_POINT  # one float32 multiply, rounded
+    return [q.astype(np.uint8), s]
+
+
+def _dequantize_rows_infer(types, attrs):
+    x, row = types[0], types[1]
+    if x.dtype not in ("u8", "i8", "i32") or x.rank < 1:
+        raise TypeError(f"dequantize_rows: input must be u8/i8/i32, got {x}")
+    if row.dtype != "f32" or row.shape != x.shape[:-1] + (1,):
+        raise TypeError(f"dequantize_rows: row scales must be f32{list(x.shape[:-1]) + [1]}, got {row}")
+    for extra, what in zip(types[2:], ("column scales", "bias")):
+        if extra.dtype != "f32" or extra.shape != (x.shape[-1],):
+            raise TypeError(f"dequantize_rows: {what} must be f32[{x.shape[-1]}], got {extra}")
+    return [TensorType(x.shape, "f32")]
+
+
+def _dequantize_rows_kernel(xs, attrs):
+    x, row = xs[0], xs[1]
+    y = (x.astype(np.int64) - attrs["zero_point"]).astype(np.float32) * row.astype(np.float32)
+    if len(xs) > 2:
+        y = y * xs[2].astype(np.float32)
+    if len(xs) > 3:
+        y = y + xs[3].astype(np.float32)
+    return y.astype(np.float32)
+
+
+# per-token dynamic quantization (a transformer linear's activations, whose rows differ by 100x
+# in range: one static scale wastes most of the grid on the few large tokens); the scales are
+# computed at run time, so the product's result is dequantized row by row, never requantized
+declare("quantize_rows", arity=1, infer=_quantize_rows_infer, kernel=_quantize_rows_kernel, traits=CONVERSION,
+        doc="per-row (last axis) symmetric int8 at run time: scale s = max|x| / 127 (1 for a zero row) and codes "
+            "clip(round_half_even(x * min(127 / max|x|, FLT_MAX)), -127, 127) + 128 as u8 (0 + 128 for a zero "
+            "row), all float32; returns (codes, s[..., 1])")
+declare("dequantize_rows", arity=(2, 4), attrs={"zero_point": Attr("int", ROW_ZERO_POINT)},
+        infer=_dequantize_rows_infer, kernel=_dequantize_rows_kernel, traits=CONVERSION,
+        doc="((float32(x - zero_point) * row_scale) * column_scale) + bias, in float32: quantize_rows' codes back "
+            "to real numbers, or (zero_point 0) an int32 product of such codes and per-channel int8 weights")
+
 # ---- quantization arithmetic shared by passes, importers and kernels ---------------------------------
 def choose_qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, np.integer]:
     """Scale and zero point covering [lo, hi] (widened to include 0, so zero is exact):
