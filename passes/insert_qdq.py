@@ -18,6 +18,8 @@ graph will compute, in float, which is what `compare` measures and `lower-intege
   average stays on the input's grid up to rounding).
 - reduce_mean (global average pooling): the mean has a much narrower range than its input, so
   it gets its own parameters.
+- a linear named in ``dynamic``: its activation gets per-token scales at run time
+  (``quantize_rows`` -> ``dequantize_rows``), its weight per channel as above, its result float.
 A value whose calibrated range exceeds ``max_abs_range``, or that is computed from a constant
 beyond it (attention masks filled with -1e30 or -inf, whether or not calibration saw padding)
 is left in float with the op that reads it; every op left in float is reported."""

@@ -5,6 +5,8 @@
   multiplier m*2^-shift = s_x*s_w/s_y, rounding half to even and saturating. A fused relu,
   relu6 or clip becomes the requantize clamp; other fused activations run in float between
   a dequantized accumulator and the quantize.
+- ``dequantize_rows -> linear`` (per-token scales) becomes ``linear_int`` over the codes and
+  ``dequantize_rows`` of the accumulator by row and column scale, plus the float bias.
 - ``dequantize -> add -> quantize`` becomes ``add_int`` (operands rescaled in fixed point).
 - relu, pooling, reshape/transpose/slice/concat between pairs with identical parameters run
   on the integers themselves (relu is max(x, zero_point)).
