@@ -521,8 +521,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         images = Path(args.inputs).is_dir()  # the artifact's image normalization applies to image folders
         prep = model.preprocessing if images else {}
-        # a dynamic sequence's data is read at its longest bucket (the Python API takes any length)
-        batches = load_data(args.inputs, _longest_bucket_graph(model), prep.get("image_mean"), prep.get("image_std"))
+        # a dynamic sequence's data may have any length in its range (shapes checked against the longest bucket)
+        batches = load_data(args.inputs, _longest_bucket_graph(model), prep.get("image_mean"), prep.get("image_std"),
+                            _sequence_lengths(model))
     dims = getattr(model, "dims", ())
     spec = next((d for d in dims if d.is_batch), None)  # a dynamic batch: samples run together, up to its max
     if spec is not None:
@@ -557,6 +558,16 @@ def _longest_bucket_graph(model) -> "Graph":
 
     dims = getattr(model, "dims", ())
     return model.builds[calibrated_key(dims)].graph if any(not d.is_batch for d in dims) else model.graph
+
+
+def _sequence_lengths(model) -> dict[int, dict[int, tuple[int, int]]]:
+    """Input position -> {axis: (min, max)} of each dynamic sequence of ``model`` (none for a static build)."""
+    lengths: dict[int, dict[int, tuple[int, int]]] = {}
+    for d in getattr(model, "dims", ()):
+        if not d.is_batch:
+            for position in d.inputs:
+                lengths.setdefault(position, {})[d.axis] = (d.min, d.max)
+    return lengths
 
 
 def _regrouped(batches: list[list], spec) -> list[list]:
@@ -777,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                        help="fix a dynamic ONNX input's shape (repeatable); for compile, a dimension may be MIN:MAX: "
                             "D0 a dynamic batch, another a dynamic sequence (one build per bucket, any size in "
-                            "range at run time; data is read at the longest sequence)")
+                            "range at run time; `run` reads data of any length in it)")
         p.add_argument("--input-value", action="append", default=[], metavar="NAME=V0,V1,...",
                        help="fix the value of an ONNX input that gives a shape, axes or sizes: it becomes a "
                             "constant and is no longer an input (repeatable)")

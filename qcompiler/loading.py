@@ -129,10 +129,22 @@ def parse_values(items: Sequence[str]) -> dict[str, list[float]]:
     return _assignments(items, "--input-value", "NAME=V0,V1,...", float)
 
 
-def load_batches(path: str | os.PathLike, graph: Graph) -> list[list]:
+def _fits(array_shape: tuple[int, ...], shape: tuple[int, ...], lengths: dict[int, tuple[int, int]]) -> bool:
+    """``array_shape`` is ``shape``, except along the axes of ``lengths`` (axis -> (min, max)),
+    where any size in the range fits."""
+    if len(array_shape) != len(shape):
+        return False
+    return all(a == s or (i in lengths and lengths[i][0] <= a <= lengths[i][1])
+               for i, (a, s) in enumerate(zip(array_shape, shape)))
+
+
+def load_batches(path: str | os.PathLike, graph: Graph,
+                 lengths: dict[int, dict[int, tuple[int, int]]] | None = None) -> list[list]:
     """Input batches for ``graph`` from an ``.npz`` (one array per input name; a file with one
     array serves a one-input graph). An array of the input's shape is one batch; one with an
-    extra leading axis, or a leading axis that is a multiple of the batch size, is several."""
+    extra leading axis, or a leading axis that is a multiple of the batch size, is several.
+    ``lengths``: input position -> {axis: (min, max)}, axes (a dynamic sequence's) whose size
+    may be anything in the range instead of the graph's."""
     path = Path(path)
     with _open_npz(path) as data:
         files = [f for f in data.files if f != "labels"]
@@ -144,17 +156,21 @@ def load_batches(path: str | os.PathLike, graph: Graph) -> list[list]:
                 raise ModelLoadError(f"{path}: no array for input(s) {missing} (arrays: {files})")
             arrays = {v.name: _array(data, v.name, path) for v in graph.inputs}
     per_input = []
-    for value in graph.inputs:
+    for position, value in enumerate(graph.inputs):
         a, shape = arrays[value.name], value.shape
-        if a.shape == shape:
+        free = (lengths or {}).get(position, {})
+        if _fits(a.shape, shape, free):
             pieces = [a]
-        elif a.shape[1:] == shape:
+        elif _fits(a.shape[1:], shape, free):
             pieces = list(a)
-        elif shape and a.shape[1:] == shape[1:] and shape[0] and a.shape[0] % shape[0] == 0:
+        elif shape and _fits(a.shape[1:], shape[1:], {k - 1: r for k, r in free.items()}) and shape[0] \
+                and a.shape[0] % shape[0] == 0:
             pieces = [a[i:i + shape[0]] for i in range(0, a.shape[0], shape[0])]
         else:
+            spans = "".join(f"; axis {k} any of {lo}..{hi}" for k, (lo, hi) in sorted(free.items()))
             raise ModelLoadError(f"{path}: array '{value.name}' of shape {list(a.shape)} does not fit input "
-                                 f"%{value.name} of shape {list(shape)} (one batch, or batches stacked on axis 0)")
+                                 f"%{value.name} of shape {list(shape)} (one batch, or batches stacked on axis 0"
+                                 f"{spans})")
         per_input.append(pieces)
     counts = {len(p) for p in per_input}
     if len(counts) != 1:
@@ -209,7 +225,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def load_data(path: str | os.PathLike, graph: Graph, mean: Sequence[float] | None = None,
-              std: Sequence[float] | None = None) -> list[list]:
+              std: Sequence[float] | None = None,
+              lengths: dict[int, dict[int, tuple[int, int]]] | None = None) -> list[list]:
     """Batches from an ``.npz`` (see :func:`load_batches`) or, for a one-input model, a folder
     of ``.npy`` arrays or images. Images are read as RGB (or grayscale for one channel),
     resized to the input's H x W, scaled to [0, 1], then normalized by ``mean``/``std``;
@@ -221,7 +238,7 @@ def load_data(path: str | os.PathLike, graph: Graph, mean: Sequence[float] | Non
         if mean is not None or std is not None:
             raise ModelLoadError(f"{path}: --image-mean/--image-std normalize a folder of images, not arrays "
                                  f"(normalize the arrays before saving them)")
-        return load_batches(path, graph)
+        return load_batches(path, graph, lengths)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such file or folder")
     if len(graph.inputs) != 1:

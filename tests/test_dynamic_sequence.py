@@ -164,6 +164,19 @@ def test_onnx_with_a_symbolic_sequence_from_python_and_the_cli(encoder, calibrat
     loaded = qcompiler.load(tmp_path / "art")
     assert [d.buckets for d in loaded.dims] == [(8, 16, 32)]
     assert loaded(*x)[1].shape == (1, 19, 32)
+    # `qcompiler run` reads data of any length in the range: here two batches of 19 tokens
+    two = [tokens(1, 19, 5), tokens(1, 19, 6)]
+    np.savez(tmp_path / "in.npz", ids=np.stack([t[0] for t in two]), mask=np.stack([t[1] for t in two]))
+    ran = cli_in_process("run", str(tmp_path / "art"), "--inputs", str(tmp_path / "in.npz"), "-o",
+                         str(tmp_path / "out.npz"))
+    assert ran.returncode == 0, ran.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        assert out["hidden"].shape == (2, 1, 19, 32)
+        for i, t in enumerate(two):
+            np.testing.assert_array_equal(out["hidden"][i], loaded(*t)[1])
+    np.savez(tmp_path / "long.npz", ids=tokens(1, 40, 7)[0], mask=tokens(1, 40, 7)[1])
+    refused = cli_in_process("run", str(tmp_path / "art"), "--inputs", str(tmp_path / "long.npz"))
+    assert refused.returncode != 0 and "axis 1 any of 8..32" in refused.stderr
 
 
 class _Unmasked(nn.Module):
