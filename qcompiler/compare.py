@@ -68,7 +68,7 @@ def _integer_params(graph: Graph) -> dict[int, tuple[float, int]]:
         if node.op == "quantize" and node.inputs[1].is_constant and node.inputs[1].type.rank == 0:
             params[id(out)] = (float(graph.constant_array(node.inputs[1])),
                                int(graph.constant_array(node.inputs[2])) if len(node.inputs) > 2 else 0)
-        elif node.op in ("requantize", "requantize_f32", "add_int") and node.attrs.get("scale"):
+        elif node.op in ("requantize", "requantize_f32", "add_int", "add_int_f32") and node.attrs.get("scale"):
             zp = node.inputs[-1]
             params[id(out)] = (node.attrs["scale"], int(graph.constant_array(zp)))
         elif node.inputs and id(node.inputs[0]) in params:  # layout, pooling, max(x, zp): same grid

@@ -144,7 +144,7 @@ def test_onnxruntime_qoperator_model_end_to_end(tmp_path):
         assert np.abs(got - want).max() <= step * 1.001  # at most one output step (a half-step tie rounded apart)
     run_pipeline(graph, "canonicalize,lower-integer")  # the sandwiches become integer ops
     counts = graph.op_counts()
-    assert counts.get("conv2d_int", 0) == 3 and counts.get("add_int", 0) >= 1, counts
+    assert counts.get("conv2d_int", 0) == 3 and counts.get("add_int_f32", 0) >= 1, counts
     for b, before in zip(batches, outputs):
         after = graph(b)[0]
         assert np.abs(after - before).max() <= 0.05 * np.abs(before).max() + 1e-6

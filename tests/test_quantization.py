@@ -404,7 +404,7 @@ def test_an_add_of_a_constant_is_quantized_with_the_constant_s_own_range():
     batches = [rng.standard_normal((1, 3, 6, 6)).astype(np.float32) for _ in range(4)]
     compiled = qcompiler.compile(model, (torch.from_numpy(batches[0]),), calibration=batches[:3], target="llvm")
     counts = compiled.graph.op_counts()
-    assert counts.get("add_int", 0) >= 1 and "add" not in counts, counts
+    assert counts.get("add_int_f32", 0) >= 1 and "add" not in counts, counts
     assert compiled.report()["kept_float"] == []
     x = batches[3]
     with torch.no_grad():

@@ -96,3 +96,90 @@ def test_a_standalone_requantize_f32_is_bit_exact_ties_and_saturation_included()
     values = rng.integers(-20000, 20000, (4, 6, 50)).astype(np.int32)
     values[0, :, :8] = np.array([2, 34, 66, 98, 130, -30, -62, 2 ** 31 - 1])[None, :]  # ties at 2^-6, saturation
     assert_bit_exact(g, [values], LLVM)
+
+
+def _add_f32_oracle(a: np.ndarray, b: np.ndarray, attrs: dict, zp: int, lo: int, hi: int) -> np.ndarray:
+    """add_int_f32 from its definition, written here: the two products exact (Python floats, then
+    checked exact in float32), their sum rounded once to float32, rounded half to even."""
+    out = []
+    for x, y in zip(a.ravel().tolist(), np.broadcast_to(b, a.shape).ravel().tolist()):
+        pa = (x - attrs["a_zero_point"]) * attrs["a_scale"]
+        pb = (y - attrs["b_zero_point"]) * attrs["b_scale"]
+        assert float(np.float32(pa)) == pa and float(np.float32(pb)) == pb  # 8 + 16 bits fit float32
+        total = float(np.float32(pa + pb))  # pa + pb is exact in float64: one rounding, to float32
+        out.append(min(hi, max(lo, round(total) + zp)))  # round: half to even
+    return np.array(out).reshape(a.shape)
+
+
+def test_add_int_f32_is_its_definition_and_within_a_level_of_add_int():
+    from qcompiler.ir.ops.quant import ADD_SCALE_BITS, add_scale, quantize_multiplier
+
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (3, 700)).astype(np.uint8)
+    b = rng.integers(0, 256, (700,)).astype(np.uint8)
+    ratios = (0.37, 1.9)
+    scales = [add_scale(r) for r in ratios]
+    for r, s in zip(ratios, scales):
+        mantissa = np.frexp(s)[0] * 2 ** ADD_SCALE_BITS
+        assert mantissa == int(mantissa) and abs(s - r) <= r * 2.0 ** -ADD_SCALE_BITS
+    attrs = {"a_zero_point": 100, "a_scale": scales[0], "b_zero_point": 30, "b_scale": scales[1], "min": 0,
+             "max": 255}
+    zp = np.asarray(np.uint8(50))
+    got = get_op("add_int_f32").run([a, b, zp], attrs)[0]
+    np.testing.assert_array_equal(got, _add_f32_oracle(a, b, attrs, 50, 0, 255))
+    (ma, sa), (mb, sb) = quantize_multiplier(np.array(ratios[0])), quantize_multiplier(np.array(ratios[1]))
+    fixed = get_op("add_int").run([a, b, zp], {"a_zero_point": 100, "a_multiplier": int(ma), "a_shift": int(sa),
+                                               "b_zero_point": 30, "b_multiplier": int(mb), "b_shift": int(sb),
+                                               "min": 0, "max": 255})[0]
+    assert np.abs(got.astype(int) - fixed.astype(int)).max() <= 1  # ties and 2^-17 of a scale apart, at most
+    with pytest.raises(TypeError, match="more than 16 significant bits"):
+        g = Graph("bad")
+        va, vb = g.add_input("a", TensorType.of(a)), g.add_input("b", TensorType.of(b))
+        g.add_node("add_int_f32", [va, vb, g.add_constant("z", zp)], {**attrs, "a_scale": 0.1})
+
+
+@pytest.mark.parametrize("dtype", ["u8", "i8"])
+@pytest.mark.parametrize("b_shape", [(1, 16, 9, 9), (1, 16, 1, 1), (9,)])
+def test_a_quantized_add_in_float32_is_bit_exact_on_the_tvm_target(dtype, b_shape):
+    from qcompiler.ir.ops.quant import add_scale
+
+    rng = np.random.default_rng(len(b_shape) + (dtype == "i8"))
+    info = np.iinfo(np.uint8 if dtype == "u8" else np.int8)
+    g = Graph("add")
+    va = g.add_input("a", TensorType((1, 16, 9, 9), dtype))
+    vb = g.add_input("b", TensorType(b_shape, dtype))
+    zp = int(rng.integers(info.min, info.max))
+    attrs = {"a_zero_point": int(rng.integers(info.min, info.max)), "b_zero_point": int(rng.integers(info.min, info.max)),
+             "a_scale": add_scale(0.5), "b_scale": add_scale(float(10 ** rng.uniform(-1, 0.5))),
+             "min": zp, "max": int(info.max)}  # a fused relu: the clamp at the zero point
+    z = g.add_constant("z", np.asarray(zp, info.dtype))
+    g.set_outputs([g.add_node("add_int_f32", [va, vb, z], attrs).output])
+    inputs = [rng.integers(info.min, info.max + 1, (1, 16, 9, 9)).astype(info.dtype),
+              rng.integers(info.min, info.max + 1, b_shape).astype(info.dtype)]
+    assert len(np.unique(g(*inputs)[0])) > 20  # ties (a_scale 0.5) and clamps both happen
+    assert_bit_exact(g, inputs, LLVM)
+
+
+def test_lower_integer_in_float32_makes_add_int_f32_and_fixed_keeps_add_int():
+    torch.manual_seed(0)
+
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return torch.relu(self.b(y) + y)
+
+    model = Residual().eval()
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    graph = qcompiler.from_torch(model, (torch.from_numpy(calibration[0]),))
+    fixed = qcompiler.quantize(graph, calibration, QuantConfig(min_layer_sqnr_db=None, requantize="fixed"))
+    floated = qcompiler.quantize(graph, calibration, QuantConfig(min_layer_sqnr_db=None))
+    assert "add_int" in fixed.graph.op_counts() and "add_int_f32" not in fixed.graph.op_counts()
+    assert floated.graph.op_counts().get("add_int_f32") == 1 and "add_int" not in floated.graph.op_counts()
+    x = calibration[3]
+    a, b = fixed.graph(x)[0], floated.graph(x)[0]
+    assert np.abs(a - b).max() <= 2 * np.abs(a).max() / 127

@@ -6,7 +6,7 @@ and column, plus the bias) as one elementwise computation.
 
 Same arithmetic as the interpreter's kernels (``qcompiler.ir.ops.quant``), bit for bit for the
 codes and scales: the maximum is exact, ``max / 127`` and ``127 / max`` are float32 divisions
-(one per row), a code one float32 multiply rounded to nearest even (``nearbyint``). (No ``from __future__ import
+(one per row), a code one float32 multiply rounded to nearest even. (No ``from __future__ import
 annotations``: TVMScript reads the kernel's buffer annotations as values.)"""
 import functools
 
@@ -17,6 +17,7 @@ from tvm.script import tirx as T
 from qcompiler.ir.ops.quant import ROW_LEVELS, ROW_ZERO_POINT
 
 from .cpu_softmax import fold
+from .int_arith import round_clamped
 from .tiling import LANES, mark_opaque
 
 
@@ -28,20 +29,10 @@ def _row_factors(amax: "tirx.PrimExpr") -> tuple["tirx.PrimExpr", "tirx.PrimExpr
     return tirx.if_then_else(s > zero, s, tirx.const(1, "float32")), inv
 
 
-ROUNDING = 12582912.0  # 1.5 * 2^23: v + it holds round_half_even(v) in its low mantissa bits, for |v| < 2^22
-ROUNDING_BITS = 0x4B400000  # the bits of ROUNDING as a float32
-
-
 def _code(x: "tirx.PrimExpr", factor: "tirx.PrimExpr") -> "tirx.PrimExpr":
-    """The code of ``x``: ``x * factor`` clamped to +-127 (the same as clamping after rounding,
-    127 being an integer), plus ``ROUNDING``, whose float32 sum rounds to the nearest even
-    integer and keeps it in the low bits of its word (vector instructions, where LLVM
-    scalarizes ``nearbyint``; a reinterpretation the simplifier cannot fold away as it would
-    ``(v + c) - c``), plus the zero point."""
-    levels = tirx.const(ROW_LEVELS, "float32")
-    v = tirx.max(tirx.min(x * factor, levels), -levels)
-    bits = tirx.reinterpret("int32", v + tirx.const(ROUNDING, "float32"))
-    return (bits - tirx.const(ROUNDING_BITS - ROW_ZERO_POINT, "int32")).astype("uint8")
+    """The code of ``x``: ``x * factor`` rounded half to even and clamped to +-127
+    (``int_arith.round_clamped``), plus the zero point."""
+    return (round_clamped(x * factor, -int(ROW_LEVELS), int(ROW_LEVELS)) + ROW_ZERO_POINT).astype("uint8")
 
 
 def quantize_rows(x: te.Tensor) -> list[te.Tensor]:

@@ -159,3 +159,35 @@ def add_int_tensor(a: te.Tensor, b: te.Tensor, out_shape: Sequence[int], attrs: 
         return saturate(rounding_shift(total, _i64(ADD_INT_BITS)) + _i64(output_zero_point), lo, hi, dtype)
 
     return te.compute(tuple(out_shape), element, name="add_int")
+
+
+ROUNDING = 12582912.0  # 1.5 * 2^23: v + it holds round_half_even(v) in its low significand bits, for |v| < 2^22
+ROUNDING_BITS = 0x4B400000  # the bits of ROUNDING as a float32
+
+
+def round_clamped(v: tirx.PrimExpr, lo: int, hi: int) -> tirx.PrimExpr:
+    """``clip(round_half_even(v), lo, hi)`` of a float32 as an int32, for integer bounds under
+    2^22 in magnitude: clamped first (the same, the bounds being integers), then rounded by adding
+    ``ROUNDING``, whose float32 sum keeps the nearest even integer in the low bits of its word:
+    vector instructions, where LLVM scalarizes ``nearbyint``, and a reinterpretation the
+    simplifier cannot fold away as it would ``(v + c) - c``."""
+    bounded = tirx.max(tirx.min(v, tirx.const(float(hi), "float32")), tirx.const(float(lo), "float32"))
+    bits = tirx.reinterpret("int32", bounded + tirx.const(ROUNDING, "float32"))
+    return bits - tirx.const(ROUNDING_BITS, "int32")
+
+
+def add_int_f32_tensor(a: te.Tensor, b: te.Tensor, out_shape: Sequence[int], attrs: dict, output_zero_point: int,
+                       lo: int, hi: int, dtype: str) -> te.Tensor:
+    """``add_int_f32``: each operand less its zero point times its scale (exact products), summed
+    once in float32, rounded half to even, clamped, plus the output zero point."""
+    def product(t: te.Tensor, index, prefix: str) -> tirx.PrimExpr:
+        value = t[tuple(_broadcast_index(t.shape, out_shape, index))].astype("int32")
+        centered = value - tirx.const(attrs[f"{prefix}_zero_point"], "int32")
+        return centered.astype("float32") * tirx.const(attrs[f"{prefix}_scale"], "float32")
+
+    def element(*index):
+        total = product(a, index, "a") + product(b, index, "b")
+        y = round_clamped(total, lo - output_zero_point, hi - output_zero_point)
+        return (y + tirx.const(output_zero_point, "int32")).astype(dtype)
+
+    return te.compute(tuple(out_shape), element, name="add_int_f32")

@@ -770,13 +770,16 @@ def _requantize_f32(low, node, xs):
                           TVM_DTYPE[node.output.dtype])
 
 
-@lowers("add_int")
+_ADDS = {"add_int": int_arith.add_int_tensor, "add_int_f32": int_arith.add_int_f32_tensor}
+
+
+@lowers(*_ADDS)
 def _add_int(low, node, xs):
     zp = node.inputs[2]
     if not zp.is_constant:
         raise QCompilerError(f"{node.describe()}: the output zero point must be a constant to lower to Relax")
     info = np.iinfo(DTYPES[node.output.dtype])
-    return low.bb.emit_te(int_arith.add_int_tensor, xs[0], xs[1], node.output.shape, dict(node.attrs),
+    return low.bb.emit_te(_ADDS[node.op], xs[0], xs[1], node.output.shape, dict(node.attrs),
                           int(low.array(zp)), max(int(info.min), node.attrs["min"]),
                           min(int(info.max), node.attrs["max"]), TVM_DTYPE[node.output.dtype])
 

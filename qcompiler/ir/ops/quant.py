@@ -381,6 +381,41 @@ def _add_int_kernel(xs, attrs):
     return np.clip(y, max(info.min, attrs["min"]), min(info.max, attrs["max"])).astype(zp.dtype)
 
 
+ADD_SCALE_BITS = 16  # significant bits of add_int_f32's operand scales: 8-bit operand x scale is exact in float32
+
+
+def add_scale(real: float) -> float:
+    """``real`` rounded to ``ADD_SCALE_BITS`` significant bits (an ``add_int_f32`` scale): its
+    product with any 8-bit operand then fits float32's 24-bit significand exactly."""
+    if real == 0 or not np.isfinite(real):
+        return float(real)
+    mantissa, exponent = np.frexp(np.float64(real))
+    return float(np.ldexp(np.rint(mantissa * (1 << ADD_SCALE_BITS)), int(exponent) - ADD_SCALE_BITS))
+
+
+def add_f32_values(a: np.ndarray, b: np.ndarray, attrs: dict) -> np.ndarray:
+    """round_half_even(float32(a - z_a) * s_a + float32(b - z_b) * s_b), as int64: both products
+    are exact (``add_scale``), so the sum is rounded once, whether or not a kernel fuses one
+    product into a multiply-add: every kernel computes the same bits."""
+    pa = (a.astype(np.int64) - attrs["a_zero_point"]).astype(np.float32) * np.float32(attrs["a_scale"])
+    pb = (b.astype(np.int64) - attrs["b_zero_point"]).astype(np.float32) * np.float32(attrs["b_scale"])
+    return np.rint((pa + pb).astype(np.float32)).astype(np.int64)
+
+
+def _add_int_f32_kernel(xs, attrs):
+    a, b, zp = xs
+    info = np.iinfo(zp.dtype)
+    y = add_f32_values(a, b, attrs) + int(zp)
+    return np.clip(y, max(info.min, attrs["min"]), min(info.max, attrs["max"])).astype(zp.dtype)
+
+
+def _add_int_f32_infer(types, attrs):
+    for name in ("a_scale", "b_scale"):
+        if add_scale(attrs[name]) != attrs[name]:
+            raise TypeError(f"add_int_f32: {name} {attrs[name]!r} has more than {ADD_SCALE_BITS} significant bits")
+    return _add_int_infer(types, attrs)
+
+
 def _rescale_infer(types, attrs):
     x, scale, zp = types
     if x.dtype != "i32" or scale.dtype != "f32" or zp.dtype not in ("u8", "i8") or zp.rank or scale.rank > 1:
@@ -428,5 +463,14 @@ declare("add_int", arity=3, attrs={"a_zero_point": Attr("int"), "a_multiplier": 
         infer=_add_int_infer, kernel=_add_int_kernel, traits=INTEGER,
         doc="quantized add: both operands rescaled to the output scale in fixed point (2^-20 headroom), "
             "summed, rounded half to even, offset by the output zero point, clamped")
+declare("add_int_f32", arity=3, attrs={"a_zero_point": Attr("int"), "a_scale": Attr("float"),
+                                       "b_zero_point": Attr("int"), "b_scale": Attr("float"),
+                                       "scale": Attr("float", 0.0, "the real scale of the result (informational)"),
+                                       **_INT_BOUNDS},
+        infer=_add_int_f32_infer, kernel=_add_int_f32_kernel, traits=INTEGER,
+        doc="quantized add in float32: saturate(clamp(round_half_even(float32(a - a_zero_point) * a_scale + "
+            "float32(b - b_zero_point) * b_scale) + zero_point)); the scales (s_a / s_y, s_b / s_y) have at most 16 "
+            "significant bits, so both products are exact and the sum is rounded once on every kernel; "
+            "lower-integer{requantize=float32} makes it instead of add_int")
 declare("rescale", arity=3, attrs={"axis": Attr("int", 1)}, infer=_rescale_infer, kernel=_rescale_kernel,
         traits=CONVERSION, doc="ONNX QLinear* output stage: saturate(round_half_even(x * scale) + zero_point), in float64")
