@@ -25,7 +25,6 @@ from qcompiler.pipeline import PassContext
 from qcompiler.quant_config import QuantConfig
 from qcompiler.targets.tvm import TVMRunner, build, device_for, make_target
 from qcompiler.targets.tvm.x86_amx import amx_usable, without_amx
-from qcompiler.targets.tvm.x86_int8 import supports_vnni
 
 LLVM = make_target("llvm")
 
@@ -132,7 +131,7 @@ def test_the_integer_graph_matches_a_float64_product_of_the_codes(bias):
 
 
 def _targets() -> list:
-    found = [pytest.param(LLVM, id="host")]
+    found = [pytest.param(LLVM, id="host"), pytest.param(make_target("llvm", arch="haswell"), id="avx2")]
     if amx_usable():
         found.append(pytest.param(without_amx(LLVM), id="vnni-without-amx"))
     return found
@@ -141,11 +140,10 @@ def _targets() -> list:
 @pytest.mark.parametrize("target", _targets())
 @pytest.mark.parametrize("rows", [(2, 40), (3,)])
 def test_the_tvm_target_runs_the_integer_graph(target, rows):
-    """On the host's int8 kernels (AMX for 16 rows or more where the CPU has it, VNNI otherwise)
-    and on the VNNI kernels with AMX turned off: the codes' product is exact, so the result
-    differs from the interpreter's only by the float32 rounding of the scaling."""
-    if not supports_vnni(target):
-        pytest.skip("no VNNI on this CPU: the AVX2 kernels are tested in test_x86_avx2.py")
+    """On the host's int8 kernels (AMX for 16 rows or more where the CPU has it, VNNI otherwise),
+    on the VNNI kernels with AMX turned off, and on the AVX2 kernels: the codes' product is
+    exact, so the result differs from the interpreter's only by the float32 rounding of the
+    scaling."""
     graph, x = _dynamic_linear(rows=rows)
     _, lowered, _ = _insert(graph, x)
     got = TVMRunner(build(lowered, target), device_for("llvm"), 1)([x])[0]
