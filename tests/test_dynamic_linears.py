@@ -333,3 +333,17 @@ def test_a_dynamic_linear_builds_for_cuda_and_compiles(tmp_path):
         want = lowered(x)[0]
         got = TVMRunner(executable, tvm.cuda(0), 1)([x])[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_per_token_build_saves_and_loads(tmp_path):
+    model, calibration = _rows_case()
+    compiled = qcompiler.compile(model, (torch.from_numpy(calibration[0]),), calibration=calibration,
+                                 config=QuantConfig(dynamic_linears="all"))
+    assert len(compiled.report()["dynamic_linears"]) == 2
+    compiled.save(tmp_path / "art")
+    loaded = qcompiler.load(tmp_path / "art")
+    x = calibration[2]
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(compiled(x)))
+    want = compiled.graph(x)[0]  # the integer graph on the interpreter
+    np.testing.assert_allclose(np.asarray(compiled(x)).reshape(want.shape), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
