@@ -158,13 +158,53 @@ def _local(float_graph: Graph, quant_graph: Graph, float_values: dict[int, list[
     return results
 
 
+def _normalized_rows(graph: Graph) -> dict[int, int]:
+    """Handle -> the rank of the trailing block a ``layer_norm`` rescales, for each layer whose
+    result reaches one directly or through a residual ``add``. Such a result's error counts
+    relative to each of its rows: a row 100x smaller than the largest (a quiet token) carries
+    1/10,000 of the tensor's energy, so an error that wipes it out hardly moves the tensor's
+    SQNR, and the normalization then scales that row, error and all, back to unit size."""
+    users = graph.users()
+
+    def normalizing(v: Value) -> int | None:
+        for r in users.get(v, []):
+            if r.op == "layer_norm" and r.inputs[0] is v:
+                return v.type.rank - (r.attrs["axis"] % v.type.rank)
+        return None
+
+    found = {}
+    for node in graph.nodes:
+        if not node.outputs or "handle" not in node.meta:
+            continue
+        out = node.outputs[0]
+        trailing = normalizing(out)
+        for r in users.get(out, []):
+            if trailing is None and r.op == "add":
+                trailing = normalizing(r.outputs[0])
+        if trailing is not None:
+            found[node.handle] = trailing
+    return found
+
+
+def _row_metrics(ref: np.ndarray, got: np.ndarray, trailing: int) -> tuple[float, float, float]:
+    """``_metrics`` of both tensors with each row (the last ``trailing`` axes) divided by the
+    reference row's RMS: every row weighs the same."""
+    ref = ref.astype(np.float64)
+    rows = ref.reshape(-1, int(np.prod(ref.shape[ref.ndim - trailing:])))
+    rms = np.sqrt(np.mean(rows ** 2, axis=1, keepdims=True))
+    rms = np.where(rms > 0, rms, 1.0)
+    return _metrics(rows / rms, got.astype(np.float64).reshape(rows.shape) / rms)
+
+
 def compare(float_graph: Graph, quant_graph: Graph, inputs: Sequence[Any]) -> list[LayerError]:
     """Per-layer errors of ``quant_graph`` against ``float_graph`` on one batch of ``inputs``,
-    in graph order."""
+    in graph order. A layer whose result a ``layer_norm`` normalizes (directly or after a
+    residual add) has its local error measured row by row (``_normalized_rows``)."""
     arrays = check_inputs(float_graph, list(inputs))
     float_values = _record(float_graph, arrays, dequantize=False)
     quant_values = _record(quant_graph, arrays, dequantize=True)
     local = _local(float_graph, quant_graph, float_values, arrays)
+    row_normalized = _normalized_rows(float_graph)
     sources = {n.handle: n for n in float_graph.nodes}
     layers = []
     for handle, refs in float_values.items():
@@ -174,7 +214,9 @@ def compare(float_graph: Graph, quant_graph: Graph, inputs: Sequence[Any]) -> li
         sqnr, cosine, max_abs = _metrics(ref, quant_values[handle][0])
         entry = LayerError(handle, sources[handle].op, sources[handle].source, sqnr, cosine, max_abs)
         if handle in local:
-            entry.local_sqnr_db, entry.local_cosine, _ = _metrics(ref, local[handle])
+            metrics = _row_metrics(ref, local[handle], row_normalized[handle]) if handle in row_normalized \
+                else _metrics(ref, local[handle])
+            entry.local_sqnr_db, entry.local_cosine = metrics[:2]
         layers.append(entry)
     return layers
 

@@ -203,3 +203,65 @@ def test_a_target_only_float_meets_keeps_every_layer_float_and_says_so():
     kept = [e for e in compiled.report()["kept_float"] if "target_output_sqnr_db 500" in e["reason"]]
     assert len(kept) == sum(len(p["nodes"]) for p in found["promoted"]) == 3
     assert "linear_int" not in compiled.graph.op_counts()
+
+
+class _QuietRows(torch.nn.Module):
+    """A residual block closed by a layer norm, over tokens whose sizes span 1000x (a transformer's
+    residual stream: a few tokens carry most of the magnitude)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.norm = torch.nn.Linear(32, 32, bias=False), torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.norm(x + self.proj(x))
+
+
+def test_a_result_a_layer_norm_rescales_is_judged_row_by_row():
+    """The add's int8 grid, set by the large tokens, wipes out the quiet ones; by the tensor's
+    energy its SQNR looks fine, but the layer norm scales each row back to unit size. compare()
+    measures such a result row by row (each row divided by its float RMS), the sensitivity
+    check then keeps the add float, and the quiet tokens come out right."""
+    from qcompiler.compare import compare
+    from qcompiler.interpreter import values_of
+    from qcompiler.ir.ops import get_op
+    from qcompiler.quant_config import QuantConfig
+
+    rng = np.random.default_rng(0)
+    scales = np.logspace(-3, 0, 16)[None, :, None]
+    calibration = [(rng.standard_normal((2, 16, 32)) * scales).astype(np.float32) for _ in range(3)]
+    model = _QuietRows().eval()
+    graph = qcompiler.from_torch(model, (torch.from_numpy(calibration[0]),))
+    plain = qcompiler.quantize(graph, calibration, QuantConfig(min_layer_sqnr_db=None, dynamic_linears="off"))
+    add = next(n for n in plain.float_graph.nodes if n.op == "add")
+    entry = next(e for e in compare(plain.float_graph, plain.qdq_graph, (calibration[0],)) if e.handle == add.handle)
+    # the oracle: the add alone on its float operands through their quantize/dequantize pairs, its
+    # result through its own, rows normalized here
+    qdq = plain.qdq_graph
+
+    def fake_quantized(v, params_of) -> np.ndarray:
+        params = [qdq.constant_array(c) for c in params_of.inputs[1:]]
+        codes = get_op("quantize").run([v.astype(np.float32), *params], params_of.attrs)[0]
+        return get_op("dequantize").run([codes, *params], params_of.attrs)[0].astype(np.float64)
+
+    seen = values_of(plain.float_graph, [calibration[0]], [*add.inputs, add.output])
+    q_add = next(n for n in qdq.nodes if n.handle == add.handle)
+    operands = [fake_quantized(seen[id(f)], q.producer) for f, q in zip(add.inputs, q_add.inputs)]
+    x = seen[id(add.output)].astype(np.float64)
+    fake = fake_quantized(operands[0] + operands[1], next(u for u in qdq.users_of(q_add.output) if u.op == "quantize"))
+    rms = np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True))
+    by_rows = 10 * np.log10(np.sum((x / rms) ** 2) / np.sum(((x - fake) / rms) ** 2))
+    whole = 10 * np.log10(np.sum(x ** 2) / np.sum((x - fake) ** 2))
+    assert entry.local_sqnr_db == pytest.approx(by_rows, abs=0.01) and whole > by_rows + 10, (whole, by_rows)
+    checked = qcompiler.quantize(graph, calibration, QuantConfig(dynamic_linears="off", float_precision="fp32"))
+    assert any(e["node"].startswith("add") for e in checked.report["kept_float"])
+    sample = calibration[1]
+    with torch.no_grad():
+        want = model(torch.from_numpy(sample)).numpy()
+
+    def worst_row_sqnr(got: np.ndarray) -> float:
+        err = ((want - got.reshape(want.shape)) ** 2).sum(-1)
+        return float(10 * np.log10((want ** 2).sum(-1) / err).min())
+
+    assert worst_row_sqnr(checked.graph(sample)[0]) > worst_row_sqnr(plain.graph(sample)[0]) + 10
