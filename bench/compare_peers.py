@@ -49,7 +49,7 @@ RUNTIMES = {
     "OpenVINO int8 (ORT's QDQ model)": "ov-qdq",
     "qcompiler fp32": "qc-fp32",
     "qcompiler int8": "qc-int8",
-    "qcompiler int8, static scales only (dynamic_linears off)": "qc-static",
+    "qcompiler int8, static scales only (per_token off)": "qc-static",
     "qcompiler int8 (tuned)": "qc-int8-tuned",
     "qcompiler int8 + bf16/fp32 to a target SQNR": "qc-target",
     "qcompiler int8, compiled in the process it runs in": "qc-int8-compiled-here",
@@ -135,7 +135,7 @@ def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: C
     else:
         notes["qc-int8-tuned"] = "skip"
     if static_too:
-        builds["qc-static"] = {"calibration": calibration, "config": qcompiler.QuantConfig(dynamic_linears="off")}
+        builds["qc-static"] = {"calibration": calibration, "config": qcompiler.QuantConfig(per_token="off")}
     else:
         notes["qc-static"] = "skip"
     if target_sqnr is not None:
@@ -154,7 +154,7 @@ def prepare(case, directory: Path, tune_trials: int, cpu: str | None, console: C
         if kind in ("qc-int8", "qc-static", "qc-target"):
             kept = compiled.report()["kept_float"]
             bf16 = sum(1 for e in kept if e.get("precision") == "bf16")
-            per_token = len(compiled.report().get("dynamic_linears", []))
+            per_token = len(compiled.report().get("per_token", []))
             notes[kind] += (f"; {per_token} per-token" if per_token else "") + \
                 f"; {bf16} layers bf16, {len(kept) - bf16} float" + (
                 f"; target {target_sqnr:g} dB" if kind == "qc-target" else "")
@@ -244,7 +244,7 @@ def main() -> None:
                         help="also build with QuantConfig(target_output_sqnr_db=DB): layers int8 cannot carry go "
                              "to bf16 (AMX-BF16) or fp32 until the output meets DB")
     parser.add_argument("--static-too", action="store_true",
-                        help="also build int8 with dynamic_linears='off' (static activation scales only)")
+                        help="also build int8 with per_token='off' (static activation scales only)")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

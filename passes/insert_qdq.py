@@ -18,8 +18,9 @@ graph will compute, in float, which is what `compare` measures and `lower-intege
   average stays on the input's grid up to rounding).
 - reduce_mean (global average pooling): the mean has a much narrower range than its input, so
   it gets its own parameters.
-- a linear named in ``dynamic``: its activation gets per-token scales at run time
-  (``quantize_rows`` -> ``dequantize_rows``), its weight per channel as above, its result float.
+- a linear or matmul named in ``dynamic``: its left operand gets per-token scales at run time
+  (``quantize_rows`` -> ``dequantize_rows``), its weight per channel (a matmul's run-time right
+  operand per tensor) as above, its result float.
 A value whose calibrated range exceeds ``max_abs_range``, or that is computed from a constant
 beyond it (attention masks filled with -1e30 or -inf, whether or not calibration saw padding)
 is left in float with the op that reads it; every op left in float is reported."""
@@ -377,19 +378,30 @@ class InsertQDQ(QuantScheme, Pass):
         return True
 
     def _quantize_dynamic(self, graph: Graph, node: Node, ins: _Inserter) -> bool:
-        """A linear whose activations are quantized per token at run time: ``quantize_rows``
-        (symmetric int8 codes, one scale per row) and ``dequantize_rows`` in front of it, its
-        weight per output channel as any int8 layer's, its bias and result float (no static
-        range can hold a scale that changes with each input). False (left to the static path)
-        for anything but a linear over a float activation and a float constant weight."""
+        """A linear or matmul whose left operand is quantized per token at run time:
+        ``quantize_rows`` (symmetric int8 codes, one scale per row) and ``dequantize_rows`` in
+        front of it; a linear's weight per output channel as any int8 layer's, a matmul's right
+        operand (run-time: attention's keys or values) per tensor from its range; the bias and
+        the result float (no static range can hold a scale that changes with each input). False
+        (left to the static path) for anything else: a constant or non-f32 left operand, a
+        matmul whose operands broadcast their batch dimensions or whose right operand has no
+        range."""
         traits = traits_of(node.op)
-        x, w = node.inputs[0], node.inputs[traits.weight_slot] if traits.weight_slot is not None else None
-        if traits.config_type != "linear" or w is None or not w.is_constant or w.dtype not in FLOAT \
-                or x.dtype != "f32" or x.is_constant:
+        x, right = node.inputs[0], node.inputs[1]
+        if x.dtype != "f32" or x.is_constant or traits.config_type not in ("linear", "matmul"):
+            return False
+        if traits.config_type == "linear":
+            if not right.is_constant or right.dtype not in FLOAT:
+                return False
+            node.inputs[0] = ins.rows_quantized(x, node)
+            q, scale = quantize_layer_weight(node, graph.constant_array(right), None, None, self)
+            attach_quantized_weight(graph, node, traits.weight_slot, q, scale, self.int4_groups(node))
+            return True
+        params = None if right.is_constant or right.dtype != "f32" else ins.params(right)
+        if params is None or x.type.rank < 2 or right.type.rank < 2 or x.shape[:-2] != right.shape[:-2]:
             return False
         node.inputs[0] = ins.rows_quantized(x, node)
-        q, scale = quantize_layer_weight(node, graph.constant_array(w), None, None, self)
-        attach_quantized_weight(graph, node, traits.weight_slot, q, scale, self.int4_groups(node))
+        node.inputs[1] = ins.input(right, params, node)
         return True
 
     def _round_bf16(self, graph: Graph, node: Node, ins: _Inserter) -> bool:

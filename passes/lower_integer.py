@@ -5,8 +5,9 @@
   multiplier m*2^-shift = s_x*s_w/s_y, rounding half to even and saturating. A fused relu,
   relu6 or clip becomes the requantize clamp; other fused activations run in float between
   a dequantized accumulator and the quantize.
-- ``dequantize_rows -> linear`` (per-token scales) becomes ``linear_int`` over the codes and
-  ``dequantize_rows`` of the accumulator by row and column scale, plus the float bias.
+- ``dequantize_rows -> linear/matmul`` (per-token scales) becomes ``linear_int``/``matmul_int``
+  over the codes and ``dequantize_rows`` of the accumulator by row and column scale, plus the
+  float bias.
 - ``dequantize -> add -> quantize`` becomes ``add_int`` (operands rescaled in fixed point), or
   with ``requantize=float32`` (the default) ``add_int_f32`` (in float32, one rounding).
 - relu, pooling, reshape/transpose/slice/concat between pairs with identical parameters run
@@ -186,20 +187,28 @@ def _apply_activation(graph: Graph, x: Value, fused: dict, before: Node) -> Valu
     return graph.add_node(op, [x], attrs, meta={"source": before.source}, before=before).output
 
 
-@matches("linear")
-def lower_dynamic_linear(graph: Graph, node: Node) -> bool:
-    """linear(dequantize_rows(q, s), dq(w)) + b == dequantize_rows(linear_int(q, 128, w), s, s_w, b):
-    with codes q = x/s + 128 per row and w = w_q s_w per column, sum_k (q - 128) s w_q s_w
-    = s s_w sum_k (q - 128) w_q, the integer product scaled by row and column in float32."""
-    if node.op != "linear":
+@matches("linear", "matmul")
+def lower_dynamic_product(graph: Graph, node: Node) -> bool:
+    """op(dequantize_rows(q, s), dq(w)) + b == dequantize_rows(op_int(q, 128, w), s, s_w, b): with
+    codes q = x/s + 128 per row and w = (w_q - z_w) s_w per column (a linear's weight per channel,
+    a matmul's run-time right operand per tensor), sum_k (q - 128) s (w_q - z_w) s_w
+    = s s_w sum_k (q - 128)(w_q - z_w), the integer product scaled by row and column in float32."""
+    if node.op not in ("linear", "matmul"):
         return False
     rows = node.inputs[0].producer
     if rows is None or rows.op != "dequantize_rows" or len(rows.inputs) != 2:
         return False
-    weight = _weight(graph, node.inputs[1])
-    if weight is None:
-        return False
-    w, w_zp, w_scale = weight
+    if node.op == "linear":
+        weight = _weight(graph, node.inputs[1])
+        if weight is None:
+            return False
+        w, w_zp, w_scale = weight
+    else:
+        right = qparams_of(graph, node.inputs[1])
+        if right is None:
+            return False
+        dq = node.inputs[1].producer
+        w, w_zp, w_scale = dq.inputs[0], dq.inputs[2], np.float64(right[0])
     bias = None
     if len(node.inputs) > 2:
         b = node.inputs[2]
@@ -208,9 +217,9 @@ def lower_dynamic_linear(graph: Graph, node: Node) -> bool:
             return False
         bias = graph.constant_array(b).astype(np.float32).reshape(-1)
     codes, row_scale = rows.inputs
-    channels = w.shape[0]
-    acc = graph.add_node("linear_int", [codes, _const(graph, f"{codes.name}.zero_point",
-                                                       np.uint8(rows.attrs["zero_point"])), w, w_zp],
+    channels = node.output.shape[-1]
+    acc = graph.add_node(traits_of(node.op).integer_form,
+                         [codes, _const(graph, f"{codes.name}.zero_point", np.uint8(rows.attrs["zero_point"])), w, w_zp],
                          {}, meta={"source": node.source}, before=node).output
     col = _const(graph, f"{acc.name}.column_scale", np.broadcast_to(w_scale, (channels,)).astype(np.float32))
     extra = [col] + ([_const(graph, f"{acc.name}.bias", bias)] if bias is not None else [])
@@ -343,7 +352,7 @@ def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
     return True
 
 
-RULES = [lower_compute, lower_dynamic_linear, lower_add, lower_mean, lower_same_params, fold_quantize_dequantize]
+RULES = [lower_compute, lower_dynamic_product, lower_add, lower_mean, lower_same_params, fold_quantize_dequantize]
 REQUANTIZE_FORMS = ("fixed", "float32")
 
 

@@ -432,8 +432,8 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
                          "; per sample exact" if checked else "; per sample within float rounding"))
     bf16 = sum(1 for e in report["kept_float"] if e.get("precision") == "bf16")
     table.add_row("kept float", str(len(report["kept_float"])) + (f" ({bf16} in bf16)" if bf16 else ""))
-    if report.get("dynamic_linears"):
-        table.add_row("per-token int8", f"{len(report['dynamic_linears'])} linears (activation scales computed at "
+    if report.get("per_token"):
+        table.add_row("per-token int8", f"{len(report['per_token'])} linears/matmuls (activation scales computed at "
                                         f"run time, one per row)")
     if "low_rank" in report:
         factored = report["low_rank"]["layers"]
@@ -721,14 +721,14 @@ def _synthetic(args: argparse.Namespace, graph, count: int) -> list[list]:
 
 
 def _float_precision_arg(p: argparse.ArgumentParser, auto: str) -> None:
-    from .quant_config import DYNAMIC_LINEARS
+    from .quant_config import PER_TOKEN_MODES
 
     p.add_argument("--float-precision", choices=["auto", "bf16", "fp32"],
                    help=f"precision of the conv/linear/matmul layers kept out of int8 (QuantConfig.float_precision; "
                         f"default auto: bf16 or fp32 {auto})")
-    p.add_argument("--dynamic-linears", choices=list(DYNAMIC_LINEARS),
-                   help="per-token int8 activation scales computed at run time for linears (QuantConfig."
-                        "dynamic_linears): 'fallback' for those a static scale cannot carry, 'all', 'off'; default "
+    p.add_argument("--per-token", choices=list(PER_TOKEN_MODES),
+                   help="per-token int8 activation scales computed at run time for linears and matmuls (QuantConfig."
+                        "per_token): 'fallback' for those a static scale cannot carry, 'all', 'off'; default "
                         "auto: fallback where the layers kept out of int8 would run fp32")
 
 
@@ -737,7 +737,7 @@ def _precision_options(args: argparse.Namespace, config):
     from .quant_config import QuantConfig
 
     changes = {k: v for k, v in (("float_precision", args.float_precision),
-                                 ("dynamic_linears", args.dynamic_linears)) if v is not None}
+                                 ("per_token", args.per_token)) if v is not None}
     return dataclasses.replace(config or QuantConfig(), **changes) if changes else config
 
 

@@ -715,8 +715,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         timings = inst.records
     elif batches is not None or ranges is not None:
         config = config or QuantConfig()
-        if target == "onnx" and config.dynamic_linears == "auto":  # ONNX runtimes run per-token codes as float ops
-            config = dataclasses.replace(config, dynamic_linears="off")
+        if target == "onnx" and config.per_token == "auto":  # ONNX runtimes run per-token codes as float ops
+            config = dataclasses.replace(config, per_token="off")
         # ONNX has no integer-lowered ops: the ONNX target ships the QDQ graph
         result = quantize(graph, batches, config, progress=progress, lower=target != "onnx", on_pass=phases.for_pass,
                           ranges=ranges, bf16_native=_bf16_native(target, cpu))
@@ -738,7 +738,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
                           "nothing was quantized: see passes.kept_float / not_quantized")
     report["kept_float"] = report["passes"].get("kept_float", [])
     for key in ("precision_search", "int8_weight_search", "float32_search", "float_precision", "int8_weights", "gptq",
-                "low_rank", "dynamic_linears"):
+                "low_rank", "per_token"):
         if key in report["passes"]:
             report[key] = report["passes"][key]
     report["ops"] = {"integer": integer_ops, "total": len(compiled_graph.nodes), "by_op": compiled_graph.op_counts()}

@@ -539,10 +539,10 @@ def prepare(model: torch.nn.Module, example_inputs: Sequence[Any], calibration: 
     if config.gptq:
         raise QCompilerError("qat: gptq rounds weights once at build time; training rounds them every step: "
                              "turn one off")
-    if config.dynamic_linears in ("fallback", "all"):
-        raise QCompilerError("qat: per-token dynamic linears have no activation scale to learn: use "
-                             "dynamic_linears 'off' (or 'auto', which QAT treats as 'off')")
-    config = dataclasses.replace(config, dynamic_linears="off")  # training learns static scales
+    if config.per_token in ("fallback", "all"):
+        raise QCompilerError("qat: per-token dynamic layers have no activation scale to learn: use "
+                             "per_token 'off' (or 'auto', which QAT treats as 'off')")
+    config = dataclasses.replace(config, per_token="off")  # training learns static scales
     captured = from_torch(model, tuple(example_inputs))
     result = quantize(captured, calibration, config, lower=False)
     record = result.calibration

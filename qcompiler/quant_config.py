@@ -88,7 +88,7 @@ class CalibrationConfig:
 
 
 WEIGHT_DTYPES = ("i8", "i4")
-DYNAMIC_LINEARS = ("auto", "off", "fallback", "all")
+PER_TOKEN_MODES = ("auto", "off", "fallback", "all")
 FLOAT_PRECISIONS = ("auto", "bf16", "fp32")
 DEFAULT_OP_TYPES = ("conv", "linear", "matmul", "add", "concat", "pool", "relu", "resize")
 
@@ -208,12 +208,12 @@ class QuantConfig:
     # cheaper epilogue) or "fixed" (int32 multiplier and shift, 64-bit products, as gemmlowp);
     # both are exact definitions the interpreter and every kernel compute bit for bit
     requantize: str = "float32"
-    # per-token dynamic int8 for linears (activation scales computed at run time, one per row):
-    # "fallback": a linear the sensitivity check finds weak with a static scale tries it before
-    # leaving int8; "all": every linear; "off": never; "auto": "fallback" where layers out of
-    # int8 would run float32 (no native bf16: per-token int8 is ~4x cheaper), "off" where they
-    # run bf16 (as cheap on AMX, and more exact)
-    dynamic_linears: str = "auto"
+    # per-token dynamic int8 for linears and attention matmuls (the left operand's scales computed
+    # at run time, one per row): "fallback": a layer the sensitivity check finds weak with a
+    # static scale tries it before leaving int8; "all": every one; "off": never; "auto":
+    # "fallback" where layers out of int8 would run float32 (no native bf16: per-token int8 is
+    # ~4x cheaper), "off" where they run bf16 (as cheap on AMX, and more exact)
+    per_token: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.op_types, list):
@@ -227,9 +227,9 @@ class QuantConfig:
         if self.float_precision not in FLOAT_PRECISIONS:
             raise QCompilerError(f"QuantConfig.float_precision '{self.float_precision}' is not one of "
                                  f"{', '.join(FLOAT_PRECISIONS)}")
-        if self.dynamic_linears not in DYNAMIC_LINEARS:
-            raise QCompilerError(f"QuantConfig.dynamic_linears '{self.dynamic_linears}' is not one of "
-                                 f"{', '.join(DYNAMIC_LINEARS)}")
+        if self.per_token not in PER_TOKEN_MODES:
+            raise QCompilerError(f"QuantConfig.per_token '{self.per_token}' is not one of "
+                                 f"{', '.join(PER_TOKEN_MODES)}")
         if self.requantize not in ("fixed", "float32"):
             raise QCompilerError(f"QuantConfig.requantize '{self.requantize}' is not one of fixed, float32")
         if self.float_precision == "bf16" and self.weight_only_fallback:
@@ -246,11 +246,11 @@ class QuantConfig:
         more layers kept float (weight-only with ``weight_only_fallback``), ``int8_weights``:
         layers of an i4 config kept at int8 weights (the sensitivity check's), ``bf16``: those of
         ``exclude`` that run in bfloat16, ``dynamic``: linears with per-token activation scales
-        (every linear under ``dynamic_linears="all"``)."""
+        (every linear and matmul under ``per_token="all"``)."""
         kept, weight_only = ((), tuple(exclude)) if self.weight_only_fallback else (tuple(exclude), ())
         return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + kept,
                            self.max_abs_range, self.weight_dtype, self.weight_group_size, tuple(int8_weights),
-                           weight_only, tuple(bf16), ("*",) if self.dynamic_linears == "all" else tuple(dynamic))
+                           weight_only, tuple(bf16), ("*",) if self.per_token == "all" else tuple(dynamic))
 
     def sensitivity_floor(self, precision: str, op: str) -> tuple[float, str]:
         """The sensitivity check's floor for a layer of ``op`` kept out of int8 in ``precision``
@@ -267,8 +267,8 @@ class QuantConfig:
 
     def per_token_fallback(self, precision: str) -> bool:
         """Whether the sensitivity check tries per-token scales on a weak linear, given the
-        resolved float precision (``dynamic_linears``)."""
-        return self.dynamic_linears == "fallback" or (self.dynamic_linears == "auto" and precision == "fp32")
+        resolved float precision (``per_token``)."""
+        return self.per_token == "fallback" or (self.per_token == "auto" and precision == "fp32")
 
     def lower_stage(self) -> str:
         """lower-integer with this config's requantization form."""

@@ -155,7 +155,7 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
         dynamic = tuple(record.dynamic)
     ctx.report["float_precision"] = {"config": config.float_precision, "resolved": precision,
                                      "bf16_layers": list(bf16)}
-    ctx.report["dynamic_linears"] = _dynamic_report(qdq, record.dynamic, config)
+    ctx.report["per_token"] = _dynamic_report(qdq, record.dynamic, config)
     if record.int8_weights:
         ctx.report["int8_weights"] = [{"layer": k, "reason": why} for k, why in record.int8_weights.items()]
     final = run_pipeline(qdq.copy(), config.lower_stage(), inst, ctx) if lower else qdq
@@ -343,24 +343,36 @@ def _ladder(int4: bool, weight_only: bool, per_token: bool = False) -> list[tupl
 
 
 def _per_token_eligible(float_graph: Graph, config: QuantConfig) -> set[str]:
-    """The layers the ladder may give per-token scales: linears with a constant weight over a
-    float activation, in an int8-weight config."""
+    """The layers the ladder may give per-token scales (in an int8-weight config): linears with a
+    constant weight and matmuls of two run-time operands of the same batch dimensions (attention's
+    products), over a float left operand."""
     from .ir.ops import traits_of
 
     if config.weight_dtype != "i8":
         return set()
-    return {n.outputs[0].name for n in float_graph.nodes if traits_of(n.op).config_type == "linear"
-            and n.inputs[1].is_constant and not n.inputs[0].is_constant and n.inputs[0].dtype == "f32"}
+
+    def eligible(n: Any) -> bool:
+        if traits_of(n.op).config_type not in ("linear", "matmul") or len(n.inputs) < 2:
+            return False
+        x, right = n.inputs[0], n.inputs[1]
+        if x.is_constant or x.dtype != "f32":
+            return False
+        if traits_of(n.op).config_type == "linear":
+            return right.is_constant
+        return (traits_of(n.op).config_type == "matmul" and not right.is_constant and right.dtype == "f32"
+                and x.type.rank >= 2 and right.type.rank >= 2 and x.shape[:-2] == right.shape[:-2])
+
+    return {n.outputs[0].name for n in float_graph.nodes if eligible(n)}
 
 
 def _dynamic_report(qdq: Graph, reasons: dict[str, str], config: QuantConfig) -> list[dict[str, str]]:
-    """The linears that got per-token activation scales, each with why."""
+    """The linears and matmuls that got per-token activation scales, each with why."""
     layers = []
     for node in qdq.nodes:
         rows = node.inputs[0].producer if node.inputs else None
-        if node.op == "linear" and rows is not None and rows.op == "dequantize_rows":
-            why = reasons.get(node.outputs[0].name, "QuantConfig.dynamic_linears is 'all'"
-                              if config.dynamic_linears == "all" else "QuantConfig's dynamic layers")
+        if node.op in ("linear", "matmul") and rows is not None and rows.op == "dequantize_rows":
+            why = reasons.get(node.outputs[0].name, "QuantConfig.per_token is 'all'"
+                              if config.per_token == "all" else "QuantConfig's dynamic layers")
             layers.append({"node": node.describe(), "handle": str(node.handle), "reason": why})
     return layers
 

@@ -233,7 +233,7 @@ def test_a_result_a_layer_norm_rescales_is_judged_row_by_row():
     calibration = [(rng.standard_normal((2, 16, 32)) * scales).astype(np.float32) for _ in range(3)]
     model = _QuietRows().eval()
     graph = qcompiler.from_torch(model, (torch.from_numpy(calibration[0]),))
-    plain = qcompiler.quantize(graph, calibration, QuantConfig(min_layer_sqnr_db=None, dynamic_linears="off"))
+    plain = qcompiler.quantize(graph, calibration, QuantConfig(min_layer_sqnr_db=None, per_token="off"))
     add = next(n for n in plain.float_graph.nodes if n.op == "add")
     entry = next(e for e in compare(plain.float_graph, plain.qdq_graph, (calibration[0],)) if e.handle == add.handle)
     # the oracle: the add alone on its float operands through their quantize/dequantize pairs, its
@@ -254,7 +254,7 @@ def test_a_result_a_layer_norm_rescales_is_judged_row_by_row():
     by_rows = 10 * np.log10(np.sum((x / rms) ** 2) / np.sum(((x - fake) / rms) ** 2))
     whole = 10 * np.log10(np.sum(x ** 2) / np.sum((x - fake) ** 2))
     assert entry.local_sqnr_db == pytest.approx(by_rows, abs=0.01) and whole > by_rows + 10, (whole, by_rows)
-    checked = qcompiler.quantize(graph, calibration, QuantConfig(dynamic_linears="off", float_precision="fp32"))
+    checked = qcompiler.quantize(graph, calibration, QuantConfig(per_token="off", float_precision="fp32"))
     assert any(e["node"].startswith("add") for e in checked.report["kept_float"])
     sample = calibration[1]
     with torch.no_grad():

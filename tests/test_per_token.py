@@ -1,5 +1,5 @@
-"""Per-token dynamic int8 linears: ``quantize_rows`` / ``dequantize_rows`` against torch's
-arithmetic, the TVM kernels bit for bit (codes, scales) or to float32 rounding (the scaled
+"""Per-token dynamic int8 (linears and attention matmuls): ``quantize_rows`` / ``dequantize_rows``
+against torch's arithmetic, the TVM kernels bit for bit (codes, scales) or to float32 rounding (the scaled
 product) against the interpreter, insert-qdq and lower-integer against the reference
 interpreter, the quantization flow choosing per-token scales for a linear a static scale cannot
 carry (and the record, the pipeline string and the ONNX export keeping it), QAT refusing them.
@@ -188,9 +188,9 @@ def _rows_case():
 def test_the_sensitivity_check_gives_weak_linears_per_token_scales_and_the_record_keeps_them(tmp_path):
     model, calibration = _rows_case()
     graph = qcompiler.from_torch(model, (torch.from_numpy(calibration[0]),))
-    config = QuantConfig(min_layer_sqnr_db=38.0, dynamic_linears="fallback", float_precision="fp32")
+    config = QuantConfig(min_layer_sqnr_db=38.0, per_token="fallback", float_precision="fp32")
     result = qcompiler.quantize(graph, calibration, config)
-    dynamic = result.report["dynamic_linears"]
+    dynamic = result.report["per_token"]
     assert [e["node"] for e in dynamic] == ["linear 'up' (%0)"]  # the one under 38 dB with a static scale
     assert "with a static scale: per-token scales at run time" in dynamic[0]["reason"]
     assert result.report["kept_float"] == []  # per-token scales carry it: nothing left float
@@ -200,8 +200,8 @@ def test_the_sensitivity_check_gives_weak_linears_per_token_scales_and_the_recor
     x = calibration[1]
     with torch.no_grad():
         reference = model(torch.from_numpy(x)).numpy()
-    off = qcompiler.quantize(graph, calibration, dataclasses.replace(config, dynamic_linears="off"))
-    assert off.report["dynamic_linears"] == [] and [e["node"] for e in off.report["kept_float"]] == \
+    off = qcompiler.quantize(graph, calibration, dataclasses.replace(config, per_token="off"))
+    assert off.report["per_token"] == [] and [e["node"] for e in off.report["kept_float"]] == \
         ["linear 'up' (%0)"]
     assert sqnr_db(reference, result.graph(x)[0]) > 30.0
     # the pipeline string reproduces the graph; a saved record brings the same layers back
@@ -218,15 +218,15 @@ def test_auto_tries_per_token_scales_only_where_float_would_be_fp32():
     model, calibration = _rows_case()
     graph = qcompiler.from_torch(model, (torch.from_numpy(calibration[0]),))
     auto = QuantConfig(min_layer_sqnr_db=38.0)
-    assert auto.dynamic_linears == "auto"
+    assert auto.per_token == "auto"
     fp32 = qcompiler.quantize(graph, calibration, auto, bf16_native=False)
-    assert len(fp32.report["dynamic_linears"]) == 1
+    assert len(fp32.report["per_token"]) == 1
     bf16 = qcompiler.quantize(graph, calibration, auto, bf16_native=True)
-    assert bf16.report["dynamic_linears"] == [] and {e["precision"] for e in bf16.report["kept_float"]} == {"bf16"}
-    every = qcompiler.quantize(graph, calibration, QuantConfig(dynamic_linears="all", min_layer_sqnr_db=None))
-    assert len(every.report["dynamic_linears"]) == 2
-    with pytest.raises(qcompiler.QCompilerError, match="dynamic_linears 'some' is not one of auto, off"):
-        QuantConfig(dynamic_linears="some")
+    assert bf16.report["per_token"] == [] and {e["precision"] for e in bf16.report["kept_float"]} == {"bf16"}
+    every = qcompiler.quantize(graph, calibration, QuantConfig(per_token="all", min_layer_sqnr_db=None))
+    assert len(every.report["per_token"]) == 2
+    with pytest.raises(qcompiler.QCompilerError, match="per_token 'some' is not one of auto, off"):
+        QuantConfig(per_token="some")
 
 
 def test_bias_correction_measures_a_dynamic_layer_with_per_token_scales():
@@ -271,8 +271,8 @@ def test_qat_refuses_per_token_linears_and_treats_auto_as_off():
 
     model, calibration = _rows_case()
     example = (torch.from_numpy(calibration[0]),)
-    with pytest.raises(qcompiler.QCompilerError, match="per-token dynamic linears have no activation scale"):
-        prepare(model, example, calibration, QuantConfig(dynamic_linears="all"))
+    with pytest.raises(qcompiler.QCompilerError, match="per-token dynamic layers have no activation scale"):
+        prepare(model, example, calibration, QuantConfig(per_token="all"))
     prepared = prepare(model, example, calibration, QuantConfig(min_layer_sqnr_db=38.0, float_precision="fp32"))
     assert not any(n.op == "quantize_rows" for n in prepared.qdq.nodes)
 
@@ -284,11 +284,11 @@ def test_the_cli_reports_per_token_linears(tmp_path):
     path = export_onnx(model, (torch.from_numpy(calibration[0]),), tmp_path / "mlp.onnx", ["x"])
     np.savez(tmp_path / "cal.npz", x=np.stack(calibration))
     done = cli_in_process("compile", path, "--calibration", str(tmp_path / "cal.npz"), "--target", "reference",
-                          "-o", str(tmp_path / "a"), "--dynamic-linears", "all")
+                          "-o", str(tmp_path / "a"), "--per-token", "all")
     assert done.returncode == 0, done.stderr
-    assert "per-token int8" in done.stderr + done.stdout and "2 linears" in done.stderr + done.stdout
+    assert "per-token int8" in done.stderr + done.stdout and "2 linears/matmuls" in done.stderr + done.stdout
     report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert len(report["dynamic_linears"]) == 2
+    assert len(report["per_token"]) == 2
 
 
 def test_the_portable_lowering_is_bit_exact_on_the_cpu():
@@ -338,8 +338,8 @@ def test_a_dynamic_linear_builds_for_cuda_and_compiles(tmp_path):
 def test_a_per_token_build_saves_and_loads(tmp_path):
     model, calibration = _rows_case()
     compiled = qcompiler.compile(model, (torch.from_numpy(calibration[0]),), calibration=calibration,
-                                 config=QuantConfig(dynamic_linears="all"))
-    assert len(compiled.report()["dynamic_linears"]) == 2
+                                 config=QuantConfig(per_token="all"))
+    assert len(compiled.report()["per_token"]) == 2
     compiled.save(tmp_path / "art")
     loaded = qcompiler.load(tmp_path / "art")
     x = calibration[2]
@@ -347,3 +347,32 @@ def test_a_per_token_build_saves_and_loads(tmp_path):
     want = compiled.graph(x)[0]  # the integer graph on the interpreter
     np.testing.assert_allclose(np.asarray(compiled(x)).reshape(want.shape), want, rtol=1e-5,
                                atol=1e-5 * np.abs(want).max())
+
+
+def _attention_scores(rows=16) -> tuple[Graph, list[np.ndarray]]:
+    """matmul of two run-time operands (queries by keys), the queries' rows spanning 100x."""
+    g = Graph("scores")
+    q = g.add_input("q", TensorType((2, 4, rows, 32), "f32"))
+    k = g.add_input("k", TensorType((2, 4, 32, 24), "f32"))
+    g.set_outputs([g.add_node("matmul", [q, k]).output])
+    rng = np.random.default_rng(7)
+    return g, [_rows((2, 4, rows, 32), 7), rng.standard_normal((2, 4, 32, 24)).astype(np.float32)]
+
+
+@pytest.mark.parametrize("target", _targets())
+def test_a_matmul_of_two_run_time_operands_takes_per_token_scales(target):
+    """The left operand per row (quantize_rows), the right per tensor: matmul_int over the codes,
+    dequantize_rows by row scale and the right operand's scale; per-token beats static, and the
+    TVM kernels agree with the interpreter to float32 rounding."""
+    graph, inputs = _attention_scores()
+    ctx = PassContext(calibration=[tuple(inputs)])
+    qdq = run_pipeline(graph.copy(), "range-analysis,insert-qdq{dynamic=*}", context=ctx)
+    lowered = run_pipeline(qdq.copy(), "lower-integer", context=ctx)
+    counts = lowered.op_counts()
+    assert counts.get("matmul_int") == 1 and counts.get("quantize_rows") == 1 and "matmul" not in counts
+    exact, simulated, integer = graph(*inputs)[0], qdq(*inputs)[0], lowered(*inputs)[0]
+    np.testing.assert_allclose(integer, simulated, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    static = run_pipeline(graph.copy(), "range-analysis,insert-qdq,lower-integer", context=ctx)(*inputs)[0]
+    assert sqnr_db(exact, integer) > sqnr_db(exact, static) + 5
+    got = TVMRunner(build(lowered, target), device_for("llvm"), 1)(inputs)[0]
+    np.testing.assert_allclose(got, integer, rtol=1e-5, atol=1e-5 * np.abs(integer).max())
