@@ -347,12 +347,27 @@ def test_cubic_and_fractional_resizes_match_the_onnx_reference(mode, scale):
     np.testing.assert_allclose(qcompiler.compile(model, target="llvm")(x), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("attrs, why", [({"antialias": 1}, "antialias is not supported"),
-                                        ({"coordinate_transformation_mode": "tf_crop_and_resize"},
-                                         "tf_crop_and_resize needs a roi")])
-def test_resizes_qcompiler_cannot_do_are_one_clear_error(attrs, why):
+@pytest.mark.parametrize("mode, attrs", [("linear", {}), ("cubic", {}), ("cubic", {"exclude_outside": 1})])
+@pytest.mark.parametrize("transform", ["half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"])
+@pytest.mark.parametrize("scales", [[0.6, 0.45], [0.4, 1.6]])
+def test_antialiased_downscaling_matches_the_onnx_reference(mode, attrs, transform, scales):
+    """Before: refused. Downscaling averages the inputs an output covers (the kernel stretched by
+    1 / scale); upscaling an axis is plain interpolation. The interpreter and the TVM build."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = _resize_model(mode, [1.0, 1.0, *scales], antialias=1, coordinate_transformation_mode=transform, **attrs)
+    x = np.random.default_rng(1).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(qcompiler.from_onnx(model)(x)[0], want, atol=1e-5)
+    np.testing.assert_allclose(qcompiler.compile(model, target="llvm")(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, attrs, why", [("nearest", {"antialias": 1}, "antialias applies to linear and cubic"),
+                                              ("linear", {"coordinate_transformation_mode": "tf_crop_and_resize"},
+                                               "tf_crop_and_resize needs a roi")])
+def test_resizes_qcompiler_cannot_do_are_one_clear_error(mode, attrs, why):
     with pytest.raises(qcompiler.QCompilerError, match=f"Resize 'up': .*{why}"):
-        qcompiler.from_onnx(_resize_model("linear", [1.0, 1.0, 2.0, 2.0], **attrs))
+        qcompiler.from_onnx(_resize_model(mode, [1.0, 1.0, 2.0, 2.0], **attrs))
 
 
 CONV_TRANSPOSES = [dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2, padding=1, output_padding=1),

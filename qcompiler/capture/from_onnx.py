@@ -444,7 +444,8 @@ def _resize(ctx, node, inputs):
     """Resize (opset 10+) and Upsample (7-9) of the two spatial axes of an NCHW image, nearest,
     linear or cubic. Sizes come from ``sizes`` or from ``scales`` (rounded down, the transform
     then using the scales themselves); tf_crop_and_resize samples the ``roi`` (nearest, linear);
-    a resize of N or C and antialias are refused with the node named."""
+    antialias stretches a linear or cubic kernel when downscaling; a resize of N or C is refused
+    with the node named."""
     x = inputs[0]
     mode = _attr(node, "mode", "nearest")
     mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode.decode() if isinstance(mode, bytes) else mode, mode)
@@ -453,8 +454,9 @@ def _resize(ctx, node, inputs):
         raise QCompilerError(f"{what}: mode '{mode}' is not supported (nearest, linear, cubic)")
     if x.type.rank != 4:
         raise QCompilerError(f"{what}: only NCHW images (rank 4) are resized, got {x.type}")
-    if _attr(node, "antialias", 0):
-        raise QCompilerError(f"{what}: antialias is not supported")
+    antialias = bool(_attr(node, "antialias", 0))
+    if antialias and mode == "nearest":
+        raise QCompilerError(f"{what}: antialias applies to linear and cubic resizes, not nearest")
     sizes = ctx.const_input(inputs[3], node, "sizes") if len(inputs) > 3 and inputs[3] is not None else None
     if node.op == "Upsample":
         scales = ctx.const_input(inputs[1], node, "scales") if len(inputs) > 1 else np.asarray(_attr(node, "scales"))
@@ -525,6 +527,8 @@ def _resize(ctx, node, inputs):
     if mode == "nearest":
         attrs["nearest_mode"] = _attr(node, "nearest_mode", "round_prefer_floor") if ctx.opset >= 11 else "floor"
         return ctx.emit1("resize_nearest", [x], attrs)
+    if antialias:
+        attrs["antialias"] = True
     if mode == "cubic":
         attrs.update(cubic_coeff_a=float(_attr(node, "cubic_coeff_a", -0.75)),
                      exclude_outside=bool(_attr(node, "exclude_outside", 0)))

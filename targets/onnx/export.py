@@ -344,6 +344,8 @@ def _resize(ex, node, xs):
             attrs[key] = node.attrs[key]
     if "exclude_outside" in node.attrs:
         attrs["exclude_outside"] = int(node.attrs["exclude_outside"])
+    if node.attrs.get("antialias"):
+        attrs["antialias"] = 1
     if node.attrs["scales"]:  # the transform follows the scales: give them, not the sizes
         return ex.add1("Resize", [xs[0], "", ex.const(np.asarray([1, 1, *node.attrs["scales"]], np.float32), "scales")],
                        **attrs)

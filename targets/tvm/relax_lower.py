@@ -295,7 +295,8 @@ def _resize(low, node, xs):
     x = node.inputs[0]
     mode = node.attrs["coordinate_transformation_mode"]
     (n, m), (w, p) = ((x.shape[2], node.attrs["size"][0]), (x.shape[3], node.attrs["size"][1]))
-    reference_plan = node.attrs["scales"] or node.op == "resize_cubic" or (mode == "align_corners" and 1 in (m, p))
+    reference_plan = node.attrs["scales"] or node.op == "resize_cubic" or node.attrs.get("antialias") or \
+        (mode == "align_corners" and 1 in (m, p))
     if nearest and reference_plan:
         rounding = node.attrs["nearest_mode"]
         rows = low.emit(R.take(xs[0], low.const(nearest_indices(n, m, mode, rounding, given_scale(node.attrs, 0))),

@@ -34,6 +34,8 @@ def _attrs(kind: str) -> dict[str, Attr]:
     if kind == "cubic":
         attrs["cubic_coeff_a"] = Attr("float", -0.75)
         attrs["exclude_outside"] = Attr("bool", False)
+    if kind != "nearest":
+        attrs["antialias"] = Attr("bool", False, "downscaling: the kernel stretched by 1 / scale (ONNX Resize-18)")
     return attrs
 
 
@@ -94,11 +96,39 @@ def _cubic(d: np.ndarray, a: float) -> np.ndarray:
     return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
 
 
+def _antialiased_matrix(n: int, m: int, x: np.ndarray, scale: float, attrs: dict) -> np.ndarray:
+    """ONNX's antialiased interpolation (Resize-18 ``antialias``): downscaling by ``scale < 1``
+    stretches the kernel (triangle for linear, Keys' cubic) by ``1 / scale``, so each output
+    averages the ``1 / scale`` inputs it covers instead of sampling two or four of them. The taps
+    are the kernel's width of input positions around ``x`` (the left one ``floor(x)``, or
+    ``x - 1`` where ``x`` is an integer, as the reference picks its neighbours), weighted by the
+    kernel at ``scale * distance``, normalized to sum 1; outside taps read the edge, or drop out
+    (``exclude_outside``) with the rest renormalized."""
+    scale = min(scale, 1.0)
+    cubic = "cubic_coeff_a" in attrs
+    start = int(np.floor((-2.0 if cubic else -1.0) / scale) + 1)
+    offsets = np.arange(start, (2 if cubic else 1) - start + (0 if cubic else 1))
+    left = np.floor(x)
+    left = np.where(left == x, x - 1, left)
+    distance = (offsets[None, :] - (x - left)[:, None]) * scale
+    weights = _cubic(distance, attrs["cubic_coeff_a"]) if cubic else np.clip(1 - np.abs(distance), 0, 1)
+    weights = weights / weights.sum(1, keepdims=True)
+    taps = left[:, None] + offsets[None, :]
+    if attrs.get("exclude_outside"):
+        weights = np.where((taps < 0) | (taps >= n), 0.0, weights)
+        weights = weights / weights.sum(1, keepdims=True)
+    matrix = np.zeros((m, n))
+    np.add.at(matrix, (np.arange(m)[:, None], np.clip(taps, 0, n - 1).astype(np.int64)), weights)
+    return matrix
+
+
 def interpolation_matrix(n: int, m: int, attrs: dict, axis: int) -> np.ndarray:
     """The [m, n] matrix that resizes one axis (0: height, 1: width) by linear or cubic
     interpolation: row o holds the weights of the input positions output o blends. Outside
     taps read the edge, or (cubic ``exclude_outside``) drop out with the rest renormalized."""
     x = source_coordinates(n, m, attrs["coordinate_transformation_mode"], given_scale(attrs, axis))
+    if attrs.get("antialias") and (given_scale(attrs, axis) or m / n) < 1:
+        return _antialiased_matrix(n, m, x, given_scale(attrs, axis) or m / n, attrs)
     matrix = np.zeros((m, n))
     rows = np.arange(m)[:, None]
     if "cubic_coeff_a" not in attrs:  # linear: the two neighbours of x clamped into the axis
