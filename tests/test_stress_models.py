@@ -362,6 +362,29 @@ def test_antialiased_downscaling_matches_the_onnx_reference(mode, attrs, transfo
     np.testing.assert_allclose(qcompiler.compile(model, target="llvm")(x), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("how", [{"size": (5, 7)}, {"size": (9, 30)}, {"scale_factor": 0.37}])
+def test_torch_antialiased_interpolate_matches_torch(mode, how):
+    """torch's ``antialias=True`` (PIL's filters): ONNX's antialias with outside taps dropped and,
+    for bicubic, a = -0.5; upscaled axes plain interpolation with the same kernel."""
+    module = _Interpolate(mode=mode, antialias=True, **how)
+    x = torch.randn(1, 3, 17, 23)
+    with torch.no_grad():
+        want = module(x).numpy()
+    graph = qcompiler.from_torch(module, (x,))
+    np.testing.assert_allclose(graph(x.numpy())[0], want, atol=2e-5)
+    np.testing.assert_allclose(qcompiler.compile(module, (x,), target="llvm")(x.numpy()), want, atol=2e-5)
+
+
+class _Interpolate(torch.nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, **self.kwargs)
+
+
 @pytest.mark.parametrize("mode, attrs, why", [("nearest", {"antialias": 1}, "antialias applies to linear and cubic"),
                                               ("linear", {"coordinate_transformation_mode": "tf_crop_and_resize"},
                                                "tf_crop_and_resize needs a roi")])

@@ -527,11 +527,9 @@ def _resize(ctx, node, inputs):
     if mode == "nearest":
         attrs["nearest_mode"] = _attr(node, "nearest_mode", "round_prefer_floor") if ctx.opset >= 11 else "floor"
         return ctx.emit1("resize_nearest", [x], attrs)
-    if antialias:
-        attrs["antialias"] = True
+    attrs.update(antialias=antialias, exclude_outside=bool(_attr(node, "exclude_outside", 0)))
     if mode == "cubic":
-        attrs.update(cubic_coeff_a=float(_attr(node, "cubic_coeff_a", -0.75)),
-                     exclude_outside=bool(_attr(node, "exclude_outside", 0)))
+        attrs["cubic_coeff_a"] = float(_attr(node, "cubic_coeff_a", -0.75))
         return ctx.emit1("resize_cubic", [x], attrs)
     return ctx.emit1("resize_linear", [x], attrs)
 

@@ -498,10 +498,11 @@ def _upsample(ctx, node, args):
     asymmetric + floor), ``nearest-exact`` rounds half up from the pixel centre (half_pixel +
     round_prefer_ceil), bilinear is half_pixel (align_corners=True: align_corners), bicubic the
     same with Keys' a = -0.75. With a ``scale_factor`` whose sizes are fractional, torch maps
-    coordinates by that factor, not by out / in: the IR op is given it as ``scales``."""
+    coordinates by that factor, not by out / in: the IR op is given it as ``scales``.
+    ``antialias=True`` is ONNX's antialias with the taps outside the image dropped (and a = -0.5
+    for bicubic, as PIL)."""
     op = _packet(node)
-    if op.endswith("_aa"):
-        raise QCompilerError("interpolate with antialias=True is not supported")
+    antialias = op.endswith("_aa")
     x = ctx.value(args[0])
     size = list(_out_type(node).shape[2:])
     nearest = "nearest" in op
@@ -514,9 +515,13 @@ def _upsample(ctx, node, args):
         exact = op.startswith("_upsample_nearest_exact")
         return ctx.emit1("resize_nearest", [x], {**attrs, "coordinate_transformation_mode": "half_pixel" if exact
                                                   else "asymmetric", "nearest_mode": "round_prefer_ceil" if exact else "floor"})
+    if antialias:
+        if align:
+            raise QCompilerError("interpolate with antialias=True and align_corners=True is not supported")
+        attrs.update(antialias=True, exclude_outside=True)
     if "bicubic" in op:
         return ctx.emit1("resize_cubic", [x], {**attrs, "coordinate_transformation_mode": "align_corners" if align
-                                                else "half_pixel", "cubic_coeff_a": -0.75})
+                                                else "half_pixel", "cubic_coeff_a": -0.5 if antialias else -0.75})
     # half_pixel, not ONNX's pytorch_half_pixel: torch has no special case for an output of one pixel
     return ctx.emit1("resize_linear", [x], {**attrs, "coordinate_transformation_mode": "align_corners" if align else
                                             "half_pixel"})

@@ -33,8 +33,8 @@ def _attrs(kind: str) -> dict[str, Attr]:
         attrs["nearest_mode"] = Attr("str", "floor")
     if kind == "cubic":
         attrs["cubic_coeff_a"] = Attr("float", -0.75)
-        attrs["exclude_outside"] = Attr("bool", False)
     if kind != "nearest":
+        attrs["exclude_outside"] = Attr("bool", False, "taps outside the image weigh 0, the rest renormalized")
         attrs["antialias"] = Attr("bool", False, "downscaling: the kernel stretched by 1 / scale (ONNX Resize-18)")
     return attrs
 
@@ -131,7 +131,7 @@ def interpolation_matrix(n: int, m: int, attrs: dict, axis: int) -> np.ndarray:
         return _antialiased_matrix(n, m, x, given_scale(attrs, axis) or m / n, attrs)
     matrix = np.zeros((m, n))
     rows = np.arange(m)[:, None]
-    if "cubic_coeff_a" not in attrs:  # linear: the two neighbours of x clamped into the axis
+    if "cubic_coeff_a" not in attrs:  # linear: the two neighbours of x clamped into the axis (none outside)
         x = np.clip(x, 0, n - 1)
         low = np.floor(x).astype(np.int64)
         high = np.minimum(low + 1, n - 1)
