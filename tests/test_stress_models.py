@@ -618,3 +618,21 @@ def test_tf_half_pixel_nearest_by_a_fractional_scale_matches_through_every_targe
     np.testing.assert_array_equal(graph(x)[0], want)
     np.testing.assert_array_equal(qcompiler.compile(graph, target="llvm")(x), want)
     np.testing.assert_array_equal(ReferenceEvaluator(export.to_onnx(graph)).run(None, {"x": x})[0], want)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.7])
+def test_swiglu_and_swish_build_and_match_the_onnx_reference(alpha):
+    """SwiGLU (opset 28: LLaMA-style gated FFNs) and Swish (24), on the
+    interpreter and the TVM target."""
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    nodes = [helper.make_node("SwiGLU", ["a", "b"], ["g"], alpha=alpha),
+             helper.make_node("Swish", ["g"], ["y"], alpha=alpha)]
+    model = _onnx_model(nodes, [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 8, 16]) for n in "ab"],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 16])], [], opset=28)
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal((2, 8, 16)).astype(np.float32) * 3 for _ in range(2))
+    want = ReferenceEvaluator(model).run(None, {"a": a, "b": b})[0]
+    np.testing.assert_allclose(qcompiler.from_onnx(model)(a, b)[0], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qcompiler.compile(model, target="llvm")(a, b), want, rtol=1e-4, atol=1e-4)

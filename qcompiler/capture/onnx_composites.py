@@ -59,6 +59,30 @@ def _bit_shift(ctx, node, inputs):
     return ctx.emit1("shift_left" if _attr(node, "direction") == "LEFT" else "shift_right", inputs)
 
 
+def _swish(ctx, x, alpha: float):
+    """x * sigmoid(alpha * x): ``silu`` for alpha 1 (which fuse-activations folds into a producer)."""
+    if alpha == 1.0:
+        return ctx.emit1("silu", [x])
+    return ctx.emit1("mul", [x, ctx.emit1("sigmoid", [ctx.emit1("mul", [x, _scalar(ctx, alpha, x)])])])
+
+
+@converts("Swish")
+def _swish_op(ctx, node, inputs):
+    """Swish (opset 24): x * sigmoid(alpha * x)."""
+    return _swish(ctx, inputs[0], float(_attr(node, "alpha", 1.0)))
+
+
+@converts("SwiGLU")
+def _swiglu(ctx, node, inputs):
+    """SwiGLU (opset 28, the gated FFN of LLaMA-style models): swish_alpha(a) * b, a and b of one
+    shape (the reference applies no broadcasting)."""
+    a, b = inputs[0], inputs[1]
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise QCompilerError(f"SwiGLU '{node.name}': its two inputs must have one shape and dtype, got {a.type} "
+                             f"and {b.type}")
+    return ctx.emit1("mul", [_swish(ctx, a, float(_attr(node, "alpha", 1.0))), b])
+
+
 @converts("Softsign")
 def _softsign(ctx, node, inputs):
     """x / (1 + |x|)."""
