@@ -636,3 +636,21 @@ def test_swiglu_and_swish_build_and_match_the_onnx_reference(alpha):
     want = ReferenceEvaluator(model).run(None, {"a": a, "b": b})[0]
     np.testing.assert_allclose(qcompiler.from_onnx(model)(a, b)[0], want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(qcompiler.compile(model, target="llvm")(a, b), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("source, to", [(np.float32, "int32"), (np.int64, "float64"), (np.uint16, "int16"),
+                                        (np.bool_, "uint8"), (np.float16, "int16")])
+def test_bitcast_reads_the_same_bits_on_every_target(source, to):
+    """ONNX BitCast (opset 26), against numpy's view, on the interpreter and the TVM target."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 5)) * 1e3).astype(source) if source is not np.bool_ else rng.random((3, 5)) > 0.5
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(source))
+    target = helper.np_dtype_to_tensor_dtype(np.dtype(to))
+    model = _onnx_model([helper.make_node("BitCast", ["x"], ["y"], to=target)],
+                        [helper.make_tensor_value_info("x", elem, [3, 5])],
+                        [helper.make_tensor_value_info("y", target, [3, 5])], opset=26)
+    want = x.view(to)
+    np.testing.assert_array_equal(qcompiler.from_onnx(model)(x)[0], want)
+    np.testing.assert_array_equal(np.asarray(qcompiler.compile(model, target="llvm")(x)), want)

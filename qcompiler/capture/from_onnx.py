@@ -19,7 +19,7 @@ import onnx
 
 from ..errors import ModelLoadError, QCompilerError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, dtype_name
-from ..ir.types import MAX_CONSTANT_BYTES
+from ..ir.types import DTYPES, MAX_CONSTANT_BYTES
 from ..ir.verify import verify_graph
 from ..registrar import registrar
 from ..ir.ops.resize import COORDINATE_MODES
@@ -668,6 +668,19 @@ def _cast(ctx, node, inputs):
         except (ValueError, KeyError, TypeError):
             raise QCompilerError(f"Cast '{node.name}': unsupported target type {to_enum}") from None
     return ctx.emit1("cast", [inputs[0]], {"to": to}) if to != inputs[0].dtype else ctx.emit1("identity", [inputs[0]])
+
+
+@converts("BitCast")
+def _bitcast(ctx, node, inputs):
+    """The same bits as another type of the same width (opset 26)."""
+    to_enum = _attr(node, "to")
+    try:
+        to = dtype_name(onnx.helper.tensor_dtype_to_np_dtype(to_enum))
+    except (ValueError, KeyError, TypeError):
+        raise QCompilerError(f"BitCast '{node.name}': unsupported target type {to_enum}") from None
+    if np.dtype(DTYPES[to]).itemsize != np.dtype(DTYPES[inputs[0].dtype]).itemsize:
+        raise QCompilerError(f"BitCast '{node.name}': {inputs[0].dtype} and {to} differ in width")
+    return ctx.emit1("bitcast", [inputs[0]], {"to": to}) if to != inputs[0].dtype else inputs[0]
 
 
 def _auto_pads(node: Any, in_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],

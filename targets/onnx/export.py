@@ -35,6 +35,7 @@ def not_exported() -> dict[str, str]:
                      "themselves (compile(target='onnx') does)"
                for name in ops_where(family="integer")}
     reasons["rescale"] = reasons["conv2d_int"]
+    reasons["bitcast"] = f"ONNX has BitCast from opset 26; this target writes opset {OPSET}"
     reasons["adaptive_avg_pool2d"] = ("only bins that do not divide the input are left as this op at capture, and "
                                       "ONNX has no pooling with PyTorch's uneven bins")
     return reasons

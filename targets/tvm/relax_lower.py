@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 import tvm
-from tvm import relax, topi
+from tvm import relax, te, tirx, topi
 
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node, Value
@@ -248,6 +248,17 @@ def _where(low, node, xs):
 @lowers("cast")
 def _cast(low, node, xs):
     return low.cast(xs[0], TVM_DTYPE[node.attrs["to"]])
+
+
+@lowers("bitcast")
+def _bitcast(low, node, xs):
+    """A bool is one byte of 0 or 1: its bits as a byte are its value; other types are
+    reinterpreted element by element."""
+    to = TVM_DTYPE[node.attrs["to"]]
+    if node.inputs[0].dtype == "bool" or node.attrs["to"] == "bool":
+        return low.cast(xs[0], to)
+    return low.bb.emit_te(lambda t: te.compute(t.shape, lambda *i: tirx.reinterpret(to, t[i]), name="bitcast"), xs[0],
+                          primfunc_name_hint="bitcast")
 
 
 # ---- nn --------------------------------------------------------------------------------------------

@@ -169,3 +169,15 @@ def _cast_kernel(xs, attrs):
 
 declare("cast", arity=1, attrs={"to": Attr("str")}, infer=_cast_infer, kernel=_cast_kernel,
         doc="convert to dtype `to`", traits=ELEMENTWISE)
+
+
+def _bitcast_infer(types, attrs):
+    x, to = types[0], attrs["to"]
+    if to not in DTYPES or DTYPES[to].itemsize != DTYPES[x.dtype].itemsize:
+        raise TypeError(f"bitcast: {x.dtype} and '{to}' must be known dtypes of one width")
+    return [TensorType(x.shape, to)]
+
+
+declare("bitcast", arity=1, attrs={"to": Attr("str")}, infer=_bitcast_infer,
+        kernel=lambda xs, attrs: np.asarray(xs[0], order="C").view(DTYPES[attrs["to"]]),
+        doc="the same bits read as dtype `to` of the same width (ONNX BitCast)", traits=ELEMENTWISE)
