@@ -21,7 +21,7 @@ from qcompiler.ir.ops.quant import ROW_ZERO_POINT, choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantScheme
 
-from .insert_qdq import layer_weight
+from .insert_qdq import layer_weight, per_token_applies
 
 
 def _fake_quant(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
@@ -36,8 +36,8 @@ def _fake_quant_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _per_token(scheme: QuantScheme, node) -> bool:
-    """``node`` gets per-token activation scales from insert-qdq (a linear it names in ``dynamic``)."""
-    return scheme.runs_dynamic(node) and traits_of(node.op).config_type == "linear"
+    """``node`` gets per-token activation scales from insert-qdq (a layer it names in ``dynamic``)."""
+    return scheme.runs_dynamic(node) and per_token_applies(node)
 
 
 @register

@@ -170,6 +170,23 @@ def is_quantized_weight(v: Value) -> bool:
     return dq is not None and dq.op == "dequantize" and dq.inputs[0].is_constant and dq.inputs[0].dtype == "i8"
 
 
+def per_token_applies(node: Node) -> bool:
+    """``node`` can take per-token scales: a run-time f32 left operand, and either a linear's float
+    constant weight or a matmul's run-time f32 right operand with the same batch dimensions
+    (attention's products; a broadcast batch would leave the row scales the wrong shape). The one
+    test insert-qdq, bias correction and the sensitivity check's ladder read."""
+    config_type = traits_of(node.op).config_type
+    if config_type not in ("linear", "matmul") or len(node.inputs) < 2:
+        return False
+    x, right = node.inputs[0], node.inputs[1]
+    if x.is_constant or x.dtype != "f32":
+        return False
+    if config_type == "linear":
+        return right.is_constant and right.dtype in FLOAT
+    return (not right.is_constant and right.dtype == "f32" and x.type.rank >= 2 and right.type.rank >= 2
+            and x.shape[:-2] == right.shape[:-2])
+
+
 class _Inserter:
     def __init__(self, graph: Graph, config: QuantScheme, report: list[dict[str, str]]):
         self.graph, self.config, self.report = graph, config, report
@@ -383,24 +400,20 @@ class InsertQDQ(QuantScheme, Pass):
         front of it; a linear's weight per output channel as any int8 layer's, a matmul's right
         operand (run-time: attention's keys or values) per tensor from its range; the bias and
         the result float (no static range can hold a scale that changes with each input). False
-        (left to the static path) for anything else: a constant or non-f32 left operand, a
-        matmul whose operands broadcast their batch dimensions or whose right operand has no
-        range."""
-        traits = traits_of(node.op)
-        x, right = node.inputs[0], node.inputs[1]
-        if x.dtype != "f32" or x.is_constant or traits.config_type not in ("linear", "matmul"):
+        (left to the static path) where :func:`per_token_applies` says no, or a matmul's right
+        operand has no range."""
+        if not per_token_applies(node):
             return False
+        traits, right = traits_of(node.op), node.inputs[1]
         if traits.config_type == "linear":
-            if not right.is_constant or right.dtype not in FLOAT:
-                return False
-            node.inputs[0] = ins.rows_quantized(x, node)
+            node.inputs[0] = ins.rows_quantized(node.inputs[0], node)
             q, scale = quantize_layer_weight(node, graph.constant_array(right), None, None, self)
             attach_quantized_weight(graph, node, traits.weight_slot, q, scale, self.int4_groups(node))
             return True
-        params = None if right.is_constant or right.dtype != "f32" else ins.params(right)
-        if params is None or x.type.rank < 2 or right.type.rank < 2 or x.shape[:-2] != right.shape[:-2]:
+        params = ins.params(right)
+        if params is None:
             return False
-        node.inputs[0] = ins.rows_quantized(x, node)
+        node.inputs[0] = ins.rows_quantized(node.inputs[0], node)
         node.inputs[1] = ins.input(right, params, node)
         return True
 

@@ -67,7 +67,7 @@ class CalibrationRecord:
     exclude: dict[str, str]  # layer (output value name) the sensitivity check kept float -> why
     int8_weights: dict[str, str] = field(default_factory=dict)  # i4 config: layers kept at int8 weights -> why
     bf16: tuple[str, ...] = ()  # of exclude, the layers run in bfloat16 (the rest float32)
-    dynamic: dict[str, str] = field(default_factory=dict)  # linears given per-token scales -> why
+    dynamic: dict[str, str] = field(default_factory=dict)  # linears and matmuls given per-token scales -> why
 
     @classmethod
     def measure(cls, float_graph: Graph, calibrated: Graph, calibration: str, activation_dtype: str,

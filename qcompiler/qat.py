@@ -26,7 +26,6 @@ requantization's rounding (fixed-point multipliers, int32 bias): within a quanti
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from collections.abc import Callable, Sequence
 from typing import Any

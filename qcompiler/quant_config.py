@@ -109,7 +109,7 @@ class QuantScheme:
     int8_weights: tuple[str, ...] = ()  # i4: layers (names or patterns) whose weights stay int8
     weight_only: tuple[str, ...] = ()  # layers whose weights are quantized and activations left float
     bf16: tuple[str, ...] = ()  # layers (conv, linear, matmul) run in bfloat16 instead of int8
-    dynamic: tuple[str, ...] = ()  # linears whose activations get per-token scales at run time (quantize_rows)
+    dynamic: tuple[str, ...] = ()  # linears and matmuls whose left operand gets per-token scales (quantize_rows)
 
     def check_scheme(self) -> None:
         if self.activation_dtype not in ("u8", "i8"):
@@ -245,7 +245,7 @@ class QuantConfig:
         """The options of insert-qdq and bias-correction this config stands for; ``exclude``:
         more layers kept float (weight-only with ``weight_only_fallback``), ``int8_weights``:
         layers of an i4 config kept at int8 weights (the sensitivity check's), ``bf16``: those of
-        ``exclude`` that run in bfloat16, ``dynamic``: linears with per-token activation scales
+        ``exclude`` that run in bfloat16, ``dynamic``: linears and matmuls with per-token scales
         (every linear and matmul under ``per_token="all"``)."""
         kept, weight_only = ((), tuple(exclude)) if self.weight_only_fallback else (tuple(exclude), ())
         return QuantScheme(self.per_channel, self.activation_dtype, self.op_types, self.exclude + kept,

@@ -27,7 +27,7 @@ def calibrate_stages(config: QuantConfig, exclude: tuple[str, ...] = (), int8_we
                      dynamic: tuple[str, ...] = ()) -> str:
     """range-analysis and (as ``config`` says) bias-correction, with every option ``config``
     sets written out. ``exclude``: layers kept float, ``int8_weights``: layers of an i4 config
-    kept at int8 weights (the sensitivity check's), ``dynamic``: linears with per-token scales."""
+    kept at int8 weights (the sensitivity check's), ``dynamic``: layers with per-token scales."""
     stages = [range_stage(config), gptq_stage(config, exclude, int8_weights),
               bias_stage(config, exclude, int8_weights, dynamic)]
     return ",".join(s for s in stages if s)
@@ -155,7 +155,7 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
         dynamic = tuple(record.dynamic)
     ctx.report["float_precision"] = {"config": config.float_precision, "resolved": precision,
                                      "bf16_layers": list(bf16)}
-    ctx.report["per_token"] = _dynamic_report(qdq, record.dynamic, config)
+    ctx.report["per_token"] = _per_token_report(qdq, record.dynamic, config)
     if record.int8_weights:
         ctx.report["int8_weights"] = [{"layer": k, "reason": why} for k, why in record.int8_weights.items()]
     final = run_pipeline(qdq.copy(), config.lower_stage(), inst, ctx) if lower else qdq
@@ -178,7 +178,7 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
 
     exclude: dict[str, str] = {}  # layers kept out of int8 (in bf16 where precision is bf16) -> why
     int8_weights: dict[str, str] = {}
-    dynamic: dict[str, str] = {}  # linears given per-token activation scales -> why
+    dynamic: dict[str, str] = {}  # linears and matmuls given per-token activation scales -> why
     fp32: dict[str, str] = {}  # of exclude, the layers bf16 could not carry either (the second search's)
 
     def bf16_layers() -> tuple[str, ...]:
@@ -328,7 +328,7 @@ _LADDER_WORDS = {(False, False): " with int4 weights", (False, True): " with int
                  (True, False): " weight-only with int4 weights", (True, True): " weight-only with int8 weights"}
 
 
-PER_TOKEN = "per-token"  # a step of _ladder: int8 with per-token activation scales (a linear)
+PER_TOKEN = "per-token"  # a step of _ladder: int8 with per-token activation scales (a linear or matmul)
 
 
 def _ladder(int4: bool, weight_only: bool, per_token: bool = False) -> list[tuple[bool, bool] | str]:
@@ -343,29 +343,16 @@ def _ladder(int4: bool, weight_only: bool, per_token: bool = False) -> list[tupl
 
 
 def _per_token_eligible(float_graph: Graph, config: QuantConfig) -> set[str]:
-    """The layers the ladder may give per-token scales (in an int8-weight config): linears with a
-    constant weight and matmuls of two run-time operands of the same batch dimensions (attention's
-    products), over a float left operand."""
-    from .ir.ops import traits_of
+    """The layers the ladder may give per-token scales, in an int8-weight config
+    (``insert_qdq.per_token_applies``)."""
+    from .passes.insert_qdq import per_token_applies
 
     if config.weight_dtype != "i8":
         return set()
-
-    def eligible(n: Any) -> bool:
-        if traits_of(n.op).config_type not in ("linear", "matmul") or len(n.inputs) < 2:
-            return False
-        x, right = n.inputs[0], n.inputs[1]
-        if x.is_constant or x.dtype != "f32":
-            return False
-        if traits_of(n.op).config_type == "linear":
-            return right.is_constant
-        return (traits_of(n.op).config_type == "matmul" and not right.is_constant and right.dtype == "f32"
-                and x.type.rank >= 2 and right.type.rank >= 2 and x.shape[:-2] == right.shape[:-2])
-
-    return {n.outputs[0].name for n in float_graph.nodes if eligible(n)}
+    return {n.outputs[0].name for n in float_graph.nodes if per_token_applies(n)}
 
 
-def _dynamic_report(qdq: Graph, reasons: dict[str, str], config: QuantConfig) -> list[dict[str, str]]:
+def _per_token_report(qdq: Graph, reasons: dict[str, str], config: QuantConfig) -> list[dict[str, str]]:
     """The linears and matmuls that got per-token activation scales, each with why."""
     layers = []
     for node in qdq.nodes:

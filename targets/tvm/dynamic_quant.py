@@ -63,7 +63,6 @@ def dequantize_rows(x: te.Tensor, row: te.Tensor, zero_point: int, column: te.Te
     return te.compute(x.shape, element, name="dequantize_rows")
 
 
-
 @functools.cache
 def quantize_rows_cpu(rows: int, length: int) -> tvm.tirx.PrimFunc:
     """``(codes, scales) = quantize_rows(x)`` for ``x [rows, length]`` float32: a task takes
