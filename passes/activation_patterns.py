@@ -1,6 +1,7 @@
 """Activations that exporters write out in pieces, recognised as the one op they are (rules of
 canonicalize). Paddle writes hard-swish as ``x * clip(x + 3, 0, 6) / 6``, ONNX exporters
-write GELU as ``0.5 * x * (1 + erf(x / sqrt(2)))`` and SiLU as ``x * sigmoid(x)``: left in
+write GELU as ``0.5 * x * (1 + erf(x / sqrt(2)))`` (or with tanh, in several groupings) and SiLU
+as ``x * sigmoid(x)``: left in
 pieces, each piece gets its own quantize/dequantize pair and none fuses into the convolution
 before it. Each rule states its identity; the fused op's kernel computes the same function
 (to float rounding). A rule rewrites the last node in place, so its result (perhaps a graph
@@ -137,4 +138,59 @@ def gelu_from_parts(graph: Graph, node: Node) -> bool:
     return False
 
 
-RULES = [hardswish_from_parts, hardsigmoid_from_parts, silu_from_parts, gelu_from_parts]
+CONE_OPS = ("mul", "add", "sub", "div", "pow", "tanh")  # what tanh-GELU's spellings are made of
+CONE_LIMIT = 12  # nodes: the longest spelling has 9
+
+
+def _one_variable_cone(graph: Graph, v: Value) -> tuple[Value, list[Node]] | None:
+    """(x, nodes in evaluation order) when ``v`` is computed from one run-time value ``x`` and
+    scalar constants by at most ``CONE_LIMIT`` elementwise ``CONE_OPS`` nodes; else None."""
+    order: list[Node] = []
+    variables: set[int] = set()
+    x: Value | None = None
+
+    def visit(u: Value) -> bool:
+        nonlocal x
+        p = u.producer
+        if u.is_constant:
+            return u.type.size == 1
+        if p is None or p.op not in CONE_OPS or len(order) >= CONE_LIMIT:
+            variables.add(id(u))
+            x = u
+            return len(variables) == 1
+        if p in order:
+            return True
+        if not all(visit(i) for i in p.inputs):
+            return False
+        order.append(p)
+        return True
+
+    return (x, order) if visit(v) and x is not None and order else None
+
+
+GELU_SAMPLES = np.linspace(-8.0, 8.0, 321, dtype=np.float32)
+
+
+@matches("mul")
+def gelu_tanh_from_parts(graph: Graph, node: Node) -> bool:
+    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) == gelu(x, approximate="tanh"),
+    however written (``pow(x, 3)`` or ``x * x * x``, HF's FastGELU ``x * k * (1 + 0.044715 *
+    x * x)``, any grouping): when the result is a function of one value ``x`` and scalar constants
+    through a tanh, and that function agrees with tanh-GELU on samples over [-8, 8] to float32
+    rounding (the spellings are polynomial identities in x, so agreeing there is being it)."""
+    if node.op != "mul":
+        return False
+    cone = _one_variable_cone(graph, node.output)
+    if cone is None or not any(n.op == "tanh" for n in cone[1]):
+        return False
+    x, nodes = cone
+    values = {id(x): GELU_SAMPLES}
+    for n in nodes:
+        operands = [graph.constant_array(i).reshape(()) if i.is_constant else values[id(i)] for i in n.inputs]
+        values[id(n.output)] = get_op(n.op).run(operands, n.attrs)[0]
+    expected = get_op("gelu").run([GELU_SAMPLES], {"approximate": "tanh"})[0]
+    return bool(np.allclose(values[id(node.output)], expected, rtol=1e-4, atol=1e-5)) \
+        and _become(graph, node, "gelu", x, {"approximate": "tanh"})
+
+
+RULES = [hardswish_from_parts, hardsigmoid_from_parts, silu_from_parts, gelu_from_parts, gelu_tanh_from_parts]

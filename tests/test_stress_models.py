@@ -52,6 +52,31 @@ def test_dead_and_subnormal_channels_quantize_as_zero_channels(dead):
     assert compiled.graph.op_counts().get("conv2d_int") == 2
 
 
+@pytest.mark.parametrize("gain", [1e-20, 1e-43, 0.0], ids=["dust", "subnormal-dust", "zero"])
+def test_a_whole_layer_of_subnormal_or_zero_activations_quantizes_to_its_zero_point(gain):
+    """A block whose weights (random-init MobileViT's deeper stages, a dead branch) leave every
+    activation at 1e-40 or exactly 0: before, its range gave a scale that float32 flushed to 0 and
+    insert-qdq made an invalid graph. Its scale is 1 now: each value is its zero point (which it
+    is, to float32's resolution) and the rest of the model quantizes and builds."""
+    from qcompiler.ir.ops.quant import choose_qparams
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 1),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        for conv in (model[1], model[2]):
+            conv.weight *= gain ** 0.5
+            conv.bias.zero_()
+        model[5].bias.fill_(0.25)
+    compiled = qcompiler.compile(model, (torch.zeros(1, 3, 8, 8),), calibration=_calibration((1, 3, 8, 8)))
+    x = _calibration((1, 3, 8, 8), 1, seed=9)[0]
+    np.testing.assert_array_equal(np.asarray(compiled(x)), compiled.graph(x)[0])
+    np.testing.assert_allclose(np.asarray(compiled(x)), 0.25, atol=1e-3)  # float: the bias
+    for lo, hi in ((-1e-41, 1e-41), (0.0, 1e-45), (0.0, 0.0)):
+        for dtype in ("u8", "i8"):
+            assert choose_qparams(lo, hi, dtype)[0] == 1.0
+
+
 def test_quantize_weight_zeroes_dead_channels_with_a_sane_scale():
     w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
     w[1] *= 1e-12

@@ -653,14 +653,11 @@ def _quantize(low, node, xs):
         shape[axis] = -1
     s = low.cast(xs[1], "float32") if scale.dtype != "f32" else xs[1]
     s = low.emit(R.reshape(s, shape)) if shape else s
-    scaled = low.emit(R.divide(low.cast(xs[0], "float32"), s))
     z = (low.emit(R.reshape(xs[2], shape)) if shape else xs[2]) if len(xs) > 2 else None
     if info.bits == 8:
-        # in float32 throughout: rounding a float32 is exact in float32, and adding the zero
-        # point and clamping act on integers below 2^24 (larger values saturate either way)
-        q = round_half_even(low, scaled, "float32")
-        q = low.emit(R.add(q, low.cast(z, "float32"))) if z is not None else q
-        return low.cast(low.emit(R.clip(q, float(info.min), float(info.max))), TVM_DTYPE[zp_dtype])
+        return low.bb.emit_te(int_arith.quantize_8bit_tensor, low.cast(xs[0], "float32"), s, z, int(info.min),
+                              int(info.max), TVM_DTYPE[zp_dtype], primfunc_name_hint="quantize")
+    scaled = low.emit(R.divide(low.cast(xs[0], "float32"), s))
     q = low.cast(round_half_even(low, low.cast(scaled, "float64")), "int64")
     q = low.emit(R.add(q, low.cast(z, "int64"))) if z is not None else q
     return _clip_cast(low, q, int(info.min), int(info.max), TVM_DTYPE[zp_dtype])

@@ -52,7 +52,9 @@ def _quantize_kernel(xs, attrs):
     info = np.iinfo(zp.dtype)
     s = _broadcastable(scale, x, attrs["axis"]).astype(np.float32)
     z = _broadcastable(zp, x, attrs["axis"]).astype(np.int64)
-    q = np.rint(x.astype(np.float32) / s).astype(np.int64) + z  # rint: round half to even
+    # clamped before rounding (the same for integer bounds): an infinite or huge x / s saturates
+    # instead of overflowing int64; rint rounds half to even
+    q = np.rint(np.clip(x.astype(np.float32) / s, info.min - z, info.max - z)).astype(np.int64) + z
     return np.clip(q, info.min, info.max).astype(zp.dtype)
 
 
@@ -169,17 +171,25 @@ declare("dequantize_rows", arity=(2, 4), attrs={"zero_point": Attr("int", ROW_ZE
             "to real numbers, or (zero_point 0) an int32 product of such codes and per-channel int8 weights")
 
 # ---- quantization arithmetic shared by passes, importers and kernels ---------------------------------
+def _normal_or_one(scale: float) -> float:
+    return scale if scale >= np.finfo(np.float32).tiny else 1.0
+
+
 def choose_qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, np.integer]:
     """Scale and zero point covering [lo, hi] (widened to include 0, so zero is exact):
-    u8 asymmetric over 0..255, i8 symmetric over -127..127 with zero point 0."""
+    u8 asymmetric over 0..255, i8 symmetric over -127..127 with zero point 0.
+
+    A range whose scale would not be a normal float32 (a value that is all subnormal dust, as
+    in layers behind dead channels, or exactly zero) gets scale 1: every value rounds to the zero
+    point, which it is to float32's resolution; a subnormal scale (or one flushed to 0) would
+    make 1/scale infinite."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if dtype == "u8":
-        scale = (hi - lo) / 255.0 or 1.0
+        scale = _normal_or_one((hi - lo) / 255.0)
         zp = int(np.clip(np.rint(-lo / scale), 0, 255))
         return np.float32(scale), np.uint8(zp)
     if dtype == "i8":
-        scale = max(-lo, hi) / 127.0 or 1.0
-        return np.float32(scale), np.int8(0)
+        return np.float32(_normal_or_one(max(-lo, hi) / 127.0)), np.int8(0)
     raise ValueError(f"no quantization parameters for dtype {dtype}")
 
 
