@@ -5,7 +5,9 @@ FastBiasCorrection).
 Identity: for y = op(x, W) + b, quantization gives y' = op(q(x), q(W)) + b, and
 E[y - y'] = E[op(x, W) - op(q(x), q(W))] =: d per output channel, so b + d makes
 E[y'] == E[y]. d is measured on the calibration batches with each layer quantized alone, as
-insert-qdq will quantize it (same ranges, same weight scheme). Runs after range-analysis."""
+insert-qdq will quantize it (same ranges, same weight scheme). Runs after range-analysis.
+A weight gptq rounded has moved its bias by its own part, E[op(x, W - q(W))]; of the split
+d = E[op(x, W - q(W))] + E[op(x - q(x), q(W))] the second part is left, measured with q(W)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,13 +17,13 @@ import numpy as np
 from qcompiler.calibration import calibration_set
 from qcompiler.calibration_record import set_corrected_bias
 from qcompiler.interpreter import values_of
-from qcompiler.ir import Graph
+from qcompiler.ir import Graph, Value
 from qcompiler.ir.ops import get_op, traits_of
 from qcompiler.ir.ops.quant import ROW_ZERO_POINT, choose_qparams
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.quant_config import QuantScheme
 
-from .insert_qdq import layer_weight, per_token_applies
+from .insert_qdq import is_quantized_weight, layer_weight, per_token_applies
 
 
 def _fake_quant(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
@@ -33,6 +35,12 @@ def _fake_quant(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
 def _fake_quant_rows(x: np.ndarray) -> np.ndarray:
     codes, scales = get_op("quantize_rows").run([x.astype(np.float32)], {})
     return get_op("dequantize_rows").run([codes, scales], {"zero_point": ROW_ZERO_POINT})[0]
+
+
+def _dequantized(graph: Graph, weight: Value) -> np.ndarray:
+    """The float values of a weight already quantized (``dequantize`` of constants)."""
+    dq = weight.producer
+    return get_op("dequantize").run([graph.constant_array(i) for i in dq.inputs], dq.attrs)[0]
 
 
 def _per_token(scheme: QuantScheme, node) -> bool:
@@ -53,15 +61,18 @@ class BiasCorrection(QuantScheme, Pass):
         self.check_scheme()
         layers = [n for n in graph.nodes if traits_of(n.op).bias_slot is not None and self.quantizes(n.op)
                   and not self.excluded(n.source, n.output.name)
-                  and n.inputs[1].is_constant
+                  and (n.inputs[1].is_constant or is_quantized_weight(n.inputs[1]))
                   and not n.inputs[0].is_constant and n.inputs[0].range is not None
                   and max(abs(r) for r in n.inputs[0].range) <= self.max_abs_range]
         if not layers:
             return False
-        weights = {id(n): layer_weight(graph, n, self) for n in layers}
-        fq_weights = {}
+        exact_weights, fq_weights = {}, {}
         for n in layers:
-            wq, scale = weights[id(n)]
+            if is_quantized_weight(n.inputs[1]):  # rounded by gptq, which moved the bias for its part
+                exact_weights[id(n)] = fq_weights[id(n)] = _dequantized(graph, n.inputs[1])
+                continue
+            exact_weights[id(n)] = graph.constant_array(n.inputs[1])
+            wq, scale = layer_weight(graph, n, self)
             fq_weights[id(n)] = (wq.astype(np.float32) * (scale.reshape((-1,) + (1,) * (wq.ndim - 1))
                                                           if scale.ndim else scale)).astype(np.float32)
         sums = {id(n): np.zeros(n.inputs[1].shape[0]) for n in layers}
@@ -72,7 +83,7 @@ class BiasCorrection(QuantScheme, Pass):
                 x = seen[id(n.inputs[0])]
                 attrs = {**n.attrs, "activation": "none", "activation_args": ()}
                 op = get_op(n.op)
-                exact = op.run([x, graph.constant_array(n.inputs[1])], attrs)[0].astype(np.float64)
+                exact = op.run([x, exact_weights[id(n)]], attrs)[0].astype(np.float64)
                 xq = x if self.is_weight_only(n) else _fake_quant_rows(x) if _per_token(self, n) \
                     else _fake_quant(x, *n.inputs[0].range, self.activation_dtype)
                 approx = op.run([xq, fq_weights[id(n)]], attrs)[0].astype(np.float64)

@@ -446,9 +446,13 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
         table.add_row("4-bit weights", f"{report.get('int4_weights', 0)} layers"
                       + (f"; {len(report['int8_weights'])} kept int8 weights" if report.get("int8_weights") else ""))
     if "gptq" in report:
-        ratios = sorted(e["error_vs_nearest"] for e in report["gptq"]["layers"])
-        table.add_row("gptq", f"{len(ratios)} linears rounded; output error {ratios[len(ratios) // 2]:.2f}x "
-                              f"rounding to nearest's (median, on the calibration rows)")
+        layers = report["gptq"]["layers"]
+        ratios = sorted(e["error_vs_nearest"] for e in layers if e["rounding"] == "gptq")
+        table.add_row("gptq", f"{len(ratios)} of {len(layers)} layers rounded"
+                      + (f"; output error {ratios[len(ratios) // 2]:.2f}x rounding to nearest's (median, on the "
+                         f"calibration rows)" if ratios else "")
+                      + (f"; {len(layers) - len(ratios)} rounded to nearest (GPTQ did worse on held-out "
+                         f"calibration rows)" if len(ratios) < len(layers) else ""))
     if "int8_weight_search" in report:
         found = report["int8_weight_search"]
         table.add_row("int8-weight search", f"output SQNR {format_db(found['before_db'])} -> "
