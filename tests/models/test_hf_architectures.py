@@ -1,0 +1,88 @@
+"""Published architectures as Hugging Face ``transformers`` defines them (tiny random-weight
+configs: the structure is what breaks a compiler, not the size), exported to ONNX as optimum
+exports them (TorchScript exporter, opset 17), each imported and checked against torch in
+float, quantized with the default config, built for this CPU and checked against the
+interpreter (to float rounding where float ops remain). It found GPT-2 and ALBERT hanging TVM's build (tanh-GELU written out,
+three quantizes fused into one kernel) and MobileViT's subnormal activations making an invalid
+graph. Minutes in all: marked ``corpus`` (``make corpus``)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.compare import sqnr_db
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.corpus
+
+TEXT = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 64}
+# name: (config class, its arguments, input kind)
+CASES = {
+    "bert": ("BertConfig", TEXT, "text"),
+    "albert": ("AlbertConfig", {**TEXT, "embedding_size": 16}, "text"),  # tanh-GELU (gelu_new)
+    "distilbert": ("DistilBertConfig", {"vocab_size": 100, "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64,
+                                        "max_position_embeddings": 64}, "text"),
+    "gpt2": ("GPT2Config", {"vocab_size": 100, "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}, "text"),
+    "llama": ("LlamaConfig", {**TEXT, "num_key_value_heads": 1}, "text"),  # RMSNorm, rotary, grouped KV
+    "t5_encoder": ("T5Config", {"vocab_size": 100, "d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2,
+                                "num_heads": 2}, "text"),  # relative position buckets
+    "vit": ("ViTConfig", {**TEXT, "image_size": 32, "patch_size": 8}, "image32"),
+    "swin": ("SwinConfig", {"image_size": 32, "patch_size": 2, "embed_dim": 16, "depths": [1, 1],
+                            "num_heads": [1, 2], "window_size": 4}, "image32"),  # shifted windows
+    "convnext": ("ConvNextConfig", {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2}, "image64"),
+    "mobilevit": ("MobileViTConfig", {"image_size": 64, "hidden_sizes": [16, 24, 32],
+                                      "neck_hidden_sizes": [8, 8, 16, 16, 24, 24, 32]}, "image64"),
+    "segformer": ("SegformerConfig", {"num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1],
+                                      "hidden_sizes": [16, 32], "num_attention_heads": [1, 2],
+                                      "decoder_hidden_size": 32, "patch_sizes": [7, 3], "strides": [4, 2],
+                                      "mlp_ratios": [2, 2]}, "image64"),
+}
+
+
+class FirstOutput(torch.nn.Module):
+    """The model's last hidden state (or first output) from positional inputs."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *xs):
+        out = self.model(**dict(zip(self.names, xs)))
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _inputs(kind: str, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    rng = np.random.default_rng(seed)
+    if kind == "text":
+        ids = rng.integers(1, 100, (2, 16)).astype(np.int64)
+        mask = np.ones((2, 16), np.int64)
+        mask[0, 12:] = 0  # a padded sentence
+        return [ids, mask], ["input_ids", "attention_mask"]
+    size = int(kind.removeprefix("image"))
+    return [rng.standard_normal((2, 3, size, size)).astype(np.float32)], ["pixel_values"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_architecture_imports_quantizes_and_builds(name, tmp_path):
+    config_class, arguments, kind = CASES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**arguments)
+    base = transformers.T5EncoderModel(config) if name == "t5_encoder" else transformers.AutoModel.from_config(config)
+    xs, names = _inputs(kind, 0)
+    model = FirstOutput(base.eval(), names).eval()
+    path = tmp_path / f"{name}.onnx"
+    with torch.no_grad():
+        want = model(*[torch.from_numpy(x) for x in xs]).numpy()
+        torch.onnx.export(model, tuple(torch.from_numpy(x) for x in xs), str(path), input_names=names,
+                          output_names=["y"], opset_version=17, dynamo=False)
+    graph = qcompiler.from_onnx(path)
+    assert sqnr_db(want, graph(*xs)[0]) > 100  # the import is exact to float rounding
+    calibration = [_inputs(kind, seed)[0] for seed in range(1, 5)]
+    built = qcompiler.compile(path, calibration=calibration)
+    got = np.asarray(built(*xs))
+    interpreted = built.graph(*xs)[0]  # integer parts bit for bit; the float ones (a final layer norm) to rounding
+    np.testing.assert_allclose(got, interpreted, rtol=1e-4, atol=1e-4 * float(np.abs(interpreted).max()))
+    assert sqnr_db(want, got) > 15  # random weights: a floor that catches a broken layer, not a fidelity claim
