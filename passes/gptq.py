@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import math
 
 import numpy as np
-import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from qcompiler.calibration import calibration_set
@@ -110,6 +109,8 @@ def inverse_upper_cholesky(gram: np.ndarray) -> np.ndarray:
     """U upper triangular with U^T U = gram^-1, from one Cholesky factorization and one triangular
     inverse (a third of inverting, then factoring). Identity: with P the reversal permutation and
     P gram P = L L^T, gram^-1 = (P L^-T P)(P L^-1 P), and P L^-1 P is upper triangular."""
+    import torch  # here, not at import: importing qcompiler must not load torch (test_layering)
+
     lower = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(gram[::-1, ::-1])))
     inverse = torch.linalg.solve_triangular(lower, torch.eye(len(gram), dtype=lower.dtype), upper=False)
     return inverse.numpy()[::-1, ::-1]
