@@ -11,7 +11,7 @@ error of the whole weight is at most what rounding to nearest leaves, usually we
 The grid is insert-qdq's own (same channel scales, bias floor, dead channels and int4 group
 multipliers: ``layer_weight``); the pass writes the weight as ``dequantize(int8)``, which
 insert-qdq keeps. Runs after range-analysis (the bias floor reads the input's range), before
-bias-correction (which leaves layers with quantized weights alone).
+bias-correction (which then corrects only the input quantization's share for these layers).
 
 A convolution is a linear over its input windows: output channel o at a position is
 W[o, :] . window, W flattened over (input channel, kernel positions) in that order, so X holds
@@ -20,9 +20,8 @@ convolution is one such linear per group (its output channels read only its inpu
 one H per group; a depthwise one has a kernel-sized H per channel."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
