@@ -198,7 +198,7 @@ class GPTQ(QuantScheme, Pass):
 
         The error is split as tr(E X^T X E^T) = tr(E C E^T) + n |E m|^2 (E the weight's error,
         m the mean row, C the centered X^T X): GPTQ minimizes the first on C and the bias absorbs
-        the second (b - E m), as bias-correction would, which leaves such layers alone. On X^T X
+        the second (b - E m); bias-correction then adds only the input quantization's share. On X^T X
         itself, GPTQ spends its freedom on the mean (a ReLU's output is mostly its mean). And the
         layer will read its input quantized, x + d with d's elements independent of variance
         s_x^2 / 12 (uniform rounding error), so the error it minimizes is tr(E (C + n s_x^2/12 I)
@@ -206,7 +206,9 @@ class GPTQ(QuantScheme, Pass):
         (fewer rows than inputs), where the rounding noise of the input then finds it."""
         shape = node.inputs[1].shape
         w = graph.constant_array(node.inputs[1]).astype(np.float64).reshape(shape[0], -1)
-        nearest, scale = layer_weight(graph, node, self)
+        x_scale = None if self.is_weight_only(node) else float(choose_qparams(*node.inputs[0].range,
+                                                                              self.activation_dtype)[0])
+        nearest, scale = layer_weight(graph, node, self, x_scale)
         nearest = nearest.reshape(w.shape).astype(np.float64)
         groups = self.int4_groups(node)
         unit = np.broadcast_to(scale.astype(np.float64).reshape(-1, 1), w.shape)
@@ -230,8 +232,6 @@ class GPTQ(QuantScheme, Pass):
         def error(q: np.ndarray, grams: np.ndarray) -> float:
             return sum(output_error(w[rows], q[rows] * unit[rows], gram) for rows, gram in zip(spans, grams))
 
-        x_scale = None if self.is_weight_only(node) else float(choose_qparams(*node.inputs[0].range,
-                                                                              self.activation_dtype)[0])
         noise = 0.0 if x_scale is None or self.runs_dynamic(node) else x_scale ** 2 / 12
         check_grams = check.centered(noise)
         held_out = error(rounded(fit.centered(noise)), check_grams) / max(error(nearest, check_grams),
