@@ -113,19 +113,23 @@ def test_onnx_quant_conformance_through_tvm():
             np.testing.assert_array_equal(g, w, err_msg=case.name)
 
 
+def assert_nvcc_compiles(source: str, tmp_path) -> None:
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.path.exists(nvcc):
+        pytest.fail("nvcc is part of this machine's toolchain and should be present")
+    (tmp_path / "k.cu").write_text(source)
+    done = subprocess.run([nvcc, "-arch=sm_80", "-c", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.o")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_cuda_build_generates_compilable_source(quantized_digits, tmp_path):
     result, x = quantized_digits
     for graph in (result.float_graph, result.graph):
         executable = build(graph, make_target("cuda", "sm_80"))
         source = cuda_source(executable)
         assert source.count("__global__") >= 3
-        nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-        if not os.path.exists(nvcc):
-            pytest.fail("nvcc is part of this machine's toolchain and should be present")
-        (tmp_path / "k.cu").write_text(source)
-        done = subprocess.run([nvcc, "-arch=sm_80", "-c", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.o")],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
+        assert_nvcc_compiles(source, tmp_path)
         export(executable, tmp_path / "cuda_model.so")  # exports without a GPU
         assert (tmp_path / "cuda_model.so").stat().st_size > 0
         import tvm
@@ -286,3 +290,37 @@ def test_hardswish_rounds_as_the_interpreter_does():
     values = np.random.default_rng(0).uniform(-4, 4, (64, 4096)).astype(np.float32)
     values[0, :7] = [-3, 3, 0, -0.0, 2.9999998, -3.0000002, 6]  # the clip's corners
     np.testing.assert_array_equal(run_llvm(g, [values])[0], g(values)[0])
+
+
+def test_a_chain_of_roundings_fused_into_one_kernel_builds_and_rounds_ties_to_even(tmp_path):
+    """round, 32-bit quantize and rescale each read their operand once: rounding from floor and
+    parity read it seven times, so a chain fused into one kernel grew 7^n-fold (the int8 quantize
+    chain of GPT-2's GELU never finished building). Ties go to even, as in the interpreter, on
+    CUDA too."""
+    from qcompiler.ir import Graph
+    from qcompiler.ir.types import TensorType
+
+    g = Graph("roundings")
+    x = g.add_input("x", TensorType((4, 64), "f32"))
+    y = x
+    for i in range(6):
+        scaled = g.add_node("mul", [y, g.add_constant("half", np.array(0.5 + 0.25 * i, np.float32))], {}).output
+        y = g.add_node("round", [scaled], {}).output
+    q = g.add_node("quantize", [y, g.add_constant("s", np.array(0.5, np.float32)),
+                                g.add_constant("z", np.array(3, np.int32))], {"axis": 1}).output
+    r = g.add_node("rescale", [q, g.add_constant("m", np.array(0.5, np.float32)),
+                               g.add_constant("zr", np.array(-1, np.int8))], {"axis": 1}).output
+    g.set_outputs([y, q, r])
+    values = np.random.default_rng(0).uniform(-300, 300, (4, 64)).astype(np.float32)
+    values[0, :8] = [0.5, 1.5, 2.5, -0.5, -2.5, 1e9, -1e9, 0.0]
+    got, want = run_llvm(g, [values]), g(values)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    ties = np.tile(np.array([0.5, 1.5, 2.5, -2.5], np.float32), (4, 16))
+    plain = Graph("round")
+    v = plain.add_input("x", TensorType((4, 64), "f32"))
+    plain.set_outputs([plain.add_node("round", [v], {}).output])
+    np.testing.assert_array_equal(run_llvm(plain, [ties])[0][0, :4], [0, 2, 2, -2])
+    source = cuda_source(build(g, make_target("cuda", "sm_80")))  # nearbyint, not round (ties away)
+    assert "nearbyint" in source and "round(" not in source
+    assert_nvcc_compiles(source, tmp_path)

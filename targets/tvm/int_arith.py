@@ -178,6 +178,13 @@ def round_clamped(v: tirx.PrimExpr, lo: int | tirx.PrimExpr, hi: int | tirx.Prim
     return bits - tirx.const(ROUNDING_BITS, "int32")
 
 
+def round_half_even_tensor(x: te.Tensor) -> te.Tensor:
+    """round(x), ties to even, as ``nearbyint`` (the default rounding mode): one read of ``x``, so
+    roundings fused into one kernel stay linear in size (from floor and parity, each read its
+    operand seven times). Not ``tirx.round``: CUDA lowers that to ``round``, ties away from zero."""
+    return te.compute(x.shape, lambda *index: tirx.nearbyint(x[index]), name="round_half_even")
+
+
 def quantize_8bit_tensor(x: te.Tensor, scale: te.Tensor, zero_point: te.Tensor | None, lo: int, hi: int,
                          dtype: str) -> te.Tensor:
     """``quantize`` to an 8-bit type: clip(round_half_even(float32(x) / scale) + zp, lo, hi), the

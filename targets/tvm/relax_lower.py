@@ -210,7 +210,7 @@ def _shift(low, node, xs):
 
 @lowers("round")
 def _round(low, node, xs):
-    return round_half_even(low, xs[0], TVM_DTYPE[node.output.dtype])
+    return round_half_even(low, xs[0])
 
 
 @lowers("reciprocal")
@@ -612,14 +612,9 @@ def _argmax(low, node, xs):
 
 
 # ---- quantization ------------------------------------------------------------------------------------
-def round_half_even(low: Lowerer, x: relax.Expr, dtype: str = "float64") -> relax.Expr:
-    """round(x), ties to even, from floor and parity (exact for floats of ``dtype``)."""
-    f = low.emit(R.floor(x))
-    d = low.emit(R.subtract(x, f))
-    half = low.scalar(0.5, dtype)
-    odd = low.emit(R.equal(low.emit(R.floor_mod(f, low.scalar(2, dtype))), low.scalar(1, dtype)))
-    up = low.emit(R.logical_or(low.emit(R.greater(d, half)), low.emit(R.logical_and(low.emit(R.equal(d, half)), odd))))
-    return low.emit(R.where(up, low.emit(R.add(f, low.scalar(1, dtype))), f))
+def round_half_even(low: Lowerer, x: relax.Expr) -> relax.Expr:
+    """round(x), ties to even (``int_arith.round_half_even_tensor``)."""
+    return low.bb.emit_te(int_arith.round_half_even_tensor, x, primfunc_name_hint="round_half_even")
 
 
 def _axis_shaped(low: Lowerer, v: Value, x_rank: int, axis: int, dtype: str) -> relax.Expr:
