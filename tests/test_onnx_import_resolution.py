@@ -152,3 +152,66 @@ def test_what_static_shapes_cannot_hold_is_refused_in_one_line(case):
     with pytest.raises(QCompilerError) as e:
         from_onnx(model)
     assert "heads" in _one_line(e)
+
+
+# ---- ops defined as functions of other ops ---------------------------------------------------------
+def _attention_model(opset: int = 23) -> onnx.ModelProto:
+    """Grouped-query causal attention (4 query heads sharing 2 key/value heads) on 3-D inputs,
+    as torch.onnx.export(dynamo=True, opset_version=23) writes scaled_dot_product_attention."""
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=4, kv_num_heads=2, is_causal=1)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 6, w]) for n, w in (("q", 32), ("k", 16),
+                                                                                         ("v", 16))]
+    return _model([node], inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 32])], opset=opset)
+
+
+def test_an_op_defined_as_a_function_imports_as_its_body():
+    """Attention has no converter: its schema's own body (built for these heads and types) is
+    what imports, so it means exactly what the op means, through the interpreter and TVM."""
+    rng = np.random.default_rng(0)
+    _same_as_reference(_attention_model(), {n: rng.standard_normal((2, 6, w)).astype(np.float32)
+                                            for n, w in (("q", 32), ("k", 16), ("v", 16))})
+
+
+def test_expanding_a_function_leaves_the_callers_model_unchanged():
+    model = _attention_model()
+    before = model.SerializeToString()
+    from_onnx(model)
+    assert model.SerializeToString() == before
+
+
+def test_a_model_with_function_ops_quantizes_and_builds():
+    """A transformer block as exported at opset 23 (linears around an Attention node) quantizes
+    to int8 and its llvm build matches the reference build of the same quantized graph."""
+    import qcompiler
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(1)
+    weights = {f"w{n}": rng.standard_normal((32, width)).astype(np.float32) / 6
+               for n, width in (("q", 32), ("k", 16), ("v", 16))}
+    nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [n]) for n in "qkv"]
+    nodes.append(helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=4, kv_num_heads=2, is_causal=1))
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 32])],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    data = [rng.standard_normal((2, 6, 32)).astype(np.float32) for _ in range(4)]
+    config = qcompiler.QuantConfig(min_layer_sqnr_db=None)
+    built = qcompiler.compile(model, calibration=data[1:], config=config)
+    reference = qcompiler.compile(model, calibration=data[1:], config=config, target="reference")
+    np.testing.assert_array_equal(built(data[0]), reference(data[0]))
+    want = ReferenceEvaluator(model).run(None, {"x": data[0]})[0]
+    assert np.abs(built(data[0]) - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_empty_parts_of_a_split_or_a_join_are_not_built():
+    """Split into [6, 0] and a Concat with an empty operand (what a full-width RotaryEmbedding's
+    body does): the empty tensors are never read, so TVM (which cannot build a tensor with no
+    elements) builds the rest, and both match the reference."""
+    split = helper.make_node("Split", ["x", "sizes"], ["a", "empty"], axis=1)
+    join = helper.make_node("Concat", ["a", "empty", "x"], ["y"], axis=1)
+    model = _model([split, join], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([6, 0], np.int64), "sizes"))
+    graph = from_onnx(model)
+    assert all(0 not in v.shape for n in graph.nodes if n.op == "concat" for v in n.inputs)
+    _same_as_reference(model, {"x": np.arange(12, dtype=np.float32).reshape(2, 6)})

@@ -41,11 +41,12 @@ def test_node_case(suite, tc):
 # ONNX ops whose conversion builds new IR (composites, new ops): each one's first passing case in
 # the wheel's suite (given the values of shape inputs where it needs them), and the named cases,
 # also go through TVM and through ONNX export, against the stored outputs
-THROUGH_TARGETS = ("Acos", "Acosh", "Adagrad", "Adam", "Asin", "Asinh", "Atan", "Atanh", "BitShift", "Celu", "Clip",
-                   "Compress", "Cosh", "DFT", "DepthToSpace", "Det", "EyeLike", "GridSample", "Hardmax",
-                   "InstanceNormalization", "Loop", "MaxUnpool", "MeanVarianceNormalization", "Momentum",
-                   "NegativeLogLikelihoodLoss", "OneHot", "ReverseSequence", "RoiAlign", "Round", "STFT", "Scan",
-                   "Scatter", "ScatterElements", "ScatterND", "Shrink", "Sinh", "SoftmaxCrossEntropyLoss", "Softsign",
+THROUGH_TARGETS = ("Acos", "Acosh", "Adagrad", "Adam", "Asin", "Asinh", "Atan", "Atanh", "Attention", "BitShift",
+                   "Celu", "CenterCropPad", "Clip", "Compress", "Cosh", "DFT", "DepthToSpace", "Det", "EyeLike",
+                   "GridSample", "GroupNormalization", "Hardmax", "InstanceNormalization", "Loop", "MaxUnpool",
+                   "MeanVarianceNormalization", "Mish", "Momentum", "NegativeLogLikelihoodLoss", "OneHot",
+                   "ReverseSequence", "RoiAlign", "RotaryEmbedding", "Round", "STFT", "Scan", "Scatter",
+                   "ScatterElements", "ScatterND", "Shrink", "Sinh", "SoftmaxCrossEntropyLoss", "Softsign",
                    "SpaceToDepth", "Tan", "TfIdfVectorizer", "ThresholdedRelu", "Trilu", "Xor")
 NAMED_CASES = ("test_resize_downsample_scales_cubic", "test_resize_downsample_scales_linear",
                "test_resize_downsample_sizes_nearest_tf_half_pixel_for_nn",

@@ -25,6 +25,7 @@ from ..registrar import registrar
 from ..ir.ops.resize import COORDINATE_MODES
 from . import recurrent
 from .builder import AVG_POOL, CONV, CONV_INT, CONV_TRANSPOSE, MAX_POOL, GraphBuilder, resolve_shape
+from .onnx_functions import expand_functions
 
 Converter = Callable[["_Ctx", Any, list["Value | None"]], "list[Value] | Value"]
 _CONVERTERS: dict[str, Converter] = {}
@@ -124,6 +125,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
         proto = _bind_inputs(proto, input_values, where)
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
+    proto, _ = expand_functions(proto, opset, _has_converter)
     gsg = gs.import_onnx(proto)
     graph = Graph(name)
     ctx = _Ctx(graph, opset)
@@ -400,6 +402,12 @@ def _reference_eval(ctx: _Ctx, node: Any, inputs: list[Value | None]) -> list[Va
 
 
 # ---- converters -----------------------------------------------------------------------------------
+def _has_converter(op_type: str) -> bool:
+    """Whether the importer handles a default-domain op itself (else its function body is used)."""
+    return op_type in _CONVERTERS or op_type in _CONTROL_FLOW or op_type in _IMPORT_TIME_ONLY \
+        or op_type in _SHAPE_ONLY
+
+
 def _key(node: Any) -> str:
     """A converter's key: the op type, prefixed by its domain outside the default one
     (``com.microsoft.QLinearAdd``)."""
@@ -933,7 +941,13 @@ def _transpose(ctx, node, inputs):
 
 @converts("Concat")
 def _concat(ctx, node, inputs):
-    return ctx.emit1("concat", [v for v in inputs if v is not None], {"axis": _attr(node, "axis")})
+    """Operands with no elements add nothing to a join and are left out (a full-width
+    RotaryEmbedding joins its rotated part with an empty pass-through slice)."""
+    given = [v for v in inputs if v is not None]
+    operands = [v for v in given if 0 not in v.shape] or given
+    if len(operands) == 1:
+        return ctx.emit1("identity", operands)
+    return ctx.emit1("concat", operands, {"axis": _attr(node, "axis")})
 
 
 @converts("Slice")

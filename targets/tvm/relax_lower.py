@@ -56,10 +56,13 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
     convolutions and linears and max pooling use the hand-written CPU kernels (``kernel_lower``);
     ``cores``: the threads the target runs; ``bf16_kernels``: linears over bf16 operands use the
     AMX-BF16 GEMM (``"amx"``; ``amx_lower.linear_bf16``)."""
-    missing = sorted({n.op for n in graph.nodes} - set(_RULES))
+    nodes = _live_nodes(graph)
+    missing = sorted({n.op for n in nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
-    empty = next((v for v in [*graph.inputs, *(o for n in graph.nodes for o in n.outputs)] if 0 in v.shape), None)
+    read_values = {id(v) for n in nodes for v in n.inputs} | {id(v) for v in graph.outputs}
+    empty = next((v for v in [*graph.inputs, *(o for n in nodes for o in n.outputs if id(o) in read_values)]
+                  if 0 in v.shape), None)
     if empty is not None:  # TVM's schedules divide by the extent
         raise QCompilerError(f"the TVM target cannot build tensors with no elements (%{empty.name}: {empty.type})")
     low = Lowerer(graph, int8_kernels, cpu_kernels, cores, INT8_KERNELS, bf16_kernels)
@@ -74,7 +77,7 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
 
     with low.bb.function("main", params):
         with low.bb.dataflow():
-            for node in graph.nodes:
+            for node in nodes:
                 if id(node) in absorbed:
                     env[id(node.output)] = absorbed[id(node)]
                     continue
@@ -94,6 +97,19 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
             output = low.bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
         low.bb.emit_func_output(output)
     return low.bb.get()
+
+
+def _live_nodes(graph: Graph) -> list[Node]:
+    """The nodes an output depends on, in order: the module computes nothing else (an imported
+    model's dead branch, such as the empty pass-through slice of a full-width RotaryEmbedding,
+    is not built)."""
+    live = {id(v) for v in graph.outputs}
+    kept = []
+    for node in reversed(graph.nodes):
+        if any(id(v) in live for v in node.outputs):
+            live.update(id(v) for v in node.inputs)
+            kept.append(node)
+    return kept[::-1]
 
 
 # ---- elementwise -----------------------------------------------------------------------------------
@@ -579,9 +595,16 @@ def _topk(low, node, xs):
 
 @lowers("split")
 def _split(low, node, xs):
-    bounds = np.cumsum(node.attrs["sizes"])[:-1].tolist()
-    parts = low.emit(R.split(xs[0], bounds, axis=node.attrs["axis"]))
-    return [low.emit(relax.TupleGetItem(parts, i)) for i in range(len(node.attrs["sizes"]))]
+    """Parts with no elements are not built (none is read: ``to_relax`` refuses a read empty
+    tensor); a split into one non-empty part is that part."""
+    sizes = [s for s in node.attrs["sizes"] if s]
+    if len(sizes) == 1:
+        parts = [xs[0]]
+    else:
+        split = low.emit(R.split(xs[0], np.cumsum(sizes)[:-1].tolist(), axis=node.attrs["axis"]))
+        parts = [low.emit(relax.TupleGetItem(split, i)) for i in range(len(sizes))]
+    built = iter(parts)
+    return [next(built) if s else None for s in node.attrs["sizes"]]
 
 
 _REDUCE = {"reduce_mean": R.mean, "reduce_sum": R.sum, "reduce_max": R.max, "reduce_min": R.min,
