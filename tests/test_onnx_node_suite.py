@@ -42,10 +42,11 @@ def test_node_case(suite, tc):
 # the wheel's suite (given the values of shape inputs where it needs them), and the named cases,
 # also go through TVM and through ONNX export, against the stored outputs
 THROUGH_TARGETS = ("Acos", "Acosh", "Adagrad", "Adam", "Asin", "Asinh", "Atan", "Atanh", "Attention", "BitShift",
-                   "Celu", "CenterCropPad", "Clip", "Compress", "Cosh", "DFT", "DepthToSpace", "Det", "EyeLike",
-                   "GridSample", "GroupNormalization", "Hardmax", "InstanceNormalization", "Loop", "MaxUnpool",
-                   "MeanVarianceNormalization", "Mish", "Momentum", "NegativeLogLikelihoodLoss", "OneHot",
-                   "ReverseSequence", "RoiAlign", "RotaryEmbedding", "Round", "STFT", "Scan", "Scatter",
+                   "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Celu", "CenterCropPad", "Clip",
+                   "Compress", "Cosh", "CumProd", "DFT", "DepthToSpace", "Det", "EyeLike", "GridSample",
+                   "GroupNormalization", "Hardmax", "InstanceNormalization", "Loop", "LpNormalization", "LpPool",
+                   "MaxUnpool", "MeanVarianceNormalization", "Mish", "Mod", "Momentum", "NegativeLogLikelihoodLoss",
+                   "OneHot", "ReverseSequence", "RoiAlign", "RotaryEmbedding", "Round", "STFT", "Scan", "Scatter",
                    "ScatterElements", "ScatterND", "Shrink", "Sinh", "SoftmaxCrossEntropyLoss", "Softsign",
                    "SpaceToDepth", "Tan", "TfIdfVectorizer", "ThresholdedRelu", "Trilu", "Xor")
 NAMED_CASES = ("test_resize_downsample_scales_cubic", "test_resize_downsample_scales_linear",

@@ -679,3 +679,93 @@ def test_bitcast_reads_the_same_bits_on_every_target(source, to):
     want = x.view(to)
     np.testing.assert_array_equal(qcompiler.from_onnx(model)(x)[0], want)
     np.testing.assert_array_equal(np.asarray(qcompiler.compile(model, target="llvm")(x)), want)
+
+
+def _through_every_target(model, feeds: dict, exact: bool):
+    """``model`` on the interpreter, built for llvm, and exported back to ONNX, each against the
+    ONNX reference; ``exact`` for integer results."""
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompiler.targets.onnx import export
+
+    want = ReferenceEvaluator(model).run(None, feeds)[0]
+    graph = qcompiler.from_onnx(model)
+    check = np.testing.assert_array_equal if exact else \
+        (lambda got, ref: np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0))
+    check(graph(*feeds.values())[0], want)
+    check(np.asarray(qcompiler.compile(model, target="llvm")(*feeds.values())), want)
+    check(ReferenceEvaluator(export.to_onnx(graph)).run(None, dict(zip((v.name for v in graph.inputs), feeds.values())))[0],
+          want)
+
+
+def _mod_operands(dtype):
+    rng = np.random.default_rng(3)
+    if np.dtype(dtype).kind == "f":
+        edges = np.array([0.0, -0.0, 5.5, -5.5, np.inf, -np.inf, np.nan, 1e30, -7.25, 3.0], dtype)
+        divisors = np.array([3.0, -3.0, np.inf, -np.inf, 2.0, 0.0, 1.5, 7.0, 0.5, -0.75], dtype)
+        a = np.concatenate([edges, (rng.standard_normal(30) * 20).astype(dtype)])
+        b = np.concatenate([divisors, (rng.standard_normal(30) * 4).astype(dtype)])
+    else:
+        lo = -50 if np.dtype(dtype).kind == "i" else 0
+        a = np.concatenate([np.array([7, 0, 49, 3], dtype), rng.integers(lo, 50, 36).astype(dtype)])
+        b = np.concatenate([np.array([0, 5, 7, 3], dtype), rng.integers(1, 9, 36).astype(dtype)])
+        if lo < 0:
+            b = b * np.where(rng.random(40) < 0.5, -1, 1).astype(dtype)
+    return a.reshape(4, 10), b.reshape(4, 10)
+
+
+@pytest.mark.parametrize("fmod", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int32, np.int8, np.uint16])
+def test_mod_in_both_sign_conventions_matches_the_reference_on_every_target(dtype, fmod):
+    """Before: fmod=0 on floats (Python's %, torch.remainder) was refused, and fmod=1 on floats
+    was a - trunc(a / b) * b, which is off wherever a / b rounds. Now the IR's ``fmod`` is C's
+    (LLVM's frem) and fmod=0 adds b where the signs differ: infinities, NaN, zero divisors and
+    signed zeros as numpy has them."""
+    from onnx import helper
+
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    model = _onnx_model([helper.make_node("Mod", ["a", "b"], ["y"], fmod=fmod)],
+                        [helper.make_tensor_value_info(n, elem, [4, 10]) for n in "ab"],
+                        [helper.make_tensor_value_info("y", elem, [4, 10])], opset=13)
+    a, b = _mod_operands(dtype)
+    with np.errstate(all="ignore"):
+        _through_every_target(model, {"a": a, "b": b}, exact=np.dtype(dtype).kind != "f")
+
+
+@pytest.mark.parametrize("op", ["BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot"])
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.int64])
+def test_bitwise_ops_match_the_reference_on_every_target(op, dtype):
+    from onnx import helper
+
+    rng = np.random.default_rng(1)
+    info = np.iinfo(dtype)
+    a = rng.integers(max(info.min, -2**40), min(info.max, 2**40), (3, 4, 5), endpoint=True).astype(dtype)
+    b = rng.integers(max(info.min, -2**40), min(info.max, 2**40), (4, 5), endpoint=True).astype(dtype)  # broadcasts
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    names = ["a"] if op == "BitwiseNot" else ["a", "b"]
+    shapes = {"a": [3, 4, 5], "b": [4, 5]}
+    model = _onnx_model([helper.make_node(op, names, ["y"])],
+                        [helper.make_tensor_value_info(n, elem, shapes[n]) for n in names],
+                        [helper.make_tensor_value_info("y", elem, [3, 4, 5])], opset=18)
+    _through_every_target(model, {n: {"a": a, "b": b}[n] for n in names}, exact=True)
+
+
+def test_torch_remainder_fmod_and_integer_bitwise_ops_match_torch():
+    """Before: ``&``/``|`` on integer tensors were captured as logical and/or (6 & 3 gave 1, not
+    2: silently wrong), ``^`` and ``~`` on integers, ``%`` and torch.fmod on floats refused."""
+
+    class Arith(torch.nn.Module):
+        def forward(self, x, k):
+            bits = (k & 6) | (k ^ 5) | ~k
+            return x % 1.5 + torch.fmod(x, -0.7) + torch.remainder(-x, 2.0) + bits.float()
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((2, 16)) * 5).astype(np.float32)
+    k = rng.integers(-20, 20, (2, 16)).astype(np.int64)
+    model = Arith().eval()
+    want = model(torch.from_numpy(x), torch.from_numpy(k)).numpy()
+    graph = qcompiler.from_torch(model, (torch.from_numpy(x), torch.from_numpy(k)))
+    assert {"bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not", "fmod"} <= {n.op for n in graph.nodes}
+    np.testing.assert_allclose(graph(x, k)[0], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(qcompiler.compile(model, (torch.from_numpy(x), torch.from_numpy(k)), target="llvm")(x, k),
+                               want, rtol=1e-6, atol=1e-6)

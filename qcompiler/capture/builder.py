@@ -73,6 +73,17 @@ class GraphBuilder:
     def scalar_like(self, value: float | int | bool, like: TensorType) -> Value:
         return self.const(np.asarray(value, dtype=like.np_dtype), "scalar")
 
+    def python_remainder(self, a: Value, b: Value) -> Value:
+        """a mod b with the sign of b (Python's %, numpy's mod, torch.remainder, ONNX Mod fmod=0):
+        C's remainder ``fmod`` plus b where it is nonzero and its sign differs from b's, numpy's
+        own definition, its NaN and infinity cases included (fmod(-1, inf) = -1 becomes inf)."""
+        remainder = self.emit1("fmod", [a, b])
+        zero = self.scalar_like(0, a.type)
+        signs_differ = self.emit1("logical_xor", [self.emit1("less", [remainder, zero]), self.emit1("less", [b, zero])])
+        nonzero = self.emit1("logical_not", [self.emit1("equal", [remainder, zero])])
+        return self.emit1("where", [self.emit1("logical_and", [nonzero, signs_differ]),
+                                    self.emit1("add", [remainder, b]), remainder])
+
 
 def resolve_shape(shape: Sequence[int], total: int, where: str) -> tuple[int, ...]:
     """Resolve ONNX/torch reshape targets: one -1 is inferred (0 is handled by the caller)."""

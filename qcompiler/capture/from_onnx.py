@@ -33,7 +33,7 @@ converts = registrar(_CONVERTERS)
 # depend on the static shape (or sequence length, or presence) of their input, never its values
 _SHAPE_ONLY = {"Shape", "Size", "EyeLike", "SequenceLength", "OptionalHasElement"}
 # operands (by position) that must be known at import: shapes, axes, bounds, pads
-_STATIC_OPERANDS = {"LSTM": (1, 2, 3, 4), "GRU": (1, 2, 3, 4), "RNN": (1, 2, 3, 4), "TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "ReduceL1": (1,),
+_STATIC_OPERANDS = {"LSTM": (1, 2, 3, 4), "GRU": (1, 2, 3, 4), "RNN": (1, 2, 3, 4), "TopK": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "CumSum": (1,), "CumProd": (1,), "ReduceL1": (1,),
                     "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "OneHot": (1,), "ConstantOfShape": (0,), "ReduceMean": (1,),
                     "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
@@ -421,8 +421,8 @@ def _attr(node: Any, key: str, default: Any = None) -> Any:
 
 _UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Exp": "exp", "Log": "log",
           "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Neg": "neg", "Abs": "abs", "Floor": "floor", "Ceil": "ceil",
-          "Sin": "sin", "Cos": "cos", "Not": "logical_not", "Identity": "identity", "HardSwish": "hardswish",
-          "Softplus": "softplus", "Sign": "sign", "IsNaN": "isnan", "Tan": "tan", "Asin": "asin", "Acos": "acos",
+          "Sin": "sin", "Cos": "cos", "Not": "logical_not", "BitwiseNot": "bitwise_not", "Identity": "identity",
+          "HardSwish": "hardswish", "Softplus": "softplus", "Sign": "sign", "IsNaN": "isnan", "Tan": "tan", "Asin": "asin", "Acos": "acos",
           "Atan": "atan", "Sinh": "sinh", "Cosh": "cosh", "Asinh": "asinh", "Acosh": "acosh", "Atanh": "atanh",
           "Round": "round"}
 
@@ -623,7 +623,8 @@ def _clip(ctx, node, inputs):
 
 _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "equal", "Less": "less",
            "LessOrEqual": "less_equal", "Greater": "greater", "GreaterOrEqual": "greater_equal",
-           "And": "logical_and", "Or": "logical_or", "Xor": "logical_xor"}
+           "And": "logical_and", "Or": "logical_or", "Xor": "logical_xor", "BitwiseAnd": "bitwise_and",
+           "BitwiseOr": "bitwise_or", "BitwiseXor": "bitwise_xor"}
 
 
 @converts(*_BINARY)
@@ -793,8 +794,6 @@ def _pool(ctx, node, inputs):
         from .onnx_indexing import max_pool_indices
 
         return [pooled, max_pool_indices(ctx, x, pooled, attrs, int(_attr(node, "storage_order", 0)))]
-    if any(d != 1 for d in dilations):
-        raise QCompilerError(f"AveragePool '{node.name}': dilations are not supported")
     attrs["count_include_pad"] = bool(_attr(node, "count_include_pad", 0))
     return ctx.emit1(AVG_POOL[rank], [x], attrs)
 
@@ -867,26 +866,9 @@ def _layer_norm(ctx, node, inputs):
 
 @converts("Mod")
 def _mod(ctx, node, inputs):
-    """fmod=1: a - trunc(a / b) * b (C's, the sign of a); fmod=0 on integers: the sign of b, as
-    Python: the C remainder plus b where it is nonzero and its sign differs from b's."""
+    """fmod=1: C's remainder (the sign of a), the IR's ``fmod``; fmod=0: Python's (the sign of b)."""
     a, b = inputs
-    if _attr(node, "fmod", 0):
-        if a.dtype in ("f16", "f32", "f64"):
-            q = ctx.emit1("div", [a, b])
-            zero = ctx.const(np.zeros((), a.type.np_dtype), "zero")
-            truncated = ctx.emit1("where", [ctx.emit1("less", [q, zero]), ctx.emit1("ceil", [q]),
-                                            ctx.emit1("floor", [q])])
-            return ctx.emit1("sub", [a, ctx.emit1("mul", [truncated, b])])
-        return ctx.emit1("sub", [a, ctx.emit1("mul", [ctx.emit1("div", [a, b]), b])])  # div truncates
-    if a.dtype in ("f16", "f32", "f64"):  # floor-based formulas miss its inf/zero cases: refused, not wrong
-        raise QCompilerError(f"Mod '{node.name}': fmod=0 on floats (Python's remainder) is not supported; fmod=1 is")
-    remainder = ctx.emit1("sub", [a, ctx.emit1("mul", [ctx.emit1("div", [a, b]), b])])
-    zero = ctx.const(np.zeros((), a.type.np_dtype), "zero")
-    signs_differ = ctx.emit1("logical_not", [ctx.emit1("equal", [ctx.emit1("less", [remainder, zero]),
-                                                                 ctx.emit1("less", [b, zero])])])
-    nonzero = ctx.emit1("logical_not", [ctx.emit1("equal", [remainder, zero])])
-    return ctx.emit1("where", [ctx.emit1("logical_and", [nonzero, signs_differ]),
-                               ctx.emit1("add", [remainder, b]), remainder])
+    return ctx.emit1("fmod", [a, b]) if _attr(node, "fmod", 0) else ctx.python_remainder(a, b)
 
 
 @converts("Flatten")

@@ -7,7 +7,8 @@ import math
 import numpy as np
 
 from ..errors import QCompilerError
-from .from_onnx import _attr, converts
+from .builder import AVG_POOL
+from .from_onnx import _attr, _auto_pads, converts
 
 
 @converts("LRN")
@@ -29,6 +30,77 @@ def _lrn(ctx, node, inputs):
     denominator = ctx.emit1("pow", [ctx.emit1("add", [scaled, ctx.scalar_like(bias, x.type)]),
                                     ctx.scalar_like(beta, x.type)])
     return ctx.emit1("div", [x, denominator])
+
+
+@converts("LpPool")
+def _lp_pool(ctx, node, inputs):
+    """(sum of |x|^p over the window)^(1/p), padding counting as zeros: the window's average of
+    |x|^p with the padding counted, times the window's size (the standard's own definition)."""
+    x = inputs[0]
+    rank = x.type.rank - 2
+    if rank not in (1, 2, 3):
+        raise QCompilerError(f"LpPool '{node.name}': {rank}-D pooling is not supported")
+    kernel = list(_attr(node, "kernel_shape"))
+    strides = list(_attr(node, "strides", [1] * rank))
+    dilations = list(_attr(node, "dilations", [1] * rank))
+    p = _attr(node, "p", 2)
+    attrs = {"kernel": kernel, "strides": strides, "dilations": dilations, "count_include_pad": True,
+             "pads": _auto_pads(node, x.shape[2:], kernel, strides, dilations),
+             "ceil_mode": bool(_attr(node, "ceil_mode", 0))}
+    powered = ctx.emit1("mul", [x, x]) if p == 2 else \
+        ctx.emit1("pow", [ctx.emit1("abs", [x]), ctx.scalar_like(p, x.type)])
+    total = ctx.emit1("mul", [ctx.emit1(AVG_POOL[rank], [powered], attrs),
+                              ctx.scalar_like(int(np.prod(kernel)), x.type)])
+    return ctx.emit1("sqrt", [total]) if p == 2 else ctx.emit1("pow", [total, ctx.scalar_like(1 / p, x.type)])
+
+
+@converts("LpNormalization")
+def _lp_normalization(ctx, node, inputs):
+    """x / (sum of |x|^p along ``axis``)^(1/p), p 1 or 2, and 0 where that norm is 0 (as the
+    ONNX reference and ONNX Runtime give, not NaN)."""
+    x = inputs[0]
+    p, axis = _attr(node, "p", 2), _attr(node, "axis", -1) % x.type.rank
+    if p not in (1, 2):
+        raise QCompilerError(f"LpNormalization '{node.name}': p={p} (the standard allows 1 and 2)")
+    powered = ctx.emit1("mul", [x, x]) if p == 2 else ctx.emit1("abs", [x])
+    total = ctx.emit1("reduce_sum", [powered], {"axes": [axis], "keepdims": True})
+    norm = ctx.emit1("sqrt", [total]) if p == 2 else total
+    zero = ctx.scalar_like(0, x.type)
+    return ctx.emit1("where", [ctx.emit1("equal", [norm, zero]), zero, ctx.emit1("div", [x, norm])])
+
+
+def _flip(ctx, x, axis: int):
+    n = x.shape[axis]
+    return ctx.emit1("slice", [x], {"starts": [n - 1], "ends": [-n - 1], "axes": [axis], "steps": [-1]})
+
+
+def _shift_in_ones(ctx, x, axis: int, count: int):
+    """x moved ``count`` places up ``axis``, ones filling the start and the end cut off."""
+    n, rank = x.shape[axis], x.type.rank
+    kept = ctx.emit1("slice", [x], {"starts": [0], "ends": [n - count], "axes": [axis], "steps": [1]})
+    pads = [0] * (2 * rank)
+    pads[axis] = count
+    return ctx.emit1("pad", [kept], {"pads": pads, "value": 1.0})
+
+
+@converts("CumProd")
+def _cumprod(ctx, node, inputs):
+    """A running product along a static axis by doubling (Hillis-Steele): after step k each
+    position holds the product of the 2^k values ending at it, so log2(n) multiplies by a copy
+    shifted in with ones. Exact for integers (wrapping as a sequential product would); floats
+    multiply in another order. exclusive shifts in one 1 first; reverse runs on the flipped axis."""
+    x = inputs[0]
+    axis = int(ctx.const_input(inputs[1], node, "axis")) % x.type.rank
+    n = x.shape[axis]
+    reverse = bool(_attr(node, "reverse", 0))
+    y = _flip(ctx, x, axis) if reverse else x
+    if _attr(node, "exclusive", 0) and n:
+        y = _shift_in_ones(ctx, y, axis, 1)
+    step = 1
+    while step < n:
+        y = ctx.emit1("mul", [y, _shift_in_ones(ctx, y, axis, step)])
+        step *= 2
+    return _flip(ctx, y, axis) if reverse else y
 
 
 def _scalar(ctx, value: float, like):

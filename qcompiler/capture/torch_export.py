@@ -317,7 +317,11 @@ _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
            "minimum": "minimum", "eq": "equal", "lt": "less", "le": "less_equal", "gt": "greater",
            "ge": "greater_equal", "__and__": "logical_and", "bitwise_and": "logical_and", "__or__": "logical_or",
            "bitwise_or": "logical_or", "logical_and": "logical_and", "logical_or": "logical_or", "ne": "ne",
-           "rsub": "rsub"}
+           "rsub": "rsub", "bitwise_xor": "logical_xor", "__xor__": "logical_xor", "logical_xor": "logical_xor",
+           "fmod": "fmod", "remainder": "remainder"}
+# on integers the bitwise ops are bitwise (on bools, the logical ones above)
+_BITWISE = {"__and__": "bitwise_and", "bitwise_and": "bitwise_and", "__or__": "bitwise_or", "bitwise_or": "bitwise_or",
+            "__xor__": "bitwise_xor", "bitwise_xor": "bitwise_xor"}
 
 
 @converts(*_BINARY)
@@ -330,8 +334,8 @@ def _binary(ctx: _Ctx, node, args):
     tensor = next(ctx.value(x) for x in (a_arg, b_arg) if isinstance(x, torch.fx.Node))
     a, b = ctx.value(a_arg, like=tensor), ctx.value(b_arg, like=tensor)
     # torch promotes mixed operands; the IR wants one dtype: cast both to the computation type
-    compute = out_t.dtype if out_t.dtype != "bool" or op in ("__and__", "bitwise_and", "__or__", "bitwise_or",
-                                                             "logical_and", "logical_or") else None
+    compute = out_t.dtype if out_t.dtype != "bool" or op in (*_BITWISE, "logical_and", "logical_or",
+                                                             "logical_xor") else None
     if compute is None:
         dtypes = {a.dtype, b.dtype}
         compute = a.dtype if len(dtypes) == 1 else next((d for d in ("f64", "f32", "f16") if d in dtypes), "i64")
@@ -350,6 +354,10 @@ def _binary(ctx: _Ctx, node, args):
         return ctx.emit1("logical_not", [ctx.emit1("equal", [a, b])])
     if op == "rsub":
         return ctx.emit1("sub", [a, b])
+    if op == "remainder":
+        return ctx.python_remainder(a, b)
+    if op in _BITWISE and compute != "bool":
+        return ctx.emit1(_BITWISE[op], [a, b])
     return ctx.emit1(_BINARY[op], [a, b])
 
 
@@ -374,9 +382,9 @@ def _masked_fill(ctx, node, args):
 @converts("bitwise_not")
 def _bitwise_not(ctx, node, args):
     x = ctx.value(args[0])
-    if x.dtype != "bool":
-        raise QCompilerError(f"bitwise_not of {x.dtype} is not supported (only of bool, as logical_not)")
-    return ctx.emit1("logical_not", [x])
+    if x.dtype in ("f16", "f32", "f64"):
+        raise QCompilerError(f"bitwise_not of {x.dtype} is not supported (only of integers and bool)")
+    return ctx.emit1("logical_not" if x.dtype == "bool" else "bitwise_not", [x])
 
 
 @converts("_to_copy", "to", "type_as")

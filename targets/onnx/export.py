@@ -117,7 +117,8 @@ _SIMPLE = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf", "
            "greater_equal": "GreaterOrEqual", "logical_and": "And", "logical_or": "Or", "where": "Where",
            "matmul": "MatMul", "tan": "Tan", "asin": "Asin", "acos": "Acos", "atan": "Atan", "sinh": "Sinh",
            "cosh": "Cosh", "asinh": "Asinh", "acosh": "Acosh", "atanh": "Atanh", "round": "Round",
-           "logical_xor": "Xor"}
+           "logical_xor": "Xor", "bitwise_and": "BitwiseAnd", "bitwise_or": "BitwiseOr", "bitwise_xor": "BitwiseXor",
+           "bitwise_not": "BitwiseNot"}
 
 
 def _activation(ex: _Exporter, x: str, act: str, args: tuple, dtype: np.dtype) -> str:
@@ -132,6 +133,11 @@ def _activation(ex: _Exporter, x: str, act: str, args: tuple, dtype: np.dtype) -
     if act == "hardsigmoid":
         return ex.add1("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
     return ex.add1({"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}[act], [x])
+
+
+@exports("fmod")
+def _fmod(ex, node, xs):
+    return ex.add1("Mod", xs, fmod=1)
 
 
 @exports("shift_left", "shift_right")

@@ -224,6 +224,34 @@ def _shift(low, node, xs):
     return low.emit(R.where(out_of_range, fill, low.emit(R.right_shift(a, amount))))
 
 
+@lowers("bitwise_not")
+def _bitwise_not(low, node, xs):
+    return low.emit(R.bitwise_not(xs[0]))
+
+
+def _fmod_tensor(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+    """C's fmod for floats (exact: LLVM's frem); for integers the truncated remainder, 0 where b
+    is 0 as numpy gives (a remainder by zero traps on x86)."""
+    dtype = str(a.dtype)
+    if dtype.startswith("float"):  # libm's (CUDA's) fmod: TVM's LLVM codegen has no fmod intrinsic
+        wide = "float64" if dtype == "float64" else "float32"  # fmod of halves is exact in float32
+        name = "fmod" if wide == "float64" else "fmodf"
+        return te.compute(a.shape, lambda *i: tirx.call_pure_extern(wide, name, a[i].astype(wide),
+                                                                     b[i].astype(wide)).astype(dtype), name="fmod")
+    zero, one = tirx.const(0, dtype), tirx.const(1, dtype)
+    return te.compute(a.shape, lambda *i: tirx.Select(b[i] == zero, zero,
+                                                      tirx.truncmod(a[i], tirx.Select(b[i] == zero, one, b[i]))),
+                      name="fmod")
+
+
+@lowers("fmod")
+def _fmod(low, node, xs):
+    shape = list(node.output.shape)
+    a, b = (x if tuple(v.shape) == tuple(shape) else low.emit(R.broadcast_to(x, shape))
+            for x, v in zip(xs, node.inputs))
+    return low.bb.emit_te(_fmod_tensor, a, b, primfunc_name_hint="fmod")
+
+
 @lowers("round")
 def _round(low, node, xs):
     return round_half_even(low, xs[0])
@@ -237,7 +265,8 @@ def _reciprocal(low, node, xs):
 _BINARY = {"add": R.add, "sub": R.subtract, "mul": R.multiply, "pow": R.power, "maximum": R.maximum,
            "minimum": R.minimum, "equal": R.equal, "less": R.less, "less_equal": R.less_equal, "greater": R.greater,
            "greater_equal": R.greater_equal, "logical_and": R.logical_and, "logical_or": R.logical_or,
-           "logical_xor": R.logical_xor}
+           "logical_xor": R.logical_xor, "bitwise_and": R.bitwise_and, "bitwise_or": R.bitwise_or,
+           "bitwise_xor": R.bitwise_xor}
 
 
 @lowers(*_BINARY)

@@ -69,6 +69,7 @@ _unary("acosh", lambda x, a: np.arccosh(x), "inverse hyperbolic cosine")
 _unary("atanh", lambda x, a: np.arctanh(x), "inverse hyperbolic tangent")
 _unary("round", lambda x, a: np.round(x), "round to the nearest integer, ties to even")
 _unary("logical_not", lambda x, a: np.logical_not(x), "boolean not")
+_unary("bitwise_not", lambda x, a: np.invert(x), "~x (integers: every bit flipped)")
 _unary("identity", lambda x, a: x, "x (kept from the source model; canonicalization removes it)")
 _unary("dropout", lambda x, a: x, "x at inference (kept from the source model; canonicalization removes it)")
 
@@ -108,6 +109,11 @@ _ARITH = {
     "pow": (np.power, "a ^ b"),
     "maximum": (np.maximum, "max(a, b)"),
     "minimum": (np.minimum, "min(a, b)"),
+    "fmod": (np.fmod, "C's fmod: a - trunc(a / b) * b computed exactly, the sign of a (integers: the truncated "
+                      "remainder)"),
+    "bitwise_and": (np.bitwise_and, "a & b (integers)"),
+    "bitwise_or": (np.bitwise_or, "a | b (integers)"),
+    "bitwise_xor": (np.bitwise_xor, "a ^ b (integers)"),
     "shift_left": (lambda a, b: _shift(a, b, True), "a << b (integers; out-of-range amounts shift every bit out)"),
     "shift_right": (lambda a, b: _shift(a, b, False),
                     "a >> b (integers, arithmetic for signed a; out-of-range amounts shift every bit out)"),
