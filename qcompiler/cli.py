@@ -422,6 +422,10 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
         out_of_int8 = report.get("float_precision", {}).get("resolved", "fp32")
         table.add_row("precision", f"int8 (requantized in {report['requantize']}); layers kept out of int8: "
                                    f"{out_of_int8}")
+    widened = report.get("widen_float16", {})
+    if widened:
+        table.add_row("float16 model", "computed in float32 between its float16 inputs and outputs"
+                      if widened.get("widened") else f"kept float16: {widened['refused']}")
     for d in report.get("dynamic", {}).get("dims", []):
         kind = "batch" if d["axis"] == 0 else "sequence"
         checked = d.get("per_sample_exact", d.get("padding_max_relative_error"))

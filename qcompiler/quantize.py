@@ -79,11 +79,13 @@ def with_config(pipeline: str, config: QuantConfig) -> str:
 
 
 def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
-    """The float passes (``float_pipeline``, or the default ones), then the low-rank factorization
-    when ``config`` asks for it: the float model that is calibrated and quantized."""
+    """A float16 model widened to float32 (quantization's arithmetic is float32), the float
+    passes (``float_pipeline``, or the default ones), then the low-rank factorization when
+    ``config`` asks for it: the float model that is calibrated and quantized."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
-    floats = float_pipeline if float_pipeline is not None else DEFAULT_FLOAT_PIPELINE
+    floats = ",".join(s for s in ("widen-float16", DEFAULT_FLOAT_PIPELINE if float_pipeline is None else float_pipeline)
+                      if s)
     if config.low_rank is not None:
         floats = ",".join(s for s in (floats, f"factorize-low-rank{{energy={config.low_rank.energy}}}") if s)
     return floats

@@ -470,3 +470,64 @@ func @main(%x: f32[1,2,5,5]) -> f32[1,4,3,5] {
     run_pipeline(graph, "fold-batchnorm")
     assert graph.op_counts() == {"pad": 2, "batch_norm": 1, "conv2d": 1, "concat": 1, "mul": 1}, graph.op_counts()
     np.testing.assert_allclose(graph(x)[0], want, rtol=1e-5, atol=1e-5)
+
+
+HALF = """\
+func @main(%x: f16[2,3], %k: f16[2,3]) -> (f16[2,3], f32[2,3], f16[2,3]) {
+  const @w : f16[3,3] = [1.0, 0.5, -0.25, 2.0, 0.0, 1.5, -1.0, 0.125, 3.0]
+  const @b : f16[3] = [0.5, -0.5, 0.25]
+  %0 = linear(%x, @w, @b) : f16[2,3] loc(#0 "fc")
+  %1 = relu(%0) : f16[2,3] loc(#1)
+  %2 = cast(%1) {to="f32"} : f32[2,3] loc(#2)
+  %3 = add(%1, %k) : f16[2,3] loc(#3)
+  %4 = cast(%3) {to="f16"} : f16[2,3] loc(#4)
+  return %1, %2, %4
+}
+"""
+
+
+def test_widen_float16_computes_in_float32_behind_the_float16_interface():
+    """Constants and inputs widen exactly; a cast to f16 inside becomes one to f32; outputs that
+    were f16 are cast back (the value the float32 one was renamed from keeps the output's name)."""
+    graph = parse_graph(HALF)
+    inputs = [rng.standard_normal(v.shape).astype(np.float16) for v in graph.inputs]
+    before = graph(*inputs)
+    run_pipeline(graph, "widen-float16", Instruments(verify_each=True))
+    assert print_graph(graph) == """\
+func @main(%x: f16[2,3], %k: f16[2,3]) -> (f16[2,3], f32[2,3], f16[2,3]) {
+  const @w.f32 : f32[3,3] = [1.0, 0.5, -0.25, 2.0, 0.0, 1.5, -1.0, 0.125, 3.0]
+  const @b.f32 : f32[3] = [0.5, -0.5, 0.25]
+  %x.f32 = cast(%x) {to="f32"} : f32[2,3] loc(#5)
+  %k.f32 = cast(%k) {to="f32"} : f32[2,3] loc(#6)
+  %0 = linear(%x.f32, @w.f32, @b.f32) : f32[2,3] loc(#0 "fc")
+  %1_0 = relu(%0) : f32[2,3] loc(#1)
+  %2 = cast(%1_0) {to="f32"} : f32[2,3] loc(#2)
+  %3 = add(%1_0, %k.f32) : f32[2,3] loc(#3)
+  %4_1 = cast(%3) {to="f32"} : f32[2,3] loc(#4)
+  %1 = cast(%1_0) {to="f16"} : f16[2,3] loc(#7)
+  %4 = cast(%4_1) {to="f16"} : f16[2,3] loc(#8)
+  return %1, %2, %4
+}
+"""
+    after = graph(*inputs)
+    for got, want in zip(after, before):
+        assert got.dtype == want.dtype
+        # float16's rounding of each intermediate is gone: a few half-precision steps at most
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=4e-3, atol=4e-3)
+    widened = [n.output.dtype for n in graph.nodes[:7]]  # all but the two casts back
+    assert widened == ["f32"] * 7
+
+
+def test_widen_float16_leaves_float32_graphs_and_float16_bitcasts_alone():
+    check_pass(BN, "widen-float16", print_graph(parse_graph(BN)))
+    text = """\
+func @main(%x: f16[4]) -> i16[4] {
+  %0 = bitcast(%x) {to="i16"} : i16[4] loc(#0)
+  return %0
+}
+"""
+    graph = parse_graph(text)
+    ctx = PassContext()
+    run_pipeline(graph, "widen-float16", Instruments(), ctx)
+    assert print_graph(graph) == text
+    assert "reinterprets float16 bits" in ctx.report["widen_float16"]["refused"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qcompiler
+from qcompiler.compare import sqnr_db
 from qcompiler.passes.insert_qdq import quantize_weight
 
 
@@ -769,3 +770,54 @@ def test_torch_remainder_fmod_and_integer_bitwise_ops_match_torch():
     np.testing.assert_allclose(graph(x, k)[0], want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(qcompiler.compile(model, (torch.from_numpy(x), torch.from_numpy(k)), target="llvm")(x, k),
                                want, rtol=1e-6, atol=1e-6)
+
+
+def _float16_onnx(model: torch.nn.Module, shape, path):
+    """``model`` exported to ONNX and converted to float16 the way published fp16 models are
+    (every float initializer and every float input, output and intermediate type halved)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    torch.onnx.export(model, (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    proto = onnx.load(str(path))
+    for init in proto.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for node in proto.graph.node:  # Clip's bounds and other Constant nodes
+        for attr in node.attribute:
+            if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+    for v in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return proto
+
+
+def test_a_float16_model_quantizes_with_its_float16_interface(tmp_path):
+    """Before: every float16 model failed in bias-correction ('conv2d: operand dtypes differ:
+    f16, f32'): published models often ship halved. Now widen-float16 computes it in float32
+    between its float16 input and output; every layer is int8, the build equals its
+    interpreter run, and the output is ONNX Runtime's float16 result to int8 accuracy."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(16, 8, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 10)).eval()
+    path = tmp_path / "half.onnx"
+    _float16_onnx(model, (1, 3, 24, 24), path)
+    calibration = [x.astype(np.float16) for x in _calibration((1, 3, 24, 24), 8)]
+    x = _calibration((1, 3, 24, 24), 1, seed=9)[0].astype(np.float16)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    compiled = qcompiler.compile(str(path), calibration=calibration, target="llvm")
+    report = compiled.report()
+    assert report["kept_float"] == [] and report["quantized"] and report["widen_float16"] == {"widened": True}
+    got = np.asarray(compiled(x))
+    assert got.dtype == np.float16 and got.shape == want.shape
+    np.testing.assert_array_equal(got, compiled.graph(x)[0])
+    assert sqnr_db(got.astype(np.float32), want.astype(np.float32)) > 30
+    assert {n.op for n in compiled.graph.nodes} >= {"conv2d_int", "linear_int"}
