@@ -107,6 +107,7 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
 
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings (float8, 'colored') are not the user's
     proto, where = _load(model)
+    proto = onnx_contrib.in_runtime_domain(proto)
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
@@ -1288,6 +1289,6 @@ def _quant(ctx, node, inputs):
     return ctx.emit(op, operands, {"axis": _attr(node, "axis", 1)}, fold=False)[0]
 
 
-from . import onnx_composites, onnx_detection, onnx_indexing, onnx_qoperator, onnx_signal, onnx_text, onnx_training  # noqa: E402,F401  register their converters
+from . import onnx_composites, onnx_contrib, onnx_detection, onnx_indexing, onnx_qoperator, onnx_signal, onnx_text, onnx_training  # noqa: E402,F401  register their converters
 from .onnx_loops import unroll_loop, unroll_scan  # noqa: E402
 from .onnx_sequences import MISSING, flattened_outputs, map_sequences, structured_input, value_kind  # noqa: E402

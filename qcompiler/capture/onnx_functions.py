@@ -62,16 +62,16 @@ def _with_default_attributes(node: onnx.NodeProto, schema: defs.OpSchema) -> onn
     return full
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and every subgraph (If branches, Loop and Scan bodies) inside it."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
+                yield from all_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _graphs(g)
+                    yield from all_graphs(g)
 
 
 def _known_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
@@ -87,7 +87,7 @@ def _known_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 def _candidates(proto: onnx.ModelProto, opset: int,
                 supported: Callable[[str], bool]) -> list[tuple[onnx.NodeProto, defs.OpSchema]]:
-    return [(node, schema) for graph in _graphs(proto.graph) for node in graph.node
+    return [(node, schema) for graph in all_graphs(proto.graph) for node in graph.node
             if node.domain in _ONNX_DOMAINS and not supported(node.op_type)
             and (schema := _schema(node, opset)) is not None]
 
