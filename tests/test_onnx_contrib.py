@@ -59,6 +59,9 @@ def _cases():
     yield "SimplifiedLayerNormalization", _model(
         helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["y"], axis=-1, epsilon=1e-6, name="rms"),
         io, {"y": (F, [2, 5, h])}, {"g": gamma}), {"x": x}
+    yield "LayerNormalization (ONNX Runtime's, at opset 14)", _model(
+        helper.make_node("LayerNormalization", ["x", "g", "be"], ["y"], axis=-1, epsilon=1e-5, name="ln"),
+        io, {"y": (F, [2, 5, h])}, {"g": gamma, "be": beta}, opset=14), {"x": x}
     yield "FusedMatMul", _model(_ms("FusedMatMul", ["a", "w"], ["y"], alpha=0.5, transA=1, transB=1),
                                 {"a": (F, [2, h, 5])}, {"y": (F, [2, 5, 8])}, {"w": _f32(8, h)}), {"a": _f32(2, h, 5)}
     yield "FusedConv", _model(

@@ -18,18 +18,22 @@ from .from_onnx import _CONVERTERS, _attr, converts
 from .onnx_functions import all_graphs
 
 MS = "com.microsoft."
-# ops ONNX Runtime defines in the default domain, which the ONNX checker does not know
-RUNTIME_OPS_IN_DEFAULT_DOMAIN = {"SimplifiedLayerNormalization"}
+# ops ONNX Runtime defines in the default domain, which the ONNX checker does not know, and the
+# opset from which the standard has them (its transformer optimizer writes LayerNormalization
+# into opset 11-16 models, where the standard has none)
+RUNTIME_OPS_IN_DEFAULT_DOMAIN = {"SimplifiedLayerNormalization": None, "LayerNormalization": 17}
 
 
 def _runtime_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return [node for graph in all_graphs(proto.graph) for node in graph.node
-            if node.domain in ("", "ai.onnx") and node.op_type in RUNTIME_OPS_IN_DEFAULT_DOMAIN]
+            if node.domain in ("", "ai.onnx") and node.op_type in RUNTIME_OPS_IN_DEFAULT_DOMAIN
+            and opset < (RUNTIME_OPS_IN_DEFAULT_DOMAIN[node.op_type] or opset + 1)]
 
 
 def in_runtime_domain(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with ONNX Runtime's default-domain ops (as its model builders write them) moved
-    to ``com.microsoft``, where the checker lets them be: a copy, where there are any."""
+    """``proto`` with ONNX Runtime's default-domain ops (as its tools write them) moved to
+    ``com.microsoft``, where the checker lets them be: a copy, where there are any."""
     if not _runtime_nodes(proto):
         return proto
     copied = onnx.ModelProto()
@@ -113,6 +117,12 @@ def _skip_simplified_layer_norm(ctx, node, inputs):
         raise QCompilerError(f"SkipSimplifiedLayerNormalization '{node.name}': its mean and inverse deviation "
                              f"outputs are not supported")
     return _skip_norm(ctx, node, inputs, "RMSNormalization")
+
+
+@converts(MS + "LayerNormalization")
+def _runtime_layer_norm(ctx, node, inputs):
+    """ONNX Runtime's LayerNormalization before the standard had one (opset 17): the same op."""
+    return _CONVERTERS["LayerNormalization"](ctx, _as_op(node, "LayerNormalization", inputs), inputs)
 
 
 @converts(MS + "SimplifiedLayerNormalization")

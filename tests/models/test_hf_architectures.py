@@ -4,7 +4,10 @@ exports them (TorchScript exporter, opset 17), each imported and checked against
 float, quantized with the default config, built for this CPU and checked against the
 interpreter (to float rounding where float ops remain). It found GPT-2 and ALBERT hanging TVM's build (tanh-GELU written out,
 three quantizes fused into one kernel) and MobileViT's subnormal activations making an invalid
-graph. Minutes in all: marked ``corpus`` (``make corpus``)."""
+graph. The same architectures fused by ONNX Runtime's transformer optimizer (its com.microsoft
+Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu, FastGelu, and its opset-14
+LayerNormalization) import to ONNX Runtime's outputs and quantize. Minutes in all: marked
+``corpus`` (``make corpus``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -86,3 +89,41 @@ def test_architecture_imports_quantizes_and_builds(name, tmp_path):
     interpreted = built.graph(*xs)[0]  # integer parts bit for bit; the float ones (a final layer norm) to rounding
     np.testing.assert_allclose(got, interpreted, rtol=1e-4, atol=1e-4 * float(np.abs(interpreted).max()))
     assert sqnr_db(want, got) > 15  # random weights: a floor that catches a broken layer, not a fidelity claim
+
+
+# ONNX Runtime's transformer optimizer on the TorchScript export (opset 14, dynamic batch): the
+# "optimized" models people publish, with its fused com.microsoft ops and its opset-14
+# LayerNormalization in the default domain
+OPTIMIZED = {"bert": "bert", "distilbert": "bert", "gpt2": "gpt2", "vit": "vit"}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZED))
+def test_architecture_optimized_by_onnx_runtime_imports_and_quantizes(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from onnxruntime.transformers import optimizer
+
+    config_class, arguments, kind = CASES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**arguments, attn_implementation="eager")
+    model = FirstOutput(transformers.AutoModel.from_config(config).eval(), _inputs(kind, 0)[1]).eval()
+    xs, names = _inputs(kind, 0)
+    path = tmp_path / f"{name}.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, tuple(torch.from_numpy(x) for x in xs), str(path), input_names=names,
+                          output_names=["y"], opset_version=14, dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in names})
+    heads = arguments.get("num_attention_heads", arguments.get("n_heads", arguments.get("n_head")))
+    hidden = arguments.get("hidden_size", arguments.get("dim", arguments.get("n_embd")))
+    optimized = optimizer.optimize_model(str(path), model_type=OPTIMIZED[name], num_heads=heads, hidden_size=hidden,
+                                         opt_level=1).model
+    assert any(n.domain == "com.microsoft" for n in optimized.graph.node)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(optimized.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(None, dict(zip(names, xs)))[0]
+    shapes = {n: list(x.shape) for n, x in zip(names, xs)}
+    real = (slice(None),) if kind != "text" else (xs[1] == 1,)  # padded tokens' states are not compared
+    assert sqnr_db(want[real], qcompiler.from_onnx(optimized, input_shapes=shapes)(*xs)[0][real]) > 100
+    calibration = [_inputs(kind, seed)[0] for seed in range(1, 5)]
+    got = np.asarray(qcompiler.compile(optimized, calibration=calibration, input_shapes=shapes)(*xs))
+    assert sqnr_db(want[real], got[real]) > 15
