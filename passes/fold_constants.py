@@ -1,6 +1,11 @@
 """fold-constants: evaluate nodes whose inputs are all constants (weight transposes and
 reshapes, shape arithmetic) with the reference kernels, replacing them by constants.
-Identity: op(c1, ..., cn) == constant(kernel(c1, ..., cn)) for deterministic ops."""
+Identity: op(c1, ..., cn) == constant(kernel(c1, ..., cn)) for deterministic ops.
+
+A ``dequantize`` of an 8-bit constant is left alone (``keep_quantized_weights``): it is a
+quantized model's weight (ONNX Runtime's or NNCF's QDQ form), whose integer values and scales
+lower-integer builds the integer op from; folded to float, the layer could only run in float.
+After lower-integer, the ones it did not take are folded (``keep_quantized_weights=false``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,11 +21,14 @@ class FoldConstants(Pass):
     name = "fold-constants"
     summary = "evaluate nodes whose inputs are all constants (results up to max_elements)"
     max_elements: int = 1 << 22
+    keep_quantized_weights: bool = True
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         changed = False
         for node in list(graph.nodes):
             if not node.inputs or not all(v.is_constant for v in node.inputs):
+                continue
+            if self.keep_quantized_weights and node.op == "dequantize" and node.inputs[0].dtype in ("u8", "i8"):
                 continue
             if any(v.type.size > self.max_elements for v in node.outputs):
                 continue  # folding would bloat the model with a large materialized tensor

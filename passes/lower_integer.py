@@ -29,6 +29,8 @@ from qcompiler.pipeline import Pass, PassContext, apply_rules, matches, register
 from .dead_code import EliminateDeadCode
 from .insert_qdq import qparams_of
 
+EIGHT_BIT = ("u8", "i8")  # the integer kernels' operands; 16-bit QDQ models (A16W8) stay float-simulated
+
 INTEGER_CLAMPS = ("none", "relu", "clip")
 COMPUTING = ("weighted", "own_params", "shared_params")  # roles whose result left float is a layer kept float
 
@@ -41,7 +43,13 @@ def _sole_quantize_user(graph: Graph, v: Value) -> Node | None:
     q = users[0]
     if q.op != "quantize" or len(q.inputs) < 3 or not (q.inputs[1].is_constant and q.inputs[2].is_constant):
         return None
-    return q if q.inputs[1].type.rank == 0 else None
+    return q if q.inputs[1].type.rank == 0 and q.output.dtype in EIGHT_BIT else None
+
+
+def _int8_params(graph: Graph, v: Value) -> tuple[np.float32, np.integer] | None:
+    """``qparams_of``, for a value dequantized from 8 bits only."""
+    params = qparams_of(graph, v)
+    return params if params is not None and v.producer.inputs[0].dtype in EIGHT_BIT else None
 
 
 NOT_LOWERED = "not_lowered"  # node.meta key: why a rule left a quantized node in float (reported)
@@ -106,12 +114,15 @@ def lower_compute(graph: Graph, node: Node) -> bool:
     if traits.quant != "weighted":
         return False
     q = _sole_quantize_user(graph, node.output)
-    x_params = qparams_of(graph, node.inputs[0])
+    x_params = _int8_params(graph, node.inputs[0])
+    if x_params is None and qparams_of(graph, node.inputs[0]) is not None:
+        node.meta[NOT_LOWERED] = (f"{node.inputs[0].producer.inputs[0].dtype} activations: the integer kernels take "
+                                  f"8 bits, so it runs as dequantize -> float op -> quantize (as ONNX Runtime does)")
     to_float = q is None and node.output in graph.outputs  # a model output: the accumulator, dequantized
     if (q is None and not to_float) or x_params is None:
         return False
     if traits.channel_axis is None:  # matmul: the right operand per tensor, a weight or a run-time value
-        b_params = qparams_of(graph, node.inputs[1])
+        b_params = _int8_params(graph, node.inputs[1])
         if b_params is None:
             return False
         w, w_zp, w_scale = node.inputs[1].producer.inputs[0], node.inputs[1].producer.inputs[2], \
@@ -204,7 +215,7 @@ def lower_dynamic_product(graph: Graph, node: Node) -> bool:
             return False
         w, w_zp, w_scale = weight
     else:
-        right = qparams_of(graph, node.inputs[1])
+        right = _int8_params(graph, node.inputs[1])
         if right is None:
             return False
         dq = node.inputs[1].producer
@@ -242,7 +253,7 @@ def lower_add(graph: Graph, node: Node) -> bool:
     if node.op != "add":
         return False
     q = _sole_quantize_user(graph, node.output)
-    pa, pb = qparams_of(graph, node.inputs[0]), qparams_of(graph, node.inputs[1])
+    pa, pb = _int8_params(graph, node.inputs[0]), _int8_params(graph, node.inputs[1])
     if q is None or pa is None or pb is None:
         return False
     y_scale, _ = _q_params(graph, q)
@@ -273,7 +284,7 @@ def lower_same_params(graph: Graph, node: Node) -> bool:
         return False
     out = _q_params(graph, q)
     operands = node.inputs if traits_of(node.op).quant == "shared_params" else node.inputs[:1]
-    params = [qparams_of(graph, v) for v in operands]
+    params = [_int8_params(graph, v) for v in operands]
     if any(p is None or float(p[0]) != float(out[0]) or int(p[1]) != int(out[1]) for p in params):
         return False
     ints = [v.producer.inputs[0] for v in operands]
@@ -297,7 +308,7 @@ def lower_mean(graph: Graph, node: Node) -> bool:
     if node.op != "reduce_mean":
         return False
     q = _sole_quantize_user(graph, node.output)
-    p_in = qparams_of(graph, node.inputs[0])
+    p_in = _int8_params(graph, node.inputs[0])
     if q is None or p_in is None:
         return False
     x = node.inputs[0].producer.inputs[0]
@@ -328,7 +339,7 @@ def fold_quantize_dequantize(graph: Graph, node: Node) -> bool:
     multiplier s1/s2 from input zero point z1."""
     if node.op != "quantize" or len(node.inputs) < 3 or node.inputs[1].type.rank:
         return False
-    p_in = qparams_of(graph, node.inputs[0])
+    p_in = _int8_params(graph, node.inputs[0])
     if p_in is None or not (node.inputs[1].is_constant and node.inputs[2].is_constant):
         return False
     p_out = _q_params(graph, node)

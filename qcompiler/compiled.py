@@ -727,9 +727,14 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         record = result.calibration
     else:
         inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)
-        compiled_graph = run_pipeline(graph.copy(), DEFAULT_FLOAT_PIPELINE, inst)
-        reference, used, timings = graph, DEFAULT_FLOAT_PIPELINE, inst.records
-        report["passes"] = {}
+        used = DEFAULT_FLOAT_PIPELINE
+        if target != "onnx" and any(n.op in ("quantize", "dequantize") for n in graph.nodes):
+            # a QDQ model (ONNX Runtime's, NNCF's): integer ops, then the weights they did not take folded to float
+            used += f",{(config or QuantConfig()).lower_stage()},fold-constants{{keep_quantized_weights=false}}"
+        ctx = PassContext()
+        compiled_graph = run_pipeline(graph.copy(), used, inst, ctx)
+        reference, timings = graph, inst.records
+        report["passes"] = ctx.report
     compiled_graph.name_outputs([v.name for v in graph.outputs])  # the model's interface, whatever rewrote them
     integer_ops = sum(1 for n in compiled_graph.nodes if traits_of(n.op).family == "integer")
     report["quantized"] = integer_ops > 0 or any(n.op == "quantize" for n in compiled_graph.nodes)

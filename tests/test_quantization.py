@@ -298,6 +298,58 @@ def test_onnxruntime_qdq_model_lowers_to_integer_ops(digits, ort_qdq_digits):
     assert agree >= 39
 
 
+def test_compiling_a_qdq_model_builds_its_integer_ops(digits, ort_qdq_digits):
+    """Before: ``compile`` of a model ONNX Runtime had quantized ran only the float passes, whose
+    constant folding turned its int8 weights back into float: every layer ran dequantize ->
+    float conv -> quantize ("0 integer of 14") while the report said "quantized: yes"."""
+    import onnxruntime as ort
+
+    import qcompiler
+
+    _, (_, _, x_test, _) = digits
+    compiled = qcompiler.compile(ort_qdq_digits, target="llvm")
+    counts = compiled.graph.op_counts()
+    assert counts.get("conv2d_int") == 2 and counts.get("linear_int") == 2, counts
+    assert not {"conv2d", "linear"} & set(counts) and compiled.report()["kept_float"] == []
+    options = ort.SessionOptions()  # the model's meaning: dequantize -> float op -> quantize (ONNX Runtime's
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # AVX2 int8 saturates pairs)
+    session = ort.InferenceSession(ort_qdq_digits, options, providers=["CPUExecutionProvider"])
+    agree = 0
+    for i in range(20):
+        x = x_test[i:i + 1]
+        got, want = np.asarray(compiled(x)), session.run(None, {"image": x})[0]
+        np.testing.assert_array_equal(got, compiled.graph(x)[0])
+        assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+        agree += int(got.argmax() == want.argmax())
+    assert agree >= 19
+
+
+def test_a_16_bit_qdq_model_runs_as_onnx_runtime_does_and_says_why_it_is_not_integer(digits, tmp_path):
+    """ONNX Runtime's A16W8 form (``activation_type=QUInt16``, for NPUs): one-element [1] scales
+    beside scalar zero points (refused before: 'axis 1 out of range'), 16-bit zero points (refused:
+    'must be i8, u8 or i32'). The integer kernels take 8 bits: its layers run as dequantize ->
+    float op -> quantize, equal to ONNX Runtime, and the report says so."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType
+
+    import qcompiler
+    from qcompiler.examples import peers
+
+    model, (x_train, _, x_test, _) = digits
+    float_path = peers.export_onnx(model, (torch.from_numpy(x_test[:1]),), ["image"], tmp_path / "f.onnx")
+    path = str(peers.onnxruntime_int8(float_path, ["image"], [[x_train[i:i + 1]] for i in range(16)],
+                                      tmp_path / "a16w8.onnx", activation_type=QuantType.QUInt16))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    compiled = qcompiler.compile(path, target="llvm")
+    for i in range(5):
+        x = x_test[i:i + 1]
+        want = session.run(None, {"image": x})[0]
+        np.testing.assert_allclose(qcompiler.from_onnx(path)(x)[0], want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(compiled(x)), want, rtol=0, atol=1e-6)
+    reasons = {e["reason"] for e in compiled.report()["kept_float"]}
+    assert reasons and all(r.startswith("u16 activations: the integer kernels take 8 bits") for r in reasons)
+
+
 def test_smooth_quant_is_neutral_and_flattens_outlier_channels():
     g = Graph()
     x = g.add_input("x", TensorType((32, 8), "f32"))

@@ -1285,6 +1285,8 @@ def _quant(ctx, node, inputs):
     if op == "quantize" and len(operands) == 2 and out_dtype:  # opset 21+: type without a zero point
         dtype = onnx.helper.tensor_dtype_to_np_dtype(out_dtype)
         operands.append(ctx.const(np.zeros(operands[1].shape, dtype), "zero_point"))
+    if int(np.prod(operands[1].shape)) == 1:  # a one-element scale (and zero point) is per tensor, whatever
+        operands[1:] = [ctx.reshape(v, []) for v in operands[1:]]  # their ranks (ONNX Runtime writes [1] and [])
     # kept as nodes even on constants (quantized weights): lowering matches dequantize(int8 weight)
     return ctx.emit(op, operands, {"axis": _attr(node, "axis", 1)}, fold=False)[0]
 

@@ -24,7 +24,9 @@ def export_onnx(model: torch.nn.Module, example: tuple, names: Sequence[str], pa
 
 
 def onnxruntime_int8(float_path: Path, names: Sequence[str], calibration: Sequence[Sequence[np.ndarray]],
-                     int8_path: Path) -> Path:
+                     int8_path: Path, activation_type: Any = None) -> Path:
+    """ONNX Runtime's static QDQ quantization, per-channel int8 weights; activations u8 unless
+    ``activation_type`` (a ``QuantType``) says otherwise."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     batches = iter([dict(zip(names, batch)) for batch in calibration])
@@ -34,7 +36,7 @@ def onnxruntime_int8(float_path: Path, names: Sequence[str], calibration: Sequen
             return next(batches, None)
 
     quantize_static(str(float_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=activation_type or QuantType.QUInt8, weight_type=QuantType.QInt8)
     return int8_path
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from ..types import TensorType
 from .registry import Attr, Traits, declare, norm_axis
 
-QUANT_DTYPES = ("i8", "u8", "i32")
+QUANT_DTYPES = ("i8", "u8", "i16", "u16", "i32")
 INTEGER = Traits("integer", quant="integer")  # quantized arithmetic, made by lower-integer
 CONVERSION = Traits("quant", quant="integer")  # between real numbers and integers (quantize, dequantize, rescale)
 
