@@ -423,8 +423,14 @@ class LowerInteger(Pass):
         EliminateDeadCode().run(graph, ctx)
         ctx.report.setdefault("rule_hits", {}).update({f"lower-integer.{k}": v for k, v in hits.items()})
         reasons = {r["handle"]: r["reason"] for r in ctx.report.get("not_quantized", [])}
+        # a model quantized elsewhere (a QDQ model, no insert-qdq here): only its ops that read
+        # quantized values were meant to be integer; its other float ops are not "kept" float
+        given_quantized = "not_quantized" not in ctx.report
         kept = []
         for node in graph.nodes:
+            if given_quantized and not any(v.producer is not None and v.producer.op == "dequantize"
+                                           and not v.producer.inputs[0].is_constant for v in node.inputs):
+                continue  # (a float op reading a dequantized weight is weight-only by the model's design)
             if traits_of(node.op).quant in COMPUTING and node.outputs[0].dtype in ("f32", "f16", "f64"):
                 reason = reasons.get(str(node.handle)) or node.meta.get(NOT_LOWERED) or \
                     "quantized operands did not form a lowerable dequantize -> op -> quantize sandwich"

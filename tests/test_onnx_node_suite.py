@@ -43,12 +43,13 @@ def test_node_case(suite, tc):
 # also go through TVM and through ONNX export, against the stored outputs
 THROUGH_TARGETS = ("Acos", "Acosh", "Adagrad", "Adam", "Asin", "Asinh", "Atan", "Atanh", "Attention", "BitShift",
                    "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Celu", "CenterCropPad", "Clip",
-                   "Compress", "Cosh", "CumProd", "DFT", "DepthToSpace", "Det", "EyeLike", "GridSample",
-                   "GroupNormalization", "Hardmax", "InstanceNormalization", "Loop", "LpNormalization", "LpPool",
-                   "MaxUnpool", "MeanVarianceNormalization", "Mish", "Mod", "Momentum", "NegativeLogLikelihoodLoss",
-                   "OneHot", "ReverseSequence", "RoiAlign", "RotaryEmbedding", "Round", "STFT", "Scan", "Scatter",
-                   "ScatterElements", "ScatterND", "Shrink", "Sinh", "SoftmaxCrossEntropyLoss", "Softsign",
-                   "SpaceToDepth", "Tan", "TfIdfVectorizer", "ThresholdedRelu", "Trilu", "Xor")
+                   "Compress", "Cosh", "CumProd", "DFT", "DepthToSpace", "Det", "DynamicQuantizeLinear", "EyeLike",
+                   "GridSample", "GroupNormalization", "Hardmax", "InstanceNormalization", "Loop", "LpNormalization",
+                   "LpPool", "MaxUnpool", "MeanVarianceNormalization", "Mish", "Mod", "Momentum",
+                   "NegativeLogLikelihoodLoss", "OneHot", "ReverseSequence", "RoiAlign", "RotaryEmbedding", "Round",
+                   "STFT", "Scan", "Scatter", "ScatterElements", "ScatterND", "Shrink", "Sinh",
+                   "SoftmaxCrossEntropyLoss", "Softsign", "SpaceToDepth", "Tan", "TfIdfVectorizer",
+                   "ThresholdedRelu", "Trilu", "Xor")
 NAMED_CASES = ("test_resize_downsample_scales_cubic", "test_resize_downsample_scales_linear",
                "test_resize_downsample_sizes_nearest_tf_half_pixel_for_nn",
                "test_resize_upsample_scales_cubic_align_corners",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
@@ -61,3 +62,31 @@ def test_onnxruntime_qdq_model_imports_with_quant_ops(digits, ort_qdq_digits):
         assert rel_err(got, want) < 1e-4
         correct += int(got.argmax() == y_test[i])
     assert correct >= 28  # the quantized digits model still classifies
+
+
+@pytest.mark.parametrize("op", ["ConvInteger", "MatMulInteger"])
+def test_integer_ops_take_zero_points_computed_at_run_time_on_every_target(op):
+    """ONNX Runtime's quantize_dynamic feeds ConvInteger/MatMulInteger a DynamicQuantizeLinear's
+    zero point; here both zero points are graph inputs (the weight's per channel for the conv),
+    against the ONNX reference on the interpreter and the TVM build."""
+    import qcompiler
+
+    rng = np.random.default_rng(0)
+    if op == "ConvInteger":
+        x, w = rng.integers(0, 256, (1, 3, 7, 7)).astype(np.uint8), rng.integers(0, 256, (4, 3, 3, 3)).astype(np.uint8)
+        x_zp, w_zp = np.array(131, np.uint8), rng.integers(100, 156, (4,)).astype(np.uint8)
+        node = helper.make_node(op, ["x", "w", "xz", "wz"], ["y"], pads=[1, 1, 1, 1])
+        out = [1, 4, 7, 7]
+    else:
+        x, w = rng.integers(0, 256, (2, 5, 16)).astype(np.uint8), rng.integers(-128, 128, (2, 16, 6)).astype(np.int8)
+        x_zp, w_zp = np.array(77, np.uint8), np.array(-3, np.int8)
+        node = helper.make_node(op, ["x", "w", "xz", "wz"], ["y"])
+        out = [2, 5, 6]
+    feeds = {"x": x, "w": w, "xz": x_zp, "wz": w_zp}
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+              for k, v in feeds.items()]
+    model = helper.make_model(helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info(
+        "y", TensorProto.INT32, out)]), opset_imports=[helper.make_opsetid("", 17)])
+    want = ReferenceEvaluator(model).run(None, feeds)[0]
+    np.testing.assert_array_equal(qcompiler.from_onnx(model)(*feeds.values())[0], want)
+    np.testing.assert_array_equal(np.asarray(qcompiler.compile(model, target="llvm")(*feeds.values())), want)

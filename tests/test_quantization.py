@@ -350,6 +350,40 @@ def test_a_16_bit_qdq_model_runs_as_onnx_runtime_does_and_says_why_it_is_not_int
     assert reasons and all(r.startswith("u16 activations: the integer kernels take 8 bits") for r in reasons)
 
 
+def test_a_dynamically_quantized_model_builds_on_the_int8_kernels(digits, tmp_path):
+    """ONNX Runtime's ``quantize_dynamic`` (the form of most quantized models published as
+    ONNX): DynamicQuantizeLinear feeds MatMulInteger and ConvInteger a zero point computed at
+    run time, which was refused. Now the products are integer (the linears on the int8 kernels:
+    a @ w - z * colsum(w)), the build equals its interpreter run, which equals the ONNX reference
+    (ONNX Runtime's own kernels round a few dynamic quantizations a step apart from it)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import qcompiler
+    from qcompiler.examples import peers
+
+    model, (_, _, x_test, _) = digits
+    float_path = peers.export_onnx(model, (torch.from_numpy(x_test[:1]),), ["image"], tmp_path / "f.onnx")
+    path = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul",
+                                                                                                   "Gemm"])
+    reference = ReferenceEvaluator(onnx.load(str(path)))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    compiled = qcompiler.compile(str(path), target="llvm")
+    counts = compiled.graph.op_counts()
+    assert counts.get("conv2d_int") == 2 and counts.get("linear_int") == 2, counts
+    agree = 0
+    for i in range(20):
+        x = x_test[i:i + 1]
+        want, got = reference.run(None, {"image": x})[0], np.asarray(compiled(x))
+        np.testing.assert_allclose(got, compiled.graph(x)[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(qcompiler.from_onnx(str(path))(x)[0], want, rtol=1e-5, atol=1e-5)
+        agree += int(got.argmax() == session.run(None, {"image": x})[0].argmax())
+    assert agree >= 19
+
+
 def test_smooth_quant_is_neutral_and_flattens_outlier_channels():
     g = Graph()
     x = g.add_input("x", TensorType((32, 8), "f32"))

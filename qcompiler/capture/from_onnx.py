@@ -48,8 +48,9 @@ _CONTROL_FLOW = {"If": 1, "Loop": 2, "Scan": 0, "SequenceMap": 0}
 # known only once given makes Dropout read its ratio
 _STATIC_ALONG = {("Dropout", 2): (1,)}
 # quantization parameters (by position) that integer kernels need at import
-_QUANT_PARAM_OPERANDS = {"ConvInteger": (2, 3), "MatMulInteger": (2, 3), "QLinearConv": (1, 2, 4, 5, 6, 7),
-                         "QLinearMatMul": (1, 2, 4, 5, 6, 7)}
+# (ConvInteger's and MatMulInteger's may be computed: ONNX Runtime's quantize_dynamic feeds them a
+# DynamicQuantizeLinear's)
+_QUANT_PARAM_OPERANDS = {"QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7)}
 # operator sets a model may import without the ONNX one (its nodes then are those sets' only)
 _DOMAINS_WITHOUT_ONNX = {"ai.onnx.preview.training", "com.microsoft"}
 # ops whose result is a shape-defining constant (a range, a window): evaluated at import, so
@@ -1194,11 +1195,13 @@ def _pad(ctx, node, inputs):
     return ctx.emit1("pad", [x], {"pads": [int(p) for p in pads], "mode": mode, "value": float(value)})
 
 
-def _zero_point(ctx: _Ctx, zp: Value | None, like: Value, node: Any) -> Value:
-    """An integer op's zero point: the given constant, or 0 of the operand's type."""
+def _zero_point(ctx: _Ctx, zp: Value | None, like: Value, node: Any, computed: bool = False) -> Value:
+    """An integer op's zero point: the given constant (or, where ``computed``, a value computed
+    at run time), or 0 of the operand's type."""
     if zp is None:
         return ctx.const(np.zeros((), like.type.np_dtype), "zero_point")
-    ctx.const_input(zp, node, "zero point")
+    if not computed:
+        ctx.const_input(zp, node, "zero point")
     return zp if zp.type.rank == 0 or zp.type.size > 1 else ctx.reshape(zp, ())
 
 
@@ -1225,8 +1228,8 @@ def _output_stage(ctx: _Ctx, node: Any, acc: Value, scales: list[Value | None], 
 @converts("ConvInteger")
 def _conv_integer(ctx, node, inputs):
     x, w = inputs[0], inputs[1]
-    x_zp = _zero_point(ctx, inputs[2] if len(inputs) > 2 else None, x, node)
-    w_zp = _zero_point(ctx, inputs[3] if len(inputs) > 3 else None, w, node)
+    x_zp = _zero_point(ctx, inputs[2] if len(inputs) > 2 else None, x, node, computed=True)
+    w_zp = _zero_point(ctx, inputs[3] if len(inputs) > 3 else None, w, node, computed=True)
     return _integer_conv(ctx, node, x, x_zp, w, w_zp, None)
 
 
@@ -1240,12 +1243,26 @@ def _qlinear_conv(ctx, node, inputs):
 
 @converts("MatMulInteger")
 def _matmul_integer(ctx, node, inputs):
+    """(a - a_zp) @ (b - b_zp) in int32. With a constant int8 ``b`` (a weight) and a zero point
+    for ``a`` computed at run time (quantize_dynamic's DynamicQuantizeLinear), the integer
+    identity (a - z) @ w' = a @ w' - z * colsum(w'), w' = b - b_zp, keeps the product on the int8
+    kernels (whose activation zero point is a constant): a linear_int with zero point 0, minus z
+    times the weight's column sums."""
     a, b = inputs[0], inputs[1]
-    a_zp = _zero_point(ctx, inputs[2] if len(inputs) > 2 else None, a, node)
-    b_zp = _zero_point(ctx, inputs[3] if len(inputs) > 3 else None, b, node)
+    a_zp = _zero_point(ctx, inputs[2] if len(inputs) > 2 else None, a, node, computed=True)
+    b_zp = _zero_point(ctx, inputs[3] if len(inputs) > 3 else None, b, node, computed=True)
     if a_zp.type.rank:
         raise QCompilerError(f"MatMulInteger '{node.name}': per-row a_zero_point is not supported")
-    return ctx.emit1("matmul_int", [a, a_zp, b, b_zp])
+    if a_zp.is_constant or not (b.is_constant and b_zp.is_constant and b.dtype == "i8" and b.type.rank == 2):
+        return ctx.emit1("matmul_int", [a, a_zp, b, b_zp])
+    centered = ctx.array(b).astype(np.int64) - ctx.array(b_zp).astype(np.int64)
+    if np.abs(centered).max(initial=0) > 127:
+        return ctx.emit1("matmul_int", [a, a_zp, b, b_zp])
+    weight = ctx.const(np.ascontiguousarray(centered.T.astype(np.int8)), "weight")
+    zero = ctx.const(np.zeros((), a.type.np_dtype), "zero_point")
+    product = ctx.emit1("linear_int", [a, zero, weight, ctx.const(np.zeros((), np.int8), "weight_zero_point")])
+    sums = ctx.const(centered.sum(axis=0).astype(np.int32), "weight_column_sums")
+    return ctx.emit1("sub", [product, ctx.emit1("mul", [ctx.cast(a_zp, "i32"), sums])])
 
 
 @converts("QLinearMatMul")

@@ -757,8 +757,15 @@ def _dequantize(low, node, xs):
     return low.emit(R.multiply(low.cast(low.cast(v, "float32"), out), s))
 
 
-def _centered(low: Lowerer, x: relax.Expr, zp: Value, rank: int, axis: int) -> relax.Expr:
-    return low.emit(R.subtract(low.cast(x, "int32"), _axis_shaped(low, zp, rank, axis, "int32")))
+def _centered(low: Lowerer, x: relax.Expr, zp: Value, zp_expr: relax.Expr, rank: int, axis: int) -> relax.Expr:
+    """x - zp in int32, zp per tensor or along ``axis``, a constant or computed at run time (a
+    DynamicQuantizeLinear's)."""
+    if zp.is_constant:
+        return low.emit(R.subtract(low.cast(x, "int32"), _axis_shaped(low, zp, rank, axis, "int32")))
+    z = low.cast(zp_expr, "int32")
+    if zp.type.rank:
+        z = low.emit(R.reshape(z, [-1 if i == axis % rank else 1 for i in range(rank)]))
+    return low.emit(R.subtract(low.cast(x, "int32"), z))
 
 
 def _int8_kernel(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused | None:
@@ -776,8 +783,8 @@ def _conv_int(low, node, xs):
         return fast
     rank = traits_of(node.op).spatial_rank
     conv = _CONVS[rank]
-    x = _centered(low, xs[0], node.inputs[1], rank + 2, 1)
-    w = _centered(low, xs[2], node.inputs[3], rank + 2, 0)
+    x = _centered(low, xs[0], node.inputs[1], xs[1], rank + 2, 1)
+    w = _centered(low, xs[2], node.inputs[3], xs[3], rank + 2, 0)
     y = low.emit(conv(x, w, strides=node.attrs["strides"], padding=node.attrs["pads"], dilation=node.attrs["dilations"],
                       groups=node.attrs["groups"], out_dtype="int32"))
     if len(xs) > 4:
@@ -790,8 +797,8 @@ def _linear_int(low, node, xs):
     fast = _int8_kernel(low, node, xs)
     if fast is not None:
         return fast
-    x = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
-    w = _centered(low, xs[2], node.inputs[3], 2, 0)
+    x = _centered(low, xs[0], node.inputs[1], xs[1], node.inputs[0].type.rank, 0)
+    w = _centered(low, xs[2], node.inputs[3], xs[3], 2, 0)
     y = low.emit(R.matmul(x, low.emit(R.permute_dims(w, [1, 0])), out_dtype="int32"))
     return low.emit(R.add(y, xs[4])) if len(xs) > 4 else y
 
@@ -801,8 +808,8 @@ def _matmul_int(low, node, xs):
     kernels = low.int8_kernels
     if kernels is not None and kernels.matmul_applies(low, node):
         return kernels.matmul(low, node, xs)
-    a = _centered(low, xs[0], node.inputs[1], node.inputs[0].type.rank, 0)
-    b = _centered(low, xs[2], node.inputs[3], node.inputs[2].type.rank, -1)
+    a = _centered(low, xs[0], node.inputs[1], xs[1], node.inputs[0].type.rank, 0)
+    b = _centered(low, xs[2], node.inputs[3], xs[3], node.inputs[2].type.rank, -1)
     return low.emit(R.matmul(a, b, out_dtype="int32"))
 
 
