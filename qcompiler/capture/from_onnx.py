@@ -777,18 +777,25 @@ def _batch_norm(ctx, node, inputs):
     return ctx.emit1("batch_norm", inputs[:5], {"epsilon": _attr(node, "epsilon", 1e-5)})
 
 
-@converts("MaxPool", "AveragePool")
-def _pool(ctx, node, inputs):
-    x = inputs[0]
+def pool_window(node: Any, x: Value) -> dict[str, Any]:
+    """A pooling node's window as the IR's pool attributes (kernel, strides, dilations, pads
+    with auto_pad resolved, ceil_mode); 1-D to 3-D only."""
     rank = x.type.rank - 2
     if rank not in (1, 2, 3):
         raise QCompilerError(f"{node.op} '{node.name}': {rank}-D pooling is not supported")
     kernel = list(_attr(node, "kernel_shape"))
     strides = list(_attr(node, "strides", [1] * rank))
     dilations = list(_attr(node, "dilations", [1] * rank))
-    attrs: dict[str, Any] = {"kernel": kernel, "strides": strides, "dilations": dilations,
-                             "pads": _auto_pads(node, x.shape[2:], kernel, strides, dilations),
-                             "ceil_mode": bool(_attr(node, "ceil_mode", 0))}
+    return {"kernel": kernel, "strides": strides, "dilations": dilations,
+            "pads": _auto_pads(node, x.shape[2:], kernel, strides, dilations),
+            "ceil_mode": bool(_attr(node, "ceil_mode", 0))}
+
+
+@converts("MaxPool", "AveragePool")
+def _pool(ctx, node, inputs):
+    x = inputs[0]
+    rank = x.type.rank - 2
+    attrs = pool_window(node, x)
     if node.op == "MaxPool":
         pooled = ctx.emit1(MAX_POOL[rank], [x], attrs)
         if len(node.outputs) < 2 or not node.outputs[1].name:

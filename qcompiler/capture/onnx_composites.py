@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import QCompilerError
 from .builder import AVG_POOL
-from .from_onnx import _attr, _auto_pads, converts
+from .from_onnx import _attr, converts, pool_window
 
 
 @converts("LRN")
@@ -37,20 +37,12 @@ def _lp_pool(ctx, node, inputs):
     """(sum of |x|^p over the window)^(1/p), padding counting as zeros: the window's average of
     |x|^p with the padding counted, times the window's size (the standard's own definition)."""
     x = inputs[0]
-    rank = x.type.rank - 2
-    if rank not in (1, 2, 3):
-        raise QCompilerError(f"LpPool '{node.name}': {rank}-D pooling is not supported")
-    kernel = list(_attr(node, "kernel_shape"))
-    strides = list(_attr(node, "strides", [1] * rank))
-    dilations = list(_attr(node, "dilations", [1] * rank))
     p = _attr(node, "p", 2)
-    attrs = {"kernel": kernel, "strides": strides, "dilations": dilations, "count_include_pad": True,
-             "pads": _auto_pads(node, x.shape[2:], kernel, strides, dilations),
-             "ceil_mode": bool(_attr(node, "ceil_mode", 0))}
+    attrs = {**pool_window(node, x), "count_include_pad": True}
     powered = ctx.emit1("mul", [x, x]) if p == 2 else \
         ctx.emit1("pow", [ctx.emit1("abs", [x]), ctx.scalar_like(p, x.type)])
-    total = ctx.emit1("mul", [ctx.emit1(AVG_POOL[rank], [powered], attrs),
-                              ctx.scalar_like(int(np.prod(kernel)), x.type)])
+    total = ctx.emit1("mul", [ctx.emit1(AVG_POOL[x.type.rank - 2], [powered], attrs),
+                              ctx.scalar_like(int(np.prod(attrs["kernel"])), x.type)])
     return ctx.emit1("sqrt", [total]) if p == 2 else ctx.emit1("pow", [total, ctx.scalar_like(1 / p, x.type)])
 
 
