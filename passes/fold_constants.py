@@ -2,10 +2,11 @@
 reshapes, shape arithmetic) with the reference kernels, replacing them by constants.
 Identity: op(c1, ..., cn) == constant(kernel(c1, ..., cn)) for deterministic ops.
 
-A ``dequantize`` of an 8-bit constant is left alone (``keep_quantized_weights``): it is a
+With ``keep_quantized_weights``, a ``dequantize`` of an 8-bit constant is left alone: it is a
 quantized model's weight (ONNX Runtime's or NNCF's QDQ form), whose integer values and scales
 lower-integer builds the integer op from; folded to float, the layer could only run in float.
-After lower-integer, the ones it did not take are folded (``keep_quantized_weights=false``)."""
+``compile`` of a model quantized elsewhere folds with it, lowers, then folds what lower-integer
+did not take; a model being calibrated folds them (its weights are quantized again)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ class FoldConstants(Pass):
     name = "fold-constants"
     summary = "evaluate nodes whose inputs are all constants (results up to max_elements)"
     max_elements: int = 1 << 22
-    keep_quantized_weights: bool = True
+    keep_quantized_weights: bool = False
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         changed = False

@@ -728,9 +728,10 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
     else:
         inst = Instruments(emit=lambda s: None, on_pass=phases.for_pass)
         used = DEFAULT_FLOAT_PIPELINE
-        if target != "onnx" and any(n.op in ("quantize", "dequantize") for n in graph.nodes):
-            # a QDQ model (ONNX Runtime's, NNCF's): integer ops, then the weights they did not take folded to float
-            used += f",{(config or QuantConfig()).lower_stage()},fold-constants{{keep_quantized_weights=false}}"
+        if any(n.op in ("quantize", "dequantize") for n in graph.nodes):  # a QDQ model (ONNX Runtime's, NNCF's):
+            used = used.replace("fold-constants", "fold-constants{keep_quantized_weights=true}")  # int8 weights kept
+            if target != "onnx":  # integer ops, then the weights they did not take folded to float
+                used += f",{(config or QuantConfig()).lower_stage()},fold-constants"
         ctx = PassContext()
         compiled_graph = run_pipeline(graph.copy(), used, inst, ctx)
         reference, timings = graph, inst.records

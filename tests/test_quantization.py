@@ -304,8 +304,6 @@ def test_compiling_a_qdq_model_builds_its_integer_ops(digits, ort_qdq_digits):
     float conv -> quantize ("0 integer of 14") while the report said "quantized: yes"."""
     import onnxruntime as ort
 
-    import qcompiler
-
     _, (_, _, x_test, _) = digits
     compiled = qcompiler.compile(ort_qdq_digits, target="llvm")
     counts = compiled.graph.op_counts()
@@ -324,6 +322,30 @@ def test_compiling_a_qdq_model_builds_its_integer_ops(digits, ort_qdq_digits):
     assert agree >= 19
 
 
+def test_a_model_with_dequantized_weights_only_is_calibrated_onto_the_linear_kernels():
+    """Weights stored int8 behind DequantizeLinear, activations float: calibrating folds the
+    weights to float and quantizes the layer again (a per-channel linear_int); only ``compile``
+    without calibration keeps a QDQ model's int8 weights for lower-integer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    initializers = [numpy_helper.from_array(rng.integers(-127, 128, (16, 8)).astype(np.int8), "wq"),
+                    numpy_helper.from_array(np.full(8, 0.02, np.float32), "ws"),
+                    numpy_helper.from_array(np.zeros(8, np.int8), "wz")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                                                initializer=initializers), opset_imports=[helper.make_opsetid("", 17)])
+    calibration = [rng.standard_normal((4, 16)).astype(np.float32) for _ in range(4)]
+    calibrated = qcompiler.compile(model, calibration=calibration, target="reference")
+    assert calibrated.graph.op_counts().get("linear_int") == 1, calibrated.graph.op_counts()
+    as_given = qcompiler.compile(model, target="reference")  # no activation quantization: a float matmul
+    assert as_given.graph.op_counts() == {"matmul": 1}
+    x = calibration[0]
+    np.testing.assert_allclose(as_given(x), qcompiler.from_onnx(model)(x)[0], rtol=1e-6)
+
+
 def test_a_16_bit_qdq_model_runs_as_onnx_runtime_does_and_says_why_it_is_not_integer(digits, tmp_path):
     """ONNX Runtime's A16W8 form (``activation_type=QUInt16``, for NPUs): one-element [1] scales
     beside scalar zero points (refused before: 'axis 1 out of range'), 16-bit zero points (refused:
@@ -332,7 +354,6 @@ def test_a_16_bit_qdq_model_runs_as_onnx_runtime_does_and_says_why_it_is_not_int
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType
 
-    import qcompiler
     from qcompiler.examples import peers
 
     model, (x_train, _, x_test, _) = digits
@@ -361,7 +382,6 @@ def test_a_dynamically_quantized_model_builds_on_the_int8_kernels(digits, tmp_pa
     from onnx.reference import ReferenceEvaluator
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    import qcompiler
     from qcompiler.examples import peers
 
     model, (_, _, x_test, _) = digits
