@@ -393,12 +393,20 @@ def kept_label(entry: dict) -> str:
 
 def kept_float_groups(kept: list[dict]) -> list[tuple[int, str, str]]:
     """Ops kept float grouped by precision and reason (numbers masked, so one cause is one
-    line), most first: (count, label, reason)."""
+    line; a group whose reasons are all the same shows it whole), most first: (count, label,
+    reason)."""
     import re
     from collections import Counter
 
-    counts = Counter((kept_label(e), re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "…", e["reason"])) for e in kept)
-    return [(n, label, reason) for (label, reason), n in counts.most_common()]
+    def key(e: dict) -> tuple[str, str]:
+        return kept_label(e), re.sub(r"(?<![A-Za-z_])-?\d+(\.\d+)?(e[-+]?\d+)?", "…", e["reason"])
+
+    counts = Counter(key(e) for e in kept)
+    reasons: dict[tuple[str, str], set[str]] = {}
+    for e in kept:
+        reasons.setdefault(key(e), set()).add(e["reason"])
+    return [(n, label, next(iter(reasons[label, masked])) if len(reasons[label, masked]) == 1 else masked)
+            for (label, masked), n in counts.most_common()]
 
 
 def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[str], digest: str | None,

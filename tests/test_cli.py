@@ -436,3 +436,16 @@ def test_run_checks_outputs_against_golden_ones(tmp_path):
                 "--atol", "0.01").returncode == 0
     other = _main("run", art, "--synthetic", "--seed", "3", "--expect-outputs", str(tmp_path / "missing.npz"))
     assert other.returncode == 2 and "missing.npz" in other.stderr
+
+
+def test_kept_float_reasons_group_by_cause_and_show_a_shared_reason_whole():
+    """Numbers are masked to group one cause on one line; where every member gives the same
+    reason it is shown whole (the summary said 'u… activations: ... take … bits')."""
+    from qcompiler.cli import kept_float_groups
+
+    kept = [{"reason": "u16 activations: the integer kernels take 8 bits"}] * 3 + \
+        [{"reason": "local SQNR 12.5 dB < 20"}, {"reason": "local SQNR 13.1 dB < 20", "precision": "bf16"},
+         {"reason": "local SQNR 9.0 dB < 20"}]
+    assert kept_float_groups(kept) == [(3, "kept float", "u16 activations: the integer kernels take 8 bits"),
+                                       (2, "kept float", "local SQNR … dB < …"),
+                                       (1, "kept bf16", "local SQNR 13.1 dB < 20")]
