@@ -169,3 +169,34 @@ def test_a_bert_optimized_by_onnx_runtime_imports_exactly_and_quantizes(tmp_path
     cosine = (real_got * real_want).sum(-1) / np.linalg.norm(real_got, axis=-1) / np.linalg.norm(real_want, axis=-1)
     assert cosine.min() > 0.99, cosine
     assert compiled.report()["ops"]["integer"] > 0
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_from_onnx_runtimes_quantizer_matches_it(symmetric, tmp_path):
+    """ONNX Runtime's weight-only 4-bit form (MatMulNBits, as its quantizer and model builder
+    write LLM linears): imported as the float weight it defines, equal to ONNX Runtime's output,
+    and quantized again as 4-bit groups."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    import onnx
+
+    k, n = 96, 24
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [3, k])],
+                                                [helper.make_tensor_value_info("y", F, [3, n])],
+                                                initializer=[numpy_helper.from_array(_f32(k, n), "w")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    quantizer = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=symmetric)
+    quantizer.process()
+    quantized = quantizer.model.model
+    assert [n.op_type for n in quantized.graph.node][0] == "MatMulNBits"
+    x = _f32(3, k)
+    want = _run_ort(quantized, {"x": x})[0]
+    np.testing.assert_allclose(qcompiler.from_onnx(quantized)(x)[0], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(qcompiler.compile(quantized, target="llvm")(x)), want, rtol=1e-5, atol=1e-5)
+    path = tmp_path / "nbits.onnx"
+    onnx.save(quantized, str(path))
+    config = qcompiler.QuantConfig(weight_dtype="i4", weight_group_size=32)
+    int4 = qcompiler.compile(str(path), calibration=[_f32(3, k) for _ in range(4)], config=config, target="llvm")
+    assert int4.report()["int4_weights"] == 1
+    assert np.abs(np.asarray(int4(x)) - want).max() < 0.1 * np.abs(want).max()

@@ -1237,7 +1237,23 @@ def _conv_integer(ctx, node, inputs):
     x, w = inputs[0], inputs[1]
     x_zp = _zero_point(ctx, inputs[2] if len(inputs) > 2 else None, x, node, computed=True)
     w_zp = _zero_point(ctx, inputs[3] if len(inputs) > 3 else None, w, node, computed=True)
-    return _integer_conv(ctx, node, x, x_zp, w, w_zp, None)
+    centered = _centered_weight(ctx, w, w_zp)
+    if x_zp.is_constant or centered is None or x_zp.type.rank:
+        return _integer_conv(ctx, node, x, x_zp, w, w_zp, None)
+    # a zero point computed at run time (quantize_dynamic): sum over the window of (x - z) w' =
+    # conv(x, w') - z * conv(ones, w'), the second a constant (padding counts in neither), so the
+    # product runs on the int8 kernels, whose activation zero point is a constant
+    zero_w = ctx.const(np.zeros((), np.int8), "weight_zero_point")
+    product = _integer_conv(ctx, node, x, ctx.const(np.zeros((), x.type.np_dtype), "zero_point"), centered, zero_w,
+                            None)
+    ones = ctx.const(np.ones((1, *x.shape[1:]), x.type.np_dtype), "ones")
+    window_sums = ctx.array(_integer_conv(ctx, node, ones, ctx.const(np.zeros((), x.type.np_dtype), "zero_point"),
+                                          centered, zero_w, None))  # folded now: every operand is constant
+    first = window_sums[(slice(None), slice(None)) + (slice(0, 1),) * (window_sums.ndim - 2)]
+    if np.array_equal(np.broadcast_to(first, window_sums.shape), window_sums):
+        window_sums = first  # no window reaches the padding: one sum per output channel
+    return ctx.emit1("sub", [product, ctx.emit1("mul", [ctx.cast(x_zp, "i32"),
+                                                         ctx.const(window_sums.astype(np.int32), "window_sums")])])
 
 
 @converts("QLinearConv")
@@ -1246,6 +1262,21 @@ def _qlinear_conv(ctx, node, inputs):
     bias = inputs[8] if len(inputs) > 8 else None
     acc = _integer_conv(ctx, node, x, _zero_point(ctx, x_zp, x, node), w, _zero_point(ctx, w_zp, w, node), bias)
     return _output_stage(ctx, node, acc, [x_scale, w_scale, y_scale], y_zp, x, axis=1)
+
+
+def _centered_weight(ctx: _Ctx, w: Value, w_zp: Value) -> Value | None:
+    """A constant weight minus its constant zero point as int8 (per output channel: axis 0 of a
+    conv weight, the last of a matmul's), or None where either is computed or it leaves int8."""
+    if not (w.is_constant and w_zp.is_constant):
+        return None
+    zp = ctx.array(w_zp).astype(np.int64)
+    shape = [1] * w.type.rank
+    if zp.ndim:
+        shape[0 if w.type.rank > 2 else -1] = -1
+    centered = ctx.array(w).astype(np.int64) - zp.reshape(shape)
+    if np.abs(centered).max(initial=0) > 127 or centered.min(initial=0) < -128:
+        return None
+    return ctx.const(centered.astype(np.int8), "weight")
 
 
 @converts("MatMulInteger")
@@ -1260,15 +1291,14 @@ def _matmul_integer(ctx, node, inputs):
     b_zp = _zero_point(ctx, inputs[3] if len(inputs) > 3 else None, b, node, computed=True)
     if a_zp.type.rank:
         raise QCompilerError(f"MatMulInteger '{node.name}': per-row a_zero_point is not supported")
-    if a_zp.is_constant or not (b.is_constant and b_zp.is_constant and b.dtype == "i8" and b.type.rank == 2):
+    centered = _centered_weight(ctx, b, b_zp) if b.type.rank == 2 else None
+    if a_zp.is_constant or centered is None:
         return ctx.emit1("matmul_int", [a, a_zp, b, b_zp])
-    centered = ctx.array(b).astype(np.int64) - ctx.array(b_zp).astype(np.int64)
-    if np.abs(centered).max(initial=0) > 127:
-        return ctx.emit1("matmul_int", [a, a_zp, b, b_zp])
-    weight = ctx.const(np.ascontiguousarray(centered.T.astype(np.int8)), "weight")
+    weights = ctx.array(centered)
     zero = ctx.const(np.zeros((), a.type.np_dtype), "zero_point")
-    product = ctx.emit1("linear_int", [a, zero, weight, ctx.const(np.zeros((), np.int8), "weight_zero_point")])
-    sums = ctx.const(centered.sum(axis=0).astype(np.int32), "weight_column_sums")
+    product = ctx.emit1("linear_int", [a, zero, ctx.const(np.ascontiguousarray(weights.T), "weight"),
+                                       ctx.const(np.zeros((), np.int8), "weight_zero_point")])
+    sums = ctx.const(weights.astype(np.int64).sum(axis=0).astype(np.int32), "weight_column_sums")
     return ctx.emit1("sub", [product, ctx.emit1("mul", [ctx.cast(a_zp, "i32"), sums])])
 
 

@@ -267,3 +267,41 @@ def _embed_layer_norm(ctx, node, inputs):
         ones = ctx.cast(ctx.emit1("equal", [mask, ctx.scalar_like(1, mask.type)]), "i32")
         mask_index = ctx.emit1("reduce_sum", [ones], {"axes": [1], "keepdims": False})
     return [normed, mask_index, total][:len(node.outputs)]
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """``count`` ``bits``-wide unsigned values per row of bytes, the lowest bits first."""
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte) * bits).astype(np.uint8)
+    values = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return values.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+@converts(MS + "MatMulNBits")
+def _matmul_nbits(ctx, node, inputs):
+    """A @ W^T + bias with W [N, K] stored as ``bits``-wide codes in blocks of ``block_size``
+    along K, each block with a scale and a zero point (2^(bits-1) when absent): ONNX Runtime's
+    weight-only low-bit form (its MatMulNBits quantizer, LLMs exported by its model builder).
+    W is dequantized now, exactly as defined, into a float weight: a float build computes what
+    ONNX Runtime's default accuracy level does, and quantization quantizes it again (4-bit
+    groups with ``QuantConfig(weight_dtype="i4")``)."""
+    padded = list(inputs) + [None] * (6 - len(inputs))
+    a, packed, scales, zero_points, g_idx, bias = padded[:6]
+    if g_idx is not None:
+        raise QCompilerError(f"MatMulNBits '{node.name}': g_idx (act-order block indices) is not supported")
+    k, n, bits, block = (int(_attr(node, name, default)) for name, default in
+                         (("K", 0), ("N", 0), ("bits", 4), ("block_size", 0)))
+    if bits not in (2, 4, 8):
+        raise QCompilerError(f"MatMulNBits '{node.name}': {bits}-bit weights are not supported (2, 4 and 8 are)")
+    blocks = -(-k // block)
+    codes = _unpack(ctx.const_input(packed, node, "weight").reshape(n, blocks, -1), bits, block)
+    scale = ctx.const_input(scales, node, "scales").reshape(n, blocks).astype(np.float32)
+    if zero_points is None:
+        zp = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    else:
+        given = ctx.const_input(zero_points, node, "zero points")
+        zp = (_unpack(given.reshape(n, -1), bits, blocks) if given.dtype == np.uint8 else given.reshape(n, blocks))
+        zp = zp.astype(np.float32)
+    weight = ((codes.astype(np.float32) - zp[..., None]) * scale[..., None]).reshape(n, -1)[:, :k]
+    w = ctx.const(weight.astype(a.type.np_dtype), "weight")
+    return ctx.emit1("linear", [a, w] + ([bias] if bias is not None else []))
