@@ -218,18 +218,21 @@ def _attention(ctx, node, inputs):
         raise QCompilerError(f"Attention '{node.name}': past state (incremental decoding) is not supported")
     if _attr(node, "do_rotary", 0):
         raise QCompilerError(f"Attention '{node.name}': do_rotary=1 is not supported")
-    heads = int(_attr(node, "num_heads"))
-    batch, seq = x.shape[0], x.shape[1]
-    sizes = list(_attr(node, "qkv_hidden_sizes", [weights.shape[1] // 3] * 3))
     qkv = ctx.emit1("matmul", [x, weights])
-    if bias is not None:
-        qkv = ctx.emit1("add", [qkv, bias])
+    return _attend(ctx, node, qkv if bias is None else ctx.emit1("add", [qkv, bias]), mask, attention_bias)
+
+
+def _attend(ctx, node, qkv: Value, mask: Value | None, attention_bias: Value | None) -> Value:
+    """Attention's (and QAttention's) computation from the joined [B, S, Q + K + V] projections."""
+    heads = int(_attr(node, "num_heads"))
+    batch, seq = qkv.shape[0], qkv.shape[1]
+    sizes = list(_attr(node, "qkv_hidden_sizes", [qkv.shape[2] // 3] * 3))
     q, k, v = (_heads(ctx, part, batch, seq, heads)
                for part in ctx.emit("split", [qkv], {"axis": 2, "sizes": sizes}))
     head_size = sizes[0] // heads
     scale = float(_attr(node, "scale", 0.0)) or 1.0 / float(np.sqrt(head_size))
     scores = ctx.emit1("mul", [ctx.emit1("matmul", [q, ctx.emit1("transpose", [k], {"perm": [0, 1, 3, 2]})]),
-                               ctx.scalar_like(scale, x.type)])
+                               ctx.scalar_like(scale, qkv.type)])
     fill = float(_attr(node, "mask_filter_value", -10000.0))
     if mask is not None:
         scores = ctx.emit1("add", [scores, _key_mask(ctx, node, mask, batch, seq, seq, fill)])
@@ -241,6 +244,41 @@ def _attention(ctx, node, inputs):
     probs = ctx.emit1("softmax", [scores], {"axis": 3})
     out = ctx.emit1("transpose", [ctx.emit1("matmul", [probs, v])], {"perm": [0, 2, 1, 3]})
     return ctx.reshape(out, [batch, seq, sizes[2]])
+
+
+@converts(MS + "QAttention")
+def _qattention(ctx, node, inputs):
+    """Attention whose input projection is quantized (ONNX Runtime's quantize_dynamic of an
+    optimized model): QKV = (x_q - x_zp) @ (w_q - w_zp) * x_scale * w_scale + bias, the product
+    an integer one (MatMulInteger's: on the int8 kernels for a constant weight), then Attention."""
+    padded = list(inputs) + [None] * (9 - len(inputs))
+    x, weights, bias, x_scale, w_scale, mask, x_zp, w_zp, past = padded[:9]
+    if past is not None:
+        raise QCompilerError(f"QAttention '{node.name}': past state (incremental decoding) is not supported")
+    operands = [x, weights, x_zp, w_zp]
+    product = _CONVERTERS["MatMulInteger"](ctx, _as_op(node, "MatMulInteger", operands), operands)
+    scale = ctx.emit1("mul", [ctx.reshape(x_scale, []), w_scale])
+    qkv = ctx.emit1("mul", [ctx.cast(product, scale.dtype), scale])
+    return _attend(ctx, node, qkv if bias is None else ctx.emit1("add", [qkv, bias]), mask, None)
+
+
+@converts(MS + "QEmbedLayerNormalization")
+def _qembed_layer_norm(ctx, node, inputs):
+    """EmbedLayerNormalization with its tables, gamma and beta stored 8-bit (inputs 8-12 their
+    scales, 13-17 their zero points): dequantized now, exactly as defined."""
+    padded = list(inputs) + [None] * (18 - len(inputs))
+    tables = []
+    for i, stored in enumerate(padded[2:7]):
+        if stored is None:
+            tables.append(None)
+            continue
+        codes = ctx.const_input(stored, node, "quantized table").astype(np.float32)
+        scale = ctx.const_input(padded[8 + i], node, "scale").astype(np.float32)
+        zero = ctx.const_input(padded[13 + i], node, "zero point")
+        real = (codes - (0 if zero is None else zero.astype(np.float32))) * scale
+        tables.append(ctx.const(real.astype(np.float32), "dequantized_table"))
+    floats = [padded[0], padded[1], *tables, padded[7]]
+    return _embed_layer_norm(ctx, _as_op(node, "EmbedLayerNormalization", floats), floats)
 
 
 @converts(MS + "EmbedLayerNormalization")
