@@ -90,3 +90,30 @@ def test_integer_ops_take_zero_points_computed_at_run_time_on_every_target(op):
     want = ReferenceEvaluator(model).run(None, feeds)[0]
     np.testing.assert_array_equal(qcompiler.from_onnx(model)(*feeds.values())[0], want)
     np.testing.assert_array_equal(np.asarray(qcompiler.compile(model, target="llvm")(*feeds.values())), want)
+
+
+@pytest.mark.parametrize("op", ["QLinearMatMul", "QLinearConv"])
+def test_qlinear_ops_take_scales_and_zero_points_given_at_run_time(op):
+    """Every quantization parameter a graph input (refused before: 'quantization parameters
+    computed at run time'): the multiplier s_a * s_b / s_y is computed at run time, in float32
+    as the reference does; interpreter and TVM build against the ONNX reference."""
+    import qcompiler
+
+    rng = np.random.default_rng(1)
+    if op == "QLinearMatMul":
+        a, b = rng.integers(0, 256, (2, 4, 16)).astype(np.uint8), rng.integers(-128, 128, (16, 5)).astype(np.int8)
+        b_scale, b_zp, out = np.array(0.02, np.float32), np.array(3, np.int8), [2, 4, 5]
+        node = helper.make_node(op, ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"])
+    else:
+        a, b = rng.integers(0, 256, (1, 3, 6, 6)).astype(np.uint8), rng.integers(-128, 128, (4, 3, 3, 3)).astype(np.int8)
+        b_scale, b_zp, out = rng.uniform(0.01, 0.03, 4).astype(np.float32), np.zeros(4, np.int8), [1, 4, 6, 6]
+        node = helper.make_node(op, ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"], pads=[1, 1, 1, 1])
+    feeds = {"a": a, "as": np.array(0.05, np.float32), "az": np.array(120, np.uint8), "b": b, "bs": b_scale,
+             "bz": b_zp, "ys": np.array(0.4, np.float32), "yz": np.array(100, np.uint8)}
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+              for k, v in feeds.items()]
+    model = helper.make_model(helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info(
+        "y", TensorProto.UINT8, out)]), opset_imports=[helper.make_opsetid("", 17)])
+    want = ReferenceEvaluator(model).run(None, feeds)[0]
+    np.testing.assert_array_equal(qcompiler.from_onnx(model)(*feeds.values())[0], want)
+    np.testing.assert_array_equal(np.asarray(qcompiler.compile(model, target="llvm")(*feeds.values())), want)

@@ -47,10 +47,6 @@ _CONTROL_FLOW = {"If": 1, "Loop": 2, "Scan": 0, "SequenceMap": 0}
 # operands needed at import along with a static one, when it is computed: a training_mode that is
 # known only once given makes Dropout read its ratio
 _STATIC_ALONG = {("Dropout", 2): (1,)}
-# quantization parameters (by position) that integer kernels need at import
-# (ConvInteger's and MatMulInteger's may be computed: ONNX Runtime's quantize_dynamic feeds them a
-# DynamicQuantizeLinear's)
-_QUANT_PARAM_OPERANDS = {"QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7)}
 # operator sets a model may import without the ONNX one (its nodes then are those sets' only)
 _DOMAINS_WITHOUT_ONNX = {"ai.onnx.preview.training", "com.microsoft"}
 # ops whose result is a shape-defining constant (a range, a window): evaluated at import, so
@@ -164,16 +160,13 @@ def from_onnx(model: "str | os.PathLike | onnx.ModelProto",
             elif key not in _CONVERTERS:
                 unsupported.setdefault(key, []).append(label)
             else:  # static shapes: a shape/axes/bounds operand computed from an input is dynamic
-                for positions, what in ((_QUANT_PARAM_OPERANDS, "quantization parameters computed at run time"),
-                                        (_STATIC_OPERANDS, "run-time shape operand")):
-                    computed = [i for i in positions.get(key, ())
-                                if i < len(node.inputs) and node.inputs[i].name in depends]
-                    dynamic = [node.inputs[j].name for i in computed for j in (i, *_STATIC_ALONG.get((key, i), ()))
-                               if node.inputs[j].name in depends]
-                    if dynamic:
-                        unsupported.setdefault(f"{key} ({what})", []).append(label)
-                        bindable.update(*(depends[name] for name in dynamic))
-                        break
+                computed = [i for i in _STATIC_OPERANDS.get(key, ())
+                            if i < len(node.inputs) and node.inputs[i].name in depends]
+                dynamic = [node.inputs[j].name for i in computed for j in (i, *_STATIC_ALONG.get((key, i), ()))
+                           if node.inputs[j].name in depends]
+                if dynamic:
+                    unsupported.setdefault(f"{key} (run-time shape operand)", []).append(label)
+                    bindable.update(*(depends[name] for name in dynamic))
 
     scan(gsg.nodes)
     if opset < OLDEST_READ_OPSET:
@@ -1224,12 +1217,15 @@ def _integer_conv(ctx: _Ctx, node: Any, x: Value, x_zp: Value, w: Value, w_zp: V
 
 def _output_stage(ctx: _Ctx, node: Any, acc: Value, scales: list[Value | None], y_zp: Value | None,
                   like: Value, axis: int) -> Value:
-    """QLinear* output: round(acc * (s_a * s_b / s_y)) + zp_y."""
-    s_a, s_b, s_y = (ctx.const_input(s, node, "scale") for s in scales)
-    # computed in the scales' own type (as ONNX's reference does), then held exactly as f32
-    multiplier = ctx.const((s_a * s_b / s_y).astype(np.float32), "multiplier")
-    zp = _zero_point(ctx, y_zp, like, node)
-    return ctx.emit1("rescale", [acc, multiplier, zp], {"axis": axis})
+    """QLinear* output: round(acc * (s_a * s_b / s_y)) + zp_y, the multiplier computed in the
+    scales' own type (as ONNX's reference does): folded now where they are constants, at run
+    time where they are inputs."""
+    if any(s is None for s in scales):
+        raise QCompilerError(f"{node.op} '{node.name}': a scale is missing")
+    s_a, s_b, s_y = scales
+    multiplier = ctx.emit1("div", [ctx.emit1("mul", [s_a, s_b]), s_y])
+    zp = _zero_point(ctx, y_zp, like, node, computed=True)
+    return ctx.emit1("rescale", [acc, ctx.cast(multiplier, "f32"), zp], {"axis": axis})
 
 
 @converts("ConvInteger")
@@ -1260,7 +1256,8 @@ def _conv_integer(ctx, node, inputs):
 def _qlinear_conv(ctx, node, inputs):
     x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp = (inputs + [None] * 9)[:8]
     bias = inputs[8] if len(inputs) > 8 else None
-    acc = _integer_conv(ctx, node, x, _zero_point(ctx, x_zp, x, node), w, _zero_point(ctx, w_zp, w, node), bias)
+    acc = _integer_conv(ctx, node, x, _zero_point(ctx, x_zp, x, node, computed=True), w,
+                        _zero_point(ctx, w_zp, w, node, computed=True), bias)
     return _output_stage(ctx, node, acc, [x_scale, w_scale, y_scale], y_zp, x, axis=1)
 
 
@@ -1305,7 +1302,8 @@ def _matmul_integer(ctx, node, inputs):
 @converts("QLinearMatMul")
 def _qlinear_matmul(ctx, node, inputs):
     a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp = inputs
-    acc = ctx.emit1("matmul_int", [a, _zero_point(ctx, a_zp, a, node), b, _zero_point(ctx, b_zp, b, node)])
+    acc = ctx.emit1("matmul_int", [a, _zero_point(ctx, a_zp, a, node, computed=True), b,
+                                   _zero_point(ctx, b_zp, b, node, computed=True)])
     return _output_stage(ctx, node, acc, [a_scale, b_scale, y_scale], y_zp, a, axis=-1)
 
 

@@ -757,15 +757,19 @@ def _dequantize(low, node, xs):
     return low.emit(R.multiply(low.cast(low.cast(v, "float32"), out), s))
 
 
+def _axis_operand(low: Lowerer, v: Value, expr: relax.Expr, rank: int, axis: int, dtype: str) -> relax.Expr:
+    """A per-tensor or per-``axis`` parameter (zero point, scale) shaped to broadcast against a
+    rank-``rank`` tensor: a constant folded in, or computed at run time (DynamicQuantizeLinear's
+    zero point, a QLinear op's scales given as inputs)."""
+    if v.is_constant:
+        return _axis_shaped(low, v, rank, axis, dtype)
+    value = low.cast(expr, dtype)
+    return low.emit(R.reshape(value, [-1 if i == axis % rank else 1 for i in range(rank)])) if v.type.rank else value
+
+
 def _centered(low: Lowerer, x: relax.Expr, zp: Value, zp_expr: relax.Expr, rank: int, axis: int) -> relax.Expr:
-    """x - zp in int32, zp per tensor or along ``axis``, a constant or computed at run time (a
-    DynamicQuantizeLinear's)."""
-    if zp.is_constant:
-        return low.emit(R.subtract(low.cast(x, "int32"), _axis_shaped(low, zp, rank, axis, "int32")))
-    z = low.cast(zp_expr, "int32")
-    if zp.type.rank:
-        z = low.emit(R.reshape(z, [-1 if i == axis % rank else 1 for i in range(rank)]))
-    return low.emit(R.subtract(low.cast(x, "int32"), z))
+    """x - zp in int32."""
+    return low.emit(R.subtract(low.cast(x, "int32"), _axis_operand(low, zp, zp_expr, rank, axis, "int32")))
 
 
 def _int8_kernel(low: Lowerer, node: Node, xs: list[relax.Expr]) -> relax.Expr | Fused | None:
@@ -850,7 +854,7 @@ def _add_int(low, node, xs):
 @lowers("rescale")
 def _rescale(low, node, xs):
     x = node.inputs[0]
-    scale = _axis_shaped(low, node.inputs[1], x.type.rank, node.attrs["axis"], "float64")
+    scale = _axis_operand(low, node.inputs[1], xs[1], x.type.rank, node.attrs["axis"], "float64")
     y = round_half_even(low, low.emit(R.multiply(low.cast(xs[0], "float64"), scale)))
     y = low.emit(R.add(low.cast(y, "int64"), low.cast(xs[2], "int64")))
     info = np.iinfo(DTYPES[node.output.dtype])
