@@ -70,6 +70,8 @@ def as_dict(graph: Graph, layers: list[Layer]) -> dict:
 def int8_form(op: str) -> str:
     """How the default flow quantizes ``op``, in words, from its traits."""
     traits = traits_of(op)
+    if traits.quantized_as is not None:
+        return f"as the `{traits.quantized_as}` it equals (constant weights): {int8_form(traits.quantized_as)}"
     if traits.quant == "weighted":
         return f"int8 weights per channel, uint8 activations: `{traits.integer_form}` + requantize"
     if traits.quant == "integer":

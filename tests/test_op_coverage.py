@@ -55,6 +55,7 @@ def test_traits_are_consistent():
     ops = all_ops()
     for name, op in ops.items():
         t = op.traits
+        assert t.quantized_as is None or t.quantized_as in ops, name
         if t.quant == "weighted":
             assert t.weight_slot is not None and t.integer_form in ops, name
             assert t.fuses_activation, name

@@ -531,3 +531,21 @@ func @main(%x: f16[4]) -> i16[4] {
     run_pipeline(graph, "widen-float16", Instruments(), ctx)
     assert print_graph(graph) == text
     assert "reinterprets float16 bits" in ctx.report["widen_float16"]["refused"]
+
+
+@pytest.mark.parametrize("rank, kwargs", [
+    (2, dict(kernel_size=2, stride=2)), (2, dict(kernel_size=3, stride=2, padding=1, output_padding=1)),
+    (2, dict(kernel_size=3, stride=(2, 3), padding=(0, 2), dilation=(1, 2), output_padding=(1, 0))),
+    (2, dict(kernel_size=4, stride=2, padding=1, groups=4)), (2, dict(kernel_size=5, stride=1, padding=3)),
+    (1, dict(kernel_size=4, stride=3, padding=1)), (3, dict(kernel_size=2, stride=2, padding=0))])
+def test_conv_transpose_as_conv_computes_the_same(rank, kwargs):
+    """Every stride, padding (cropping included), output padding, dilation and grouping gives
+    the interpreter's conv_transpose result, and no transposed convolution is left."""
+    torch.manual_seed(0)
+    layer = getattr(torch.nn, f"ConvTranspose{rank}d")(4, 8, bias=True, **kwargs).eval()
+    x = torch.randn(1, 4, *[5, 6, 4][:rank])
+    graph = from_torch(layer, (x,))
+    before = graph(x.numpy())[0]
+    run_pipeline(graph, "conv-transpose-as-conv", Instruments(verify_each=True))
+    assert not any(n.op.startswith("conv_transpose") for n in graph.nodes)
+    assert rel_err(graph(x.numpy())[0], before) < 1e-5

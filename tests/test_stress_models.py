@@ -458,13 +458,19 @@ def test_onnx_conv_transpose_padding_forms_match_onnx_runtime(attrs):
     np.testing.assert_allclose(qcompiler.from_onnx(model)(x)[0], want, atol=1e-5)
 
 
-def test_a_segmentation_head_with_a_transposed_convolution_quantizes_around_it():
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2, padding=1,
+                                                                         output_padding=1),
+                                    dict(kernel_size=4, stride=2, padding=1, groups=2)])
+def test_a_segmentation_head_with_a_transposed_convolution_runs_it_in_int8(kwargs):
+    """Before: the transposed convolution stayed float between quantized neighbours. Now
+    conv-transpose-as-conv makes it the convolution it equals, on the int8 kernels."""
     torch.manual_seed(0)
     head = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
-                               torch.nn.ConvTranspose2d(8, 8, 2, stride=2), torch.nn.ReLU(),
+                               torch.nn.ConvTranspose2d(8, 8, **kwargs), torch.nn.ReLU(),
                                torch.nn.Conv2d(8, 2, 1)).eval()
     compiled = _check(head, (1, 3, 16, 16))
-    assert compiled.graph.op_counts().get("conv2d_int") == 2 and "conv_transpose2d" in compiled.graph.op_counts()
+    counts = compiled.graph.op_counts()
+    assert counts.get("conv2d_int") == 3 and not any(op.startswith("conv_transpose") for op in counts), counts
 
 
 @pytest.mark.parametrize("largest", [True, False])

@@ -183,7 +183,7 @@ def _declare_conv_transpose(name: str, rank: int) -> None:
     declare(name, arity=(2, 3), attrs={**_window_attrs(rank, pool=False), "groups": Attr("int", 1),
                                        "output_padding": Attr("ints", (0,) * rank)},
             infer=infer, kernel=None,  # qcompiler.torch_kernels: torch's transposed convolution, cropped
-            traits=Traits("conv_transpose", spatial_rank=rank),
+            traits=Traits("conv_transpose", spatial_rank=rank, quantized_as=f"conv{rank}d"),
             doc=f"{rank}-D transposed convolution (ONNX ConvTranspose), weight [C_in, C_out / groups, ...], "
                 "optional bias; pads crop the full result, output_padding extends its end")
 

@@ -78,6 +78,7 @@ class Traits:
     fusible: bool = False  # an activation fuse-activations may fold into its producer
     on_grid: bool = False  # exact on the integers when input and output share parameters
     spatial_rank: int | None = None  # 1, 2, 3 for convolutions and pooling
+    quantized_as: str | None = None  # the op quantization rewrites it into first (conv_transpose: conv)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_ROLES:
