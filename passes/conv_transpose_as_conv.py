@@ -64,7 +64,7 @@ def conv_transpose_to_conv(graph: Graph, node: Node) -> bool:
     conv = graph.add_node(traits.quantized_as, [value, weight, *node.inputs[2:]],
                           {"strides": [1] * rank, "dilations": list(dilations), "pads": [0] * (2 * rank),
                            "groups": node.attrs["groups"]}, meta=dict(node.meta), before=node).output
-    if conv.shape != node.output.shape:  # the identity failed: leave the node as it was
+    if conv.shape != node.output.shape:  # the identity fixes the shape: a mismatch is a bug in this rule
         raise AssertionError(f"{node.describe()}: rewritten as {conv.shape}, not {node.output.shape}")
     graph.replace_all_uses(node.output, conv)
     graph.remove_node(node)

@@ -69,8 +69,6 @@ def test_integer_ops_take_zero_points_computed_at_run_time_on_every_target(op):
     """ONNX Runtime's quantize_dynamic feeds ConvInteger/MatMulInteger a DynamicQuantizeLinear's
     zero point; here both zero points are graph inputs (the weight's per channel for the conv),
     against the ONNX reference on the interpreter and the TVM build."""
-    import qcompiler
-
     rng = np.random.default_rng(0)
     if op == "ConvInteger":
         x, w = rng.integers(0, 256, (1, 3, 7, 7)).astype(np.uint8), rng.integers(0, 256, (4, 3, 3, 3)).astype(np.uint8)
@@ -82,11 +80,18 @@ def test_integer_ops_take_zero_points_computed_at_run_time_on_every_target(op):
         x_zp, w_zp = np.array(77, np.uint8), np.array(-3, np.int8)
         node = helper.make_node(op, ["x", "w", "xz", "wz"], ["y"])
         out = [2, 5, 6]
-    feeds = {"x": x, "w": w, "xz": x_zp, "wz": w_zp}
+    _matches_the_reference_everywhere(node, {"x": x, "w": w, "xz": x_zp, "wz": w_zp}, TensorProto.INT32, out)
+
+
+def _matches_the_reference_everywhere(node, feeds: dict, out_type: int, out_shape: list) -> None:
+    """A one-node model fed ``feeds`` (every operand a graph input): the interpreter and the TVM
+    build give the ONNX reference's integers exactly."""
+    import qcompiler
+
     inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
               for k, v in feeds.items()]
     model = helper.make_model(helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info(
-        "y", TensorProto.INT32, out)]), opset_imports=[helper.make_opsetid("", 17)])
+        "y", out_type, out_shape)]), opset_imports=[helper.make_opsetid("", 17)])
     want = ReferenceEvaluator(model).run(None, feeds)[0]
     np.testing.assert_array_equal(qcompiler.from_onnx(model)(*feeds.values())[0], want)
     np.testing.assert_array_equal(np.asarray(qcompiler.compile(model, target="llvm")(*feeds.values())), want)
@@ -97,8 +102,6 @@ def test_qlinear_ops_take_scales_and_zero_points_given_at_run_time(op):
     """Every quantization parameter a graph input (refused before: 'quantization parameters
     computed at run time'): the multiplier s_a * s_b / s_y is computed at run time, in float32
     as the reference does; interpreter and TVM build against the ONNX reference."""
-    import qcompiler
-
     rng = np.random.default_rng(1)
     if op == "QLinearMatMul":
         a, b = rng.integers(0, 256, (2, 4, 16)).astype(np.uint8), rng.integers(-128, 128, (16, 5)).astype(np.int8)
@@ -110,10 +113,4 @@ def test_qlinear_ops_take_scales_and_zero_points_given_at_run_time(op):
         node = helper.make_node(op, ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"], pads=[1, 1, 1, 1])
     feeds = {"a": a, "as": np.array(0.05, np.float32), "az": np.array(120, np.uint8), "b": b, "bs": b_scale,
              "bz": b_zp, "ys": np.array(0.4, np.float32), "yz": np.array(100, np.uint8)}
-    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
-              for k, v in feeds.items()]
-    model = helper.make_model(helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info(
-        "y", TensorProto.UINT8, out)]), opset_imports=[helper.make_opsetid("", 17)])
-    want = ReferenceEvaluator(model).run(None, feeds)[0]
-    np.testing.assert_array_equal(qcompiler.from_onnx(model)(*feeds.values())[0], want)
-    np.testing.assert_array_equal(np.asarray(qcompiler.compile(model, target="llvm")(*feeds.values())), want)
+    _matches_the_reference_everywhere(node, feeds, TensorProto.UINT8, out)
