@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -407,6 +408,13 @@ def _key(node: Any) -> str:
     """A converter's key: the op type, prefixed by its domain outside the default one
     (``com.microsoft.QLinearAdd``)."""
     return node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}.{node.op}"
+
+
+def as_standard_op(node: Any, op: str, inputs: list, outputs: list | None = None, **attrs: Any) -> Any:
+    """``node`` seen as the standard op ``op`` (its attributes, plus ``attrs``) by that op's
+    converter: how a fused or quantized op (QLinearAdd, SkipLayerNormalization) reuses it."""
+    return SimpleNamespace(op=op, name=node.name, attrs={**node.attrs, **attrs}, domain="", inputs=inputs,
+                           outputs=node.outputs if outputs is None else outputs)
 
 
 def _attr(node: Any, key: str, default: Any = None) -> Any:

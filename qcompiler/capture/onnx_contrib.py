@@ -6,15 +6,13 @@ Each is the few standard ops ONNX Runtime's contrib-op documentation defines it 
 the standard ops' converters, so the passes see an ordinary layer norm, GELU, matmul or conv."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import onnx
 
 from ..errors import QCompilerError
 from ..ir import Value
-from .from_onnx import _CONVERTERS, _attr, converts
+from .from_onnx import _CONVERTERS, _attr, as_standard_op, converts
 from .onnx_functions import all_graphs
 
 MS = "com.microsoft."
@@ -43,12 +41,6 @@ def in_runtime_domain(proto: onnx.ModelProto) -> onnx.ModelProto:
     if not any(o.domain == "com.microsoft" for o in copied.opset_import):
         copied.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return copied
-
-
-def _as_op(node: Any, op: str, inputs: list, outputs: list | None = None, **attrs: Any) -> Any:
-    """``node`` seen as the standard op ``op`` (its attributes, plus ``attrs``) by that op's converter."""
-    return SimpleNamespace(op=op, name=node.name, attrs={**node.attrs, **attrs}, domain="", inputs=inputs,
-                           outputs=node.outputs if outputs is None else outputs)
 
 
 def _sum(ctx, *values: Value | None) -> Value:
@@ -93,10 +85,10 @@ def _skip_norm(ctx, node, inputs, standard: str) -> list[Value | None]:
     wanted = list(node.outputs[:3])
     norm_inputs = [total, gamma] + ([] if beta is None else [beta])
     if simplified:
-        normed = [_CONVERTERS[standard](ctx, _as_op(node, standard, norm_inputs, wanted[:1]), norm_inputs)]
+        normed = [_CONVERTERS[standard](ctx, as_standard_op(node, standard, norm_inputs, wanted[:1]), norm_inputs)]
         normed += [None] * 2
     else:
-        got = _CONVERTERS[standard](ctx, _as_op(node, standard, norm_inputs, wanted), norm_inputs)
+        got = _CONVERTERS[standard](ctx, as_standard_op(node, standard, norm_inputs, wanted), norm_inputs)
         normed = list(got) if isinstance(got, list) else [got]
     outputs: list[Value | None] = (normed + [None] * 3)[:3]
     if len(node.outputs) > 3:
@@ -122,7 +114,7 @@ def _skip_simplified_layer_norm(ctx, node, inputs):
 @converts(MS + "LayerNormalization")
 def _runtime_layer_norm(ctx, node, inputs):
     """ONNX Runtime's LayerNormalization before the standard had one (opset 17): the same op."""
-    return _CONVERTERS["LayerNormalization"](ctx, _as_op(node, "LayerNormalization", inputs), inputs)
+    return _CONVERTERS["LayerNormalization"](ctx, as_standard_op(node, "LayerNormalization", inputs), inputs)
 
 
 @converts(MS + "SimplifiedLayerNormalization")
@@ -131,7 +123,7 @@ def _simplified_layer_norm(ctx, node, inputs):
     if len(node.outputs) > 1 and node.outputs[1].name:
         raise QCompilerError(f"SimplifiedLayerNormalization '{node.name}': its inverse deviation output is not "
                              f"supported")
-    return _CONVERTERS["RMSNormalization"](ctx, _as_op(node, "RMSNormalization", inputs, node.outputs[:1]), inputs)
+    return _CONVERTERS["RMSNormalization"](ctx, as_standard_op(node, "RMSNormalization", inputs, node.outputs[:1]), inputs)
 
 
 def _swap_last_two(ctx, v: Value) -> Value:
@@ -176,7 +168,7 @@ def _activation(ctx, node, y: Value) -> Value:
 def _fused_conv(ctx, node, inputs):
     """activation(Conv(x, w, b) + z), z (a residual) optional."""
     conv_inputs = [v for v in inputs[:3] if v is not None]
-    y = _CONVERTERS["Conv"](ctx, _as_op(node, "Conv", conv_inputs), conv_inputs)
+    y = _CONVERTERS["Conv"](ctx, as_standard_op(node, "Conv", conv_inputs), conv_inputs)
     if len(inputs) > 3 and inputs[3] is not None:
         y = ctx.emit1("add", [y, inputs[3]])
     return _activation(ctx, node, y)
@@ -256,7 +248,7 @@ def _qattention(ctx, node, inputs):
     if past is not None:
         raise QCompilerError(f"QAttention '{node.name}': past state (incremental decoding) is not supported")
     operands = [x, weights, x_zp, w_zp]
-    product = _CONVERTERS["MatMulInteger"](ctx, _as_op(node, "MatMulInteger", operands), operands)
+    product = _CONVERTERS["MatMulInteger"](ctx, as_standard_op(node, "MatMulInteger", operands), operands)
     scale = ctx.emit1("mul", [ctx.reshape(x_scale, []), w_scale])
     qkv = ctx.emit1("mul", [ctx.cast(product, scale.dtype), scale])
     return _attend(ctx, node, qkv if bias is None else ctx.emit1("add", [qkv, bias]), mask, None)
@@ -278,7 +270,7 @@ def _qembed_layer_norm(ctx, node, inputs):
         real = (codes - (0 if zero is None else zero.astype(np.float32))) * scale
         tables.append(ctx.const(real.astype(np.float32), "dequantized_table"))
     floats = [padded[0], padded[1], *tables, padded[7]]
-    return _embed_layer_norm(ctx, _as_op(node, "EmbedLayerNormalization", floats), floats)
+    return _embed_layer_norm(ctx, as_standard_op(node, "EmbedLayerNormalization", floats), floats)
 
 
 @converts(MS + "EmbedLayerNormalization")
@@ -297,7 +289,7 @@ def _embed_layer_norm(ctx, node, inputs):
     total = _sum(ctx, ctx.emit1("gather", [word, ids], {"axis": 0}), positions,
                  None if segment is None or segment_ids is None else
                  ctx.emit1("gather", [segment, segment_ids], {"axis": 0}))
-    normed = _CONVERTERS["LayerNormalization"](ctx, _as_op(node, "LayerNormalization", [total, gamma, beta],
+    normed = _CONVERTERS["LayerNormalization"](ctx, as_standard_op(node, "LayerNormalization", [total, gamma, beta],
                                                            node.outputs[:1], axis=-1), [total, gamma, beta])
     if mask is None:
         mask_index = ctx.const(np.zeros((batch,), np.int32), "mask_index")

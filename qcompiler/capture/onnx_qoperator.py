@@ -11,14 +11,13 @@ Also DynamicQuantizeLinear (the input of ONNX Runtime's dynamic quantization), w
 zero point are computed from the tensor it quantizes."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from ..errors import QCompilerError
 from ..ir import Value
-from .from_onnx import _CONVERTERS, _attr, _quant, _zero_point, converts
+from .from_onnx import _CONVERTERS, _attr, _quant, _zero_point, as_standard_op, converts
 
 MS = "com.microsoft."
 # QLinear op -> (the float op it quantizes, how many (x, scale, zero point) triples lead its inputs)
@@ -43,18 +42,13 @@ def _quantize(ctx, node: Any, y: Value, scale: Value | None, zp: Value | None, l
     return ctx.emit("quantize", [y, scale, _zero_point(ctx, zp, like, node)], {"axis": 1}, fold=False)[0]
 
 
-def _as_float_op(node: Any, op: str, inputs: list) -> Any:
-    """``node`` seen as the float op it quantizes (same attributes) by that op's converter."""
-    return SimpleNamespace(op=op, name=node.name, attrs=node.attrs, domain="", inputs=inputs, outputs=node.outputs)
-
-
 def _elementwise(float_op: str, triples: int):
     def convert(ctx, node, inputs):
         if float_op == "GlobalAveragePool" and _attr(node, "channels_last", 0):
             raise QCompilerError(f"{node.op} '{node.name}': channels_last=1 is not supported")
         padded = inputs + [None] * (3 * triples + 2 - len(inputs))
         xs = [_dequantize(ctx, node, *padded[3 * i:3 * i + 3]) for i in range(triples)]
-        proxy = _as_float_op(node, float_op, node.inputs[:triples])
+        proxy = as_standard_op(node, float_op, node.inputs[:triples])
         y = _CONVERTERS[float_op](ctx, proxy, xs)
         y_scale, y_zp = padded[3 * triples], padded[3 * triples + 1]
         return _quantize(ctx, node, y, y_scale, y_zp, inputs[0])
@@ -72,7 +66,7 @@ def _qlinear_concat(ctx, node, inputs):
     if len(rest) % 3:
         raise QCompilerError(f"QLinearConcat '{node.name}': inputs after y_scale, y_zero_point come in triples")
     xs = [_dequantize(ctx, node, *rest[i:i + 3]) for i in range(0, len(rest), 3)]
-    y = _CONVERTERS["Concat"](ctx, _as_float_op(node, "Concat", node.inputs[2::3]), xs)
+    y = _CONVERTERS["Concat"](ctx, as_standard_op(node, "Concat", node.inputs[2::3]), xs)
     return _quantize(ctx, node, y, y_scale, y_zp, rest[0])
 
 
@@ -87,7 +81,7 @@ def _qgemm(ctx, node, inputs):
         zero = ctx.const(np.zeros(bias_scale.shape, np.int32), "zero_point")
         bias_scale = ctx.const(bias_scale.astype(np.float32), "bias_scale")
         xs.append(ctx.emit("dequantize", [c, bias_scale, zero], {"axis": 0}, fold=False)[0])
-    y = _CONVERTERS["Gemm"](ctx, _as_float_op(node, "Gemm", node.inputs[:3]), xs)
+    y = _CONVERTERS["Gemm"](ctx, as_standard_op(node, "Gemm", node.inputs[:3]), xs)
     return _quantize(ctx, node, y, y_scale, y_zp, a)
 
 
