@@ -293,7 +293,8 @@ def lower_same_params(graph: Graph, node: Node) -> bool:
     if node.op == "relu":
         result = graph.add_node("maximum", [ints[0], q.inputs[2]], meta=dict(node.meta), before=node).output
     else:
-        result = graph.add_node(node.op, ints + node.inputs[len(operands):], node.attrs, meta=dict(node.meta),
+        attrs = {**node.attrs, **dict(traits_of(node.op).integer_attrs)}
+        result = graph.add_node(node.op, ints + node.inputs[len(operands):], attrs, meta=dict(node.meta),
                                 before=node).output
     graph.replace_all_uses(q.output, result)
     graph.remove_node(q)

@@ -328,9 +328,12 @@ def test_resize_from_torch_and_onnx_matches_the_frameworks_on_every_target(kwarg
         np.testing.assert_allclose(qcompiler.compile(graph, target=target)(x.numpy()), graph(x.numpy())[0], atol=1e-5)
 
 
-def test_fpn_neck_with_nearest_upsampling_quantizes_end_to_end():
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_fpn_neck_upsampling_quantizes_end_to_end(mode):
     """A top-down FPN step: upsample the coarse map, add the lateral 1x1 conv, smooth with a 3x3.
-    Nearest upsampling only copies values: it runs on the integers, nothing stays float."""
+    Nearest upsampling only copies values; bilinear averages them with weights summing to 1, so
+    the input's grid is the output's and it runs on the integers rounded half to even (before,
+    bilinear stayed float between quantized neighbours). Nothing stays float."""
 
     class Neck(torch.nn.Module):
         def __init__(self):
@@ -341,14 +344,14 @@ def test_fpn_neck_with_nearest_upsampling_quantizes_end_to_end():
 
         def forward(self, x):
             top = torch.relu(self.c4(x))
-            merged = torch.nn.functional.interpolate(top, scale_factor=2, mode="nearest") + self.lateral(x)
+            merged = torch.nn.functional.interpolate(top, scale_factor=2, mode=mode) + self.lateral(x)
             return self.smooth(merged)
 
     torch.manual_seed(0)
     compiled = _check(Neck().eval(), (1, 3, 16, 16))
     assert compiled.report()["kept_float"] == []
-    assert "resize_nearest" in compiled.graph.op_counts()
-    resize = next(n for n in compiled.graph.nodes if n.op == "resize_nearest")
+    op = "resize_nearest" if mode == "nearest" else "resize_linear"
+    resize = next(n for n in compiled.graph.nodes if n.op == op)
     assert resize.inputs[0].dtype == "u8"  # on the integers
 
 

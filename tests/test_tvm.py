@@ -16,6 +16,7 @@ import torch
 import qcompiler
 from qcompiler import from_onnx, from_torch
 from qcompiler.examples import zoo
+from qcompiler.ir import Graph, TensorType
 from qcompiler.targets.tvm import TVMRunner, build, cuda_source, device_for, export, make_target, to_relax
 from tests.conftest import rel_err
 from tests.test_onnx_backend import IN_SCOPE
@@ -324,3 +325,21 @@ def test_a_chain_of_roundings_fused_into_one_kernel_builds_and_rounds_ties_to_ev
     source = cuda_source(build(g, make_target("cuda", "sm_80")))  # nearbyint, not round (ties away)
     assert "nearbyint" in source and "round(" not in source
     assert_nvcc_compiles(source, tmp_path)
+
+
+@pytest.mark.parametrize("rounding", ["truncate", "half_even"])
+def test_bilinear_resize_of_integers_truncates_or_rounds_like_the_interpreter(rounding):
+    """An imported model's integer Resize truncates (as the ONNX reference); lower-integer's
+    resize of quantized values rounds half to even (x2 upsampling makes exact .5 ties)."""
+    g = Graph()
+    x = g.add_input("x", TensorType((1, 2, 5, 7), "u8"))
+    g.set_outputs([g.add_node("resize_linear", [x], {"size": [10, 14], "rounding": rounding}).output])
+    image = np.random.default_rng(0).integers(0, 256, (1, 2, 5, 7)).astype(np.uint8)
+    real = Graph()
+    xf = real.add_input("x", TensorType((1, 2, 5, 7), "f64"))
+    real.set_outputs([real.add_node("resize_linear", [xf], {"size": [10, 14]}).output])
+    exact = real(image.astype(np.float64))[0]
+    want = np.rint(exact) if rounding == "half_even" else np.trunc(exact)
+    assert np.any(exact % 1 == 0.5)  # ties, where the two roundings differ from rounding half up
+    np.testing.assert_array_equal(g(image)[0], want.astype(np.uint8))
+    check(g, [image])

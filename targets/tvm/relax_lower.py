@@ -349,6 +349,18 @@ def _resize(low, node, xs):
     own plan: gathers of its indices (nearest) or products with its interpolation matrices."""
     nearest = "nearest_mode" in node.attrs
     x = node.inputs[0]
+    if not nearest and x.dtype not in ("f16", "f32", "f64"):  # integers: in float64, truncated or rounded
+        info = np.iinfo(DTYPES[x.dtype])
+        y = _resize_float(low, node, low.cast(xs[0], "float64"), "float64")
+        y = low.cast(round_half_even(low, y) if node.attrs["rounding"] == "half_even" else y, "int64")
+        return _clip_cast(low, y, int(info.min), int(info.max), TVM_DTYPE[x.dtype])
+    return _resize_float(low, node, xs[0], TVM_DTYPE[x.dtype])
+
+
+def _resize_float(low: Lowerer, node: Node, x_expr: relax.Expr, dtype: str) -> relax.Expr:
+    nearest = "nearest_mode" in node.attrs
+    x = node.inputs[0]
+    xs = [x_expr]
     mode = node.attrs["coordinate_transformation_mode"]
     (n, m), (w, p) = ((x.shape[2], node.attrs["size"][0]), (x.shape[3], node.attrs["size"][1]))
     reference_plan = node.attrs["scales"] or node.op == "resize_cubic" or node.attrs.get("antialias") or \
@@ -360,7 +372,6 @@ def _resize(low, node, xs):
         return low.emit(R.take(rows, low.const(nearest_indices(w, p, mode, rounding, given_scale(node.attrs, 1))),
                                axis=3))
     if reference_plan:
-        dtype = TVM_DTYPE[x.dtype]
         rows = low.const(interpolation_matrix(n, m, node.attrs, 0).astype(dtype))
         cols = low.const(interpolation_matrix(w, p, node.attrs, 1).T.astype(dtype))
         return low.emit(R.matmul(low.emit(R.matmul(rows, xs[0])), cols))

@@ -79,6 +79,7 @@ class Traits:
     on_grid: bool = False  # exact on the integers when input and output share parameters
     spatial_rank: int | None = None  # 1, 2, 3 for convolutions and pooling
     quantized_as: str | None = None  # the op quantization rewrites it into first (conv_transpose: conv)
+    integer_attrs: tuple[tuple[str, Any], ...] = ()  # an on-grid op's attributes on the integers (rounding)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_ROLES:

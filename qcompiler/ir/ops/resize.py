@@ -36,6 +36,8 @@ def _attrs(kind: str) -> dict[str, Attr]:
     if kind != "nearest":
         attrs["exclude_outside"] = Attr("bool", False, "taps outside the image weigh 0, the rest renormalized")
         attrs["antialias"] = Attr("bool", False, "downscaling: the kernel stretched by 1 / scale (ONNX Resize-18)")
+        attrs["rounding"] = Attr("str", "truncate", "integer inputs: 'truncate' (an imported model's integer "
+                                                    "Resize, as the ONNX reference) or 'half_even' (quantized values)")
     return attrs
 
 
@@ -156,18 +158,28 @@ def _nearest_kernel(xs, attrs):
 
 
 def _interpolating_kernel(xs, attrs):
+    """Integer inputs: truncated (as the ONNX reference casts back), or, with ``rounding`` half_even,
+    rounded: quantized values, where the linear weights summing to 1 make the input's grid the
+    output's, q(resize(dq(x))) = round(resize(x)) (lower-integer's form)."""
     x = xs[0]
     rows = interpolation_matrix(x.shape[2], attrs["size"][0], attrs, 0)
     cols = interpolation_matrix(x.shape[3], attrs["size"][1], attrs, 1)
-    return np.einsum("oh,nchw,pw->ncop", rows, x.astype(np.float64), cols).astype(x.dtype)
+    y = np.einsum("oh,nchw,pw->ncop", rows, x.astype(np.float64), cols)
+    if x.dtype.kind in "iu":
+        info = np.iinfo(x.dtype)
+        y = np.clip(np.rint(y) if attrs["rounding"] == "half_even" else np.trunc(y), info.min, info.max)
+    return y.astype(x.dtype)
 
 
 declare("resize_nearest", arity=1, attrs=_attrs("nearest"), infer=_infer("resize_nearest"), kernel=_nearest_kernel,
         traits=Traits("resize", quant="same_as_input", config_type="resize", on_grid=True, spatial_rank=2),
         doc="nearest-neighbour resize of an NCHW image to `size` (ONNX Resize mode=nearest)")
+# the weights of each output (antialiased too) sum to 1: an average on the input's grid, rounded
 declare("resize_linear", arity=1, attrs=_attrs("linear"), infer=_infer("resize_linear"), kernel=_interpolating_kernel,
-        traits=Traits("resize", spatial_rank=2),
-        doc="bilinear resize of an NCHW image to `size` (ONNX Resize mode=linear; torch bilinear)")
+        traits=Traits("resize", quant="same_as_input", config_type="resize", on_grid=True, spatial_rank=2,
+                      integer_attrs=(("rounding", "half_even"),)),
+        doc="bilinear resize of an NCHW image to `size` (ONNX Resize mode=linear; torch bilinear); integer "
+            "inputs truncated or (`rounding`) rounded half to even")
 declare("resize_cubic", arity=1, attrs=_attrs("cubic"), infer=_infer("resize_cubic"), kernel=_interpolating_kernel,
         traits=Traits("resize", spatial_rank=2),
         doc="bicubic resize of an NCHW image to `size` (ONNX Resize mode=cubic; torch bicubic with a=-0.75)")
