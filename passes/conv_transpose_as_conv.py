@@ -9,7 +9,7 @@ negative pad crops), and w' is w with its spatial axes flipped and, per group, i
 channel axes swapped ([C_in, C_out/g, k..] -> [C_out, C_in/g, k..]); stride 1, dilation d,
 same groups and bias. Zeros are inserted by a reshape, a pad and a reshape, which quantization
 keeps exact (a zero is the zero point). The convolution multiplies the inserted zeros too:
-s^d times the MACs of a direct kernel, still int8."""
+stride^rank times the MACs of a direct kernel, still int8."""
 from __future__ import annotations
 
 from dataclasses import dataclass
