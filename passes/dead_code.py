@@ -15,13 +15,8 @@ class EliminateDeadCode(Pass):
     summary = "remove nodes whose results are never used, and unused constants"
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
-        live = {id(v) for v in graph.outputs}
-        dead = []
-        for node in reversed(graph.nodes):
-            if any(id(v) in live for v in node.outputs):
-                live.update(id(v) for v in node.inputs)
-            else:
-                dead.append(node)
+        live = {id(node) for node in graph.live_nodes()}
+        dead = [node for node in reversed(graph.nodes) if id(node) not in live]  # readers before what they read
         for node in dead:
             graph.remove_node(node)
         return bool(dead) | bool(graph.remove_unused_constants())

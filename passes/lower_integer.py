@@ -114,10 +114,11 @@ def lower_compute(graph: Graph, node: Node) -> bool:
     if traits.quant != "weighted":
         return False
     q = _sole_quantize_user(graph, node.output)
-    x_params = _int8_params(graph, node.inputs[0])
-    if x_params is None and qparams_of(graph, node.inputs[0]) is not None:
+    x_params = qparams_of(graph, node.inputs[0])
+    if x_params is not None and node.inputs[0].producer.inputs[0].dtype not in EIGHT_BIT:
         node.meta[NOT_LOWERED] = (f"{node.inputs[0].producer.inputs[0].dtype} activations: the integer kernels take "
                                   f"8 bits, so it runs as dequantize -> float op -> quantize (as ONNX Runtime does)")
+        x_params = None
     to_float = q is None and node.output in graph.outputs  # a model output: the accumulator, dequantized
     if (q is None and not to_float) or x_params is None:
         return False

@@ -80,8 +80,9 @@ def with_config(pipeline: str, config: QuantConfig) -> str:
 
 def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
     """A float16 model widened to float32 (quantization's arithmetic is float32), transposed
-    convolutions as the convolutions they equal (the int8 kernels' form), the float passes (``float_pipeline``, or the default ones), then the low-rank factorization when
-    ``config`` asks for it: the float model that is calibrated and quantized."""
+    convolutions as the convolutions they equal (the int8 kernels' form), the float passes
+    (``float_pipeline``, or the default ones), then the low-rank factorization when ``config``
+    asks for it: the float model that is calibrated and quantized."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
     floats = ",".join(s for s in ("widen-float16,conv-transpose-as-conv",

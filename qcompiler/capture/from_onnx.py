@@ -425,9 +425,9 @@ def _attr(node: Any, key: str, default: Any = None) -> Any:
 _UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Exp": "exp", "Log": "log",
           "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Neg": "neg", "Abs": "abs", "Floor": "floor", "Ceil": "ceil",
           "Sin": "sin", "Cos": "cos", "Not": "logical_not", "BitwiseNot": "bitwise_not", "Identity": "identity",
-          "HardSwish": "hardswish", "Softplus": "softplus", "Sign": "sign", "IsNaN": "isnan", "Tan": "tan", "Asin": "asin", "Acos": "acos",
-          "Atan": "atan", "Sinh": "sinh", "Cosh": "cosh", "Asinh": "asinh", "Acosh": "acosh", "Atanh": "atanh",
-          "Round": "round"}
+          "HardSwish": "hardswish", "Softplus": "softplus", "Sign": "sign", "IsNaN": "isnan", "Tan": "tan",
+          "Asin": "asin", "Acos": "acos", "Atan": "atan", "Sinh": "sinh", "Cosh": "cosh", "Asinh": "asinh",
+          "Acosh": "acosh", "Atanh": "atanh", "Round": "round"}
 
 
 @converts(*_UNARY)
@@ -1247,12 +1247,11 @@ def _conv_integer(ctx, node, inputs):
     # a zero point computed at run time (quantize_dynamic): sum over the window of (x - z) w' =
     # conv(x, w') - z * conv(ones, w'), the second a constant (padding counts in neither), so the
     # product runs on the int8 kernels, whose activation zero point is a constant
-    zero_w = ctx.const(np.zeros((), np.int8), "weight_zero_point")
-    product = _integer_conv(ctx, node, x, ctx.const(np.zeros((), x.type.np_dtype), "zero_point"), centered, zero_w,
-                            None)
+    zero_x, zero_w = ctx.const(np.zeros((), x.type.np_dtype), "zero_point"), ctx.const(np.zeros((), np.int8),
+                                                                                       "weight_zero_point")
+    product = _integer_conv(ctx, node, x, zero_x, centered, zero_w, None)
     ones = ctx.const(np.ones((1, *x.shape[1:]), x.type.np_dtype), "ones")
-    window_sums = ctx.array(_integer_conv(ctx, node, ones, ctx.const(np.zeros((), x.type.np_dtype), "zero_point"),
-                                          centered, zero_w, None))  # folded now: every operand is constant
+    window_sums = ctx.array(_integer_conv(ctx, node, ones, zero_x, centered, zero_w, None))  # folded: all constant
     first = window_sums[(slice(None), slice(None)) + (slice(0, 1),) * (window_sums.ndim - 2)]
     if np.array_equal(np.broadcast_to(first, window_sums.shape), window_sums):
         window_sums = first  # no window reaches the padding: one sum per output channel
@@ -1279,7 +1278,7 @@ def _centered_weight(ctx: _Ctx, w: Value, w_zp: Value) -> Value | None:
     if zp.ndim:
         shape[0 if w.type.rank > 2 else -1] = -1
     centered = ctx.array(w).astype(np.int64) - zp.reshape(shape)
-    if np.abs(centered).max(initial=0) > 127 or centered.min(initial=0) < -128:
+    if np.abs(centered).max(initial=0) > 127:
         return None
     return ctx.const(centered.astype(np.int8), "weight")
 

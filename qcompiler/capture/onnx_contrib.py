@@ -82,15 +82,10 @@ def _skip_norm(ctx, node, inputs, standard: str) -> list[Value | None]:
     beta = None if simplified or len(inputs) < 4 else inputs[3]
     bias = inputs[3 if simplified else 4] if len(inputs) > (3 if simplified else 4) else None
     total = _sum(ctx, x, skip, bias)
-    wanted = list(node.outputs[:3])
+    wanted = list(node.outputs[:1 if simplified else 3])  # RMSNormalization has one output
     norm_inputs = [total, gamma] + ([] if beta is None else [beta])
-    if simplified:
-        normed = [_CONVERTERS[standard](ctx, as_standard_op(node, standard, norm_inputs, wanted[:1]), norm_inputs)]
-        normed += [None] * 2
-    else:
-        got = _CONVERTERS[standard](ctx, as_standard_op(node, standard, norm_inputs, wanted), norm_inputs)
-        normed = list(got) if isinstance(got, list) else [got]
-    outputs: list[Value | None] = (normed + [None] * 3)[:3]
+    got = _CONVERTERS[standard](ctx, as_standard_op(node, standard, norm_inputs, wanted), norm_inputs)
+    outputs: list[Value | None] = ((list(got) if isinstance(got, list) else [got]) + [None] * 3)[:3]
     if len(node.outputs) > 3:
         outputs.append(total)
     return outputs[:len(node.outputs)]
@@ -123,7 +118,8 @@ def _simplified_layer_norm(ctx, node, inputs):
     if len(node.outputs) > 1 and node.outputs[1].name:
         raise QCompilerError(f"SimplifiedLayerNormalization '{node.name}': its inverse deviation output is not "
                              f"supported")
-    return _CONVERTERS["RMSNormalization"](ctx, as_standard_op(node, "RMSNormalization", inputs, node.outputs[:1]), inputs)
+    standard = as_standard_op(node, "RMSNormalization", inputs, node.outputs[:1])
+    return _CONVERTERS["RMSNormalization"](ctx, standard, inputs)
 
 
 def _swap_last_two(ctx, v: Value) -> Value:

@@ -306,6 +306,16 @@ class Graph:
             node.inputs = [new if v is old else v for v in node.inputs]
         self.outputs = [new if v is old else v for v in self.outputs]
 
+    def live_nodes(self) -> list[Node]:
+        """The nodes some output depends on, in graph order."""
+        live = {id(v) for v in self.outputs}
+        kept = []
+        for node in reversed(self.nodes):
+            if any(id(v) in live for v in node.outputs):
+                live.update(id(v) for v in node.inputs)
+                kept.append(node)
+        return kept[::-1]
+
     def remove_node(self, node: Node) -> None:
         """Remove ``node``, which nothing may still read (rewire its users first, as torch.fx's
         ``erase_node`` insists): a dangling use is caught where it is made, not by the verifier

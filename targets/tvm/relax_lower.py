@@ -56,7 +56,7 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
     convolutions and linears and max pooling use the hand-written CPU kernels (``kernel_lower``);
     ``cores``: the threads the target runs; ``bf16_kernels``: linears over bf16 operands use the
     AMX-BF16 GEMM (``"amx"``; ``amx_lower.linear_bf16``)."""
-    nodes = _live_nodes(graph)
+    nodes = graph.live_nodes()  # an imported model's dead branch (RotaryEmbedding's empty pass-through) is not built
     missing = sorted({n.op for n in nodes} - set(_RULES))
     if missing:
         raise QCompilerError(f"the TVM target cannot lower op(s) {', '.join(missing)}")
@@ -97,19 +97,6 @@ def to_relax(graph: Graph, int8_kernels: str | None = None, cpu_kernels: bool = 
             output = low.bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
         low.bb.emit_func_output(output)
     return low.bb.get()
-
-
-def _live_nodes(graph: Graph) -> list[Node]:
-    """The nodes an output depends on, in order: the module computes nothing else (an imported
-    model's dead branch, such as the empty pass-through slice of a full-width RotaryEmbedding,
-    is not built)."""
-    live = {id(v) for v in graph.outputs}
-    kept = []
-    for node in reversed(graph.nodes):
-        if any(id(v) in live for v in node.outputs):
-            live.update(id(v) for v in node.inputs)
-            kept.append(node)
-    return kept[::-1]
 
 
 # ---- elementwise -----------------------------------------------------------------------------------
@@ -351,31 +338,31 @@ def _resize(low, node, xs):
     x = node.inputs[0]
     if not nearest and x.dtype not in ("f16", "f32", "f64"):  # integers: in float64, truncated or rounded
         info = np.iinfo(DTYPES[x.dtype])
-        y = _resize_float(low, node, low.cast(xs[0], "float64"), "float64")
+        y = _resize_in(low, node, low.cast(xs[0], "float64"), "float64")
         y = low.cast(round_half_even(low, y) if node.attrs["rounding"] == "half_even" else y, "int64")
         return _clip_cast(low, y, int(info.min), int(info.max), TVM_DTYPE[x.dtype])
-    return _resize_float(low, node, xs[0], TVM_DTYPE[x.dtype])
+    return _resize_in(low, node, xs[0], TVM_DTYPE[x.dtype])
 
 
-def _resize_float(low: Lowerer, node: Node, x_expr: relax.Expr, dtype: str) -> relax.Expr:
+def _resize_in(low: Lowerer, node: Node, image: relax.Expr, dtype: str) -> relax.Expr:
+    """The resize of ``image`` (the node's input, as ``dtype``)."""
     nearest = "nearest_mode" in node.attrs
     x = node.inputs[0]
-    xs = [x_expr]
     mode = node.attrs["coordinate_transformation_mode"]
     (n, m), (w, p) = ((x.shape[2], node.attrs["size"][0]), (x.shape[3], node.attrs["size"][1]))
     reference_plan = node.attrs["scales"] or node.op == "resize_cubic" or node.attrs.get("antialias") or \
         (mode == "align_corners" and 1 in (m, p))
     if nearest and reference_plan:
         rounding = node.attrs["nearest_mode"]
-        rows = low.emit(R.take(xs[0], low.const(nearest_indices(n, m, mode, rounding, given_scale(node.attrs, 0))),
+        rows = low.emit(R.take(image, low.const(nearest_indices(n, m, mode, rounding, given_scale(node.attrs, 0))),
                                axis=2))
         return low.emit(R.take(rows, low.const(nearest_indices(w, p, mode, rounding, given_scale(node.attrs, 1))),
                                axis=3))
     if reference_plan:
         rows = low.const(interpolation_matrix(n, m, node.attrs, 0).astype(dtype))
         cols = low.const(interpolation_matrix(w, p, node.attrs, 1).T.astype(dtype))
-        return low.emit(R.matmul(low.emit(R.matmul(rows, xs[0])), cols))
-    return low.emit(R.image.resize2d(xs[0], tuple(node.attrs["size"]), layout="NCHW",
+        return low.emit(R.matmul(low.emit(R.matmul(rows, image)), cols))
+    return low.emit(R.image.resize2d(image, tuple(node.attrs["size"]), layout="NCHW",
                                      method="nearest_neighbor" if nearest else "linear",
                                      coordinate_transformation_mode=node.attrs["coordinate_transformation_mode"],
                                      rounding_method=node.attrs["nearest_mode"] if nearest else ""))
