@@ -454,6 +454,11 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
                                   f"{sum(e['params_after'] for e in factored)} weights"
                                   + (f"; {len(report['low_rank']['left_alone'])} left alone (no saving)"
                                      if report["low_rank"]["left_alone"] else ""))
+    if "cross_layer_equalization" in report:
+        equalized = report["cross_layer_equalization"]
+        table.add_row("equalized", f"{len(equalized['pairs'])} layer pairs (cross-layer equalization)"
+                      + (f"; {len(equalized['blocked'])} left alone (a clip between them)" if equalized["blocked"]
+                         else ""))
     if report.get("int4_weights") or report.get("int8_weights"):  # an i4 build, even one the search moved to int8
         table.add_row("4-bit weights", f"{report.get('int4_weights', 0)} layers"
                       + (f"; {len(report['int8_weights'])} kept int8 weights" if report.get("int8_weights") else ""))

@@ -197,6 +197,9 @@ class QuantConfig:
     bias_correction: bool = True  # shift biases by the mean error quantization adds (bias-correction pass)
     gptq: bool = False  # round linear weights compensating each column's error on calibration inputs (gptq pass)
     low_rank: LowRank | None = None  # factor nearly low-rank weights into two thinner layers first
+    # balance consecutive conv/linear weight ranges channel by channel before calibration
+    # (equalize-cross-layer pass: exact in float; pairs joined by relu, pooling or nothing)
+    cross_layer_equalization: bool = False
     # a layer the sensitivity check or the precision search keeps float keeps its quantized weights
     # (int8 or int4) with float activations (weight-only quantization) instead of all float
     weight_only_fallback: bool = False

@@ -81,14 +81,17 @@ def with_config(pipeline: str, config: QuantConfig) -> str:
 def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
     """A float16 model widened to float32 (quantization's arithmetic is float32), transposed
     convolutions as the convolutions they equal (the int8 kernels' form), the float passes
-    (``float_pipeline``, or the default ones), then the low-rank factorization when ``config``
-    asks for it: the float model that is calibrated and quantized."""
+    (``float_pipeline``, or the default ones), then the low-rank factorization and cross-layer
+    equalization when ``config`` asks for them (equalization last: it balances the factors too):
+    the float model that is calibrated and quantized."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
     floats = ",".join(s for s in ("widen-float16,conv-transpose-as-conv",
                                   DEFAULT_FLOAT_PIPELINE if float_pipeline is None else float_pipeline) if s)
     if config.low_rank is not None:
         floats = ",".join(s for s in (floats, f"factorize-low-rank{{energy={config.low_rank.energy}}}") if s)
+    if config.cross_layer_equalization:
+        floats = ",".join(s for s in (floats, "equalize-cross-layer") if s)
     return floats
 
 
