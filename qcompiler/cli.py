@@ -459,6 +459,12 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
         table.add_row("equalized", f"{len(equalized['pairs'])} layer pairs (cross-layer equalization)"
                       + (f"; {len(equalized['blocked'])} left alone (a clip between them)" if equalized["blocked"]
                          else ""))
+    if "range_search" in report:
+        searched = report["range_search"]
+        table.add_row("range search", f"{len(searched['changed'])} of {searched['values_tried']} activations took "
+                                      f"another estimator's range (output SQNR "
+                                      f"{searched['output_sqnr_db']['calibrated']:g} -> "
+                                      f"{searched['output_sqnr_db']['searched']:g} dB, {searched['measured_on']})")
     if report.get("int4_weights") or report.get("int8_weights"):  # an i4 build, even one the search moved to int8
         table.add_row("4-bit weights", f"{report.get('int4_weights', 0)} layers"
                       + (f"; {len(report['int8_weights'])} kept int8 weights" if report.get("int8_weights") else ""))

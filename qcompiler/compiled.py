@@ -744,7 +744,7 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
                           "nothing was quantized: see passes.kept_float / not_quantized")
     report["kept_float"] = report["passes"].get("kept_float", [])
     for key in ("precision_search", "int8_weight_search", "float32_search", "float_precision", "int8_weights", "gptq",
-                "low_rank", "cross_layer_equalization", "per_token", "widen_float16"):
+                "low_rank", "cross_layer_equalization", "range_search", "per_token", "widen_float16"):
         if key in report["passes"]:
             report[key] = report["passes"][key]
     report["ops"] = {"integer": integer_ops, "total": len(compiled_graph.nodes), "by_op": compiled_graph.op_counts()}

@@ -11,7 +11,8 @@ from typing import Any
 
 # the phase each pass belongs to; passes not listed are float optimizations
 PASS_PHASES = {"range-analysis": "calibrate", "bias-correction": "calibrate", "smooth-quant": "calibrate",
-               "gptq": "calibrate", "insert-qdq": "quantize", "lower-integer": "quantize", "precision-search": "search precision"}
+               "gptq": "calibrate", "search-ranges": "calibrate", "insert-qdq": "quantize", "lower-integer": "quantize",
+               "precision-search": "search precision"}
 
 
 class Step:

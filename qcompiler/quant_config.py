@@ -200,6 +200,9 @@ class QuantConfig:
     # balance consecutive conv/linear weight ranges channel by channel before calibration
     # (equalize-cross-layer pass: exact in float; pairs joined by relu, pooling or nothing)
     cross_layer_equalization: bool = False
+    # choose each activation's range among the calibrated one, percentile and mse by the quantized
+    # model's output error on the first calibration batch (search-ranges pass; a few runs per value)
+    range_search: bool = False
     # a layer the sensitivity check or the precision search keeps float keeps its quantized weights
     # (int8 or int4) with float activations (weight-only quantization) instead of all float
     weight_only_fallback: bool = False

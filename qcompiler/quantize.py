@@ -24,12 +24,13 @@ if TYPE_CHECKING:
 
 
 def calibrate_stages(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = (),
-                     dynamic: tuple[str, ...] = ()) -> str:
-    """range-analysis and (as ``config`` says) bias-correction, with every option ``config``
-    sets written out. ``exclude``: layers kept float, ``int8_weights``: layers of an i4 config
-    kept at int8 weights (the sensitivity check's), ``dynamic``: layers with per-token scales."""
-    stages = [range_stage(config), gptq_stage(config, exclude, int8_weights),
-              bias_stage(config, exclude, int8_weights, dynamic)]
+                     dynamic: tuple[str, ...] = (), bf16: tuple[str, ...] = ()) -> str:
+    """range-analysis and (as ``config`` says) search-ranges, gptq and bias-correction, with every
+    option ``config`` sets written out. ``exclude``: layers kept float, ``int8_weights``: layers
+    of an i4 config kept at int8 weights (the sensitivity check's), ``dynamic``: layers with
+    per-token scales, ``bf16``: those of ``exclude`` that run in bfloat16."""
+    stages = [range_stage(config), search_stage(config, exclude, int8_weights, bf16, dynamic),
+              gptq_stage(config, exclude, int8_weights), bias_stage(config, exclude, int8_weights, dynamic)]
     return ",".join(s for s in stages if s)
 
 
@@ -39,6 +40,17 @@ def range_stage(config: QuantConfig) -> str:
     if config.activation_dtype != "u8":
         calibrate += f",activation_dtype={config.activation_dtype}"
     return f"range-analysis{{{calibrate}}}"
+
+
+def search_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = (),
+                 bf16: tuple[str, ...] = (), dynamic: tuple[str, ...] = ()) -> str:
+    """search-ranges with ``config``'s scheme and estimator options, or "" when ``config`` does
+    not ask for it."""
+    if not config.range_search:
+        return ""
+    scheme = dataclasses.asdict(config.scheme(exclude, int8_weights, bf16, dynamic))
+    return str(registered_passes()["search-ranges"](**scheme, percentile=config.calibration.percentile,
+                                                     bins=config.calibration.bins))
 
 
 def gptq_stage(config: QuantConfig, exclude: tuple[str, ...] = (), int8_weights: tuple[str, ...] = ()) -> str:
@@ -102,7 +114,7 @@ def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None
     """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with.
     ``ranges``: a calibration record's path, applied instead of calibrating."""
     floats = float_stages(config, float_pipeline)
-    calibrate = calibrate_stages(config, exclude, int8_weights, dynamic) if ranges is None \
+    calibrate = calibrate_stages(config, exclude, int8_weights, dynamic, bf16) if ranges is None \
         else f"apply-calibration{{path={ranges}}}"
     stages = [floats, calibrate, insert_stage(config, exclude, int8_weights, bf16, dynamic)]
     if lower:
@@ -193,7 +205,8 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
     def calibrated() -> tuple[Graph | None, Graph, CalibrationRecord]:
         """The graph with ranges only (kept for the precision search), the QDQ graph, the record."""
         kept, int8, bf16, per_token = tuple(exclude), tuple(int8_weights), bf16_layers(), tuple(dynamic)
-        graph = run_pipeline(float_graph.copy(), range_stage(config), inst, ctx)
+        ranges = ",".join(s for s in (range_stage(config), search_stage(config, kept, int8, bf16, per_token)) if s)
+        graph = run_pipeline(float_graph.copy(), ranges, inst, ctx)
         ranged = graph.copy() if config.target_output_sqnr_db is not None else None
         later = ",".join(s for s in (gptq_stage(config, kept, int8), bias_stage(config, kept, int8, per_token)) if s)
         if later:
