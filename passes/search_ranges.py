@@ -15,14 +15,10 @@ Identity relied on: insert-qdq reads nothing of a value but its range, so the mo
 runs is the one the chosen ranges will build."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-
-import numpy as np
 
 from qcompiler.calibration import calibration_set
 from qcompiler.calibration_record import calibrated_values
-from qcompiler.compare import sqnr_db
 from qcompiler.errors import QCompilerError
 from qcompiler.interpreter import run
 from qcompiler.ir import Graph
@@ -30,7 +26,7 @@ from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.progress import progress_bar
 from qcompiler.quant_config import QuantScheme
 
-from .insert_qdq import InsertQDQ
+from .output_score import OutputScore
 from .range_analysis import RangeAnalysis
 
 ESTIMATORS = ("percentile", "mse")  # tried against the calibrated range
@@ -71,29 +67,21 @@ class SearchRanges(QuantScheme, Pass):
                           activation_dtype=self.activation_dtype).run(estimated, PassContext(calibration=batches))
             for v in calibrated_values(estimated):
                 candidates[v.name][method] = v.range
-        scheme = InsertQDQ(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QuantScheme)})
         batch = batches.first()
-        reference = run(graph, batch)
-
-        def score() -> float:
-            quantized = graph.copy()
-            scheme.run(quantized, PassContext())
-            return min(sqnr_db(r, o) for r, o in zip(reference, run(quantized, batch)))
-
-        baseline = graph.copy()
-        scheme.run(baseline, PassContext())
+        score = OutputScore(self, batch, run(graph, batch))
+        baseline = score.quantized(graph)
         read_quantized = {n.inputs[0].name for n in baseline.nodes if n.op == "quantize"}
         trials = {name: {m: r for m, r in candidates[name].items() if not _same_range(r, values[name].range)}
                   for name in values if name in read_quantized}
         trials = {name: found for name, found in trials.items() if found}
-        best = start = score()
+        best = start = score(graph)
         changes = []
         with progress_bar("search-ranges: trying estimators", sum(map(len, trials.values())), ctx.progress) as advance:
             for name, found in trials.items():
                 value, kept = values[name], values[name].range
                 for method, candidate in found.items():
                     value.range = candidate
-                    trial = score()
+                    trial = score(graph)
                     if trial > best + SIGNIFICANT_DB:
                         best, kept = trial, candidate
                         changes = [c for c in changes if c["value"] != name]

@@ -203,6 +203,9 @@ class QuantConfig:
     # choose each activation's range among the calibrated one, percentile and mse by the quantized
     # model's output error on the first calibration batch (search-ranges pass; a few runs per value)
     range_search: bool = False
+    # SmoothQuant before calibration, each group of linears at the strength (alpha) that leaves the
+    # quantized model's outputs closest to float (smooth-quant{per_layer=true}), or left alone
+    smooth_quant: bool = False
     # a layer the sensitivity check or the precision search keeps float keeps its quantized weights
     # (int8 or int4) with float activations (weight-only quantization) instead of all float
     weight_only_fallback: bool = False

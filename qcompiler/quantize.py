@@ -93,9 +93,9 @@ def with_config(pipeline: str, config: QuantConfig) -> str:
 def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
     """A float16 model widened to float32 (quantization's arithmetic is float32), transposed
     convolutions as the convolutions they equal (the int8 kernels' form), the float passes
-    (``float_pipeline``, or the default ones), then the low-rank factorization and cross-layer
-    equalization when ``config`` asks for them (equalization last: it balances the factors too):
-    the float model that is calibrated and quantized."""
+    (``float_pipeline``, or the default ones), then the low-rank factorization, cross-layer
+    equalization (after it: it balances the factors too) and SmoothQuant when ``config`` asks for
+    them: the float model that is calibrated and quantized."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
     floats = ",".join(s for s in ("widen-float16,conv-transpose-as-conv",
@@ -104,6 +104,9 @@ def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
         floats = ",".join(s for s in (floats, f"factorize-low-rank{{energy={config.low_rank.energy}}}") if s)
     if config.cross_layer_equalization:
         floats = ",".join(s for s in (floats, "equalize-cross-layer") if s)
+    if config.smooth_quant:
+        smoothing = registered_passes()["smooth-quant"](**dataclasses.asdict(config.scheme()), per_layer=True)
+        floats = ",".join(s for s in (floats, str(smoothing)) if s)
     return floats
 
 
@@ -147,9 +150,10 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
 
     config = config or QuantConfig()
     precision = config.resolved_float_precision(has_amx_bf16() if bf16_native is None else bf16_native)
-    if ranges is not None and config.gptq:
-        raise QCompilerError("gptq rounds weights on calibration data, which a calibration record does not carry: "
-                             "give the calibration data, or turn gptq off")
+    if ranges is not None and (config.gptq or config.smooth_quant):
+        what = "gptq rounds weights" if config.gptq else "smooth_quant scales activations"
+        raise QCompilerError(f"{what} on calibration data, which a calibration record does not carry: "
+                             f"give the calibration data, or turn {'gptq' if config.gptq else 'smooth_quant'} off")
     if (calibration is None) == (ranges is None):
         raise QCompilerError("quantizing needs calibration data or a saved calibration record (ranges=...): "
                              + ("neither was given" if ranges is None else "give one, not both"))

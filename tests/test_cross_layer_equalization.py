@@ -60,8 +60,8 @@ def _linears() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 4)).eval()
 
 
-MODELS = {"depthwise-separable": (_mobile_net, (2, 3, 16, 16)), "grouped, pooled, leaky": (_grouped_pooled, (2, 4, 14, 14)),
-          "linears": (_linears, (3, 5, 8))}
+MODELS = {"depthwise-separable": (_mobile_net, (2, 3, 16, 16)),
+          "grouped, pooled, leaky": (_grouped_pooled, (2, 4, 14, 14)), "linears": (_linears, (3, 5, 8))}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
