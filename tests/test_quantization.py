@@ -537,10 +537,10 @@ class _MaskedAttention(torch.nn.Module):
 def test_an_attention_mask_stays_off_the_int8_grid_whatever_calibration_saw(fill):
     """Calibrated on unpadded data only (the mask all on), a build run on padded data must give
     the padding exactly zero attention: the filled scores are a mask, never clamped onto a grid."""
-    model = _MaskedAttention(fill).eval()
-    x = torch.from_numpy(rng.standard_normal((1, 6, 8)).astype(np.float32))
+    model, data = _MaskedAttention(fill).eval(), np.random.default_rng(5)  # its own data, whatever ran before
+    x = torch.from_numpy(data.standard_normal((1, 6, 8)).astype(np.float32))
     on = torch.ones(1, 6, dtype=torch.bool)
-    calibration = [(rng.standard_normal((1, 6, 8)).astype(np.float32), on.numpy()) for _ in range(4)]
+    calibration = [(data.standard_normal((1, 6, 8)).astype(np.float32), on.numpy()) for _ in range(16)]
     compiled = qcompiler.compile(model, (x, on), calibration=calibration, target="reference")
     mask = on.clone()
     mask[0, 4:] = False
