@@ -532,6 +532,10 @@ def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: A
     dims = _with_output_axes(dims, graphs)
     ordered = {key: builds[key] for key in batching.grid(dims)}
     report = builds[calibrated].report()
+    if options["target"] == "onnx":
+        phases.phase("onnx", "one model with symbolic dims, checked against each size's export")
+        ordered = _symbolic_onnx(dims, ordered)
+        report["onnx_symbolic_dims"] = [d.name for d in dims]
     entries = [d.to_dict() for d in dims]
     if all(b.runs_here for b in ordered.values()):
         phases.phase("check", "padded buckets against unpadded runs (per sample, per position)")
@@ -552,6 +556,24 @@ def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: A
     model_out = BucketedModel(dims, ordered, report)
     model_out.calibration = record
     return model_out
+
+
+def _symbolic_onnx(dims: Any, builds: dict[tuple[int, ...], CompiledModel]) -> dict[tuple[int, ...], CompiledModel]:
+    """The buckets' ONNX exports merged into one model whose dynamic dims are symbolic
+    (``targets.onnx.symbolic``), checked against each export at its size; every bucket then runs
+    it (the artifact's one ``model.onnx`` serves any size in range, in ONNX Runtime or elsewhere)."""
+    from .targets.onnx.symbolic import check_merged, merge
+
+    first = next(iter(builds.values()))
+    inputs = [[(d.axis, d.name) for d in dims if i in d.inputs] for i in range(len(first.graph.inputs))]
+    outputs = [[(0 if d.is_batch else d.outputs[j], d.name) for d in dims if d.is_batch or d.outputs[j] is not None]
+               for j in range(len(first.graph.outputs))]
+    models = {key: build._executable for key, build in builds.items()}
+    merged = merge(models, inputs, outputs)
+    check_merged(merged, models, lambda key: _synthetic_inputs(builds[key].graph),
+                 lambda model, arrays: [np.asarray(o) for o in _onnxruntime_runner(model, first.graph)(arrays)])
+    return {key: CompiledModel(b.graph, "onnx", b.pipeline, _onnxruntime_runner(merged, b.graph), b.report(), b.config,
+                               merged) for key, b in builds.items()}
 
 
 def _bucket_label(dims: Any, key: tuple[int, ...]) -> str:
@@ -677,9 +699,9 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
         require("onnxruntime", "the onnx target")
     dims = _dynamic_dims(model, example_inputs, dynamic_shapes, input_shapes, batch_buckets, sequence_buckets)
     if dims:
-        if target == "onnx" or pipeline is not None or _prepared(model, example_inputs, calibration, ranges, None):
-            raise QCompilerError("dynamic shapes apply to the default flow (with or without calibration) for the "
-                                 "llvm, cuda and reference targets: not to the onnx target, a pipeline or a QAT model")
+        if pipeline is not None or _prepared(model, example_inputs, calibration, ranges, None):
+            raise QCompilerError("dynamic shapes apply to the default flow (with or without calibration): not to a "
+                                 "pipeline or a QAT model")
         return _compile_buckets(dims, model, example_inputs, input_shapes, calibration=calibration, target=target,
                                 config=config, tune=tune, tuning_db=tuning_db, tuning_trials=tuning_trials,
                                 progress=progress, cpu=cpu, log=log, ranges=ranges, rpc=rpc)

@@ -116,14 +116,34 @@ def test_declarations_and_models_that_cannot_be_padded_are_refused_in_one_line(d
         qcompiler.compile(model, example, dynamic_shapes={"images": {0: BATCH}})
     with pytest.raises(QCompilerError, match="must lie in 1..32, include both ends"):
         qcompiler.compile(model, example, dynamic_shapes={"x": {0: BATCH}}, batch_buckets=(2, 32))
-    with pytest.raises(QCompilerError, match="not to the onnx target"):
-        qcompiler.compile(model, example, calibration=[x_train[:8]], target="onnx", dynamic_shapes={"x": {0: BATCH}})
     with pytest.raises(QCompilerError, match="batch_buckets / sequence_buckets apply to a dynamic dimension"):
         qcompiler.compile(model, example, batch_buckets=(1, 4))
     x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
     with pytest.raises(QCompilerError, match="mixes the samples of a batch"):
         qcompiler.compile(_BatchCentered().eval(), (torch.from_numpy(x),), target="reference",
                           dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4)},))
+
+
+def test_the_onnx_target_writes_one_model_with_a_symbolic_batch(digits, tmp_path):
+    """The buckets' exports merged into one model.onnx whose batch is symbolic: ONNX Runtime runs
+    it at a size no bucket has, equal per sample to batch-1 runs; the artifact loads and runs."""
+    import onnx
+    import onnxruntime as ort
+
+    model, (x_train, _, x_test, _) = digits
+    compiled = qcompiler.compile(model, (torch.from_numpy(x_test[:2]),), calibration=[x_train[:8], x_train[8:16]],
+                                 target="onnx", dynamic_shapes={"x": {0: BATCH}})
+    assert compiled.report()["onnx_symbolic_dims"] == ["batch"]
+    compiled.save(tmp_path / "art")
+    exported = onnx.load(tmp_path / "art" / "model.onnx")
+    assert exported.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = ort.InferenceSession(str(tmp_path / "art" / "model.onnx"), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    seven = session.run(None, {name: x_test[:7]})[0]
+    one_by_one = np.concatenate([session.run(None, {name: x_test[i:i + 1]})[0] for i in range(7)])
+    np.testing.assert_allclose(seven, one_by_one, rtol=0, atol=1e-5 * np.abs(one_by_one).max())
+    loaded = qcompiler.load(tmp_path / "art")
+    np.testing.assert_array_equal(np.asarray(loaded(x_test[:5])), np.asarray(compiled(x_test[:5])))
 
 
 def test_default_buckets_span_the_range_by_powers_of_four():

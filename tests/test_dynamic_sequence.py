@@ -190,6 +190,15 @@ class _Unmasked(nn.Module):
         return (self.embed(input_ids) * attention_mask.unsqueeze(-1)).mean(1)
 
 
+def test_the_onnx_target_refuses_a_sequence_its_constants_depend_on(encoder, calibration):
+    """The position table sliced to the length is a constant of each export: no symbolic form
+    for it here, so the onnx target refuses naming it (a fixed length builds)."""
+    with pytest.raises(QCompilerError, match="onnx target, dynamic shapes: constant .* depends on the size"):
+        qcompiler.compile(encoder, tuple(torch.from_numpy(a) for a in tokens(1, 16, 99)), calibration=calibration[:2],
+                          target="onnx", dynamic_shapes={"input_ids": {1: SEQ}, "attention_mask": {1: SEQ}},
+                          sequence_buckets=(8, 32))
+
+
 def test_models_that_see_the_padding_and_bad_declarations_are_refused_in_one_line():
     model = _Unmasked().eval()
     example = tuple(torch.from_numpy(a) for a in tokens(1, 16, 0))
