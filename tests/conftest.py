@@ -99,3 +99,15 @@ def cli_in_process(*args: str, cwd=None) -> subprocess.CompletedProcess:
     finally:
         os.chdir(before)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def assert_pipeline_reproduces(graph, result, calibration) -> None:
+    """``result.pipeline`` (a quantize result's reproducer) run alone over ``graph`` with the same
+    ``calibration`` gives ``result.graph``, text for text (outputs named as quantize names them)."""
+    from qcompiler import print_graph
+    from qcompiler.pass_manager import run_pipeline
+    from qcompiler.pipeline import PassContext
+
+    again = run_pipeline(graph.copy(), result.pipeline, context=PassContext(calibration=calibration))
+    again.name_outputs([v.name for v in graph.outputs])
+    assert print_graph(again) == print_graph(result.graph)
