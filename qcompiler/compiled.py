@@ -532,16 +532,17 @@ def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: A
     dims = _with_output_axes(dims, graphs)
     ordered = {key: builds[key] for key in batching.grid(dims)}
     report = builds[calibrated].report()
+    probe_source = examples if examples is not None else (
+        list(calibration_set_first(graphs[calibrated], calibration)) if calibration is not None else
+        _synthetic_inputs(graphs[calibrated]))
     if options["target"] == "onnx":
         phases.phase("onnx", "one model with symbolic dims, checked against each size's export")
-        ordered = _symbolic_onnx(dims, ordered)
+        ordered = _symbolic_onnx(dims, ordered, lambda key: batching.resized(list(probe_source), dims, key,
+                                                                             cycle_batch=True))
         report["onnx_symbolic_dims"] = [d.name for d in dims]
     entries = [d.to_dict() for d in dims]
     if all(b.runs_here for b in ordered.values()):
         phases.phase("check", "padded buckets against unpadded runs (per sample, per position)")
-        probe_source = examples if examples is not None else (
-            list(calibration_set_first(graphs[calibrated], calibration)) if calibration is not None else
-            _synthetic_inputs(graphs[calibrated]))
         run = lambda key, arrays: _as_list(ordered[key](*arrays))  # noqa: E731
         for d, entry in zip(dims, entries):
             if d.is_batch:
@@ -558,7 +559,8 @@ def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: A
     return model_out
 
 
-def _symbolic_onnx(dims: Any, builds: dict[tuple[int, ...], CompiledModel]) -> dict[tuple[int, ...], CompiledModel]:
+def _symbolic_onnx(dims: Any, builds: dict[tuple[int, ...], CompiledModel],
+                   inputs_at: Callable[[tuple[int, ...]], list[np.ndarray]]) -> dict[tuple[int, ...], CompiledModel]:
     """The buckets' ONNX exports merged into one model whose dynamic dims are symbolic
     (``targets.onnx.symbolic``), checked against each export at its size; every bucket then runs
     it (the artifact's one ``model.onnx`` serves any size in range, in ONNX Runtime or elsewhere)."""
@@ -568,9 +570,10 @@ def _symbolic_onnx(dims: Any, builds: dict[tuple[int, ...], CompiledModel]) -> d
     inputs = [[(d.axis, d.name) for d in dims if i in d.inputs] for i in range(len(first.graph.inputs))]
     outputs = [[(0 if d.is_batch else d.outputs[j], d.name) for d in dims if d.is_batch or d.outputs[j] is not None]
                for j in range(len(first.graph.outputs))]
+    sources = [(first.graph.inputs[d.inputs[0]].name, d.axis) for d in dims]
     models = {key: build._executable for key, build in builds.items()}
-    merged = merge(models, inputs, outputs)
-    check_merged(merged, models, lambda key: _synthetic_inputs(builds[key].graph),
+    merged = merge(models, inputs, outputs, sources)
+    check_merged(merged, models, inputs_at,
                  lambda model, arrays: [np.asarray(o) for o in _onnxruntime_runner(model, first.graph)(arrays)])
     return {key: CompiledModel(b.graph, "onnx", b.pipeline, _onnxruntime_runner(merged, b.graph), b.report(), b.config,
                                merged) for key, b in builds.items()}
