@@ -74,7 +74,7 @@ class SearchRanges(QuantScheme, Pass):
         trials = {name: {m: r for m, r in candidates[name].items() if not _same_range(r, values[name].range)}
                   for name in values if name in read_quantized}
         trials = {name: found for name, found in trials.items() if found}
-        best = start = score(graph)
+        best = start = score.measure(baseline)
         changes = []
         with progress_bar("search-ranges: trying estimators", sum(map(len, trials.values())), ctx.progress) as advance:
             for name, found in trials.items():
