@@ -89,20 +89,14 @@ def find_pairs(graph: Graph) -> tuple[list[Pair], list[dict[str, str]]]:
     return pairs, blocked
 
 
-def _reading_rows(second: Node, channels: int) -> list[tuple[int, int, int]]:
-    """For each input channel c of ``second``, the output rows [start, stop) and the input column
-    of its weight that read c: a grouped convolution's group g reads channels g*k..g*k+k-1 (k per
-    group) with its own output rows."""
-    w = second.inputs[1]
+def _read_channel(second: Node) -> np.ndarray:
+    """``[out, in / groups]``: the input channel each (output row, input column) of ``second``'s
+    weight reads (a grouped convolution's group g reads channels g*k..g*k+k-1, k per group,
+    with its own output rows)."""
+    w = second.inputs[1].shape
     groups = second.attrs["groups"] if traits_of(second.op).family == "conv" else 1
-    per_group_in, per_group_out = channels // groups, w.shape[0] // groups
-    return [(c // per_group_in * per_group_out, (c // per_group_in + 1) * per_group_out, c % per_group_in)
-            for c in range(channels)]
-
-
-def _second_ranges(w: np.ndarray, rows: list[tuple[int, int, int]]) -> np.ndarray:
-    magnitude = np.abs(w)
-    return np.array([magnitude[start:stop, column].max() for start, stop, column in rows])
+    group_of_row = np.arange(w[0]) // (w[0] // groups)
+    return group_of_row[:, None] * w[1] + np.arange(w[1])[None, :]
 
 
 def equalize(arrays: dict[int, np.ndarray], pair: Pair) -> float:
@@ -110,21 +104,19 @@ def equalize(arrays: dict[int, np.ndarray], pair: Pair) -> float:
     |log s| it applied."""
     w1, w2 = arrays[id(pair.first.inputs[1])], arrays[id(pair.second.inputs[1])]
     channels = w1.shape[0]
-    rows = _reading_rows(pair.second, channels)
+    read = _read_channel(pair.second)
     r1 = np.abs(w1.reshape(channels, -1)).max(axis=1).astype(np.float64)
-    r2 = _second_ranges(w2, rows).astype(np.float64)
+    r2 = np.zeros(channels)
+    np.maximum.at(r2, read.ravel(), np.abs(w2.reshape(*read.shape, -1)).max(axis=2).ravel())
     live = (r1 > 0) & (r2 > 0)
     s = np.ones(channels)
     s[live] = np.sqrt(r1[live] / r2[live])
-    shape = (channels,) + (1,) * (w1.ndim - 1)
-    arrays[id(pair.first.inputs[1])] = (w1 / s.reshape(shape)).astype(w1.dtype)
+    arrays[id(pair.first.inputs[1])] = (w1 / s.reshape((channels,) + (1,) * (w1.ndim - 1))).astype(w1.dtype)
     if len(pair.first.inputs) > 2:
         b1 = arrays[id(pair.first.inputs[2])]
         arrays[id(pair.first.inputs[2])] = (b1 / s).astype(b1.dtype)
-    w2 = w2.copy()
-    for c, (start, stop, column) in enumerate(rows):
-        w2[start:stop, column] *= s[c]
-    arrays[id(pair.second.inputs[1])] = w2
+    factor = s[read].reshape(read.shape + (1,) * (w2.ndim - 2))
+    arrays[id(pair.second.inputs[1])] = (w2 * factor).astype(w2.dtype)
     return float(np.abs(np.log(s)).max()) if channels else 0.0
 
 

@@ -121,15 +121,14 @@ class SmoothQuant(QuantScheme, Pass):
         if not groups:
             return False
         batches = calibration_set(graph, ctx.calibration)
-        seen = {id(v): _Extremes(v.shape[-1]) for v in groups}
-        sweep(graph, batches, list(groups), lambda v, a: seen[id(v)].update(a), ctx.progress,
+        seen = {v.name: _Extremes(v.shape[-1]) for v in groups}
+        sweep(graph, batches, list(groups), lambda v, a: seen[v.name].update(a), ctx.progress,
               "smoothing (per-channel maxima)")
         plan = {x.name: [n.outputs[0].name for n in linears] for x, linears in groups.items()}
         w_max = {x.name: np.max([np.abs(graph.constant_array(n.inputs[1])).max(axis=0) for n in linears], axis=0)
                  for x, linears in groups.items()}
-        amax = {x.name: seen[id(x)].amax for x in groups}
         if self.per_layer:
-            chosen, searched = self._search(graph, batches, plan, w_max, {x.name: seen[id(x)] for x in groups}, ctx)
+            chosen, searched = self._search(graph, batches, plan, w_max, seen, ctx)
         else:
             chosen, searched = {name: self.alpha for name in plan}, None
         entries = []
@@ -137,7 +136,7 @@ class SmoothQuant(QuantScheme, Pass):
             alpha = chosen[x.name]
             entry: dict[str, Any] = {"input": x.name, "linears": [n.source for n in linears], "alpha": alpha}
             if alpha is not None:
-                entry["folded_into"] = smooth(graph, x, linears, factors(amax[x.name], w_max[x.name], alpha))[1]
+                entry["folded_into"] = smooth(graph, x, linears, factors(seen[x.name].amax, w_max[x.name], alpha))[1]
             entries.append(entry)
         graph.remove_unused_constants()
         ctx.report["smooth_quant"] = {"alpha": "per layer" if self.per_layer else self.alpha, "groups": entries,

@@ -98,16 +98,15 @@ def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
     them: the float model that is calibrated and quantized."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
-    floats = ",".join(s for s in ("widen-float16,conv-transpose-as-conv",
-                                  DEFAULT_FLOAT_PIPELINE if float_pipeline is None else float_pipeline) if s)
+    stages = ["widen-float16,conv-transpose-as-conv",
+              DEFAULT_FLOAT_PIPELINE if float_pipeline is None else float_pipeline]
     if config.low_rank is not None:
-        floats = ",".join(s for s in (floats, f"factorize-low-rank{{energy={config.low_rank.energy}}}") if s)
+        stages.append(f"factorize-low-rank{{energy={config.low_rank.energy}}}")
     if config.cross_layer_equalization:
-        floats = ",".join(s for s in (floats, "equalize-cross-layer") if s)
+        stages.append("equalize-cross-layer")
     if config.smooth_quant:
-        smoothing = registered_passes()["smooth-quant"](**dataclasses.asdict(config.scheme()), per_layer=True)
-        floats = ",".join(s for s in (floats, str(smoothing)) if s)
-    return floats
+        stages.append(str(registered_passes()["smooth-quant"](**dataclasses.asdict(config.scheme()), per_layer=True)))
+    return ",".join(s for s in stages if s)
 
 
 def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,

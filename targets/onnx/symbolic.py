@@ -96,10 +96,10 @@ def merge(models: Mapping[Key, bytes], symbolic_axes: Sequence[Sequence[tuple[in
     sizes = [f"{name}.dim{axis}.size" for name, axis in sources]  # each dim's size, a 1-D int64 of one
     computed = [helper.make_node("Shape", [name], [size], start=axis, end=axis + 1)
                 for (name, axis), size in zip(sources, sizes)]  # nodes put first: the constants made at run time
+    by_name = {key: {i.name: i for i in proto.graph.initializer} for key, proto in protos.items()}
     kept, added = [], []
     for init in base.graph.initializer:
-        values = {key: numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == init.name))
-                  for key, proto in protos.items()}
+        values = {key: numpy_helper.to_array(found[init.name]) for key, found in by_name.items()}
         first = next(iter(values.values()))
         if all(v.shape == first.shape and np.array_equal(first, v) for v in values.values()):
             kept.append(init)
