@@ -4,7 +4,8 @@
   accumulation, bias in int32 at scale s_x*s_w) and ``requantize`` with a fixed-point
   multiplier m*2^-shift = s_x*s_w/s_y, rounding half to even and saturating. A fused relu,
   relu6 or clip becomes the requantize clamp; other fused activations run in float between
-  a dequantized accumulator and the quantize.
+  a dequantized accumulator and the quantize. Without the quantize (a result read as float)
+  the integer op's accumulator is dequantized at s_x*s_w.
 - ``dequantize_rows -> linear/matmul`` (per-token scales) becomes ``linear_int``/``matmul_int``
   over the codes and ``dequantize_rows`` of the accumulator by row and column scale, plus the
   float bias.
@@ -53,7 +54,7 @@ def _int8_params(graph: Graph, v: Value) -> tuple[np.float32, np.integer] | None
 
 
 NOT_LOWERED = "not_lowered"  # node.meta key: why a rule left a quantized node in float (reported)
-MODEL_OUTPUT = "model_output"  # node.meta key: the dequantized accumulator of a layer whose result is an output
+FLOAT_RESULT = "float_result"  # node.meta key: the dequantized accumulator of a layer whose result is read as float
 
 
 def _multiplier(node: Node, real: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -119,7 +120,8 @@ def lower_compute(graph: Graph, node: Node) -> bool:
         node.meta[NOT_LOWERED] = (f"{node.inputs[0].producer.inputs[0].dtype} activations: the integer kernels take "
                                   f"8 bits, so it runs as dequantize -> float op -> quantize (as ONNX Runtime does)")
         x_params = None
-    to_float = q is None and node.output in graph.outputs  # a model output: the accumulator, dequantized
+    # a result nothing quantizes (a model output, one read only by float ops): the accumulator, dequantized
+    to_float = q is None and not any(user.op == "quantize" for user in graph.users_of(node.output))
     if (q is None and not to_float) or x_params is None:
         return False
     if traits.channel_axis is None:  # matmul: the right operand per tensor, a weight or a run-time value
@@ -180,7 +182,7 @@ def lower_compute(graph: Graph, node: Node) -> bool:
         activated = real if act == "none" else _apply_activation(graph, real, fused, node)
         if to_float:
             activated.producer.meta = dict(node.meta)  # it stands for the original result
-            real.producer.meta[MODEL_OUTPUT] = True  # an int8 layer whose result is the model's: not kept float
+            real.producer.meta[FLOAT_RESULT] = True  # an int8 layer with a float result: not kept float
             graph.replace_all_uses(node.output, activated)
         else:
             q.inputs[0] = activated
@@ -439,7 +441,7 @@ class LowerInteger(Pass):
                 bf16 = any(v.producer is not None and v.producer.op == "round_bf16" for v in node.inputs)
                 kept.append({"node": node.describe(), "handle": str(node.handle), "reason": reason,
                              "precision": "bf16" if bf16 else "fp32"})
-            elif node.op == "dequantize" and node.inputs[0].dtype == "i32" and not node.meta.get(MODEL_OUTPUT):
+            elif node.op == "dequantize" and node.inputs[0].dtype == "i32" and not node.meta.get(FLOAT_RESULT):
                 kept.append({"node": node.describe(), "handle": str(node.handle),
                              "reason": "fused activation has no integer form; applied in float after the "
                                        "integer accumulation"})

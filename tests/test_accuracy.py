@@ -13,19 +13,22 @@ import qcompiler
 
 class _JoinedBoxesAndScores(torch.nn.Module):
     """A detector head as real ones end: box coordinates (0..320 px) and class scores (0..1)
-    joined in one tensor, [N, anchors, 4 + classes]."""
+    joined in one tensor, [N, anchors, 4 + classes]; ``refined``: the joined tensor is also read
+    by a 1x1 convolution (a second output), so that an int8 reader wants it quantized."""
 
-    def __init__(self, classes: int = 4):
+    def __init__(self, classes: int = 4, refined: bool = False):
         super().__init__()
         self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1, stride=2), torch.nn.ReLU(),
                                             torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU())
         self.box = torch.nn.Conv2d(32, 4, 1)
         self.cls = torch.nn.Conv2d(32, classes, 1)
+        self.refine = torch.nn.Conv2d(4 + classes, 4 + classes, 1) if refined else None
 
     def forward(self, x):
         f = self.backbone(x)
         joined = torch.cat([torch.sigmoid(self.box(f)) * 320.0, torch.sigmoid(self.cls(f))], 1)
-        return joined.flatten(2).transpose(1, 2)
+        detections = joined.flatten(2).transpose(1, 2)
+        return detections if self.refine is None else (detections, self.refine(joined).flatten(1))
 
 
 def _kept_detections(reference: np.ndarray, got: np.ndarray, threshold: float = 0.5) -> float:
@@ -37,27 +40,31 @@ def _kept_detections(reference: np.ndarray, got: np.ndarray, threshold: float = 
     return float(kept[above].mean())
 
 
+@pytest.mark.parametrize("refined", [False, True], ids=["output-only", "also-read-by-a-conv"])
 @pytest.mark.parametrize("target", ["reference", "llvm"])
-def test_a_joined_box_and_score_output_keeps_its_scores(target):
+def test_a_joined_box_and_score_output_keeps_its_scores(target, refined):
     """Before: the join shared one uint8 grid over 0..320 (1.25 per step) and every score became
     0 or 1.25 (ONNX Runtime's static flow does the same), while each layer's local SQNR looked
-    fine. The join now stays float, reported with why."""
+    fine. The join now stays float, reported with why: nothing reads it as int8 (the output
+    alone), or, where a convolution would, one grid would crush the scores."""
     torch.manual_seed(0)
-    model = _JoinedBoxesAndScores().eval()
+    model = _JoinedBoxesAndScores(refined=refined).eval()
     rng = np.random.default_rng(0)
     calibration = [rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(4)]
     x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
     compiled = qcompiler.compile(model, (torch.from_numpy(x),), calibration=calibration, target=target)
     with torch.no_grad():
-        reference = model(torch.from_numpy(x)).numpy()
-    got = np.asarray(compiled(x))
+        reference = model(torch.from_numpy(x))
+    reference = (reference[0] if refined else reference).numpy()
+    got = np.asarray(compiled(x)[0] if refined else compiled(x))
     assert (reference[..., 4:].max(-1) > 0.5).sum() >= 20  # the check has anchors to judge
     assert _kept_detections(reference, got) >= 0.9
     np.testing.assert_allclose(got[..., :4], reference[..., :4], atol=0.02 * 320)  # int8 convs before the sigmoid
     joins = [e for e in compiled.report()["kept_float"] if e["node"].startswith("concat")]
-    assert len(joins) == 1 and "one int8 grid would leave it" in joins[0]["reason"], compiled.report()["kept_float"]
+    why = "one int8 grid would leave it" if refined else "no reader takes its result as int8"
+    assert len(joins) == 1 and why in joins[0]["reason"], compiled.report()["kept_float"]
     convs = compiled.graph.op_counts().get("conv2d_int", 0) if target == "reference" else None
-    assert convs in (None, 4)
+    assert convs in (None, 5 if refined else 4)
 
 
 def test_output_sqnr_judges_each_channel_group_of_an_output():
@@ -90,28 +97,30 @@ def test_output_sqnr_judges_each_channel_group_of_an_output():
 
 def test_the_precision_search_finds_a_loss_only_the_output_shows(monkeypatch):
     """With the join rule off, the crushed scores show nowhere but at the output: the search
-    keeps the join float and reports what that bought."""
+    keeps the join (or its int8 reader) float and reports what that bought."""
     import qcompiler.passes.insert_qdq as insert_qdq
 
     monkeypatch.setattr(insert_qdq, "JOIN_SPREAD", float("inf"))
     torch.manual_seed(0)
-    model = _JoinedBoxesAndScores().eval()
+    model = _JoinedBoxesAndScores(refined=True).eval()  # a convolution reads the join: it is quantized
     rng = np.random.default_rng(0)
     calibration = [rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(4)]
     x = torch.from_numpy(calibration[0])
     plain = qcompiler.compile(model, (x,), calibration=calibration, target="reference")
     with torch.no_grad():
-        reference = model(x).numpy()
-    assert _kept_detections(reference, np.asarray(plain(calibration[0]))) < 0.5  # the loss is real
+        reference = model(x)[0].numpy()
+    assert _kept_detections(reference, np.asarray(plain(calibration[0])[0])) < 0.5  # the loss is real
     config = qcompiler.QuantConfig(target_output_sqnr_db=30.0)
     compiled = qcompiler.compile(model, (x,), calibration=calibration, target="reference", config=config)
     found = compiled.report()["precision_search"]
     assert found["met"] and found["before_db"] < 30 <= found["after_db"]
-    assert [[n.split()[0] for n in p["nodes"]] for p in found["promoted"]] == [["concat"]]
+    # one promotion restores it: the join, or the convolution reading it (with no int8 reader
+    # left, the join is not quantized either)
+    assert [[n.split()[0] for n in p["nodes"]] for p in found["promoted"]] in ([["concat"]], [["conv2d"]])
     assert found["promoted"][0]["gain_db"] > 0 and found["promoted"][0]["cost"] > 0
-    assert _kept_detections(reference, np.asarray(compiled(calibration[0]))) >= 0.9
+    assert _kept_detections(reference, np.asarray(compiled(calibration[0])[0])) >= 0.9
     reasons = [e["reason"] for e in compiled.report()["kept_float"] if e["node"].startswith("concat")]
-    assert len(reasons) == 1 and "target_output_sqnr_db 30" in reasons[0]
+    assert len(reasons) == 1 and any(why in reasons[0] for why in ("target_output_sqnr_db 30", "int8"))
 
 
 class _Outliers(torch.nn.Module):
@@ -207,15 +216,18 @@ def test_a_target_only_float_meets_keeps_every_layer_float_and_says_so():
 
 class _QuietRows(torch.nn.Module):
     """A residual block closed by a layer norm, over tokens whose sizes span 1000x (a transformer's
-    residual stream: a few tokens carry most of the magnitude)."""
+    residual stream: a few tokens carry most of the magnitude); the sum is also read by a linear
+    head (a second output), which takes it as int8, so the add is quantized."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.proj, self.norm = torch.nn.Linear(32, 32, bias=False), torch.nn.LayerNorm(32)
+        self.head = torch.nn.Linear(32, 8)
 
     def forward(self, x):
-        return self.norm(x + self.proj(x))
+        h = x + self.proj(x)
+        return self.norm(h), self.head(h)
 
 
 def test_a_result_a_layer_norm_rescales_is_judged_row_by_row():
@@ -258,7 +270,7 @@ def test_a_result_a_layer_norm_rescales_is_judged_row_by_row():
     assert any(e["node"].startswith("add") for e in checked.report["kept_float"])
     sample = calibration[1]
     with torch.no_grad():
-        want = model(torch.from_numpy(sample)).numpy()
+        want = model(torch.from_numpy(sample))[0].numpy()
 
     def worst_row_sqnr(got: np.ndarray) -> float:
         err = ((want - got.reshape(want.shape)) ** 2).sum(-1)

@@ -167,10 +167,11 @@ def test_lower_integer_in_float32_makes_add_int_f32_and_fixed_keeps_add_int():
         def __init__(self):
             super().__init__()
             self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.c = torch.nn.Conv2d(8, 4, 1)  # reads the sum as int8, as ResNet's next block does
 
         def forward(self, x):
             y = torch.relu(self.a(x))
-            return torch.relu(self.b(y) + y)
+            return self.c(torch.relu(self.b(y) + y))
 
     model = Residual().eval()
     rng = np.random.default_rng(0)

