@@ -509,7 +509,7 @@ class InsertQDQ(QuantScheme, Pass):
                 return False
             out_params = choose_qparams(lo, hi, self.activation_dtype)
         elif traits.quant == "weighted" and not ins.read_as_int8(node.output):
-            out_params = None  # a model output keeps the accumulator's precision (see the module docstring)
+            out_params = None  # read only as float: keeps the accumulator's precision (see the module docstring)
         else:
             out_params = ins.params(node.output)
             if out_params is None:
