@@ -40,7 +40,7 @@ from qcompiler.ir.ops import get_op, traits_of
 from qcompiler.ir.ops.quant import choose_qparams, round_to_bf16
 from qcompiler.ir.packing import M_MAX, Q_MAX, Int4Groups
 from qcompiler.pipeline import Pass, PassContext, register
-from qcompiler.quant_config import QuantScheme
+from qcompiler.quant_config import QuantScheme, layer_names
 
 FLOAT = ("f32", "f16", "f64")
 QUANTIZABLE = ("weighted", "own_params", "shared_params", "same_as_input")  # the roles insert-qdq acts on
@@ -217,8 +217,7 @@ class _Inserter:
             return user.op == "quantize"
         if traits.quant == "float":  # a layout op carries the grid; any other float op reads float
             return traits.on_grid and self.read_as_int8(user.output)
-        names = (user.source, *(o.name for o in user.outputs))
-        if not c.quantizes(user.op) or c.excluded(*names) or c.runs_bf16(user) \
+        if not c.quantizes(user.op) or c.excluded(*layer_names(user)) or c.runs_bf16(user) \
                 or c.is_weight_only(user):
             return False
         if traits.quant == "weighted":
@@ -393,11 +392,10 @@ class InsertQDQ(QuantScheme, Pass):
             if not self.quantizes(node.op):
                 ins.skip(node, f"op type '{node.op}' is not in QuantConfig.op_types")
                 continue
-            names = (node.source, *(v.name for v in node.outputs))
             if self.runs_bf16(node):  # kept out of int8 (so also excluded), in bf16
                 changed |= self._round_bf16(graph, node, ins)
                 continue
-            if self.excluded(*names):
+            if self.excluded(*layer_names(node)):
                 ins.skip(node, "excluded by QuantConfig.exclude")
                 continue
             if self.is_weight_only(node):

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from .ir import Graph, Node
 from .ir.ops import traits_of
-from .quant_config import QuantConfig
+from .quant_config import QuantConfig, layer_names
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _layer(node: Node, scheme) -> Layer:
         why = "no integer form: runs in float between quantized neighbours"
     elif not scheme.quantizes(node.op):
         why = f"op type '{node.op}' is not in QuantConfig.op_types"
-    elif scheme.excluded(node.source, *(v.name for v in node.outputs)):
+    elif scheme.excluded(*layer_names(node)):
         why = "excluded by QuantConfig.exclude"
     elif traits.quant == "weighted" and traits.channel_axis is not None \
             and not node.inputs[traits.weight_slot].is_constant:

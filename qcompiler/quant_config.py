@@ -133,25 +133,25 @@ class QuantScheme:
         return _matches(names, self.exclude)
 
     def is_weight_only(self, node: Node) -> bool:
-        return _matches(_names(node), self.weight_only)
+        return _matches(layer_names(node), self.weight_only)
 
     def runs_bf16(self, node: Node) -> bool:
-        return _matches(_names(node), self.bf16)
+        return _matches(layer_names(node), self.bf16)
 
     def runs_dynamic(self, node: Node) -> bool:
-        return _matches(_names(node), self.dynamic)
+        return _matches(layer_names(node), self.dynamic)
 
     def int4_groups(self, node: Node) -> Int4Groups | None:
         """How ``node``'s weight is stored: 4-bit groups under ``weight_dtype="i4"`` for a layer
         with output channels (conv, linear) not named in ``int8_weights``; None: int8."""
         if self.weight_dtype != "i4" or traits_of(node.op).channel_axis is None:
             return None
-        if _matches(_names(node), self.int8_weights):
+        if _matches(layer_names(node), self.int8_weights):
             return None
         return Int4Groups(self.weight_group_size)
 
 
-def _names(node: Node) -> tuple[str, ...]:
+def layer_names(node: Node) -> tuple[str, ...]:
     """What a config's patterns match a layer by: its source name and its results' names."""
     return (node.source, *(v.name for v in node.outputs))
 
