@@ -66,6 +66,7 @@ def test_depthwise_is_bit_exact(kernel, strides, dtype):
     ((3, 10, 64), 96, "u8", True),  # rows 30
     ((7, 31), 1000, "i8", True),  # K odd: padded to a pair; N padded to 1008
     ((5, 16), 8, "u8", False),  # N < 16, int32 result
+    ((1, 100), 1000, "u8", True),  # one row (a batch-1 head): its 63 column blocks split over the cores
 ])
 def test_dense_is_bit_exact(x_shape, features, dtype, requant):
     graph, inputs = linear_graph(x_shape, features, dtype, requant)
@@ -122,11 +123,11 @@ def test_four_bit_linears_take_a_4_bit_kernel_on_every_x86_variant(variant, grou
                                     pytest.param(ICELAKE, id="icelake", marks=pytest.mark.skipif(
                                         bool(missing_cpu_features(str(ICELAKE))), reason="this CPU lacks VNNI"))])
 @pytest.mark.parametrize("x_shape,features,group", [((6, 64), 48, 32), ((9, 70), 20, 16), ((4, 40), 16, 8),
-                                                    ((3, 2, 36), 40, 12), ((5, 30), 24, 6)])
+                                                    ((3, 2, 36), 40, 12), ((5, 30), 24, 6), ((1, 64), 200, 32)])
 def test_four_bit_dense_unpacks_in_the_register_bit_exact(x_shape, features, group, target):
     """Last groups shorter than the others (70 = 4 x 16 + 6, 36 = 3 x 12), groups of 8 and 12,
-    6 (a multiple of 2, not of 4: AVX2's kernel on VNNI too), 2 x 3 rows; built for an AVX2
-    CPU and for a VNNI one."""
+    6 (a multiple of 2, not of 4: AVX2's kernel on VNNI too), 2 x 3 rows, one row (its column
+    blocks split over the cores); built for an AVX2 CPU and for a VNNI one."""
     graph, inputs = _four_bit_linear(x_shape, features, group)
     assert_bit_exact(graph, inputs, target)
 

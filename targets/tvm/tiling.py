@@ -89,6 +89,33 @@ def tile_dense(sch, m: int, n_padded: int, k_group: int | None = None,
     return block, accumulate_in_registers(sch, block, tile, (i_inner, j_mid)), k, j_inner
 
 
+MIN_PARALLEL_TILES = 16  # parallel tasks a row-major dense tile loop keeps for load balance
+
+
+def tile_dense_by_rows(sch, m: int, n_padded: int, row_choices: tuple[int, ...], k_group: int | None = None) -> tuple:
+    """:func:`tile_dense` with one 16-column block per tile and the row tiles outermost: each
+    parallel task owns ``rows`` rows and sweeps a chunk of the column blocks with them, so that
+    work done once per row tile (widening the rows: :func:`x86_int8.dense_u8s8` on AVX2) is
+    shared by every column block, and the rows stay in L1 while the weights stream. The columns
+    are cut into as few chunks as keep :data:`MIN_PARALLEL_TILES` tasks (one row of a batch-1
+    head still spreads over the cores). ``C``'s loops are ``[i, j, k]`` with ``k`` split by
+    ``k_group``, or ``[i, j, *reductions]`` whose last goes with the lanes. Returns as
+    :func:`tile_dense`, then the task loop."""
+    block = sch.get_sblock("C")
+    i, j, *reductions = sch.get_loops(block)
+    if k_group:
+        reductions = sch.split(reductions[0], [None, k_group])
+    rows, blocks = pick(m, row_choices), n_padded // LANES
+    chunks = next(d for d in range(1, blocks + 1) if blocks % d == 0 and (m // rows * d >= MIN_PARALLEL_TILES
+                                                                           or d == blocks))
+    i_outer, i_inner = sch.split(i, [None, rows])
+    j_chunk, j_outer, j_inner = sch.split(j, [chunks, None, LANES])
+    sch.reorder(i_outer, j_chunk, j_outer, *reductions[:-1], i_inner, j_inner, reductions[-1])
+    task = sch.fuse(i_outer, j_chunk)
+    sch.parallel(task)
+    return block, accumulate_in_registers(sch, block, j_outer, (i_inner,)), reductions[0], j_inner, task
+
+
 def tile_rows(sch, out_channels: int, out_width_padded: int, inner_reductions: int = 0,
               max_accumulators: int = MAX_ACCUMULATORS) -> tuple:
     """Block ``C`` of a convolution over loops ``[b, o, y, x, *reductions]`` (``x`` the output row,
