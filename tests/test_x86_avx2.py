@@ -14,7 +14,7 @@ import torch
 from int8_cases import assert_bit_exact, conv_graph, linear_graph, matmul_graph
 
 import qcompiler
-from qcompiler.ir import Graph
+from qcompiler.ir import Graph, TensorType
 from qcompiler.ir.packing import Int4Groups
 from qcompiler.targets.tvm import make_target, to_relax
 from qcompiler.targets.tvm.build import int8_kernels, missing_cpu_features
@@ -153,3 +153,30 @@ def test_the_library_holds_8_bit_and_4_bit_weights_not_int32(cpu):
                           cpu)
     assert weights < int8 < 1.25 * weights
     assert int8 - int4 > 0.45 * weights
+
+
+@needs_avx2
+@pytest.mark.parametrize("x_shape,out_channels,kernel,stride,pad", [
+    ((1, 3, 30, 30), 16, 7, 2, 3),  # a stem: stride 2 (phases), 7x7
+    ((2, 12, 9, 21), 18, 3, 1, 1),  # 18 channels: tiles of 6, a row of two strips
+])
+def test_float_conv_with_avx2s_register_tile_matches(x_shape, out_channels, kernel, stride, pad):
+    """The float32 direct convolution (what fp32 builds and int8 builds' float layers run) keeps
+    AVX2's 6 accumulators of 16 lanes (12 of the 16 registers; AVX-512's 28 spilled on AVX2),
+    built for Haswell, within float32 rounding of the interpreter."""
+    from qcompiler.targets.tvm import TVMRunner, build, device_for
+
+    rng = np.random.default_rng(2)
+    g = Graph("conv")
+    x = g.add_input("x", TensorType(x_shape, "f32"))
+    w = g.add_constant("w", rng.standard_normal((out_channels, x_shape[1], kernel, kernel)).astype(np.float32))
+    b = g.add_constant("b", rng.standard_normal(out_channels).astype(np.float32))
+    g.set_outputs([g.add_node("conv2d", [x, w, b], {"strides": [stride] * 2, "pads": [pad] * 4, "groups": 1,
+                                                   "dilations": [1, 1], "activation": "relu"}).output])
+    assert "cpu_conv2d_float" in {gv.name_hint.rstrip("0123456789") for gv in
+                                  to_relax(g, int8_kernels="avx2", cpu_kernels=True).functions}
+    inputs = [rng.standard_normal(x_shape).astype(np.float32)]
+    got = TVMRunner(build(g, HASWELL), device_for("llvm"), 1)(inputs)[0]
+    want = g(*inputs)[0]
+    assert got.shape == want.shape and (want > 0).mean() > 0.2
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

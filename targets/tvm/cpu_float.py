@@ -1,5 +1,6 @@
 """Float32 kernels for CPUs, scheduled by hand: what an fp32 model runs, and what an int8
-model keeps float. The vectors are 16 float32 lanes (AVX-512; LLVM splits them for AVX2).
+model keeps float. The vectors are 16 float32 lanes (AVX-512; LLVM splits them for AVX2, where
+the register tiles are smaller: ``kernel_lower`` passes AVX2's row and accumulator counts).
 
 - ``dense_f32``: a register tile of ``rows x 16*blocks`` accumulators; each FMA multiplies one
   broadcast activation by 16 weights, packed at compile time as ``[N/16, K, 16]``.
@@ -18,7 +19,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from .tiling import DENSE_ROWS, LANES, finalize, padded, tile_dense, tile_rows
+from .tiling import DENSE_ROWS, LANES, MAX_ACCUMULATORS, finalize, padded, tile_dense, tile_rows
 
 Clamp = tuple[float, float] | None  # (lo, hi) of a fused ReLU/clip, or none
 
@@ -73,10 +74,12 @@ def conv_input_padding(width: int, pads: tuple[int, int, int, int], out_width: i
 @functools.cache
 def conv2d_f32(batch: int, channels: int, padded_hw: tuple[int, int], out_channels: int,
                kernel: tuple[int, int], strides: tuple[int, int], out_hw: tuple[int, int],
-               clamp: Clamp = None) -> tvm.tirx.PrimFunc:
+               clamp: Clamp = None, max_accumulators: int = MAX_ACCUMULATORS) -> tvm.tirx.PrimFunc:
     """``out[b, o, y, x] = clamp(sum_cij X[b, c, y*sy + i, x*sx + j] * W[o, c, i, j] + bias[o])``
     over an input padded by :func:`conv_input_padding` and split into phases, ``X[b, c, h, q, x]``
-    standing for column ``x*sx + q``; arguments ``X, W, bias, out``."""
+    standing for column ``x*sx + q``; arguments ``X, W, bias, out``. ``max_accumulators``:
+    16-lane vectors the register tile keeps (AVX-512's 28 of 32 registers; 6 on AVX2, whose 16
+    registers hold half a vector each: 28 spilled, ResNet-18 fp32 took 4.4x ONNX Runtime's)."""
     from tvm.s_tir import Schedule
 
     (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out_hw
@@ -91,7 +94,8 @@ def conv2d_f32(batch: int, channels: int, padded_hw: tuple[int, int], out_channe
     out = te.compute((batch, out_channels, oh, ow), lambda b, o, y, v: _clamped(c[b, o, y, v] + bias[o], clamp),
                      name="out")
     sch = Schedule(te.create_prim_func([x, w, bias, out]))
-    block, epilogue, first_reduction, lanes = tile_rows(sch, out_channels, ow_padded)
+    block, epilogue, first_reduction, lanes = tile_rows(sch, out_channels, ow_padded,
+                                                        max_accumulators=max_accumulators)
     sch.vectorize(lanes)
     sch.decompose_reduction(block, first_reduction)
     return finalize(sch, epilogue)

@@ -424,6 +424,12 @@ def _float_bias(low: Lowerer, node: Node, channels: int, padded_channels: int) -
     return low.const(bias)
 
 
+def _wide_vectors(low: Lowerer) -> bool:
+    """Whether the target has AVX-512's 32 registers of 16 float32 lanes (an AVX2 CPU has 16
+    registers of 8: a 16-lane accumulator takes two, so its register tiles are a quarter)."""
+    return low.int8_variant in ("amx", "vnni", "vnni-vbmi")
+
+
 def float_linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> tuple[relax.Expr, bool]:
     """``clamp(x . w^T + b)``, and whether the node's activation is still to be applied."""
     x = node.inputs[0]
@@ -432,7 +438,7 @@ def float_linear(low: Lowerer, node: Node, xs: list[relax.Expr]) -> tuple[relax.
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     n_padded = _dense_columns(n)
     clamp, rest = _clamp(node)
-    tile_rows = DENSE_ROWS if low.int8_variant in ("amx", "vnni", "vnni-vbmi") else NARROW_DENSE_ROWS
+    tile_rows = DENSE_ROWS if _wide_vectors(low) else NARROW_DENSE_ROWS
     y = call_kernel(low, cpu_float.dense_f32(rows, n, n_padded, k, clamp, tile_rows), "cpu_dense_float",
                     [low.emit(R.reshape(xs[0], (rows, k))), low.const(cpu_float.pack_dense_weight(w, n_padded)),
                      _float_bias(low, node, n, n_padded)], (rows, n), "float32")
@@ -447,7 +453,7 @@ def float_conv2d(low: Lowerer, node: Node, xs: list[relax.Expr]) -> tuple[relax.
     x, padded_hw = _phase_split(low, xs[0], node, (kh, kw), kw, 0.0)
     clamp, rest = _clamp(node)
     func = cpu_float.conv2d_f32(batch, channels, padded_hw, out_channels, (kh, kw), tuple(node.attrs["strides"]),
-                                (oh, ow), clamp)
+                                (oh, ow), clamp, MAX_ACCUMULATORS if _wide_vectors(low) else AVX2_DOT.max_accumulators)
     bias = _float_bias(low, node, out_channels, out_channels)
     y = call_kernel(low, func, "cpu_conv2d_float", [x, xs[1], bias], (batch, out_channels, oh, ow), "float32")
     return y, rest
