@@ -50,7 +50,7 @@ NIBBLES_ARE_COLUMNS = "qcompiler.vnni_16x4.broadcast_u8.u4"  # the same, B 4-bit
 LANES_ARE_ROWS = "qcompiler.vnni_16x4.broadcast_s8"  # C[16] += A[16, 4] . B[4] (broadcast)
 PAIRS_ARE_COLUMNS = "qcompiler.avx2_16x2.broadcast_i16"  # C[16] += A[2] (int16, broadcast) . B[16, 2]
 PAIRS_ARE_ROWS = "qcompiler.avx2_16x2.broadcast_s8"  # C[16] += A[16, 2] . B[2] (broadcast)
-NIBBLE_PAIRS_ARE_COLUMNS = "qcompiler.avx2_16x2.broadcast_u8.s4"  # the same, B 4-bit codes times a multiplier
+NIBBLE_PAIRS_ARE_COLUMNS = "qcompiler.avx2_16x2.broadcast_i16.s4"  # the same, B 4-bit codes times a multiplier
 WORD = {4: "uint32", 2: "uint16"}  # the word holding one pixel's channel block in the blocked layouts
 MAX_SLIDING_STRIDE = 4  # 16 windows at stride s span 15*s + 4 bytes: one 64-byte register
 
@@ -216,12 +216,6 @@ def _pmaddwd(pairs, other_pairs):
                                    dtype="int32x8")
 
 
-def _broadcast2(buffer, dtype: str):
-    """The 2 bytes at ``buffer[0:2]`` widened to int16 and repeated over 16 int16 lanes."""
-    word = T.reinterpret(T.cast(buffer.vload([0], f"{dtype}x2"), "int16x2"), dtype="int32")
-    return T.reinterpret(T.broadcast(word, 8), dtype="int16x16")
-
-
 def _broadcast_pair(buffer):
     """The int16 pair at ``buffer[0:2]`` repeated over 16 int16 lanes (one load)."""
     return T.reinterpret(T.broadcast(T.reinterpret(buffer.vload([0], "int16x2"), dtype="int32"), 8),
@@ -357,7 +351,7 @@ def _scheduled_dense(func: tvm.tirx.PrimFunc, rows: int, n_padded: int, dot: Dot
     ``[N/16, K/g, 16, g]``) with its epilogue ``out``, register-tiled and on ``dot``. With
     widened rows (AVX2), row tiles are outermost and each widens its rows once, before sweeping
     the column blocks: one ``vpbroadcastd`` per broadcast pair instead of four instructions
-    (load, move, widen, broadcast); on MiniLM's linears 61-68 -> 96-104 GMAC/s on a 2-core Zen 2
+    (load, move, widen, broadcast); on MiniLM's linears 62-67 -> 96-99 GMAC/s on a 2-core Zen 2
     (the widening alone gave 74-81, the order alone 68-70)."""
     from tvm.s_tir import Schedule
 
