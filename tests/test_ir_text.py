@@ -66,6 +66,40 @@ def test_copy_is_independent():
     assert len(g.nodes) == 4 and print_graph(g) == SMALL
 
 
+def test_a_copy_is_the_same_graph_built_directly_and_shares_only_constant_arrays():
+    """``Graph.copy`` builds the twin without the text form (the searches copy per trial): it
+    prints the same, computes the same, keeps ranges, meta and use lists, and nothing but the
+    constant arrays is shared, so edits to one never reach the other."""
+    g = parse_graph(SMALL)
+    g.nodes[0].output.range = (-1.5, 2.0)
+    g.nodes[1].meta["note"] = "kept"
+    before = print_graph(g)
+    c = g.copy()
+    assert print_graph(c) == before
+    assert c.constants["w"] is g.constants["w"] and c.nodes[1].meta == g.nodes[1].meta
+    assert c.users_of(c.nodes[0].output) == [c.nodes[1]]
+    x, y = (np.random.default_rng(1).standard_normal((1, 2, 4, 4)).astype(np.float32) for _ in range(2))
+    for got, want in zip(c(x, y), g(x, y)):
+        np.testing.assert_array_equal(got, want)
+    c.nodes[1].inputs[1] = c.inputs[0]
+    c.nodes[2].attrs["kernel"] = (2, 2)
+    c.nodes[0].output.range = None
+    c.nodes[1].meta["note"] = "changed"
+    assert print_graph(g) == before and g.nodes[0].output.range == (-1.5, 2.0)
+    assert g.nodes[1].inputs[1].name == "odd/name" and g.nodes[2].attrs["kernel"] == (3, 3)
+    assert g.nodes[1].meta["note"] == "kept" and g.users_of(g.inputs[0]) == [g.nodes[0]]
+    assert c.add_node("relu", [c.nodes[0].output]).handle == g.add_node("relu", [g.nodes[0].output]).handle == 8
+
+
+def test_a_copy_reads_a_replaced_constant_by_its_name_as_the_text_form_does():
+    g = parse_graph(SMALL)
+    g.add_constant("w", np.full((2, 2, 1, 1), 3.0, np.float32), unique=False)  # the conv keeps the old value object
+    c = g.copy()
+    assert c.nodes[0].inputs[1] is c.constant_value("w")
+    x, y = (np.ones((1, 2, 4, 4), np.float32) for _ in range(2))
+    np.testing.assert_array_equal(c(x, y)[0], parse_graph(print_graph(g), g.constants)(x, y)[0])
+
+
 @pytest.mark.parametrize("text, message", [
     (SMALL.replace("%0 = conv2d", "%0 = conv9d"), "<string>:4:8: unknown op 'conv9d'"),
     (SMALL.replace("add(%0,", "add(%9,"), "<string>:5:12: use of undefined value %9"),
