@@ -71,7 +71,9 @@ class DotProduct:
     AVX2 widens bytes to int16 with two more instructions per broadcast, so they are stored
     widened). ``max_accumulators``: 16-lane int32 vectors a direct convolution's tile keeps.
     ``row_dtype``: the dtype a dense kernel's broadcast activations are read as (AVX2 widens
-    each row tile to int16 once, :func:`dense_u8s8`)."""
+    each row tile to int16 once, :func:`dense_u8s8`); a dense kernel with widened rows is tiled
+    by :func:`tiling.tile_dense_by_rows`, one 16-lane block wide, so AVX2's ``dense_blocks`` is
+    not read."""
 
     name: str
     group: int
