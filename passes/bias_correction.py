@@ -32,7 +32,8 @@ def _fake_quant(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
     return get_op("dequantize").run([q, np.asarray(scale), np.asarray(zp)], {"axis": 0})[0]
 
 
-def _fake_quant_rows(x: np.ndarray) -> np.ndarray:
+def fake_quant_rows(x: np.ndarray) -> np.ndarray:
+    """x through quantize_rows and dequantize_rows: what per-token int8 makes of it."""
     codes, scales = get_op("quantize_rows").run([x.astype(np.float32)], {})
     return get_op("dequantize_rows").run([codes, scales], {"zero_point": ROW_ZERO_POINT})[0]
 
@@ -84,7 +85,7 @@ class BiasCorrection(QuantScheme, Pass):
                 attrs = {**n.attrs, "activation": "none", "activation_args": ()}
                 op = get_op(n.op)
                 exact = op.run([x, exact_weights[id(n)]], attrs)[0].astype(np.float64)
-                xq = x if self.is_weight_only(n) else _fake_quant_rows(x) if _per_token(self, n) \
+                xq = x if self.is_weight_only(n) else fake_quant_rows(x) if _per_token(self, n) \
                     else _fake_quant(x, *n.inputs[0].range, self.activation_dtype)
                 approx = op.run([xq, fq_weights[id(n)]], attrs)[0].astype(np.float64)
                 axis = traits_of(n.op).channel_axis % exact.ndim

@@ -68,11 +68,15 @@ class CalibrationRecord:
     int8_weights: dict[str, str] = field(default_factory=dict)  # i4 config: layers kept at int8 weights -> why
     bf16: tuple[str, ...] = ()  # of exclude, the layers run in bfloat16 (the rest float32)
     dynamic: dict[str, str] = field(default_factory=dict)  # linears and matmuls given per-token scales -> why
+    # smooth-quant's choice, applied before the float graph's digest was taken: per group, in
+    # order, {"input": x's name, "linears": their output names, "alpha", "factors": s per channel}
+    smoothing: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def measure(cls, float_graph: Graph, calibrated: Graph, calibration: str, activation_dtype: str,
                 exclude: dict[str, str], int8_weights: dict[str, str] | None = None,
-                bf16: tuple[str, ...] = (), dynamic: dict[str, str] | None = None) -> CalibrationRecord:
+                bf16: tuple[str, ...] = (), dynamic: dict[str, str] | None = None,
+                smoothing: list[dict[str, Any]] | None = None) -> CalibrationRecord:
         """The record of ``calibrated`` (``float_graph`` after range-analysis and bias-correction)."""
         ranges = {v.name: v.range for v in calibrated_values(calibrated) if v.range is not None}
         before = {n.handle: n for n in float_graph.nodes}
@@ -85,13 +89,14 @@ class CalibrationRecord:
             if len(old.inputs) <= slot or old.inputs[slot].name != n.inputs[slot].name:  # bias-correction's
                 biases[n.output.name] = [float(b) for b in calibrated.constant_array(n.inputs[slot]).ravel()]
         return cls(graph_digest(float_graph), calibration, activation_dtype, ranges, biases, dict(exclude),
-                   dict(int8_weights or {}), tuple(bf16), dict(dynamic or {}))
+                   dict(int8_weights or {}), tuple(bf16), dict(dynamic or {}), list(smoothing or []))
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         body = {"format": FORMAT, "graph_digest": self.graph_digest, "calibration": self.calibration,
                 "activation_dtype": self.activation_dtype, "exclude": self.exclude,
                 "int8_weights": self.int8_weights, "bf16": list(self.bf16), "dynamic": self.dynamic,
+                "smoothing": self.smoothing,
                 "ranges": {k: list(r) for k, r in self.ranges.items()}, "biases": self.biases}
         atomic_write(path, lambda f: f.write(json.dumps(body, indent=1).encode()))
         return path
@@ -112,7 +117,8 @@ class CalibrationRecord:
                        ranges, biases, {str(k): str(why) for k, why in body["exclude"].items()},
                        {str(k): str(why) for k, why in body.get("int8_weights", {}).items()},
                        tuple(str(k) for k in body.get("bf16", [])),
-                       {str(k): str(why) for k, why in body.get("dynamic", {}).items()})
+                       {str(k): str(why) for k, why in body.get("dynamic", {}).items()},
+                       [_smoothing_group(g) for g in body.get("smoothing", [])])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise QCompilerError(f"{path}: malformed calibration record ({type(e).__name__}: {e})") from None
 
@@ -131,6 +137,15 @@ class CalibrationRecord:
         for name, values in self.biases.items():
             set_corrected_bias(graph, producers[name], np.asarray(values))
         graph.remove_unused_constants()
+
+
+def _smoothing_group(group: Any) -> dict[str, Any]:
+    alpha = group["alpha"]
+    factors = [float(f) for f in group["factors"]]
+    if not all(math.isfinite(f) and f > 0 for f in factors):
+        raise ValueError(f"smoothing factors of {group['input']!r} must be positive and finite")
+    return {"input": str(group["input"]), "linears": [str(n) for n in group["linears"]],
+            "alpha": None if alpha is None else float(alpha), "factors": factors}
 
 
 def _finite_pair(r: Any) -> tuple[float, float]:

@@ -447,6 +447,11 @@ def _print_summary(console, report: dict, out: Path, gate: dict, failed: list[st
     if report.get("per_token"):
         table.add_row("per-token int8", f"{len(report['per_token'])} linears/matmuls (activation scales computed at "
                                         f"run time, one per row)")
+    if "smooth_quant" in report:
+        groups = report["smooth_quant"]["groups"]
+        why = report.get("defaults", {}).get("smooth_quant", "asked for")
+        table.add_row("SmoothQuant", f"{sum(g['alpha'] is not None for g in groups)} of {len(groups)} linear groups "
+                                     f"smoothed ({why})")
     if "low_rank" in report:
         factored = report["low_rank"]["layers"]
         table.add_row("low-rank", f"{len(factored)} layers factored at energy {report['low_rank']['energy']:g}: "

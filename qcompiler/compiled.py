@@ -501,8 +501,9 @@ def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: A
         return from_onnx(model, batching.shapes_at(input_shapes, dims, key))
 
     def float_graph_of(key: tuple[int, ...]) -> Graph:
-        return run_pipeline(graphs[key].copy(), float_stages(options["config"] or QuantConfig(), None),
-                            Instruments(emit=lambda s: None))
+        """The bucket's float graph as its build will see it: smoothed as the record says."""
+        config = dataclasses.replace(options["config"] or QuantConfig(), smooth_quant=False)
+        return run_pipeline(graphs[key].copy(), float_stages(config, None, smoothing), Instruments(emit=lambda s: None))
 
     keys = batching.grid(dims)
     calibrated = batching.calibrated_key(dims)
@@ -517,6 +518,8 @@ def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: A
     if record is None and (calibration is not None or ranges is not None) and keys:
         raise QCompilerError("dynamic shapes: the calibrated build kept no calibration record to replay on the "
                              "other buckets")
+    smoothing = str(record.save(Path(tempfile.mkdtemp(prefix="qcompiler-bucket-")) / "ranges.json")) \
+        if record is not None and record.smoothing else None
     calibrated_float = float_graph_of(calibrated) if record is not None and keys else None
     for key in keys:
         phases.phase("bucket", _bucket_label(dims, key))
@@ -769,7 +772,8 @@ def compile(model: Any, example_inputs: Any = None, calibration: Any = None, tar
                           "nothing was quantized: see passes.kept_float / not_quantized")
     report["kept_float"] = report["passes"].get("kept_float", [])
     for key in ("precision_search", "int8_weight_search", "float32_search", "float_precision", "int8_weights", "gptq",
-                "low_rank", "cross_layer_equalization", "range_search", "per_token", "widen_float16"):
+                "low_rank", "cross_layer_equalization", "range_search", "per_token", "widen_float16", "defaults",
+                "smooth_quant"):
         if key in report["passes"]:
             report[key] = report["passes"][key]
     report["ops"] = {"integer": integer_ops, "total": len(compiled_graph.nodes), "by_op": compiled_graph.op_counts()}

@@ -30,6 +30,8 @@ class PassContext:
     calibration: Any = None  # calibration batches (see qcompiler.calibration)
     progress: bool = False  # show progress bars (CLI) or stay quiet (tests, API default)
     report: dict[str, Any] = field(default_factory=dict)
+    # what a pass decided from the data that a calibration record keeps (smooth-quant's factors)
+    decisions: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ def _op_types() -> dict[str, tuple[str, ...]]:
 OP_TYPES = _op_types()
 
 _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number",
-               "float | None": "a finite number or null", "str": "a string", "tuple[str, ...]": "a list of strings"}
+               "float | None": "a finite number or null", "str": "a string", "tuple[str, ...]": "a list of strings",
+               "bool | None": "true, false or null"}
 
 
 def _check_types(config: Any, where: str) -> None:
@@ -42,8 +43,8 @@ def _check_types(config: Any, where: str) -> None:
     bool as easily as ``false``, and ``NaN`` for a number): a wrong type is an error, not truthy."""
     for f in dataclasses.fields(config):
         value, kind = getattr(config, f.name), f.type
-        if kind == "bool":
-            ok = isinstance(value, bool)
+        if kind in ("bool", "bool | None"):
+            ok = isinstance(value, bool) or (value is None and kind != "bool")
         elif kind == "int":
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif kind in ("float", "float | None"):
@@ -203,9 +204,11 @@ class QuantConfig:
     # choose each activation's range among the calibrated one, percentile and mse by the quantized
     # model's output error on the first calibration batch (search-ranges pass; a few runs per value)
     range_search: bool = False
-    # SmoothQuant before calibration, each group of linears at the strength (alpha) that leaves the
-    # quantized model's outputs closest to float (smooth-quant{per_layer=true}), or left alone
-    smooth_quant: bool = False
+    # SmoothQuant before calibration, each group of linears at the strength (alpha) that quantizes
+    # best (smooth-quant{per_layer=true}), or left alone; None ("auto"): on where per_token is
+    # (or resolves to) "all" on a graph with attention, where the two together carry a
+    # transformer's outlier channels and tokens; else off
+    smooth_quant: bool | None = None
     # a layer the sensitivity check or the precision search keeps float keeps its quantized weights
     # (int8 or int4) with float activations (weight-only quantization) instead of all float
     weight_only_fallback: bool = False
@@ -219,9 +222,10 @@ class QuantConfig:
     requantize: str = "float32"
     # per-token dynamic int8 for linears and attention matmuls (the left operand's scales computed
     # at run time, one per row): "fallback": a layer the sensitivity check finds weak with a
-    # static scale tries it before leaving int8; "all": every one; "off": never; "auto":
-    # "fallback" where layers out of int8 would run float32 (no native bf16: per-token int8 is
-    # ~4x cheaper), "off" where they run bf16 (as cheap on AMX, and more exact)
+    # static scale tries it before leaving int8; "all": every one; "off": never; "auto": "off"
+    # where layers out of int8 run bf16 (as cheap on AMX, and more exact); where they would run
+    # float32 (no native bf16: per-token int8 is ~4x cheaper), "all" on a graph with attention
+    # (a matmul of two run-time tensors: its linears' rows are tokens) and "fallback" elsewhere
     per_token: str = "auto"
 
     def __post_init__(self) -> None:
@@ -273,6 +277,23 @@ class QuantConfig:
                 and raised > self.min_layer_sqnr_db:
             return raised, "bf16_min_layer_sqnr_db"
         return self.min_layer_sqnr_db, "min_layer_sqnr_db"
+
+    def resolved(self, precision: str, has_attention: bool) -> tuple["QuantConfig", dict[str, str]]:
+        """This config with ``per_token="auto"`` and ``smooth_quant=None`` decided, given the
+        resolved float precision and whether the graph has attention; and, per field decided,
+        what and why (the report's ``defaults``)."""
+        per_token, smooth, why = self.per_token, self.smooth_quant, {}
+        if per_token == "auto":
+            per_token = "off" if precision == "bf16" else "all" if has_attention else "fallback"
+            why["per_token"] = f"{per_token}: " + (
+                "layers out of int8 run bf16" if precision == "bf16" else
+                "attention (a matmul of two run-time tensors) and no native bf16" if has_attention else
+                "layers out of int8 would run fp32")
+        if smooth is None:
+            smooth = per_token == "all" and has_attention
+            why["smooth_quant"] = ("on: per-token scales on a graph with attention" if smooth else
+                                   "off: " + ("no attention" if not has_attention else f"per_token is '{per_token}'"))
+        return dataclasses.replace(self, per_token=per_token, smooth_quant=smooth), why
 
     def per_token_fallback(self, precision: str) -> bool:
         """Whether the sensitivity check tries per-token scales on a weak linear, given the

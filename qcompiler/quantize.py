@@ -90,12 +90,12 @@ def with_config(pipeline: str, config: QuantConfig) -> str:
     return print_pipeline(out)
 
 
-def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
+def float_stages(config: QuantConfig, float_pipeline: str | None = None, ranges: str | None = None) -> str:
     """A float16 model widened to float32 (quantization's arithmetic is float32), transposed
     convolutions as the convolutions they equal (the int8 kernels' form), the float passes
     (``float_pipeline``, or the default ones), then the low-rank factorization, cross-layer
-    equalization (after it: it balances the factors too) and SmoothQuant when ``config`` asks for
-    them: the float model that is calibrated and quantized."""
+    equalization (after it: it balances the factors too) and SmoothQuant (``smooth_stage``) when
+    ``config`` asks for them: the float model that is calibrated and quantized."""
     from .passes import DEFAULT_FLOAT_PIPELINE
 
     stages = ["widen-float16,conv-transpose-as-conv",
@@ -104,9 +104,28 @@ def float_stages(config: QuantConfig, float_pipeline: str | None = None) -> str:
         stages.append(f"factorize-low-rank{{energy={config.low_rank.energy}}}")
     if config.cross_layer_equalization:
         stages.append("equalize-cross-layer")
-    if config.smooth_quant:
-        stages.append(str(registered_passes()["smooth-quant"](**dataclasses.asdict(config.scheme()), per_layer=True)))
+    stages.append(smooth_stage(config, ranges))
     return ",".join(s for s in stages if s)
+
+
+def smooth_stage(config: QuantConfig, ranges: str | None = None) -> str:
+    """smooth-quant replaying the factors of the calibration record ``ranges`` where it holds
+    some (what the data chose is part of the record), else searching a strength per group
+    where ``config.smooth_quant`` (resolved: see ``QuantConfig.resolved``) asks; or ""."""
+    if ranges is not None:
+        return f"smooth-quant{{factors={ranges}}}" if CalibrationRecord.load(ranges).smoothing else ""
+    if not config.smooth_quant:
+        return ""
+    return str(registered_passes()["smooth-quant"](**dataclasses.asdict(config.scheme()), per_layer=True))
+
+
+def has_attention(graph: Graph) -> bool:
+    """Whether a matmul multiplies two run-time tensors (attention's products: the graph's
+    linears read rows that are tokens), after the float passes folded constant operands."""
+    from .ir.ops import traits_of
+
+    return any(traits_of(n.op).config_type == "matmul" and len(n.inputs) >= 2
+               and not n.inputs[0].is_constant and not n.inputs[1].is_constant for n in graph.nodes)
 
 
 def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None, lower: bool = True,
@@ -115,7 +134,7 @@ def quantization_pipeline(config: QuantConfig, float_pipeline: str | None = None
                           dynamic: tuple[str, ...] = ()) -> str:
     """The whole flow as one pipeline string: what ``qcompiler opt -p`` reproduces it with.
     ``ranges``: a calibration record's path, applied instead of calibrating."""
-    floats = float_stages(config, float_pipeline)
+    floats = float_stages(config, float_pipeline, ranges)
     calibrate = calibrate_stages(config, exclude, int8_weights, dynamic, bf16) if ranges is None \
         else f"apply-calibration{{path={ranges}}}"
     stages = [floats, calibrate, insert_stage(config, exclude, int8_weights, bf16, dynamic)]
@@ -149,17 +168,24 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
 
     config = config or QuantConfig()
     precision = config.resolved_float_precision(has_amx_bf16() if bf16_native is None else bf16_native)
-    if ranges is not None and (config.gptq or config.smooth_quant):
-        what = "gptq rounds weights" if config.gptq else "smooth_quant scales activations"
-        raise QCompilerError(f"{what} on calibration data, which a calibration record does not carry: "
-                             f"give the calibration data, or turn {'gptq' if config.gptq else 'smooth_quant'} off")
+    if ranges is not None and config.gptq:
+        raise QCompilerError("gptq rounds weights on calibration data, which a calibration record does not carry: "
+                             "give the calibration data, or turn gptq off")
     if (calibration is None) == (ranges is None):
         raise QCompilerError("quantizing needs calibration data or a saved calibration record (ranges=...): "
                              + ("neither was given" if ranges is None else "give one, not both"))
+    if ranges is not None and config.smooth_quant and not CalibrationRecord.load(ranges).smoothing:
+        raise QCompilerError(f"{ranges}: recorded without smooth_quant (a record replays the smoothing its data "
+                             f"chose): give the calibration data, or turn smooth_quant off")
     batches = calibration_set(graph, calibration) if calibration is not None else None
     ctx = PassContext(calibration=batches, progress=progress)
     inst = Instruments(emit=lambda s: None, on_pass=on_pass)
-    float_graph = run_pipeline(graph.copy(), float_stages(config, float_pipeline), inst, ctx)
+    float_graph = run_pipeline(graph.copy(), float_stages(dataclasses.replace(config, smooth_quant=False),
+                                                          float_pipeline), inst, ctx)
+    config, ctx.report["defaults"] = config.resolved(precision, has_attention(float_graph))
+    smoothing = smooth_stage(config, None if ranges is None else str(ranges))
+    if smoothing:
+        float_graph = run_pipeline(float_graph, smoothing, inst, ctx)
     if ranges is not None:
         record = CalibrationRecord.load(ranges)
         if record.activation_dtype != config.activation_dtype:
@@ -215,7 +241,8 @@ def _calibrate_and_insert(float_graph: Graph, config: QuantConfig, precision: st
         if later:
             graph = run_pipeline(graph, later, inst, ctx)
         record = CalibrationRecord.measure(float_graph, graph, range_stage(config), config.activation_dtype, exclude,
-                                           int8_weights, bf16, dynamic)  # before insert-qdq rewrites it
+                                           int8_weights, bf16, dynamic,  # before insert-qdq rewrites it
+                                           ctx.decisions.get("smoothing"))
         ctx.report["not_quantized"] = []
         return ranged, run_pipeline(graph, insert_stage(config, kept, int8, bf16, per_token), inst, ctx), record
 

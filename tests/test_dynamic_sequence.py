@@ -107,6 +107,26 @@ def test_every_bucket_matches_the_reference_interpreter(encoder, calibration, dy
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(want))))
 
 
+def test_the_buckets_replay_the_calibrated_buckets_smoothing(encoder, calibration):
+    """SmoothQuant's factors are chosen once, on the calibrated bucket's data, and the other
+    buckets replay them from its calibration record: the same groups, the same strengths, and
+    each bucket's outputs those of its padded run (the report's padding check)."""
+    config = qcompiler.QuantConfig(per_token="all", smooth_quant=True)
+    built = qcompiler.compile(encoder, tuple(torch.from_numpy(a) for a in tokens(1, 32, 99)), calibration=calibration,
+                              config=config, target="reference", sequence_buckets=BUCKETS,
+                              dynamic_shapes={"input_ids": {1: SEQ}, "attention_mask": {1: SEQ}})
+    chosen = [g["alpha"] for g in built.builds[(32,)].report()["smooth_quant"]["groups"] if g["alpha"] is not None]
+    assert chosen
+    for key in ((8,), (16,)):
+        replayed = built.builds[key].report()["smooth_quant"]
+        assert replayed["alpha"] == "from a calibration record"
+        assert [g["alpha"] for g in replayed["groups"]] == chosen
+    assert built.report()["dynamic"]["dims"][0]["padding_max_relative_error"] <= 1e-3
+    ids, mask = tokens(1, 11, 5)
+    pooled, _ = built(ids, mask)
+    assert cosine(pooled, float_outputs(encoder, ids, mask)[0]) > 0.995
+
+
 def test_the_artifact_takes_any_length_in_a_fresh_process(dynamic, tmp_path):
     folder = dynamic.save(tmp_path / "artifact")
     ids, mask = tokens(1, 21, 3)

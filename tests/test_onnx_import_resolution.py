@@ -181,7 +181,8 @@ def test_expanding_a_function_leaves_the_callers_model_unchanged():
 
 def test_a_model_with_function_ops_quantizes_and_builds():
     """A transformer block as exported at opset 23 (linears around an Attention node) quantizes
-    to int8 and its llvm build matches the reference build of the same quantized graph."""
+    to int8 and its llvm build matches the reference build of the same quantized graph (to float32
+    rounding: its attention gives the linears per-token scales, whose products are float)."""
     import qcompiler
     from onnx import numpy_helper
 
@@ -198,7 +199,9 @@ def test_a_model_with_function_ops_quantizes_and_builds():
     config = qcompiler.QuantConfig(min_layer_sqnr_db=None)
     built = qcompiler.compile(model, calibration=data[1:], config=config)
     reference = qcompiler.compile(model, calibration=data[1:], config=config, target="reference")
-    np.testing.assert_array_equal(built(data[0]), reference(data[0]))
+    want = reference(data[0])
+    assert built.report()["per_token"]
+    np.testing.assert_allclose(built(data[0]), want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
     want = ReferenceEvaluator(model).run(None, {"x": data[0]})[0]
     assert np.abs(built(data[0]) - want).max() < 0.05 * np.abs(want).max()
 

@@ -3,6 +3,7 @@ artifacts that replace a user's folder or run a swapped library, calibration hel
 renamed outputs, untyped configs, NaN through integer arithmetic, silent progress."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -264,12 +265,18 @@ def test_generators_callables_and_lists_calibrate_identically():
     ({"max_abs_range": float("nan")}, "max_abs_range must be a finite number"),
     ({"bias_correction": 1}, "bias_correction must be true or false"),
     ({"min_layer_sqnr_db": "20"}, "min_layer_sqnr_db must be a finite number or null"),
+    ({"smooth_quant": "auto"}, "smooth_quant must be true, false or null"),
     ({"exclude": [3]}, "exclude must be a list of strings"),
     ({"calibration": {"bins": 2048.5}}, "bins must be an integer"),
 ])
 def test_quant_config_values_are_type_checked(data, message):
     with pytest.raises(QCompilerError, match=message):
         QuantConfig.from_dict(data)
+
+
+def test_smooth_quants_auto_is_null_in_json():
+    assert QuantConfig.from_dict({"smooth_quant": None}).smooth_quant is None
+    assert QuantConfig.from_dict(json.loads(QuantConfig(smooth_quant=True).to_json())).smooth_quant is True
 
 
 def test_nan_or_inf_input_to_a_quantized_build_is_refused(small_llvm_model):
