@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import qcompiler
 from qcompiler import from_onnx, from_torch, parse_graph, print_graph
 from qcompiler.examples import zoo
 from tests.conftest import export_onnx, rel_err
@@ -131,6 +132,71 @@ def test_op_families_match_pytorch_on_both_paths(tmp_path):
         for g, w in zip(got, want):
             assert rel_err(g, w) < TOL
         _round_trips(graph)
+
+
+class _RunningSums(torch.nn.Module):
+    """RoBERTa's position ids (a running count of the non-padding tokens: cumsum over an int
+    mask) and float running sums along a middle and the first axis."""
+
+    def forward(self, ids, x):
+        mask = ids.ne(1).int()
+        positions = torch.cumsum(mask, dim=1).type_as(mask) * mask + 1
+        return positions.long(), torch.cumsum(x, dim=1), torch.cumsum(x, 0)
+
+
+def test_cumsum_matches_pytorch_on_both_paths_and_tvm(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 7, 9, 1, 1], [4, 1, 6, 8, 2]])
+    x = torch.randn(2, 5, 3)
+    model = _RunningSums().eval()
+    want = [t.numpy() for t in model(ids, x)]
+    path = export_onnx(model, (ids, x), tmp_path / "sums.onnx", ["ids", "x"])
+    built = qcompiler.compile(model, (ids, x))
+    for run in (from_torch(model, (ids, x)), from_onnx(path), built):
+        got = run(ids.numpy(), x.numpy())
+        np.testing.assert_array_equal(got[0], want[0])
+        for g, w in zip(got[1:], want[1:]):
+            assert rel_err(g, w) < TOL
+
+
+class _PublishedModelOps(torch.nn.Module):
+    """Ops published transformers and audio/vision models use: group norm (wav2vec2's feature
+    extractor), instance norm with input and with running statistics, roll (Swin's shifted
+    windows: by dims, and flattened), baddbmm with alpha (BLOOM's attention scores) and addmm
+    with alpha and beta."""
+
+    def __init__(self):
+        super().__init__()
+        self.group = torch.nn.GroupNorm(2, 4)
+        self.bare_group = torch.nn.GroupNorm(4, 4, affine=False)
+        self.instance = torch.nn.InstanceNorm2d(4, affine=True)
+        self.tracked = torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        with torch.no_grad():
+            for norm in (self.group, self.instance, self.tracked):
+                norm.weight.uniform_(0.5, 2.0)
+                norm.bias.uniform_(-1.0, 1.0)
+            self.tracked.running_mean.uniform_(-1, 1)
+            self.tracked.running_var.uniform_(0.5, 2)
+
+    def forward(self, x, q, k, bias):
+        y = self.group(x) + self.bare_group(x) * self.instance(x) - self.tracked(x)
+        y = torch.roll(y, shifts=(-1, 2), dims=(2, 3)) + torch.roll(x, 3)
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.125)
+        flat = torch.addmm(bias[0], q[0], k[0].t(), beta=0.5, alpha=2.0)
+        return y, scores, flat
+
+
+def test_published_model_ops_match_pytorch_on_both_paths_and_tvm(tmp_path):
+    torch.manual_seed(0)
+    model = _PublishedModelOps().eval()
+    args = (torch.randn(2, 4, 5, 6) * 3 + 1, torch.randn(3, 7, 8), torch.randn(3, 9, 8), torch.randn(3, 7, 9))
+    with torch.no_grad():
+        want = [t.numpy() for t in model(*args)]
+    path = export_onnx(model, args, tmp_path / "published.onnx", ["x", "q", "k", "bias"])
+    arrays = [a.numpy() for a in args]
+    for run in (from_torch(model, args), from_onnx(path), qcompiler.compile(model, args)):
+        for g, w in zip(run(*arrays), want):
+            assert rel_err(g, w) < TOL
 
 
 class _Interpolate(torch.nn.Module):

@@ -73,6 +73,56 @@ class GraphBuilder:
     def scalar_like(self, value: float | int | bool, like: TensorType) -> Value:
         return self.const(np.asarray(value, dtype=like.np_dtype), "scalar")
 
+    def running_sum(self, x: Value, axis: int, exclusive: bool = False, reverse: bool = False) -> Value:
+        """The cumulative sum along a static ``axis`` (ONNX CumSum, torch.cumsum) as a product
+        with a constant 0/1 matrix: out[i] = sum of x[j] for j <= i (j < i ``exclusive``; the
+        mirror image ``reverse``). Exact for integers (a position count from a mask, RoBERTa's
+        position ids); float sums in another order."""
+        axis %= x.type.rank
+        n = x.shape[axis]
+        lower = np.tril(np.ones((n, n)), -1 if exclusive else 0)
+        weights = lower[::-1, ::-1] if reverse else lower
+        last = x.type.rank - 1
+        moved = x if axis == last else self.emit1("transpose", [x], {"perm": [i for i in range(last + 1) if i != axis]
+                                                                     + [axis]})
+        summed = self.emit1("matmul", [moved, self.const(weights.T.astype(x.type.np_dtype), "running_sum")])
+        if axis == last:
+            return summed
+        back = list(range(last))
+        back.insert(axis, last)
+        return self.emit1("transpose", [summed], {"perm": back})
+
+    def group_normalized(self, x: Value, groups: int, epsilon: float, scale: Value | None = None,
+                         bias: Value | None = None) -> Value:
+        """Group normalization of ``x`` [N, C, ...]: each sample's channels in ``groups`` runs
+        normalized over the run and its positions (biased variance), then ``scale[c]`` and
+        ``bias[c]``. As the layer norm of the [N, groups, rest] view over its last axis, so it
+        runs on the layer-norm kernel; instance norm is ``groups`` = C."""
+        n, c = x.shape[0], x.shape[1]
+        normed = self.emit1("layer_norm", [self.reshape(x, (n, groups, x.type.size // (n * groups)))],
+                            {"axis": -1, "epsilon": float(epsilon)})
+        y = self.reshape(normed, x.shape)
+        per_channel = (c,) + (1,) * (x.type.rank - 2)
+        if scale is not None:
+            y = self.emit1("mul", [y, self.reshape(scale, per_channel)])
+        if bias is not None:
+            y = self.emit1("add", [y, self.reshape(bias, per_channel)])
+        return y
+
+    def rolled(self, x: Value, shifts: Sequence[int], axes: Sequence[int]) -> Value:
+        """``x`` rotated by ``shifts[i]`` places along ``axes[i]`` (torch.roll: element j moves to
+        j + shift, wrapping), as a slice of each end joined in the other order."""
+        for shift, axis in zip(shifts, axes):
+            axis %= x.type.rank
+            n = x.shape[axis]
+            cut = n - int(shift) % n if n else 0
+            if cut % n == 0:
+                continue
+            parts = [self.emit1("slice", [x], {"starts": [start], "ends": [end], "axes": [axis], "steps": [1]})
+                     for start, end in ((cut, n), (0, cut))]
+            x = self.emit1("concat", parts, {"axis": axis})
+        return x
+
     def python_remainder(self, a: Value, b: Value) -> Value:
         """a mod b with the sign of b (Python's %, numpy's mod, torch.remainder, ONNX Mod fmod=0):
         C's remainder ``fmod`` plus b where it is nonzero and its sign differs from b's, numpy's

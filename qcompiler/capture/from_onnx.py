@@ -1138,22 +1138,8 @@ def _trilu(ctx, node, inputs):
 
 @converts("CumSum")
 def _cumsum(ctx, node, inputs):
-    """A running sum along a static axis as a product with a constant 0/1 matrix (exclusive and
-    reverse choose the matrix): exact for integers, float sums in another order."""
-    x = inputs[0]
-    axis = int(ctx.const_input(inputs[1], node, "axis")) % x.type.rank
-    n = x.shape[axis]
-    k = -1 if _attr(node, "exclusive", 0) else 0
-    lower = np.tril(np.ones((n, n)), k)  # out[i] = sum of in[j] for j <= i (j < i exclusive)
-    weights = lower[::-1, ::-1] if _attr(node, "reverse", 0) else lower
-    moved = ctx.emit1("transpose", [x], {"perm": [i for i in range(x.type.rank) if i != axis] + [axis]}) \
-        if axis != x.type.rank - 1 else x
-    summed = ctx.emit1("matmul", [moved, ctx.const(weights.T.astype(x.type.np_dtype), "running_sum")])
-    if axis == x.type.rank - 1:
-        return summed
-    back = list(range(x.type.rank - 1))
-    back.insert(axis, x.type.rank - 1)
-    return ctx.emit1("transpose", [summed], {"perm": back})
+    axis = int(ctx.const_input(inputs[1], node, "axis"))
+    return ctx.running_sum(inputs[0], axis, bool(_attr(node, "exclusive", 0)), bool(_attr(node, "reverse", 0)))
 
 
 @converts("RMSNormalization")

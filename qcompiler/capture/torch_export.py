@@ -473,6 +473,46 @@ def _batch_norm(ctx, node, args):
     return y if op == "batch_norm" else (y, None, None)
 
 
+def _optional(ctx, arg):
+    """The IR value of an optional tensor argument (None where torch passed none)."""
+    return None if arg is None else ctx.value(arg)
+
+
+@converts("group_norm")
+def _group_norm(ctx, node, args):
+    """group_norm(x, num_groups, weight=None, bias=None, eps=1e-5)."""
+    x = ctx.value(args[0])
+    weight, bias = (_arg(node, args, i, key, None) for i, key in ((2, "weight"), (3, "bias")))
+    return ctx.group_normalized(x, int(args[1]), float(_arg(node, args, 4, "eps", 1e-5)), _optional(ctx, weight),
+                                _optional(ctx, bias))
+
+
+@converts("instance_norm")
+def _instance_norm(ctx, node, args):
+    """instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
+    each sample's channel over its positions; with running statistics, the batch norm they make."""
+    x, (weight, bias, mean, var, use_input_stats, _, eps) = ctx.value(args[0]), args[1:8]
+    if not use_input_stats:
+        c = x.shape[1]
+        ones, zeros = np.ones(c, x.type.np_dtype), np.zeros(c, x.type.np_dtype)
+        return ctx.emit1("batch_norm", [x, ctx.value(weight) if weight is not None else ctx.const(ones, "ones"),
+                                        ctx.value(bias) if bias is not None else ctx.const(zeros, "zeros"),
+                                        ctx.value(mean), ctx.value(var)], {"epsilon": float(eps)})
+    return ctx.group_normalized(x, x.shape[1], float(eps), _optional(ctx, weight), _optional(ctx, bias))
+
+
+@converts("roll")
+def _roll(ctx, node, args):
+    """roll(x, shifts, dims=[]): no dims rolls the flattened tensor (Swin's shifted windows give dims)."""
+    x = ctx.value(args[0])
+    shifts, dims = args[1], _arg(node, args, 2, "dims", [])
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:
+        return ctx.reshape(ctx.rolled(ctx.reshape(x, (x.type.size,)), shifts, [0]), x.shape)
+    return ctx.rolled(x, shifts, dims)
+
+
 def _pool_attrs(node, args, rank: int, avg: bool) -> dict[str, Any]:
     kernel = _window(args[1], rank)
     stride = _window(_arg(node, args, 2, "stride", None), rank, kernel)
@@ -580,12 +620,19 @@ def _matmul(ctx, node, args):
     return ctx.emit1("matmul", [ctx.value(args[0]), ctx.value(args[1])])
 
 
-@converts("addmm")
+@converts("addmm", "baddbmm")
 def _addmm(ctx, node, args):
-    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-        raise QCompilerError("addmm with alpha/beta != 1 is not supported")
+    """beta * input + alpha * (a @ b) (BLOOM's attention scores: baddbmm with alpha 1/sqrt(d))."""
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
     y = ctx.emit1("matmul", [ctx.value(args[1]), ctx.value(args[2])])
-    return ctx.emit1("add", [y, ctx.value(args[0])])
+    if alpha != 1:
+        y = ctx.emit1("mul", [y, ctx.scalar_like(alpha, y.type)])
+    if beta == 0:  # torch ignores the input then (NaN in it included)
+        return y
+    base = ctx.value(args[0])
+    if beta != 1:
+        base = ctx.emit1("mul", [base, ctx.scalar_like(beta, base.type)])
+    return ctx.emit1("add", [y, base])
 
 
 @converts("softmax", "_softmax", "log_softmax", "_log_softmax")
@@ -719,6 +766,13 @@ def _reduce(ctx, node, args):
     name = {"mean": "reduce_mean", "sum": "reduce_sum", "amax": "reduce_max", "amin": "reduce_min",
             "max": "reduce_max", "min": "reduce_min", "prod": "reduce_prod"}[op]
     return ctx.emit1(name, [ctx.cast(x, out_dtype)], {"axes": list(dims), "keepdims": keep})
+
+
+@converts("cumsum")
+def _cumsum(ctx, node, args):
+    """torch.cumsum(x, dim, dtype=None): integers sum in int64 unless ``dtype`` says otherwise."""
+    x = ctx.cast(ctx.value(args[0]), _out_type(node).dtype)
+    return ctx.running_sum(x, int(_arg(node, args, 1, "dim", 0)))
 
 
 @converts("argmax")

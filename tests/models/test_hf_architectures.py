@@ -2,7 +2,7 @@
 configs: the structure is what breaks a compiler, not the size), exported to ONNX as optimum
 exports them (TorchScript exporter, opset 17), each imported and checked against torch in
 float, quantized with the default config, built for this CPU and checked against the
-interpreter (to float rounding where float ops remain). It found GPT-2 and ALBERT hanging TVM's build (tanh-GELU written out,
+interpreter (to a code here and there: float ops before a quantize are equal only to rounding). It found GPT-2 and ALBERT hanging TVM's build (tanh-GELU written out,
 three quantizes fused into one kernel) and MobileViT's subnormal activations making an invalid
 graph. The same architectures fused by ONNX Runtime's transformer optimizer (its com.microsoft
 Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu, FastGelu, and its opset-14
@@ -42,6 +42,11 @@ CASES = {
                                       "hidden_sizes": [16, 32], "num_attention_heads": [1, 2],
                                       "decoder_hidden_size": 32, "patch_sizes": [7, 3], "strides": [4, 2],
                                       "mlp_ratios": [2, 2]}, "image64"),
+    "roberta": ("RobertaConfig", {**TEXT, "max_position_embeddings": 80}, "text"),  # position ids by cumsum
+    "bloom": ("BloomConfig", {"vocab_size": 100, "hidden_size": 32, "n_layer": 2, "n_head": 2}, "text"),  # baddbmm
+    "wav2vec2": ("Wav2Vec2Config", {**TEXT, "conv_dim": (16, 16), "conv_kernel": (10, 3), "conv_stride": (5, 2),
+                                    "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2},
+                 "audio"),  # group norm in the feature extractor
 }
 
 
@@ -64,6 +69,8 @@ def _inputs(kind: str, seed: int) -> tuple[list[np.ndarray], list[str]]:
         mask = np.ones((2, 16), np.int64)
         mask[0, 12:] = 0  # a padded sentence
         return [ids, mask], ["input_ids", "attention_mask"]
+    if kind == "audio":
+        return [rng.standard_normal((2, 800)).astype(np.float32)], ["input_values"]
     size = int(kind.removeprefix("image"))
     return [rng.standard_normal((2, 3, size, size)).astype(np.float32)], ["pixel_values"]
 
@@ -86,9 +93,31 @@ def test_architecture_imports_quantizes_and_builds(name, tmp_path):
     calibration = [_inputs(kind, seed)[0] for seed in range(1, 5)]
     built = qcompiler.compile(path, calibration=calibration)
     got = np.asarray(built(*xs))
-    interpreted = built.graph(*xs)[0]  # integer parts bit for bit; the float ones (a final layer norm) to rounding
-    np.testing.assert_allclose(got, interpreted, rtol=1e-4, atol=1e-4 * float(np.abs(interpreted).max()))
+    assert sqnr_db(built.graph(*xs)[0], got) > 40  # to a code here and there: see the torch test below
     assert sqnr_db(want, got) > 15  # random weights: a floor that catches a broken layer, not a fidelity claim
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_architecture_from_torch_quantizes_and_builds(name):
+    """The same models captured by torch.export (``compile(module, ...)``), whose ATen ops differ
+    from the ONNX export's: RoBERTa's cumsum, BLOOM's baddbmm, Swin's roll and wav2vec2's group
+    norm each failed capture until they were converted."""
+    config_class, arguments, kind = CASES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**arguments)
+    base = transformers.T5EncoderModel(config) if name == "t5_encoder" else transformers.AutoModel.from_config(config)
+    xs, names = _inputs(kind, 0)
+    model = FirstOutput(base.eval(), names).eval()
+    example = tuple(torch.from_numpy(x) for x in xs)
+    with torch.no_grad():
+        want = model(*example).numpy()
+    built = qcompiler.compile(model, example, calibration=[_inputs(kind, seed)[0] for seed in range(1, 5)])
+    got = np.asarray(built(*xs))
+    # a float reduction before a quantize (T5's RMS norm: TVM sums in another order than numpy)
+    # can move a value by an ulp and flip one int8 code further on: the build agrees with the
+    # interpreter to a code here and there (T5: 49.7 dB), not bit for bit
+    assert sqnr_db(built.graph(*xs)[0], got) > 40
+    assert sqnr_db(want, got) > 15
 
 
 # ONNX Runtime's transformer optimizer on the TorchScript export (opset 14, dynamic batch): the

@@ -172,6 +172,8 @@ def test_a_yolo_style_detector_keeps_its_detections(dynamo, tmp_path):
     boxes = np.abs(got[:, :4] - want[:, :4])[np.broadcast_to(found[:, None, :], got[:, :4].shape)]
     assert np.median(boxes) < 4.0  # pixels, at 320 px
     report = compiled.report()
-    allowed = ("min_layer_sqnr_db", "one int8 grid", "fused activation has no integer form")  # SiLU: float epilogue
-    assert all(any(why in e["reason"] for why in allowed) for e in report["kept_float"]), report["kept_float"]
+    allowed = ("min_layer_sqnr_db", "one int8 grid", "fused activation has no integer form",  # SiLU: float epilogue
+               "no reader takes its result as int8")  # the heads' joins, read by float decoding
+    unexplained = [e for e in report["kept_float"] if not any(why in e["reason"] for why in allowed)]
+    assert unexplained == [], unexplained
     assert report["ops"]["by_op"].get("conv2d_int", 0) >= 60 and "conv2d" not in report["ops"]["by_op"]
