@@ -199,6 +199,40 @@ def test_published_model_ops_match_pytorch_on_both_paths_and_tvm(tmp_path):
             assert rel_err(g, w) < TOL
 
 
+class _IndexingAndPatchOps(torch.nn.Module):
+    """More of what published models call: stack (GPT-J's rotary), softplus with beta and
+    threshold (Mamba), index_select (XLNet), repeat_interleave (Canine), indexing past skipped
+    axes (Falcon: ``x[:, idx]``; non-adjacent index tensors go first, as in torch), multiply,
+    and unfold/fold (ConvBERT's span convolution, MobileViTV2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unfold = torch.nn.Unfold(kernel_size=(2, 3), dilation=(1, 2), padding=1, stride=(2, 1))
+        self.fold = torch.nn.Fold(output_size=(5, 6), kernel_size=(2, 3), dilation=(1, 2), padding=1, stride=(2, 1))
+
+    def forward(self, x, idx):
+        stacked = torch.stack([x, torch.multiply(x, 2.0), -x], dim=2)
+        soft = torch.nn.functional.softplus(x, beta=2.0, threshold=3.0)
+        picked = torch.index_select(x, 1, idx) + x[:, idx] + torch.repeat_interleave(x, 2, dim=3)[..., ::2]
+        apart = x[idx[:2], :, idx[:2]]  # non-adjacent: the index's axis first
+        patches = self.unfold(x)
+        return stacked, soft, picked, apart, patches, self.fold(patches)
+
+
+def test_indexing_and_patch_ops_match_pytorch_on_both_paths_and_tvm(tmp_path):
+    torch.manual_seed(0)
+    model = _IndexingAndPatchOps().eval()
+    args = (torch.randn(4, 4, 5, 6) * 3, torch.tensor([2, 0, 3, 3]))
+    with torch.no_grad():
+        want = [t.numpy() for t in model(*args)]
+    path = export_onnx(model, args, tmp_path / "indexing.onnx", ["x", "idx"])
+    arrays = [a.numpy() for a in args]
+    for run in (from_torch(model, args), from_onnx(path), qcompiler.compile(model, args)):
+        got = run(*arrays)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and rel_err(g, w) < TOL
+
+
 class _Interpolate(torch.nn.Module):
     def __init__(self, mode: str, factor: float, align_corners: bool | None):
         super().__init__()

@@ -42,7 +42,7 @@ def test_node_case(suite, tc):
 # the wheel's suite (given the values of shape inputs where it needs them), and the named cases,
 # also go through TVM and through ONNX export, against the stored outputs
 THROUGH_TARGETS = ("Acos", "Acosh", "Adagrad", "Adam", "Asin", "Asinh", "Atan", "Atanh", "Attention", "BitShift",
-                   "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Celu", "CenterCropPad", "Clip",
+                   "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Celu", "CenterCropPad", "Clip", "Col2Im",
                    "Compress", "Cosh", "CumProd", "DFT", "DepthToSpace", "Det", "DynamicQuantizeLinear", "EyeLike",
                    "GridSample", "GroupNormalization", "Hardmax", "InstanceNormalization", "Loop", "LpNormalization",
                    "LpPool", "MaxUnpool", "MeanVarianceNormalization", "Mish", "Mod", "Momentum",

@@ -123,6 +123,31 @@ class GraphBuilder:
             x = self.emit1("concat", parts, {"axis": axis})
         return x
 
+    def unfolded(self, x: Value, kernel: Sequence[int], dilations: Sequence[int], pads: Sequence[int],
+                 strides: Sequence[int]) -> Value:
+        """im2col of ``x`` [N, C, H, W] (torch's unfold): [N, C*kh*kw, positions], row c*kh*kw +
+        i*kw + j holding tap (i, j) of channel c. A grouped convolution with one-hot filters, each
+        copying one tap of one channel: exact (one product by 1, the rest by 0), and quantizable."""
+        w = self.const(_one_hot_taps(x.shape[1], kernel, x.type.np_dtype), "unfold_taps")
+        y = self.emit1("conv2d", [x, w], {"strides": list(strides), "pads": list(pads), "dilations": list(dilations),
+                                          "groups": x.shape[1]})
+        return self.reshape(y, (y.shape[0], y.shape[1], y.shape[2] * y.shape[3]))
+
+    def folded(self, cols: Value, size: Sequence[int], kernel: Sequence[int], dilations: Sequence[int],
+               pads: Sequence[int], strides: Sequence[int]) -> Value:
+        """col2im (torch's fold, ONNX Col2Im): the columns of :meth:`unfolded` added back onto the
+        taps they came from in a [N, C, *size] image, as the transposed convolution of the same
+        one-hot filters (``pads``: begin values, then end values)."""
+        channels = cols.shape[1] // (kernel[0] * kernel[1])
+        grid = [(size[i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+                for i in range(2)]
+        extra = [size[i] - ((grid[i] - 1) * strides[i] - pads[i] - pads[i + 2] + dilations[i] * (kernel[i] - 1) + 1)
+                 for i in range(2)]
+        w = self.const(_one_hot_taps(channels, kernel, cols.type.np_dtype), "fold_taps")
+        return self.emit1("conv_transpose2d", [self.reshape(cols, (cols.shape[0], cols.shape[1], *grid)), w],
+                          {"strides": list(strides), "pads": list(pads), "dilations": list(dilations),
+                           "groups": channels, "output_padding": extra})
+
     def python_remainder(self, a: Value, b: Value) -> Value:
         """a mod b with the sign of b (Python's %, numpy's mod, torch.remainder, ONNX Mod fmod=0):
         C's remainder ``fmod`` plus b where it is nonzero and its sign differs from b's, numpy's
@@ -133,6 +158,16 @@ class GraphBuilder:
         nonzero = self.emit1("logical_not", [self.emit1("equal", [remainder, zero])])
         return self.emit1("where", [self.emit1("logical_and", [nonzero, signs_differ]),
                                     self.emit1("add", [remainder, b]), remainder])
+
+
+def _one_hot_taps(channels: int, kernel: Sequence[int], dtype: Any) -> np.ndarray:
+    """[channels * kh * kw, 1, kh, kw]: filter c*kh*kw + i*kw + j picks tap (i, j) of channel c."""
+    taps = kernel[0] * kernel[1]
+    w = np.zeros((channels * taps, 1, kernel[0], kernel[1]), dtype)
+    for c in range(channels):
+        for t in range(taps):
+            w[c * taps + t, 0, t // kernel[1], t % kernel[1]] = 1
+    return w
 
 
 def resolve_shape(shape: Sequence[int], total: int, where: str) -> tuple[int, ...]:

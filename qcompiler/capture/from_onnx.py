@@ -38,7 +38,7 @@ _STATIC_OPERANDS = {"LSTM": (1, 2, 3, 4), "GRU": (1, 2, 3, 4), "RNN": (1, 2, 3, 
                     "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
                     "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "OneHot": (1,), "ConstantOfShape": (0,), "ReduceMean": (1,),
                     "ReduceSum": (1,), "ReduceMax": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
-                    "Compress": (1,), "MaxUnpool": (2,), "DFT": (1, 2), "STFT": (1, 3),
+                    "Compress": (1,), "MaxUnpool": (2,), "DFT": (1, 2), "STFT": (1, 3), "Col2Im": (1, 2),
                     "Dropout": (2,),
                     "SequenceAt": (1,), "SequenceInsert": (2,), "SequenceErase": (1,), "SplitToSequence": (1,)}
 
@@ -1140,6 +1140,17 @@ def _trilu(ctx, node, inputs):
 def _cumsum(ctx, node, inputs):
     axis = int(ctx.const_input(inputs[1], node, "axis"))
     return ctx.running_sum(inputs[0], axis, bool(_attr(node, "exclusive", 0)), bool(_attr(node, "reverse", 0)))
+
+
+@converts("Col2Im")
+def _col2im(ctx, node, inputs):
+    """Col2Im (opset 18), two spatial axes: torch's fold (``GraphBuilder.folded``)."""
+    size = [int(d) for d in ctx.const_input(inputs[1], node, "image_shape")]
+    kernel = [int(d) for d in ctx.const_input(inputs[2], node, "block_shape")]
+    if len(size) != 2:
+        raise QCompilerError(f"{node.name or node.op}: Col2Im over {len(size)} spatial axes (2 are supported)")
+    return ctx.folded(inputs[0], size, kernel, _attr(node, "dilations", [1, 1]), _attr(node, "pads", [0, 0, 0, 0]),
+                      _attr(node, "strides", [1, 1]))
 
 
 @converts("RMSNormalization")

@@ -249,6 +249,19 @@ def _unary(ctx: _Ctx, node, args):
     return ctx.emit1(_UNARY[_packet(node)], [x])
 
 
+@converts("softplus")
+def _softplus(ctx, node, args):
+    """softplus(x, beta=1, threshold=20): log(1 + exp(beta x)) / beta, and x where beta x > threshold."""
+    x = ctx.value(args[0])
+    beta, threshold = float(_arg(node, args, 1, "beta", 1.0)), float(_arg(node, args, 2, "threshold", 20.0))
+    scaled = x if beta == 1 else ctx.emit1("mul", [x, ctx.scalar_like(beta, x.type)])
+    y = ctx.emit1("softplus", [scaled])
+    if beta != 1:
+        y = ctx.emit1("div", [y, ctx.scalar_like(beta, x.type)])
+    linear = ctx.emit1("greater", [scaled, ctx.scalar_like(threshold, x.type)])
+    return ctx.emit1("where", [linear, x, y])
+
+
 @converts("hardsigmoid")
 def _hardsigmoid(ctx, node, args):
     return ctx.emit1("hardsigmoid", [ctx.value(args[0])])
@@ -318,7 +331,8 @@ _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
            "ge": "greater_equal", "__and__": "logical_and", "bitwise_and": "logical_and", "__or__": "logical_or",
            "bitwise_or": "logical_or", "logical_and": "logical_and", "logical_or": "logical_or", "ne": "ne",
            "rsub": "rsub", "bitwise_xor": "logical_xor", "__xor__": "logical_xor", "logical_xor": "logical_xor",
-           "fmod": "fmod", "remainder": "remainder"}
+           "fmod": "fmod", "remainder": "remainder", "multiply": "mul", "subtract": "sub", "divide": "div",
+           "true_divide": "div"}
 # on integers the bitwise ops are bitwise (on bools, the logical ones above)
 _BITWISE = {"__and__": "bitwise_and", "bitwise_and": "bitwise_and", "__or__": "bitwise_or", "bitwise_or": "bitwise_or",
             "__xor__": "bitwise_xor", "bitwise_xor": "bitwise_xor"}
@@ -451,6 +465,20 @@ def _emit_conv_transpose(ctx, x: Value, w: Value, bias, stride, padding, output_
     return ctx.emit1(CONV_TRANSPOSE[rank], inputs, {"strides": _window(stride, rank), "pads": p + p,
                                     "dilations": _window(dilation, rank), "groups": int(groups),
                                     "output_padding": _window(output_padding, rank)})
+
+
+@converts("im2col")
+def _im2col(ctx, node, args):
+    """im2col(x, kernel_size, dilation, padding, stride): nn.Unfold (ConvBERT's span convolution)."""
+    kernel, dilation, padding, stride = (_window(a, 2) for a in args[1:5])
+    return ctx.unfolded(ctx.value(args[0]), kernel, dilation, padding + padding, stride)
+
+
+@converts("col2im")
+def _col2im(ctx, node, args):
+    """col2im(cols, output_size, kernel_size, dilation, padding, stride): nn.Fold."""
+    size, kernel, dilation, padding, stride = (_window(a, 2) for a in args[1:6])
+    return ctx.folded(ctx.value(args[0]), size, kernel, dilation, padding + padding, stride)
 
 
 @converts("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm")
@@ -691,6 +719,13 @@ def _cat(ctx, node, args):
     return ctx.emit1("concat", tensors, {"axis": _arg(node, args, 1, "dim", 0)})
 
 
+@converts("stack")
+def _stack(ctx, node, args):
+    """stack(tensors, dim=0): each tensor given a new axis ``dim``, joined along it."""
+    out_t = _out_type(node)
+    return ctx.stack([ctx.cast(ctx.value(t), out_t.dtype) for t in args[0]], _arg(node, args, 1, "dim", 0) % out_t.rank)
+
+
 @converts("slice")
 def _slice(ctx, node, args):
     x = ctx.value(args[0])
@@ -720,6 +755,29 @@ def _embedding(ctx, node, args):
     return ctx.emit1("gather", [ctx.value(args[0]), ctx.value(args[1])], {"axis": 0})
 
 
+@converts("index_select")
+def _index_select(ctx, node, args):
+    """index_select(x, dim, index): whole slices of ``x`` along ``dim`` at a 1-D ``index``."""
+    x = ctx.value(args[0])
+    return ctx.emit1("gather", [x, ctx.value(args[2])], {"axis": int(args[1]) % x.type.rank})
+
+
+@converts("repeat_interleave")
+def _repeat_interleave(ctx, node, args):
+    """repeat_interleave(x, repeats: int, dim): each slice along ``dim`` repeated in place
+    (Canine's downsampling), as a new axis after ``dim`` expanded and merged into it."""
+    if len(args) < 2 or not isinstance(args[1], int):
+        raise QCompilerError("repeat_interleave with a tensor of repeats has a data-dependent shape; give an int")
+    x, repeats = ctx.value(args[0]), int(args[1])
+    dim = _arg(node, args, 2, "dim", None)
+    if dim is None:
+        x, dim = ctx.reshape(x, (x.type.size,)), 0
+    dim %= x.type.rank
+    spread = x.shape[:dim + 1] + (1,) + x.shape[dim + 1:]
+    wide = ctx.emit1("expand", [ctx.reshape(x, spread)], {"shape": spread[:dim + 1] + (repeats,) + spread[dim + 2:]})
+    return ctx.reshape(wide, _out_type(node).shape)
+
+
 @converts("gather")
 def _gather(ctx, node, args):
     return ctx.emit1("gather_elements", [ctx.value(args[0]), ctx.value(args[2])], {"axis": args[1]})
@@ -727,13 +785,23 @@ def _gather(ctx, node, args):
 
 @converts("index")
 def _index(ctx, node, args):
-    indices = args[1]
-    if any(i is None for i in indices):
-        raise QCompilerError("indexing with None (skipped axes) is not supported")
-    idx = [ctx.value(i) for i in indices]
+    """x[i0, i1, ...] (advanced indexing). Axes skipped with None (``x[:, idx]``) are moved
+    behind the indexed ones for the IR's leading-axes ``index``; as torch does, the indexed
+    result's axes then go back where the indexed axes were if those were adjacent, else first."""
+    x, indices = ctx.value(args[0]), list(args[1])
+    axes = [a for a, i in enumerate(indices) if i is not None]
+    idx = [ctx.value(indices[a]) for a in axes]
     if any(i.dtype == "bool" for i in idx):
         raise QCompilerError("boolean-mask indexing has a data-dependent shape")
-    return ctx.emit1("index", [ctx.value(args[0])] + idx)
+    if axes == list(range(len(axes))):
+        return ctx.emit1("index", [x] + idx)
+    rest = [a for a in range(x.type.rank) if a not in axes]
+    picked = ctx.emit1("index", [ctx.emit1("transpose", [x], {"perm": axes + rest})] + idx)
+    if axes != list(range(axes[0], axes[-1] + 1)):
+        return picked  # not adjacent: the indexed axes first, as torch puts them
+    depth, before = picked.type.rank - len(rest), axes[0]  # the broadcast index's axes, the skipped leading ones
+    perm = list(range(depth, depth + before)) + list(range(depth)) + list(range(depth + before, picked.type.rank))
+    return ctx.emit1("transpose", [picked], {"perm": perm})
 
 
 @converts("expand", "expand_as", "broadcast_to")

@@ -50,6 +50,21 @@ CASES = {
 }
 
 
+# captured through torch.export only (the ATen ops each one needed converting)
+TORCH_CASES = {
+    "gptj": ("GPTJConfig", {"vocab_size": 100, "n_embd": 32, "n_layer": 2, "n_head": 2, "rotary_dim": 8,
+                            "n_positions": 64}, "text"),  # stack (rotary)
+    "falcon": ("FalconConfig", {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
+                                "num_attention_heads": 2}, "text"),  # indexing past a skipped axis
+    "xlnet": ("XLNetConfig", {"vocab_size": 100, "d_model": 32, "n_layer": 2, "n_head": 2, "d_inner": 64},
+              "text"),  # index_select (relative attention)
+    "canine": ("CanineConfig", {**TEXT, "downsampling_rate": 2}, "text"),  # repeat_interleave
+    "mamba": ("MambaConfig", {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8},
+              "text"),  # softplus, stack
+    "convbert": ("ConvBertConfig", {**TEXT, "embedding_size": 32}, "text"),  # im2col (span convolution)
+}
+
+
 class FirstOutput(torch.nn.Module):
     """The model's last hidden state (or first output) from positional inputs."""
 
@@ -97,12 +112,12 @@ def test_architecture_imports_quantizes_and_builds(name, tmp_path):
     assert sqnr_db(want, got) > 15  # random weights: a floor that catches a broken layer, not a fidelity claim
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(TORCH_CASES))
 def test_architecture_from_torch_quantizes_and_builds(name):
     """The same models captured by torch.export (``compile(module, ...)``), whose ATen ops differ
-    from the ONNX export's: RoBERTa's cumsum, BLOOM's baddbmm, Swin's roll and wav2vec2's group
-    norm each failed capture until they were converted."""
-    config_class, arguments, kind = CASES[name]
+    from the ONNX export's: RoBERTa's cumsum, BLOOM's baddbmm, Swin's roll, wav2vec2's group
+    norm, and the ops of ``TORCH_CASES`` each failed capture until they were converted."""
+    config_class, arguments, kind = {**CASES, **TORCH_CASES}[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**arguments)
     base = transformers.T5EncoderModel(config) if name == "t5_encoder" else transformers.AutoModel.from_config(config)
