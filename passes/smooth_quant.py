@@ -203,8 +203,8 @@ class SmoothQuant(QuantScheme, Pass):
     def _search(self, graph: Graph, batches: Any, plan: dict[str, list[str]], w_max: dict[str, np.ndarray],
                 seen: dict[str, _Extremes], ctx: PassContext) -> tuple[dict[str, float | None], dict[str, Any]]:
         """Each group's strength (None: left alone): a group with per-token scales by its own
-        error (``_proposal``); any other greedily in order, by the quantized model's worst output
-        SQNR; and what was measured."""
+        error (``_by_group_error``); any other greedily in order, by the quantized model's worst
+        output SQNR; and what was measured."""
         batch = batches.first()
         linears = {n.outputs[0].name: n for n in graph.nodes if n.op == "linear"}
         local = [x for x, names in plan.items() if all(self.runs_dynamic(linears[n]) for n in names)]
@@ -212,8 +212,8 @@ class SmoothQuant(QuantScheme, Pass):
         chosen: dict[str, float | None] = {}
         gains = []
         for x_name in local:
-            chosen[x_name], gain = self._proposal(rows[x_name], [linears[n] for n in plan[x_name]], graph,
-                                                  seen[x_name].amax, w_max[x_name])
+            chosen[x_name], gain = self._by_group_error(rows[x_name], [linears[n] for n in plan[x_name]], graph,
+                                                        seen[x_name].amax, w_max[x_name])
             gains.append(gain)
         measured: dict[str, Any] = {}
         if local:
@@ -255,7 +255,7 @@ class SmoothQuant(QuantScheme, Pass):
                                       "measured_on": "the first calibration batch"}
         return {x: chosen[x] for x in plan}, measured
 
-    def _proposal(self, rows: np.ndarray, group: list[Node], graph: Graph, amax: np.ndarray,
+    def _by_group_error(self, rows: np.ndarray, group: list[Node], graph: Graph, amax: np.ndarray,
                   w_max: np.ndarray) -> tuple[float | None, float]:
         """A group whose linears take per-token scales: the one of ``STRENGTHS`` with the least
         group error if it beats leaving the group alone by ``SIGNIFICANT_DB``, else None; and
