@@ -233,6 +233,36 @@ def test_indexing_and_patch_ops_match_pytorch_on_both_paths_and_tvm(tmp_path):
             assert g.shape == w.shape and rel_err(g, w) < TOL
 
 
+class _VideoAndTrigOps(torch.nn.Module):
+    """Tensor.repeat with a new leading axis (TimeSformer's class token per frame), a 3-D
+    convolution (VideoMAE's tubelet embedding) and the inverse trigonometric and hyperbolic
+    functions (YOSO's acos), sign."""
+
+    def __init__(self):
+        super().__init__()
+        self.tubelets = torch.nn.Conv3d(3, 4, (2, 3, 3), stride=(2, 2, 2), padding=(0, 1, 1))
+
+    def forward(self, video, x):
+        tiled = x.repeat(2, 1, 3)
+        y = torch.tanh(x) * 0.9
+        trig = torch.acos(y) + torch.asin(y) * torch.atan(x) - torch.atanh(y) + torch.sinh(y) * torch.cosh(y)
+        hyperbolic = torch.asinh(x) + torch.acosh(1 + x * x) + torch.tan(y) * torch.sign(x)
+        return self.tubelets(video), tiled, trig + hyperbolic
+
+
+def test_video_and_trig_ops_match_pytorch_on_both_paths_and_tvm(tmp_path):
+    torch.manual_seed(0)
+    model = _VideoAndTrigOps().eval()
+    args = (torch.randn(2, 3, 4, 8, 8), torch.randn(4, 5))
+    with torch.no_grad():
+        want = [t.numpy() for t in model(*args)]
+    path = export_onnx(model, args, tmp_path / "video.onnx", ["video", "x"])
+    arrays = [a.numpy() for a in args]
+    for run in (from_torch(model, args), from_onnx(path), qcompiler.compile(model, args)):
+        for g, w in zip(run(*arrays), want):
+            assert g.shape == w.shape and rel_err(g, w) < TOL
+
+
 class _Interpolate(torch.nn.Module):
     def __init__(self, mode: str, factor: float, align_corners: bool | None):
         super().__init__()

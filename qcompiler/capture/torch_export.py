@@ -238,7 +238,8 @@ def _getitem(ctx: _Ctx, node, args):
 _UNARY = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "hardswish": "hardswish", "silu": "silu",
           "erf": "erf", "exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "neg": "neg",
           "abs": "abs", "reciprocal": "reciprocal", "logical_not": "logical_not", "floor": "floor",
-          "ceil": "ceil", "sin": "sin", "cos": "cos"}
+          "ceil": "ceil", "sin": "sin", "cos": "cos", "tan": "tan", "asin": "asin", "acos": "acos", "atan": "atan",
+          "sinh": "sinh", "cosh": "cosh", "asinh": "asinh", "acosh": "acosh", "atanh": "atanh", "sign": "sign"}
 
 
 @converts(*_UNARY)
@@ -415,7 +416,7 @@ def _window(value: Any, rank: int, default: Any = None) -> list[int]:
     return value * rank if len(value) == 1 else value
 
 
-@converts("conv1d", "conv2d", "convolution")
+@converts("conv1d", "conv2d", "conv3d", "convolution")
 def _conv(ctx, node, args):
     op = _packet(node)
     x, w = ctx.value(args[0]), ctx.value(args[1])
@@ -440,7 +441,7 @@ def _conv(ctx, node, args):
     else:
         p = _window(padding, rank)
         pads = p + p
-    if rank not in (1, 2):
+    if rank not in CONV:
         raise QCompilerError(f"conv with {rank} spatial dims is not supported")
     inputs = [x, w] + ([ctx.value(bias)] if bias is not None else [])
     return ctx.emit1(CONV[rank], inputs, {"strides": stride, "pads": pads, "dilations": dilation,
@@ -753,6 +754,14 @@ def _select(ctx, node, args):
 @converts("embedding")
 def _embedding(ctx, node, args):
     return ctx.emit1("gather", [ctx.value(args[0]), ctx.value(args[1])], {"axis": 0})
+
+
+@converts("repeat")
+def _repeat(ctx, node, args):
+    """x.repeat(*sizes): the tensor tiled; more sizes than axes add leading axes first."""
+    x, sizes = ctx.value(args[0]), [int(r) for r in args[1]]
+    x = ctx.reshape(x, (1,) * (len(sizes) - x.type.rank) + x.shape)
+    return ctx.emit1("tile", [x], {"repeats": sizes})
 
 
 @converts("index_select")

@@ -62,6 +62,11 @@ TORCH_CASES = {
     "mamba": ("MambaConfig", {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8},
               "text"),  # softplus, stack
     "convbert": ("ConvBertConfig", {**TEXT, "embedding_size": 32}, "text"),  # im2col (span convolution)
+    "yoso": ("YosoConfig", {**TEXT, "max_position_embeddings": 80}, "text"),  # acos
+    "timesformer": ("TimesformerConfig", {**TEXT, "image_size": 32, "patch_size": 8, "num_frames": 4},
+                    "video"),  # Tensor.repeat
+    "videomae": ("VideoMAEConfig", {**TEXT, "image_size": 32, "patch_size": 8, "num_frames": 4, "tubelet_size": 2},
+                 "video"),  # conv3d
 }
 
 
@@ -84,6 +89,8 @@ def _inputs(kind: str, seed: int) -> tuple[list[np.ndarray], list[str]]:
         mask = np.ones((2, 16), np.int64)
         mask[0, 12:] = 0  # a padded sentence
         return [ids, mask], ["input_ids", "attention_mask"]
+    if kind == "video":  # frames first, as the video models take them
+        return [rng.standard_normal((2, 4, 3, 32, 32)).astype(np.float32)], ["pixel_values"]
     if kind == "audio":
         return [rng.standard_normal((2, 800)).astype(np.float32)], ["input_values"]
     size = int(kind.removeprefix("image"))
