@@ -761,7 +761,8 @@ def _float_precision_arg(p: argparse.ArgumentParser, auto: str) -> None:
     p.add_argument("--per-token", choices=list(PER_TOKEN_MODES),
                    help="per-token int8 activation scales computed at run time for linears and matmuls (QuantConfig."
                         "per_token): 'fallback' for those a static scale cannot carry, 'all', 'off'; default "
-                        "auto: fallback where the layers kept out of int8 would run fp32")
+                        "auto: where the layers kept out of int8 would run fp32, 'all' on a graph with attention "
+                        "(with SmoothQuant) and 'fallback' elsewhere; 'off' where they run bf16")
 
 
 def _precision_options(args: argparse.Namespace, config):
