@@ -40,7 +40,7 @@ import numpy as np
 from qcompiler.calibration import calibration_set
 from qcompiler.calibration_record import CalibrationRecord
 from qcompiler.errors import QCompilerError
-from qcompiler.interpreter import run, values_of
+from qcompiler.interpreter import run
 from qcompiler.ir import Graph, Node, Value
 from qcompiler.pipeline import Pass, PassContext, register
 from qcompiler.progress import progress_bar
@@ -66,14 +66,18 @@ def _candidates(graph: Graph) -> dict[Value, list[Node]]:
 
 
 class _Extremes:
-    """Per channel (the last axis): the largest magnitude, the min and the max."""
+    """Per channel (the last axis): the largest magnitude, the min and the max; and the first
+    calibration batch's rows (what a per-token group's error is measured on)."""
 
     def __init__(self, channels: int) -> None:
         self.amax = np.zeros(channels)
         self.lo, self.hi = np.full(channels, np.inf), np.full(channels, -np.inf)
+        self.first: np.ndarray | None = None
 
     def update(self, a: np.ndarray) -> None:
         rows = a.reshape(-1, a.shape[-1]).astype(np.float64)
+        if self.first is None:
+            self.first = rows
         self.amax = np.maximum(self.amax, np.abs(rows).max(axis=0))
         self.lo, self.hi = np.minimum(self.lo, rows.min(axis=0)), np.maximum(self.hi, rows.max(axis=0))
 
@@ -208,11 +212,10 @@ class SmoothQuant(QuantScheme, Pass):
         batch = batches.first()
         linears = {n.outputs[0].name: n for n in graph.nodes if n.op == "linear"}
         local = [x for x, names in plan.items() if all(self.runs_dynamic(linears[n]) for n in names)]
-        rows = _rows_of(graph, batch, {v.name: v for n in graph.nodes for v in n.inputs if v.name in local})
         chosen: dict[str, float | None] = {}
         gains = []
         for x_name in local:
-            chosen[x_name], gain = self._by_group_error(rows[x_name], [linears[n] for n in plan[x_name]], graph,
+            chosen[x_name], gain = self._by_group_error(seen[x_name].first, [linears[n] for n in plan[x_name]], graph,
                                                         seen[x_name].amax, w_max[x_name])
             gains.append(gain)
         measured: dict[str, Any] = {}
@@ -268,10 +271,3 @@ class SmoothQuant(QuantScheme, Pass):
         gain = float(10 * np.log10(max(alone, 1e-300) / max(errors[alpha], 1e-300)))
         return (alpha, gain) if gain > SIGNIFICANT_DB else (None, 0.0)
 
-
-def _rows_of(graph: Graph, batch: Any, xs: dict[str, Value]) -> dict[str, np.ndarray]:
-    """Each named value's array on ``batch`` as rows of its last axis (float64), one run."""
-    if not xs:
-        return {}
-    arrays = values_of(graph, batch, list(xs.values()))
-    return {name: arrays[id(v)].reshape(-1, v.shape[-1]).astype(np.float64) for name, v in xs.items()}

@@ -502,7 +502,7 @@ def _compile_buckets(dims: Any, model: Any, example_inputs: Any, input_shapes: A
 
     def float_graph_of(key: tuple[int, ...]) -> Graph:
         """The bucket's float graph as its build will see it: smoothed as the record says."""
-        config = dataclasses.replace(options["config"] or QuantConfig(), smooth_quant=False)
+        config = dataclasses.replace(options["config"] or QuantConfig(), smooth_quant=smoothing is not None)
         return run_pipeline(graphs[key].copy(), float_stages(config, None, smoothing), Instruments(emit=lambda s: None))
 
     keys = batching.grid(dims)

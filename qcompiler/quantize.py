@@ -109,13 +109,14 @@ def float_stages(config: QuantConfig, float_pipeline: str | None = None, ranges:
 
 
 def smooth_stage(config: QuantConfig, ranges: str | None = None) -> str:
-    """smooth-quant replaying the factors of the calibration record ``ranges`` where it holds
-    some (what the data chose is part of the record), else searching a strength per group
-    where ``config.smooth_quant`` (resolved: see ``QuantConfig.resolved``) asks; or ""."""
-    if ranges is not None:
-        return f"smooth-quant{{factors={ranges}}}" if CalibrationRecord.load(ranges).smoothing else ""
+    """smooth-quant where ``config.smooth_quant`` (resolved: ``QuantConfig.resolved``; with a
+    calibration record, whether the record holds smoothing) says so: replaying the factors of
+    the record ``ranges`` (what the data chose is part of the record), else searching a
+    strength per group; or ""."""
     if not config.smooth_quant:
         return ""
+    if ranges is not None:
+        return f"smooth-quant{{factors={ranges}}}"
     return str(registered_passes()["smooth-quant"](**dataclasses.asdict(config.scheme()), per_layer=True))
 
 
@@ -174,7 +175,8 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
     if (calibration is None) == (ranges is None):
         raise QCompilerError("quantizing needs calibration data or a saved calibration record (ranges=...): "
                              + ("neither was given" if ranges is None else "give one, not both"))
-    if ranges is not None and config.smooth_quant and not CalibrationRecord.load(ranges).smoothing:
+    saved = CalibrationRecord.load(ranges) if ranges is not None else None
+    if saved is not None and config.smooth_quant and not saved.smoothing:
         raise QCompilerError(f"{ranges}: recorded without smooth_quant (a record replays the smoothing its data "
                              f"chose): give the calibration data, or turn smooth_quant off")
     batches = calibration_set(graph, calibration) if calibration is not None else None
@@ -183,11 +185,16 @@ def quantize(graph: Graph, calibration: Any = None, config: QuantConfig | None =
     float_graph = run_pipeline(graph.copy(), float_stages(dataclasses.replace(config, smooth_quant=False),
                                                           float_pipeline), inst, ctx)
     config, ctx.report["defaults"] = config.resolved(precision, has_attention(float_graph))
+    if saved is not None:  # a record replays the smoothing its data chose, and none where it holds none
+        config = dataclasses.replace(config, smooth_quant=bool(saved.smoothing))
+        if "smooth_quant" in ctx.report["defaults"]:
+            ctx.report["defaults"]["smooth_quant"] = f"{'on' if saved.smoothing else 'off'}: as the calibration " \
+                                                     f"record holds it"
     smoothing = smooth_stage(config, None if ranges is None else str(ranges))
     if smoothing:
         float_graph = run_pipeline(float_graph, smoothing, inst, ctx)
-    if ranges is not None:
-        record = CalibrationRecord.load(ranges)
+    if saved is not None:
+        record = saved
         if record.activation_dtype != config.activation_dtype:
             raise QCompilerError(f"{ranges}: calibrated for {record.activation_dtype} activations, and the config "
                                  f"asks for {config.activation_dtype}; recalibrate")

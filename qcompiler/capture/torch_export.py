@@ -485,11 +485,6 @@ def _col2im(ctx, node, args):
 @converts("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm")
 def _batch_norm(ctx, node, args):
     op = _packet(node)
-    x = ctx.value(args[0])
-    c = x.shape[1]
-    weight = ctx.value(args[1]) if args[1] is not None else ctx.const(np.ones(c, x.type.np_dtype), "bn.ones")
-    bias = ctx.value(args[2]) if args[2] is not None else ctx.const(np.zeros(c, x.type.np_dtype), "bn.zeros")
-    mean, var = ctx.value(args[3]), ctx.value(args[4])
     if op == "batch_norm":
         training, eps = args[5], args[7]
     elif op == "native_batch_norm":
@@ -498,8 +493,16 @@ def _batch_norm(ctx, node, args):
         training, eps = False, args[6]
     if training:
         raise QCompilerError("batch norm in training mode (call module.eval())")
-    y = ctx.emit1("batch_norm", [x, weight, bias, mean, var], {"epsilon": eps})
+    y = _inference_batch_norm(ctx, ctx.value(args[0]), *args[1:5], eps)
     return y if op == "batch_norm" else (y, None, None)
+
+
+def _inference_batch_norm(ctx, x: Value, weight, bias, mean, var, eps: float) -> Value:
+    """batch_norm with running statistics; no weight or bias (affine=False) is ones or zeros."""
+    c = x.shape[1]
+    weight = ctx.value(weight) if weight is not None else ctx.const(np.ones(c, x.type.np_dtype), "bn.ones")
+    bias = ctx.value(bias) if bias is not None else ctx.const(np.zeros(c, x.type.np_dtype), "bn.zeros")
+    return ctx.emit1("batch_norm", [x, weight, bias, ctx.value(mean), ctx.value(var)], {"epsilon": float(eps)})
 
 
 def _optional(ctx, arg):
@@ -522,11 +525,7 @@ def _instance_norm(ctx, node, args):
     each sample's channel over its positions; with running statistics, the batch norm they make."""
     x, (weight, bias, mean, var, use_input_stats, _, eps) = ctx.value(args[0]), args[1:8]
     if not use_input_stats:
-        c = x.shape[1]
-        ones, zeros = np.ones(c, x.type.np_dtype), np.zeros(c, x.type.np_dtype)
-        return ctx.emit1("batch_norm", [x, ctx.value(weight) if weight is not None else ctx.const(ones, "ones"),
-                                        ctx.value(bias) if bias is not None else ctx.const(zeros, "zeros"),
-                                        ctx.value(mean), ctx.value(var)], {"epsilon": float(eps)})
+        return _inference_batch_norm(ctx, x, weight, bias, mean, var, eps)
     return ctx.group_normalized(x, x.shape[1], float(eps), _optional(ctx, weight), _optional(ctx, bias))
 
 
