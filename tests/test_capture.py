@@ -293,3 +293,17 @@ def test_interpolate_by_fractional_factors_matches_pytorch_on_both_paths_and_tvm
     if mode != "nearest-exact" and not align:  # the ONNX exporter's Resize with scales
         path = export_onnx(model, (x,), tmp_path / "resize.onnx", ["x"])
         assert np.abs(from_onnx(path)(x.numpy())[0] - want).max() < 1e-5
+
+
+class _EdgeRolls(torch.nn.Module):
+    """Rolls that move nothing: a whole turn, and an axis of length zero (a modulo by zero once)."""
+
+    def forward(self, x, empty):
+        return torch.roll(x, shifts=(5, -5), dims=(1, 2)), torch.roll(empty, 2, dims=1)
+
+
+def test_rolls_that_move_nothing_match_pytorch():
+    x, empty = torch.randn(2, 5, 5), torch.randn(2, 0, 3)
+    got = from_torch(_EdgeRolls().eval(), (x, empty))(x.numpy(), empty.numpy())
+    np.testing.assert_array_equal(got[0], x.numpy())
+    assert got[1].shape == (2, 0, 3)

@@ -115,9 +115,9 @@ class GraphBuilder:
         for shift, axis in zip(shifts, axes):
             axis %= x.type.rank
             n = x.shape[axis]
-            cut = n - int(shift) % n if n else 0
-            if cut % n == 0:
+            if n == 0 or int(shift) % n == 0:
                 continue
+            cut = n - int(shift) % n
             parts = [self.emit1("slice", [x], {"starts": [start], "ends": [end], "axes": [axis], "steps": [1]})
                      for start, end in ((cut, n), (0, cut))]
             x = self.emit1("concat", parts, {"axis": axis})
@@ -163,11 +163,7 @@ class GraphBuilder:
 def _one_hot_taps(channels: int, kernel: Sequence[int], dtype: Any) -> np.ndarray:
     """[channels * kh * kw, 1, kh, kw]: filter c*kh*kw + i*kw + j picks tap (i, j) of channel c."""
     taps = kernel[0] * kernel[1]
-    w = np.zeros((channels * taps, 1, kernel[0], kernel[1]), dtype)
-    for c in range(channels):
-        for t in range(taps):
-            w[c * taps + t, 0, t // kernel[1], t % kernel[1]] = 1
-    return w
+    return np.tile(np.eye(taps, dtype=dtype), (channels, 1)).reshape(channels * taps, 1, kernel[0], kernel[1])
 
 
 def resolve_shape(shape: Sequence[int], total: int, where: str) -> tuple[int, ...]:
